@@ -1,0 +1,8 @@
+//! upkeep-core: the pure decision logic of upkeep.
+//!
+//! Everything here is deterministic and does no I/O: no files, processes, sockets, clocks or random numbers.
+//! Time and randomness arrive as parameters. The hub and the agent are shells around these functions.
+
+pub mod channel;
+pub mod ids;
+pub mod version;
