@@ -1,1 +1,11 @@
-fn main() {}
+//! Compiles proto/upkeep/v1/*.proto with protox (pure Rust), so no `protoc` is needed on the machine.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/upkeep/v1/common.proto", "proto/upkeep/v1/agent.proto", "proto/upkeep/v1/operator.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    Ok(())
+}

@@ -6,3 +6,4 @@
 pub mod channel;
 pub mod ids;
 pub mod version;
+pub mod schedule;

@@ -1,1 +1,16 @@
-//! placeholder
+//! upkeep-proto: the only crate that knows the wire format.
+//!
+//! `v1` is generated from `proto/upkeep/v1/*.proto` at build time (protox, no protoc). `convert` turns wire
+//! messages into checked core types and names the bad field when it cannot.
+
+/// Generated messages and services of package `upkeep.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("upkeep.v1");
+}
+
+pub mod convert;
+pub mod tls;
+
+/// The agent and hub version string carried in reports and welcomes.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,166 @@
+//! Validation of an update run's specification (SPEC §5, §7). Every error names the field path and the fix;
+//! all errors are collected, so an operator fixes a file in one go. Validation changes nothing.
+
+use super::model::{NodeImageSelection, UpdateRunSpec, UpgradeType};
+use crate::ids::validate_name;
+use crate::version::validate_family;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// One problem in a specification: the field path (e.g. `strategy.stages[1].name`) and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct FieldError {
+    /// Path of the offending field.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// Builds one.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Joins errors one per line, for a CLI or an RPC status message.
+pub fn describe(errors: &[FieldError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+}
+
+/// Checks a run's specification against the members the hub knows. `Ok` means it can be turned into a
+/// [`super::RunState`]; otherwise every problem found is returned.
+pub fn validate_run_spec(spec: &UpdateRunSpec, known_members: &BTreeSet<String>) -> Result<(), Vec<FieldError>> {
+    let mut errs = Vec::new();
+    if let Err(e) = validate_name("run name", &spec.name) {
+        errs.push(FieldError::new("name", e.to_string()));
+    }
+
+    match (spec.upgrade_type, spec.kubernetes_version) {
+        (UpgradeType::Full | UpgradeType::ControlPlaneOnly, None) => errs.push(FieldError::new(
+            "kubernetes_version",
+            format!("required for upgrade_type {:?}; give the target, e.g. 1.30.2", spec.upgrade_type),
+        )),
+        (UpgradeType::NodeImageOnly, Some(v)) => errs.push(FieldError::new(
+            "kubernetes_version",
+            format!(
+                "{v} given but upgrade_type NodeImageOnly never changes the Kubernetes version; remove it or use Full"
+            ),
+        )),
+        _ => {}
+    }
+
+    if let NodeImageSelection::Custom { pins } = &spec.node_image_selection {
+        if spec.upgrade_type == UpgradeType::ControlPlaneOnly && !pins.is_empty() {
+            errs.push(FieldError::new(
+                "node_image_selection.pins",
+                "ControlPlaneOnly does not change node images; remove the pins or use Full",
+            ));
+        }
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, pin) in pins.iter().enumerate() {
+            let path = format!("node_image_selection.pins[{i}]");
+            if let Err(e) = validate_family(&pin.family) {
+                errs.push(FieldError::new(format!("{path}.family"), e.to_string()));
+            }
+            if let Some(first) = seen.insert(&pin.family, i) {
+                errs.push(FieldError::new(
+                    format!("{path}.family"),
+                    format!(
+                        "family {:?} is already pinned by pins[{first}]; pin at most one version per family",
+                        pin.family
+                    ),
+                ));
+            }
+        }
+    }
+
+    let Some(strategy) = &spec.strategy else {
+        return if errs.is_empty() { Ok(()) } else { Err(errs) };
+    };
+    if strategy.stages.is_empty() {
+        errs.push(FieldError::new("strategy.stages", "no stages; give at least one stage with one group"));
+    }
+    let mut stage_names: BTreeMap<&str, usize> = BTreeMap::new();
+    // member -> (stage name, group name) where it was first seen
+    let mut member_home: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    for (si, stage) in strategy.stages.iter().enumerate() {
+        let sp = format!("strategy.stages[{si}]");
+        if let Err(e) = validate_name("stage name", &stage.name) {
+            errs.push(FieldError::new(format!("{sp}.name"), e.to_string()));
+        }
+        if let Some(first) = stage_names.insert(&stage.name, si) {
+            errs.push(FieldError::new(
+                format!("{sp}.name"),
+                format!(
+                    "duplicate stage name {:?} (also stages[{first}]); stage names must be unique in a run",
+                    stage.name
+                ),
+            ));
+        }
+        if let Some(w) = stage.after_stage_wait_seconds
+            && w < 0
+        {
+            errs.push(FieldError::new(
+                format!("{sp}.after_stage_wait_seconds"),
+                format!("{w} is negative; give 0 or more seconds, or leave it out for no wait"),
+            ));
+        }
+        if let Some(problem) = stage.max_concurrency.and_then(|l| l.problem()) {
+            errs.push(FieldError::new(format!("{sp}.max_concurrency"), problem));
+        }
+        if stage.groups.is_empty() {
+            errs.push(FieldError::new(format!("{sp}.groups"), "no groups; give at least one group with members"));
+        }
+        let mut group_names: BTreeMap<&str, usize> = BTreeMap::new();
+        for (gi, group) in stage.groups.iter().enumerate() {
+            let gp = format!("{sp}.groups[{gi}]");
+            if let Err(e) = validate_name("group name", &group.name) {
+                errs.push(FieldError::new(format!("{gp}.name"), e.to_string()));
+            }
+            if let Some(first) = group_names.insert(&group.name, gi) {
+                errs.push(FieldError::new(
+                    format!("{gp}.name"),
+                    format!(
+                        "duplicate group name {:?} in stage {:?} (also groups[{first}]); group names must be unique within a stage",
+                        group.name, stage.name
+                    ),
+                ));
+            }
+            if let Some(problem) = group.max_concurrency.and_then(|l| l.problem()) {
+                errs.push(FieldError::new(format!("{gp}.max_concurrency"), problem));
+            }
+            if group.members.is_empty() {
+                errs.push(FieldError::new(format!("{gp}.members"), "no members; give at least one member"));
+            }
+            for (mi, member) in group.members.iter().enumerate() {
+                let mp = format!("{gp}.members[{mi}]");
+                if !known_members.contains(member) {
+                    errs.push(FieldError::new(
+                        mp.clone(),
+                        format!("unknown member {member:?}; use a member listed by `upkeepctl member list`"),
+                    ));
+                }
+                if let Some((s, g)) = member_home.get(member.as_str()) {
+                    errs.push(FieldError::new(
+                        mp,
+                        format!(
+                            "member {member:?} is in both group {g:?} of stage {s:?} and group {:?} of stage {:?}; \
+                             a member belongs to at most one group of a run",
+                            group.name, stage.name
+                        ),
+                    ));
+                } else {
+                    member_home.insert(member, (&stage.name, &group.name));
+                }
+            }
+        }
+    }
+    if errs.is_empty() { Ok(()) } else { Err(errs) }
+}

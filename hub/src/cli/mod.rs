@@ -1,0 +1,302 @@
+//! upkeepctl: the operator's command line. Parsing (clap) and rendering live here; the binary is a thin main.
+//!
+//! Every read command renders as a table or, with `-o json`, as JSON with the stable field names documented in
+//! docs/cli-json.md. Every failure becomes one readable line and a non-zero exit (see the binary).
+
+pub mod output;
+
+use crate::pki;
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+use tonic::transport::{Channel, Endpoint};
+use upkeep_core::ids::Role;
+use upkeep_proto::tls::{ClientFiles, client_tls};
+use upkeep_proto::v1;
+use upkeep_proto::v1::operator_service_client::OperatorServiceClient;
+
+/// Default hub address.
+pub const DEFAULT_HUB: &str = "https://localhost:7443";
+
+/// upkeepctl: operate an upkeep fleet.
+#[derive(Debug, Parser)]
+#[command(name = "upkeepctl", version, about = "Operate an upkeep fleet: nodes, members, update runs, PKI")]
+pub struct Cli {
+    /// Hub address, e.g. https://hub.example:7443.
+    #[arg(long, global = true, env = "UPKEEP_HUB", default_value = DEFAULT_HUB)]
+    pub hub: String,
+    /// Fleet CA certificate (PEM).
+    #[arg(long, global = true, env = "UPKEEP_CA")]
+    pub ca: Option<PathBuf>,
+    /// Operator or viewer certificate (PEM).
+    #[arg(long, global = true, env = "UPKEEP_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Key of that certificate (PEM).
+    #[arg(long, global = true, env = "UPKEEP_KEY")]
+    pub key: Option<PathBuf>,
+    /// Output format of read commands.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// JSON with stable field names (docs/cli-json.md).
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the fleet CA and certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Nodes of the fleet.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Members (sets of nodes upgraded as one unit).
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Show who the hub thinks you are.
+    Whoami,
+}
+
+/// `upkeepctl pki ...`
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Write a fleet CA, a hub certificate, one operator and one viewer certificate into DIR.
+    Init {
+        /// Directory to write into (created if missing; an existing CA is never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Names the hub is reached by (DNS names or IP addresses); default localhost and 127.0.0.1.
+        #[arg(long = "hub-name")]
+        hub_names: Vec<String>,
+    },
+    /// Issue a node certificate (node-NAME.pem, node-NAME.key) with the CA in DIR.
+    IssueNode(IssueArgs),
+    /// Issue an operator certificate (read and write).
+    IssueOperator(IssueArgs),
+    /// Issue a viewer certificate (read only).
+    IssueViewer(IssueArgs),
+}
+
+/// Arguments of the issue commands.
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// Directory holding ca.pem and ca.key; the new files are written there.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Name carried in the certificate (node name for nodes).
+    #[arg(long)]
+    pub name: String,
+}
+
+/// `upkeepctl node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List nodes with their node-image-version label, member, pool, region, channel and last seen.
+    List {
+        /// Only nodes of this member.
+        #[arg(long)]
+        member: Option<String>,
+    },
+    /// Show one node in full.
+    Show {
+        /// Node name.
+        name: String,
+    },
+    /// Remove a node from the inventory (it reappears if it reports again).
+    Forget {
+        /// Node name.
+        name: String,
+    },
+}
+
+/// `upkeepctl member ...`
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// List members.
+    List,
+    /// Show one member with its channels.
+    Show {
+        /// Member name.
+        name: String,
+    },
+    /// Set the node OS upgrade channel: None, Unmanaged, SecurityPatch or NodeImage.
+    SetChannel {
+        /// Member name.
+        member: String,
+        /// The channel.
+        channel: String,
+    },
+    /// Set the cluster auto-upgrade channel: none, patch, stable, rapid or node-image.
+    SetAutoUpgrade {
+        /// Member name.
+        member: String,
+        /// The channel.
+        channel: String,
+    },
+}
+
+/// Connects to the hub over mutual TLS with the configured certificate.
+pub async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
+    let missing = |flag: &str, env: &str| {
+        anyhow!("--{flag} is required (or set {env}); `upkeepctl pki init` writes the files you need")
+    };
+    let files = ClientFiles {
+        ca: cli.ca.clone().ok_or_else(|| missing("ca", "UPKEEP_CA"))?,
+        cert: cli.cert.clone().ok_or_else(|| missing("cert", "UPKEEP_CERT"))?,
+        key: cli.key.clone().ok_or_else(|| missing("key", "UPKEEP_KEY"))?,
+        settings: ["--ca".into(), "--cert".into(), "--key".into()],
+    };
+    let (url, host) = hub_url(&cli.hub)?;
+    let tls = client_tls(&files, &host)?;
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| anyhow!("--hub {}: {e}", cli.hub))?
+        .tls_config(tls)
+        .map_err(|e| anyhow!("--hub {}: {e}", cli.hub))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| anyhow!("cannot reach hub at {url}: {}", error_chain(&e)))?;
+    Ok(OperatorServiceClient::new(channel))
+}
+
+/// Normalises a hub address to an https URL and the host name its certificate must carry.
+pub fn hub_url(hub: &str) -> anyhow::Result<(String, String)> {
+    let url = if hub.contains("://") { hub.to_string() } else { format!("https://{hub}") };
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| anyhow!("--hub {hub}: only https:// is supported (the hub has no plaintext listener)"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or(v6).to_string()
+    } else {
+        authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority).to_string()
+    };
+    if host.is_empty() {
+        bail!("--hub {hub}: no host name; expected e.g. https://hub.example:7443");
+    }
+    Ok((url, host))
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// Turns a gRPC status into one line.
+pub fn status_line(s: tonic::Status) -> anyhow::Error {
+    anyhow!("hub refused: {:?}: {}", s.code(), s.message().replace('\n', " "))
+}
+
+/// Runs one command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Pki(cmd) => run_pki(cmd, cli.output, out),
+        Command::Whoami => {
+            let me = connect(&cli).await?.who_am_i(v1::WhoAmIRequest {}).await.map_err(status_line)?.into_inner();
+            output::print_whoami(cli.output, &me, out)
+        }
+        Command::Node(cmd) => {
+            let mut c = connect(&cli).await?;
+            match cmd {
+                NodeCommand::List { member } => {
+                    let req = v1::ListNodesRequest { member: member.clone().unwrap_or_default() };
+                    let nodes = c.list_nodes(req).await.map_err(status_line)?.into_inner().nodes;
+                    output::print_nodes(cli.output, &nodes, chrono::Utc::now(), out)
+                }
+                NodeCommand::Show { name } => {
+                    let node = c.get_node(v1::GetNodeRequest { name: name.clone() }).await.map_err(status_line)?;
+                    output::print_node(cli.output, &node.into_inner(), chrono::Utc::now(), out)
+                }
+                NodeCommand::Forget { name } => {
+                    let r = c.forget_node(v1::ForgetNodeRequest { name: name.clone() }).await.map_err(status_line)?;
+                    if !r.into_inner().existed {
+                        bail!("node {name:?} not found; see `upkeepctl node list`");
+                    }
+                    writeln!(out, "node {name} forgotten")?;
+                    Ok(())
+                }
+            }
+        }
+        Command::Member(cmd) => {
+            let mut c = connect(&cli).await?;
+            match cmd {
+                MemberCommand::List => {
+                    let members = c.list_members(v1::ListMembersRequest {}).await.map_err(status_line)?;
+                    output::print_members(cli.output, &members.into_inner().members, out)
+                }
+                MemberCommand::Show { name } => {
+                    let m = c.get_member(v1::GetMemberRequest { name: name.clone() }).await.map_err(status_line)?;
+                    output::print_member(cli.output, &m.into_inner(), out)
+                }
+                MemberCommand::SetChannel { member, channel } => {
+                    let req = v1::SetMemberChannelRequest { member: member.clone(), channel: channel.clone() };
+                    let m = c.set_member_channel(req).await.map_err(status_line)?.into_inner();
+                    writeln!(out, "member {} node OS channel is {} (generation {})", m.name, m.node_os_channel, m.config_generation)?;
+                    Ok(())
+                }
+                MemberCommand::SetAutoUpgrade { member, channel } => {
+                    let req = v1::SetAutoUpgradeChannelRequest { member: member.clone(), channel: channel.clone() };
+                    let m = c.set_auto_upgrade_channel(req).await.map_err(status_line)?.into_inner();
+                    writeln!(
+                        out,
+                        "member {} auto-upgrade channel is {}; node OS channel {}",
+                        m.name, m.auto_upgrade_channel, m.node_os_channel
+                    )?;
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn run_pki(cmd: &PkiCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
+    let report = match cmd {
+        PkiCommand::Init { dir, hub_names } => pki::init(dir, hub_names).context("pki init")?,
+        PkiCommand::IssueNode(a) => pki::issue(&a.dir, Role::Node, &a.name).context("pki issue-node")?,
+        PkiCommand::IssueOperator(a) => pki::issue(&a.dir, Role::Operator, &a.name).context("pki issue-operator")?,
+        PkiCommand::IssueViewer(a) => pki::issue(&a.dir, Role::Viewer, &a.name).context("pki issue-viewer")?,
+    };
+    match format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        Format::Table => {
+            for f in &report.files {
+                writeln!(out, "wrote {}", f.display())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_addresses_normalise() {
+        assert_eq!(hub_url("127.0.0.1:7443").expect("ok"), ("https://127.0.0.1:7443".into(), "127.0.0.1".into()));
+        assert_eq!(hub_url("https://hub.example:7443").expect("ok").1, "hub.example");
+        assert_eq!(hub_url("https://[::1]:7443").expect("ok").1, "::1");
+        let err = hub_url("http://hub:7443").expect_err("plaintext refused");
+        assert!(err.to_string().contains("only https://"));
+    }
+}

@@ -1,0 +1,162 @@
+//! `hub.toml`: where the hub listens, its TLS material, its state directory and agent timing.
+//! Unknown keys are refused; every error names the file and the key.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+/// Default heartbeat interval handed to agents.
+pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 10;
+
+/// The hub's settings, validated.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Address to listen on (mTLS only).
+    pub listen: SocketAddr,
+    /// Directory for the database and artifacts.
+    pub state_dir: PathBuf,
+    /// Fleet CA certificate: client certificates must chain to it.
+    pub ca: PathBuf,
+    /// The hub's server certificate.
+    pub cert: PathBuf,
+    /// The hub's key.
+    pub key: PathBuf,
+    /// Heartbeat interval handed to agents.
+    pub heartbeat_interval_seconds: u32,
+    /// A node silent for this many heartbeat intervals is shown `Unknown`.
+    pub silent_after_heartbeats: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    state_dir: Option<PathBuf>,
+    tls: Option<RawTls>,
+    agents: Option<RawAgents>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgents {
+    heartbeat_interval_seconds: Option<u32>,
+    silent_after_heartbeats: Option<u32>,
+}
+
+/// Flag overrides (from the command line).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// --listen
+    pub listen: Option<String>,
+    /// --state-dir
+    pub state_dir: Option<PathBuf>,
+}
+
+/// A configuration error: one line naming the file and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    /// The file (or `--flag`).
+    pub file: String,
+    /// The key.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+fn err(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { file: file.display().to_string(), key: key.to_string(), reason: reason.into() }
+}
+
+/// Reads and validates `path` with flag overrides. TLS files are checked to exist and be readable.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<HubConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, "(file)", format!("cannot read: {e}")))?;
+    parse(path, &text, overrides)
+}
+
+/// Parses the text of `path` (see `load`).
+pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let key = e.span().map(|s| text.get(s).unwrap_or("?").to_string()).unwrap_or_else(|| "(syntax)".into());
+        err(path, key.trim(), e.message().to_string())
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+    let (listen_key, listen_text) = match (&overrides.listen, raw.listen) {
+        (Some(l), _) => ("--listen", l.clone()),
+        (None, Some(l)) => ("listen", l),
+        (None, None) => ("listen", DEFAULT_LISTEN.to_string()),
+    };
+    let listen: SocketAddr = listen_text.parse().map_err(|_| {
+        err(path, listen_key, format!("malformed address {listen_text:?}: expected IP:PORT, e.g. 0.0.0.0:7443"))
+    })?;
+    let state_dir = overrides
+        .state_dir
+        .clone()
+        .or(raw.state_dir.map(resolve))
+        .ok_or_else(|| err(path, "state_dir", "missing: set the directory for the hub database"))?;
+    let tls = raw.tls.ok_or_else(|| err(path, "tls", "missing: set tls.ca, tls.cert and tls.key"))?;
+    let mut files = Vec::new();
+    for (key, value) in [("tls.ca", tls.ca), ("tls.cert", tls.cert), ("tls.key", tls.key)] {
+        let p = value.map(resolve).ok_or_else(|| err(path, key, "missing: give the path of a PEM file"))?;
+        std::fs::metadata(&p).map_err(|e| err(path, key, format!("{}: {e}", p.display())))?;
+        files.push(p);
+    }
+    let agents = raw.agents.unwrap_or(RawAgents { heartbeat_interval_seconds: None, silent_after_heartbeats: None });
+    let heartbeat_interval_seconds = agents.heartbeat_interval_seconds.unwrap_or(DEFAULT_HEARTBEAT_SECONDS);
+    if !(1..=3600).contains(&heartbeat_interval_seconds) {
+        return Err(err(path, "agents.heartbeat_interval_seconds", "must be between 1 and 3600"));
+    }
+    let silent_after_heartbeats = agents.silent_after_heartbeats.unwrap_or(3);
+    if !(2..=100).contains(&silent_after_heartbeats) {
+        return Err(err(path, "agents.silent_after_heartbeats", "must be between 2 and 100"));
+    }
+    let [ca, cert, key]: [PathBuf; 3] = files.try_into().map_err(|_| err(path, "tls", "internal: three paths"))?;
+    Ok(HubConfig { listen, state_dir, ca, cert, key, heartbeat_interval_seconds, silent_after_heartbeats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_tls(dir: &Path) -> String {
+        for f in ["ca.pem", "hub.pem", "hub.key"] {
+            std::fs::write(dir.join(f), "x").expect("write");
+        }
+        "state_dir = \"state\"\n[tls]\nca = \"ca.pem\"\ncert = \"hub.pem\"\nkey = \"hub.key\"\n".to_string()
+    }
+
+    #[test]
+    fn a_good_file_resolves_relative_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        let c = parse(&path, &with_tls(dir.path()), &Overrides::default()).expect("valid");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.ca, dir.path().join("ca.pem"));
+        assert_eq!(c.heartbeat_interval_seconds, DEFAULT_HEARTBEAT_SECONDS);
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        let base = with_tls(dir.path());
+        let unknown = parse(&path, &format!("colour = 1\n{base}"), &Overrides::default()).expect_err("unknown");
+        assert!(unknown.to_string().contains("hub.toml: colour: unknown field"), "{unknown}");
+        let addr = parse(&path, &format!("listen = \"nowhere\"\n{base}"), &Overrides::default()).expect_err("bad");
+        assert!(addr.to_string().contains("listen: malformed address"), "{addr}");
+        std::fs::remove_file(dir.path().join("hub.key")).expect("rm");
+        let missing = parse(&path, &base, &Overrides::default()).expect_err("missing");
+        assert!(missing.to_string().contains("tls.key:"), "{missing}");
+    }
+}

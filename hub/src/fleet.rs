@@ -1,0 +1,277 @@
+//! The live fleet: the store plus what only exists while the hub runs (open agent sessions and last-seen
+//! times not yet flushed). Handlers call into `Fleet`; `Fleet` persists, then acts (pushes to agents).
+
+use crate::store::{MemberRecord, NodeFacts, NodeRecord, OperationFact, Store, StoreError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tonic::Status;
+use upkeep_proto::v1;
+
+/// How a node is shown, from what the hub has heard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeStatus {
+    /// Connected and heard from within its deadline.
+    Ready,
+    /// Silent past its deadline, or not connected: nobody knows what it is doing.
+    Unknown,
+}
+
+impl NodeStatus {
+    /// Display form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "Ready",
+            NodeStatus::Unknown => "Unknown",
+        }
+    }
+}
+
+/// The sending half of one agent session.
+pub type SessionTx = mpsc::Sender<Result<v1::HubMessage, Status>>;
+
+struct Session {
+    id: u64,
+    member: String,
+    tx: SessionTx,
+}
+
+/// Timing the fleet view needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Heartbeat interval handed to agents, seconds.
+    pub heartbeat_interval_seconds: u32,
+    /// Silent for this many intervals = Unknown.
+    pub silent_after_heartbeats: u32,
+}
+
+/// The hub's fleet state.
+pub struct Fleet {
+    store: Arc<dyn Store>,
+    sessions: Mutex<HashMap<String, Session>>,
+    seen: Mutex<HashMap<String, i64>>,
+    next_session: AtomicU64,
+    /// Timing settings.
+    pub timing: Timing,
+}
+
+/// The current time in Unix milliseconds (the shells read the clock; core never does).
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Fleet {
+    /// A fleet over `store`.
+    pub fn new(store: Arc<dyn Store>, timing: Timing) -> Fleet {
+        Fleet {
+            store,
+            sessions: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            timing,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a report and returns the member's configuration.
+    pub fn record_report(&self, node: &str, report: &v1::NodeReport) -> Result<MemberRecord, StoreError> {
+        let now = now_ms();
+        let member = self.store.record_report(node, &facts_from_wire(report), now)?;
+        self.seen().insert(node.to_string(), now);
+        Ok(member)
+    }
+
+    /// Notes that a node was heard from (flushed to the store in batches by `flush_seen`).
+    pub fn touch(&self, node: &str) {
+        self.seen().insert(node.to_string(), now_ms());
+    }
+
+    /// Writes pending last-seen times to the store in one transaction.
+    pub fn flush_seen(&self) -> Result<(), StoreError> {
+        let batch: Vec<(String, i64)> = self.seen().drain().collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.store.touch_nodes(&batch)
+    }
+
+    /// Opens a session for `node` in `member`, replacing (and so closing) any older one. Returns its id.
+    pub fn open_session(&self, node: &str, member: &str, tx: SessionTx) -> u64 {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let old = self.sessions().insert(node.to_string(), Session { id, member: member.to_string(), tx });
+        if let Some(old) = old {
+            tracing::info!(node, old_session = old.id, "newer session replaces an older one");
+            let _ = old.tx.try_send(Err(Status::aborted("replaced by a newer session of the same node")));
+        }
+        id
+    }
+
+    /// Updates the member of an open session (a node may be moved between members).
+    pub fn session_member(&self, node: &str, id: u64, member: &str) {
+        if let Some(s) = self.sessions().get_mut(node).filter(|s| s.id == id) {
+            s.member = member.to_string();
+        }
+    }
+
+    /// Closes a session if it is still the node's current one.
+    pub fn close_session(&self, node: &str, id: u64) {
+        let mut sessions = self.sessions();
+        if sessions.get(node).is_some_and(|s| s.id == id) {
+            sessions.remove(node);
+        }
+        drop(sessions);
+        self.touch(node);
+    }
+
+    /// Whether a node has an open session.
+    pub fn is_connected(&self, node: &str) -> bool {
+        self.sessions().contains_key(node)
+    }
+
+    /// Number of open sessions.
+    pub fn connected_count(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// Pushes a member's configuration to every connected node of that member.
+    pub fn push_member_config(&self, member: &MemberRecord) {
+        let msg = desired_config(member);
+        let targets: Vec<(String, SessionTx)> = self
+            .sessions()
+            .iter()
+            .filter(|(_, s)| s.member == member.name)
+            .map(|(n, s)| (n.clone(), s.tx.clone()))
+            .collect();
+        for (node, tx) in targets {
+            if tx.try_send(Ok(msg.clone())).is_err() {
+                tracing::warn!(node = %node, "session queue full or closed; the node gets its config on reconnect");
+            }
+        }
+    }
+
+    /// The status of a node now.
+    pub fn status_of(&self, node: &NodeRecord, now: i64) -> NodeStatus {
+        let deadline_ms =
+            i64::from(self.timing.heartbeat_interval_seconds) * i64::from(self.timing.silent_after_heartbeats) * 1000;
+        if self.is_connected(&node.name) && now - self.last_seen(node) <= deadline_ms {
+            NodeStatus::Ready
+        } else {
+            NodeStatus::Unknown
+        }
+    }
+
+    /// Last seen, including times not yet flushed.
+    pub fn last_seen(&self, node: &NodeRecord) -> i64 {
+        self.seen().get(&node.name).copied().unwrap_or(node.last_seen_ms).max(node.last_seen_ms)
+    }
+
+    /// The wire view of a node.
+    pub fn node_to_wire(&self, n: &NodeRecord, now: i64) -> v1::Node {
+        v1::Node {
+            report: Some(facts_to_wire(&n.name, &n.facts)),
+            status: self.status_of(n, now).as_str().to_string(),
+            connected: self.is_connected(&n.name),
+            first_seen_unix_ms: n.first_seen_ms,
+            last_seen_unix_ms: self.last_seen(n),
+            last_report_unix_ms: n.last_report_ms,
+        }
+    }
+}
+
+/// The DesiredConfig message for a member.
+pub fn desired_config(member: &MemberRecord) -> v1::HubMessage {
+    v1::HubMessage {
+        body: Some(v1::hub_message::Body::Desired(v1::DesiredConfig {
+            generation: member.generation,
+            node_os_channel: member.node_os_channel.as_str().to_string(),
+            node_os_schedule_json: String::new(),
+        })),
+    }
+}
+
+/// The wire view of a member.
+pub fn member_to_wire(m: &MemberRecord) -> v1::Member {
+    v1::Member {
+        name: m.name.clone(),
+        node_os_channel: m.node_os_channel.as_str().to_string(),
+        auto_upgrade_channel: m.auto_upgrade_channel.as_str().to_string(),
+        node_count: m.node_count,
+        regions: m.regions.clone(),
+        node_pools: m.node_pools.clone(),
+        config_generation: m.generation,
+    }
+}
+
+/// Stored facts from a (checked) wire report.
+pub fn facts_from_wire(r: &v1::NodeReport) -> NodeFacts {
+    NodeFacts {
+        member: r.member.clone(),
+        node_pool: r.node_pool.clone(),
+        region: r.region.clone(),
+        os_family: r.os_family.clone(),
+        os_version: r.os_version.clone(),
+        kernel: r.kernel.clone(),
+        node_image_version: r.node_image_version.clone(),
+        security_patch_version: r.security_patch_version.clone(),
+        reboot_required: r.reboot_required,
+        channel: r.channel.clone(),
+        agent_version: r.agent_version.clone(),
+        kubernetes_version: r.kubernetes_version.clone(),
+        control_plane: r.control_plane,
+        hardware_class: r.hardware_class.clone(),
+        operations: r
+            .operations
+            .iter()
+            .map(|o| OperationFact {
+                operation_id: o.operation_id.clone(),
+                kind: o.kind.clone(),
+                step: o.step.clone(),
+                state: o.state.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The wire report from stored facts.
+pub fn facts_to_wire(name: &str, f: &NodeFacts) -> v1::NodeReport {
+    v1::NodeReport {
+        node_name: name.to_string(),
+        member: f.member.clone(),
+        node_pool: f.node_pool.clone(),
+        region: f.region.clone(),
+        os_family: f.os_family.clone(),
+        os_version: f.os_version.clone(),
+        kernel: f.kernel.clone(),
+        node_image_version: f.node_image_version.clone(),
+        security_patch_version: f.security_patch_version.clone(),
+        reboot_required: f.reboot_required,
+        channel: f.channel.clone(),
+        agent_version: f.agent_version.clone(),
+        kubernetes_version: f.kubernetes_version.clone(),
+        control_plane: f.control_plane,
+        hardware_class: f.hardware_class.clone(),
+        operations: f
+            .operations
+            .iter()
+            .map(|o| v1::OperationState {
+                operation_id: o.operation_id.clone(),
+                kind: o.kind.clone(),
+                step: o.step.clone(),
+                state: o.state.clone(),
+            })
+            .collect(),
+    }
+}

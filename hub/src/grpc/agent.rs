@@ -1,0 +1,130 @@
+//! The agent service: one bidirectional session per node.
+//!
+//! The first message must be a Register whose node name equals the certificate's; every later report is held
+//! to the same rule. A node certificate is the only way in; a node may speak only for itself.
+
+use super::{ApiError, principal_of, require};
+use crate::fleet::{Fleet, desired_config};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use upkeep_core::ids::Role;
+use upkeep_proto::convert::check_report;
+use upkeep_proto::v1::{self, agent_message::Body};
+
+/// How long a new session may take to send its Register.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued to one agent before pushes are dropped (the agent resyncs on reconnect).
+pub const SESSION_QUEUE: usize = 32;
+
+/// The AgentService implementation.
+pub struct AgentApi {
+    fleet: Arc<Fleet>,
+}
+
+impl AgentApi {
+    /// Over the given fleet.
+    pub fn new(fleet: Arc<Fleet>) -> Self {
+        AgentApi { fleet }
+    }
+}
+
+fn claim_matches(cert_name: &str, claimed: &str) -> Result<(), ApiError> {
+    if cert_name == claimed {
+        Ok(())
+    } else {
+        Err(ApiError::PermissionDenied(format!(
+            "certificate is for node {cert_name:?} but the report is for node {claimed:?}; a node may report only for itself"
+        )))
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::HubMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::agent_service_server::AgentService for AgentApi {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let principal = principal_of(&request)?;
+        require(&principal, &[Role::Node], "open an agent session")?;
+        let node = principal.name.clone();
+        let mut inbound = request.into_inner();
+
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| ApiError::InvalidArgument("no register message within 10 s of opening the session".into()))??
+            .ok_or_else(|| ApiError::InvalidArgument("session closed before its register message".into()))?;
+        let report = match first.body {
+            Some(Body::Register(r)) => r,
+            _ => return Err(ApiError::InvalidArgument("the first message of a session must be register".into()).into()),
+        };
+        check_report("register", &report).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        claim_matches(&node, &report.node_name)?;
+        let member = self.fleet.record_report(&node, &report).map_err(ApiError::from)?;
+
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let welcome = v1::HubMessage {
+            body: Some(v1::hub_message::Body::Welcome(v1::Welcome {
+                heartbeat_interval_seconds: self.fleet.timing.heartbeat_interval_seconds,
+                hub_version: upkeep_proto::VERSION.to_string(),
+            })),
+        };
+        // The queue is empty and owned here, so these cannot fail for lack of room.
+        let _ = tx.try_send(Ok(welcome));
+        let _ = tx.try_send(Ok(desired_config(&member)));
+        let session = self.fleet.open_session(&node, &member.name, tx.clone());
+        tracing::info!(node = %node, member = %member.name, session, "agent registered");
+
+        let fleet = self.fleet.clone();
+        tokio::spawn(async move {
+            let outcome = pump(&fleet, &node, session, &mut inbound, &tx).await;
+            if let Err(status) = outcome {
+                tracing::warn!(node = %node, session, error = %status.message(), "agent session ended with error");
+                let _ = tx.send(Err(status)).await;
+            } else {
+                tracing::info!(node = %node, session, "agent session closed");
+            }
+            fleet.close_session(&node, session);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Reads the rest of a session until the agent closes it or breaks a rule.
+async fn pump(
+    fleet: &Fleet,
+    node: &str,
+    session: u64,
+    inbound: &mut Streaming<v1::AgentMessage>,
+    tx: &mpsc::Sender<Result<v1::HubMessage, Status>>,
+) -> Result<(), Status> {
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m?,
+            _ = tx.closed() => return Ok(()),
+        };
+        let Some(msg) = msg else { return Ok(()) };
+        match msg.body {
+            Some(Body::Report(r)) | Some(Body::Register(r)) => {
+                check_report("report", &r).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+                claim_matches(node, &r.node_name)?;
+                let member = fleet.record_report(node, &r).map_err(ApiError::from)?;
+                fleet.session_member(node, session, &member.name);
+            }
+            Some(Body::Heartbeat(_)) => fleet.touch(node),
+            Some(Body::Result(res)) => {
+                fleet.touch(node);
+                tracing::info!(node, op = %res.operation_id, ok = res.ok, error = %res.error, "operation result");
+            }
+            None => return Err(ApiError::InvalidArgument("empty agent message (no body set)".into()).into()),
+        }
+    }
+}

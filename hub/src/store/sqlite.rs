@@ -1,0 +1,321 @@
+//! The embedded default store: one SQLite file in WAL mode.
+//!
+//! One connection behind a mutex: SQLite serialises writers anyway, and every statement here is short.
+//! Schema changes are numbered migrations applied in order and recorded in `PRAGMA user_version`.
+
+use super::{MemberRecord, NodeFacts, NodeRecord, Store, StoreError};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel};
+
+/// Migrations, applied in order; index + 1 is the schema version they lead to.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE members (
+        name TEXT PRIMARY KEY,
+        node_os_channel TEXT NOT NULL,
+        auto_upgrade_channel TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        member TEXT NOT NULL REFERENCES members(name),
+        node_pool TEXT NOT NULL,
+        region TEXT NOT NULL,
+        facts TEXT NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        last_report_ms INTEGER NOT NULL
+    );
+    CREATE INDEX nodes_by_member ON nodes(member, name);",
+];
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn db(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Db { context, source }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let ctx = format!("opening {}", path.display());
+        let conn = Connection::open(path).map_err(db(ctx.clone()))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db(ctx.clone()))?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db(ctx.clone()))?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(db(ctx.clone()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db(ctx.clone()))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db(ctx.clone()))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::Corrupt {
+                context: ctx,
+                reason: format!("schema version {version} is newer than this hub knows ({known}); upgrade the hub"),
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+            tx.execute_batch(sql).map_err(db(format!("migrating schema to version {}", i + 1)))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db(ctx.clone()))?;
+            tx.commit().map_err(db(ctx.clone()))?;
+        }
+        Ok(SqliteStore { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back), so recover the guard.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn member_from_row(conn: &Connection, name: &str) -> Result<Option<MemberRecord>, StoreError> {
+    let ctx = format!("reading member {name}");
+    let row = conn
+        .query_row(
+            "SELECT node_os_channel, auto_upgrade_channel, generation FROM members WHERE name = ?1",
+            params![name],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)),
+        )
+        .optional()
+        .map_err(db(ctx.clone()))?;
+    let Some((os, auto, generation)) = row else { return Ok(None) };
+    let corrupt = |reason: String| StoreError::Corrupt { context: ctx.clone(), reason };
+    let node_os_channel = os.parse::<NodeOsChannel>().map_err(|e| corrupt(e.to_string()))?;
+    let auto_upgrade_channel = auto.parse::<AutoUpgradeChannel>().map_err(|e| corrupt(e.to_string()))?;
+    let mut stmt =
+        conn.prepare_cached("SELECT region, node_pool FROM nodes WHERE member = ?1").map_err(db(ctx.clone()))?;
+    let mut regions = BTreeSet::new();
+    let mut pools = BTreeSet::new();
+    let mut count = 0u32;
+    let rows = stmt
+        .query_map(params![name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(db(ctx.clone()))?;
+    for row in rows {
+        let (region, pool) = row.map_err(db(ctx.clone()))?;
+        regions.insert(region);
+        pools.insert(pool);
+        count += 1;
+    }
+    Ok(Some(MemberRecord {
+        name: name.to_string(),
+        node_os_channel,
+        auto_upgrade_channel,
+        generation: generation as u64,
+        node_count: count,
+        regions: regions.into_iter().collect(),
+        node_pools: pools.into_iter().collect(),
+    }))
+}
+
+type NodeRow = (String, String, i64, i64, i64);
+
+fn node_from_row(row: NodeRow) -> Result<NodeRecord, StoreError> {
+    let (name, facts, first_seen_ms, last_seen_ms, last_report_ms) = row;
+    let facts: NodeFacts = serde_json::from_str(&facts)
+        .map_err(|e| StoreError::Corrupt { context: format!("reading node {name}"), reason: e.to_string() })?;
+    Ok(NodeRecord { name, facts, first_seen_ms, last_seen_ms, last_report_ms })
+}
+
+const NODE_COLUMNS: &str = "name, facts, first_seen_ms, last_seen_ms, last_report_ms";
+
+impl Store for SqliteStore {
+    fn record_report(&self, name: &str, facts: &NodeFacts, now_ms: i64) -> Result<MemberRecord, StoreError> {
+        let ctx = format!("recording report of node {name}");
+        let json = serde_json::to_string(facts)
+            .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        tx.execute(
+            "INSERT INTO members (name, node_os_channel, auto_upgrade_channel, generation, created_ms)
+             VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT(name) DO NOTHING",
+            params![
+                facts.member,
+                NodeOsChannel::default().as_str(),
+                AutoUpgradeChannel::default().as_str(),
+                now_ms
+            ],
+        )
+        .map_err(db(ctx.clone()))?;
+        tx.execute(
+            "INSERT INTO nodes (name, member, node_pool, region, facts, first_seen_ms, last_seen_ms, last_report_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6)
+             ON CONFLICT(name) DO UPDATE SET member = excluded.member, node_pool = excluded.node_pool,
+               region = excluded.region, facts = excluded.facts,
+               last_seen_ms = max(nodes.last_seen_ms, excluded.last_seen_ms), last_report_ms = excluded.last_report_ms",
+            params![name, facts.member, facts.node_pool, facts.region, json, now_ms],
+        )
+        .map_err(db(ctx.clone()))?;
+        let member = member_from_row(&tx, &facts.member)?;
+        tx.commit().map_err(db(ctx.clone()))?;
+        member.ok_or_else(|| StoreError::Corrupt { context: ctx, reason: "member vanished inside a transaction".into() })
+    }
+
+    fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError> {
+        let ctx = "recording last-seen times";
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx))?;
+        {
+            let mut stmt = tx
+                .prepare_cached("UPDATE nodes SET last_seen_ms = max(last_seen_ms, ?2) WHERE name = ?1")
+                .map_err(db(ctx))?;
+            for (name, ms) in seen {
+                stmt.execute(params![name, ms]).map_err(db(ctx))?;
+            }
+        }
+        tx.commit().map_err(db(ctx))
+    }
+
+    fn list_nodes(&self, member: Option<&str>) -> Result<Vec<NodeRecord>, StoreError> {
+        let ctx = "listing nodes";
+        let conn = self.conn();
+        let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<NodeRow> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        };
+        let rows: Vec<NodeRow> = match member {
+            Some(m) => {
+                let mut stmt = conn
+                    .prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE member = ?1 ORDER BY name"))
+                    .map_err(db(ctx))?;
+                stmt.query_map(params![m], map).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))?
+            }
+            None => {
+                let mut stmt = conn
+                    .prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY member, name"))
+                    .map_err(db(ctx))?;
+                stmt.query_map([], map).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))?
+            }
+        };
+        rows.into_iter().map(node_from_row).collect()
+    }
+
+    fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let ctx = format!("reading node {name}");
+        let conn = self.conn();
+        let row = conn
+            .query_row(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"), params![name], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()
+            .map_err(db(ctx))?;
+        row.map(node_from_row).transpose()
+    }
+
+    fn forget_node(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute("DELETE FROM nodes WHERE name = ?1", params![name]).map_err(db("forgetting node"))?;
+        Ok(n > 0)
+    }
+
+    fn list_members(&self) -> Result<Vec<MemberRecord>, StoreError> {
+        let ctx = "listing members";
+        let conn = self.conn();
+        let names: Vec<String> = {
+            let mut stmt = conn.prepare_cached("SELECT name FROM members ORDER BY name").map_err(db(ctx))?;
+            stmt.query_map([], |r| r.get(0)).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))?
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for n in names {
+            if let Some(m) = member_from_row(&conn, &n)? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    fn get_member(&self, name: &str) -> Result<Option<MemberRecord>, StoreError> {
+        member_from_row(&self.conn(), name)
+    }
+
+    fn set_node_os_channel(&self, member: &str, channel: NodeOsChannel) -> Result<MemberRecord, StoreError> {
+        self.update_member(member, "node_os_channel", channel.as_str())
+    }
+
+    fn set_auto_upgrade_channel(
+        &self,
+        member: &str,
+        channel: AutoUpgradeChannel,
+    ) -> Result<MemberRecord, StoreError> {
+        self.update_member(member, "auto_upgrade_channel", channel.as_str())
+    }
+}
+
+impl SqliteStore {
+    fn update_member(&self, member: &str, column: &'static str, value: &str) -> Result<MemberRecord, StoreError> {
+        let ctx = format!("setting {column} of member {member}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let n = tx
+            .execute(
+                &format!("UPDATE members SET {column} = ?2, generation = generation + 1 WHERE name = ?1"),
+                params![member, value],
+            )
+            .map_err(db(ctx.clone()))?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                kind: "member",
+                name: member.to_string(),
+                hint: "see `upkeepctl member list` (a member appears when its first node registers)",
+            });
+        }
+        let rec = member_from_row(&tx, member)?;
+        tx.commit().map_err(db(ctx.clone()))?;
+        rec.ok_or_else(|| StoreError::Corrupt { context: ctx, reason: "member vanished inside a transaction".into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(member: &str, pool: &str, region: &str) -> NodeFacts {
+        NodeFacts {
+            member: member.into(),
+            node_pool: pool.into(),
+            region: region.into(),
+            node_image_version: "Ubuntu-2204-202311.07.0".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn inventory_survives_reopen_and_members_default_to_node_image() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        {
+            let s = SqliteStore::open(&path).expect("open");
+            let m = s.record_report("n1", &facts("m1", "p1", "eu"), 1000).expect("record");
+            assert_eq!(m.node_os_channel, NodeOsChannel::NodeImage);
+            assert_eq!(m.generation, 1);
+            s.record_report("n2", &facts("m1", "p2", "us"), 1500).expect("record");
+            s.touch_nodes(&[("n1".into(), 5000), ("n2".into(), 100)]).expect("touch");
+            s.set_node_os_channel("m1", NodeOsChannel::SecurityPatch).expect("set");
+        }
+        let s = SqliteStore::open(&path).expect("reopen");
+        let nodes = s.list_nodes(None).expect("list");
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].last_seen_ms, 5000);
+        assert_eq!(nodes[1].last_seen_ms, 1500, "last seen never moves backwards");
+        let m = s.get_member("m1").expect("get").expect("exists");
+        assert_eq!(m.node_os_channel, NodeOsChannel::SecurityPatch);
+        assert_eq!(m.generation, 2);
+        assert_eq!(m.node_count, 2);
+        assert_eq!(m.regions, vec!["eu".to_string(), "us".to_string()]);
+        assert!(matches!(s.set_node_os_channel("nope", NodeOsChannel::None), Err(StoreError::NotFound { .. })));
+        assert!(s.forget_node("n1").expect("forget"));
+        assert!(!s.forget_node("n1").expect("forget again"));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        Connection::open(&path).expect("open").pragma_update(None, "user_version", 99).expect("set");
+        let err = SqliteStore::open(&path).err().expect("refused");
+        assert!(err.to_string().contains("upgrade the hub"), "{err}");
+    }
+}
