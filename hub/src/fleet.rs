@@ -52,6 +52,7 @@ pub struct Fleet {
     sessions: Mutex<HashMap<String, Session>>,
     seen: Mutex<HashMap<String, i64>>,
     next_session: AtomicU64,
+    closing: tokio::sync::watch::Sender<bool>,
     /// Timing settings.
     pub timing: Timing,
 }
@@ -69,6 +70,7 @@ impl Fleet {
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            closing: tokio::sync::watch::channel(false).0,
             timing,
         }
     }
@@ -134,6 +136,22 @@ impl Fleet {
         }
         drop(sessions);
         self.touch(node);
+    }
+
+    /// Ends every session (the hub is shutting down): sessions see `closing` and finish, so that a graceful
+    /// server shutdown is not held open by long-lived agent streams.
+    pub fn close_all_sessions(&self) {
+        self.closing.send_replace(true);
+        let drained: Vec<(String, Session)> = self.sessions().drain().collect();
+        for (node, s) in drained {
+            let _ = s.tx.try_send(Err(Status::unavailable("hub shutting down; reconnect")));
+            self.touch(&node);
+        }
+    }
+
+    /// A receiver that turns true when the hub is shutting down.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// Whether a node has an open session.

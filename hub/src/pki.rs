@@ -110,7 +110,8 @@ impl Ca {
         dn.push(DnType::OrganizationName, "upkeep fleet");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         validity(&mut params, CA_VALIDITY_DAYS);
         let cert = params.self_signed(&key).map_err(gen_err)?;
         Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })

@@ -45,7 +45,7 @@ pub fn open_fleet(config: &HubConfig) -> anyhow::Result<Arc<Fleet>> {
     )))
 }
 
-/// Serves the hub on `listener` until `shutdown` completes. `ready` is called once the server is accepting.
+/// Serves the hub on `listener` until `shutdown` completes, then ends agent sessions and stops.
 pub async fn serve(
     config: HubConfig,
     listener: TcpListener,
@@ -70,6 +70,11 @@ pub async fn serve(
     // Nagle off: with it on, every mTLS handshake stalls ~40 ms on delayed ACKs.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(%addr, "upkeep-hub listening (mTLS only)");
+    let closing_fleet = fleet.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing_fleet.close_all_sessions();
+    };
     let result = Server::builder()
         .tls_config(tls)
         .context("tls configuration")?

@@ -30,9 +30,7 @@ pub fn check_report(prefix: &str, r: &v1::NodeReport) -> Result<(), FieldError> 
     validate_name("node pool", &r.node_pool).map_err(|e| FieldError::new(f("node_pool"), e))?;
     validate_name("region", &r.region).map_err(|e| FieldError::new(f("region"), e))?;
     if !r.node_image_version.is_empty() {
-        r.node_image_version
-            .parse::<NodeImageVersion>()
-            .map_err(|e| FieldError::new(f("node_image_version"), e))?;
+        r.node_image_version.parse::<NodeImageVersion>().map_err(|e| FieldError::new(f("node_image_version"), e))?;
     }
     if !r.security_patch_version.is_empty() {
         r.security_patch_version
@@ -51,10 +49,7 @@ pub fn check_report(prefix: &str, r: &v1::NodeReport) -> Result<(), FieldError> 
         ("hardware_class", &r.hardware_class, 64),
     ] {
         if value.len() > max || value.chars().any(char::is_control) {
-            return Err(FieldError::new(
-                f(field),
-                format!("must be at most {max} printable characters"),
-            ));
+            return Err(FieldError::new(f(field), format!("must be at most {max} printable characters")));
         }
     }
     if r.operations.len() > 64 {

@@ -68,7 +68,8 @@ pub enum PemKind {
 
 /// The upkeep identity in a DER certificate.
 pub fn principal_from_der(der: &[u8]) -> Result<Principal, IdentityError> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Malformed(format!("bad certificate: {e}")))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::Malformed(format!("bad certificate: {e}")))?;
     let mut uris = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {

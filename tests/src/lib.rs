@@ -1,1 +1,266 @@
-//! placeholder
+//! Test harness for scenario tests: a fleet PKI generated per test, an in-process hub on 127.0.0.1:0 with real
+//! mutual TLS and a real SQLite file, real agents (in-process, each over its own root tree), and the real
+//! upkeepctl / upkeep-agent / upkeep-hub binaries for CLI behaviour.
+
+use anyhow::{Context, anyhow};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use upkeep_core::ids::Role;
+use upkeep_hub::pki;
+
+/// A fleet PKI in a temporary directory (CA, hub, operator, viewer; nodes on demand).
+pub struct TestPki {
+    /// Keeps the directory alive.
+    pub dir: TempDir,
+}
+
+impl TestPki {
+    /// Runs the same code as `upkeepctl pki init`.
+    pub fn new() -> TestPki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        pki::init(dir.path(), &[]).expect("pki init");
+        TestPki { dir }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A file in the PKI directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues a node certificate; returns (cert, key).
+    pub fn node(&self, name: &str) -> (PathBuf, PathBuf) {
+        let r = pki::issue(self.path(), Role::Node, name).expect("issue node");
+        (r.files[0].clone(), r.files[1].clone())
+    }
+
+    /// Issues a client certificate carrying an arbitrary SAN URI (to test refused identities).
+    pub fn raw_uri_cert(&self, file_stem: &str, uri: &str) -> (PathBuf, PathBuf) {
+        let ca_pem = std::fs::read_to_string(self.file(pki::files::CA_CERT)).expect("ca");
+        let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(self.file(pki::files::CA_KEY)).expect("key"))
+            .expect("ca key");
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.to_string().try_into().expect("ia5"))];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        let c = self.file(&format!("{file_stem}.pem"));
+        let k = self.file(&format!("{file_stem}.key"));
+        std::fs::write(&c, cert.pem()).expect("write");
+        std::fs::write(&k, key.serialize_pem()).expect("write");
+        (c, k)
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
+    }
+}
+
+/// A hub running in this process.
+pub struct TestHub {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its state directory (kept across restarts).
+    pub state_dir: PathBuf,
+    config_path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Writes a hub.toml for `pki` and `state_dir` with a 1 s heartbeat (fast tests).
+pub fn write_hub_config(pki: &TestPki, state_dir: &Path) -> PathBuf {
+    let path = state_dir.join("hub.toml");
+    std::fs::create_dir_all(state_dir).expect("mkdir");
+    let text = format!(
+        "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = 5\n",
+        state_dir.join("db"),
+        pki.file(pki::files::CA_CERT),
+        pki.file(pki::files::HUB_CERT),
+        pki.file(pki::files::HUB_KEY),
+    );
+    std::fs::write(&path, text).expect("write hub.toml");
+    path
+}
+
+impl TestHub {
+    /// Starts a hub on 127.0.0.1 (port 0 = any) with its state under `state_dir`.
+    pub async fn start(pki: &TestPki, state_dir: &Path, addr: SocketAddr) -> TestHub {
+        let config_path = write_hub_config(pki, state_dir);
+        let mut hub = TestHub { addr, state_dir: state_dir.to_path_buf(), config_path, stop: None, task: None };
+        hub.launch().await;
+        hub
+    }
+
+    async fn launch(&mut self) {
+        let cfg = upkeep_hub::config::load(&self.config_path, &Default::default()).expect("hub config");
+        let listener = TcpListener::bind(self.addr).await.expect("bind");
+        self.addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        self.stop = Some(tx);
+        self.task = Some(tokio::spawn(upkeep_hub::server::serve(cfg, listener, async move {
+            let _ = rx.await;
+        })));
+    }
+
+    /// Stops the hub gracefully and waits until it has stopped.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("hub stops within 20 s")
+                .expect("hub task")
+                .expect("hub served cleanly");
+        }
+    }
+
+    /// Stops and starts again on the same address with the same state.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch().await;
+    }
+
+    /// The URL agents and upkeepctl use.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+}
+
+/// A node's root tree and agent configuration.
+pub struct TestNode {
+    /// Node name.
+    pub name: String,
+    /// Its root directory.
+    pub root: PathBuf,
+    /// Its agent.toml.
+    pub config: PathBuf,
+}
+
+/// Lays out a simulated node under `base/<name>`: os-release, image metadata, certificate, agent.toml.
+#[allow(clippy::too_many_arguments)] // a flat call reads best in scenarios: where, who, and what it runs
+pub fn make_node(
+    pki: &TestPki,
+    base: &Path,
+    hub_url: &str,
+    name: &str,
+    member: &str,
+    pool: &str,
+    region: &str,
+    image: &str,
+) -> TestNode {
+    let dir = base.join(name);
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("etc/upkeep")).expect("mkdir");
+    std::fs::write(root.join("etc/os-release"), "ID=debian\nVERSION_ID=\"12\"\n").expect("os-release");
+    let (family, version) = image.rsplit_once('-').expect("image is family-version");
+    std::fs::write(root.join("etc/upkeep/node-image"), format!("FAMILY={family}\nVERSION={version}\n")).expect("meta");
+    let (cert, key) = pki.node(name);
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hub = {hub_url:?}\nmember = {member:?}\nnode_pool = {pool:?}\nregion = {region:?}\nstate_dir = {:?}\nroot = {:?}\n[tls]\nca = {:?}\ncert = {cert:?}\nkey = {key:?}\n",
+            dir.join("state"),
+            root,
+            pki.file(pki::files::CA_CERT),
+        ),
+    )
+    .expect("agent.toml");
+    TestNode { name: name.to_string(), root, config }
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestAgent {
+    /// Starts the agent of `node`.
+    pub fn start(node: &TestNode) -> TestAgent {
+        let cfg = upkeep_agent::config::load(&node.config).expect("agent config");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(upkeep_agent::run(cfg, async move {
+            let _ = rx.await;
+        }));
+        TestAgent { stop: Some(tx), task }
+    }
+
+    /// Stops it and waits.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("agent stops")
+            .expect("agent task")
+            .expect("agent ran cleanly");
+    }
+}
+
+/// Path of a workspace binary (built by `cargo build --workspace --bins` or by the test run).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} missing: run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// Runs upkeepctl as `role` (operator or viewer files from the PKI) against `hub`.
+pub async fn upkeepctl(pki: &TestPki, hub: &str, cert_stem: &str, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(bin("upkeepctl"));
+    cmd.args(args)
+        .env("UPKEEP_HUB", hub)
+        .env("UPKEEP_CA", pki.file(pki::files::CA_CERT))
+        .env("UPKEEP_CERT", pki.file(&format!("{cert_stem}.pem")))
+        .env("UPKEEP_KEY", pki.file(&format!("{cert_stem}.key")))
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("upkeepctl finishes").expect("spawn")
+}
+
+/// Runs upkeepctl and parses its JSON stdout; fails with its stderr if it exited non-zero.
+pub async fn upkeepctl_json(pki: &TestPki, hub: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = upkeepctl(pki, hub, "operator", &all).await;
+    if !out.status.success() {
+        return Err(anyhow!("upkeepctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    serde_json::from_slice(&out.stdout).context("upkeepctl output is not JSON")
+}
+
+/// Polls `check` until it returns Some or `within` passes. Polling a condition with a deadline is how these
+/// tests synchronise with other processes; a fixed sleep never stands in for it.
+pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

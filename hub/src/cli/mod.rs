@@ -251,7 +251,11 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 MemberCommand::SetChannel { member, channel } => {
                     let req = v1::SetMemberChannelRequest { member: member.clone(), channel: channel.clone() };
                     let m = c.set_member_channel(req).await.map_err(status_line)?.into_inner();
-                    writeln!(out, "member {} node OS channel is {} (generation {})", m.name, m.node_os_channel, m.config_generation)?;
+                    writeln!(
+                        out,
+                        "member {} node OS channel is {} (generation {})",
+                        m.name, m.node_os_channel, m.config_generation
+                    )?;
                     Ok(())
                 }
                 MemberCommand::SetAutoUpgrade { member, channel } => {

@@ -95,7 +95,10 @@ pub struct MemberJson {
 }
 
 fn rfc3339(ms: i64) -> Option<String> {
-    (ms > 0).then(|| Utc.timestamp_millis_opt(ms).single()).flatten().map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    (ms > 0)
+        .then(|| Utc.timestamp_millis_opt(ms).single())
+        .flatten()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 /// The JSON view of a wire node.
@@ -227,7 +230,11 @@ pub fn print_nodes(format: Format, nodes: &[v1::Node], now: DateTime<Utc>, out: 
             ]
         })
         .collect();
-    table(out, &["NAME", "MEMBER", "POOL", "REGION", "CHANNEL", "STATUS", "NODE-IMAGE-VERSION LABEL", "LAST SEEN"], &rows)?;
+    table(
+        out,
+        &["NAME", "MEMBER", "POOL", "REGION", "CHANNEL", "STATUS", "NODE-IMAGE-VERSION LABEL", "LAST SEEN"],
+        &rows,
+    )?;
     Ok(())
 }
 

@@ -106,10 +106,15 @@ async fn pump(
     inbound: &mut Streaming<v1::AgentMessage>,
     tx: &mpsc::Sender<Result<v1::HubMessage, Status>>,
 ) -> Result<(), Status> {
+    let mut closing = fleet.closing();
     loop {
+        if *closing.borrow() {
+            return Err(Status::unavailable("hub shutting down; reconnect"));
+        }
         let msg = tokio::select! {
             m = inbound.message() => m?,
             _ = tx.closed() => return Ok(()),
+            _ = closing.changed() => continue,
         };
         let Some(msg) = msg else { return Ok(()) };
         match msg.body {

@@ -58,8 +58,7 @@ impl From<crate::store::StoreError> for ApiError {
 
 /// The principal of a request, from its verified client certificate only.
 pub fn principal_of<T>(req: &Request<T>) -> Result<Principal, ApiError> {
-    let certs =
-        req.peer_certs().ok_or_else(|| ApiError::Unauthenticated("no client certificate presented".into()))?;
+    let certs = req.peer_certs().ok_or_else(|| ApiError::Unauthenticated("no client certificate presented".into()))?;
     let leaf = certs.first().ok_or_else(|| ApiError::Unauthenticated("empty client certificate chain".into()))?;
     upkeep_proto::tls::principal_from_der(leaf.as_ref()).map_err(|e| ApiError::Unauthenticated(e.to_string()))
 }

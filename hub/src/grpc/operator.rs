@@ -52,9 +52,12 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     async fn get_node(&self, req: Request<v1::GetNodeRequest>) -> Result<Response<v1::Node>, Status> {
         require(&principal_of(&req)?, READERS, "read nodes")?;
         let name = &req.get_ref().name;
-        let node = self.fleet.store().get_node(name).map_err(ApiError::from)?.ok_or_else(|| {
-            ApiError::NotFound(format!("node {name:?} not found; see `upkeepctl node list`"))
-        })?;
+        let node = self
+            .fleet
+            .store()
+            .get_node(name)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("node {name:?} not found; see `upkeepctl node list`")))?;
         Ok(Response::new(self.fleet.node_to_wire(&node, now_ms())))
     }
 
@@ -107,7 +110,8 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let mut updated = self.fleet.store().set_auto_upgrade_channel(&r.member, channel).map_err(ApiError::from)?;
         // SPEC §2: node-image forces the node OS channel to NodeImage.
         if channel == AutoUpgradeChannel::NodeImage && current.node_os_channel != NodeOsChannel::NodeImage {
-            updated = self.fleet.store().set_node_os_channel(&r.member, NodeOsChannel::NodeImage).map_err(ApiError::from)?;
+            updated =
+                self.fleet.store().set_node_os_channel(&r.member, NodeOsChannel::NodeImage).map_err(ApiError::from)?;
         }
         tracing::info!(operator = %p.name, member = %updated.name, channel = %channel, "auto-upgrade channel changed");
         self.fleet.push_member_config(&updated);

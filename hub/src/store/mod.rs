@@ -142,6 +142,5 @@ pub trait Store: Send + Sync {
     /// Sets the node OS channel (the caller has checked the rules); bumps the generation.
     fn set_node_os_channel(&self, member: &str, channel: NodeOsChannel) -> Result<MemberRecord, StoreError>;
     /// Sets the cluster auto-upgrade channel; bumps the generation.
-    fn set_auto_upgrade_channel(&self, member: &str, channel: AutoUpgradeChannel)
-    -> Result<MemberRecord, StoreError>;
+    fn set_auto_upgrade_channel(&self, member: &str, channel: AutoUpgradeChannel) -> Result<MemberRecord, StoreError>;
 }

@@ -11,8 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel};
 
 /// Migrations, applied in order; index + 1 is the schema version they lead to.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE members (
+const MIGRATIONS: &[&str] = &["CREATE TABLE members (
         name TEXT PRIMARY KEY,
         node_os_channel TEXT NOT NULL,
         auto_upgrade_channel TEXT NOT NULL,
@@ -29,8 +28,7 @@ const MIGRATIONS: &[&str] = &[
         last_seen_ms INTEGER NOT NULL,
         last_report_ms INTEGER NOT NULL
     );
-    CREATE INDEX nodes_by_member ON nodes(member, name);",
-];
+    CREATE INDEX nodes_by_member ON nodes(member, name);"];
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -134,12 +132,7 @@ impl Store for SqliteStore {
         tx.execute(
             "INSERT INTO members (name, node_os_channel, auto_upgrade_channel, generation, created_ms)
              VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT(name) DO NOTHING",
-            params![
-                facts.member,
-                NodeOsChannel::default().as_str(),
-                AutoUpgradeChannel::default().as_str(),
-                now_ms
-            ],
+            params![facts.member, NodeOsChannel::default().as_str(), AutoUpgradeChannel::default().as_str(), now_ms],
         )
         .map_err(db(ctx.clone()))?;
         tx.execute(
@@ -153,7 +146,8 @@ impl Store for SqliteStore {
         .map_err(db(ctx.clone()))?;
         let member = member_from_row(&tx, &facts.member)?;
         tx.commit().map_err(db(ctx.clone()))?;
-        member.ok_or_else(|| StoreError::Corrupt { context: ctx, reason: "member vanished inside a transaction".into() })
+        member
+            .ok_or_else(|| StoreError::Corrupt { context: ctx, reason: "member vanished inside a transaction".into() })
     }
 
     fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError> {
@@ -207,7 +201,8 @@ impl Store for SqliteStore {
     }
 
     fn forget_node(&self, name: &str) -> Result<bool, StoreError> {
-        let n = self.conn().execute("DELETE FROM nodes WHERE name = ?1", params![name]).map_err(db("forgetting node"))?;
+        let n =
+            self.conn().execute("DELETE FROM nodes WHERE name = ?1", params![name]).map_err(db("forgetting node"))?;
         Ok(n > 0)
     }
 
@@ -235,11 +230,7 @@ impl Store for SqliteStore {
         self.update_member(member, "node_os_channel", channel.as_str())
     }
 
-    fn set_auto_upgrade_channel(
-        &self,
-        member: &str,
-        channel: AutoUpgradeChannel,
-    ) -> Result<MemberRecord, StoreError> {
+    fn set_auto_upgrade_channel(&self, member: &str, channel: AutoUpgradeChannel) -> Result<MemberRecord, StoreError> {
         self.update_member(member, "auto_upgrade_channel", channel.as_str())
     }
 }

@@ -1,0 +1,229 @@
+//! The agent's side of the session with its hub: connect over mutual TLS, register, heartbeat, report on
+//! change, adopt the member configuration the hub pushes, answer commands; reconnect with jittered
+//! exponential backoff (capped near 30 s) and re-send the full state on every new session.
+
+use crate::backoff;
+use crate::config::AgentConfig;
+use crate::os::NodeOs;
+use crate::state::{self, AgentState};
+use anyhow::{Context, anyhow};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use upkeep_proto::tls::client_tls;
+use upkeep_proto::v1::{self, agent_message, hub_message};
+
+/// Heartbeat interval used until the hub's Welcome says otherwise.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Outbound queue depth of one session.
+const OUTBOUND_QUEUE: usize = 16;
+
+/// A running agent: its configuration, its OS seam, and its adopted state.
+pub struct Agent {
+    cfg: AgentConfig,
+    os: Arc<dyn NodeOs>,
+    state: std::sync::Mutex<AgentState>,
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The session was established (Welcome received) before it ended: reset the backoff.
+    AfterWelcome(anyhow::Error),
+    /// It never got that far.
+    BeforeWelcome(anyhow::Error),
+}
+
+impl Agent {
+    /// Loads the persisted state and builds the agent.
+    pub fn new(cfg: AgentConfig, os: Arc<dyn NodeOs>) -> anyhow::Result<Agent> {
+        let st = state::load(&cfg.state_dir)?;
+        Ok(Agent { cfg, os, state: std::sync::Mutex::new(st) })
+    }
+
+    fn state(&self) -> AgentState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The full report of this node now.
+    pub fn report(&self) -> v1::NodeReport {
+        let facts = match self.os.facts() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(node = %self.cfg.node_name, error = %e, "reading node facts");
+                crate::os::OsFacts { os_family: "unknown".into(), ..Default::default() }
+            }
+        };
+        let st = self.state();
+        v1::NodeReport {
+            node_name: self.cfg.node_name.clone(),
+            member: self.cfg.member.clone(),
+            node_pool: self.cfg.node_pool.clone(),
+            region: self.cfg.region.clone(),
+            os_family: facts.os_family,
+            os_version: facts.os_version,
+            kernel: facts.kernel,
+            node_image_version: facts.node_image.map(|n| n.label()).unwrap_or_default(),
+            security_patch_version: facts.security_patch_version,
+            reboot_required: facts.reboot_required,
+            channel: st.channel.unwrap_or_default(),
+            agent_version: upkeep_proto::VERSION.to_string(),
+            kubernetes_version: facts.kubernetes_version,
+            control_plane: self.cfg.control_plane,
+            hardware_class: self.cfg.hardware_class.clone(),
+            operations: Vec::new(),
+        }
+    }
+
+    /// Adopts a member configuration if it is newer than what we hold; true if anything changed.
+    fn adopt(&self, desired: &v1::DesiredConfig) -> anyhow::Result<bool> {
+        let channel: upkeep_core::channel::NodeOsChannel = desired
+            .node_os_channel
+            .parse()
+            .map_err(|e| anyhow!("hub sent desired.node_os_channel that this agent does not know: {e}"))?;
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if desired.generation < guard.config_generation {
+            tracing::info!(
+                generation = desired.generation,
+                held = guard.config_generation,
+                "ignoring older configuration"
+            );
+            return Ok(false);
+        }
+        let next = AgentState { channel: Some(channel.as_str().to_string()), config_generation: desired.generation };
+        if next == *guard {
+            return Ok(false);
+        }
+        // Journal first: the adopted configuration is on disk before we act on it or report it.
+        state::save(&self.cfg.state_dir, &next)?;
+        tracing::info!(node = %self.cfg.node_name, channel = %channel, generation = desired.generation, "adopted member configuration");
+        *guard = next;
+        Ok(true)
+    }
+
+    /// Runs until `shutdown` completes, reconnecting as needed.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let mut attempt: u32 = 0;
+        loop {
+            let end = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                end = self.session() => end,
+            };
+            let err = match end {
+                SessionEnd::AfterWelcome(e) => {
+                    attempt = 0;
+                    e
+                }
+                SessionEnd::BeforeWelcome(e) => e,
+            };
+            let wait = backoff::delay(attempt, fastrand::f64());
+            attempt = attempt.saturating_add(1);
+            tracing::warn!(node = %self.cfg.node_name, hub = %self.cfg.hub, error = %format!("{err:#}").replace('\n', " "), retry_in_ms = wait.as_millis() as u64, "hub session ended");
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn session(&self) -> SessionEnd {
+        let mut welcomed = false;
+        let r = self.session_inner(&mut welcomed).await;
+        let e = r.err().unwrap_or_else(|| anyhow!("hub closed the session"));
+        if welcomed { SessionEnd::AfterWelcome(e) } else { SessionEnd::BeforeWelcome(e) }
+    }
+
+    async fn session_inner(&self, welcomed: &mut bool) -> anyhow::Result<()> {
+        let tls = client_tls(&self.cfg.tls, &self.cfg.hub_host)?;
+        let channel = Endpoint::from_shared(self.cfg.hub.clone())
+            .context("hub address")?
+            .tls_config(tls)
+            .context("tls")?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .context("connecting to the hub")?;
+        let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<v1::AgentMessage>(OUTBOUND_QUEUE);
+        let mut last = self.report();
+        tx.send(msg(agent_message::Body::Register(last.clone()))).await.context("queueing register")?;
+        let mut inbound = client.session(ReceiverStream::new(rx)).await.context("opening the session")?.into_inner();
+
+        let mut beat = tokio::time::interval(DEFAULT_HEARTBEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.reset();
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                m = inbound.message() => {
+                    let m = m.context("session")?.ok_or_else(|| anyhow!("hub ended the session"))?;
+                    match m.body {
+                        Some(hub_message::Body::Welcome(w)) => {
+                            *welcomed = true;
+                            let every = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.max(1)));
+                            beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            tracing::info!(node = %self.cfg.node_name, hub_version = %w.hub_version, heartbeat_s = every.as_secs(), "registered with hub");
+                        }
+                        Some(hub_message::Body::Desired(d)) => {
+                            if self.adopt(&d)? {
+                                last = self.report();
+                                tx.send(msg(agent_message::Body::Report(last.clone()))).await.context("sending report")?;
+                            }
+                        }
+                        Some(hub_message::Body::Command(c)) => {
+                            let result = self.execute(&c);
+                            tx.send(msg(agent_message::Body::Result(result))).await.context("sending result")?;
+                        }
+                        None => tracing::warn!("empty message from hub ignored"),
+                    }
+                }
+                _ = beat.tick() => {
+                    // One wakeup per interval: re-read the node, report if anything changed, else heartbeat.
+                    let now = self.report();
+                    let body = if now != last {
+                        last = now.clone();
+                        agent_message::Body::Report(now)
+                    } else {
+                        seq += 1;
+                        agent_message::Body::Heartbeat(v1::Heartbeat { seq })
+                    };
+                    tx.send(msg(body)).await.context("sending heartbeat")?;
+                }
+            }
+        }
+    }
+
+    /// Carries out a command. This agent version executes none of the node operations yet; each is answered
+    /// with a definite failure naming the operation, so that no hub ever waits on it.
+    fn execute(&self, c: &v1::Command) -> v1::OperationResult {
+        let kind = match &c.kind {
+            Some(v1::command::Kind::Cordon(_)) => "cordon",
+            Some(v1::command::Kind::Uncordon(_)) => "uncordon",
+            Some(v1::command::Kind::Drain(_)) => "drain",
+            Some(v1::command::Kind::Reboot(_)) => "reboot",
+            Some(v1::command::Kind::Reimage(_)) => "reimage",
+            Some(v1::command::Kind::ApplySecurityPatch(_)) => "apply-security-patch",
+            Some(v1::command::Kind::UpgradeKubernetes(_)) => "upgrade-kubernetes",
+            None => "empty",
+        };
+        tracing::warn!(node = %self.cfg.node_name, op = %c.operation_id, kind, "operation refused: not supported by this agent version");
+        v1::OperationResult {
+            operation_id: c.operation_id.clone(),
+            generation: c.generation,
+            ok: false,
+            error: format!("operation {kind} is not supported by upkeep-agent {}", upkeep_proto::VERSION),
+            finished_at_unix_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+}
+
+fn msg(body: agent_message::Body) -> v1::AgentMessage {
+    v1::AgentMessage { body: Some(body) }
+}
