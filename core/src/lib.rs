@@ -4,6 +4,8 @@
 //! Time and randomness arrive as parameters. The hub and the agent are shells around these functions.
 
 pub mod channel;
+pub mod concurrency;
 pub mod ids;
-pub mod version;
+pub mod run;
 pub mod schedule;
+pub mod version;

@@ -328,10 +328,9 @@ impl MaintenanceSchedule {
         let mut warnings = Vec::new();
         let mut err = |field: &str, message: String| errs.push(ScheduleError { field: field.to_string(), message });
         match &self.frequency {
-            Frequency::Weekly { interval_weeks, .. } if !(1..=8).contains(interval_weeks) => err(
-                "frequency.interval_weeks",
-                format!("{interval_weeks} is out of range; use 1 (every week) to 8"),
-            ),
+            Frequency::Weekly { interval_weeks, .. } if !(1..=8).contains(interval_weeks) => {
+                err("frequency.interval_weeks", format!("{interval_weeks} is out of range; use 1 (every week) to 8"))
+            }
             Frequency::Daily { interval_days } if !(1..=31).contains(interval_days) => {
                 err("frequency.interval_days", format!("{interval_days} is out of range; use 1 (every day) to 31"))
             }
@@ -364,12 +363,17 @@ impl MaintenanceSchedule {
         }
         let total = self.duration_total_minutes();
         if self.duration_minutes >= 60 {
-            err("duration_minutes", format!("{} is 60 or more; put whole hours in duration_hours", self.duration_minutes));
+            err(
+                "duration_minutes",
+                format!("{} is 60 or more; put whole hours in duration_hours", self.duration_minutes),
+            );
         }
         if total < MIN_DURATION_MINUTES {
             err(
                 "duration_hours",
-                format!("the window lasts {total} minutes; give at least {MIN_DURATION_MINUTES} minutes (4 hours or more recommended)"),
+                format!(
+                    "the window lasts {total} minutes; give at least {MIN_DURATION_MINUTES} minutes (4 hours or more recommended)"
+                ),
             );
         } else if total > MAX_DURATION_MINUTES {
             err("duration_hours", format!("the window lasts {total} minutes; give at most 168 hours (7 days)"));
@@ -521,12 +525,8 @@ mod tests {
             open_until: Option<&'static str>,
             next: Option<&'static str>,
         }
-        let mut biweekly = sched(
-            Frequency::Weekly { interval_weeks: 2, day_of_week: DayOfWeek::Wednesday },
-            "10:00",
-            4,
-            "+00:00",
-        );
+        let mut biweekly =
+            sched(Frequency::Weekly { interval_weeks: 2, day_of_week: DayOfWeek::Wednesday }, "10:00", 4, "+00:00");
         biweekly.start_date = Some(date("2024-01-01"));
         let cases = vec![
             Case {
@@ -719,16 +719,24 @@ mod tests {
             ),
             (weekly(DayOfWeek::Monday, "10:00", 0), "duration_hours", "at least 30 minutes"),
             (weekly(DayOfWeek::Monday, "10:00", 169), "duration_hours", "at most 168 hours"),
-            ({
-                let mut s = weekly(DayOfWeek::Monday, "10:00", 4);
-                s.not_allowed = vec![DateSpan { start: date("2024-01-09"), end: date("2024-01-08") }];
-                s
-            }, "not_allowed[0]", "swap them"),
-            ({
-                let mut s = weekly(DayOfWeek::Monday, "10:00", 4);
-                s.utc_offset = UtcOffset { minutes: 15 * 60 };
-                s
-            }, "utc_offset", "-12:00 to +14:00"),
+            (
+                {
+                    let mut s = weekly(DayOfWeek::Monday, "10:00", 4);
+                    s.not_allowed = vec![DateSpan { start: date("2024-01-09"), end: date("2024-01-08") }];
+                    s
+                },
+                "not_allowed[0]",
+                "swap them",
+            ),
+            (
+                {
+                    let mut s = weekly(DayOfWeek::Monday, "10:00", 4);
+                    s.utc_offset = UtcOffset { minutes: 15 * 60 };
+                    s
+                },
+                "utc_offset",
+                "-12:00 to +14:00",
+            ),
         ];
         for (s, field, fix) in cases {
             let errs = s.validate().expect_err(field);

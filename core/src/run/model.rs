@@ -30,6 +30,43 @@ impl UpgradeType {
     }
 }
 
+impl UpgradeType {
+    /// Every type, in the SPEC's order.
+    pub const ALL: [UpgradeType; 3] = [UpgradeType::Full, UpgradeType::ControlPlaneOnly, UpgradeType::NodeImageOnly];
+
+    /// The SPEC's spelling, as in files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradeType::Full => "Full",
+            UpgradeType::ControlPlaneOnly => "ControlPlaneOnly",
+            UpgradeType::NodeImageOnly => "NodeImageOnly",
+        }
+    }
+}
+
+impl std::fmt::Display for UpgradeType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An upgrade type that is not one of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown upgrade_type {0:?}: expected Full, ControlPlaneOnly or NodeImageOnly")]
+pub struct UnknownUpgradeType(pub String);
+
+impl std::str::FromStr for UpgradeType {
+    type Err = UnknownUpgradeType;
+    /// Case-insensitive; `-` and `_` are ignored, so `node-image-only` and `NodeImageOnly` both parse.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let norm: String = s.chars().filter(|c| *c != '-' && *c != '_').collect();
+        UpgradeType::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(&norm))
+            .ok_or_else(|| UnknownUpgradeType(s.to_string()))
+    }
+}
+
 /// One pinned image version for a family (`Custom` selection).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ImagePin {
