@@ -4,6 +4,7 @@
 //! `fleet` (live sessions + inventory), `grpc` (thin adapters, one error -> Status map), `server` (the mTLS
 //! shell), `cli` (upkeepctl). Decisions live in upkeep-core; this crate persists, then acts.
 
+pub mod artifacts;
 pub mod cli;
 pub mod config;
 pub mod fleet;

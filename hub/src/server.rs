@@ -3,6 +3,7 @@
 //! There is no plaintext listener and no unauthenticated RPC: the TLS layer requires a client certificate that
 //! chains to the fleet CA before any request reaches a handler, and handlers then check the role.
 
+use crate::artifacts::Artifacts;
 use crate::config::HubConfig;
 use crate::fleet::{Fleet, Timing};
 use crate::grpc::{agent::AgentApi, operator::OperatorApi};
@@ -80,7 +81,7 @@ pub async fn serve(
         .context("tls configuration")?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone())))
+        .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone(), Artifacts::new(&config.state_dir))))
         .add_service(OperatorServiceServer::new(OperatorApi::new(fleet.clone())))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -4,7 +4,9 @@
 //! to the same rule. A node certificate is the only way in; a node may speak only for itself.
 
 use super::{ApiError, principal_of, require};
+use crate::artifacts::{ArtifactError, Artifacts};
 use crate::fleet::{Fleet, desired_config};
+use std::io::{Read, Seek, SeekFrom};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,15 +23,19 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued to one agent before pushes are dropped (the agent resyncs on reconnect).
 pub const SESSION_QUEUE: usize = 32;
 
+/// Bytes per chunk when streaming an artifact.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
 /// The AgentService implementation.
 pub struct AgentApi {
     fleet: Arc<Fleet>,
+    artifacts: Artifacts,
 }
 
 impl AgentApi {
-    /// Over the given fleet.
-    pub fn new(fleet: Arc<Fleet>) -> Self {
-        AgentApi { fleet }
+    /// Over the given fleet and artifact store.
+    pub fn new(fleet: Arc<Fleet>, artifacts: Artifacts) -> Self {
+        AgentApi { fleet, artifacts }
     }
 }
 
@@ -44,10 +50,65 @@ fn claim_matches(cert_name: &str, claimed: &str) -> Result<(), ApiError> {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::HubMessage, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::ImageChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl v1::agent_service_server::AgentService for AgentApi {
     type SessionStream = SessionStream;
+    type FetchImageStream = ChunkStream;
+
+    async fn fetch_image(
+        &self,
+        request: Request<v1::FetchImageRequest>,
+    ) -> Result<Response<Self::FetchImageStream>, Status> {
+        let principal = principal_of(&request)?;
+        require(&principal, &[Role::Node], "fetch images")?;
+        let req = request.into_inner();
+        let path = self.artifacts.path(&req.sha256).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let total = self.artifacts.size(&req.sha256).map_err(|e| match e {
+            ArtifactError::Missing(_) => ApiError::NotFound(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+        if req.offset > total {
+            return Err(
+                ApiError::InvalidArgument(format!("offset: {} is past the end ({total} bytes)", req.offset)).into()
+            );
+        }
+        tracing::info!(node = %principal.name, sha256 = %req.sha256, offset = req.offset, total, "serving image");
+        let (tx, rx) = mpsc::channel::<Result<v1::ImageChunk, Status>>(4);
+        tokio::task::spawn_blocking(move || {
+            let send = |r| tx.blocking_send(r).is_ok();
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    send(Err(Status::internal(format!("opening artifact: {e}"))));
+                    return;
+                }
+            };
+            if let Err(e) = f.seek(SeekFrom::Start(req.offset)) {
+                send(Err(Status::internal(format!("seeking artifact: {e}"))));
+                return;
+            }
+            let mut offset = req.offset;
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            loop {
+                let n = match f.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => {
+                        send(Err(Status::internal(format!("reading artifact: {e}"))));
+                        return;
+                    }
+                };
+                let chunk = v1::ImageChunk { offset, data: buf[..n].to_vec(), total_size: total };
+                offset += n as u64;
+                if !send(Ok(chunk)) {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn session(
         &self,
