@@ -28,6 +28,17 @@ impl NodeStatus {
     }
 }
 
+/// Why a command did not produce a result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The node has no open session (or it closed while waiting).
+    #[error("node is not connected")]
+    NotConnected,
+    /// No result within the deadline.
+    #[error("no result within {0:?}")]
+    TimedOut(std::time::Duration),
+}
+
 /// The sending half of one agent session.
 pub type SessionTx = mpsc::Sender<Result<v1::HubMessage, Status>>;
 
@@ -53,6 +64,7 @@ pub struct Fleet {
     seen: Mutex<HashMap<String, i64>>,
     next_session: AtomicU64,
     closing: tokio::sync::watch::Sender<bool>,
+    waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<v1::OperationResult>>>,
     /// Timing settings.
     pub timing: Timing,
 }
@@ -71,6 +83,7 @@ impl Fleet {
             seen: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             closing: tokio::sync::watch::channel(false).0,
+            waiting: Mutex::new(HashMap::new()),
             timing,
         }
     }
@@ -152,6 +165,54 @@ impl Fleet {
     /// A receiver that turns true when the hub is shutting down.
     pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
         self.closing.subscribe()
+    }
+
+    /// Sends a command to a node and waits for its result, at most `within`. The operation id comes from the
+    /// caller and must be deterministic for the step it stands for: the agent answers a repeat with the first
+    /// result, so sending again after a hub restart never performs a step twice.
+    pub async fn command(
+        &self,
+        node: &str,
+        operation_id: &str,
+        generation: u64,
+        kind: v1::command::Kind,
+        within: std::time::Duration,
+    ) -> Result<v1::OperationResult, CommandError> {
+        let tx = self.sessions().get(node).map(|s| s.tx.clone()).ok_or(CommandError::NotConnected)?;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(operation_id.to_string(), done_tx);
+        let msg = v1::HubMessage {
+            body: Some(v1::hub_message::Body::Command(v1::Command {
+                operation_id: operation_id.to_string(),
+                generation,
+                kind: Some(kind),
+            })),
+        };
+        let forget = || {
+            self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(operation_id);
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            forget();
+            return Err(CommandError::NotConnected);
+        }
+        match tokio::time::timeout(within, done_rx).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(CommandError::NotConnected),
+            Err(_) => {
+                forget();
+                Err(CommandError::TimedOut(within))
+            }
+        }
+    }
+
+    /// Delivers an operation result from an agent to whoever waits for it. False if nobody waits (a result of an
+    /// operation sent before a hub restart); the sender will ask again with the same id and get it then.
+    pub fn deliver_result(&self, result: v1::OperationResult) -> bool {
+        let waiter = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&result.operation_id);
+        match waiter {
+            Some(w) => w.send(result).is_ok(),
+            None => false,
+        }
     }
 
     /// Whether a node has an open session.

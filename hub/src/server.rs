@@ -52,8 +52,18 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tls = server_tls(&config)?;
     let fleet = open_fleet(&config)?;
+    serve_fleet(config, fleet, listener, shutdown).await
+}
+
+/// Serves an already opened fleet (tests use this to reach the fleet from outside).
+pub async fn serve_fleet(
+    config: HubConfig,
+    fleet: Arc<Fleet>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tls = server_tls(&config)?;
     let flusher = {
         let fleet = fleet.clone();
         tokio::spawn(async move {

@@ -80,6 +80,7 @@ pub struct TestHub {
     config_path: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    fleet: Option<std::sync::Arc<upkeep_hub::fleet::Fleet>>,
 }
 
 /// Writes a hub.toml for `pki` and `state_dir` with a 1 s heartbeat (fast tests).
@@ -101,7 +102,8 @@ impl TestHub {
     /// Starts a hub on 127.0.0.1 (port 0 = any) with its state under `state_dir`.
     pub async fn start(pki: &TestPki, state_dir: &Path, addr: SocketAddr) -> TestHub {
         let config_path = write_hub_config(pki, state_dir);
-        let mut hub = TestHub { addr, state_dir: state_dir.to_path_buf(), config_path, stop: None, task: None };
+        let mut hub =
+            TestHub { addr, state_dir: state_dir.to_path_buf(), config_path, stop: None, task: None, fleet: None };
         hub.launch().await;
         hub
     }
@@ -112,9 +114,16 @@ impl TestHub {
         self.addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
         self.stop = Some(tx);
-        self.task = Some(tokio::spawn(upkeep_hub::server::serve(cfg, listener, async move {
+        let fleet = upkeep_hub::server::open_fleet(&cfg).expect("open fleet");
+        self.fleet = Some(fleet.clone());
+        self.task = Some(tokio::spawn(upkeep_hub::server::serve_fleet(cfg, fleet, listener, async move {
             let _ = rx.await;
         })));
+    }
+
+    /// The running hub's fleet (to send commands to nodes directly in tests).
+    pub fn fleet(&self) -> std::sync::Arc<upkeep_hub::fleet::Fleet> {
+        self.fleet.clone().expect("hub is running")
     }
 
     /// Stops the hub gracefully and waits until it has stopped.
@@ -122,6 +131,7 @@ impl TestHub {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        self.fleet = None;
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(20), task)
                 .await

@@ -189,6 +189,7 @@ async fn pump(
             Some(Body::Result(res)) => {
                 fleet.touch(node);
                 tracing::info!(node, op = %res.operation_id, ok = res.ok, error = %res.error, "operation result");
+                fleet.deliver_result(res);
             }
             None => return Err(ApiError::InvalidArgument("empty agent message (no body set)".into()).into()),
         }
