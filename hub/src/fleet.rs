@@ -31,13 +31,24 @@ impl NodeStatus {
 /// Why a command did not produce a result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
-    /// The node has no open session (or it closed while waiting).
-    #[error("node is not connected")]
+    /// The waiter was dropped (the hub is shutting down).
+    #[error("hub shutting down")]
     NotConnected,
+    /// The node stayed disconnected past its silence deadline.
+    #[error("node {node} is Unknown: no session for {for_ms} ms")]
+    Silent {
+        /// The node.
+        node: String,
+        /// How long it has been gone.
+        for_ms: i64,
+    },
     /// No result within the deadline.
     #[error("no result within {0:?}")]
     TimedOut(std::time::Duration),
 }
+
+/// How often a waiting command re-checks the node's session.
+const COMMAND_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The sending half of one agent session.
 pub type SessionTx = mpsc::Sender<Result<v1::HubMessage, Status>>;
@@ -169,7 +180,9 @@ impl Fleet {
 
     /// Sends a command to a node and waits for its result, at most `within`. The operation id comes from the
     /// caller and must be deterministic for the step it stands for: the agent answers a repeat with the first
-    /// result, so sending again after a hub restart never performs a step twice.
+    /// result, so sending again (after a reconnect, or after a hub restart) never performs a step twice.
+    /// While waiting, a node that reconnects gets the command again on its new session; a node that stays
+    /// disconnected past its silence deadline ends the wait with `Silent`.
     pub async fn command(
         &self,
         node: &str,
@@ -178,8 +191,7 @@ impl Fleet {
         kind: v1::command::Kind,
         within: std::time::Duration,
     ) -> Result<v1::OperationResult, CommandError> {
-        let tx = self.sessions().get(node).map(|s| s.tx.clone()).ok_or(CommandError::NotConnected)?;
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(operation_id.to_string(), done_tx);
         let msg = v1::HubMessage {
             body: Some(v1::hub_message::Body::Command(v1::Command {
@@ -188,21 +200,40 @@ impl Fleet {
                 kind: Some(kind),
             })),
         };
-        let forget = || {
-            self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(operation_id);
-        };
-        if tx.send(Ok(msg)).await.is_err() {
-            forget();
-            return Err(CommandError::NotConnected);
-        }
-        match tokio::time::timeout(within, done_rx).await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(_)) => Err(CommandError::NotConnected),
-            Err(_) => {
-                forget();
-                Err(CommandError::TimedOut(within))
+        let deadline = tokio::time::Instant::now() + within;
+        let silent_ms = self.silence_deadline_ms();
+        let mut sent_on: Option<u64> = None;
+        let mut disconnected_since: Option<i64> = None;
+        let outcome = loop {
+            let session = self.sessions().get(node).map(|s| (s.id, s.tx.clone()));
+            match session {
+                Some((id, tx)) if sent_on != Some(id) => {
+                    disconnected_since = None;
+                    if tx.send(Ok(msg.clone())).await.is_ok() {
+                        sent_on = Some(id);
+                    }
+                }
+                Some(_) => disconnected_since = None,
+                None => {
+                    let since = *disconnected_since.get_or_insert_with(now_ms);
+                    if now_ms() - since > silent_ms {
+                        break Err(CommandError::Silent { node: node.to_string(), for_ms: now_ms() - since });
+                    }
+                }
             }
-        }
+            tokio::select! {
+                r = &mut done_rx => break r.map_err(|_| CommandError::NotConnected),
+                _ = tokio::time::sleep_until(deadline) => break Err(CommandError::TimedOut(within)),
+                _ = tokio::time::sleep(COMMAND_POLL) => {}
+            }
+        };
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(operation_id);
+        outcome
+    }
+
+    /// How long a node may be silent before it is Unknown, in ms.
+    pub fn silence_deadline_ms(&self) -> i64 {
+        i64::from(self.timing.heartbeat_interval_seconds) * i64::from(self.timing.silent_after_heartbeats) * 1000
     }
 
     /// Delivers an operation result from an agent to whoever waits for it. False if nobody waits (a result of an
@@ -243,8 +274,7 @@ impl Fleet {
 
     /// The status of a node now.
     pub fn status_of(&self, node: &NodeRecord, now: i64) -> NodeStatus {
-        let deadline_ms =
-            i64::from(self.timing.heartbeat_interval_seconds) * i64::from(self.timing.silent_after_heartbeats) * 1000;
+        let deadline_ms = self.silence_deadline_ms();
         if self.is_connected(&node.name) && now - self.last_seen(node) <= deadline_ms {
             NodeStatus::Ready
         } else {

@@ -7,6 +7,7 @@
 pub mod artifacts;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod fleet;
 pub mod grpc;
 pub mod pki;

@@ -5,6 +5,7 @@
 
 use crate::artifacts::Artifacts;
 use crate::config::HubConfig;
+use crate::engine::{Engine, StepLimits};
 use crate::fleet::{Fleet, Timing};
 use crate::grpc::{agent::AgentApi, operator::OperatorApi};
 use crate::store::sqlite::SqliteStore;
@@ -64,6 +65,8 @@ pub async fn serve_fleet(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tls = server_tls(&config)?;
+    let engine = Engine::new(fleet.clone(), StepLimits::default());
+    let engine_task = tokio::spawn(engine.clone().run());
     let flusher = {
         let fleet = fleet.clone();
         tokio::spawn(async move {
@@ -92,11 +95,16 @@ pub async fn serve_fleet(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone(), Artifacts::new(&config.state_dir))))
-        .add_service(OperatorServiceServer::new(OperatorApi::new(fleet.clone())))
+        .add_service(OperatorServiceServer::new(OperatorApi::new(
+            fleet.clone(),
+            engine.clone(),
+            Artifacts::new(&config.state_dir),
+        )))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC");
     flusher.abort();
+    engine_task.abort();
     if let Err(e) = fleet.flush_seen() {
         tracing::error!(error = %e, "flushing last-seen times at shutdown");
     }

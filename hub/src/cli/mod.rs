@@ -4,6 +4,7 @@
 //! docs/cli-json.md. Every failure becomes one readable line and a non-zero exit (see the binary).
 
 pub mod output;
+pub mod runs;
 
 use crate::pki;
 use anyhow::{Context, anyhow, bail};
@@ -64,6 +65,15 @@ pub enum Command {
     /// Members (sets of nodes upgraded as one unit).
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Node image catalog.
+    #[command(subcommand)]
+    Image(runs::ImageCommand),
+    /// Strategies: named, reusable orders of stages and groups.
+    #[command(subcommand)]
+    Strategy(runs::StrategyCommand),
+    /// Update runs.
+    #[command(subcommand)]
+    Run(runs::RunCommand),
     /// Show who the hub thinks you are.
     Whoami,
 }
@@ -143,6 +153,27 @@ pub enum MemberCommand {
         member: String,
         /// The channel.
         channel: String,
+    },
+    /// Set or clear a maintenance window (a MaintenanceSchedule JSON file; see docs/schedules.md).
+    SetWindow {
+        /// Member name.
+        member: String,
+        /// node-os (node OS channel and NodeImageOnly runs) or cluster (Full and ControlPlaneOnly runs).
+        #[arg(long, default_value = "node-os")]
+        kind: String,
+        /// Schedule file.
+        #[arg(short = 'f', long = "file", conflicts_with = "clear")]
+        file: Option<PathBuf>,
+        /// Remove the window (the member may be upgraded any time).
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Set how many nodes of a pool are upgraded at once: a count ("1") or a percentage ("25%").
+    SetMaxUnavailable {
+        /// Member name.
+        member: String,
+        /// Count or percentage.
+        value: String,
     },
 }
 
@@ -237,6 +268,15 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Image(cmd) => runs::image(&mut connect(&cli).await?, cmd, cli.output, out).await,
+        Command::Strategy(cmd) => runs::strategy(&mut connect(&cli).await?, cmd, cli.output, out).await,
+        Command::Run(cmd) => {
+            if runs::run(&mut connect(&cli).await?, cmd, cli.output, out).await? {
+                Ok(())
+            } else {
+                bail!("the run ended Failed; see `upkeepctl run show`")
+            }
+        }
         Command::Member(cmd) => {
             let mut c = connect(&cli).await?;
             match cmd {
@@ -246,7 +286,17 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 }
                 MemberCommand::Show { name } => {
                     let m = c.get_member(v1::GetMemberRequest { name: name.clone() }).await.map_err(status_line)?;
-                    output::print_member(cli.output, &m.into_inner(), out)
+                    let s = c
+                        .get_member_settings(v1::GetMemberRequest { name: name.clone() })
+                        .await
+                        .map_err(status_line)?;
+                    output::print_member(cli.output, &m.into_inner(), &s.into_inner(), out)
+                }
+                MemberCommand::SetWindow { member, kind, file, clear } => {
+                    runs::member_settings(&mut c, member, Some(kind), file.as_deref(), *clear, None, out).await
+                }
+                MemberCommand::SetMaxUnavailable { member, value } => {
+                    runs::member_settings(&mut c, member, None, None, false, Some(value), out).await
                 }
                 MemberCommand::SetChannel { member, channel } => {
                     let req = v1::SetMemberChannelRequest { member: member.clone(), channel: channel.clone() };

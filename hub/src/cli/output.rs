@@ -304,11 +304,19 @@ pub fn print_members(format: Format, members: &[v1::Member], out: &mut dyn Write
     Ok(())
 }
 
-/// `member show`.
-pub fn print_member(format: Format, m: &v1::Member, out: &mut dyn Write) -> anyhow::Result<()> {
+/// `member show`: the member and its auto-upgrade profile (both channels, both windows).
+pub fn print_member(format: Format, m: &v1::Member, s: &v1::MemberSettings, out: &mut dyn Write) -> anyhow::Result<()> {
+    let parse = |j: &str| -> serde_json::Value {
+        if j.is_empty() { serde_json::Value::Null } else { serde_json::from_str(j).unwrap_or(serde_json::Value::Null) }
+    };
     if format == Format::Json {
-        return json(out, &member_json(m));
+        let mut v = serde_json::to_value(member_json(m))?;
+        v["node_os_schedule"] = parse(&s.node_os_schedule_json);
+        v["cluster_schedule"] = parse(&s.cluster_schedule_json);
+        v["max_unavailable"] = s.max_unavailable.clone().into();
+        return json(out, &v);
     }
+    let window = |j: &str| if j.is_empty() { "none (may run any time)".to_string() } else { j.to_string() };
     writeln!(out, "{:<24}{}", "Name:", m.name)?;
     writeln!(out, "{:<24}{}", "Node OS channel:", m.node_os_channel)?;
     writeln!(out, "{:<24}{}", "Auto-upgrade channel:", m.auto_upgrade_channel)?;
@@ -316,6 +324,9 @@ pub fn print_member(format: Format, m: &v1::Member, out: &mut dyn Write) -> anyh
     writeln!(out, "{:<24}{}", "Regions:", m.regions.join(", "))?;
     writeln!(out, "{:<24}{}", "Node pools:", m.node_pools.join(", "))?;
     writeln!(out, "{:<24}{}", "Config generation:", m.config_generation)?;
+    writeln!(out, "{:<24}{}", "Max unavailable:", s.max_unavailable)?;
+    writeln!(out, "{:<24}{}", "Node OS window:", window(&s.node_os_schedule_json))?;
+    writeln!(out, "{:<24}{}", "Cluster window:", window(&s.cluster_schedule_json))?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod operator;
+pub mod runs;
 
 use tonic::{Request, Status};
 use upkeep_core::ids::{Principal, Role};

@@ -1,11 +1,17 @@
 //! The operator service: reads for viewers and operators, writes for operators only.
 
-use super::{ApiError, principal_of, require};
+use super::{ApiError, principal_of, require, runs};
+use crate::artifacts::Artifacts;
+use crate::engine::Engine;
 use crate::fleet::{Fleet, member_to_wire, now_ms};
+use crate::store::EventRecord;
+use std::pin::Pin;
 use std::sync::Arc;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel, check_channel_change};
 use upkeep_core::ids::Role;
+use upkeep_core::run::{self, RunState};
 use upkeep_proto::v1;
 
 const READERS: &[Role] = &[Role::Operator, Role::Viewer];
@@ -14,12 +20,50 @@ const WRITERS: &[Role] = &[Role::Operator];
 /// The OperatorService implementation.
 pub struct OperatorApi {
     fleet: Arc<Fleet>,
+    engine: Arc<Engine>,
+    artifacts: Artifacts,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
+
+fn event_to_wire(e: &EventRecord) -> v1::RunEvent {
+    v1::RunEvent {
+        seq: e.seq,
+        run: e.run.clone(),
+        at_unix_ms: e.event.at_ms,
+        kind: e.event.kind.clone(),
+        level: e.event.level.clone(),
+        from: e.event.from.clone(),
+        to: e.event.to.clone(),
+        message: e.event.message.clone(),
+        error: e.event.error.clone(),
+        run_status: e.event.run_status.clone(),
+    }
+}
+
+/// A run status after which `watch` ends: nothing more happens unless an operator acts.
+fn watch_ends(status: &str) -> bool {
+    matches!(status, "Completed" | "Skipped" | "Failed" | "Stopped")
 }
 
 impl OperatorApi {
-    /// Over the given fleet.
-    pub fn new(fleet: Arc<Fleet>) -> Self {
-        OperatorApi { fleet }
+    /// Over the given fleet, engine and artifact store.
+    pub fn new(fleet: Arc<Fleet>, engine: Arc<Engine>, artifacts: Artifacts) -> Self {
+        OperatorApi { fleet, engine, artifacts }
+    }
+
+    async fn run_op<F>(&self, name: &str, f: F) -> Result<v1::Run, ApiError>
+    where
+        F: FnOnce(
+            &RunState,
+            &run::Fleet,
+            &run::Catalog,
+            chrono::DateTime<chrono::Utc>,
+        ) -> Result<run::Plan, run::RunOpError>,
+    {
+        self.engine.transact(name, f).await?;
+        self.engine.poke();
+        Ok(runs::run_to_wire(&runs::get_run(self.fleet.store(), name)?))
     }
 
     fn member(&self, name: &str) -> Result<crate::store::MemberRecord, ApiError> {
@@ -127,5 +171,208 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let existed = self.fleet.store().forget_node(&req.get_ref().name).map_err(ApiError::from)?;
         tracing::info!(operator = %p.name, node = %req.get_ref().name, existed, "node forgotten");
         Ok(Response::new(v1::ForgetNodeResponse { existed }))
+    }
+
+    async fn get_member_settings(
+        &self,
+        req: Request<v1::GetMemberRequest>,
+    ) -> Result<Response<v1::MemberSettings>, Status> {
+        require(&principal_of(&req)?, READERS, "read member settings")?;
+        let s = self.fleet.store().member_settings(&req.get_ref().name).map_err(ApiError::from)?;
+        Ok(Response::new(runs::settings_to_wire(&s, Vec::new())))
+    }
+
+    async fn set_member_window(
+        &self,
+        req: Request<v1::SetMemberWindowRequest>,
+    ) -> Result<Response<v1::MemberSettings>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "change maintenance windows")?;
+        let out = runs::set_window(self.fleet.store(), req.get_ref())?;
+        tracing::info!(operator = %p.name, member = %out.member, kind = %req.get_ref().kind, "maintenance window changed");
+        self.engine.poke();
+        Ok(Response::new(out))
+    }
+
+    async fn set_member_disruption(
+        &self,
+        req: Request<v1::SetMemberDisruptionRequest>,
+    ) -> Result<Response<v1::MemberSettings>, Status> {
+        require(&principal_of(&req)?, WRITERS, "change disruption settings")?;
+        Ok(Response::new(runs::set_disruption(self.fleet.store(), req.get_ref())?))
+    }
+
+    async fn upload_artifact(
+        &self,
+        req: Request<tonic::Streaming<v1::ArtifactChunk>>,
+    ) -> Result<Response<v1::UploadArtifactResponse>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "upload artifacts")?;
+        let out = runs::upload(&self.artifacts, req.into_inner()).await?;
+        tracing::info!(operator = %p.name, sha256 = %out.sha256, size = out.size_bytes, "artifact uploaded");
+        Ok(Response::new(out))
+    }
+
+    async fn publish_image(&self, req: Request<v1::PublishImageRequest>) -> Result<Response<v1::Image>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "publish images")?;
+        let out = runs::publish(self.fleet.store(), &self.artifacts, req.get_ref())?;
+        tracing::info!(operator = %p.name, family = %out.family, version = %out.version, "image published");
+        self.engine.poke();
+        Ok(Response::new(out))
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<v1::ListImagesRequest>,
+    ) -> Result<Response<v1::ListImagesResponse>, Status> {
+        require(&principal_of(&req)?, READERS, "list images")?;
+        Ok(Response::new(runs::list_images(self.fleet.store(), &req.get_ref().family)?))
+    }
+
+    async fn put_strategy(&self, req: Request<v1::PutStrategyRequest>) -> Result<Response<v1::Strategy>, Status> {
+        require(&principal_of(&req)?, WRITERS, "change strategies")?;
+        Ok(Response::new(runs::put_strategy(self.fleet.store(), req.get_ref())?))
+    }
+
+    async fn get_strategy(&self, req: Request<v1::GetStrategyRequest>) -> Result<Response<v1::Strategy>, Status> {
+        require(&principal_of(&req)?, READERS, "read strategies")?;
+        let name = &req.get_ref().name;
+        let spec =
+            self.fleet.store().get_strategy(name).map_err(ApiError::from)?.ok_or_else(|| {
+                ApiError::NotFound(format!("strategy {name:?} not found; see `upkeepctl strategy list`"))
+            })?;
+        Ok(Response::new(v1::Strategy { name: name.clone(), spec_json: spec }))
+    }
+
+    async fn list_strategies(
+        &self,
+        req: Request<v1::ListStrategiesRequest>,
+    ) -> Result<Response<v1::ListStrategiesResponse>, Status> {
+        require(&principal_of(&req)?, READERS, "list strategies")?;
+        let all = self.fleet.store().list_strategies().map_err(ApiError::from)?;
+        Ok(Response::new(v1::ListStrategiesResponse {
+            strategies: all.into_iter().map(|(name, spec_json)| v1::Strategy { name, spec_json }).collect(),
+        }))
+    }
+
+    async fn delete_strategy(
+        &self,
+        req: Request<v1::GetStrategyRequest>,
+    ) -> Result<Response<v1::DeleteResponse>, Status> {
+        require(&principal_of(&req)?, WRITERS, "delete strategies")?;
+        let existed = self.fleet.store().delete_strategy(&req.get_ref().name).map_err(ApiError::from)?;
+        Ok(Response::new(v1::DeleteResponse { existed }))
+    }
+
+    async fn create_run(&self, req: Request<v1::CreateRunRequest>) -> Result<Response<v1::Run>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "create update runs")?;
+        let out = runs::create_run(self.fleet.store(), req.get_ref())?;
+        tracing::info!(operator = %p.name, run = %out.name, "update run created");
+        Ok(Response::new(out))
+    }
+
+    async fn get_run(&self, req: Request<v1::RunNameRequest>) -> Result<Response<v1::Run>, Status> {
+        require(&principal_of(&req)?, READERS, "read update runs")?;
+        Ok(Response::new(runs::run_to_wire(&runs::get_run(self.fleet.store(), &req.get_ref().name)?)))
+    }
+
+    async fn list_runs(&self, req: Request<v1::ListRunsRequest>) -> Result<Response<v1::ListRunsResponse>, Status> {
+        require(&principal_of(&req)?, READERS, "list update runs")?;
+        let all = self.fleet.store().list_runs().map_err(ApiError::from)?;
+        Ok(Response::new(v1::ListRunsResponse { runs: all.iter().map(runs::run_to_wire).collect() }))
+    }
+
+    async fn start_run(&self, req: Request<v1::RunNameRequest>) -> Result<Response<v1::Run>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "start update runs")?;
+        let name = req.get_ref().name.clone();
+        let out = self.run_op(&name, run::start).await?;
+        tracing::info!(operator = %p.name, run = %name, "update run started");
+        Ok(Response::new(out))
+    }
+
+    async fn stop_run(&self, req: Request<v1::RunNameRequest>) -> Result<Response<v1::Run>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "stop update runs")?;
+        let name = req.get_ref().name.clone();
+        let out = self.run_op(&name, |s, _, _, now| run::stop(s, now)).await?;
+        tracing::info!(operator = %p.name, run = %name, "update run stopped");
+        Ok(Response::new(out))
+    }
+
+    async fn skip_run(&self, req: Request<v1::SkipRunRequest>) -> Result<Response<v1::Run>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "skip parts of update runs")?;
+        let target = runs::skip_target(req.get_ref())?;
+        let name = req.get_ref().name.clone();
+        let out = self.run_op(&name, |s, f, c, now| run::skip(s, &target, f, c, now)).await?;
+        tracing::info!(operator = %p.name, run = %name, "update run skip");
+        Ok(Response::new(out))
+    }
+
+    async fn delete_run(&self, req: Request<v1::RunNameRequest>) -> Result<Response<v1::DeleteResponse>, Status> {
+        require(&principal_of(&req)?, WRITERS, "delete update runs")?;
+        Ok(Response::new(runs::delete_run(self.fleet.store(), &req.get_ref().name)?))
+    }
+
+    async fn plan_run(&self, req: Request<v1::PlanRunRequest>) -> Result<Response<v1::RunPlan>, Status> {
+        require(&principal_of(&req)?, READERS, "read update runs")?;
+        Ok(Response::new(runs::plan_run(&self.engine, self.fleet.store(), req.get_ref())?))
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(&self, req: Request<v1::WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
+        require(&principal_of(&req)?, READERS, "watch update runs")?;
+        let r = req.into_inner();
+        let rec = runs::get_run(self.fleet.store(), &r.name)?;
+        // Subscribe before replaying, so nothing committed in between is missed (duplicates are dropped by seq).
+        let mut live = self.engine.subscribe();
+        let stored = self.fleet.store().events_since(&r.name, r.from_seq).map_err(ApiError::from)?;
+        let status_now = crate::engine::parse_state(&r.name, &rec.state)
+            .map(|s| s.run.status.as_str().to_string())
+            .map_err(ApiError::from)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::RunEvent, Status>>(256);
+        let store_fleet = self.fleet.clone();
+        let name = r.name.clone();
+        tokio::spawn(async move {
+            let mut last = r.from_seq;
+            for e in &stored {
+                last = e.seq;
+                if tx.send(Ok(event_to_wire(e))).await.is_err() {
+                    return;
+                }
+            }
+            if watch_ends(&status_now) {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.run == name && e.seq > last => {
+                        last = e.seq;
+                        let end = e.event.kind == "run" && watch_ends(&e.event.to);
+                        if tx.send(Ok(event_to_wire(&e))).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Too slow for the live feed: catch up from the store.
+                        let Ok(more) = store_fleet.store().events_since(&name, last) else { return };
+                        for e in more {
+                            last = e.seq;
+                            let end = e.event.kind == "run" && watch_ends(&e.event.to);
+                            if tx.send(Ok(event_to_wire(&e))).await.is_err() || end {
+                                return;
+                            }
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

@@ -28,6 +28,9 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The request conflicts with what is stored (a name taken, a version republished with other bytes).
+    #[error("{0}")]
+    Conflict(String),
     /// The named thing does not exist.
     #[error("{kind} {name:?} not found; {hint}")]
     NotFound {
@@ -122,6 +125,94 @@ pub struct MemberRecord {
     pub node_pools: Vec<String>,
 }
 
+/// A node image version in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    /// Image family.
+    pub family: String,
+    /// `YYYYMM.DD.N`.
+    pub version: String,
+    /// region -> available from (Unix ms).
+    pub regions: std::collections::BTreeMap<String, i64>,
+    /// Artifact digest (hex).
+    pub sha256: String,
+    /// Detached signature text.
+    pub signature: String,
+    /// https URL when not stored on the hub.
+    pub url: String,
+    /// Artifact size.
+    pub size_bytes: u64,
+    /// When it was published (Unix ms).
+    pub published_ms: i64,
+}
+
+/// A member's windows and disruption settings (JSON schedules as given, validated by the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberSettings {
+    /// Member name.
+    pub member: String,
+    /// Node OS maintenance schedule (JSON), if any.
+    pub node_os_schedule: Option<String>,
+    /// Cluster maintenance schedule (JSON), if any.
+    pub cluster_schedule: Option<String>,
+    /// Count or percentage of a pool's nodes upgraded at once.
+    pub max_unavailable: String,
+}
+
+/// Which maintenance window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// Node OS upgrades (and NodeImageOnly runs).
+    NodeOs,
+    /// Cluster auto-upgrade (and Full / ControlPlaneOnly runs).
+    Cluster,
+}
+
+/// A stored update run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRecord {
+    /// Run name.
+    pub name: String,
+    /// The core RunState as JSON.
+    pub state: String,
+    /// The strategy it was copied from.
+    pub strategy_name: Option<String>,
+    /// Created (Unix ms).
+    pub created_ms: i64,
+}
+
+/// An event to append (the store assigns the sequence number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Unix ms.
+    pub at_ms: i64,
+    /// run, stage, wait, group, member, node.
+    pub kind: String,
+    /// Human name of the level.
+    pub level: String,
+    /// Status before.
+    pub from: String,
+    /// Status after.
+    pub to: String,
+    /// Message.
+    pub message: String,
+    /// Error, empty if none.
+    pub error: String,
+    /// The run's status after the event.
+    pub run_status: String,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Sequence number, increasing across the hub.
+    pub seq: u64,
+    /// Run name.
+    pub run: String,
+    /// The event.
+    pub event: NewEvent,
+}
+
 /// The hub's persistent state. Implementations must be safe to call from many tasks.
 pub trait Store: Send + Sync {
     /// Records a node's report (creating the node, and its member with the default channel, if new).
@@ -143,4 +234,52 @@ pub trait Store: Send + Sync {
     fn set_node_os_channel(&self, member: &str, channel: NodeOsChannel) -> Result<MemberRecord, StoreError>;
     /// Sets the cluster auto-upgrade channel; bumps the generation.
     fn set_auto_upgrade_channel(&self, member: &str, channel: AutoUpgradeChannel) -> Result<MemberRecord, StoreError>;
+
+    /// Windows and disruption settings of a member (defaults if never set).
+    fn member_settings(&self, member: &str) -> Result<MemberSettings, StoreError>;
+    /// Sets or clears one window of a member.
+    fn set_member_window(
+        &self,
+        member: &str,
+        kind: WindowKind,
+        schedule: Option<&str>,
+    ) -> Result<MemberSettings, StoreError>;
+    /// Sets a member's max_unavailable.
+    fn set_member_disruption(&self, member: &str, max_unavailable: &str) -> Result<MemberSettings, StoreError>;
+
+    /// Publishes an image version; republishing the same bytes updates its regions, other bytes conflict.
+    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError>;
+    /// Catalog, optionally of one family.
+    fn list_images(&self, family: Option<&str>) -> Result<Vec<ImageRecord>, StoreError>;
+
+    /// Creates or replaces a strategy (runs copy strategies, so edits never reach them).
+    fn put_strategy(&self, name: &str, spec_json: &str) -> Result<(), StoreError>;
+    /// One strategy's JSON.
+    fn get_strategy(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// All strategies (name, JSON).
+    fn list_strategies(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Deletes a strategy; true if it existed.
+    fn delete_strategy(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Creates a run; a taken name conflicts.
+    fn create_run(&self, run: &RunRecord) -> Result<(), StoreError>;
+    /// One run.
+    fn get_run(&self, name: &str) -> Result<Option<RunRecord>, StoreError>;
+    /// All runs, oldest first.
+    fn list_runs(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// Deletes a run and its events; true if it existed.
+    fn delete_run(&self, name: &str) -> Result<bool, StoreError>;
+    /// Replaces a run's state (only if it still equals `expected`) and appends its events, in one transaction.
+    /// Returns the stored events. A state that changed underneath is a Conflict: the caller re-plans.
+    fn commit_run(
+        &self,
+        name: &str,
+        expected: &str,
+        state: &str,
+        events: &[NewEvent],
+    ) -> Result<Vec<EventRecord>, StoreError>;
+    /// Appends events without a state change (node progress).
+    fn append_events(&self, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError>;
+    /// Events of a run with seq > `after`, in order.
+    fn events_since(&self, run: &str, after: u64) -> Result<Vec<EventRecord>, StoreError>;
 }

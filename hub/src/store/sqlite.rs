@@ -3,7 +3,10 @@
 //! One connection behind a mutex: SQLite serialises writers anyway, and every statement here is short.
 //! Schema changes are numbered migrations applied in order and recorded in `PRAGMA user_version`.
 
-use super::{MemberRecord, NodeFacts, NodeRecord, Store, StoreError};
+use super::{
+    EventRecord, ImageRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord, RunRecord, Store,
+    StoreError, WindowKind,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -11,7 +14,8 @@ use std::sync::{Mutex, MutexGuard};
 use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel};
 
 /// Migrations, applied in order; index + 1 is the schema version they lead to.
-const MIGRATIONS: &[&str] = &["CREATE TABLE members (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE members (
         name TEXT PRIMARY KEY,
         node_os_channel TEXT NOT NULL,
         auto_upgrade_channel TEXT NOT NULL,
@@ -28,7 +32,46 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE members (
         last_seen_ms INTEGER NOT NULL,
         last_report_ms INTEGER NOT NULL
     );
-    CREATE INDEX nodes_by_member ON nodes(member, name);"];
+    CREATE INDEX nodes_by_member ON nodes(member, name);",
+    // 2: member settings, image catalog, strategies, runs and their events.
+    "CREATE TABLE member_settings (
+        member TEXT PRIMARY KEY REFERENCES members(name),
+        node_os_schedule TEXT,
+        cluster_schedule TEXT,
+        max_unavailable TEXT NOT NULL DEFAULT '1'
+    );
+    CREATE TABLE images (
+        family TEXT NOT NULL,
+        version TEXT NOT NULL,
+        regions TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        url TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        published_ms INTEGER NOT NULL,
+        PRIMARY KEY (family, version)
+    );
+    CREATE TABLE strategies (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+    CREATE TABLE runs (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        strategy_name TEXT,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        run TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        level TEXT NOT NULL,
+        from_status TEXT NOT NULL,
+        to_status TEXT NOT NULL,
+        message TEXT NOT NULL,
+        error TEXT NOT NULL,
+        run_status TEXT NOT NULL
+    );
+    CREATE INDEX events_by_run ON events(run, seq);",
+];
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -233,6 +276,236 @@ impl Store for SqliteStore {
     fn set_auto_upgrade_channel(&self, member: &str, channel: AutoUpgradeChannel) -> Result<MemberRecord, StoreError> {
         self.update_member(member, "auto_upgrade_channel", channel.as_str())
     }
+
+    fn member_settings(&self, member: &str) -> Result<MemberSettings, StoreError> {
+        settings_of(&self.conn(), member)
+    }
+
+    fn set_member_window(
+        &self,
+        member: &str,
+        kind: WindowKind,
+        schedule: Option<&str>,
+    ) -> Result<MemberSettings, StoreError> {
+        let column = match kind {
+            WindowKind::NodeOs => "node_os_schedule",
+            WindowKind::Cluster => "cluster_schedule",
+        };
+        self.upsert_settings(member, column, schedule)
+    }
+
+    fn set_member_disruption(&self, member: &str, max_unavailable: &str) -> Result<MemberSettings, StoreError> {
+        self.upsert_settings(member, "max_unavailable", Some(max_unavailable))
+    }
+
+    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError> {
+        let ctx = format!("publishing image {}-{}", image.family, image.version);
+        let regions = serde_json::to_string(&image.regions)
+            .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT sha256 FROM images WHERE family = ?1 AND version = ?2",
+                params![image.family, image.version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db(ctx.clone()))?;
+        if let Some(sha) = existing
+            && sha != image.sha256
+        {
+            return Err(StoreError::Conflict(format!(
+                "image {}-{} is already published with sha256 {sha}; a version's bytes never change, publish a new version",
+                image.family, image.version
+            )));
+        }
+        tx.execute(
+            "INSERT INTO images (family, version, regions, sha256, signature, url, size_bytes, published_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(family, version) DO UPDATE SET regions = excluded.regions, signature = excluded.signature,
+               url = excluded.url",
+            params![
+                image.family,
+                image.version,
+                regions,
+                image.sha256,
+                image.signature,
+                image.url,
+                image.size_bytes as i64,
+                image.published_ms
+            ],
+        )
+        .map_err(db(ctx.clone()))?;
+        tx.commit().map_err(db(ctx))
+    }
+
+    fn list_images(&self, family: Option<&str>) -> Result<Vec<ImageRecord>, StoreError> {
+        let ctx = "listing images";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT family, version, regions, sha256, signature, url, size_bytes, published_ms FROM images
+                 WHERE ?1 IS NULL OR family = ?1 ORDER BY family, published_ms",
+            )
+            .map_err(db(ctx))?;
+        let rows: Vec<(ImageRecord, String)> = stmt
+            .query_map(params![family], image_from_row)
+            .map_err(db(ctx))?
+            .collect::<Result<_, _>>()
+            .map_err(db(ctx))?;
+        rows.into_iter()
+            .map(|(mut img, regions)| {
+                img.regions = serde_json::from_str(&regions)
+                    .map_err(|e| StoreError::Corrupt { context: ctx.into(), reason: e.to_string() })?;
+                Ok(img)
+            })
+            .collect()
+    }
+
+    fn put_strategy(&self, name: &str, spec_json: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO strategies (name, spec) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET spec = excluded.spec",
+                params![name, spec_json],
+            )
+            .map_err(db(format!("storing strategy {name}")))?;
+        Ok(())
+    }
+
+    fn get_strategy(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row("SELECT spec FROM strategies WHERE name = ?1", params![name], |r| r.get(0))
+            .optional()
+            .map_err(db(format!("reading strategy {name}")))
+    }
+
+    fn list_strategies(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let ctx = "listing strategies";
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT name, spec FROM strategies ORDER BY name").map_err(db(ctx))?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
+    }
+
+    fn delete_strategy(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM strategies WHERE name = ?1", params![name])
+            .map_err(db(format!("deleting strategy {name}")))?;
+        Ok(n > 0)
+    }
+
+    fn create_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let ctx = format!("creating run {}", run.name);
+        let conn = self.conn();
+        let r = conn.execute(
+            "INSERT INTO runs (name, state, strategy_name, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![run.name, run.state, run.strategy_name, run.created_ms],
+        );
+        match r {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(StoreError::Conflict(format!(
+                    "a run named {:?} already exists; choose another name or delete it first",
+                    run.name
+                )))
+            }
+            Err(e) => Err(db(ctx)(e)),
+        }
+    }
+
+    fn get_run(&self, name: &str) -> Result<Option<RunRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT name, state, strategy_name, created_ms FROM runs WHERE name = ?1",
+                params![name],
+                run_from_row,
+            )
+            .optional()
+            .map_err(db(format!("reading run {name}")))
+    }
+
+    fn list_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let ctx = "listing runs";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT name, state, strategy_name, created_ms FROM runs ORDER BY created_ms, name")
+            .map_err(db(ctx))?;
+        stmt.query_map([], run_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
+    }
+
+    fn delete_run(&self, name: &str) -> Result<bool, StoreError> {
+        let ctx = format!("deleting run {name}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        tx.execute("DELETE FROM events WHERE run = ?1", params![name]).map_err(db(ctx.clone()))?;
+        let n = tx.execute("DELETE FROM runs WHERE name = ?1", params![name]).map_err(db(ctx.clone()))?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(n > 0)
+    }
+
+    fn commit_run(
+        &self,
+        name: &str,
+        expected: &str,
+        state: &str,
+        events: &[NewEvent],
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let ctx = format!("committing run {name}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let n = tx
+            .execute("UPDATE runs SET state = ?3 WHERE name = ?1 AND state = ?2", params![name, expected, state])
+            .map_err(db(ctx.clone()))?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!("run {name:?} changed or was deleted meanwhile; plan again")));
+        }
+        let out = insert_events(&tx, name, events)?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(out)
+    }
+
+    fn append_events(&self, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db("appending events"))?;
+        let out = insert_events(&tx, run, events)?;
+        tx.commit().map_err(db("appending events"))?;
+        Ok(out)
+    }
+
+    fn events_since(&self, run: &str, after: u64) -> Result<Vec<EventRecord>, StoreError> {
+        let ctx = "reading events";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, at_ms, kind, level, from_status, to_status, message, error, run_status FROM events
+                 WHERE run = ?1 AND seq > ?2 ORDER BY seq",
+            )
+            .map_err(db(ctx))?;
+        stmt.query_map(params![run, after as i64], |r| {
+            Ok(EventRecord {
+                seq: r.get::<_, i64>(0)? as u64,
+                run: run.to_string(),
+                event: NewEvent {
+                    at_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    level: r.get(3)?,
+                    from: r.get(4)?,
+                    to: r.get(5)?,
+                    message: r.get(6)?,
+                    error: r.get(7)?,
+                    run_status: r.get(8)?,
+                },
+            })
+        })
+        .map_err(db(ctx))?
+        .collect::<Result<_, _>>()
+        .map_err(db(ctx))
+    }
+}
+
+fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord { name: r.get(0)?, state: r.get(1)?, strategy_name: r.get(2)?, created_ms: r.get(3)? })
 }
 
 impl SqliteStore {
@@ -256,6 +529,91 @@ impl SqliteStore {
         let rec = member_from_row(&tx, member)?;
         tx.commit().map_err(db(ctx.clone()))?;
         rec.ok_or_else(|| StoreError::Corrupt { context: ctx, reason: "member vanished inside a transaction".into() })
+    }
+}
+
+fn not_found_member(member: &str) -> StoreError {
+    StoreError::NotFound {
+        kind: "member",
+        name: member.to_string(),
+        hint: "see `upkeepctl member list` (a member appears when its first node registers)",
+    }
+}
+
+fn settings_of(conn: &Connection, member: &str) -> Result<MemberSettings, StoreError> {
+    let ctx = format!("reading settings of member {member}");
+    let exists: bool = conn
+        .query_row("SELECT 1 FROM members WHERE name = ?1", params![member], |_| Ok(true))
+        .optional()
+        .map_err(db(ctx.clone()))?
+        .unwrap_or(false);
+    if !exists {
+        return Err(not_found_member(member));
+    }
+    let row = conn
+        .query_row(
+            "SELECT node_os_schedule, cluster_schedule, max_unavailable FROM member_settings WHERE member = ?1",
+            params![member],
+            |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?)),
+        )
+        .optional()
+        .map_err(db(ctx))?;
+    let (node_os_schedule, cluster_schedule, max_unavailable) = row.unwrap_or((None, None, "1".to_string()));
+    Ok(MemberSettings { member: member.to_string(), node_os_schedule, cluster_schedule, max_unavailable })
+}
+
+fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ImageRecord, String)> {
+    let regions: String = r.get(2)?;
+    Ok((
+        ImageRecord {
+            family: r.get(0)?,
+            version: r.get(1)?,
+            regions: Default::default(),
+            sha256: r.get(3)?,
+            signature: r.get(4)?,
+            url: r.get(5)?,
+            size_bytes: r.get::<_, i64>(6)? as u64,
+            published_ms: r.get(7)?,
+        },
+        regions,
+    ))
+}
+
+fn insert_events(tx: &Connection, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError> {
+    let ctx = "appending events";
+    let mut out = Vec::with_capacity(events.len());
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO events (run, at_ms, kind, level, from_status, to_status, message, error, run_status)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .map_err(db(ctx))?;
+    for e in events {
+        stmt.execute(params![run, e.at_ms, e.kind, e.level, e.from, e.to, e.message, e.error, e.run_status])
+            .map_err(db(ctx))?;
+        out.push(EventRecord { seq: tx.last_insert_rowid() as u64, run: run.to_string(), event: e.clone() });
+    }
+    Ok(out)
+}
+
+impl SqliteStore {
+    fn upsert_settings(
+        &self,
+        member: &str,
+        column: &'static str,
+        value: Option<&str>,
+    ) -> Result<MemberSettings, StoreError> {
+        let ctx = format!("setting {column} of member {member}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        settings_of(&tx, member)?;
+        tx.execute("INSERT INTO member_settings (member) VALUES (?1) ON CONFLICT(member) DO NOTHING", params![member])
+            .map_err(db(ctx.clone()))?;
+        tx.execute(&format!("UPDATE member_settings SET {column} = ?2 WHERE member = ?1"), params![member, value])
+            .map_err(db(ctx.clone()))?;
+        let out = settings_of(&tx, member)?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(out)
     }
 }
 

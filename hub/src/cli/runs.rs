@@ -1,0 +1,694 @@
+//! upkeepctl commands for images, strategies, member windows and update runs, and the run tree rendering.
+
+use super::output::{NODE_IMAGE_LABEL, table};
+use super::{Format, status_line};
+use anyhow::{Context, anyhow, bail};
+use chrono::{DateTime, TimeZone, Utc};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tonic::transport::Channel;
+use upkeep_core::run::{LevelState, RunState};
+use upkeep_proto::v1;
+use upkeep_proto::v1::operator_service_client::OperatorServiceClient;
+
+type Client = OperatorServiceClient<Channel>;
+
+/// `upkeepctl image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Upload an image artifact (if --file) and publish a version of a family in some regions.
+    Publish(PublishArgs),
+    /// List the catalog.
+    List {
+        /// Only this family.
+        #[arg(long)]
+        family: Option<String>,
+    },
+}
+
+/// `image publish` arguments.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Image family, e.g. Debian-12-gen2.
+    #[arg(long)]
+    pub family: String,
+    /// Version YYYYMM.DD.N.
+    #[arg(long)]
+    pub version: String,
+    /// Regions where it becomes available, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub regions: Vec<String>,
+    /// When it becomes available (RFC 3339; default now). Applies to every region given.
+    #[arg(long)]
+    pub available_at: Option<String>,
+    /// The artifact to upload to the hub.
+    #[arg(long, conflicts_with = "url")]
+    pub file: Option<PathBuf>,
+    /// Or an https URL the nodes fetch it from (then --sha256 and --size are required).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// SHA-256 of the artifact (checked against the upload when --file is given).
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// Size in bytes (with --url).
+    #[arg(long)]
+    pub size: Option<u64>,
+    /// Detached minisign signature file (default: FILE.minisig).
+    #[arg(long)]
+    pub signature: Option<PathBuf>,
+}
+
+/// `upkeepctl strategy ...`
+#[derive(Debug, Subcommand)]
+pub enum StrategyCommand {
+    /// Create or replace a strategy from a YAML-free JSON file (`{"stages": [...]}`).
+    Create {
+        /// Strategy name.
+        name: String,
+        /// JSON file with the stages.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Show a strategy.
+    Show {
+        /// Strategy name.
+        name: String,
+    },
+    /// List strategies.
+    List,
+    /// Delete a strategy (runs made from it keep their copy).
+    Delete {
+        /// Strategy name.
+        name: String,
+    },
+}
+
+/// `upkeepctl run ...`
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// Create an update run.
+    Create(CreateArgs),
+    /// Start (or start again) a run.
+    Start {
+        /// Run name.
+        name: String,
+    },
+    /// Stop a run: nothing new starts; running member upgrades finish.
+    Stop {
+        /// Run name.
+        name: String,
+    },
+    /// Show the run tree: stages, groups, members with state, times, messages and errors.
+    Show {
+        /// Run name.
+        name: String,
+    },
+    /// List runs.
+    List,
+    /// Delete a run that is not running.
+    Delete {
+        /// Run name.
+        name: String,
+    },
+    /// Skip a member, a group (STAGE/GROUP), a stage, or the wait after a stage.
+    Skip(SkipArgs),
+    /// Stream the run's events until it ends; exits non-zero if it Failed.
+    Watch {
+        /// Run name.
+        name: String,
+    },
+    /// Predicted order and start time of every member.
+    Plan {
+        /// Run name.
+        name: String,
+        /// Assumed duration of one member's upgrade, seconds.
+        #[arg(long, default_value_t = 600)]
+        member_seconds: u32,
+    },
+}
+
+/// `run create` arguments.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Run name.
+    pub name: String,
+    /// Copy this strategy's order.
+    #[arg(long, conflicts_with = "file")]
+    pub strategy: Option<String>,
+    /// Or inline stages from a JSON file (`{"stages": [...]}`).
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Full, ControlPlaneOnly or NodeImageOnly.
+    #[arg(long)]
+    pub upgrade_type: String,
+    /// Target Kubernetes version (Full, ControlPlaneOnly).
+    #[arg(long)]
+    pub kubernetes_version: Option<String>,
+    /// Latest, Consistent or Custom.
+    #[arg(long, default_value = "Latest")]
+    pub node_image_selection: String,
+    /// FAMILY=VERSION pins for Custom (repeatable).
+    #[arg(long = "custom-version")]
+    pub custom_versions: Vec<String>,
+}
+
+/// `run skip` arguments.
+#[derive(Debug, Args)]
+pub struct SkipArgs {
+    /// Run name.
+    pub name: String,
+    /// A member.
+    #[arg(long)]
+    pub member: Option<String>,
+    /// A group, as STAGE/GROUP.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// A stage (and its wait).
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Only the wait after this stage.
+    #[arg(long)]
+    pub after_stage_wait: Option<String>,
+}
+
+fn read_file(flag: &str, path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{flag} {}: cannot read", path.display()))
+}
+
+fn parse_time(flag: &str, s: &str) -> anyhow::Result<i64> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| anyhow!("{flag} {s:?}: {e}; expected RFC 3339, e.g. 2026-11-23T06:00:00Z"))
+}
+
+fn fmt_time(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn fmt_ms(ms: i64) -> String {
+    fmt_time(Utc.timestamp_millis_opt(ms).single())
+}
+
+fn json(out: &mut dyn Write, v: &impl Serialize) -> anyhow::Result<()> {
+    writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
+    Ok(())
+}
+
+/// Runs an image command.
+pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cmd {
+        ImageCommand::Publish(a) => {
+            let signature_path = match (&a.signature, &a.file) {
+                (Some(p), _) => p.clone(),
+                (None, Some(f)) => PathBuf::from(format!("{}.minisig", f.display())),
+                (None, None) => bail!("--signature is required with --url"),
+            };
+            let signature = read_file("--signature", &signature_path)?;
+            let (sha256, size, url) = match (&a.file, &a.url) {
+                (Some(f), _) => {
+                    let r = upload(c, f, a.sha256.as_deref()).await?;
+                    (r.sha256, r.size_bytes, String::new())
+                }
+                (None, Some(u)) => (
+                    a.sha256.clone().ok_or_else(|| anyhow!("--sha256 is required with --url"))?,
+                    a.size.ok_or_else(|| anyhow!("--size is required with --url"))?,
+                    u.clone(),
+                ),
+                (None, None) => bail!("give --file (upload to the hub) or --url"),
+            };
+            let at = a.available_at.as_deref().map(|s| parse_time("--available-at", s)).transpose()?.unwrap_or(0);
+            let req = v1::PublishImageRequest {
+                family: a.family.clone(),
+                version: a.version.clone(),
+                regions: a
+                    .regions
+                    .iter()
+                    .map(|r| v1::RegionAvailability { region: r.clone(), available_at_unix_ms: at })
+                    .collect(),
+                sha256,
+                signature,
+                url,
+                size_bytes: size,
+            };
+            let img = c.publish_image(req).await.map_err(status_line)?.into_inner();
+            writeln!(
+                out,
+                "published {}-{} ({} bytes, sha256 {}) in {}",
+                img.family,
+                img.version,
+                img.size_bytes,
+                img.sha256,
+                a.regions.join(",")
+            )?;
+            Ok(())
+        }
+        ImageCommand::List { family } => {
+            let list = c
+                .list_images(v1::ListImagesRequest { family: family.clone().unwrap_or_default() })
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .images;
+            if format == Format::Json {
+                #[derive(Serialize)]
+                struct Img {
+                    family: String,
+                    version: String,
+                    regions: std::collections::BTreeMap<String, String>,
+                    sha256: String,
+                    size_bytes: u64,
+                    url: String,
+                    published_at: String,
+                }
+                #[derive(Serialize)]
+                struct List {
+                    images: Vec<Img>,
+                }
+                let images = list
+                    .iter()
+                    .map(|i| Img {
+                        family: i.family.clone(),
+                        version: i.version.clone(),
+                        regions: i
+                            .regions
+                            .iter()
+                            .map(|r| (r.region.clone(), rfc3339_ms(r.available_at_unix_ms)))
+                            .collect(),
+                        sha256: i.sha256.clone(),
+                        size_bytes: i.size_bytes,
+                        url: i.url.clone(),
+                        published_at: rfc3339_ms(i.published_at_unix_ms),
+                    })
+                    .collect();
+                return json(out, &List { images });
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.family.clone(),
+                        i.version.clone(),
+                        i.regions
+                            .iter()
+                            .map(|r| format!("{}@{}", r.region, fmt_ms(r.available_at_unix_ms)))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        i.size_bytes.to_string(),
+                        i.sha256.chars().take(12).collect(),
+                    ]
+                })
+                .collect();
+            table(out, &["FAMILY", "VERSION", "REGIONS (AVAILABLE FROM)", "BYTES", "SHA256"], &rows)?;
+            Ok(())
+        }
+    }
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// Uploads a file in chunks; the hub checks the digest if one is declared.
+pub async fn upload(c: &mut Client, path: &Path, declared: Option<&str>) -> anyhow::Result<v1::UploadArtifactResponse> {
+    let bytes = std::fs::read(path).with_context(|| format!("--file {}: cannot read", path.display()))?;
+    let declared = declared.unwrap_or_default().to_string();
+    let chunks: Vec<v1::ArtifactChunk> = bytes
+        .chunks(256 * 1024)
+        .enumerate()
+        .map(|(i, d)| v1::ArtifactChunk {
+            data: d.to_vec(),
+            declared_sha256: if i == 0 { declared.clone() } else { String::new() },
+        })
+        .collect();
+    let chunks = if chunks.is_empty() {
+        vec![v1::ArtifactChunk { data: Vec::new(), declared_sha256: declared }]
+    } else {
+        chunks
+    };
+    Ok(c.upload_artifact(tokio_stream::iter(chunks)).await.map_err(status_line)?.into_inner())
+}
+
+/// Runs a strategy command.
+pub async fn strategy(
+    c: &mut Client,
+    cmd: &StrategyCommand,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    match cmd {
+        StrategyCommand::Create { name, file } => {
+            let spec_json = read_file("-f", file)?;
+            let s =
+                c.put_strategy(v1::PutStrategyRequest { name: name.clone(), spec_json }).await.map_err(status_line)?;
+            writeln!(out, "strategy {} stored", s.into_inner().name)?;
+        }
+        StrategyCommand::Show { name } => {
+            let s =
+                c.get_strategy(v1::GetStrategyRequest { name: name.clone() }).await.map_err(status_line)?.into_inner();
+            let v: serde_json::Value = serde_json::from_str(&s.spec_json)?;
+            if format == Format::Json {
+                return json(out, &serde_json::json!({"name": s.name, "spec": v}));
+            }
+            writeln!(out, "strategy {}", s.name)?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        }
+        StrategyCommand::List => {
+            let all =
+                c.list_strategies(v1::ListStrategiesRequest {}).await.map_err(status_line)?.into_inner().strategies;
+            if format == Format::Json {
+                let v: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|s| serde_json::json!({"name": s.name, "spec": serde_json::from_str::<serde_json::Value>(&s.spec_json).unwrap_or_default()}))
+                    .collect();
+                return json(out, &serde_json::json!({"strategies": v}));
+            }
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|s| {
+                    let stages = serde_json::from_str::<upkeep_core::run::StrategySpec>(&s.spec_json)
+                        .map(|sp| sp.stages.iter().map(|st| st.name.clone()).collect::<Vec<_>>().join(" -> "))
+                        .unwrap_or_default();
+                    vec![s.name.clone(), stages]
+                })
+                .collect();
+            table(out, &["NAME", "STAGES"], &rows)?;
+        }
+        StrategyCommand::Delete { name } => {
+            let r = c.delete_strategy(v1::GetStrategyRequest { name: name.clone() }).await.map_err(status_line)?;
+            if !r.into_inner().existed {
+                bail!("strategy {name:?} not found; see `upkeepctl strategy list`");
+            }
+            writeln!(out, "strategy {name} deleted")?;
+        }
+    }
+    Ok(())
+}
+
+fn state_of(run: &v1::Run) -> anyhow::Result<RunState> {
+    serde_json::from_str(&run.state_json).with_context(|| format!("run {}: unreadable state from the hub", run.name))
+}
+
+/// Runs a run command. Returns the exit status to use (watch: non-zero if the run Failed).
+pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<bool> {
+    let name_req = |n: &str| v1::RunNameRequest { name: n.to_string() };
+    match cmd {
+        RunCommand::Create(a) => {
+            let stages_json = a.file.as_deref().map(|f| read_file("-f", f)).transpose()?.unwrap_or_default();
+            let req = v1::CreateRunRequest {
+                name: a.name.clone(),
+                strategy_name: a.strategy.clone().unwrap_or_default(),
+                stages_json,
+                upgrade_type: a.upgrade_type.clone(),
+                kubernetes_version: a.kubernetes_version.clone().unwrap_or_default(),
+                node_image_selection: a.node_image_selection.clone(),
+                custom_versions: a.custom_versions.clone(),
+            };
+            let r = c.create_run(req).await.map_err(status_line)?.into_inner();
+            writeln!(out, "run {} created ({} members)", r.name, state_of(&r)?.members().count())?;
+        }
+        RunCommand::Start { name } => {
+            let r = c.start_run(name_req(name)).await.map_err(status_line)?.into_inner();
+            writeln!(out, "run {} is {}", r.name, state_of(&r)?.run.status)?;
+        }
+        RunCommand::Stop { name } => {
+            let r = c.stop_run(name_req(name)).await.map_err(status_line)?.into_inner();
+            writeln!(out, "run {} is {}", r.name, state_of(&r)?.run.status)?;
+        }
+        RunCommand::Delete { name } => {
+            let r = c.delete_run(name_req(name)).await.map_err(status_line)?.into_inner();
+            if !r.existed {
+                bail!("run {name:?} not found; see `upkeepctl run list`");
+            }
+            writeln!(out, "run {name} deleted")?;
+        }
+        RunCommand::Skip(a) => {
+            let req = v1::SkipRunRequest {
+                name: a.name.clone(),
+                member: a.member.clone().unwrap_or_default(),
+                group: a.group.clone().unwrap_or_default(),
+                stage: a.stage.clone().unwrap_or_default(),
+                after_stage_wait: a.after_stage_wait.clone().unwrap_or_default(),
+            };
+            let r = c.skip_run(req).await.map_err(status_line)?.into_inner();
+            writeln!(out, "run {} is {}", r.name, state_of(&r)?.run.status)?;
+        }
+        RunCommand::Show { name } => {
+            let r = c.get_run(name_req(name)).await.map_err(status_line)?.into_inner();
+            let state = state_of(&r)?;
+            if format == Format::Json {
+                return json(out, &run_json(&r, &state)).map(|_| true);
+            }
+            print_tree(&r, &state, out)?;
+        }
+        RunCommand::List => {
+            let all = c.list_runs(v1::ListRunsRequest {}).await.map_err(status_line)?.into_inner().runs;
+            let states: Vec<(v1::Run, RunState)> =
+                all.into_iter().map(|r| state_of(&r).map(|s| (r, s))).collect::<anyhow::Result<_>>()?;
+            if format == Format::Json {
+                let v: Vec<serde_json::Value> = states.iter().map(|(r, s)| run_json(r, s)).collect();
+                return json(out, &serde_json::json!({"runs": v})).map(|_| true);
+            }
+            let rows: Vec<Vec<String>> = states
+                .iter()
+                .map(|(r, s)| {
+                    vec![
+                        r.name.clone(),
+                        s.run.status.to_string(),
+                        s.spec.upgrade_type.to_string(),
+                        s.stages.len().to_string(),
+                        s.members().count().to_string(),
+                        fmt_time(s.run.started_at),
+                        fmt_time(s.run.ended_at),
+                    ]
+                })
+                .collect();
+            table(out, &["NAME", "STATUS", "UPGRADE", "STAGES", "MEMBERS", "STARTED", "ENDED"], &rows)?;
+        }
+        RunCommand::Plan { name, member_seconds } => {
+            let p = c
+                .plan_run(v1::PlanRunRequest { name: name.clone(), assumed_member_seconds: *member_seconds })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if format == Format::Json {
+                let v: Vec<serde_json::Value> = p
+                    .members
+                    .iter()
+                    .map(|m| serde_json::json!({"member": m.member, "stage": m.stage, "group": m.group, "predicted_start": rfc3339_ms(m.at_unix_ms)}))
+                    .collect();
+                return json(out, &serde_json::json!({"members": v})).map(|_| true);
+            }
+            let rows: Vec<Vec<String>> = p
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    vec![(i + 1).to_string(), m.member.clone(), m.stage.clone(), m.group.clone(), fmt_ms(m.at_unix_ms)]
+                })
+                .collect();
+            table(out, &["#", "MEMBER", "STAGE", "GROUP", "PREDICTED START (UTC)"], &rows)?;
+        }
+        RunCommand::Watch { name } => return watch(c, name, format, out).await,
+    }
+    Ok(true)
+}
+
+async fn watch(c: &mut Client, name: &str, format: Format, out: &mut dyn Write) -> anyhow::Result<bool> {
+    let mut stream = c
+        .watch_run(v1::WatchRunRequest { name: name.to_string(), from_seq: 0 })
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    let mut last_status = String::new();
+    while let Some(e) = stream.message().await.map_err(status_line)? {
+        last_status = e.run_status.clone();
+        if format == Format::Json {
+            let v = serde_json::json!({
+                "seq": e.seq, "at": rfc3339_ms(e.at_unix_ms), "kind": e.kind, "level": e.level,
+                "from": e.from, "to": e.to, "message": e.message, "error": e.error, "run_status": e.run_status,
+            });
+            writeln!(out, "{v}")?;
+        } else {
+            let err = if e.error.is_empty() { String::new() } else { format!(" error: {}", e.error) };
+            writeln!(
+                out,
+                "{} {:<40} {:>10} -> {:<10} {}{err}",
+                fmt_ms(e.at_unix_ms),
+                e.level,
+                e.from,
+                e.to,
+                e.message
+            )?;
+        }
+        out.flush()?;
+    }
+    let r = c.get_run(v1::RunNameRequest { name: name.to_string() }).await.map_err(status_line)?.into_inner();
+    let status = state_of(&r)?.run.status.to_string();
+    if format == Format::Table {
+        writeln!(out, "run {name} is {status}")?;
+    }
+    let _ = last_status;
+    Ok(status != "Failed")
+}
+
+fn level_json(l: &LevelState) -> serde_json::Value {
+    serde_json::json!({
+        "status": l.status.as_str(),
+        "started_at": l.started_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        "ended_at": l.ended_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        "message": l.message,
+        "error": l.error,
+    })
+}
+
+/// The JSON tree of a run (docs/cli-json.md).
+pub fn run_json(r: &v1::Run, s: &RunState) -> serde_json::Value {
+    let mut v = level_json(&s.run);
+    v["name"] = r.name.clone().into();
+    v["strategy"] = if r.strategy_name.is_empty() { serde_json::Value::Null } else { r.strategy_name.clone().into() };
+    v["upgrade_type"] = s.spec.upgrade_type.as_str().into();
+    v["kubernetes_version"] = s.spec.kubernetes_version.map(|k| k.to_string()).into();
+    v["node_image_selection"] = serde_json::to_value(&s.spec.node_image_selection).unwrap_or_default();
+    v["selected_images"] = s
+        .image_selection
+        .as_ref()
+        .map(|m| {
+            serde_json::to_value(
+                m.iter().map(|(f, v)| (f.clone(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .unwrap_or_default()
+        })
+        .unwrap_or(serde_json::Value::Null);
+    v["stages"] = s
+        .stages
+        .iter()
+        .map(|st| {
+            let mut sv = level_json(&st.level);
+            sv["name"] = st.name.clone().into();
+            sv["after_stage_wait_seconds"] = st.wait_seconds.into();
+            sv["after_stage_wait"] = st.wait.as_ref().map(level_json).unwrap_or(serde_json::Value::Null);
+            sv["groups"] = st
+                .groups
+                .iter()
+                .map(|g| {
+                    let mut gv = level_json(&g.level);
+                    gv["name"] = g.name.clone().into();
+                    gv["members"] = g
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let mut mv = level_json(&m.level);
+                            mv["name"] = m.name.clone().into();
+                            mv["attempts"] = m.attempts.into();
+                            mv["target"] = m.target.as_ref().map(|t| {
+                                serde_json::json!({
+                                    "kubernetes_version": t.kubernetes_version.map(|k| k.to_string()),
+                                    "images": t.images.iter().map(|(p, i)| (p.clone(), i.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+                                })
+                            }).unwrap_or(serde_json::Value::Null);
+                            mv
+                        })
+                        .collect::<Vec<_>>()
+                        .into();
+                    gv
+                })
+                .collect::<Vec<_>>()
+                .into();
+            sv
+        })
+        .collect::<Vec<_>>()
+        .into();
+    v
+}
+
+fn line(out: &mut dyn Write, indent: usize, what: &str, l: &LevelState) -> std::io::Result<()> {
+    let pad = "  ".repeat(indent);
+    let times = match (l.started_at, l.ended_at) {
+        (Some(s), Some(e)) => format!("{} .. {}", fmt_time(Some(s)), fmt_time(Some(e))),
+        (Some(s), None) => format!("since {}", fmt_time(Some(s))),
+        _ => String::new(),
+    };
+    let msg = if l.message.is_empty() { String::new() } else { format!("  {}", l.message) };
+    writeln!(out, "{pad}{what:<w$} {:<11}{times}{msg}", l.status.as_str(), w = 34usize.saturating_sub(pad.len()))?;
+    if let Some(e) = &l.error {
+        writeln!(out, "{pad}  error: {e}")?;
+    }
+    Ok(())
+}
+
+/// The run tree for people.
+pub fn print_tree(r: &v1::Run, s: &RunState, out: &mut dyn Write) -> anyhow::Result<()> {
+    let target = match s.spec.kubernetes_version {
+        Some(k) => format!("{} to Kubernetes {k}", s.spec.upgrade_type),
+        None => s.spec.upgrade_type.to_string(),
+    };
+    writeln!(out, "Run {} ({target}, node images {:?})", r.name, s.spec.node_image_selection)?;
+    if let Some(sel) = &s.image_selection {
+        for (f, v) in sel {
+            writeln!(out, "  selected image: {NODE_IMAGE_LABEL}={f}-{v}")?;
+        }
+    }
+    line(out, 0, "run", &s.run)?;
+    for st in &s.stages {
+        line(out, 1, &format!("stage {}", st.name), &st.level)?;
+        for g in &st.groups {
+            line(out, 2, &format!("group {}", g.name), &g.level)?;
+            for m in &g.members {
+                line(out, 3, &format!("member {}", m.name), &m.level)?;
+            }
+        }
+        if let Some(w) = &st.wait {
+            line(out, 2, &format!("wait {}s", st.wait_seconds), w)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a member-settings command.
+pub async fn member_settings(
+    c: &mut Client,
+    member: &str,
+    kind: Option<&str>,
+    schedule: Option<&Path>,
+    clear: bool,
+    max_unavailable: Option<&str>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let settings = if let Some(mu) = max_unavailable {
+        c.set_member_disruption(v1::SetMemberDisruptionRequest { member: member.into(), max_unavailable: mu.into() })
+            .await
+            .map_err(status_line)?
+            .into_inner()
+    } else {
+        let schedule_json = match (schedule, clear) {
+            (Some(p), false) => read_file("-f", p)?,
+            (None, true) => String::new(),
+            _ => bail!("give -f SCHEDULE.json or --clear"),
+        };
+        c.set_member_window(v1::SetMemberWindowRequest {
+            member: member.into(),
+            kind: kind.unwrap_or("node-os").into(),
+            schedule_json,
+        })
+        .await
+        .map_err(status_line)?
+        .into_inner()
+    };
+    for w in &settings.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
+    writeln!(
+        out,
+        "member {}: node OS window {}, cluster window {}, max_unavailable {}",
+        settings.member,
+        if settings.node_os_schedule_json.is_empty() { "none" } else { "set" },
+        if settings.cluster_schedule_json.is_empty() { "none" } else { "set" },
+        settings.max_unavailable
+    )?;
+    Ok(())
+}

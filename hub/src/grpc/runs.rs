@@ -1,0 +1,356 @@
+//! Operator handlers for member settings, the image catalog, strategies and update runs. Each checks and
+//! converts its request (naming the bad field), then hands decisions to the engine (which asks upkeep-core).
+
+use super::ApiError;
+use crate::artifacts::{ArtifactError, Artifacts, check_digest};
+use crate::engine::{Engine, EngineError, parse_state, state_json};
+use crate::fleet::now_ms;
+use crate::store::{ImageRecord, MemberSettings, RunRecord, Store, StoreError, WindowKind};
+use chrono::TimeDelta;
+use std::collections::BTreeSet;
+use upkeep_core::concurrency::Limit;
+use upkeep_core::ids::validate_name;
+use upkeep_core::run::{
+    self, ImagePin, NodeImageSelection, OrderSource, RunOpError, RunState, SkipTarget, StrategySpec, UpdateRunSpec,
+    UpgradeType,
+};
+use upkeep_core::schedule::MaintenanceSchedule;
+use upkeep_core::version::{ImageVersion, KubernetesVersion, validate_family};
+use upkeep_proto::v1;
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        match e {
+            EngineError::Run(RunOpError::Invalid(errs)) => {
+                ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+            }
+            EngineError::Run(RunOpError::UnknownLevel(l)) => {
+                ApiError::NotFound(RunOpError::UnknownLevel(l).to_string())
+            }
+            EngineError::Run(RunOpError::Refused(m)) => ApiError::FailedPrecondition(m),
+            EngineError::Run(other) => ApiError::Internal(other.to_string()),
+            EngineError::Store(s) => s.into(),
+            EngineError::NoSuchRun(_) => ApiError::NotFound(e.to_string()),
+            EngineError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+fn conflict_to_precondition(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Conflict(m) => ApiError::FailedPrecondition(m),
+        other => other.into(),
+    }
+}
+
+/// Wire form of member settings.
+pub fn settings_to_wire(s: &MemberSettings, warnings: Vec<String>) -> v1::MemberSettings {
+    v1::MemberSettings {
+        member: s.member.clone(),
+        node_os_schedule_json: s.node_os_schedule.clone().unwrap_or_default(),
+        cluster_schedule_json: s.cluster_schedule.clone().unwrap_or_default(),
+        max_unavailable: s.max_unavailable.clone(),
+        warnings,
+    }
+}
+
+/// `SetMemberWindow`.
+pub fn set_window(store: &dyn Store, r: &v1::SetMemberWindowRequest) -> Result<v1::MemberSettings, ApiError> {
+    let kind = match r.kind.as_str() {
+        "node-os" => WindowKind::NodeOs,
+        "cluster" => WindowKind::Cluster,
+        other => {
+            return Err(ApiError::InvalidArgument(format!(
+                "kind: {other:?} is not a window kind; use node-os or cluster"
+            )));
+        }
+    };
+    let (schedule, warnings) = if r.schedule_json.trim().is_empty() {
+        (None, Vec::new())
+    } else {
+        let s: MaintenanceSchedule =
+            serde_json::from_str(&r.schedule_json).map_err(|e| ApiError::InvalidArgument(format!("schedule: {e}")))?;
+        let warnings = s.validate().map_err(|errs| {
+            ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+        })?;
+        let canonical =
+            serde_json::to_string(&s).map_err(|e| ApiError::Internal(format!("serialising schedule: {e}")))?;
+        (Some(canonical), warnings)
+    };
+    let out = store.set_member_window(&r.member, kind, schedule.as_deref())?;
+    Ok(settings_to_wire(&out, warnings))
+}
+
+/// `SetMemberDisruption`.
+pub fn set_disruption(store: &dyn Store, r: &v1::SetMemberDisruptionRequest) -> Result<v1::MemberSettings, ApiError> {
+    let limit: Limit =
+        r.max_unavailable.parse().map_err(|e| ApiError::InvalidArgument(format!("max_unavailable: {e}")))?;
+    if let Some(p) = limit.problem() {
+        return Err(ApiError::InvalidArgument(format!("max_unavailable: {p}")));
+    }
+    let out = store.set_member_disruption(&r.member, &r.max_unavailable)?;
+    Ok(settings_to_wire(&out, Vec::new()))
+}
+
+/// Receives an uploaded artifact into the content-addressed store.
+pub async fn upload(
+    artifacts: &Artifacts,
+    mut stream: tonic::Streaming<v1::ArtifactChunk>,
+) -> Result<v1::UploadArtifactResponse, ApiError> {
+    let mut incoming = artifacts.begin().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut declared: Option<String> = None;
+    while let Some(chunk) =
+        stream.message().await.map_err(|s| ApiError::InvalidArgument(format!("upload: {}", s.message())))?
+    {
+        if !chunk.declared_sha256.is_empty() {
+            check_digest(&chunk.declared_sha256).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            declared = Some(chunk.declared_sha256);
+        }
+        incoming.write(&chunk.data).map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    let (sha256, size) = incoming.finish(artifacts, declared.as_deref()).map_err(|e| match e {
+        ArtifactError::DigestMismatch { .. } => ApiError::InvalidArgument(e.to_string()),
+        other => ApiError::Internal(other.to_string()),
+    })?;
+    Ok(v1::UploadArtifactResponse { sha256, size_bytes: size })
+}
+
+fn image_to_wire(i: &ImageRecord) -> v1::Image {
+    v1::Image {
+        family: i.family.clone(),
+        version: i.version.clone(),
+        regions: i
+            .regions
+            .iter()
+            .map(|(r, ms)| v1::RegionAvailability { region: r.clone(), available_at_unix_ms: *ms })
+            .collect(),
+        sha256: i.sha256.clone(),
+        signature: i.signature.clone(),
+        url: i.url.clone(),
+        size_bytes: i.size_bytes,
+        published_at_unix_ms: i.published_ms,
+    }
+}
+
+/// `PublishImage`.
+pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageRequest) -> Result<v1::Image, ApiError> {
+    let bad = |field: &str, e: &dyn std::fmt::Display| ApiError::InvalidArgument(format!("{field}: {e}"));
+    validate_family(&r.family).map_err(|e| bad("family", &e))?;
+    let version: ImageVersion = r.version.parse().map_err(|e| bad("version", &e))?;
+    if r.regions.is_empty() {
+        return Err(bad("regions", &"at least one region is required (e.g. --regions eu-west,us-east)"));
+    }
+    let mut regions = std::collections::BTreeMap::new();
+    for (i, ra) in r.regions.iter().enumerate() {
+        validate_name("region", &ra.region).map_err(|e| bad(&format!("regions[{i}]"), &e))?;
+        let at = if ra.available_at_unix_ms > 0 { ra.available_at_unix_ms } else { now_ms() };
+        regions.insert(ra.region.clone(), at);
+    }
+    check_digest(&r.sha256).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    if r.signature.trim().is_empty() {
+        return Err(bad("signature", &"missing: sign the image (upkeepctl image sign) and pass --signature FILE"));
+    }
+    let size = if r.url.is_empty() {
+        artifacts.size(&r.sha256).map_err(|e| match e {
+            ArtifactError::Missing(_) => ApiError::FailedPrecondition(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        })?
+    } else {
+        if !r.url.starts_with("https://") {
+            return Err(bad("url", &"only https:// URLs are accepted"));
+        }
+        r.size_bytes
+    };
+    let rec = ImageRecord {
+        family: r.family.clone(),
+        version: version.to_string(),
+        regions,
+        sha256: r.sha256.clone(),
+        signature: r.signature.clone(),
+        url: r.url.clone(),
+        size_bytes: size,
+        published_ms: now_ms(),
+    };
+    store.put_image(&rec).map_err(conflict_to_precondition)?;
+    Ok(image_to_wire(&rec))
+}
+
+/// `ListImages`.
+pub fn list_images(store: &dyn Store, family: &str) -> Result<v1::ListImagesResponse, ApiError> {
+    let mut images = store.list_images((!family.is_empty()).then_some(family))?;
+    images.sort_by(|a, b| {
+        (a.family.as_str(), a.version.parse::<ImageVersion>().ok()).cmp(&(b.family.as_str(), b.version.parse().ok()))
+    });
+    Ok(v1::ListImagesResponse { images: images.iter().map(image_to_wire).collect() })
+}
+
+fn known_members(store: &dyn Store) -> Result<Vec<String>, ApiError> {
+    Ok(store.list_members()?.into_iter().map(|m| m.name).collect())
+}
+
+fn parse_strategy(field: &str, json: &str) -> Result<StrategySpec, ApiError> {
+    serde_json::from_str(json).map_err(|e| ApiError::InvalidArgument(format!("{field}: {e}")))
+}
+
+fn invalid(errs: Vec<run::FieldError>) -> ApiError {
+    ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+}
+
+/// `PutStrategy`: checked against the SPEC's rules and the known members before it is stored.
+pub fn put_strategy(store: &dyn Store, r: &v1::PutStrategyRequest) -> Result<v1::Strategy, ApiError> {
+    validate_name("strategy name", &r.name).map_err(|e| ApiError::InvalidArgument(format!("name: {e}")))?;
+    let spec = parse_strategy("spec", &r.spec_json)?;
+    let probe = UpdateRunSpec {
+        name: r.name.clone(),
+        strategy: Some(spec.clone()),
+        upgrade_type: UpgradeType::NodeImageOnly,
+        kubernetes_version: None,
+        node_image_selection: NodeImageSelection::Latest,
+    };
+    let members: BTreeSet<String> = known_members(store)?.into_iter().collect();
+    run::validate_run_spec(&probe, &members).map_err(invalid)?;
+    let json = serde_json::to_string(&spec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    store.put_strategy(&r.name, &json)?;
+    Ok(v1::Strategy { name: r.name.clone(), spec_json: json })
+}
+
+/// Wire form of a run.
+pub fn run_to_wire(rec: &RunRecord) -> v1::Run {
+    v1::Run {
+        name: rec.name.clone(),
+        state_json: rec.state.clone(),
+        created_at_unix_ms: rec.created_ms,
+        strategy_name: rec.strategy_name.clone().unwrap_or_default(),
+    }
+}
+
+/// `CreateRun`: the strategy is copied into the run, so later edits of the strategy never reach it.
+pub fn create_run(store: &dyn Store, r: &v1::CreateRunRequest) -> Result<v1::Run, ApiError> {
+    let bad = |field: &str, e: &dyn std::fmt::Display| ApiError::InvalidArgument(format!("{field}: {e}"));
+    validate_name("run name", &r.name).map_err(|e| bad("name", &e))?;
+    let inline = if r.stages_json.trim().is_empty() { None } else { Some(parse_strategy("stages", &r.stages_json)?) };
+    let strategy_name = (!r.strategy_name.is_empty()).then_some(r.strategy_name.as_str());
+    let strategy =
+        match run::order_source(strategy_name, inline).map_err(|e| ApiError::InvalidArgument(e.to_string()))? {
+            OrderSource::Named(n) => {
+                let json = store.get_strategy(&n)?.ok_or_else(|| {
+                    ApiError::NotFound(format!("strategy: {n:?} not found; see `upkeepctl strategy list`"))
+                })?;
+                Some(parse_strategy("strategy", &json)?)
+            }
+            OrderSource::Inline(s) => Some(s),
+            OrderSource::AllMembersOneByOne => None,
+        };
+    let upgrade_type: UpgradeType = r.upgrade_type.parse().map_err(|e| bad("upgrade_type", &e))?;
+    let kubernetes_version = if r.kubernetes_version.is_empty() {
+        None
+    } else {
+        Some(r.kubernetes_version.parse::<KubernetesVersion>().map_err(|e| bad("kubernetes_version", &e))?)
+    };
+    let mut pins = Vec::new();
+    for (i, cv) in r.custom_versions.iter().enumerate() {
+        let field = format!("custom_versions[{i}]");
+        let (family, version) =
+            cv.split_once('=').ok_or_else(|| bad(&field, &format!("{cv:?}: expected FAMILY=VERSION")))?;
+        validate_family(family).map_err(|e| bad(&field, &e))?;
+        pins.push(ImagePin { family: family.to_string(), version: version.parse().map_err(|e| bad(&field, &e))? });
+    }
+    let selection = match r.node_image_selection.as_str() {
+        "" | "Latest" | "latest" => NodeImageSelection::Latest,
+        "Consistent" | "consistent" => NodeImageSelection::Consistent,
+        "Custom" | "custom" => NodeImageSelection::Custom { pins: pins.clone() },
+        other => return Err(bad("node_image_selection", &format!("{other:?}: expected Latest, Consistent or Custom"))),
+    };
+    if !pins.is_empty() && !matches!(selection, NodeImageSelection::Custom { .. }) {
+        return Err(bad("custom_versions", &"only with --node-image-selection Custom"));
+    }
+    let spec = UpdateRunSpec {
+        name: r.name.clone(),
+        strategy,
+        upgrade_type,
+        kubernetes_version,
+        node_image_selection: selection,
+    };
+    let members = known_members(store)?;
+    let state = RunState::new(&spec, &members).map_err(|e| match e {
+        RunOpError::Invalid(errs) => invalid(errs),
+        other => ApiError::InvalidArgument(other.to_string()),
+    })?;
+    let rec = RunRecord {
+        name: r.name.clone(),
+        state: state_json(&state),
+        strategy_name: strategy_name.map(str::to_string),
+        created_ms: now_ms(),
+    };
+    store.create_run(&rec).map_err(conflict_to_precondition)?;
+    Ok(run_to_wire(&rec))
+}
+
+/// Reads a run for the API.
+pub fn get_run(store: &dyn Store, name: &str) -> Result<RunRecord, ApiError> {
+    store.get_run(name)?.ok_or_else(|| ApiError::NotFound(format!("run {name:?} not found; see `upkeepctl run list`")))
+}
+
+/// `SkipRun` target from the request: exactly one of the fields.
+pub fn skip_target(r: &v1::SkipRunRequest) -> Result<SkipTarget, ApiError> {
+    let given = [!r.member.is_empty(), !r.group.is_empty(), !r.stage.is_empty(), !r.after_stage_wait.is_empty()];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(ApiError::InvalidArgument(
+            "skip: give exactly one of --member, --group STAGE/GROUP, --stage, --after-stage-wait".into(),
+        ));
+    }
+    Ok(if !r.member.is_empty() {
+        SkipTarget::Member { member: r.member.clone() }
+    } else if !r.group.is_empty() {
+        let (stage, group) = r
+            .group
+            .split_once('/')
+            .ok_or_else(|| ApiError::InvalidArgument(format!("group: {:?}: expected STAGE/GROUP", r.group)))?;
+        SkipTarget::Group { stage: stage.to_string(), group: group.to_string() }
+    } else if !r.stage.is_empty() {
+        SkipTarget::Stage { stage: r.stage.clone() }
+    } else {
+        SkipTarget::AfterStageWait { stage: r.after_stage_wait.clone() }
+    })
+}
+
+/// `DeleteRun`: only when nothing is being upgraded.
+pub fn delete_run(store: &dyn Store, name: &str) -> Result<v1::DeleteResponse, ApiError> {
+    let rec = get_run(store, name)?;
+    let state = parse_state(name, &rec.state)?;
+    if !state.can_delete() {
+        return Err(ApiError::FailedPrecondition(format!(
+            "run {name:?} is {}; stop it and let its members finish before deleting it",
+            state.run.status
+        )));
+    }
+    Ok(v1::DeleteResponse { existed: store.delete_run(name)? })
+}
+
+/// `PlanRun`: predicted start of every member.
+pub fn plan_run(engine: &Engine, store: &dyn Store, r: &v1::PlanRunRequest) -> Result<v1::RunPlan, ApiError> {
+    let rec = get_run(store, &r.name)?;
+    let state = parse_state(&r.name, &rec.state)?;
+    let (fleet, catalog) = engine.views()?;
+    let secs = if r.assumed_member_seconds == 0 { 600 } else { i64::from(r.assumed_member_seconds) };
+    let predicted = run::preview(&state, &fleet, &catalog, chrono::Utc::now(), TimeDelta::seconds(secs));
+    let place = |m: &str| -> (String, String) {
+        for st in &state.stages {
+            for g in &st.groups {
+                if g.members.iter().any(|x| x.name == m) {
+                    return (st.name.clone(), g.name.clone());
+                }
+            }
+        }
+        (String::new(), String::new())
+    };
+    Ok(v1::RunPlan {
+        members: predicted
+            .into_iter()
+            .map(|p| {
+                let (stage, group) = place(&p.member);
+                v1::PredictedStart { at_unix_ms: p.at.timestamp_millis(), member: p.member, stage, group }
+            })
+            .collect(),
+    })
+}
