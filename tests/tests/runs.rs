@@ -1,0 +1,210 @@
+//! Update-run scenarios through the real hub, real agents and the real upkeepctl (SPEC §5, §7).
+
+use serde_json::Value;
+use std::time::Duration;
+use upkeep_tests::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Fleet {
+    pki: TestPki,
+    work: tempfile::TempDir,
+    hub: TestHub,
+    agents: Vec<TestAgent>,
+}
+
+/// A hub and one agent per (node, member, region), all registered.
+async fn fleet(nodes: &[(&str, &str, &str)], image: &str) -> Fleet {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let hub = TestHub::start(&pki, &work.path().join("hub"), "127.0.0.1:0".parse().expect("addr")).await;
+    let mut agents = Vec::new();
+    for (name, member, region) in nodes {
+        let node = make_node(&pki, work.path(), &hub.url(), name, member, "pool1", region, image);
+        agents.push(TestAgent::start(&node));
+    }
+    let want = nodes.len();
+    wait_for("every node registered", WAIT, || async {
+        let list = upkeepctl_json(&pki, &hub.url(), &["node", "list"]).await.ok()?;
+        (list["nodes"].as_array()?.iter().filter(|n| n["status"] == "Ready").count() == want).then_some(())
+    })
+    .await;
+    Fleet { pki, work, hub, agents }
+}
+
+impl Fleet {
+    async fn ctl(&self, args: &[&str]) -> std::process::Output {
+        upkeepctl(&self.pki, &self.hub.url(), "operator", args).await
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args).await;
+        assert!(out.status.success(), "upkeepctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Fails with one readable line; returns it.
+    async fn refused(&self, args: &[&str]) -> String {
+        let out = self.ctl(args).await;
+        assert!(!out.status.success(), "upkeepctl {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        err
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        upkeepctl_json(&self.pki, &self.hub.url(), args).await.expect("json")
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.work.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_string_lossy().into_owned()
+    }
+
+    /// Publishes an artifact with the given (possibly untrusted) signature text.
+    async fn publish(&self, family: &str, version: &str, regions: &str, bytes: &[u8], signature: &str) {
+        let art = self.work.path().join(format!("{family}-{version}.img"));
+        std::fs::write(&art, bytes).expect("write");
+        std::fs::write(art.with_extension("img.minisig"), signature).expect("write");
+        let art = art.to_string_lossy().into_owned();
+        self.ok(&["image", "publish", "--family", family, "--version", version, "--regions", regions, "--file", &art])
+            .await;
+    }
+
+    async fn run_state(&self, name: &str) -> Value {
+        self.json(&["run", "show", name]).await
+    }
+
+    async fn wait_run(&self, name: &str, statuses: &[&str]) -> Value {
+        wait_for(&format!("run {name} to reach {statuses:?}"), WAIT, || async {
+            let v = upkeepctl_json(&self.pki, &self.hub.url(), &["run", "show", name]).await.ok()?;
+            statuses.contains(&v["status"].as_str()?).then_some(v)
+        })
+        .await
+    }
+
+    async fn stop(self) {
+        for a in self.agents {
+            a.stop().await;
+        }
+        let mut hub = self.hub;
+        hub.stop().await;
+    }
+}
+
+fn member<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["groups"].as_array().into_iter().flatten())
+        .flat_map(|g| g["members"].as_array().into_iter().flatten())
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("member {name} not in run: {run}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec7_bad_strategies_and_runs_are_refused_naming_the_field() {
+    let f = fleet(&[("n1", "m1", "eu"), ("n2", "m2", "eu")], "Debian-12-202311.07.0").await;
+    let dup = f.file("dup.json", r#"{"stages":[{"name":"s","groups":[{"name":"g","members":["m1"]}]},{"name":"s","groups":[{"name":"h","members":["m2"]}]}]}"#);
+    let err = f.refused(&["strategy", "create", "dup", "-f", &dup]).await;
+    assert!(err.contains("stages[1].name") && err.contains("duplicate"), "{err}");
+    let twice = f.file(
+        "twice.json",
+        r#"{"stages":[{"name":"s","groups":[{"name":"a","members":["m1"]},{"name":"b","members":["m1"]}]}]}"#,
+    );
+    let err = f.refused(&["strategy", "create", "twice", "-f", &twice]).await;
+    assert!(err.contains("m1") && err.contains("\"a\"") && err.contains("\"b\""), "names both groups: {err}");
+    let unknown = f.file("unknown.json", r#"{"stages":[{"name":"s","groups":[{"name":"a","members":["nope"]}]}]}"#);
+    let err = f.refused(&["strategy", "create", "unknown", "-f", &unknown]).await;
+    assert!(err.contains("nope"), "{err}");
+    let wait = f.file(
+        "wait.json",
+        r#"{"stages":[{"name":"s","groups":[{"name":"a","members":["m1"]}],"after_stage_wait_seconds":-5}]}"#,
+    );
+    let err = f.refused(&["strategy", "create", "wait", "-f", &wait]).await;
+    assert!(err.contains("after_stage_wait_seconds"), "{err}");
+    let list = f.json(&["strategy", "list"]).await;
+    assert_eq!(list["strategies"].as_array().map(Vec::len), Some(0), "nothing was stored");
+
+    let good = f.file("good.json", r#"{"stages":[{"name":"s","groups":[{"name":"a","members":["m1","m2"]}]}]}"#);
+    f.ok(&["strategy", "create", "good", "-f", &good]).await;
+    let err =
+        f.refused(&["run", "create", "r", "--strategy", "good", "-f", &good, "--upgrade-type", "NodeImageOnly"]).await;
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = f.refused(&["run", "create", "r", "--upgrade-type", "Full"]).await;
+    assert!(err.contains("kubernetes_version"), "Full needs a Kubernetes version: {err}");
+    let err =
+        f.refused(&["run", "create", "r", "--upgrade-type", "NodeImageOnly", "--kubernetes-version", "1.30"]).await;
+    assert!(err.contains("kubernetes_version"), "{err}");
+    let err = f.refused(&["run", "create", "r", "--upgrade-type", "Sideways"]).await;
+    assert!(err.contains("upgrade_type"), "{err}");
+    let err = f
+        .refused(&[
+            "run",
+            "create",
+            "r",
+            "--upgrade-type",
+            "NodeImageOnly",
+            "--node-image-selection",
+            "Custom",
+            "--custom-version",
+            "Debian-12=2023.1",
+        ])
+        .await;
+    assert!(err.contains("custom_versions[0]") && err.contains("YYYYMM.DD.N"), "{err}");
+    let runs = f.json(&["run", "list"]).await;
+    assert_eq!(runs["runs"].as_array().map(Vec::len), Some(0), "no run was created by bad input");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec5_members_already_at_target_are_skipped_and_the_run_is_skipped() {
+    let f = fleet(&[("n1", "m1", "eu"), ("n2", "m2", "us")], "Debian-12-202311.07.0").await;
+    f.publish("Debian-12", "202311.07.0", "eu,us", b"image A", "untrusted comment: test\nRWQ=\n").await;
+    f.ok(&["run", "create", "r1", "--upgrade-type", "NodeImageOnly"]).await;
+    let before = f.run_state("r1").await;
+    assert_eq!(before["status"], "NotStarted");
+    f.ok(&["run", "start", "r1"]).await;
+    let run = f.wait_run("r1", &["Skipped"]).await;
+    for m in ["m1", "m2"] {
+        assert_eq!(member(&run, m)["status"], "Skipped", "{run}");
+    }
+    assert!(member(&run, "m1")["message"].as_str().unwrap_or("").contains("target"), "says why: {run}");
+    let err = f.refused(&["run", "start", "r1"]).await;
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec5_a_failing_node_fails_member_group_stage_and_run_and_nothing_more_starts() {
+    let f = fleet(&[("n1", "m1", "eu"), ("n2", "m2", "eu")], "Debian-12-202311.07.0").await;
+    // A newer image whose signature no node trusts: the node refuses it, so the member's upgrade fails.
+    f.publish("Debian-12", "202312.01.0", "eu", b"image B", "untrusted comment: nobody\nRWQ=\n").await;
+    let order = f.file("order.json", r#"{"stages":[{"name":"only","groups":[{"name":"g","members":["m1","m2"]}]}]}"#);
+    f.ok(&["run", "create", "r1", "-f", &order, "--upgrade-type", "NodeImageOnly"]).await;
+    f.ok(&["run", "start", "r1"]).await;
+    let watch = upkeepctl(&f.pki, &f.hub.url(), "viewer", &["run", "watch", "r1"]).await;
+    assert!(!watch.status.success(), "watch exits non-zero when the run Failed");
+    let lines = String::from_utf8_lossy(&watch.stdout);
+    assert!(lines.contains("member \"m1\""), "{lines}");
+    let run = f.wait_run("r1", &["Failed"]).await;
+    let m1 = member(&run, "m1");
+    assert_eq!(m1["status"], "Failed", "{run}");
+    assert!(m1["error"].as_str().unwrap_or("").contains("n1"), "the error names the node: {m1}");
+    assert_eq!(member(&run, "m2")["status"], "NotStarted", "nothing further started: {run}");
+    let stage = &run["stages"][0];
+    assert_eq!(stage["status"], "Failed");
+    assert_eq!(stage["groups"][0]["status"], "Failed");
+    assert!(run["error"].as_str().unwrap_or("").contains("m1"), "the run carries a summary: {run}");
+    // Every event was kept, in order, with increasing sequence numbers.
+    let out = f.ctl(&["run", "watch", "r1", "-o", "json"]).await;
+    let seqs: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["seq"].as_u64())
+        .collect();
+    assert!(seqs.len() >= 6 && seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    f.stop().await;
+}
