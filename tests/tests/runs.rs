@@ -208,3 +208,52 @@ async fn sec5_a_failing_node_fails_member_group_stage_and_run_and_nothing_more_s
     assert!(seqs.len() >= 6 && seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec5_member_with_closed_window_is_pending_with_next_opening_and_stop_is_immediate() {
+    let f = fleet(&[("n1", "m1", "eu")], "Debian-12-202311.07.0").await;
+    f.publish("Debian-12", "202312.01.0", "eu", b"image B", "untrusted comment: x\nRWQ=\n").await;
+    // A daily window that opens six hours from now: closed now, and not within the 4-hour "opens soon" class.
+    let opens = chrono::Utc::now() + chrono::TimeDelta::hours(6);
+    let window = f.file(
+        "window.json",
+        &format!(
+            r#"{{"frequency":{{"type":"Daily","interval_days":1}},"start_time":"{}","duration_hours":3}}"#,
+            opens.format("%H:%M")
+        ),
+    );
+    let out = f.ok(&["member", "set-window", "m1", "--kind", "node-os", "-f", &window]).await;
+    assert!(
+        out.contains("warning:") && out.contains("4 hours"),
+        "a window under 4 hours is accepted with a warning: {out}"
+    );
+    let shown = f.json(&["member", "show", "m1"]).await;
+    assert_eq!(shown["node_os_schedule"]["frequency"]["type"], "Daily", "{shown}");
+    let bad = f.file(
+        "bad.json",
+        r#"{"frequency":{"type":"Daily","interval_days":0},"start_time":"25:00","duration_hours":1}"#,
+    );
+    let err = f.refused(&["member", "set-window", "m1", "-f", &bad]).await;
+    assert!(err.contains("InvalidArgument"), "{err}");
+
+    f.ok(&["run", "create", "r1", "--upgrade-type", "NodeImageOnly"]).await;
+    f.ok(&["run", "start", "r1"]).await;
+    let run = f.wait_run("r1", &["Pending"]).await;
+    let m1 = member(&run, "m1");
+    assert_eq!(m1["status"], "Pending", "{run}");
+    let msg = m1["message"].as_str().unwrap_or_default();
+    let expected_opening = opens.format("%Y-%m-%dT%H:%M").to_string();
+    assert!(msg.contains(&expected_opening), "the message gives the next opening ({expected_opening}): {msg}");
+    assert_eq!(run["stages"][0]["groups"][0]["status"], "Pending");
+    assert_eq!(run["stages"][0]["status"], "Pending");
+    // The plan preview puts m1 at its window.
+    let plan = f.json(&["run", "plan", "r1"]).await;
+    let at = plan["members"][0]["predicted_start"].as_str().unwrap_or_default().to_string();
+    assert!(at.starts_with(&expected_opening), "predicted start {at} at the window opening {expected_opening}");
+    // Nothing is being upgraded, so stopping a Pending run is immediate.
+    f.ok(&["run", "stop", "r1"]).await;
+    let run = f.run_state("r1").await;
+    assert_eq!(run["status"], "Stopped", "{run}");
+    f.ok(&["run", "delete", "r1"]).await;
+    f.stop().await;
+}
