@@ -257,3 +257,25 @@ async fn sec5_member_with_closed_window_is_pending_with_next_opening_and_stop_is
     f.ok(&["run", "delete", "r1"]).await;
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec5_runs_copy_their_strategy_and_may_be_edited_until_they_start() {
+    let f = fleet(&[("n1", "m1", "eu"), ("n2", "m2", "eu")], "Debian-12-202311.07.0").await;
+    let one = f.file("one.json", r#"{"stages":[{"name":"s","groups":[{"name":"g","members":["m1"]}]}]}"#);
+    let two = f.file("two.json", r#"{"stages":[{"name":"s","groups":[{"name":"g","members":["m1","m2"]}]}]}"#);
+    f.ok(&["strategy", "create", "canary", "-f", &one]).await;
+    f.ok(&["run", "create", "r1", "--strategy", "canary", "--upgrade-type", "NodeImageOnly"]).await;
+    f.ok(&["strategy", "create", "canary", "-f", &two]).await;
+    let run = f.run_state("r1").await;
+    let members = run["stages"][0]["groups"][0]["members"].as_array().map(Vec::len);
+    assert_eq!(members, Some(1), "a later edit of the strategy does not reach the run: {run}");
+    f.ok(&["run", "update", "r1", "--strategy", "canary", "--upgrade-type", "NodeImageOnly"]).await;
+    let run = f.run_state("r1").await;
+    assert_eq!(run["stages"][0]["groups"][0]["members"].as_array().map(Vec::len), Some(2), "{run}");
+    f.publish("Debian-12", "202311.07.0", "eu", b"image A", "untrusted comment: x\nRWQ=\n").await;
+    f.ok(&["run", "start", "r1"]).await;
+    f.wait_run("r1", &["Skipped"]).await;
+    let err = f.refused(&["run", "update", "r1", "-f", &one, "--upgrade-type", "NodeImageOnly"]).await;
+    assert!(err.contains("only before it starts"), "{err}");
+    f.stop().await;
+}

@@ -90,6 +90,8 @@ pub enum StrategyCommand {
 pub enum RunCommand {
     /// Create an update run.
     Create(CreateArgs),
+    /// Replace a run's order and target before it starts (same options as create).
+    Update(CreateArgs),
     /// Start (or start again) a run.
     Start {
         /// Run name.
@@ -397,7 +399,7 @@ fn state_of(run: &v1::Run) -> anyhow::Result<RunState> {
 pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<bool> {
     let name_req = |n: &str| v1::RunNameRequest { name: n.to_string() };
     match cmd {
-        RunCommand::Create(a) => {
+        RunCommand::Create(a) | RunCommand::Update(a) => {
             let stages_json = a.file.as_deref().map(|f| read_file("-f", f)).transpose()?.unwrap_or_default();
             let req = v1::CreateRunRequest {
                 name: a.name.clone(),
@@ -408,8 +410,12 @@ pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn
                 node_image_selection: a.node_image_selection.clone(),
                 custom_versions: a.custom_versions.clone(),
             };
-            let r = c.create_run(req).await.map_err(status_line)?.into_inner();
-            writeln!(out, "run {} created ({} members)", r.name, state_of(&r)?.members().count())?;
+            let (r, verb) = if matches!(cmd, RunCommand::Update(_)) {
+                (c.update_run(req).await.map_err(status_line)?.into_inner(), "updated")
+            } else {
+                (c.create_run(req).await.map_err(status_line)?.into_inner(), "created")
+            };
+            writeln!(out, "run {} {verb} ({} members)", r.name, state_of(&r)?.members().count())?;
         }
         RunCommand::Start { name } => {
             let r = c.start_run(name_req(name)).await.map_err(status_line)?.into_inner();

@@ -273,6 +273,14 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(out))
     }
 
+    async fn update_run(&self, req: Request<v1::CreateRunRequest>) -> Result<Response<v1::Run>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "edit update runs")?;
+        let out = runs::update_run(self.fleet.store(), req.get_ref())?;
+        tracing::info!(operator = %p.name, run = %out.name, "update run edited");
+        Ok(Response::new(out))
+    }
+
     async fn get_run(&self, req: Request<v1::RunNameRequest>) -> Result<Response<v1::Run>, Status> {
         require(&principal_of(&req)?, READERS, "read update runs")?;
         Ok(Response::new(runs::run_to_wire(&runs::get_run(self.fleet.store(), &req.get_ref().name)?)))

@@ -226,6 +226,44 @@ pub fn run_to_wire(rec: &RunRecord) -> v1::Run {
 
 /// `CreateRun`: the strategy is copied into the run, so later edits of the strategy never reach it.
 pub fn create_run(store: &dyn Store, r: &v1::CreateRunRequest) -> Result<v1::Run, ApiError> {
+    let (state, strategy_name) = build_run(store, r)?;
+    let rec = RunRecord {
+        name: r.name.clone(),
+        state: state_json(&state),
+        strategy_name: strategy_name.map(str::to_string),
+        created_ms: now_ms(),
+    };
+    store.create_run(&rec).map_err(conflict_to_precondition)?;
+    Ok(run_to_wire(&rec))
+}
+
+/// `UpdateRun`: a run's order and target may be replaced until it starts (SPEC §5).
+pub fn update_run(store: &dyn Store, r: &v1::CreateRunRequest) -> Result<v1::Run, ApiError> {
+    let old = get_run(store, &r.name)?;
+    let old_state = parse_state(&r.name, &old.state)?;
+    if !old_state.can_edit() {
+        return Err(ApiError::FailedPrecondition(format!(
+            "run {:?} is {}; a run can be edited only before it starts (create a new run instead)",
+            r.name, old_state.run.status
+        )));
+    }
+    let (state, _) = build_run(store, r)?;
+    let json = state_json(&state);
+    let event = crate::store::NewEvent {
+        at_ms: now_ms(),
+        kind: "run".into(),
+        level: "run".into(),
+        from: old_state.run.status.as_str().into(),
+        to: state.run.status.as_str().into(),
+        message: "order and target edited before start".into(),
+        error: String::new(),
+        run_status: state.run.status.as_str().into(),
+    };
+    store.commit_run(&r.name, &old.state, &json, &[event]).map_err(conflict_to_precondition)?;
+    Ok(run_to_wire(&get_run(store, &r.name)?))
+}
+
+fn build_run<'a>(store: &dyn Store, r: &'a v1::CreateRunRequest) -> Result<(RunState, Option<&'a str>), ApiError> {
     let bad = |field: &str, e: &dyn std::fmt::Display| ApiError::InvalidArgument(format!("{field}: {e}"));
     validate_name("run name", &r.name).map_err(|e| bad("name", &e))?;
     let inline = if r.stages_json.trim().is_empty() { None } else { Some(parse_strategy("stages", &r.stages_json)?) };
@@ -276,14 +314,7 @@ pub fn create_run(store: &dyn Store, r: &v1::CreateRunRequest) -> Result<v1::Run
         RunOpError::Invalid(errs) => invalid(errs),
         other => ApiError::InvalidArgument(other.to_string()),
     })?;
-    let rec = RunRecord {
-        name: r.name.clone(),
-        state: state_json(&state),
-        strategy_name: strategy_name.map(str::to_string),
-        created_ms: now_ms(),
-    };
-    store.create_run(&rec).map_err(conflict_to_precondition)?;
-    Ok(run_to_wire(&rec))
+    Ok((state, strategy_name))
 }
 
 /// Reads a run for the API.
