@@ -290,7 +290,10 @@ impl Engine {
             let regions = img.regions.iter().map(|(r, ms)| (r.clone(), ms_to_time(*ms))).collect();
             catalog.images.entry(img.family.clone()).or_default().insert(version, regions);
         }
-        // Kubernetes releases are not catalogued by region yet: a target version counts as available everywhere.
+        for (version, regions) in self.store().list_kubernetes()? {
+            let Ok(v) = version.parse::<KubernetesVersion>() else { continue };
+            catalog.kubernetes.insert(v, regions.iter().map(|(r, ms)| (r.clone(), ms_to_time(*ms))).collect());
+        }
         Ok((fleet, catalog))
     }
 

@@ -279,3 +279,25 @@ async fn sec5_runs_copy_their_strategy_and_may_be_edited_until_they_start() {
     assert!(err.contains("only before it starts"), "{err}");
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec5_full_run_is_pending_until_the_kubernetes_version_reaches_the_members_region() {
+    let f = fleet(&[("n1", "m1", "eu")], "Debian-12-202311.07.0").await;
+    f.publish("Debian-12", "202311.07.0", "eu", b"image A", "untrusted comment: x\nRWQ=\n").await;
+    f.ok(&["kubernetes", "publish", "--version", "1.30.2", "--regions", "us"]).await;
+    f.ok(&["run", "create", "k1", "--upgrade-type", "Full", "--kubernetes-version", "1.30.2"]).await;
+    f.ok(&["run", "start", "k1"]).await;
+    let run = f.wait_run("k1", &["Pending"]).await;
+    let msg = member(&run, "m1")["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("1.30.2") && msg.contains("eu"), "says which version is missing where: {msg}");
+    let listed = f.json(&["kubernetes", "list"]).await;
+    assert_eq!(listed["releases"][0]["version"], "1.30.2");
+    f.ok(&["kubernetes", "publish", "--version", "1.30.2", "--regions", "eu"]).await;
+    let run = wait_for("m1 leaves Pending once 1.30.2 is in eu", WAIT, || async {
+        let v = upkeepctl_json(&f.pki, &f.hub.url(), &["run", "show", "k1"]).await.ok()?;
+        (member(&v, "m1")["status"] != "Pending").then_some(v)
+    })
+    .await;
+    assert!(member(&run, "m1")["started_at"].is_string(), "{run}");
+    f.stop().await;
+}

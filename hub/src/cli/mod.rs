@@ -68,6 +68,9 @@ pub enum Command {
     /// Node image catalog.
     #[command(subcommand)]
     Image(runs::ImageCommand),
+    /// Kubernetes releases and their regions.
+    #[command(subcommand)]
+    Kubernetes(runs::KubernetesCommand),
     /// Strategies: named, reusable orders of stages and groups.
     #[command(subcommand)]
     Strategy(runs::StrategyCommand),
@@ -269,6 +272,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             }
         }
         Command::Image(cmd) => runs::image(&mut connect(&cli).await?, cmd, cli.output, out).await,
+        Command::Kubernetes(cmd) => runs::kubernetes(&mut connect(&cli).await?, cmd, cli.output, out).await,
         Command::Strategy(cmd) => runs::strategy(&mut connect(&cli).await?, cmd, cli.output, out).await,
         Command::Run(cmd) => {
             if runs::run(&mut connect(&cli).await?, cmd, cli.output, out).await? {

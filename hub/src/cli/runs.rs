@@ -28,6 +28,73 @@ pub enum ImageCommand {
     },
 }
 
+/// `upkeepctl kubernetes ...`
+#[derive(Debug, Subcommand)]
+pub enum KubernetesCommand {
+    /// Make a Kubernetes release available in regions (Full and ControlPlaneOnly runs wait for it there).
+    Publish {
+        /// Version MAJOR.MINOR.PATCH.
+        #[arg(long)]
+        version: String,
+        /// Regions, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        regions: Vec<String>,
+        /// When it becomes available there (RFC 3339; default now).
+        #[arg(long)]
+        available_at: Option<String>,
+    },
+    /// List releases and their regions.
+    List,
+}
+
+/// Runs a kubernetes command.
+pub async fn kubernetes(
+    c: &mut Client,
+    cmd: &KubernetesCommand,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    match cmd {
+        KubernetesCommand::Publish { version, regions, available_at } => {
+            let at = available_at.as_deref().map(|s| parse_time("--available-at", s)).transpose()?.unwrap_or(0);
+            let req = v1::PublishKubernetesRequest {
+                version: version.clone(),
+                regions: regions
+                    .iter()
+                    .map(|r| v1::RegionAvailability { region: r.clone(), available_at_unix_ms: at })
+                    .collect(),
+            };
+            let r = c.publish_kubernetes(req).await.map_err(status_line)?.into_inner();
+            writeln!(out, "Kubernetes {} available in {}", r.version, regions.join(","))?;
+        }
+        KubernetesCommand::List => {
+            let all = c.list_kubernetes(v1::ListKubernetesRequest {}).await.map_err(status_line)?.into_inner().releases;
+            if format == Format::Json {
+                let v: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|k| serde_json::json!({"version": k.version, "regions": k.regions.iter().map(|r| (r.region.clone(), rfc3339_ms(r.available_at_unix_ms))).collect::<std::collections::BTreeMap<_, _>>()}))
+                    .collect();
+                return json(out, &serde_json::json!({"releases": v}));
+            }
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|k| {
+                    vec![
+                        k.version.clone(),
+                        k.regions
+                            .iter()
+                            .map(|r| format!("{}@{}", r.region, fmt_ms(r.available_at_unix_ms)))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect();
+            table(out, &["VERSION", "REGIONS (AVAILABLE FROM)"], &rows)?;
+        }
+    }
+    Ok(())
+}
+
 /// `image publish` arguments.
 #[derive(Debug, Args)]
 pub struct PublishArgs {

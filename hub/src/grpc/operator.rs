@@ -230,6 +230,26 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(runs::list_images(self.fleet.store(), &req.get_ref().family)?))
     }
 
+    async fn publish_kubernetes(
+        &self,
+        req: Request<v1::PublishKubernetesRequest>,
+    ) -> Result<Response<v1::KubernetesRelease>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "publish Kubernetes releases")?;
+        let out = runs::publish_kubernetes(self.fleet.store(), req.get_ref())?;
+        tracing::info!(operator = %p.name, version = %out.version, "Kubernetes release published");
+        self.engine.poke();
+        Ok(Response::new(out))
+    }
+
+    async fn list_kubernetes(
+        &self,
+        req: Request<v1::ListKubernetesRequest>,
+    ) -> Result<Response<v1::ListKubernetesResponse>, Status> {
+        require(&principal_of(&req)?, READERS, "list Kubernetes releases")?;
+        Ok(Response::new(runs::list_kubernetes(self.fleet.store())?))
+    }
+
     async fn put_strategy(&self, req: Request<v1::PutStrategyRequest>) -> Result<Response<v1::Strategy>, Status> {
         require(&principal_of(&req)?, WRITERS, "change strategies")?;
         Ok(Response::new(runs::put_strategy(self.fleet.store(), req.get_ref())?))

@@ -385,3 +385,46 @@ pub fn plan_run(engine: &Engine, store: &dyn Store, r: &v1::PlanRunRequest) -> R
             .collect(),
     })
 }
+
+/// `PublishKubernetes`: a Kubernetes release becomes available in regions (default now).
+pub fn publish_kubernetes(
+    store: &dyn Store,
+    r: &v1::PublishKubernetesRequest,
+) -> Result<v1::KubernetesRelease, ApiError> {
+    let bad = |field: &str, e: &dyn std::fmt::Display| ApiError::InvalidArgument(format!("{field}: {e}"));
+    let version: KubernetesVersion = r.version.parse().map_err(|e| bad("version", &e))?;
+    if r.regions.is_empty() {
+        return Err(bad("regions", &"at least one region is required (e.g. --regions eu-west,us-east)"));
+    }
+    let mut regions = std::collections::BTreeMap::new();
+    for (i, ra) in r.regions.iter().enumerate() {
+        validate_name("region", &ra.region).map_err(|e| bad(&format!("regions[{i}]"), &e))?;
+        regions.insert(ra.region.clone(), if ra.available_at_unix_ms > 0 { ra.available_at_unix_ms } else { now_ms() });
+    }
+    store.put_kubernetes(&version.to_string(), &regions)?;
+    Ok(v1::KubernetesRelease {
+        version: version.to_string(),
+        regions: regions
+            .into_iter()
+            .map(|(region, available_at_unix_ms)| v1::RegionAvailability { region, available_at_unix_ms })
+            .collect(),
+    })
+}
+
+/// `ListKubernetes`.
+pub fn list_kubernetes(store: &dyn Store) -> Result<v1::ListKubernetesResponse, ApiError> {
+    let mut all = store.list_kubernetes()?;
+    all.sort_by_key(|(v, _)| v.parse::<KubernetesVersion>().ok());
+    Ok(v1::ListKubernetesResponse {
+        releases: all
+            .into_iter()
+            .map(|(version, regions)| v1::KubernetesRelease {
+                version,
+                regions: regions
+                    .into_iter()
+                    .map(|(region, available_at_unix_ms)| v1::RegionAvailability { region, available_at_unix_ms })
+                    .collect(),
+            })
+            .collect(),
+    })
+}

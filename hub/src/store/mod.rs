@@ -251,6 +251,14 @@ pub trait Store: Send + Sync {
     fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError>;
     /// Catalog, optionally of one family.
     fn list_images(&self, family: Option<&str>) -> Result<Vec<ImageRecord>, StoreError>;
+    /// Publishes (or extends the regions of) a Kubernetes release: version -> region -> available from (ms).
+    fn put_kubernetes(
+        &self,
+        version: &str,
+        regions: &std::collections::BTreeMap<String, i64>,
+    ) -> Result<(), StoreError>;
+    /// Every Kubernetes release with its regions.
+    fn list_kubernetes(&self) -> Result<Vec<(String, std::collections::BTreeMap<String, i64>)>, StoreError>;
 
     /// Creates or replaces a strategy (runs copy strategies, so edits never reach them).
     fn put_strategy(&self, name: &str, spec_json: &str) -> Result<(), StoreError>;

@@ -71,6 +71,8 @@ const MIGRATIONS: &[&str] = &[
         run_status TEXT NOT NULL
     );
     CREATE INDEX events_by_run ON events(run, seq);",
+    // 3: Kubernetes releases by region.
+    "CREATE TABLE kubernetes_releases (version TEXT PRIMARY KEY, regions TEXT NOT NULL);",
 ];
 
 /// The SQLite store.
@@ -359,6 +361,53 @@ impl Store for SqliteStore {
                 img.regions = serde_json::from_str(&regions)
                     .map_err(|e| StoreError::Corrupt { context: ctx.into(), reason: e.to_string() })?;
                 Ok(img)
+            })
+            .collect()
+    }
+
+    fn put_kubernetes(
+        &self,
+        version: &str,
+        regions: &std::collections::BTreeMap<String, i64>,
+    ) -> Result<(), StoreError> {
+        let ctx = format!("publishing Kubernetes {version}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let existing: Option<String> = tx
+            .query_row("SELECT regions FROM kubernetes_releases WHERE version = ?1", params![version], |r| r.get(0))
+            .optional()
+            .map_err(db(ctx.clone()))?;
+        let mut merged: std::collections::BTreeMap<String, i64> = match existing {
+            Some(j) => serde_json::from_str(&j)
+                .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?,
+            None => Default::default(),
+        };
+        merged.extend(regions.iter().map(|(k, v)| (k.clone(), *v)));
+        let json = serde_json::to_string(&merged)
+            .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
+        tx.execute(
+            "INSERT INTO kubernetes_releases (version, regions) VALUES (?1, ?2)
+             ON CONFLICT(version) DO UPDATE SET regions = excluded.regions",
+            params![version, json],
+        )
+        .map_err(db(ctx.clone()))?;
+        tx.commit().map_err(db(ctx))
+    }
+
+    fn list_kubernetes(&self) -> Result<Vec<(String, std::collections::BTreeMap<String, i64>)>, StoreError> {
+        let ctx = "listing Kubernetes releases";
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT version, regions FROM kubernetes_releases").map_err(db(ctx))?;
+        let rows: Vec<(String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db(ctx))?
+            .collect::<Result<_, _>>()
+            .map_err(db(ctx))?;
+        rows.into_iter()
+            .map(|(v, j)| {
+                serde_json::from_str(&j)
+                    .map(|m| (v, m))
+                    .map_err(|e| StoreError::Corrupt { context: ctx.into(), reason: e.to_string() })
             })
             .collect()
     }
