@@ -4,6 +4,7 @@
 
 use crate::backoff;
 use crate::config::AgentConfig;
+use crate::engine::{Engine, Fetcher, Link, Submitted};
 use crate::os::NodeOs;
 use crate::state::{self, AgentState};
 use anyhow::{Context, anyhow};
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use upkeep_proto::tls::client_tls;
 use upkeep_proto::v1::{self, agent_message, hub_message};
 
@@ -21,11 +22,89 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// Outbound queue depth of one session.
 const OUTBOUND_QUEUE: usize = 16;
 
-/// A running agent: its configuration, its OS seam, and its adopted state.
+/// A running agent: its configuration, its OS seam, its adopted state, and its operation engine.
 pub struct Agent {
     cfg: AgentConfig,
     os: Arc<dyn NodeOs>,
     state: std::sync::Mutex<AgentState>,
+    engine: Arc<Engine>,
+    link: Arc<SessionLink>,
+    /// Results of operations finished in the background, sent on whichever session is open.
+    results: tokio::sync::Mutex<mpsc::UnboundedReceiver<v1::OperationResult>>,
+}
+
+/// What the engine sees of the hub session: the channel of the open session (for image downloads), a count
+/// of established sessions (for the after-boot health check), and a way to restart the session.
+#[derive(Default)]
+pub struct SessionLink {
+    channel: std::sync::Mutex<Option<Channel>>,
+    epoch: tokio::sync::watch::Sender<u64>,
+    restart: tokio::sync::Notify,
+}
+
+impl SessionLink {
+    fn channel(&self) -> Option<Channel> {
+        self.channel.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Link for SessionLink {
+    fn epoch(&self) -> u64 {
+        *self.epoch.borrow()
+    }
+
+    fn restart_session(&self) {
+        self.restart.notify_one();
+    }
+
+    fn wait_epoch_above(&self, above: u64, within: Duration) -> futures::future::BoxFuture<'_, bool> {
+        let mut rx = self.epoch.subscribe();
+        Box::pin(
+            async move { tokio::time::timeout(within, rx.wait_for(|e| *e > above)).await.is_ok_and(|r| r.is_ok()) },
+        )
+    }
+}
+
+/// Downloads images over the open session's channel (`AgentService.FetchImage`).
+struct HubFetcher {
+    link: Arc<SessionLink>,
+}
+
+/// How long a download waits for a session to the hub.
+const FETCH_WAIT_FOR_SESSION: Duration = Duration::from_secs(30);
+
+impl Fetcher for HubFetcher {
+    fn open(
+        &self,
+        sha256: &str,
+        offset: u64,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<futures::stream::BoxStream<'static, Result<v1::ImageChunk, String>>, String>,
+    > {
+        let sha256 = sha256.to_string();
+        Box::pin(async move {
+            let mut rx = self.link.epoch.subscribe();
+            let deadline = tokio::time::Instant::now() + FETCH_WAIT_FOR_SESSION;
+            let channel = loop {
+                if let Some(c) = self.link.channel() {
+                    break c;
+                }
+                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                    return Err("no session to the hub to download from".to_string());
+                }
+            };
+            let mut client =
+                v1::agent_service_client::AgentServiceClient::new(channel).max_decoding_message_size(8 * 1024 * 1024);
+            let stream = client
+                .fetch_image(v1::FetchImageRequest { sha256, offset })
+                .await
+                .map_err(|s| format!("FetchImage: {}: {}", s.code(), s.message()))?
+                .into_inner();
+            use futures::StreamExt;
+            Ok(stream.map(|r| r.map_err(|s| format!("FetchImage: {}: {}", s.code(), s.message()))).boxed())
+        })
+    }
 }
 
 /// How a session ended.
@@ -40,7 +119,19 @@ impl Agent {
     /// Loads the persisted state and builds the agent.
     pub fn new(cfg: AgentConfig, os: Arc<dyn NodeOs>) -> anyhow::Result<Agent> {
         let st = state::load(&cfg.state_dir)?;
-        Ok(Agent { cfg, os, state: std::sync::Mutex::new(st) })
+        let link = Arc::new(SessionLink::default());
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let fetcher = Arc::new(HubFetcher { link: link.clone() });
+        let engine =
+            Engine::new(os.clone(), &cfg.state_dir, fetcher, link.clone(), results_tx, cfg.image.health_timeout)?;
+        Ok(Agent {
+            cfg,
+            os,
+            state: std::sync::Mutex::new(st),
+            engine,
+            link,
+            results: tokio::sync::Mutex::new(results_rx),
+        })
     }
 
     fn state(&self) -> AgentState {
@@ -73,7 +164,7 @@ impl Agent {
             kubernetes_version: facts.kubernetes_version,
             control_plane: self.cfg.control_plane,
             hardware_class: self.cfg.hardware_class.clone(),
-            operations: Vec::new(),
+            operations: self.engine.operations(),
         }
     }
 
@@ -106,6 +197,8 @@ impl Agent {
     /// Runs until `shutdown` completes, reconnecting as needed.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
+        // Operations interrupted by a restart or a reboot carry on from their journalled step.
+        self.engine.resume();
         let mut attempt: u32 = 0;
         loop {
             let end = tokio::select! {
@@ -149,6 +242,8 @@ impl Agent {
             .connect()
             .await
             .context("connecting to the hub")?;
+        *self.link.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel.clone());
+        let mut results = self.results.lock().await;
         let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<v1::AgentMessage>(OUTBOUND_QUEUE);
         let mut last = self.report();
@@ -166,6 +261,7 @@ impl Agent {
                     match m.body {
                         Some(hub_message::Body::Welcome(w)) => {
                             *welcomed = true;
+                            self.link.epoch.send_modify(|e| *e += 1);
                             let every = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.max(1)));
                             beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -178,11 +274,20 @@ impl Agent {
                             }
                         }
                         Some(hub_message::Body::Command(c)) => {
-                            let result = self.execute(&c);
-                            tx.send(msg(agent_message::Body::Result(result))).await.context("sending result")?;
+                            if let Some(result) = self.execute(&c) {
+                                tx.send(msg(agent_message::Body::Result(result))).await.context("sending result")?;
+                            }
                         }
                         None => tracing::warn!("empty message from hub ignored"),
                     }
+                }
+                Some(result) = results.recv() => {
+                    tx.send(msg(agent_message::Body::Result(result))).await.context("sending result")?;
+                    last = self.report();
+                    tx.send(msg(agent_message::Body::Report(last.clone()))).await.context("sending report")?;
+                }
+                _ = self.link.restart.notified() => {
+                    return Err(anyhow!("session restarted after an in-process boot"));
                 }
                 _ = beat.tick() => {
                     // One wakeup per interval: re-read the node, report if anything changed, else heartbeat.
@@ -200,26 +305,12 @@ impl Agent {
         }
     }
 
-    /// Carries out a command. This agent version executes none of the node operations yet; each is answered
-    /// with a definite failure naming the operation, so that no hub ever waits on it.
-    fn execute(&self, c: &v1::Command) -> v1::OperationResult {
-        let kind = match &c.kind {
-            Some(v1::command::Kind::Cordon(_)) => "cordon",
-            Some(v1::command::Kind::Uncordon(_)) => "uncordon",
-            Some(v1::command::Kind::Drain(_)) => "drain",
-            Some(v1::command::Kind::Reboot(_)) => "reboot",
-            Some(v1::command::Kind::Reimage(_)) => "reimage",
-            Some(v1::command::Kind::ApplySecurityPatch(_)) => "apply-security-patch",
-            Some(v1::command::Kind::UpgradeKubernetes(_)) => "upgrade-kubernetes",
-            None => "empty",
-        };
-        tracing::warn!(node = %self.cfg.node_name, op = %c.operation_id, kind, "operation refused: not supported by this agent version");
-        v1::OperationResult {
-            operation_id: c.operation_id.clone(),
-            generation: c.generation,
-            ok: false,
-            error: format!("operation {kind} is not supported by upkeep-agent {}", upkeep_proto::VERSION),
-            finished_at_unix_ms: chrono::Utc::now().timestamp_millis(),
+    /// Hands a command to the engine. Returns the result when it is known at once (a repeat of a finished
+    /// operation, a refusal); otherwise the engine sends it through the results channel when it is reached.
+    fn execute(&self, c: &v1::Command) -> Option<v1::OperationResult> {
+        match self.engine.submit(c) {
+            Submitted::Finished(r) => Some(r),
+            Submitted::Running => None,
         }
     }
 }

@@ -1,12 +1,15 @@
 //! upkeep-agent: the node daemon.
 //!
 //! Code map: `config` (agent.toml), `os` (the one seam to the machine: trait NodeOs), `state` (atomic
-//! persisted state), `hub_link` (the mTLS session with the hub), `backoff` (pure reconnect delays).
+//! persisted state), `journal` (write-ahead journal of operations), `engine` (executes hub commands step by
+//! step through the journal), `hub_link` (the mTLS session with the hub), `backoff` (pure reconnect delays).
 //! The agent never trusts the hub with its identity: its node name comes from its own certificate.
 
 pub mod backoff;
 pub mod config;
+pub mod engine;
 pub mod hub_link;
+pub mod journal;
 pub mod os;
 pub mod state;
 
@@ -15,7 +18,7 @@ use std::sync::Arc;
 
 /// Runs an agent with `cfg` on the real host (under `cfg.root`) until `shutdown` completes.
 pub async fn run(cfg: config::AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let os = Arc::new(os::host::HostOs::new(cfg.root.clone()));
+    let os = Arc::new(os::host::HostOs::from_config(&cfg));
     let agent = Arc::new(hub_link::Agent::new(cfg, os)?);
     agent.run(shutdown).await
 }

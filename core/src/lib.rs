@@ -8,4 +8,5 @@ pub mod concurrency;
 pub mod ids;
 pub mod run;
 pub mod schedule;
+pub mod signature;
 pub mod version;

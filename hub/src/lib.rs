@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod fleet;
 pub mod grpc;
+pub mod image_tools;
 pub mod pki;
 pub mod server;
 pub mod store;

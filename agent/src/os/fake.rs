@@ -1,28 +1,204 @@
-//! A scripted `NodeOs` for unit tests of the agent's engine only. Never used by the binary.
+//! A scripted `NodeOs` for unit tests of the agent's engine only. Never used by the binary. It keeps boot
+//! control in memory, records every side effect in `calls`, and can be told to fail health checks, to keep
+//! a boot-once slot from booting, or to make reboots "real" (Pending: the test then restarts the engine).
 
-use super::{NodeOs, OsError, OsFacts};
+use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use upkeep_core::version::NodeImageVersion;
 
-/// Facts set by the test.
+/// Everything the fake holds; tests read and set it through `FakeOs::with`.
+#[derive(Debug, Default)]
+pub struct FakeState {
+    /// Facts reported.
+    pub facts: OsFacts,
+    /// Trusted key files.
+    pub keys: Vec<(PathBuf, String)>,
+    /// Booted slot.
+    pub booted: Option<Slot>,
+    /// Committed slot.
+    pub committed: Option<Slot>,
+    /// Boot-once mark.
+    pub next_once: Option<Slot>,
+    /// Boot counter.
+    pub boot_seq: u64,
+    /// Digest of what each slot holds.
+    pub slot_sha: HashMap<Slot, String>,
+    /// Image metadata per digest (what the image says it is once booted).
+    pub images: HashMap<String, NodeImageVersion>,
+    /// Metadata of what each slot holds, for slots not written by the test (slot A at start).
+    pub slot_image: HashMap<Slot, NodeImageVersion>,
+    /// Health check failure to report, if any.
+    pub unhealthy: Option<String>,
+    /// A boot-once slot does not come up.
+    pub boot_fails: bool,
+    /// Reboots are real: they return Pending and the boot happens when the test calls `power_cycle`.
+    pub real_reboots: bool,
+    /// A real reboot was requested.
+    pub reboot_requested: bool,
+    /// Every side effect, in order.
+    pub calls: Vec<String>,
+}
+
+/// The fake.
 #[derive(Debug, Default)]
 pub struct FakeOs {
-    facts: Mutex<OsFacts>,
+    state: Mutex<FakeState>,
 }
 
 impl FakeOs {
     /// With these facts.
     pub fn new(facts: OsFacts) -> FakeOs {
-        FakeOs { facts: Mutex::new(facts) }
+        let slot_a = facts.node_image.clone();
+        let fake = FakeOs { state: Mutex::new(FakeState { facts, ..Default::default() }) };
+        if let Some(a) = slot_a {
+            fake.with(|s| s.slot_image.insert(Slot::A, a));
+        }
+        fake
     }
 
     /// Replaces the facts.
     pub fn set(&self, facts: OsFacts) {
-        *self.facts.lock().unwrap_or_else(|e| e.into_inner()) = facts;
+        self.with(|s| s.facts = facts);
     }
+
+    /// Reads or changes the state.
+    pub fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Completes a pending real reboot: the bootloader boots the boot-once slot (unless told it fails), else the
+    /// committed one.
+    pub fn power_cycle(&self) {
+        self.with(|s| {
+            s.reboot_requested = false;
+            boot(s);
+        });
+    }
+}
+
+fn boot(s: &mut FakeState) {
+    let committed = s.committed.unwrap_or(Slot::A);
+    let chosen = match s.next_once.take() {
+        Some(n) if !s.boot_fails => n,
+        _ => committed,
+    };
+    s.booted = Some(chosen);
+    s.boot_seq += 1;
+    let image = s
+        .slot_sha
+        .get(&chosen)
+        .and_then(|sha| s.images.get(sha))
+        .cloned()
+        .or_else(|| s.slot_image.get(&chosen).cloned());
+    s.facts.node_image = image;
+    s.calls.push(format!("booted {chosen}"));
+}
+
+fn sha256_file(p: &Path) -> Result<String, OsError> {
+    let bytes = std::fs::read(p).map_err(OsError::io(p))?;
+    Ok(super::slots::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()))
 }
 
 impl NodeOs for FakeOs {
     fn facts(&self) -> Result<OsFacts, OsError> {
-        Ok(self.facts.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        Ok(self.with(|s| s.facts.clone()))
+    }
+
+    fn trusted_keys(&self) -> Result<Vec<(PathBuf, String)>, OsError> {
+        Ok(self.with(|s| s.keys.clone()))
+    }
+
+    fn boot_state(&self) -> Result<BootState, OsError> {
+        Ok(self.with(|s| BootState {
+            booted: s.booted.unwrap_or(Slot::A),
+            committed: s.committed.unwrap_or(Slot::A),
+            next_once: s.next_once,
+            tries_left: None,
+            boot_id: format!("fake-{}", s.boot_seq),
+        }))
+    }
+
+    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
+        let actual = sha256_file(image)?;
+        if actual != sha256 {
+            return Err(OsError::Digest { path: image.to_path_buf(), expected: sha256.into(), actual });
+        }
+        let len = std::fs::metadata(image).map_err(OsError::io(image))?.len();
+        self.with(|s| {
+            s.slot_sha.insert(slot, actual);
+            s.calls.push(format!("write {slot}"));
+        });
+        Ok(len)
+    }
+
+    fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError> {
+        self.with(|s| {
+            s.next_once = Some(slot);
+            s.calls.push(format!("mark {slot}"));
+        });
+        Ok(())
+    }
+
+    fn reboot(&self) -> Result<Rebooted, OsError> {
+        Ok(self.with(|s| {
+            s.calls.push("reboot".into());
+            if s.real_reboots {
+                s.reboot_requested = true;
+                Rebooted::Pending
+            } else {
+                boot(s);
+                Rebooted::Done
+            }
+        }))
+    }
+
+    fn commit(&self, slot: Slot) -> Result<(), OsError> {
+        self.with(|s| {
+            s.committed = Some(slot);
+            s.next_once = None;
+            s.calls.push(format!("commit {slot}"));
+        });
+        Ok(())
+    }
+
+    fn fall_back(&self, to: Slot) -> Result<Rebooted, OsError> {
+        Ok(self.with(|s| {
+            s.committed = Some(to);
+            s.next_once = None;
+            s.calls.push(format!("fall back {to}"));
+            if s.booted.unwrap_or(Slot::A) == to {
+                Rebooted::Done
+            } else if s.real_reboots {
+                s.reboot_requested = true;
+                Rebooted::Pending
+            } else {
+                boot(s);
+                Rebooted::Done
+            }
+        }))
+    }
+
+    fn health_check(&self) -> Result<(), OsError> {
+        self.with(|s| {
+            s.calls.push("health".into());
+            s.unhealthy.clone().map_or(Ok(()), |r| Err(OsError::Unhealthy(r)))
+        })
+    }
+
+    fn cordon(&self) -> Result<(), OsError> {
+        self.with(|s| s.calls.push("cordon".into()));
+        Ok(())
+    }
+
+    fn uncordon(&self) -> Result<(), OsError> {
+        self.with(|s| s.calls.push("uncordon".into()));
+        Ok(())
+    }
+
+    fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError> {
+        self.with(|s| s.calls.push(format!("drain {}s", timeout.as_secs())));
+        Ok(())
     }
 }

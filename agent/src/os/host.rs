@@ -1,7 +1,12 @@
-//! The real `NodeOs` over a root directory.
+//! The real `NodeOs` over a root directory: facts read from files under the root; slots and boot control
+//! delegated to the configured backend (`slots`), cordon/drain to `cordon`, health commands to `command`.
 
-use super::{NodeOs, OsError, OsFacts, parse_env_file, parse_node_image};
+use super::cordon::Cordon;
+use super::slots::{self, Backend, DirSlots, GrubEnv, HookSlots};
+use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, command, parse_env_file, parse_node_image};
+use crate::config::{AgentConfig, CordonSettings, ImageSettings, SlotBackend};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Image metadata, relative to the root.
 pub const NODE_IMAGE_FILE: &str = "etc/upkeep/node-image";
@@ -12,16 +17,51 @@ pub const REBOOT_REQUIRED_FILE: &str = "var/run/reboot-required";
 /// Kubernetes version marker, relative to the root.
 pub const KUBERNETES_VERSION_FILE: &str = "etc/upkeep/kubernetes-version";
 
+/// Timeout of one health command.
+const HEALTH_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The node as seen through `root`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HostOs {
     root: PathBuf,
+    image: ImageSettings,
+    backend: Arc<dyn Backend>,
+    cordon: Cordon,
 }
 
 impl HostOs {
-    /// Over `root` (`/` on a real node).
+    /// Over `root` (`/` on a real node) with default settings (directory slots, no hooks).
     pub fn new(root: impl Into<PathBuf>) -> HostOs {
-        HostOs { root: root.into() }
+        let root = root.into();
+        HostOs::with_settings(root.clone(), ImageSettings::defaults(&root), CordonSettings::default())
+    }
+
+    /// Over the configuration's root with its `[image]` and `[cordon]` settings.
+    pub fn from_config(cfg: &AgentConfig) -> HostOs {
+        HostOs::with_settings(cfg.root.clone(), cfg.image.clone(), cfg.cordon.clone())
+    }
+
+    /// Over `root` with explicit settings.
+    pub fn with_settings(root: PathBuf, image: ImageSettings, cordon: CordonSettings) -> HostOs {
+        let backend: Arc<dyn Backend> = match &image.backend {
+            SlotBackend::Dir => Arc::new(DirSlots::new(root.clone(), image.boot_tries)),
+            SlotBackend::Grub { env_file, slot_a, slot_b, cmdline } => Arc::new(GrubEnv {
+                env_file: env_file.clone(),
+                slots: [slot_a.clone(), slot_b.clone()],
+                cmdline: cmdline.clone(),
+                boot_id: PathBuf::from(slots::BOOT_ID_FILE),
+                boot_tries: image.boot_tries,
+                reboot_command: image.reboot_command.clone(),
+            }),
+            SlotBackend::Hook(h) => Arc::new(HookSlots {
+                hooks: h.clone(),
+                state_file: root.join("var/lib/upkeep/hook-boot.json"),
+                boot_id: PathBuf::from(slots::BOOT_ID_FILE),
+                reboot_command: image.reboot_command.clone(),
+            }),
+        };
+        let cordon = Cordon::new(root.clone(), cordon);
+        HostOs { root, image, backend, cordon }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -72,6 +112,75 @@ impl NodeOs for HostOs {
             reboot_required: self.path(REBOOT_REQUIRED_FILE).exists(),
             kubernetes_version: trimmed(KUBERNETES_VERSION_FILE)?,
         })
+    }
+
+    fn trusted_keys(&self) -> Result<Vec<(PathBuf, String)>, OsError> {
+        let dir = &self.image.trusted_keys;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(OsError::Io { path: dir.clone(), source: e }),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let p = e.map_err(OsError::io(dir))?.path();
+            if p.extension().is_some_and(|x| x == "pub") {
+                let text = std::fs::read_to_string(&p).map_err(OsError::io(&p))?;
+                out.push((p, text));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn boot_state(&self) -> Result<BootState, OsError> {
+        self.backend.boot_state()
+    }
+
+    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
+        self.backend.write_slot(slot, image, sha256)
+    }
+
+    fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError> {
+        self.backend.mark_boot_once(slot)
+    }
+
+    fn reboot(&self) -> Result<Rebooted, OsError> {
+        self.backend.reboot()
+    }
+
+    fn commit(&self, slot: Slot) -> Result<(), OsError> {
+        self.backend.commit(slot)
+    }
+
+    fn fall_back(&self, to: Slot) -> Result<Rebooted, OsError> {
+        self.backend.fall_back(to)
+    }
+
+    fn health_check(&self) -> Result<(), OsError> {
+        let booted = self.backend.booted_root().display().to_string();
+        let root = self.root.display().to_string();
+        for argv in &self.image.health_commands {
+            command::run(
+                argv,
+                &[("UPKEEP_BOOTED_ROOT", &booted), ("UPKEEP_ROOT", &root)],
+                Some(HEALTH_COMMAND_TIMEOUT),
+            )
+            .map_err(|e| OsError::Unhealthy(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn cordon(&self) -> Result<(), OsError> {
+        self.cordon.cordon()
+    }
+
+    fn uncordon(&self) -> Result<(), OsError> {
+        self.cordon.uncordon()
+    }
+
+    fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError> {
+        self.cordon.drain(timeout)
     }
 }
 

@@ -2,10 +2,20 @@
 //! node's state goes through it; nothing else in the agent touches files under the root or builds a Command.
 //!
 //! `host::HostOs` is the real implementation over a root directory (`/` on a real node, a tree per simulated
-//! node in tests and the demo). `fake::FakeOs` exists only for unit tests of the engine.
+//! node in tests and the demo); it delegates slots and boot control to one backend of `slots` (directory
+//! trees, the GRUB environment block, or configured hooks), cordon/drain to `cordon`, and every external
+//! program to `command`. `image` owns the agent's download staging and image verification.
+//! `fake::FakeOs` exists only for unit tests of the engine.
 
+pub mod command;
+pub mod cordon;
 pub mod fake;
 pub mod host;
+pub mod image;
+pub mod slots;
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 use upkeep_core::version::NodeImageVersion;
 
@@ -48,12 +58,132 @@ pub enum OsError {
         /// What is wrong.
         reason: String,
     },
+    /// An external command failed: its argv, exit status and the tail of its stderr.
+    #[error("command {argv:?} {status}: {stderr_tail}")]
+    Command {
+        /// The argv.
+        argv: Vec<String>,
+        /// How it ended.
+        status: String,
+        /// Last lines of stderr.
+        stderr_tail: String,
+    },
+    /// The bytes written to a slot do not hash to the expected digest.
+    #[error("{path}: image hashes to {actual} while writing, expected {expected}; slot left unchanged")]
+    Digest {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Expected sha256.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// A configured health check failed.
+    #[error("health check failed: {0}")]
+    Unhealthy(String),
+}
+
+impl OsError {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OsError + '_ {
+        move |source| OsError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// One of the two A/B slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    /// Slot A (the node's original image lives here).
+    A,
+    /// Slot B.
+    B,
+}
+
+impl Slot {
+    /// The other slot.
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+
+    /// `a` or `b`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        }
+    }
+
+    /// Parses `a` / `b` (case-insensitive, surrounding white space ignored).
+    pub fn parse(s: &str) -> Option<Slot> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "a" => Some(Slot::A),
+            "b" => Some(Slot::B),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The boot-control state of the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootState {
+    /// The slot the node runs now.
+    pub booted: Slot,
+    /// The slot the bootloader boots by default (the last committed one).
+    pub committed: Slot,
+    /// A slot marked to be booted once, not yet taken.
+    pub next_once: Option<Slot>,
+    /// Boot attempts left for the boot-once slot, where the backend counts them.
+    pub tries_left: Option<u32>,
+    /// Identifies the current boot; changes with every boot (real or simulated).
+    pub boot_id: String,
+}
+
+/// What a reboot request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebooted {
+    /// The (simulated, in-process) boot has completed; the node runs whatever the bootloader chose.
+    Done,
+    /// The machine is going down; the agent continues from its journal after the boot.
+    Pending,
 }
 
 /// Everything the agent may read from or do to its node.
 pub trait NodeOs: Send + Sync {
     /// Reads the facts the agent reports.
     fn facts(&self) -> Result<OsFacts, OsError>;
+    /// The trusted image signing keys: (file, text) of each `*.pub` in the trusted-keys directory.
+    fn trusted_keys(&self) -> Result<Vec<(std::path::PathBuf, String)>, OsError>;
+    /// The boot-control state.
+    fn boot_state(&self) -> Result<BootState, OsError>;
+    /// Writes the verified image file `image` into `slot`, hashing what it streams and refusing (before the slot
+    /// is made visible) if it does not hash to `sha256`; fsyncs. Returns the bytes written.
+    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError>;
+    /// Marks `slot` to be booted once, with the configured number of tries.
+    fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError>;
+    /// Reboots (or, for the directory backend, boots in-process).
+    fn reboot(&self) -> Result<Rebooted, OsError>;
+    /// Makes the booted `slot` the default.
+    fn commit(&self, slot: Slot) -> Result<(), OsError>;
+    /// Makes `to` the default again, drops any boot-once mark, and boots it if it is not the booted slot.
+    fn fall_back(&self, to: Slot) -> Result<Rebooted, OsError>;
+    /// Runs the configured health commands against the booted image.
+    fn health_check(&self) -> Result<(), OsError>;
+    /// Marks the node unschedulable.
+    fn cordon(&self) -> Result<(), OsError>;
+    /// Makes the node schedulable again.
+    fn uncordon(&self) -> Result<(), OsError>;
+    /// Evicts workloads within `timeout`.
+    fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError>;
 }
 
 /// Parses image metadata (`/etc/upkeep/node-image`): `KEY=VALUE` lines with `FAMILY` and `VERSION`;

@@ -125,6 +125,9 @@ pub struct MemberRecord {
     pub node_pools: Vec<String>,
 }
 
+/// Where a release is available: region -> available from (Unix ms).
+pub type Regions = std::collections::BTreeMap<String, i64>;
+
 /// A node image version in the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRecord {
@@ -258,7 +261,7 @@ pub trait Store: Send + Sync {
         regions: &std::collections::BTreeMap<String, i64>,
     ) -> Result<(), StoreError>;
     /// Every Kubernetes release with its regions.
-    fn list_kubernetes(&self) -> Result<Vec<(String, std::collections::BTreeMap<String, i64>)>, StoreError>;
+    fn list_kubernetes(&self) -> Result<Vec<(String, Regions)>, StoreError>;
 
     /// Creates or replaces a strategy (runs copy strategies, so edits never reach them).
     fn put_strategy(&self, name: &str, spec_json: &str) -> Result<(), StoreError>;

@@ -394,7 +394,7 @@ impl Store for SqliteStore {
         tx.commit().map_err(db(ctx))
     }
 
-    fn list_kubernetes(&self) -> Result<Vec<(String, std::collections::BTreeMap<String, i64>)>, StoreError> {
+    fn list_kubernetes(&self) -> Result<Vec<(String, super::Regions)>, StoreError> {
         let ctx = "listing Kubernetes releases";
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT version, regions FROM kubernetes_releases").map_err(db(ctx))?;

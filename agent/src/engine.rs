@@ -1,0 +1,663 @@
+//! The operation engine: executes hub commands step by step through the write-ahead journal. Each step is
+//! journalled before it is performed and every step is safe to perform again, so an operation interrupted
+//! by an agent restart or a reboot resumes from its journalled step. A repeated operation id is answered with
+//! the first result; a command of an older generation than the newest seen is refused.
+//!
+//! Reimage: local checks (rolled back before? downgrade? a signature by a trusted key?) -> fetch into staging
+//! with resume, verify digest and signature -> write the inactive slot -> mark it boot-once -> reboot ->
+//! health (booted the new slot, hub reachable again, health commands) -> commit, or fall back to the previous
+//! slot, remember the image as rolled back and report the reason. The engine makes no system calls itself:
+//! everything on the node goes through `NodeOs`, downloads through a `Fetcher`, the hub session through `Link`.
+
+use crate::journal::{Entry, Journal, Op, Outcome, Step};
+use crate::os::image::{Download, TrustError, discard, parse_trusted_keys, verify};
+use crate::os::{NodeOs, OsError, Rebooted, Slot};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use upkeep_core::signature::Signature;
+use upkeep_core::version::{ImageVersion, NodeImageVersion};
+use upkeep_proto::v1;
+
+/// Directory of images that were rolled back on this node, inside the state directory. A file named
+/// `<family>-<version>` holds the reason; delete it to allow that image again.
+pub const ROLLED_BACK_DIR: &str = "rolled-back";
+/// Download attempts (each resumes where the last one broke) before a reimage fails.
+const FETCH_ATTEMPTS: u32 = 6;
+/// First pause between download attempts; doubles per attempt.
+const FETCH_RETRY_BASE: Duration = Duration::from_millis(100);
+
+/// Streams an artifact from `offset`.
+pub trait Fetcher: Send + Sync {
+    /// Opens the artifact `sha256` at `offset`.
+    fn open(
+        &self,
+        sha256: &str,
+        offset: u64,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<v1::ImageChunk, String>>, String>>;
+}
+
+/// What the engine needs from the hub session.
+pub trait Link: Send + Sync {
+    /// Number of sessions established (Welcome received) since the agent started.
+    fn epoch(&self) -> u64;
+    /// Ends the current session so that it is re-established (after an in-process, simulated boot).
+    fn restart_session(&self);
+    /// Waits until `epoch() > above`, at most `within`; false on timeout.
+    fn wait_epoch_above(&self, above: u64, within: Duration) -> BoxFuture<'_, bool>;
+}
+
+/// How `submit` answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submitted {
+    /// The result is known now (a repeat, a refusal, or an unsupported kind): send it.
+    Finished(v1::OperationResult),
+    /// Being carried out; the result is sent through the results channel when it is reached.
+    Running,
+}
+
+/// The engine.
+pub struct Engine {
+    os: Arc<dyn NodeOs>,
+    state_dir: PathBuf,
+    journal: Mutex<Journal>,
+    running: Mutex<HashSet<String>>,
+    reboot_epoch: Mutex<HashMap<String, u64>>,
+    fetcher: Arc<dyn Fetcher>,
+    link: Arc<dyn Link>,
+    results: mpsc::UnboundedSender<v1::OperationResult>,
+    health_timeout: Duration,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn wire(id: &str, generation: u64, o: &Outcome) -> v1::OperationResult {
+    v1::OperationResult {
+        operation_id: id.to_string(),
+        generation,
+        ok: o.ok,
+        error: o.error.clone(),
+        finished_at_unix_ms: o.finished_at_unix_ms,
+    }
+}
+
+fn failed(error: String) -> Outcome {
+    Outcome { ok: false, error, finished_at_unix_ms: now_ms() }
+}
+
+/// Decodes the wire command; Err is the refusal text.
+fn decode(c: &v1::Command) -> Result<Op, String> {
+    use v1::command::Kind;
+    match &c.kind {
+        Some(Kind::Cordon(_)) => Ok(Op::Cordon),
+        Some(Kind::Uncordon(_)) => Ok(Op::Uncordon),
+        Some(Kind::Drain(d)) => Ok(Op::Drain { timeout_seconds: d.timeout_seconds }),
+        Some(Kind::Reboot(r)) => Ok(Op::Reboot { force: r.force }),
+        Some(Kind::Reimage(r)) => {
+            let img = r.image.as_ref().ok_or("reimage.image: missing; name the image to install")?;
+            Ok(Op::Reimage {
+                family: img.family.clone(),
+                version: img.version.clone(),
+                url: img.url.clone(),
+                sha256: img.sha256.clone(),
+                signature: img.signature.clone(),
+                size_bytes: img.size_bytes,
+                allow_downgrade: r.allow_downgrade,
+            })
+        }
+        Some(Kind::ApplySecurityPatch(_)) => Err(format!(
+            "operation apply-security-patch is not supported by upkeep-agent {} yet",
+            upkeep_proto::VERSION
+        )),
+        Some(Kind::UpgradeKubernetes(_)) => {
+            Err(format!("operation upgrade-kubernetes is not supported by upkeep-agent {} yet", upkeep_proto::VERSION))
+        }
+        None => Err("command.kind: empty; the hub sent a command without an operation".into()),
+    }
+}
+
+/// The image a reimage names, checked.
+fn target_image(family: &str, version: &str) -> Result<NodeImageVersion, String> {
+    let v: ImageVersion = version.parse().map_err(|e| format!("reimage.image.version: {e}"))?;
+    NodeImageVersion::new(family, v).map_err(|e| format!("reimage.image.family: {e}"))
+}
+
+/// Where a step goes next.
+#[allow(clippy::large_enum_variant)] // one short-lived value per step; boxing buys nothing
+enum Next {
+    /// Journal this entry and go on.
+    Go(Entry),
+    /// The machine is going down; the journal carries on after the boot.
+    Park,
+}
+
+impl Engine {
+    /// Opens the journal under `state_dir`.
+    pub fn new(
+        os: Arc<dyn NodeOs>,
+        state_dir: &Path,
+        fetcher: Arc<dyn Fetcher>,
+        link: Arc<dyn Link>,
+        results: mpsc::UnboundedSender<v1::OperationResult>,
+        health_timeout: Duration,
+    ) -> Result<Arc<Engine>, crate::state::StateError> {
+        Ok(Arc::new(Engine {
+            os,
+            state_dir: state_dir.to_path_buf(),
+            journal: Mutex::new(Journal::open(state_dir)?),
+            running: Mutex::new(HashSet::new()),
+            reboot_epoch: Mutex::new(HashMap::new()),
+            fetcher,
+            link,
+            results,
+            health_timeout,
+        }))
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resumes every unfinished operation (call once at start, inside the runtime).
+    pub fn resume(self: &Arc<Self>) {
+        for e in self.journal().unfinished() {
+            tracing::info!(op = %e.operation_id, kind = e.op.kind(), step = e.step.as_str(), "resuming operation");
+            self.spawn(e.operation_id);
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, id: String) {
+        if !self.running().insert(id.clone()) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.drive(id).await });
+    }
+
+    /// Takes a command from the hub.
+    pub fn submit(self: &Arc<Self>, c: &v1::Command) -> Submitted {
+        let id = c.operation_id.clone();
+        let mut j = self.journal();
+        if let Some(e) = j.get(&id) {
+            if let Some(r) = &e.result {
+                tracing::info!(op = %id, "repeated operation: answering with its first result");
+                return Submitted::Finished(wire(&id, e.generation, r));
+            }
+            drop(j);
+            self.spawn(id);
+            return Submitted::Running;
+        }
+        let refuse = |why: String| {
+            tracing::warn!(op = %c.operation_id, error = %why, "operation refused");
+            Submitted::Finished(wire(&c.operation_id, c.generation, &failed(why)))
+        };
+        if id.is_empty() {
+            return refuse("command.operation_id: empty; every command needs an operation id".into());
+        }
+        let newest = j.newest_generation();
+        if c.generation < newest {
+            return refuse(format!(
+                "command.generation: {} is older than the newest seen on this node ({newest}); refusing a stale command",
+                c.generation
+            ));
+        }
+        let op = match decode(c) {
+            Ok(op) => op,
+            Err(why) => return refuse(why),
+        };
+        if let Some(busy) = j.unfinished().into_iter().next() {
+            return refuse(format!(
+                "operation {} ({}) is still in flight at step {}; send this one after it finished",
+                busy.operation_id,
+                busy.op.kind(),
+                busy.step.as_str()
+            ));
+        }
+        let entry = Entry {
+            operation_id: id.clone(),
+            generation: c.generation,
+            op,
+            step: Step::Accepted,
+            target: None,
+            previous: None,
+            boot_id: None,
+            failure: None,
+            result: None,
+        };
+        if let Err(e) = j.put(entry) {
+            return refuse(format!("cannot journal the operation: {e}"));
+        }
+        drop(j);
+        self.spawn(id);
+        Submitted::Running
+    }
+
+    /// Operations in flight, for the node report.
+    pub fn operations(&self) -> Vec<v1::OperationState> {
+        self.journal()
+            .unfinished()
+            .into_iter()
+            .map(|e| v1::OperationState {
+                operation_id: e.operation_id,
+                kind: e.op.kind().into(),
+                step: e.step.as_str().into(),
+                state: "running".into(),
+            })
+            .collect()
+    }
+
+    /// The journalled entry of `id` (tests and diagnostics).
+    pub fn entry(&self, id: &str) -> Option<Entry> {
+        self.journal().get(id).cloned()
+    }
+
+    async fn drive(self: Arc<Self>, id: String) {
+        let finished = loop {
+            let Some(entry) = self.entry(&id) else { break None };
+            if let Some(r) = &entry.result {
+                break Some(wire(&id, entry.generation, r));
+            }
+            let generation = entry.generation;
+            let next = match self.step(entry.clone()).await {
+                Ok(Next::Go(e)) => e,
+                Ok(Next::Park) => {
+                    tracing::info!(op = %id, "the node is rebooting; the operation continues after the boot");
+                    return; // stays in `running`: a repeat is answered once the node is back
+                }
+                Err(why) => {
+                    // A step that cannot even be attempted (journal or node unreadable): a definite failure.
+                    let mut e = entry;
+                    e.step = Step::Done;
+                    e.result = Some(failed(why.clone()));
+                    if self.journal().put(e).is_err() {
+                        self.running().remove(&id);
+                        let _ = self.results.send(wire(&id, generation, &failed(why)));
+                        return;
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(op = %id, kind = next.op.kind(), step = next.step.as_str(), "operation step");
+            if let Err(e) = self.journal().put(next) {
+                let why = format!("cannot journal the next step: {e}");
+                self.running().remove(&id);
+                let _ = self.results.send(wire(&id, generation, &failed(why)));
+                return;
+            }
+        };
+        self.running().remove(&id);
+        if let Some(r) = finished {
+            tracing::info!(op = %id, ok = r.ok, error = %r.error, "operation finished");
+            let _ = self.results.send(r);
+        }
+    }
+
+    async fn os<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn NodeOs) -> Result<T, OsError> + Send + 'static,
+    ) -> Result<T, OsError> {
+        let os = self.os.clone();
+        match tokio::task::spawn_blocking(move || f(os.as_ref())).await {
+            Ok(r) => r,
+            Err(e) => Err(OsError::Unhealthy(format!("node operation panicked: {e}"))),
+        }
+    }
+
+    fn finish(mut e: Entry, outcome: Outcome) -> Next {
+        e.step = Step::Done;
+        e.result = Some(outcome);
+        Next::Go(e)
+    }
+
+    fn ok(e: Entry) -> Next {
+        Self::finish(e, Outcome { ok: true, error: String::new(), finished_at_unix_ms: now_ms() })
+    }
+
+    fn fail(e: Entry, why: String) -> Next {
+        Self::finish(e, failed(why))
+    }
+
+    fn rolled_back_file(&self, label: &str) -> PathBuf {
+        self.state_dir.join(ROLLED_BACK_DIR).join(label)
+    }
+
+    /// Performs the entry's step; returns the entry with its next step (or its result).
+    async fn step(&self, mut e: Entry) -> Result<Next, String> {
+        let op = e.op.clone();
+        match (&op, e.step) {
+            (Op::Cordon | Op::Uncordon | Op::Drain { .. }, Step::Accepted) => {
+                e.step = Step::Act;
+                Ok(Next::Go(e))
+            }
+            (Op::Cordon | Op::Uncordon | Op::Drain { .. }, Step::Act) => {
+                let op2 = op.clone();
+                let r = self
+                    .os(move |os| match op2 {
+                        Op::Cordon => os.cordon(),
+                        Op::Uncordon => os.uncordon(),
+                        Op::Drain { timeout_seconds } => os.drain(Duration::from_secs(u64::from(timeout_seconds))),
+                        _ => Ok(()),
+                    })
+                    .await;
+                Ok(match r {
+                    Ok(()) => Self::ok(e),
+                    Err(err) => Self::fail(e, format!("{} failed: {err}", op.kind())),
+                })
+            }
+            (Op::Reboot { .. }, Step::Accepted) => {
+                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
+                e.boot_id = Some(bs.boot_id);
+                e.step = Step::Reboot;
+                Ok(Next::Go(e))
+            }
+            (Op::Reimage { family, version, sha256, signature, url, allow_downgrade, .. }, Step::Accepted) => {
+                Ok(self.reimage_checks(e, family, version, sha256, signature, url, *allow_downgrade).await)
+            }
+            (Op::Reimage { sha256, signature, size_bytes, .. }, Step::Fetch) => {
+                Ok(self.fetch_and_verify(e, sha256, *size_bytes, signature).await)
+            }
+            (Op::Reimage { sha256, .. }, Step::Write) => {
+                let target = e.target.ok_or("journal: write step without a target slot")?;
+                let image = crate::os::image::staged_path(&self.state_dir, sha256);
+                let sha = sha256.clone();
+                match self.os(move |os| os.write_slot(target, &image, &sha)).await {
+                    Ok(bytes) => {
+                        tracing::info!(op = %e.operation_id, slot = %target, bytes, "slot written");
+                        e.step = Step::Mark;
+                        Ok(Next::Go(e))
+                    }
+                    Err(err) => Ok(Self::fail(e, format!("writing slot {target}: {err}"))),
+                }
+            }
+            (Op::Reimage { .. }, Step::Mark) => {
+                let target = e.target.ok_or("journal: mark step without a target slot")?;
+                if let Err(err) = self.os(move |os| os.mark_boot_once(target)).await {
+                    return Ok(Self::fail(e, format!("marking slot {target} boot-once: {err}")));
+                }
+                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
+                e.boot_id = Some(bs.boot_id);
+                e.step = Step::Reboot;
+                Ok(Next::Go(e))
+            }
+            (Op::Reimage { .. } | Op::Reboot { .. }, Step::Reboot) => {
+                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
+                if e.boot_id.as_deref() != Some(bs.boot_id.as_str()) {
+                    e.step = Step::Health; // the boot happened (we were restarted by it)
+                    return Ok(Next::Go(e));
+                }
+                let before = self.link.epoch();
+                match self.os(|os| os.reboot()).await {
+                    Ok(Rebooted::Done) => {
+                        // In-process boot: the session goes down and comes back as after a real boot.
+                        self.reboot_epoch
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(e.operation_id.clone(), before);
+                        self.link.restart_session();
+                        e.step = Step::Health;
+                        Ok(Next::Go(e))
+                    }
+                    Ok(Rebooted::Pending) => Ok(Next::Park),
+                    Err(err) if matches!(op, Op::Reboot { .. }) => Ok(Self::fail(e, format!("reboot: {err}"))),
+                    Err(err) => {
+                        e.failure = Some(format!("reboot into slot {}: {err}", e.target.map_or("?", Slot::as_str)));
+                        e.step = Step::FallBack;
+                        Ok(Next::Go(e))
+                    }
+                }
+            }
+            (Op::Reboot { .. }, Step::Health) => match self.health(&e.operation_id).await {
+                Ok(()) => Ok(Self::ok(e)),
+                Err(why) => Ok(Self::fail(e, format!("after reboot: {why}"))),
+            },
+            (Op::Reimage { family, version, .. }, Step::Health) => {
+                let target = e.target.ok_or("journal: health step without a target slot")?;
+                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
+                let verdict = if bs.booted != target {
+                    Err(format!(
+                        "slot {target} did not boot (boot-once entry not taken or boot counter exhausted); the node came back on slot {}",
+                        bs.booted
+                    ))
+                } else {
+                    match self.health(&e.operation_id).await {
+                        Err(why) => Err(why),
+                        Ok(()) => {
+                            let want = target_image(family, version)?;
+                            match self.os(|os| os.facts()).await.map(|f| f.node_image) {
+                                Ok(Some(got)) if got == want => Ok(()),
+                                Ok(got) => Err(format!(
+                                    "the booted image reports {} but {} was ordered",
+                                    got.map_or("no image metadata".to_string(), |g| g.label()),
+                                    want.label()
+                                )),
+                                Err(err) => Err(format!("reading the booted image's metadata: {err}")),
+                            }
+                        }
+                    }
+                };
+                match verdict {
+                    Ok(()) => e.step = Step::Commit,
+                    Err(why) => {
+                        e.failure = Some(why);
+                        e.step = Step::FallBack;
+                    }
+                }
+                Ok(Next::Go(e))
+            }
+            (Op::Reimage { sha256, .. }, Step::Commit) => {
+                let target = e.target.ok_or("journal: commit step without a target slot")?;
+                if let Err(err) = self.os(move |os| os.commit(target)).await {
+                    e.failure = Some(format!("committing slot {target}: {err}"));
+                    e.step = Step::FallBack;
+                    return Ok(Next::Go(e));
+                }
+                discard(&self.state_dir, sha256);
+                Ok(Self::ok(e))
+            }
+            (Op::Reimage { family, version, sha256, .. }, Step::FallBack) => {
+                let previous = e.previous.ok_or("journal: fall-back step without a previous slot")?;
+                let why = e.failure.clone().unwrap_or_else(|| "unknown failure".into());
+                let label = format!("{family}-{version}");
+                // Persist, then act: the image is remembered as rolled back before the node leaves it.
+                let marker = self.rolled_back_file(&label);
+                crate::state::write_atomic(&marker, format!("{why}\n").as_bytes()).map_err(|e| e.to_string())?;
+                match self.os(move |os| os.fall_back(previous)).await {
+                    Ok(Rebooted::Done) => {
+                        discard(&self.state_dir, sha256);
+                        Ok(Self::fail(e, format!("reimage to {label} rolled back to slot {previous}: {why}")))
+                    }
+                    Ok(Rebooted::Pending) => Ok(Next::Park),
+                    Err(err) => Ok(Self::fail(
+                        e,
+                        format!("reimage to {label} failed ({why}) and falling back to slot {previous} failed: {err}"),
+                    )),
+                }
+            }
+            (_, step) => Err(format!("journal: {} operation at step {} cannot continue", op.kind(), step.as_str())),
+        }
+    }
+
+    /// The node is healthy after a boot: the hub reachable again, then the configured commands.
+    async fn health(&self, id: &str) -> Result<(), String> {
+        // After an in-process boot: a session newer than the one before it. After a real boot (the agent started
+        // afresh): any session.
+        let above = self.reboot_epoch.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied().unwrap_or(0);
+        if !self.link.wait_epoch_above(above, self.health_timeout).await {
+            return Err(format!("hub not reachable within {}s after the boot", self.health_timeout.as_secs()));
+        }
+        self.os(|os| os.health_check()).await.map_err(|e| e.to_string())
+    }
+
+    #[allow(clippy::too_many_arguments)] // the reimage's fields, destructured once by the caller
+    async fn reimage_checks(
+        &self,
+        mut e: Entry,
+        family: &str,
+        version: &str,
+        sha256: &str,
+        signature: &str,
+        url: &str,
+        allow_downgrade: bool,
+    ) -> Next {
+        let want = match target_image(family, version) {
+            Ok(w) => w,
+            Err(why) => return Self::fail(e, why),
+        };
+        let label = want.label();
+        if !(sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+            return Self::fail(e, format!("reimage.image.sha256: {sha256:?} is not 64 lower-case hex characters"));
+        }
+        let marker = self.rolled_back_file(&label);
+        if let Ok(reason) = std::fs::read_to_string(&marker) {
+            return Self::fail(
+                e,
+                format!(
+                    "image {label} was rolled back on this node ({}); not trying it again until an operator deletes {}",
+                    reason.trim(),
+                    marker.display()
+                ),
+            );
+        }
+        let current = match self.os(|os| os.facts()).await {
+            Ok(f) => f.node_image,
+            Err(err) => return Self::fail(e, format!("reading the node's image: {err}")),
+        };
+        if let Some(cur) = &current {
+            if *cur == want {
+                tracing::info!(op = %e.operation_id, image = %label, "already running the ordered image");
+                return Self::ok(e);
+            }
+            if cur.family == want.family && want.version < cur.version && !allow_downgrade {
+                return Self::fail(
+                    e,
+                    format!(
+                        "downgrade refused: the node runs {} and {label} is older; set allow_downgrade",
+                        cur.label()
+                    ),
+                );
+            }
+        }
+        if !url.is_empty() {
+            return Self::fail(
+                e,
+                format!("reimage.image.url: {url:?}: this agent fetches images only from its hub; leave url empty"),
+            );
+        }
+        let sig = match Signature::parse(signature) {
+            Ok(s) => s,
+            Err(err) => return Self::fail(e, format!("image {label} refused: {err}")),
+        };
+        let keys =
+            match self.os(|os| os.trusted_keys()).await.map_err(|e| e.to_string()).and_then(|k| parse_trusted_keys(&k))
+            {
+                Ok(k) => k,
+                Err(why) => return Self::fail(e, format!("reading trusted keys: {why}")),
+            };
+        if !keys.iter().any(|k| k.key_id == sig.key_id) {
+            return Self::fail(
+                e,
+                format!(
+                    "image {label} refused: signature by unknown key {} (the node trusts {})",
+                    sig.key_id_string(),
+                    if keys.is_empty() {
+                        "no keys".to_string()
+                    } else {
+                        keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            );
+        }
+        e.step = Step::Fetch;
+        Next::Go(e)
+    }
+
+    async fn fetch_and_verify(&self, mut e: Entry, sha256: &str, size_bytes: u64, signature: &str) -> Next {
+        let staged = match self.download(sha256).await {
+            Ok(s) => s,
+            Err(why) => return Self::fail(e, why),
+        };
+        let keys =
+            match self.os(|os| os.trusted_keys()).await.map_err(|e| e.to_string()).and_then(|k| parse_trusted_keys(&k))
+            {
+                Ok(k) => k,
+                Err(why) => return Self::fail(e, format!("reading trusted keys: {why}")),
+            };
+        match verify(&staged, sha256, size_bytes, signature, &keys) {
+            Ok(key) => tracing::info!(op = %e.operation_id, key = %key, bytes = staged.size, "image verified"),
+            Err(err) => {
+                if !matches!(err, TrustError::Os(_)) {
+                    discard(&self.state_dir, sha256);
+                }
+                return Self::fail(e, format!("image refused, nothing written: {err}"));
+            }
+        }
+        let bs = match self.os(|os| os.boot_state()).await {
+            Ok(b) => b,
+            Err(err) => return Self::fail(e, format!("reading boot state: {err}")),
+        };
+        e.previous = Some(bs.booted);
+        e.target = Some(bs.booted.other());
+        e.step = Step::Write;
+        Next::Go(e)
+    }
+
+    /// Downloads `sha256` into staging, resuming after breaks.
+    async fn download(&self, sha256: &str) -> Result<crate::os::image::Staged, String> {
+        let mut dl = Download::open(&self.state_dir, sha256).map_err(|e| e.to_string())?;
+        let mut total: Option<u64> = None;
+        let mut last_err = String::new();
+        for attempt in 0..FETCH_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(FETCH_RETRY_BASE * (1 << attempt.min(4))).await;
+            }
+            match self.fetcher.open(sha256, dl.len()).await {
+                Err(err) => last_err = err,
+                Ok(mut stream) => {
+                    let mut broke = false;
+                    while let Some(chunk) = stream.next().await {
+                        match chunk {
+                            Ok(c) => {
+                                total = Some(c.total_size);
+                                dl.append(c.offset, &c.data).map_err(|e| e.to_string())?;
+                            }
+                            Err(err) => {
+                                last_err = err;
+                                broke = true;
+                                break;
+                            }
+                        }
+                    }
+                    if !broke {
+                        // The hub sends nothing when the offset is the end: then what we hold is everything.
+                        let t = *total.get_or_insert(dl.len());
+                        if dl.len() >= t {
+                            return dl.finish().map_err(|e| e.to_string());
+                        }
+                        last_err = format!("stream ended at {} of {t} bytes", dl.len());
+                    }
+                }
+            }
+            tracing::warn!(sha256, attempt, offset = dl.len(), error = %last_err, "image download interrupted; resuming");
+        }
+        match total {
+            Some(t) if dl.len() < t => {
+                Err(format!("image refused, nothing written: {}", TrustError::Truncated { got: dl.len(), expected: t }))
+            }
+            _ => Err(format!("downloading image {sha256} failed after {FETCH_ATTEMPTS} attempts: {last_err}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

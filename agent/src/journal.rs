@@ -1,0 +1,242 @@
+//! The write-ahead journal of node operations, one JSON file per operation under `<state_dir>/journal/`,
+//! each written atomically (temp, fsync, rename, fsync of the directory). The engine records the step it is
+//! about to perform before performing it, and the result before it reports it; after a restart or a reboot
+//! an operation resumes from its journalled step. Finished entries are kept so that a repeated operation id
+//! gets its first result.
+
+use crate::os::Slot;
+use crate::state::{StateError, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Journal directory inside the state directory.
+pub const JOURNAL_DIR: &str = "journal";
+
+/// What an operation does, as journalled (the wire command, decoded and checked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Op {
+    /// Mark unschedulable.
+    Cordon,
+    /// Mark schedulable.
+    Uncordon,
+    /// Evict workloads.
+    Drain {
+        /// Seconds.
+        timeout_seconds: u32,
+    },
+    /// Reboot.
+    Reboot {
+        /// Outside the window.
+        force: bool,
+    },
+    /// Reimage.
+    Reimage {
+        /// Image family.
+        family: String,
+        /// Image version.
+        version: String,
+        /// https URL (empty: from the hub).
+        url: String,
+        /// Content address.
+        sha256: String,
+        /// Detached signature text.
+        signature: String,
+        /// Announced size (0: unknown).
+        size_bytes: u64,
+        /// A lower version may be installed.
+        allow_downgrade: bool,
+    },
+}
+
+impl Op {
+    /// The kind, as reported.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Cordon => "cordon",
+            Op::Uncordon => "uncordon",
+            Op::Drain { .. } => "drain",
+            Op::Reboot { .. } => "reboot",
+            Op::Reimage { .. } => "reimage",
+        }
+    }
+}
+
+/// The step an operation is at: the one to perform next (or being performed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    /// Recorded; nothing done yet. Reimage: local checks (rolled back before, downgrade, keys).
+    Accepted,
+    /// Reimage: download to staging, verify digest and signature.
+    Fetch,
+    /// Reimage: write the inactive slot.
+    Write,
+    /// Reimage: mark the new slot boot-once.
+    Mark,
+    /// Reboot (reimage or reboot): if the boot id is still the recorded one, reboot.
+    Reboot,
+    /// After the boot: the booted slot, the hub reachable, the health commands.
+    Health,
+    /// Reimage: make the new slot the default.
+    Commit,
+    /// Reimage: return to the previous slot (the failure is in `failure`).
+    FallBack,
+    /// Single-step operations (cordon, uncordon, drain): do it.
+    Act,
+    /// Finished: `result` is set.
+    Done,
+}
+
+impl Step {
+    /// As reported in OperationState.step.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Accepted => "accepted",
+            Step::Fetch => "fetch",
+            Step::Write => "write",
+            Step::Mark => "mark",
+            Step::Reboot => "reboot",
+            Step::Health => "health",
+            Step::Commit => "commit",
+            Step::FallBack => "fall-back",
+            Step::Act => "act",
+            Step::Done => "done",
+        }
+    }
+}
+
+/// The final result of an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Succeeded.
+    pub ok: bool,
+    /// Why not.
+    pub error: String,
+    /// When, Unix ms.
+    pub finished_at_unix_ms: i64,
+}
+
+/// One journalled operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The hub's operation id.
+    pub operation_id: String,
+    /// The command's generation.
+    pub generation: u64,
+    /// What to do.
+    pub op: Op,
+    /// Where it is.
+    pub step: Step,
+    /// Reimage: the slot being written and booted.
+    pub target: Option<Slot>,
+    /// Reimage: the slot it came from (fall back target).
+    pub previous: Option<Slot>,
+    /// Boot id recorded when the reboot step was journalled (a different one means the reboot happened).
+    pub boot_id: Option<String>,
+    /// Reimage: why it is falling back.
+    pub failure: Option<String>,
+    /// Set once finished.
+    pub result: Option<Outcome>,
+}
+
+/// The journal: entries by operation id, mirrored on disk.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    entries: BTreeMap<String, Entry>,
+}
+
+fn file_name(id: &str) -> String {
+    let safe = !id.is_empty()
+        && id.len() <= 120
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !id.starts_with('.');
+    if safe { format!("{id}.json") } else { format!("x-{}.json", crate::os::slots::hex(id.as_bytes())) }
+}
+
+impl Journal {
+    /// Loads every entry under `state_dir/journal`. An unreadable entry is an error naming its file.
+    pub fn open(state_dir: &Path) -> Result<Journal, StateError> {
+        let dir = state_dir.join(JOURNAL_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| StateError::Io { path: dir.clone(), source })?;
+        let mut entries = BTreeMap::new();
+        let listing = std::fs::read_dir(&dir).map_err(|source| StateError::Io { path: dir.clone(), source })?;
+        for e in listing {
+            let p = e.map_err(|source| StateError::Io { path: dir.clone(), source })?.path();
+            if p.extension().is_none_or(|x| x != "json") {
+                continue; // leftover temp files of a torn write
+            }
+            let bytes = std::fs::read(&p).map_err(|source| StateError::Io { path: p.clone(), source })?;
+            let entry: Entry = serde_json::from_slice(&bytes)
+                .map_err(|e| StateError::Corrupt { path: p.clone(), reason: e.to_string() })?;
+            entries.insert(entry.operation_id.clone(), entry);
+        }
+        Ok(Journal { dir, entries })
+    }
+
+    /// The entry of `id`.
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    /// The newest generation of any operation recorded.
+    pub fn newest_generation(&self) -> u64 {
+        self.entries.values().map(|e| e.generation).max().unwrap_or(0)
+    }
+
+    /// Entries not finished.
+    pub fn unfinished(&self) -> Vec<Entry> {
+        self.entries.values().filter(|e| e.result.is_none()).cloned().collect()
+    }
+
+    /// Writes `entry` durably, then holds it.
+    pub fn put(&mut self, entry: Entry) -> Result<(), StateError> {
+        let path = self.dir.join(file_name(&entry.operation_id));
+        let bytes = serde_json::to_vec_pretty(&entry)
+            .map_err(|e| StateError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        write_atomic(&path, &bytes)?;
+        self.entries.insert(entry.operation_id.clone(), entry);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, generation: u64) -> Entry {
+        Entry {
+            operation_id: id.into(),
+            generation,
+            op: Op::Drain { timeout_seconds: 30 },
+            step: Step::Accepted,
+            target: None,
+            previous: None,
+            boot_id: None,
+            failure: None,
+            result: None,
+        }
+    }
+
+    #[test]
+    fn survives_a_reopen_and_names_a_corrupt_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::open(d.path()).expect("open");
+        j.put(entry("run-1/member-x/node-1/drain", 4)).expect("put");
+        let mut e = entry("op.2", 7);
+        e.step = Step::Done;
+        e.result = Some(Outcome { ok: true, error: String::new(), finished_at_unix_ms: 1 });
+        j.put(e.clone()).expect("put");
+        std::fs::write(d.path().join("journal/op.3.tmp"), b"{torn").expect("torn temp");
+        let j = Journal::open(d.path()).expect("reopen");
+        assert_eq!(j.get("op.2"), Some(&e));
+        assert_eq!(j.newest_generation(), 7);
+        assert_eq!(j.unfinished().len(), 1);
+        assert_eq!(j.unfinished()[0].operation_id, "run-1/member-x/node-1/drain");
+        std::fs::write(d.path().join("journal/bad.json"), b"{").expect("corrupt");
+        let err = Journal::open(d.path()).expect_err("corrupt");
+        assert!(err.to_string().contains("bad.json"), "{err}");
+    }
+}

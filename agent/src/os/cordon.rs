@@ -1,0 +1,59 @@
+//! Cordon, uncordon and drain: the configured hook commands (`[cordon]` in agent.toml), or, without them, a
+//! marker file `<root>/var/lib/upkeep/cordoned` (a node with no workload scheduler has nothing to evict).
+
+use super::{OsError, command};
+use crate::config::CordonSettings;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Marker file written by cordon without a hook, relative to the root.
+pub const CORDONED_FILE: &str = "var/lib/upkeep/cordoned";
+
+/// Cordon control of one node.
+#[derive(Debug, Clone)]
+pub struct Cordon {
+    root: PathBuf,
+    settings: CordonSettings,
+}
+
+impl Cordon {
+    /// Over `root` with `settings`.
+    pub fn new(root: PathBuf, settings: CordonSettings) -> Cordon {
+        Cordon { root, settings }
+    }
+
+    /// Marks the node unschedulable.
+    pub fn cordon(&self) -> Result<(), OsError> {
+        if !self.settings.cordon.is_empty() {
+            return command::run(&self.settings.cordon, &[], None).map(drop);
+        }
+        let p = self.root.join(CORDONED_FILE);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).map_err(OsError::io(dir))?;
+        }
+        std::fs::write(&p, b"cordoned by upkeep-agent\n").map_err(OsError::io(&p))
+    }
+
+    /// Makes the node schedulable again.
+    pub fn uncordon(&self) -> Result<(), OsError> {
+        if !self.settings.uncordon.is_empty() {
+            return command::run(&self.settings.uncordon, &[], None).map(drop);
+        }
+        let p = self.root.join(CORDONED_FILE);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(OsError::Io { path: p, source: e }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Evicts workloads within `timeout`.
+    pub fn drain(&self, timeout: Duration) -> Result<(), OsError> {
+        if self.settings.drain.is_empty() {
+            tracing::info!("no drain hook configured: nothing to evict");
+            return Ok(());
+        }
+        let secs = timeout.as_secs().to_string();
+        let argv = command::substitute(&self.settings.drain, &[("timeout", &secs)]);
+        command::run(&argv, &[], Some(timeout + Duration::from_secs(5))).map(drop)
+    }
+}
