@@ -301,3 +301,70 @@ async fn sec5_full_run_is_pending_until_the_kubernetes_version_reaches_the_membe
     assert!(member(&run, "m1")["started_at"].is_string(), "{run}");
     f.stop().await;
 }
+
+/// Signs and publishes image `version` of Debian-12 through the CLI, trusted by every node of `nodes`.
+async fn publish_trusted(f: &Fleet, nodes: &[&str], version: &str) {
+    let keys = f.work.path().join("keys");
+    if !keys.join("upkeep-image.pub").exists() {
+        f.ok(&["image", "keygen", "--dir", &keys.to_string_lossy()]).await;
+    }
+    for n in nodes {
+        let dir = f.work.path().join(n).join("root/etc/upkeep/trusted-keys");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::copy(keys.join("upkeep-image.pub"), dir.join("upkeep-image.pub")).expect("trust key");
+    }
+    let img = f.work.path().join(format!("debian-{version}.tar"));
+    let img = img.to_string_lossy().into_owned();
+    f.ok(&["image", "build", "--out", &img, "--family", "Debian-12", "--version", version]).await;
+    f.ok(&["image", "sign", "--key", &keys.join("upkeep-image.key").to_string_lossy(), &img]).await;
+    f.ok(&["image", "publish", "--family", "Debian-12", "--version", version, "--regions", "eu,us", "--file", &img])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec5_staged_node_image_run_reimages_every_member_in_stage_order() {
+    let nodes = [("n1", "m1", "eu"), ("n2", "m2", "us"), ("n3", "m3", "eu"), ("n4", "m4", "us")];
+    let f = fleet(&nodes, "Debian-12-202311.07.0").await;
+    publish_trusted(&f, &["n1", "n2", "n3", "n4"], "202312.01.0").await;
+    let order = f.file(
+        "order.json",
+        r#"{"stages":[
+            {"name":"canary","groups":[{"name":"first","members":["m1"]}],"after_stage_wait_seconds":1},
+            {"name":"prod","groups":[{"name":"a","members":["m2","m3"]},{"name":"b","members":["m4"]}]}]}"#,
+    );
+    f.ok(&["strategy", "create", "rollout", "-f", &order]).await;
+    f.ok(&["run", "create", "r1", "--strategy", "rollout", "--upgrade-type", "NodeImageOnly"]).await;
+    let plan = f.json(&["run", "plan", "r1", "--member-seconds", "60"]).await;
+    assert_eq!(plan["members"][0]["member"], "m1", "the canary comes first: {plan}");
+    f.ok(&["run", "start", "r1"]).await;
+    let watch = f.ctl(&["run", "watch", "r1", "-o", "json"]).await;
+    assert!(watch.status.success(), "watch exits 0 when the run Completed: {}", String::from_utf8_lossy(&watch.stderr));
+    let run = f.run_state("r1").await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    for m in ["m1", "m2", "m3", "m4"] {
+        assert_eq!(member(&run, m)["status"], "Completed", "{run}");
+        assert_eq!(member(&run, m)["target"]["images"]["pool1"], "Debian-12-202312.01.0");
+    }
+    assert_eq!(run["stages"][0]["after_stage_wait"]["status"], "Completed", "the wait ran: {run}");
+    // Every node now reports the new image from the booted image's own metadata.
+    let list = f.json(&["node", "list"]).await;
+    for n in list["nodes"].as_array().expect("nodes") {
+        assert_eq!(n["labels"]["upkeep.io/node-image-version"], "Debian-12-202312.01.0", "{n}");
+    }
+    // Stage order: the canary stage completed (and its wait) before anything in prod started.
+    let events: Vec<Value> =
+        String::from_utf8_lossy(&watch.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let seq_of = |level: &str, to: &str| {
+        events
+            .iter()
+            .find(|e| e["level"] == level && e["to"] == to)
+            .and_then(|e| e["seq"].as_u64())
+            .unwrap_or_else(|| panic!("no event {level} -> {to}"))
+    };
+    let wait_done = seq_of("wait after stage \"canary\"", "Completed");
+    assert!(seq_of("stage \"canary\"", "Completed") <= wait_done);
+    assert!(wait_done < seq_of("stage \"prod\"", "Running"), "prod starts after the canary's wait");
+    assert!(seq_of("member \"m2\"", "Completed") < seq_of("member \"m3\"", "Running"), "members of a group one by one");
+    assert!(events.iter().any(|e| e["kind"] == "node" && e["to"] == "Completed"), "node events are kept too");
+    f.stop().await;
+}

@@ -271,6 +271,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Image(cmd) if cmd.is_local() => runs::image_local(cmd, out),
         Command::Image(cmd) => runs::image(&mut connect(&cli).await?, cmd, cli.output, out).await,
         Command::Kubernetes(cmd) => runs::kubernetes(&mut connect(&cli).await?, cmd, cli.output, out).await,
         Command::Strategy(cmd) => runs::strategy(&mut connect(&cli).await?, cmd, cli.output, out).await,

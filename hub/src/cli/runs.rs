@@ -26,6 +26,63 @@ pub enum ImageCommand {
         #[arg(long)]
         family: Option<String>,
     },
+    /// Generate an image-signing key pair in DIR (upkeep-image.pub for nodes' trusted-keys, upkeep-image.key).
+    Keygen {
+        /// Directory for the two files.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sign an image file with a secret key; writes FILE.minisig (minisign format).
+    Sign {
+        /// Secret key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The image.
+        file: PathBuf,
+    },
+    /// Build a small test image (a root tree tar with etc/upkeep/node-image) for simulated nodes.
+    Build {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Image family.
+        #[arg(long)]
+        family: String,
+        /// Version YYYYMM.DD.N.
+        #[arg(long)]
+        version: String,
+    },
+}
+
+impl ImageCommand {
+    /// Whether the command works offline (no hub connection).
+    pub fn is_local(&self) -> bool {
+        matches!(self, ImageCommand::Keygen { .. } | ImageCommand::Sign { .. } | ImageCommand::Build { .. })
+    }
+}
+
+/// Runs the offline image commands.
+pub fn image_local(cmd: &ImageCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    use crate::image_tools;
+    match cmd {
+        ImageCommand::Keygen { dir } => {
+            let (public, secret) = image_tools::keygen(dir).context("image keygen")?;
+            writeln!(out, "wrote {} (copy to each node's /etc/upkeep/trusted-keys/)", public.display())?;
+            writeln!(out, "wrote {} (keep it secret)", secret.display())?;
+        }
+        ImageCommand::Sign { key, file } => {
+            let sig = image_tools::sign(key, file).context("image sign")?;
+            writeln!(out, "wrote {}", sig.display())?;
+        }
+        ImageCommand::Build { out: file, family, version } => {
+            upkeep_core::version::validate_family(family).map_err(|e| anyhow!("--family: {e}"))?;
+            version.parse::<upkeep_core::version::ImageVersion>().map_err(|e| anyhow!("--version: {e}"))?;
+            let (sha, size) = image_tools::build_test_image(file, family, version, &[]).context("image build")?;
+            writeln!(out, "wrote {} ({size} bytes, sha256 {sha})", file.display())?;
+        }
+        _ => bail!("not an offline image command"),
+    }
+    Ok(())
 }
 
 /// `upkeepctl kubernetes ...`
@@ -313,6 +370,7 @@ pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut
             )?;
             Ok(())
         }
+        ImageCommand::Keygen { .. } | ImageCommand::Sign { .. } | ImageCommand::Build { .. } => image_local(cmd, out),
         ImageCommand::List { family } => {
             let list = c
                 .list_images(v1::ListImagesRequest { family: family.clone().unwrap_or_default() })
