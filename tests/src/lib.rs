@@ -121,6 +121,12 @@ impl TestHub {
         })));
     }
 
+    /// A handle for a hub running elsewhere (a process): only its address is known; stop() does nothing.
+    pub fn detached(url: &str) -> TestHub {
+        let addr = url.trim_start_matches("https://").parse().expect("hub address");
+        TestHub { addr, state_dir: PathBuf::new(), config_path: PathBuf::new(), stop: None, task: None, fleet: None }
+    }
+
     /// The running hub's fleet (to send commands to nodes directly in tests).
     pub fn fleet(&self) -> std::sync::Arc<upkeep_hub::fleet::Fleet> {
         self.fleet.clone().expect("hub is running")
@@ -148,6 +154,63 @@ impl TestHub {
     }
 
     /// The URL agents and upkeepctl use.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+}
+
+/// A hub running as a separate `upkeep-hub` process (to be killed with SIGKILL in crash tests).
+pub struct HubProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    config: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl HubProcess {
+    /// Starts `upkeep-hub` with state under `state_dir` on a free loopback port, and waits until it answers.
+    pub async fn start(pki: &TestPki, state_dir: &Path) -> HubProcess {
+        let config = write_hub_config(pki, state_dir);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut hub = HubProcess { addr, config, child: None };
+        hub.spawn(pki).await;
+        hub
+    }
+
+    async fn spawn(&mut self, pki: &TestPki) {
+        let child = tokio::process::Command::new(bin("upkeep-hub"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn upkeep-hub");
+        self.child = Some(child);
+        let url = self.url();
+        wait_for("upkeep-hub answers", Duration::from_secs(30), || async {
+            upkeepctl(pki, &url, "viewer", &["whoami"]).await.status.success().then_some(())
+        })
+        .await;
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.expect("kill -9 upkeep-hub");
+        }
+    }
+
+    /// Starts it again on the same address and state.
+    pub async fn restart(&mut self, pki: &TestPki) {
+        self.kill().await;
+        self.spawn(pki).await;
+    }
+
+    /// The URL.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
     }

@@ -1,6 +1,7 @@
 //! Update-run scenarios through the real hub, real agents and the real upkeepctl (SPEC §5, §7).
 
 use serde_json::Value;
+use std::path::Path;
 use std::time::Duration;
 use upkeep_tests::*;
 
@@ -367,4 +368,65 @@ async fn sec5_staged_node_image_run_reimages_every_member_in_stage_order() {
     assert!(seq_of("member \"m2\"", "Completed") < seq_of("member \"m3\"", "Running"), "members of a group one by one");
     assert!(events.iter().any(|e| e["kind"] == "node" && e["to"] == "Completed"), "node events are kept too");
     f.stop().await;
+}
+
+/// Reimage operations the node's agent journalled (one per operation id).
+fn reimages_journalled(work: &Path, node: &str) -> usize {
+    let dir = work.join(node).join("state/journal");
+    std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+                .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+                .filter(|v| v["operation_id"].as_str().is_some_and(|id| id.ends_with("/reimage")))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec5_hub_killed_mid_run_carries_on_without_upgrading_any_member_twice() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProcess::start(&pki, &work.path().join("hub")).await;
+    let url = hub.url();
+    let names = ["n1", "n2", "n3"];
+    let mut agents = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let node =
+            make_node(&pki, work.path(), &url, n, &format!("m{}", i + 1), "pool1", "eu", "Debian-12-202311.07.0");
+        agents.push(TestAgent::start(&node));
+    }
+    wait_for("three nodes Ready", WAIT, || async {
+        let l = upkeepctl_json(&pki, &url, &["node", "list"]).await.ok()?;
+        (l["nodes"].as_array()?.iter().filter(|n| n["status"] == "Ready").count() == 3).then_some(())
+    })
+    .await;
+    let f = Fleet { pki, work, hub: TestHub::detached(&url), agents };
+    publish_trusted(&f, &names, "202312.01.0").await;
+    f.ok(&["run", "create", "r1", "--upgrade-type", "NodeImageOnly"]).await;
+    f.ok(&["run", "start", "r1"]).await;
+    // SIGKILL right after the start was committed (m1's upgrade just handed to its executor)...
+    hub.restart(&f.pki).await;
+    // ...and again while the second member is being upgraded.
+    wait_for("m2 Running or later", WAIT, || async {
+        let v = upkeepctl_json(&f.pki, &url, &["run", "show", "r1"]).await.ok()?;
+        (member(&v, "m2")["status"] != "NotStarted").then_some(())
+    })
+    .await;
+    hub.restart(&f.pki).await;
+    let run = f.wait_run("r1", &["Completed", "Failed"]).await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    for (i, n) in names.iter().enumerate() {
+        let m = format!("m{}", i + 1);
+        assert_eq!(member(&run, &m)["status"], "Completed", "none wrongly skipped: {run}");
+        assert_eq!(reimages_journalled(f.work.path(), n), 1, "{n} was reimaged exactly once");
+    }
+    let list = f.json(&["node", "list"]).await;
+    assert!(
+        list["nodes"].as_array().expect("nodes").iter().all(|n| n["node_image_version"] == "Debian-12-202312.01.0")
+    );
+    for a in f.agents {
+        a.stop().await;
+    }
+    hub.kill().await;
 }
