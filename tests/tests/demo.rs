@@ -1,0 +1,17 @@
+//! The README's first command, run to the end without a terminal: it must exit 0 with the run Completed and
+//! the nodes it upgraded on the new image.
+
+use std::process::Command;
+
+#[test]
+fn the_demo_runs_a_staged_rollout_to_the_end() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let out = Command::new(root.join("scripts/demo")).current_dir(root).output().expect("run scripts/demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("demo: run nov-images ended Completed."), "{stdout}");
+    // The canary and both prod members of group east were reimaged; member-3 waited for its window.
+    let upgraded = stdout.lines().filter(|l| l.contains("Ready") && l.contains("Debian-12-gen2-202312.01.0")).count();
+    assert!(upgraded >= 9, "nine nodes on the new image:\n{stdout}");
+    assert!(stdout.contains("maintenance window not open; next opening"), "{stdout}");
+}
