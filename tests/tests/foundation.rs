@@ -338,3 +338,21 @@ fn bad_hub_config_and_cli_input_give_one_line() {
     ));
     assert!(err.contains("invalid certificate name"), "{err}");
 }
+
+#[test]
+fn completions_man_pages_and_yaml_come_from_the_cli_definition() {
+    let out = run("upkeepctl", &["completions", "bash"]);
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(script.contains("upkeepctl") && script.contains("set-window"), "bash completion covers subcommands");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run("upkeepctl", &["man", "--dir", dir.path().to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let page = std::fs::read_to_string(dir.path().join("upkeepctl-run-watch.1")).expect("a page per subcommand");
+    assert!(page.contains(".TH"), "roff man page");
+    let pki = dir.path().join("pki");
+    let out = run("upkeepctl", &["pki", "init", "--dir", pki.to_str().expect("utf8"), "-o", "yaml"]);
+    assert!(out.status.success());
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(yaml.starts_with("files:\n- "), "{yaml}");
+}

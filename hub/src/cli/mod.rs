@@ -51,6 +51,15 @@ pub enum Format {
     Table,
     /// JSON with stable field names (docs/cli-json.md).
     Json,
+    /// The same fields as YAML.
+    Yaml,
+}
+
+impl Format {
+    /// JSON or YAML: the machine-readable forms with stable field names.
+    pub fn is_structured(self) -> bool {
+        matches!(self, Format::Json | Format::Yaml)
+    }
 }
 
 /// Top-level commands.
@@ -79,6 +88,17 @@ pub enum Command {
     Run(runs::RunCommand),
     /// Show who the hub thinks you are.
     Whoami,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for upkeepctl and every subcommand into DIR.
+    Man {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// `upkeepctl pki ...`
@@ -245,6 +265,21 @@ pub fn status_line(s: tonic::Status) -> anyhow::Error {
 pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match &cli.command {
         Command::Pki(cmd) => run_pki(cmd, cli.output, out),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "upkeepctl", &mut buf);
+            out.write_all(&buf)?;
+            Ok(())
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(dir).with_context(|| format!("--dir {}: cannot create", dir.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("--dir {}: writing man pages", dir.display()))?;
+            writeln!(out, "man pages written to {}", dir.display())?;
+            Ok(())
+        }
         Command::Whoami => {
             let me = connect(&cli).await?.who_am_i(v1::WhoAmIRequest {}).await.map_err(status_line)?.into_inner();
             output::print_whoami(cli.output, &me, out)
@@ -336,7 +371,7 @@ fn run_pki(cmd: &PkiCommand, format: Format, out: &mut dyn Write) -> anyhow::Res
         PkiCommand::IssueViewer(a) => pki::issue(&a.dir, Role::Viewer, &a.name).context("pki issue-viewer")?,
     };
     match format {
-        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        Format::Json | Format::Yaml => output::emit(format, out, &report)?,
         Format::Table => {
             for f in &report.files {
                 writeln!(out, "wrote {}", f.display())?;

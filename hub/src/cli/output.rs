@@ -168,6 +168,15 @@ pub fn ago(ms: i64, now: DateTime<Utc>) -> String {
     }
 }
 
+/// Writes a value as JSON (pretty) or YAML, as `format` asks.
+pub fn emit(format: Format, out: &mut dyn Write, v: &impl Serialize) -> anyhow::Result<()> {
+    match format {
+        Format::Yaml => write!(out, "{}", serde_yaml::to_string(v)?)?,
+        _ => writeln!(out, "{}", serde_json::to_string_pretty(v)?)?,
+    }
+    Ok(())
+}
+
 /// Writes rows as aligned columns (two spaces between columns, no trailing spaces).
 pub fn table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -196,23 +205,18 @@ pub fn table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> std:
     Ok(())
 }
 
-fn json(out: &mut dyn Write, v: &impl Serialize) -> anyhow::Result<()> {
-    writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
-    Ok(())
-}
-
 fn or_dash(s: &str) -> String {
     if s.is_empty() { "-".into() } else { s.to_string() }
 }
 
 /// `node list`.
 pub fn print_nodes(format: Format, nodes: &[v1::Node], now: DateTime<Utc>, out: &mut dyn Write) -> anyhow::Result<()> {
-    if format == Format::Json {
+    if format.is_structured() {
         #[derive(Serialize)]
         struct List {
             nodes: Vec<NodeJson>,
         }
-        return json(out, &List { nodes: nodes.iter().map(node_json).collect() });
+        return emit(format, out, &List { nodes: nodes.iter().map(node_json).collect() });
     }
     let rows: Vec<Vec<String>> = nodes
         .iter()
@@ -241,8 +245,8 @@ pub fn print_nodes(format: Format, nodes: &[v1::Node], now: DateTime<Utc>, out: 
 /// `node show`.
 pub fn print_node(format: Format, n: &v1::Node, now: DateTime<Utc>, out: &mut dyn Write) -> anyhow::Result<()> {
     let j = node_json(n);
-    if format == Format::Json {
-        return json(out, &j);
+    if format.is_structured() {
+        return emit(format, out, &j);
     }
     let rows: Vec<(&str, String)> = vec![
         ("Name", j.name.clone()),
@@ -280,12 +284,12 @@ pub fn print_node(format: Format, n: &v1::Node, now: DateTime<Utc>, out: &mut dy
 
 /// `member list`.
 pub fn print_members(format: Format, members: &[v1::Member], out: &mut dyn Write) -> anyhow::Result<()> {
-    if format == Format::Json {
+    if format.is_structured() {
         #[derive(Serialize)]
         struct List {
             members: Vec<MemberJson>,
         }
-        return json(out, &List { members: members.iter().map(member_json).collect() });
+        return emit(format, out, &List { members: members.iter().map(member_json).collect() });
     }
     let rows: Vec<Vec<String>> = members
         .iter()
@@ -309,12 +313,12 @@ pub fn print_member(format: Format, m: &v1::Member, s: &v1::MemberSettings, out:
     let parse = |j: &str| -> serde_json::Value {
         if j.is_empty() { serde_json::Value::Null } else { serde_json::from_str(j).unwrap_or(serde_json::Value::Null) }
     };
-    if format == Format::Json {
+    if format.is_structured() {
         let mut v = serde_json::to_value(member_json(m))?;
         v["node_os_schedule"] = parse(&s.node_os_schedule_json);
         v["cluster_schedule"] = parse(&s.cluster_schedule_json);
         v["max_unavailable"] = s.max_unavailable.clone().into();
-        return json(out, &v);
+        return emit(format, out, &v);
     }
     let window = |j: &str| if j.is_empty() { "none (may run any time)".to_string() } else { j.to_string() };
     writeln!(out, "{:<24}{}", "Name:", m.name)?;
@@ -332,13 +336,13 @@ pub fn print_member(format: Format, m: &v1::Member, s: &v1::MemberSettings, out:
 
 /// `whoami`.
 pub fn print_whoami(format: Format, me: &v1::WhoAmIResponse, out: &mut dyn Write) -> anyhow::Result<()> {
-    if format == Format::Json {
+    if format.is_structured() {
         #[derive(Serialize)]
         struct Me<'a> {
             role: &'a str,
             name: &'a str,
         }
-        return json(out, &Me { role: &me.role, name: &me.name });
+        return emit(format, out, &Me { role: &me.role, name: &me.name });
     }
     writeln!(out, "{} {}", me.role, me.name)?;
     Ok(())

@@ -1,6 +1,6 @@
 //! upkeepctl commands for images, strategies, member windows and update runs, and the run tree rendering.
 
-use super::output::{NODE_IMAGE_LABEL, table};
+use super::output::{NODE_IMAGE_LABEL, emit, table};
 use super::{Format, status_line};
 use anyhow::{Context, anyhow, bail};
 use chrono::{DateTime, TimeZone, Utc};
@@ -126,12 +126,12 @@ pub async fn kubernetes(
         }
         KubernetesCommand::List => {
             let all = c.list_kubernetes(v1::ListKubernetesRequest {}).await.map_err(status_line)?.into_inner().releases;
-            if format == Format::Json {
+            if format.is_structured() {
                 let v: Vec<serde_json::Value> = all
                     .iter()
                     .map(|k| serde_json::json!({"version": k.version, "regions": k.regions.iter().map(|r| (r.region.clone(), rfc3339_ms(r.available_at_unix_ms))).collect::<std::collections::BTreeMap<_, _>>()}))
                     .collect();
-                return json(out, &serde_json::json!({"releases": v}));
+                return emit(format, out, &serde_json::json!({"releases": v}));
             }
             let rows: Vec<Vec<String>> = all
                 .iter()
@@ -317,11 +317,6 @@ fn fmt_ms(ms: i64) -> String {
     fmt_time(Utc.timestamp_millis_opt(ms).single())
 }
 
-fn json(out: &mut dyn Write, v: &impl Serialize) -> anyhow::Result<()> {
-    writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
-    Ok(())
-}
-
 /// Runs an image command.
 pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
     match cmd {
@@ -378,7 +373,7 @@ pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut
                 .map_err(status_line)?
                 .into_inner()
                 .images;
-            if format == Format::Json {
+            if format.is_structured() {
                 #[derive(Serialize)]
                 struct Img {
                     family: String,
@@ -409,7 +404,7 @@ pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut
                         published_at: rfc3339_ms(i.published_at_unix_ms),
                     })
                     .collect();
-                return json(out, &List { images });
+                return emit(format, out, &List { images });
             }
             let rows: Vec<Vec<String>> = list
                 .iter()
@@ -478,8 +473,8 @@ pub async fn strategy(
             let s =
                 c.get_strategy(v1::GetStrategyRequest { name: name.clone() }).await.map_err(status_line)?.into_inner();
             let v: serde_json::Value = serde_json::from_str(&s.spec_json)?;
-            if format == Format::Json {
-                return json(out, &serde_json::json!({"name": s.name, "spec": v}));
+            if format.is_structured() {
+                return emit(format, out, &serde_json::json!({"name": s.name, "spec": v}));
             }
             writeln!(out, "strategy {}", s.name)?;
             writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -487,12 +482,12 @@ pub async fn strategy(
         StrategyCommand::List => {
             let all =
                 c.list_strategies(v1::ListStrategiesRequest {}).await.map_err(status_line)?.into_inner().strategies;
-            if format == Format::Json {
+            if format.is_structured() {
                 let v: Vec<serde_json::Value> = all
                     .iter()
                     .map(|s| serde_json::json!({"name": s.name, "spec": serde_json::from_str::<serde_json::Value>(&s.spec_json).unwrap_or_default()}))
                     .collect();
-                return json(out, &serde_json::json!({"strategies": v}));
+                return emit(format, out, &serde_json::json!({"strategies": v}));
             }
             let rows: Vec<Vec<String>> = all
                 .iter()
@@ -571,8 +566,8 @@ pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn
         RunCommand::Show { name } => {
             let r = c.get_run(name_req(name)).await.map_err(status_line)?.into_inner();
             let state = state_of(&r)?;
-            if format == Format::Json {
-                return json(out, &run_json(&r, &state)).map(|_| true);
+            if format.is_structured() {
+                return emit(format, out, &run_json(&r, &state)).map(|_| true);
             }
             print_tree(&r, &state, out)?;
         }
@@ -580,9 +575,9 @@ pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn
             let all = c.list_runs(v1::ListRunsRequest {}).await.map_err(status_line)?.into_inner().runs;
             let states: Vec<(v1::Run, RunState)> =
                 all.into_iter().map(|r| state_of(&r).map(|s| (r, s))).collect::<anyhow::Result<_>>()?;
-            if format == Format::Json {
+            if format.is_structured() {
                 let v: Vec<serde_json::Value> = states.iter().map(|(r, s)| run_json(r, s)).collect();
-                return json(out, &serde_json::json!({"runs": v})).map(|_| true);
+                return emit(format, out, &serde_json::json!({"runs": v})).map(|_| true);
             }
             let rows: Vec<Vec<String>> = states
                 .iter()
@@ -606,13 +601,13 @@ pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 let v: Vec<serde_json::Value> = p
                     .members
                     .iter()
                     .map(|m| serde_json::json!({"member": m.member, "stage": m.stage, "group": m.group, "predicted_start": rfc3339_ms(m.at_unix_ms)}))
                     .collect();
-                return json(out, &serde_json::json!({"members": v})).map(|_| true);
+                return emit(format, out, &serde_json::json!({"members": v})).map(|_| true);
             }
             let rows: Vec<Vec<String>> = p
                 .members
@@ -638,12 +633,16 @@ async fn watch(c: &mut Client, name: &str, format: Format, out: &mut dyn Write) 
     let mut last_status = String::new();
     while let Some(e) = stream.message().await.map_err(status_line)? {
         last_status = e.run_status.clone();
-        if format == Format::Json {
+        if format.is_structured() {
             let v = serde_json::json!({
                 "seq": e.seq, "at": rfc3339_ms(e.at_unix_ms), "kind": e.kind, "level": e.level,
                 "from": e.from, "to": e.to, "message": e.message, "error": e.error, "run_status": e.run_status,
             });
-            writeln!(out, "{v}")?;
+            if format == Format::Yaml {
+                write!(out, "---\n{}", serde_yaml::to_string(&v)?)?;
+            } else {
+                writeln!(out, "{v}")?;
+            }
         } else {
             let err = if e.error.is_empty() { String::new() } else { format!(" error: {}", e.error) };
             writeln!(
