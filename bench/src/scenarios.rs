@@ -1,0 +1,721 @@
+//! The five scenarios of issue 8. Each starts what it measures (the real hub binary, simulated agents, the
+//! real agent binary, or the Store in-process), samples it, and returns an `Outcome` (table + JSON figures).
+
+use crate::certs::{CertCache, NodeCert};
+use crate::hubproc::{HubProc, HubSetup, free_port, fresh_run_dir};
+use crate::measure::{self, ProcSample, clk_tck, cpu_percent, cpu_seconds, percentile, slot_handoffs};
+use crate::report::{Outcome, Row, machine, mib, row};
+use crate::sim::{self, Phase, Shared, SimNode, SimSpec, member_name};
+use anyhow::{Context, bail};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use upkeep_core::ids::{Principal, Role};
+use upkeep_hub::pki;
+use upkeep_hub::store::{NewEvent, RunRecord, Store};
+use upkeep_proto::v1;
+
+/// Image family the simulated nodes report.
+pub const FAMILY: &str = "bench-debian";
+/// Their image before a run.
+pub const OLD_VERSION: &str = "202401.01.0";
+/// The image published for the run.
+pub const NEW_VERSION: &str = "202402.01.0";
+/// Their region.
+pub const REGION: &str = "bench-region";
+/// Source addresses: one loopback address per this many connections (ephemeral ports are 32768-60999).
+pub const CONNECTIONS_PER_SOURCE: usize = 20_000;
+
+/// Where things are and how the command line read.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Certificate cache and run directories.
+    pub cache: PathBuf,
+    /// The upkeep-hub binary.
+    pub hub_bin: PathBuf,
+    /// The upkeep-agent binary.
+    pub agent_bin: PathBuf,
+    /// Where JSON results go.
+    pub results: PathBuf,
+    /// The command line, for the record.
+    pub command: String,
+    /// RUST_LOG for the hub process.
+    pub hub_log: String,
+}
+
+impl Ctx {
+    fn outcome(&self, scenario: String, table: Vec<Row>, figures: serde_json::Value) -> Outcome {
+        let finished_unix_s =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Outcome { scenario, command: self.command.clone(), finished_unix_s, machine: machine(), table, figures }
+    }
+
+    fn hub_setup(&self, cache: &CertCache, run_dir: PathBuf, heartbeat_seconds: u32) -> anyhow::Result<HubSetup> {
+        Ok(HubSetup {
+            bin: self.hub_bin.clone(),
+            run_dir,
+            pki_dir: cache.pki_dir(),
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port()?),
+            heartbeat_seconds,
+            log_filter: self.hub_log.clone(),
+        })
+    }
+}
+
+fn spec_for(setup: &HubSetup, cache: &CertCache) -> anyhow::Result<Arc<SimSpec>> {
+    Ok(Arc::new(SimSpec {
+        hub_url: format!("https://{}", setup.listen),
+        domain: "127.0.0.1".into(),
+        ca_pem: cache.read(pki::files::CA_CERT)?,
+        family: FAMILY.into(),
+        old_version: OLD_VERSION.into(),
+        new_version: NEW_VERSION.into(),
+        region: REGION.into(),
+    }))
+}
+
+/// Simulated agents running on the current runtime.
+struct SimFleet {
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sources: usize,
+}
+
+/// Starts one simulated agent per certificate; node `i` is in member `i / nodes_per_member`.
+fn start_fleet(certs: Vec<NodeCert>, nodes_per_member: usize, spec: Arc<SimSpec>, shared: Arc<Shared>) -> SimFleet {
+    let sources = certs.len().div_ceil(CONNECTIONS_PER_SOURCE).max(1);
+    let tasks = certs
+        .into_iter()
+        .enumerate()
+        .map(|(i, cert)| {
+            let node = SimNode {
+                cert: Arc::new(cert),
+                member: (i / nodes_per_member.max(1)) as u32,
+                source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % sources) as u8)),
+            };
+            tokio::spawn(sim::run_agent(node, spec.clone(), shared.clone()))
+        })
+        .collect();
+    SimFleet { shared, tasks, sources }
+}
+
+impl SimFleet {
+    async fn stop(self) {
+        self.shared.phase.send_replace(Phase::Stop);
+        let all = futures::future::join_all(self.tasks);
+        let _ = tokio::time::timeout(Duration::from_secs(30), all).await;
+    }
+}
+
+/// Waits until `want` sessions are welcomed (and, if given, `want` welcomes happened since `welcomes_from`),
+/// sampling the hub every second. Returns the elapsed time, or None at the deadline.
+async fn wait_registered(
+    shared: &Shared,
+    hub: &HubProc,
+    want: usize,
+    welcomes_from: Option<u64>,
+    within: Duration,
+    samples: &mut Vec<ProcSample>,
+) -> Option<Duration> {
+    let began = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let reg = shared.registered();
+        let fresh = welcomes_from.map(|w| shared.welcomes.load(Ordering::Relaxed).saturating_sub(w) as usize);
+        if reg >= want && fresh.is_none_or(|f| f >= want) {
+            return Some(began.elapsed());
+        }
+        if began.elapsed() > within {
+            return None;
+        }
+        if last_print.elapsed() > Duration::from_secs(5) {
+            last_print = Instant::now();
+            let rss = hub.sample().map(|s| s.rss_kib).unwrap_or(0);
+            eprintln!(
+                "  {:>6.1} s: {reg}/{want} registered, hub RSS {}, session failures {} (last: {})",
+                began.elapsed().as_secs_f64(),
+                mib(rss),
+                shared.failures.load(Ordering::Relaxed),
+                shared.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+        }
+        if let Ok(s) = hub.sample() {
+            samples.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "not reached".into())
+}
+
+fn self_sample() -> anyhow::Result<ProcSample> {
+    measure::sample(std::process::id())
+}
+
+/// Scenario 1: connect and register `agents`; hub RSS per agent, CPU, time; optionally a restart storm.
+pub async fn scale(
+    ctx: &Ctx,
+    agents: usize,
+    restart: bool,
+    settle: Duration,
+    heartbeat_seconds: u32,
+    connect_concurrency: usize,
+    within: Duration,
+) -> anyhow::Result<Outcome> {
+    let cache = CertCache::open(&ctx.cache)?;
+    let certs = cache.nodes(agents)?;
+    let setup = ctx.hub_setup(&cache, fresh_run_dir(&ctx.cache, &format!("scale-{agents}"))?, heartbeat_seconds)?;
+    let spec = spec_for(&setup, &cache)?;
+    let hub = setup.start().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tck = clk_tck();
+    let s0 = hub.sample()?;
+    let g0 = self_sample()?;
+    eprintln!("scale: {agents} agents against hub pid {} (baseline RSS {})", hub.pid, mib(s0.rss_kib));
+    let shared = Shared::new(connect_concurrency, false);
+    let fleet = start_fleet(certs, 10, spec, shared.clone());
+    let mut samples = Vec::new();
+    let t_reg = wait_registered(&shared, &hub, agents, None, within, &mut samples).await;
+    let s1 = hub.sample()?;
+    let peak_cpu = samples.windows(2).map(|w| cpu_percent(&w[0], &w[1], tck)).fold(0.0, f64::max);
+    eprintln!("  registered in {}; settling {} s", secs(t_reg), settle.as_secs());
+    tokio::time::sleep(settle).await;
+    let s2 = hub.sample()?;
+    let g2 = self_sample()?;
+    let connected = shared.registered();
+    let per_agent_kib = s2.rss_kib.saturating_sub(s0.rss_kib) as f64 / connected.max(1) as f64;
+    let mut table = vec![
+        row("agents connected", format!("{connected}/{agents}"), ""),
+        row("time until all registered", secs(t_reg), ""),
+        row(
+            "registrations per second",
+            t_reg.map(|t| format!("{:.0}/s", agents as f64 / t.as_secs_f64())).unwrap_or_default(),
+            "",
+        ),
+        row("hub RSS idle (before agents)", mib(s0.rss_kib), ""),
+        row("hub RSS with all agents", mib(s2.rss_kib), ""),
+        row("hub RSS per connected agent", format!("{per_agent_kib:.1} KiB"), "<= 40 KiB"),
+        row("hub CPU during registration", format!("{:.1} CPU-s", cpu_seconds(&s0, &s1, tck)), ""),
+        row("hub CPU peak (1 s window)", format!("{peak_cpu:.0} %"), "<= 200 % (2 cores)"),
+        row(
+            format!("hub CPU steady ({} s, heartbeat {heartbeat_seconds} s)", settle.as_secs()),
+            format!("{:.1} %", cpu_percent(&s1, &s2, tck)),
+            "",
+        ),
+        row("hub threads", s2.threads.to_string(), ""),
+        row("load generator RSS", mib(g2.rss_kib), ""),
+        row("load generator CPU", format!("{:.1} CPU-s", cpu_seconds(&g0, &g2, tck)), ""),
+    ];
+    let mut figures = json!({
+        "agents": agents,
+        "connected": connected,
+        "source_addresses": fleet.sources,
+        "connect_concurrency": connect_concurrency,
+        "heartbeat_interval_seconds": heartbeat_seconds,
+        "hub_log": ctx.hub_log,
+        "registered_seconds": t_reg.map(|t| t.as_secs_f64()),
+        "hub_rss_idle_kib": s0.rss_kib,
+        "hub_rss_loaded_kib": s2.rss_kib,
+        "hub_rss_peak_kib": s2.hwm_kib,
+        "hub_rss_per_agent_kib": per_agent_kib,
+        "hub_cpu_registration_seconds": cpu_seconds(&s0, &s1, tck),
+        "hub_cpu_peak_percent": peak_cpu,
+        "hub_cpu_steady_percent": cpu_percent(&s1, &s2, tck),
+        "settle_seconds": settle.as_secs(),
+        "generator_rss_kib": g2.rss_kib,
+        "generator_cpu_seconds": cpu_seconds(&g0, &g2, tck),
+        "session_failures": shared.failures.load(Ordering::Relaxed),
+    });
+    let mut hub = Some(hub);
+    if restart && let Some(h) = hub.take() {
+        let welcomes = shared.welcomes.load(Ordering::Relaxed);
+        let stopped = h.stop().await?;
+        let down_at = Instant::now();
+        eprintln!("  hub stopped in {:.2} s; restarting", stopped.as_secs_f64());
+        let h2 = setup.start().await?;
+        let restart_s0 = h2.sample()?;
+        let up = down_at.elapsed();
+        let mut samples = Vec::new();
+        let back = wait_registered(&shared, &h2, agents, Some(welcomes), within, &mut samples).await;
+        let restart_s1 = h2.sample()?;
+        table.push(row("restart: hub graceful stop", format!("{:.2} s", stopped.as_secs_f64()), ""));
+        table.push(row("restart: all back after new hub listens", secs(back), "<= 30 s (10k agents)"));
+        table.push(row("restart: all back after old hub exited", secs(back.map(|b| b + up)), ""));
+        table.push(row(
+            "restart: hub CPU during storm",
+            format!("{:.1} CPU-s", cpu_seconds(&restart_s0, &restart_s1, tck)),
+            "",
+        ));
+        table.push(row("restart: hub RSS after storm", mib(restart_s1.rss_kib), ""));
+        figures["restart"] = json!({
+            "stop_seconds": stopped.as_secs_f64(),
+            "back_after_listen_seconds": back.map(|b| b.as_secs_f64()),
+            "back_after_exit_seconds": back.map(|b| (b + up).as_secs_f64()),
+            "hub_cpu_storm_seconds": cpu_seconds(&restart_s0, &restart_s1, tck),
+            "hub_rss_after_kib": restart_s1.rss_kib,
+        });
+        hub = Some(h2);
+    }
+    fleet.stop().await;
+    if let Some(h) = hub {
+        let _ = h.stop().await;
+    }
+    Ok(ctx.outcome(format!("scale-{agents}{}", if restart { "-restart" } else { "" }), table, figures))
+}
+
+/// An operator client over mTLS.
+async fn operator(
+    cache: &CertCache,
+    setup: &HubSetup,
+) -> anyhow::Result<v1::operator_service_client::OperatorServiceClient<Channel>> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(cache.read(pki::files::CA_CERT)?))
+        .identity(Identity::from_pem(cache.read(pki::files::OPERATOR_CERT)?, cache.read(pki::files::OPERATOR_KEY)?))
+        .domain_name("127.0.0.1");
+    let ch = Endpoint::from_shared(format!("https://{}", setup.listen))
+        .context("hub url")?
+        .tls_config(tls)
+        .context("tls")?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .context("operator connect")?;
+    Ok(v1::operator_service_client::OperatorServiceClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
+}
+
+/// Splits `0..members` into `stages` contiguous, near-equal parts.
+pub fn split_stages(members: u32, stages: u32) -> Vec<std::ops::Range<u32>> {
+    let stages = stages.max(1);
+    (0..stages).map(|s| (members * s / stages)..(members * (s + 1) / stages)).collect()
+}
+
+/// Scenario 2: a NodeImageOnly run over `nodes` nodes in `members` members and `stages` stages.
+pub async fn orchestrate(
+    ctx: &Ctx,
+    nodes: usize,
+    members: u32,
+    stages: u32,
+    group_concurrency: u32,
+    within: Duration,
+) -> anyhow::Result<Outcome> {
+    if members == 0 || nodes < members as usize {
+        bail!("--members must be between 1 and --nodes");
+    }
+    let per_member = nodes / members as usize;
+    let cache = CertCache::open(&ctx.cache)?;
+    let certs = cache.nodes(per_member * members as usize)?;
+    let nodes = certs.len();
+    let setup = ctx.hub_setup(&cache, fresh_run_dir(&ctx.cache, &format!("orchestrate-{nodes}"))?, 10)?;
+    let spec = spec_for(&setup, &cache)?;
+    let hub = setup.start().await?;
+    let tck = clk_tck();
+    let shared = Shared::new(1000, true);
+    let fleet = start_fleet(certs, per_member, spec, shared.clone());
+    let mut samples = Vec::new();
+    let t_reg = wait_registered(&shared, &hub, nodes, None, within, &mut samples).await;
+    if t_reg.is_none() {
+        bail!("only {}/{nodes} agents registered within {within:?}", shared.registered());
+    }
+    eprintln!("orchestrate: {nodes} nodes registered in {}", secs(t_reg));
+    let mut op = operator(&cache, &setup).await?;
+    op.publish_image(v1::PublishImageRequest {
+        family: FAMILY.into(),
+        version: NEW_VERSION.into(),
+        regions: vec![v1::RegionAvailability { region: REGION.into(), available_at_unix_ms: 0 }],
+        sha256: "ab".repeat(32),
+        signature: "untrusted comment: bench (simulated agents verify nothing)\nbench".into(),
+        url: "https://bench.invalid/image.img".into(),
+        size_bytes: 1,
+    })
+    .await
+    .context("PublishImage")?;
+    let ranges = split_stages(members, stages);
+    let stage_specs: Vec<serde_json::Value> = ranges
+        .iter()
+        .enumerate()
+        .map(|(s, r)| {
+            json!({"name": format!("stage-{s}"), "groups": [{
+                "name": "all",
+                "members": r.clone().map(member_name).collect::<Vec<_>>(),
+                "max_concurrency": group_concurrency,
+            }]})
+        })
+        .collect();
+    let stages_json = json!({ "stages": stage_specs }).to_string();
+    op.create_run(v1::CreateRunRequest {
+        name: "bench".into(),
+        stages_json,
+        upgrade_type: "NodeImageOnly".into(),
+        node_image_selection: "Latest".into(),
+        ..Default::default()
+    })
+    .await
+    .context("CreateRun")?;
+    let h0 = hub.sample()?;
+    let started = Instant::now();
+    op.start_run(v1::RunNameRequest { name: "bench".into() }).await.context("StartRun")?;
+    let mut status = String::new();
+    let mut state_bytes = 0usize;
+    let mut last_print = Instant::now();
+    let mut hub_samples = vec![h0];
+    while started.elapsed() < within {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Ok(s) = hub.sample() {
+            hub_samples.push(s);
+        }
+        let run = op.get_run(v1::RunNameRequest { name: "bench".into() }).await.context("GetRun")?.into_inner();
+        state_bytes = run.state_json.len();
+        let v: serde_json::Value = serde_json::from_str(&run.state_json).context("run state JSON")?;
+        status = v["run"]["status"].as_str().unwrap_or("?").to_string();
+        if matches!(status.as_str(), "Completed" | "Failed" | "Stopped" | "Skipped") {
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(10) {
+            last_print = Instant::now();
+            let ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner()).len();
+            eprintln!("  {:>6.1} s: run {status}, {ops} commands answered", started.elapsed().as_secs_f64());
+        }
+    }
+    let total = started.elapsed();
+    let h1 = hub.sample()?;
+    let ops: Vec<sim::OpRecord> = shared.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    fleet.stop().await;
+    let _ = hub.stop().await;
+
+    // Per member: first command received, last uncordon answered (ms since StartRun).
+    let ms = |t: Instant| t.saturating_duration_since(started).as_secs_f64() * 1000.0;
+    let mut first: BTreeMap<u32, f64> = BTreeMap::new();
+    let mut done: BTreeMap<u32, f64> = BTreeMap::new();
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in &ops {
+        *kinds.entry(o.kind).or_default() += 1;
+        let f = first.entry(o.member).or_insert(f64::MAX);
+        *f = f.min(ms(o.received));
+        if o.kind == "uncordon" {
+            let d = done.entry(o.member).or_insert(0.0);
+            *d = d.max(ms(o.answered));
+        }
+    }
+    let durations: Vec<f64> = done.iter().filter_map(|(m, d)| first.get(m).map(|f| d - f)).collect();
+    let mut handoffs = Vec::new();
+    let mut stage_handoffs = Vec::new();
+    let mut waves = 0u64;
+    for (i, r) in ranges.iter().enumerate() {
+        let d: Vec<f64> = r.clone().filter_map(|m| done.get(&m).copied()).collect();
+        let s: Vec<f64> = r.clone().filter_map(|m| first.get(&m).copied()).collect();
+        handoffs.extend(slot_handoffs(&d, &s, group_concurrency as usize));
+        waves += u64::from(r.len() as u32).div_ceil(u64::from(group_concurrency.max(1)));
+        if let Some(next) = ranges.get(i + 1) {
+            let last_done = d.iter().copied().fold(f64::MIN, f64::max);
+            let next_first = next.clone().filter_map(|m| first.get(&m).copied()).fold(f64::MAX, f64::min);
+            if next_first >= last_done && next_first < f64::MAX {
+                stage_handoffs.push(next_first - last_done);
+            }
+        }
+    }
+    let p = |v: &[f64], q: f64| percentile(v, q).map(|x| format!("{x:.1} ms")).unwrap_or_else(|| "n/a".into());
+    let member_p50 = percentile(&durations, 50.0).unwrap_or(0.0);
+    let critical_ms = waves as f64 * member_p50;
+    let peak_rss = hub_samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+    let table = vec![
+        row("nodes / members / stages", format!("{nodes} / {members} / {stages}"), ""),
+        row("group max_concurrency, member max_unavailable", format!("{group_concurrency}, 1 (default)"), ""),
+        row("run final status", status.clone(), "Completed"),
+        row("total run time (StartRun to terminal status)", format!("{:.1} s", total.as_secs_f64()), ""),
+        row("critical path: sequential member waves", waves.to_string(), ""),
+        row("member execution p50 (first command to last result)", p(&durations, 50.0), ""),
+        row("critical path at p50 member time", format!("{:.1} s", critical_ms / 1000.0), ""),
+        row(
+            "orchestration overhead (total - critical path)",
+            format!("{:.1} s", total.as_secs_f64() - critical_ms / 1000.0),
+            "",
+        ),
+        row("handoff p50 (member done -> next member's first command)", p(&handoffs, 50.0), ""),
+        row("handoff p99", p(&handoffs, 99.0), "<= 10 ms at 10k agents"),
+        row("handoff max", p(&handoffs, 100.0), ""),
+        row(
+            "stage handoffs (last done -> next stage's first command)",
+            stage_handoffs.iter().map(|h| format!("{h:.0} ms")).collect::<Vec<_>>().join(", "),
+            "",
+        ),
+        row(
+            "commands answered",
+            format!("{} ({})", ops.len(), kinds.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")),
+            "",
+        ),
+        row("hub CPU during the run", format!("{:.1} CPU-s", cpu_seconds(&h0, &h1, tck)), ""),
+        row("hub RSS peak during the run", mib(peak_rss), ""),
+        row("run state JSON size", format!("{} KiB", state_bytes / 1024), ""),
+    ];
+    let figures = json!({
+        "nodes": nodes, "members": members, "stages": stages, "group_max_concurrency": group_concurrency,
+        "status": status,
+        "total_seconds": total.as_secs_f64(),
+        "member_waves": waves,
+        "member_execution_ms": {"p50": percentile(&durations, 50.0), "p99": percentile(&durations, 99.0), "count": durations.len()},
+        "critical_path_seconds": critical_ms / 1000.0,
+        "handoff_ms": {"p50": percentile(&handoffs, 50.0), "p99": percentile(&handoffs, 99.0), "max": percentile(&handoffs, 100.0), "count": handoffs.len()},
+        "stage_handoff_ms": stage_handoffs,
+        "commands": kinds,
+        "hub_cpu_seconds": cpu_seconds(&h0, &h1, tck),
+        "hub_rss_peak_kib": peak_rss,
+        "run_state_json_bytes": state_bytes,
+        "registered_seconds": t_reg.map(|t| t.as_secs_f64()),
+    });
+    Ok(ctx.outcome(format!("orchestrate-{nodes}"), table, figures))
+}
+
+/// Scenario 3: heartbeats per second the hub reads, with `agents` sessions sending as fast as it accepts.
+pub async fn heartbeats(ctx: &Ctx, agents: usize, window: Duration) -> anyhow::Result<Outcome> {
+    let cache = CertCache::open(&ctx.cache)?;
+    let certs = cache.nodes(agents)?;
+    let setup = ctx.hub_setup(&cache, fresh_run_dir(&ctx.cache, &format!("heartbeats-{agents}"))?, 10)?;
+    let spec = spec_for(&setup, &cache)?;
+    let hub = setup.start().await?;
+    let tck = clk_tck();
+    let shared = Shared::new(1000, false);
+    let fleet = start_fleet(certs, 10, spec, shared.clone());
+    let mut samples = Vec::new();
+    if wait_registered(&shared, &hub, agents, None, Duration::from_secs(600), &mut samples).await.is_none() {
+        bail!("only {}/{agents} agents registered", shared.registered());
+    }
+    shared.phase.send_replace(Phase::Flood);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (b0, s0, g0) = (shared.heartbeats.load(Ordering::Relaxed), hub.sample()?, self_sample()?);
+    tokio::time::sleep(window).await;
+    let (b1, s1, g1) = (shared.heartbeats.load(Ordering::Relaxed), hub.sample()?, self_sample()?);
+    let still = shared.registered();
+    fleet.stop().await;
+    let _ = hub.stop().await;
+    let rate = (b1 - b0) as f64 / s1.at.duration_since(s0.at).as_secs_f64();
+    let hub_cpu = cpu_percent(&s0, &s1, tck);
+    let gen_cpu = cpu_percent(&g0, &g1, tck);
+    let table = vec![
+        row("sessions flooding", format!("{agents} ({still} still connected at the end)"), ""),
+        row("window", format!("{} s", window.as_secs()), ""),
+        row("heartbeats per second (sustained)", format!("{rate:.0}/s"), ""),
+        row("hub CPU", format!("{hub_cpu:.0} %"), ""),
+        row("load generator CPU (same 2 cores)", format!("{gen_cpu:.0} %"), ""),
+        row("heartbeats per hub CPU-second", format!("{:.0}", rate / (hub_cpu / 100.0).max(0.01)), ""),
+        row(
+            "= agents at a 10 s interval (at this rate)",
+            format!("{:.0}", rate * 10.0),
+            "50k agents on 2 cores = 5,000/s",
+        ),
+        row("hub RSS", mib(s1.rss_kib), ""),
+    ];
+    let figures = json!({
+        "agents": agents, "window_seconds": window.as_secs(), "heartbeats_per_second": rate,
+        "hub_cpu_percent": hub_cpu, "generator_cpu_percent": gen_cpu,
+        "heartbeats_per_hub_cpu_second": rate / (hub_cpu / 100.0).max(0.01),
+        "hub_rss_kib": s1.rss_kib, "still_connected": still,
+    });
+    Ok(ctx.outcome(format!("heartbeats-{agents}"), table, figures))
+}
+
+fn file_size(p: &std::path::Path) -> Option<u64> {
+    std::fs::metadata(p).ok().map(|m| m.len())
+}
+
+/// Sizes of the release binaries (the release profile strips symbols).
+pub fn binary_sizes(ctx: &Ctx) -> Vec<(String, Option<u64>)> {
+    let dir = ctx.hub_bin.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    ["upkeep-agent", "upkeep-hub", "upkeepctl"]
+        .iter()
+        .map(|b| (b.to_string(), file_size(&if *b == "upkeep-agent" { ctx.agent_bin.clone() } else { dir.join(b) })))
+        .collect()
+}
+
+fn size_rows(sizes: &[(String, Option<u64>)]) -> Vec<Row> {
+    sizes
+        .iter()
+        .map(|(name, size)| {
+            row(
+                format!("stripped binary size: {name}"),
+                size.map(|s| format!("{:.2} MB", s as f64 / 1e6)).unwrap_or_else(|| "not built".into()),
+                if name == "upkeep-agent" { "<= 6 MB" } else { "" },
+            )
+        })
+        .collect()
+}
+
+/// Scenario 4: an idle real upkeep-agent against a real hub for `window`.
+pub async fn agent_idle(ctx: &Ctx, window: Duration, heartbeat_seconds: u32) -> anyhow::Result<Outcome> {
+    let cache = CertCache::open(&ctx.cache)?;
+    let run_dir = fresh_run_dir(&ctx.cache, "agent-idle")?;
+    let setup = ctx.hub_setup(&cache, run_dir.clone(), heartbeat_seconds)?;
+    let hub = setup.start().await?;
+    let node = run_dir.join("node");
+    let root = node.join("root");
+    std::fs::create_dir_all(root.join("etc/upkeep")).context("node root")?;
+    std::fs::write(root.join("etc/os-release"), "ID=debian\nVERSION_ID=\"12\"\n").context("os-release")?;
+    std::fs::write(root.join("etc/upkeep/node-image"), format!("FAMILY={FAMILY}\nVERSION={OLD_VERSION}\n"))
+        .context("node-image")?;
+    let ca = pki::Ca::load(&cache.pki_dir())?;
+    let pem = ca.issue_client(&Principal { role: Role::Node, name: "idle-agent".into() })?;
+    std::fs::write(node.join("node.pem"), pem.cert).context("node cert")?;
+    std::fs::write(node.join("node.key"), pem.key).context("node key")?;
+    let config = node.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hub = \"https://{}\"\nmember = \"m-idle\"\nnode_pool = \"pool\"\nregion = {REGION:?}\nstate_dir = {:?}\nroot = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            setup.listen,
+            node.join("state"),
+            root,
+            cache.pki_dir().join(pki::files::CA_CERT),
+            node.join("node.pem"),
+            node.join("node.key"),
+        ),
+    )
+    .context("agent.toml")?;
+    let log_path = node.join("agent.log");
+    let log = std::fs::File::create(&log_path).context("agent.log")?;
+    if !ctx.agent_bin.exists() {
+        bail!("{} missing: run `cargo build --release -p upkeep-agent` first", ctx.agent_bin.display());
+    }
+    let mut agent = tokio::process::Command::new(&ctx.agent_bin)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting upkeep-agent")?;
+    let pid = agent.id().context("agent pid")?;
+    let began = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("registered with hub") {
+            break;
+        }
+        if began.elapsed() > Duration::from_secs(30) || agent.try_wait().ok().flatten().is_some() {
+            bail!("agent did not register within 30 s; see {}", log_path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the first report and config exchange finish; the window measures idle only.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let tck = clk_tck();
+    let a = measure::sample(pid)?;
+    let mut max_rss = a.rss_kib;
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(5).min(end.saturating_duration_since(Instant::now()))).await;
+        if let Ok(s) = measure::sample(pid) {
+            max_rss = max_rss.max(s.rss_kib);
+        }
+    }
+    let b = measure::sample(pid)?;
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    let _ = hub.stop().await;
+    let secs_f = b.at.duration_since(a.at).as_secs_f64();
+    let vol = b.voluntary_ctxt.saturating_sub(a.voluntary_ctxt) as f64 / secs_f;
+    let invol = b.involuntary_ctxt.saturating_sub(a.involuntary_ctxt) as f64 / secs_f;
+    // Timers the protocol asks for: one heartbeat per interval, and the HTTP/2 keepalive ping every 30 s in
+    // each direction (agent's own, and answering the hub's).
+    let expected = 1.0 / f64::from(heartbeat_seconds) + 2.0 / 30.0;
+    let sizes = binary_sizes(ctx);
+    let mut table = vec![
+        row("window", format!("{:.0} s (heartbeat {heartbeat_seconds} s)", secs_f), ""),
+        row("agent RSS at end", mib(b.rss_kib), "<= 8 MiB"),
+        row("agent RSS max sampled (every 5 s)", mib(max_rss), "<= 8 MiB"),
+        row("agent RSS peak (VmHWM, whole life)", mib(b.hwm_kib), ""),
+        row("agent CPU", format!("{:.4} % ({:.2} CPU-s)", cpu_percent(&a, &b, tck), cpu_seconds(&a, &b, tck)), ""),
+        row("agent threads", b.threads.to_string(), ""),
+        row(
+            "wakeups/s (voluntary ctxt switches, all threads)",
+            format!("{vol:.3}"),
+            format!("~{expected:.3} from protocol timers"),
+        ),
+        row("involuntary ctxt switches/s", format!("{invol:.3}"), ""),
+    ];
+    table.extend(size_rows(&sizes));
+    let figures = json!({
+        "window_seconds": secs_f, "heartbeat_interval_seconds": heartbeat_seconds,
+        "rss_end_kib": b.rss_kib, "rss_max_sampled_kib": max_rss, "rss_hwm_kib": b.hwm_kib,
+        "cpu_percent": cpu_percent(&a, &b, tck), "cpu_seconds": cpu_seconds(&a, &b, tck),
+        "threads": b.threads,
+        "voluntary_ctxt_per_second": vol, "involuntary_ctxt_per_second": invol,
+        "expected_timer_wakeups_per_second": expected,
+        "binary_bytes": sizes.iter().map(|(n, s)| (n.clone(), json!(s))).collect::<serde_json::Map<_, _>>(),
+    });
+    Ok(ctx.outcome("agent-idle".into(), table, figures))
+}
+
+/// Stripped binary sizes only.
+pub fn sizes(ctx: &Ctx) -> Outcome {
+    let sizes = binary_sizes(ctx);
+    let figures = json!({
+        "binary_bytes": sizes.iter().map(|(n, s)| (n.clone(), json!(s))).collect::<serde_json::Map<_, _>>(),
+    });
+    ctx.outcome("sizes".into(), size_rows(&sizes), figures)
+}
+
+/// Scenario 5: committed run transitions per second through `Store::commit_run` on SQLite.
+pub fn store(ctx: &Ctx, window: Duration, state_bytes: &[usize], events_per_commit: usize) -> anyhow::Result<Outcome> {
+    let dir = fresh_run_dir(&ctx.cache, "store")?;
+    let mut table = Vec::new();
+    let mut results = Vec::new();
+    for (i, &size) in state_bytes.iter().enumerate() {
+        let store = upkeep_hub::store::sqlite::SqliteStore::open(&dir.join(format!("hub-{i}.db")))?;
+        let pad = "x".repeat(size);
+        let state = |n: u64| format!("{{\"n\":{n},\"pad\":\"{pad}\"}}");
+        let name = "bench";
+        store.create_run(&RunRecord { name: name.into(), state: state(0), strategy_name: None, created_ms: 0 })?;
+        let events: Vec<NewEvent> = (0..events_per_commit)
+            .map(|k| NewEvent {
+                at_ms: 0,
+                kind: "member".into(),
+                level: format!("member \"m-{k:04}\""),
+                from: "Running".into(),
+                to: "Completed".into(),
+                message: "bench".into(),
+                error: String::new(),
+                run_status: "Running".into(),
+            })
+            .collect();
+        let mut prev = state(0);
+        let mut n = 0u64;
+        let began = Instant::now();
+        while began.elapsed() < window {
+            let next = state(n + 1);
+            store.commit_run(name, &prev, &next, &events)?;
+            prev = next;
+            n += 1;
+        }
+        let elapsed = began.elapsed().as_secs_f64();
+        let per_s = n as f64 / elapsed;
+        table.push(row(
+            format!("commit_run/s, state {} KiB, {events_per_commit} event(s)", size / 1024),
+            format!("{per_s:.0}/s ({:.2} ms each)", 1000.0 / per_s.max(1e-9)),
+            "",
+        ));
+        results.push(json!({"state_bytes": size, "commits": n, "seconds": elapsed, "commits_per_second": per_s,
+            "transitions_per_second": per_s * events_per_commit as f64}));
+    }
+    table.push(row("SQLite", "WAL, synchronous=NORMAL (the hub's settings)", ""));
+    let figures = json!({"events_per_commit": events_per_commit, "runs": results});
+    Ok(ctx.outcome("store".into(), table, figures))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_cover_every_member_once() {
+        let r = split_stages(1000, 3);
+        assert_eq!(r, vec![0..333, 333..666, 666..1000]);
+        assert_eq!(split_stages(2, 3).iter().map(|r| r.len()).sum::<usize>(), 2);
+    }
+}
