@@ -80,6 +80,8 @@ pub struct Engine {
     events: broadcast::Sender<EventRecord>,
     commit_lock: tokio::sync::Mutex<()>,
     executing: Mutex<HashSet<(String, String)>>,
+    /// The last committed status of each run (node events carry it without re-reading the run).
+    statuses: Mutex<std::collections::HashMap<String, String>>,
     limits: StepLimits,
 }
 
@@ -116,6 +118,7 @@ impl Engine {
             events: broadcast::channel(4096).0,
             commit_lock: tokio::sync::Mutex::new(()),
             executing: Mutex::new(HashSet::new()),
+            statuses: Mutex::new(std::collections::HashMap::new()),
             limits,
         })
     }
@@ -222,6 +225,7 @@ impl Engine {
             .collect();
         // Persist, then act.
         let stored = self.store().commit_run(name, &rec.state, &state_json(&new_state), &events)?;
+        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), run_status.clone());
         for e in stored {
             let _ = self.events.send(e);
         }
@@ -274,8 +278,16 @@ impl Engine {
             by_member.entry(n.facts.member.clone()).or_default().push(n);
         }
         let mut fleet = run::Fleet::default();
+        let all_settings: std::collections::HashMap<String, crate::store::MemberSettings> =
+            self.store().all_member_settings()?.into_iter().map(|s| (s.member.clone(), s)).collect();
+        let defaults = crate::store::MemberSettings {
+            member: String::new(),
+            node_os_schedule: None,
+            cluster_schedule: None,
+            max_unavailable: "1".into(),
+        };
         for (member, nodes) in by_member {
-            let settings = self.store().member_settings(&member)?;
+            let settings = all_settings.get(&member).unwrap_or(&defaults);
             let schedule = |j: &Option<String>| -> Option<MaintenanceSchedule> {
                 j.as_deref().and_then(|s| serde_json::from_str(s).ok())
             };
@@ -353,14 +365,7 @@ impl Engine {
     }
 
     fn node_event(&self, job: &MemberJob, node: &str, from: &str, to: &str, message: &str, error: &str) {
-        let status = self
-            .store()
-            .get_run(&job.run)
-            .ok()
-            .flatten()
-            .and_then(|r| parse_state(&job.run, &r.state).ok())
-            .map(|s| s.run.status.as_str().to_string())
-            .unwrap_or_default();
+        let status = self.statuses.lock().unwrap_or_else(|e| e.into_inner()).get(&job.run).cloned().unwrap_or_default();
         let e = NewEvent {
             at_ms: now_ms(),
             kind: "node".into(),

@@ -240,6 +240,8 @@ pub trait Store: Send + Sync {
 
     /// Windows and disruption settings of a member (defaults if never set).
     fn member_settings(&self, member: &str) -> Result<MemberSettings, StoreError>;
+    /// Settings of every member that has any set (one query; members absent have the defaults).
+    fn all_member_settings(&self) -> Result<Vec<MemberSettings>, StoreError>;
     /// Sets or clears one window of a member.
     fn set_member_window(
         &self,

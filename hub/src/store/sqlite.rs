@@ -283,6 +283,25 @@ impl Store for SqliteStore {
         settings_of(&self.conn(), member)
     }
 
+    fn all_member_settings(&self) -> Result<Vec<MemberSettings>, StoreError> {
+        let ctx = "reading member settings";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT member, node_os_schedule, cluster_schedule, max_unavailable FROM member_settings")
+            .map_err(db(ctx))?;
+        stmt.query_map([], |r| {
+            Ok(MemberSettings {
+                member: r.get(0)?,
+                node_os_schedule: r.get(1)?,
+                cluster_schedule: r.get(2)?,
+                max_unavailable: r.get(3)?,
+            })
+        })
+        .map_err(db(ctx))?
+        .collect::<Result<_, _>>()
+        .map_err(db(ctx))
+    }
+
     fn set_member_window(
         &self,
         member: &str,
