@@ -1,5 +1,7 @@
 //! upkeep-agent: thin main. `upkeep-agent [--config FILE]` runs; `upkeep-agent check-config` validates.
 
+mod service;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -39,16 +41,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{}: ok (node {})", args.config.display(), cfg.node_name);
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    service::init_logging();
     // One thread is plenty for one session and keeps the footprint small.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    rt.block_on(upkeep_agent::run(cfg, shutdown_signal()))
+    rt.block_on(async move {
+        // The watchdog pings from this same runtime: if it stalls, systemd restarts us.
+        let watchdog = tokio::spawn(service::watchdog());
+        tracing::info!(node = %cfg.node_name, hub = %cfg.hub, member = %cfg.member, "upkeep-agent started");
+        service::ready(&format!("node {} of member {}, hub {}", cfg.node_name, cfg.member, cfg.hub));
+        let result = upkeep_agent::run(cfg, shutdown_signal()).await;
+        watchdog.abort();
+        result
+    })
 }
 
 async fn shutdown_signal() {
@@ -65,4 +69,5 @@ async fn shutdown_signal() {
         }
     }
     tracing::info!("shutting down");
+    service::stopping("shutting down");
 }

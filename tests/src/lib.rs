@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 use upkeep_core::ids::Role;
 use upkeep_hub::pki;
 
+pub mod system;
+
 /// A fleet PKI in a temporary directory (CA, hub, operator, viewer; nodes on demand).
 pub struct TestPki {
     /// Keeps the directory alive.

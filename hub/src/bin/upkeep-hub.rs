@@ -1,5 +1,8 @@
 //! upkeep-hub: thin main. `upkeep-hub [--config FILE]` serves; `upkeep-hub check-config` validates and exits.
 
+#[path = "../service.rs"]
+mod service;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -48,19 +51,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    service::init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("listen = {}: cannot bind", cfg.listen))?;
-        upkeep_hub::server::serve(cfg, listener, shutdown_signal()).await
+        // The watchdog pings from this same runtime: if it stalls, systemd restarts us.
+        let watchdog = tokio::spawn(service::watchdog());
+        // Ready once the port is bound: from here on, agents and upkeepctl can connect (the database is opened
+        // by `serve` next; if that fails the hub exits non-zero and systemd sees the failure).
+        service::ready(&format!("listening on {} (mTLS only), state in {}", cfg.listen, cfg.state_dir.display()));
+        let result = upkeep_hub::server::serve(cfg, listener, shutdown_signal()).await;
+        watchdog.abort();
+        result
     })
 }
 
@@ -78,4 +82,5 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
     }
     tracing::info!("shutting down");
+    service::stopping("shutting down");
 }

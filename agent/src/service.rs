@@ -1,0 +1,133 @@
+//! Life as a systemd service: where the agent's logs go and what it tells the service manager.
+//!
+//! Logs go to the journal, with every `tracing` field as a journal field of the same name in upper case
+//! (`node = %name` becomes `NODE=...`, `op` becomes `OP`, `run` becomes `RUN`), when systemd connected our
+//! stderr to the journal (`JOURNAL_STREAM` names stderr's device and inode); everywhere else (a terminal, the
+//! test harness, a container without journald) they go to stderr as text.
+//!
+//! The sd_notify calls (`READY=1`, `STATUS=`, `STOPPING=1`, `WATCHDOG=1`) do nothing when `NOTIFY_SOCKET`
+//! is unset, so the same binary runs unchanged outside systemd. This module must not decide anything about the
+//! node: it only reports what `main` tells it.
+//!
+//! The hub has a twin of this module (`hub/src/service.rs`); the two binaries share no crate but `core`
+//! (pure) and `proto` (wire), and neither is the place for process plumbing.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// The systemd journal, with structured fields.
+    Journal,
+    /// Plain text on stderr.
+    Stderr,
+}
+
+/// Installs the global `tracing` subscriber (journal or stderr, level from `RUST_LOG`, default `info`).
+pub fn init_logging() -> LogTarget {
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let mut journal_error = None;
+    if stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                // No prefix: `journalctl NODE=node-01` reads better than `F_NODE=node-01`.
+                let layer = layer.with_field_prefix(None);
+                tracing_subscriber::registry().with(filter()).with(layer).init();
+                return LogTarget::Journal;
+            }
+            Err(e) => journal_error = Some(e),
+        }
+    }
+    tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
+    if let Some(e) = journal_error {
+        tracing::warn!(error = %e, "stderr is the journal but its socket is unusable; logging plain text");
+    }
+    LogTarget::Stderr
+}
+
+/// Whether systemd connected our stderr to the journal (see systemd.exec(5), `$JOURNAL_STREAM`).
+fn stderr_is_journal() -> bool {
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().as_deref().and_then(parse_journal_stream) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    match std::fs::File::from(fd).metadata() {
+        Ok(m) => m.dev() == dev && m.ino() == ino,
+        Err(_) => false,
+    }
+}
+
+/// Parses `$JOURNAL_STREAM` (`DEVICE:INODE`, both decimal).
+pub fn parse_journal_stream(text: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = text.trim().split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
+}
+
+/// Tells the service manager that start-up is complete, with a status line.
+pub fn ready(status: &str) {
+    send(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
+}
+
+/// Tells the service manager that a clean shutdown has begun.
+pub fn stopping(status: &str) {
+    send(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status(status)]);
+}
+
+fn send(states: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd this is a no-op; under systemd a failure is worth a line but never worth stopping for.
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// How often to ping a watchdog of `timeout`: at half of it, as sd_watchdog_enabled(3) advises, never faster
+/// than every 100 ms.
+pub fn ping_interval(timeout: Duration) -> Duration {
+    (timeout / 2).max(Duration::from_millis(100))
+}
+
+/// Pings the systemd watchdog forever at `ping_interval` when `WatchdogSec=` is set for us; otherwise never
+/// completes and never wakes. Run it as a task on the daemon's own runtime: if that runtime stops making
+/// progress, the pings stop and systemd restarts the service.
+pub async fn watchdog() {
+    let Some(timeout) = sd_notify::watchdog_enabled() else {
+        return std::future::pending().await;
+    };
+    let every = ping_interval(timeout);
+    tracing::info!(watchdog_ms = timeout.as_millis() as u64, ping_ms = every.as_millis() as u64, "systemd watchdog on");
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        send(&[sd_notify::NotifyState::Watchdog]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_is_device_colon_inode() {
+        assert_eq!(parse_journal_stream("8:12345"), Some((8, 12345)));
+        assert_eq!(parse_journal_stream(" 64769:2\n"), Some((64769, 2)));
+        assert_eq!(parse_journal_stream("8"), None);
+        assert_eq!(parse_journal_stream("x:1"), None);
+        assert_eq!(parse_journal_stream(""), None);
+    }
+
+    #[test]
+    fn watchdog_is_pinged_at_half_its_timeout() {
+        assert_eq!(ping_interval(Duration::from_secs(30)), Duration::from_secs(15));
+        assert_eq!(ping_interval(Duration::from_millis(50)), Duration::from_millis(100));
+    }
+}
