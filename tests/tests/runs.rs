@@ -430,3 +430,26 @@ async fn sec5_hub_killed_mid_run_carries_on_without_upgrading_any_member_twice()
     }
     hub.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategies_and_windows_are_accepted_as_yaml() {
+    let f = fleet(&[("n1", "m1", "eu"), ("n2", "m2", "eu")], "Debian-12-202311.07.0").await;
+    let yaml = f.file(
+        "rollout.yaml",
+        "stages:\n  - name: canary\n    groups:\n      - name: g\n        members: [m1]\n    after_stage_wait_seconds: 60\n  - name: rest\n    max_concurrency: 50%\n    groups:\n      - name: g\n        members: [m2]\n",
+    );
+    f.ok(&["strategy", "create", "rollout", "-f", &yaml]).await;
+    let s = f.json(&["strategy", "show", "rollout"]).await;
+    assert_eq!(s["spec"]["stages"][0]["after_stage_wait_seconds"], 60, "{s}");
+    assert_eq!(s["spec"]["stages"][1]["max_concurrency"], "50%", "{s}");
+    let y = f.ctl(&["strategy", "show", "rollout", "-o", "yaml"]).await;
+    assert!(String::from_utf8_lossy(&y.stdout).contains("name: canary"));
+    let window = f.file(
+        "w.yaml",
+        "frequency: {type: Weekly, interval_weeks: 1, day_of_week: Sunday}\nstart_time: \"02:00\"\nduration_hours: 6\n",
+    );
+    f.ok(&["member", "set-window", "m2", "-f", &window]).await;
+    let m = f.json(&["member", "show", "m2"]).await;
+    assert_eq!(m["node_os_schedule"]["frequency"]["day_of_week"], "Sunday", "{m}");
+    f.stop().await;
+}

@@ -187,7 +187,7 @@ pub struct PublishArgs {
 /// `upkeepctl strategy ...`
 #[derive(Debug, Subcommand)]
 pub enum StrategyCommand {
-    /// Create or replace a strategy from a YAML-free JSON file (`{"stages": [...]}`).
+    /// Create or replace a strategy from a YAML or JSON file (`stages: [...]`).
     Create {
         /// Strategy name.
         name: String,
@@ -301,6 +301,14 @@ pub struct SkipArgs {
 
 fn read_file(flag: &str, path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("{flag} {}: cannot read", path.display()))
+}
+
+/// Reads a YAML or JSON file (JSON is YAML) and returns it as JSON for the hub.
+fn read_spec(flag: &str, path: &Path) -> anyhow::Result<String> {
+    let text = read_file(flag, path)?;
+    let value: serde_json::Value =
+        serde_yaml::from_str(&text).map_err(|e| anyhow!("{flag} {}: not valid YAML or JSON: {e}", path.display()))?;
+    Ok(serde_json::to_string(&value)?)
 }
 
 fn parse_time(flag: &str, s: &str) -> anyhow::Result<i64> {
@@ -464,7 +472,7 @@ pub async fn strategy(
 ) -> anyhow::Result<()> {
     match cmd {
         StrategyCommand::Create { name, file } => {
-            let spec_json = read_file("-f", file)?;
+            let spec_json = read_spec("-f", file)?;
             let s =
                 c.put_strategy(v1::PutStrategyRequest { name: name.clone(), spec_json }).await.map_err(status_line)?;
             writeln!(out, "strategy {} stored", s.into_inner().name)?;
@@ -520,7 +528,7 @@ pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn
     let name_req = |n: &str| v1::RunNameRequest { name: n.to_string() };
     match cmd {
         RunCommand::Create(a) | RunCommand::Update(a) => {
-            let stages_json = a.file.as_deref().map(|f| read_file("-f", f)).transpose()?.unwrap_or_default();
+            let stages_json = a.file.as_deref().map(|f| read_spec("-f", f)).transpose()?.unwrap_or_default();
             let req = v1::CreateRunRequest {
                 name: a.name.clone(),
                 strategy_name: a.strategy.clone().unwrap_or_default(),
@@ -796,7 +804,7 @@ pub async fn member_settings(
             .into_inner()
     } else {
         let schedule_json = match (schedule, clear) {
-            (Some(p), false) => read_file("-f", p)?,
+            (Some(p), false) => read_spec("-f", p)?,
             (None, true) => String::new(),
             _ => bail!("give -f SCHEDULE.json or --clear"),
         };
