@@ -367,6 +367,20 @@ async fn sec5_staged_node_image_run_reimages_every_member_in_stage_order() {
     assert!(wait_done < seq_of("stage \"prod\"", "Running"), "prod starts after the canary's wait");
     assert!(seq_of("member \"m2\"", "Completed") < seq_of("member \"m3\"", "Running"), "members of a group one by one");
     assert!(events.iter().any(|e| e["kind"] == "node" && e["to"] == "Completed"), "node events are kept too");
+    // On a terminal, watch draws a live tree and ends with the final tree (run under a pty with script(1)).
+    let cmd = format!("{} run watch r1", bin("upkeepctl").display());
+    let tty = tokio::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("UPKEEP_HUB", f.hub.url())
+        .env("UPKEEP_CA", f.pki.file("ca.pem"))
+        .env("UPKEEP_CERT", f.pki.file("viewer.pem"))
+        .env("UPKEEP_KEY", f.pki.file("viewer.key"))
+        .output()
+        .await
+        .expect("script(1) from bsdutils");
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{screen}");
+    assert!(screen.contains("Run r1 (NodeImageOnly") && screen.contains("member m4"), "final tree: {screen}");
     f.stop().await;
 }
 

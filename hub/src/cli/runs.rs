@@ -633,6 +633,10 @@ pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn
 }
 
 async fn watch(c: &mut Client, name: &str, format: Format, out: &mut dyn Write) -> anyhow::Result<bool> {
+    use std::io::IsTerminal;
+    if format == Format::Table && std::io::stdout().is_terminal() {
+        return watch_live(c, name, out).await;
+    }
     let mut stream = c
         .watch_run(v1::WatchRunRequest { name: name.to_string(), from_seq: 0 })
         .await
@@ -672,6 +676,63 @@ async fn watch(c: &mut Client, name: &str, format: Format, out: &mut dyn Write) 
     }
     let _ = last_status;
     Ok(status != "Failed")
+}
+
+/// `run watch` on a terminal: a live tree of progress bars, one per member (nodes done of nodes), under a run
+/// line; the final tree is printed when the run ends. Off a terminal, `watch` prints one line per event instead.
+async fn watch_live(c: &mut Client, name: &str, out: &mut dyn Write) -> anyhow::Result<bool> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let run = c.get_run(v1::RunNameRequest { name: name.to_string() }).await.map_err(status_line)?.into_inner();
+    let state = state_of(&run)?;
+    let nodes = c.list_nodes(v1::ListNodesRequest::default()).await.map_err(status_line)?.into_inner().nodes;
+    let count = |m: &str| nodes.iter().filter(|n| n.report.as_ref().is_some_and(|r| r.member == m)).count() as u64;
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:<36} [{bar:20}] {pos:>3}/{len:<3} {msg}")
+        .map_err(|e| anyhow!("progress style: {e}"))?
+        .progress_chars("=> ");
+    let top = multi.add(ProgressBar::new_spinner());
+    top.set_message(format!("run {name}: {}", state.run.status));
+    let mut bars = std::collections::HashMap::new();
+    for st in &state.stages {
+        for g in &st.groups {
+            for m in &g.members {
+                let bar = multi.add(ProgressBar::new(count(&m.name).max(1)));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("{}/{}/{}", st.name, g.name, m.name));
+                bar.set_message(m.level.status.to_string());
+                bars.insert(m.name.clone(), bar);
+            }
+        }
+    }
+    let mut stream = c
+        .watch_run(v1::WatchRunRequest { name: name.to_string(), from_seq: 0 })
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    while let Some(e) = stream.message().await.map_err(status_line)? {
+        top.set_message(format!("run {name}: {}", e.run_status));
+        top.tick();
+        // Levels are named like `member "m1"` and `node "n1" of member "m1"`: the member is the last quoted name.
+        let member = e.level.rsplit('"').nth(1).unwrap_or_default().to_string();
+        let Some(bar) = bars.get(&member) else { continue };
+        match e.kind.as_str() {
+            "member" => {
+                let err = if e.error.is_empty() { String::new() } else { format!(" error: {}", e.error) };
+                bar.set_message(format!("{}: {}{err}", e.to, e.message));
+                if matches!(e.to.as_str(), "Completed" | "Skipped") {
+                    bar.set_position(bar.length().unwrap_or(1));
+                }
+            }
+            "node" if e.to == "Completed" => bar.inc(1),
+            _ => {}
+        }
+    }
+    top.finish();
+    let _ = multi.clear();
+    let r = c.get_run(v1::RunNameRequest { name: name.to_string() }).await.map_err(status_line)?.into_inner();
+    let state = state_of(&r)?;
+    print_tree(&r, &state, out)?;
+    Ok(state.run.status != upkeep_core::run::Status::Failed)
 }
 
 fn level_json(l: &LevelState) -> serde_json::Value {
@@ -752,7 +813,8 @@ fn line(out: &mut dyn Write, indent: usize, what: &str, l: &LevelState) -> std::
         _ => String::new(),
     };
     let msg = if l.message.is_empty() { String::new() } else { format!("  {}", l.message) };
-    writeln!(out, "{pad}{what:<w$} {:<11}{times}{msg}", l.status.as_str(), w = 34usize.saturating_sub(pad.len()))?;
+    let text = format!("{pad}{what:<w$} {:<11}{times}{msg}", l.status.as_str(), w = 34usize.saturating_sub(pad.len()));
+    writeln!(out, "{}", text.trim_end())?;
     if let Some(e) = &l.error {
         writeln!(out, "{pad}  error: {e}")?;
     }
@@ -829,4 +891,81 @@ pub async fn member_settings(
         settings.max_unavailable
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use upkeep_core::run::{GroupSpec, NodeImageSelection, StageSpec, StrategySpec, UpdateRunSpec, UpgradeType};
+
+    fn run() -> (v1::Run, RunState) {
+        let spec = UpdateRunSpec {
+            name: "r1".into(),
+            strategy: Some(StrategySpec {
+                stages: vec![
+                    StageSpec {
+                        name: "canary".into(),
+                        groups: vec![GroupSpec { name: "g".into(), members: vec!["m1".into()], max_concurrency: None }],
+                        after_stage_wait_seconds: Some(60),
+                        max_concurrency: None,
+                    },
+                    StageSpec {
+                        name: "prod".into(),
+                        groups: vec![GroupSpec {
+                            name: "east".into(),
+                            members: vec!["m2".into(), "m3".into()],
+                            max_concurrency: None,
+                        }],
+                        after_stage_wait_seconds: None,
+                        max_concurrency: None,
+                    },
+                ],
+            }),
+            upgrade_type: UpgradeType::NodeImageOnly,
+            kubernetes_version: None,
+            node_image_selection: NodeImageSelection::Latest,
+        };
+        let state = RunState::new(&spec, &["m1".into(), "m2".into(), "m3".into()]).expect("valid");
+        let wire = v1::Run {
+            name: "r1".into(),
+            state_json: serde_json::to_string(&state).expect("json"),
+            created_at_unix_ms: 0,
+            strategy_name: "rollout".into(),
+        };
+        (wire, state)
+    }
+
+    #[test]
+    fn run_tree_golden() {
+        let (r, s) = run();
+        let mut out = Vec::new();
+        print_tree(&r, &s, &mut out).expect("render");
+        let expected = "\
+Run r1 (NodeImageOnly, node images Latest)
+run                                NotStarted
+  stage canary                     NotStarted
+    group g                        NotStarted
+      member m1                    NotStarted
+    wait 60s                       NotStarted
+  stage prod                       NotStarted
+    group east                     NotStarted
+      member m2                    NotStarted
+      member m3                    NotStarted
+";
+        assert_eq!(String::from_utf8(out).expect("utf8"), expected);
+    }
+
+    #[test]
+    fn run_json_has_stable_names() {
+        let (r, s) = run();
+        let v = run_json(&r, &s);
+        assert_eq!(v["name"], "r1");
+        assert_eq!(v["strategy"], "rollout");
+        assert_eq!(v["status"], "NotStarted");
+        assert_eq!(v["upgrade_type"], "NodeImageOnly");
+        assert_eq!(v["stages"][0]["after_stage_wait_seconds"], 60);
+        assert_eq!(v["stages"][0]["after_stage_wait"]["status"], "NotStarted");
+        assert_eq!(v["stages"][1]["groups"][0]["members"][1]["name"], "m3");
+        assert!(v["stages"][1]["groups"][0]["members"][1]["started_at"].is_null());
+    }
 }
