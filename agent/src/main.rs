@@ -1,6 +1,6 @@
 //! upkeep-agent: thin main. `upkeep-agent [--config FILE]` runs; `upkeep-agent check-config` validates.
 
-mod service;
+use upkeep_proto::service;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};

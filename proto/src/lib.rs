@@ -10,6 +10,7 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod service;
 pub mod tls;
 
 /// The agent and hub version string carried in reports and welcomes.

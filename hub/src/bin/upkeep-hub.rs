@@ -1,7 +1,6 @@
 //! upkeep-hub: thin main. `upkeep-hub [--config FILE]` serves; `upkeep-hub check-config` validates and exits.
 
-#[path = "../service.rs"]
-mod service;
+use upkeep_proto::service;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};

@@ -1,4 +1,4 @@
-//! Life as a systemd service: where the hub's logs go and what it tells the service manager.
+//! Life as a systemd service, for both daemons: where logs go and what they tell the service manager.
 //!
 //! Logs go to the journal, with every `tracing` field as a journal field of the same name in upper case
 //! (`node = %name` becomes `NODE=...`, `op` becomes `OP`, `run` becomes `RUN`), when systemd connected our
@@ -7,11 +7,10 @@
 //!
 //! The sd_notify calls (`READY=1`, `STATUS=`, `STOPPING=1`, `WATCHDOG=1`) do nothing when `NOTIFY_SOCKET`
 //! is unset, so the same binary runs unchanged outside systemd. This module must not decide anything about the
-//! fleet: it only reports what `main` tells it. It is compiled into the `upkeep-hub` binary only (not the library,
-//! not `upkeepctl`, which always logs to stderr).
+//! node or the fleet: it only reports what `main` tells it.
 //!
-//! The agent has a twin of this module (`agent/src/service.rs`); the two binaries share no crate but `core`
-//! (pure) and `proto` (wire), and neither is the place for process plumbing.
+//! It lives in upkeep-proto because this is the one crate both daemons share besides the pure core; it is
+//! process plumbing, not wire format, and nothing else in this crate uses it. upkeepctl never calls it.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
