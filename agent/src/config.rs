@@ -209,7 +209,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
 
     let hub =
         raw.hub.ok_or_else(|| err("hub", "missing: set the hub address, e.g. https://hub.example:7443".into()))?;
-    let (hub, hub_host) = parse_hub(&hub).map_err(|reason| err("hub", reason))?;
+    let (hub, hub_host) = upkeep_proto::tls::hub_endpoint(&hub).map_err(|reason| err("hub", reason))?;
     let name_field = |key: &str, field: &'static str, v: Option<String>| -> Result<String, ConfigError> {
         let v = v.ok_or_else(|| err(key, format!("missing: set the {field} this node belongs to")))?;
         validate_name(field, &v).map_err(|e| err(key, e.to_string()))?;
@@ -362,37 +362,16 @@ fn parse_image(
     Ok(s)
 }
 
-fn parse_hub(hub: &str) -> Result<(String, String), String> {
-    let url = if hub.contains("://") { hub.to_string() } else { format!("https://{hub}") };
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| format!("{hub:?}: only https:// is supported (the hub has no plaintext listener)"))?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, p) = v6.split_once(']').ok_or_else(|| format!("malformed address {hub:?}"))?;
-        (h.to_string(), p.strip_prefix(':').unwrap_or(""))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p),
-            None => (authority.to_string(), ""),
-        }
-    };
-    if host.is_empty() || host.contains(char::is_whitespace) || (!port.is_empty() && port.parse::<u16>().is_err()) {
-        return Err(format!("malformed address {hub:?}: expected https://HOST:PORT, e.g. https://hub.example:7443"));
-    }
-    Ok((url, host))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn hub_addresses() {
-        assert_eq!(parse_hub("127.0.0.1:7443").expect("ok").1, "127.0.0.1");
-        assert!(parse_hub("http://x:1").expect_err("plain").contains("only https://"));
-        assert!(parse_hub("https://x:notaport").expect_err("bad").contains("malformed address"));
-        assert!(parse_hub("https://:7443").is_err());
+        assert_eq!(upkeep_proto::tls::hub_endpoint("127.0.0.1:7443").expect("ok").1, "127.0.0.1");
+        assert!(upkeep_proto::tls::hub_endpoint("http://x:1").expect_err("plain").contains("only https://"));
+        assert!(upkeep_proto::tls::hub_endpoint("https://x:notaport").expect_err("bad").contains("malformed address"));
+        assert!(upkeep_proto::tls::hub_endpoint("https://:7443").is_err());
     }
 
     #[test]

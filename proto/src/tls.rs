@@ -113,3 +113,26 @@ pub fn client_tls(files: &ClientFiles, domain: &str) -> Result<ClientTlsConfig, 
         .identity(Identity::from_pem(cert, key))
         .domain_name(domain.to_string()))
 }
+
+/// Normalises a hub address (`host:port` or `https://host:port`) to an https URL and the host name the hub's
+/// certificate must carry. Plaintext schemes are refused: the hub has no plaintext listener.
+pub fn hub_endpoint(hub: &str) -> Result<(String, String), String> {
+    let url = if hub.contains("://") { hub.to_string() } else { format!("https://{hub}") };
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{hub:?}: only https:// is supported (the hub has no plaintext listener)"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').ok_or_else(|| format!("malformed address {hub:?}"))?;
+        (h.to_string(), p.strip_prefix(':').unwrap_or(""))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (authority.to_string(), ""),
+        }
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) || (!port.is_empty() && port.parse::<u16>().is_err()) {
+        return Err(format!("malformed address {hub:?}: expected https://HOST:PORT, e.g. https://hub.example:7443"));
+    }
+    Ok((url, host))
+}

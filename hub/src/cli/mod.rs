@@ -225,20 +225,7 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>
 
 /// Normalises a hub address to an https URL and the host name its certificate must carry.
 pub fn hub_url(hub: &str) -> anyhow::Result<(String, String)> {
-    let url = if hub.contains("://") { hub.to_string() } else { format!("https://{hub}") };
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| anyhow!("--hub {hub}: only https:// is supported (the hub has no plaintext listener)"))?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or(v6).to_string()
-    } else {
-        authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority).to_string()
-    };
-    if host.is_empty() {
-        bail!("--hub {hub}: no host name; expected e.g. https://hub.example:7443");
-    }
-    Ok((url, host))
+    upkeep_proto::tls::hub_endpoint(hub).map_err(|e| anyhow!("--hub {e}"))
 }
 
 /// An error and its causes on one line.
