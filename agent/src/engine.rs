@@ -6,7 +6,12 @@
 //! Reimage: local checks (rolled back before? downgrade? a signature by a trusted key?) -> fetch into staging
 //! with resume, verify digest and signature -> write the inactive slot -> mark it boot-once -> reboot ->
 //! health (booted the new slot, hub reachable again, health commands) -> commit, or fall back to the previous
-//! slot, remember the image as rolled back and report the reason. The engine makes no system calls itself:
+//! slot, remember the image as rolled back and report the reason.
+//!
+//! Apply security patch: checks (the pool may take security patches, the node's OS has a known package manager,
+//! the patch is for the node's image family; already applied = done) -> install exactly the pinned packages from
+//! the configured repositories (apt or dnf; safe to repeat) -> record the patch version. Reboot-required is then
+//! reported with the node's facts; the reboot itself is a separate, leased operation. The engine makes no system calls itself:
 //! everything on the node goes through `NodeOs`, downloads through a `Fetcher`, the hub session through `Link`.
 
 use crate::journal::{Entry, Journal, Op, Outcome, Step};
@@ -72,6 +77,7 @@ pub struct Engine {
     link: Arc<dyn Link>,
     results: mpsc::UnboundedSender<v1::OperationResult>,
     health_timeout: Duration,
+    pool: Mutex<(String, String)>,
 }
 
 fn now_ms() -> i64 {
@@ -112,10 +118,19 @@ fn decode(c: &v1::Command) -> Result<Op, String> {
                 allow_downgrade: r.allow_downgrade,
             })
         }
-        Some(Kind::ApplySecurityPatch(_)) => Err(format!(
-            "operation apply-security-patch is not supported by upkeep-agent {} yet",
-            upkeep_proto::VERSION
-        )),
+        Some(Kind::ApplySecurityPatch(p)) => {
+            if p.family.trim().is_empty() {
+                return Err("apply_security_patch.family: empty; name the image family the patch is for".into());
+            }
+            let _: ImageVersion =
+                p.version.parse().map_err(|e| format!("apply_security_patch.version: {:?}: {e}", p.version))?;
+            crate::channel::parse_package_pins(&p.packages)?;
+            Ok(Op::ApplySecurityPatch {
+                family: p.family.clone(),
+                version: p.version.clone(),
+                packages: p.packages.clone(),
+            })
+        }
         Some(Kind::UpgradeKubernetes(_)) => {
             Err(format!("operation upgrade-kubernetes is not supported by upkeep-agent {} yet", upkeep_proto::VERSION))
         }
@@ -158,7 +173,19 @@ impl Engine {
             link,
             results,
             health_timeout,
+            pool: Mutex::new((String::new(), String::new())),
         }))
+    }
+
+    /// Tells the engine the node's pool and hardware class (named in, and deciding, security patch refusals).
+    pub fn set_pool(&self, node_pool: &str, hardware_class: &str) {
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = (node_pool.to_string(), hardware_class.to_string());
+    }
+
+    async fn node_kind(&self) -> Result<crate::channel::NodeKind, OsError> {
+        let kv = self.os(|os| os.os_release()).await?;
+        let (node_pool, hardware_class) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(crate::channel::NodeKind { os: crate::channel::classify(&kv), node_pool, hardware_class })
     }
 
     fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
@@ -484,6 +511,30 @@ impl Engine {
                     )),
                 }
             }
+            (Op::ApplySecurityPatch { family, version, .. }, Step::Accepted) => {
+                Ok(self.security_patch_checks(e, family, version).await)
+            }
+            (Op::ApplySecurityPatch { version, packages, .. }, Step::Act) => {
+                let pins = crate::channel::parse_package_pins(packages)?;
+                let kind = self.node_kind().await.map_err(|e| format!("reading os-release: {e}"))?;
+                let os = kind.os.clone();
+                match self.os(move |n| n.install_packages(&os, &pins)).await {
+                    Ok(()) => {
+                        e.step = Step::Commit;
+                        Ok(Next::Go(e))
+                    }
+                    Err(err) => Ok(Self::fail(e, format!("installing security patch {version}: {err}"))),
+                }
+            }
+            (Op::ApplySecurityPatch { version, .. }, Step::Commit) => {
+                let v = version.clone();
+                match self.os(move |n| n.record_security_patch(&v)).await {
+                    Ok(()) => Ok(Self::ok(e)),
+                    Err(err) => {
+                        Ok(Self::fail(e, format!("security patch {version} installed but not recorded: {err}")))
+                    }
+                }
+            }
             (_, step) => Err(format!("journal: {} operation at step {} cannot continue", op.kind(), step.as_str())),
         }
     }
@@ -497,6 +548,43 @@ impl Engine {
             return Err(format!("hub not reachable within {}s after the boot", self.health_timeout.as_secs()));
         }
         self.os(|os| os.health_check()).await.map_err(|e| e.to_string())
+    }
+
+    async fn security_patch_checks(&self, mut e: Entry, family: &str, version: &str) -> Next {
+        let kind = match self.node_kind().await {
+            Ok(k) => k,
+            Err(err) => return Self::fail(e, format!("reading os-release: {err}")),
+        };
+        if let Some(why) = kind.security_patch_refusal() {
+            return Self::fail(e, why);
+        }
+        if let crate::channel::OsKind::WindowsLike { id } | crate::channel::OsKind::Unknown { id } = &kind.os {
+            return Self::fail(
+                e,
+                format!("security patch {version} refused: no package manager known for os-release ID {id:?}"),
+            );
+        }
+        let facts = match self.os(|os| os.facts()).await {
+            Ok(f) => f,
+            Err(err) => return Self::fail(e, format!("reading the node's facts: {err}")),
+        };
+        if let Some(img) = &facts.node_image
+            && img.family != family
+        {
+            return Self::fail(
+                e,
+                format!(
+                    "apply_security_patch.family: the patch is for {family:?} but the node runs image {}",
+                    img.label()
+                ),
+            );
+        }
+        if facts.security_patch_version == version {
+            tracing::info!(op = %e.operation_id, version, "security patch already applied");
+            return Self::ok(e);
+        }
+        e.step = Step::Act;
+        Next::Go(e)
     }
 
     #[allow(clippy::too_many_arguments)] // the reimage's fields, destructured once by the caller

@@ -19,6 +19,9 @@ use upkeep_proto::v1::{self, agent_message, hub_message};
 
 /// Heartbeat interval used until the hub's Welcome says otherwise.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often the adopted channel is put in force again although nothing changed, so that updaters someone
+/// switched back on by hand are switched off again ("kept off", SPEC §2).
+pub const CHANNEL_REASSERT_EVERY: Duration = Duration::from_secs(3600);
 /// Outbound queue depth of one session.
 const OUTBOUND_QUEUE: usize = 16;
 
@@ -31,6 +34,11 @@ pub struct Agent {
     link: Arc<SessionLink>,
     /// Results of operations finished in the background, sent on whichever session is open.
     results: tokio::sync::Mutex<mpsc::UnboundedReceiver<v1::OperationResult>>,
+    /// What the node says about its channel: why the adopted channel is not in force as asked, what is missing,
+    /// or why applying it failed. Empty when the channel is in force as asked.
+    channel_note: std::sync::Mutex<String>,
+    /// When the channel was last put in force.
+    channel_applied_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// What the engine sees of the hub session: the channel of the open session (for image downloads), a count
@@ -124,6 +132,7 @@ impl Agent {
         let fetcher = Arc::new(HubFetcher { link: link.clone() });
         let engine =
             Engine::new(os.clone(), &cfg.state_dir, fetcher, link.clone(), results_tx, cfg.image.health_timeout)?;
+        engine.set_pool(&cfg.node_pool, &cfg.hardware_class);
         Ok(Agent {
             cfg,
             os,
@@ -131,6 +140,8 @@ impl Agent {
             engine,
             link,
             results: tokio::sync::Mutex::new(results_rx),
+            channel_note: std::sync::Mutex::new(String::new()),
+            channel_applied_at: std::sync::Mutex::new(None),
         })
     }
 
@@ -165,6 +176,7 @@ impl Agent {
             control_plane: self.cfg.control_plane,
             hardware_class: self.cfg.hardware_class.clone(),
             operations: self.engine.operations(),
+            channel_note: self.channel_note(),
         }
     }
 
@@ -194,9 +206,53 @@ impl Agent {
         Ok(true)
     }
 
+    /// What the node says about its channel (empty when the adopted channel is in force as asked).
+    pub fn channel_note(&self) -> String {
+        self.channel_note.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts the adopted channel in force on the node (off the async threads: it writes files and runs
+    /// `systemctl`). Failures do not end the session: they are logged and kept as the channel note, and the
+    /// channel is applied again at the next adoption and at every start.
+    pub async fn apply_channel(&self) {
+        let Some(name) = self.state().channel else { return };
+        let channel: upkeep_core::channel::NodeOsChannel = match name.parse() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "persisted channel unreadable; not applying it");
+                return;
+            }
+        };
+        let os = self.os.clone();
+        let (pool, hw) = (self.cfg.node_pool.clone(), self.cfg.hardware_class.clone());
+        let outcome = tokio::task::spawn_blocking(move || apply_channel(os.as_ref(), channel, pool, hw)).await;
+        let note = match outcome {
+            Ok(Ok(note)) => note,
+            Ok(Err(e)) => format!("applying node OS channel {channel} failed: {e}"),
+            Err(e) => format!("applying node OS channel {channel} panicked: {e}"),
+        };
+        if note.is_empty() {
+            tracing::info!(node = %self.cfg.node_name, channel = %channel, "node OS channel in force");
+        } else {
+            tracing::warn!(node = %self.cfg.node_name, channel = %channel, note = %note, "node OS channel");
+        }
+        *self.channel_note.lock().unwrap_or_else(|e| e.into_inner()) = note;
+        *self.channel_applied_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+    }
+
+    /// The channel was last put in force longer ago than `CHANNEL_REASSERT_EVERY` (or never).
+    fn channel_reassert_due(&self) -> bool {
+        self.channel_applied_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() >= CHANNEL_REASSERT_EVERY)
+    }
+
     /// Runs until `shutdown` completes, reconnecting as needed.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
+        // Whatever the node's updaters were switched to while we were not running, the channel is put back.
+        self.apply_channel().await;
         // Operations interrupted by a restart or a reboot carry on from their journalled step.
         self.engine.resume();
         let mut attempt: u32 = 0;
@@ -269,6 +325,7 @@ impl Agent {
                         }
                         Some(hub_message::Body::Desired(d)) => {
                             if self.adopt(&d)? {
+                                self.apply_channel().await;
                                 last = self.report();
                                 tx.send(msg(agent_message::Body::Report(last.clone()))).await.context("sending report")?;
                             }
@@ -290,6 +347,9 @@ impl Agent {
                     return Err(anyhow!("session restarted after an in-process boot"));
                 }
                 _ = beat.tick() => {
+                    if self.channel_reassert_due() {
+                        self.apply_channel().await;
+                    }
                     // One wakeup per interval: re-read the node, report if anything changed, else heartbeat.
                     let now = self.report();
                     let body = if now != last {
@@ -315,6 +375,124 @@ impl Agent {
     }
 }
 
+/// Decides what `channel` means on this node and puts it in force through `os`; returns the channel note
+/// (empty when the channel is in force as asked).
+pub fn apply_channel(
+    os: &dyn NodeOs,
+    channel: upkeep_core::channel::NodeOsChannel,
+    node_pool: String,
+    hardware_class: String,
+) -> Result<String, crate::os::OsError> {
+    let kind = crate::channel::NodeKind { os: crate::channel::classify(&os.os_release()?), node_pool, hardware_class };
+    let plan = crate::channel::plan_channel(channel, &kind);
+    let notes = os.apply_channel(&plan)?;
+    Ok(std::iter::once(plan.note).chain(notes).filter(|n| !n.is_empty()).collect::<Vec<_>>().join("; "))
+}
+
 fn msg(body: agent_message::Body) -> v1::AgentMessage {
     v1::AgentMessage { body: Some(body) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::{APT_CHANNEL_CONF, APT_DAILY_TIMER_DROPIN, APT_DAILY_UPGRADE_TIMER_DROPIN};
+    use crate::config::{CordonSettings, ImageSettings};
+    use crate::os::fake::FakeOs;
+    use std::path::PathBuf;
+
+    fn agent(dir: &std::path::Path, os: Arc<FakeOs>, pool: &str, hw: &str) -> Agent {
+        let cfg = AgentConfig {
+            source: dir.join("agent.toml"),
+            hub: "https://127.0.0.1:1".into(),
+            hub_host: "127.0.0.1".into(),
+            node_name: "n1".into(),
+            member: "m1".into(),
+            node_pool: pool.into(),
+            region: "r1".into(),
+            hardware_class: hw.into(),
+            control_plane: false,
+            state_dir: dir.join("state"),
+            root: dir.to_path_buf(),
+            tls: upkeep_proto::tls::ClientFiles {
+                ca: PathBuf::from("ca.pem"),
+                cert: PathBuf::from("cert.pem"),
+                key: PathBuf::from("key.pem"),
+                settings: ["tls.ca".into(), "tls.cert".into(), "tls.key".into()],
+            },
+            image: ImageSettings::defaults(dir),
+            cordon: CordonSettings::default(),
+        };
+        Agent::new(cfg, os).expect("agent")
+    }
+
+    fn desired(generation: u64, channel: &str) -> v1::DesiredConfig {
+        v1::DesiredConfig { generation, node_os_channel: channel.into(), node_os_schedule_json: String::new() }
+    }
+
+    fn files(os: &FakeOs) -> Vec<String> {
+        os.with(|s| s.channel_files.keys().cloned().collect())
+    }
+
+    #[tokio::test]
+    async fn adopting_a_channel_applies_it_and_switching_replaces_the_previous_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let os = Arc::new(FakeOs::default());
+        os.with(|s| s.os_release = crate::os::parse_env_file("ID=debian\nVERSION_ID=12\n"));
+        let a = agent(dir.path(), os.clone(), "np1", "");
+        assert!(a.adopt(&desired(1, "Unmanaged")).expect("adopt"));
+        a.apply_channel().await;
+        assert_eq!(files(&os), [APT_CHANNEL_CONF, APT_DAILY_UPGRADE_TIMER_DROPIN, APT_DAILY_TIMER_DROPIN], "sorted");
+        assert_eq!(a.channel_note(), "");
+        assert_eq!(a.report().channel, "Unmanaged");
+        assert!(a.adopt(&desired(2, "None")).expect("adopt"));
+        a.apply_channel().await;
+        assert_eq!(files(&os), [APT_CHANNEL_CONF]);
+        let conf = os.with(|s| s.channel_files[APT_CHANNEL_CONF].clone());
+        assert!(conf.contains("APT::Periodic::Unattended-Upgrade \"0\";"), "{conf}");
+        // An older generation is ignored and applies nothing.
+        let before = os.with(|s| s.calls.len());
+        assert!(!a.adopt(&desired(1, "Unmanaged")).expect("adopt"));
+        assert_eq!(os.with(|s| s.calls.len()), before);
+        assert_eq!(
+            os.with(|s| s.calls.last().cloned()).expect("a call"),
+            "channel None files [etc/apt/apt.conf.d/52upkeep-channel] timers [apt-daily.timer=Off apt-daily-upgrade.timer=Off]"
+        );
+        assert!(!a.channel_reassert_due(), "just applied");
+        *a.channel_applied_at.lock().expect("lock") = tokio::time::Instant::now().checked_sub(CHANNEL_REASSERT_EVERY);
+        assert!(a.channel_reassert_due(), "an hour later the channel is put in force again");
+        // A restarted agent puts the persisted channel back in force.
+        let b = agent(dir.path(), os.clone(), "np1", "");
+        os.with(|s| s.channel_files.clear());
+        b.apply_channel().await;
+        assert_eq!(files(&os), [APT_CHANNEL_CONF]);
+    }
+
+    #[tokio::test]
+    async fn unknown_os_and_refused_security_patch_behave_as_none_and_say_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let os = Arc::new(FakeOs::default());
+        let a = agent(dir.path(), os.clone(), "np1", "");
+        assert!(a.adopt(&desired(1, "Unmanaged")).expect("adopt"));
+        a.apply_channel().await;
+        assert!(files(&os).is_empty());
+        assert!(a.channel_note().contains("unknown OS (no os-release); behaving as None"), "{}", a.channel_note());
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let os = Arc::new(FakeOs::default());
+        os.with(|s| {
+            s.os_release = crate::os::parse_env_file("ID=azurelinux\n");
+            s.channel_notes = vec!["dnf-automatic.timer is not installed".into()];
+        });
+        let a = agent(dir.path(), os.clone(), "gpunp", "gpu");
+        assert!(a.adopt(&desired(1, "SecurityPatch")).expect("adopt"));
+        a.apply_channel().await;
+        let note = a.channel_note();
+        assert!(
+            note.starts_with("SecurityPatch is not supported on node pool \"gpunp\"")
+                && note.contains("behaving as None; dnf-automatic.timer is not installed"),
+            "{note}"
+        );
+        assert!(os.with(|s| s.calls.last().cloned()).expect("call").starts_with("channel None"));
+    }
 }

@@ -48,6 +48,15 @@ pub enum Op {
         /// A lower version may be installed.
         allow_downgrade: bool,
     },
+    /// Install a security patch: exactly these packages.
+    ApplySecurityPatch {
+        /// Image family the patch is for.
+        family: String,
+        /// Patch version, `YYYYMM.DD.N`.
+        version: String,
+        /// `name=version` pins.
+        packages: Vec<String>,
+    },
 }
 
 impl Op {
@@ -59,6 +68,7 @@ impl Op {
             Op::Drain { .. } => "drain",
             Op::Reboot { .. } => "reboot",
             Op::Reimage { .. } => "reimage",
+            Op::ApplySecurityPatch { .. } => "apply-security-patch",
         }
     }
 }
@@ -79,11 +89,11 @@ pub enum Step {
     Reboot,
     /// After the boot: the booted slot, the hub reachable, the health commands.
     Health,
-    /// Reimage: make the new slot the default.
+    /// Reimage: make the new slot the default. Security patch: record the patch version.
     Commit,
     /// Reimage: return to the previous slot (the failure is in `failure`).
     FallBack,
-    /// Single-step operations (cordon, uncordon, drain): do it.
+    /// Single-step operations (cordon, uncordon, drain): do it. Security patch: install the packages.
     Act,
     /// Finished: `result` is set.
     Done,

@@ -1,11 +1,12 @@
 //! upkeep-agent: the node daemon.
 //!
-//! Code map: `config` (agent.toml), `os` (the one seam to the machine: trait NodeOs), `state` (atomic
+//! Code map: `config` (agent.toml), `channel` (pure node OS channel decisions: owned drop-ins, timers, refusals), `os` (the one seam to the machine: trait NodeOs), `state` (atomic
 //! persisted state), `journal` (write-ahead journal of operations), `engine` (executes hub commands step by
 //! step through the journal), `hub_link` (the mTLS session with the hub), `backoff` (pure reconnect delays).
 //! The agent never trusts the hub with its identity: its node name comes from its own certificate.
 
 pub mod backoff;
+pub mod channel;
 pub mod config;
 pub mod engine;
 pub mod hub_link;

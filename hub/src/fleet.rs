@@ -341,6 +341,7 @@ pub fn facts_from_wire(r: &v1::NodeReport) -> NodeFacts {
         kubernetes_version: r.kubernetes_version.clone(),
         control_plane: r.control_plane,
         hardware_class: r.hardware_class.clone(),
+        channel_note: r.channel_note.clone(),
         operations: r
             .operations
             .iter()
@@ -372,6 +373,7 @@ pub fn facts_to_wire(name: &str, f: &NodeFacts) -> v1::NodeReport {
         kubernetes_version: f.kubernetes_version.clone(),
         control_plane: f.control_plane,
         hardware_class: f.hardware_class.clone(),
+        channel_note: f.channel_note.clone(),
         operations: f
             .operations
             .iter()

@@ -47,6 +47,7 @@ pub fn check_report(prefix: &str, r: &v1::NodeReport) -> Result<(), FieldError> 
         ("agent_version", &r.agent_version, 64),
         ("kubernetes_version", &r.kubernetes_version, 64),
         ("hardware_class", &r.hardware_class, 64),
+        ("channel_note", &r.channel_note, 512),
     ] {
         if value.len() > max || value.chars().any(char::is_control) {
             return Err(FieldError::new(f(field), format!("must be at most {max} printable characters")));

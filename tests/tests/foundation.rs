@@ -356,3 +356,21 @@ fn completions_man_pages_and_yaml_come_from_the_cli_definition() {
     let yaml = String::from_utf8_lossy(&out.stdout);
     assert!(yaml.starts_with("files:\n- "), "{yaml}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_os_behaves_as_none_and_the_hub_shows_why() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let hub = start_hub(&pki, work.path()).await;
+    let node = make_node(&pki, work.path(), &hub.url(), "odd", "m1", "p1", "eu", "Debian-12-202311.07.0");
+    std::fs::remove_file(node.root.join("etc/os-release")).expect("no os-release");
+    let agent = TestAgent::start(&node);
+    let n = wait_for("the channel note reaches the hub", WAIT, || async {
+        let n = upkeepctl_json(&pki, &hub.url(), &["node", "show", "odd"]).await.ok()?;
+        n["channel_note"].as_str().is_some_and(|s| s.contains("unknown OS")).then_some(n)
+    })
+    .await;
+    assert_eq!(n["os_family"], "unknown", "{n}");
+    assert!(n["channel_note"].as_str().unwrap_or_default().contains("None"), "says it behaves as None: {n}");
+    agent.stop().await;
+}

@@ -377,3 +377,121 @@ async fn cordon_drain_uncordon_and_unsupported_kinds() {
             .await;
     assert!(!r.ok && r.error.contains("upgrade-kubernetes is not supported"), "{r:?}");
 }
+
+fn patch_cmd(id: &str, family: &str, version: &str, packages: &[&str]) -> v1::Command {
+    v1::Command {
+        operation_id: id.into(),
+        generation: 1,
+        kind: Some(v1::command::Kind::ApplySecurityPatch(v1::ApplySecurityPatch {
+            family: family.into(),
+            version: version.into(),
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+        })),
+    }
+}
+
+fn set_os_release(w: &World, text: &str) {
+    let kv = crate::os::parse_env_file(text);
+    w.os.with(|s| s.os_release = kv);
+}
+
+#[tokio::test]
+async fn security_patch_installs_exactly_the_pins_records_the_version_and_is_idempotent() {
+    let w = World::new();
+    set_os_release(&w, "ID=debian\nVERSION_ID=12\n");
+    let c = patch_cmd("p1", FAMILY, "202402.01.1", &["openssl=3.0.11-1~deb12u2", "libssl3=3.0.11-1~deb12u2"]);
+    let r = run(&w, &c).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(
+        w.calls(),
+        ["install debian openssl=3.0.11-1~deb12u2 libssl3=3.0.11-1~deb12u2", "security-patch 202402.01.1"]
+    );
+    assert_eq!(w.os.with(|s| s.facts.security_patch_version.clone()), "202402.01.1");
+    // The same operation again: the first result, nothing done.
+    assert_eq!(run(&w, &c).await, r);
+    // Another operation for the version already applied: done without installing.
+    assert!(run(&w, &patch_cmd("p2", FAMILY, "202402.01.1", &["openssl=3.0.11-1~deb12u2"])).await.ok);
+    assert_eq!(w.calls().len(), 2, "{:?}", w.calls());
+    // RPM nodes install through dnf's path.
+    set_os_release(&w, "ID=rocky\nID_LIKE=\"rhel centos fedora\"\n");
+    assert!(run(&w, &patch_cmd("p3", FAMILY, "202403.01.0", &["openssl=3.0.7-25.el9"])).await.ok);
+    assert_eq!(w.calls()[2], "install rocky openssl=3.0.7-25.el9");
+}
+
+#[tokio::test]
+async fn malformed_security_patches_are_refused_naming_the_field() {
+    let w = World::new();
+    set_os_release(&w, "ID=debian\n");
+    for (c, field) in [
+        (patch_cmd("a", FAMILY, "2024.1", &["x=1"]), "apply_security_patch.version: \"2024.1\""),
+        (patch_cmd("b", FAMILY, "202402.01.1", &[]), "apply_security_patch.packages: empty"),
+        (patch_cmd("c", "", "202402.01.1", &["x=1"]), "apply_security_patch.family: empty"),
+        (patch_cmd("d", FAMILY, "202402.01.1", &["x=1", "--force"]), "apply_security_patch.packages[1]"),
+        (
+            patch_cmd("e", "Other-1", "202402.01.1", &["x=1"]),
+            "apply_security_patch.family: the patch is for \"Other-1\"",
+        ),
+    ] {
+        let r = run(&w, &c).await;
+        assert!(!r.ok && r.error.contains(field), "{field}: {r:?}");
+    }
+    assert!(w.calls().is_empty(), "nothing installed: {:?}", w.calls());
+}
+
+#[tokio::test]
+async fn security_patches_are_refused_on_unsupported_pools_and_failures_are_reported() {
+    let w = World::new();
+    set_os_release(&w, "ID=azurelinux\nVERSION_ID=3.0\n");
+    let (e, mut rx) = w.engine();
+    e.set_pool("gpunp1", "gpu");
+    let r = match e.submit(&patch_cmd("g", FAMILY, "202402.01.1", &["x=1"])) {
+        Submitted::Finished(r) => r,
+        Submitted::Running => result_of(&mut rx).await,
+    };
+    assert!(!r.ok && r.error.contains("node pool \"gpunp1\"") && r.error.contains("Azure Linux GPU"), "{r:?}");
+    set_os_release(&w, "ID=arch\n");
+    let r = run(&w, &patch_cmd("u", FAMILY, "202402.01.1", &["x=1"])).await;
+    assert!(!r.ok && r.error.contains("no package manager known for os-release ID \"arch\""), "{r:?}");
+    set_os_release(&w, "ID=debian\n");
+    w.os.with(|s| s.install_fails = Some("E: Version '9' for 'x' was not found".into()));
+    let r = run(&w, &patch_cmd("f", FAMILY, "202402.01.1", &["x=9"])).await;
+    assert!(!r.ok && r.error.contains("installing security patch 202402.01.1") && r.error.contains("'9'"), "{r:?}");
+    assert_eq!(w.os.with(|s| s.facts.security_patch_version.clone()), "", "not recorded after a failure");
+}
+
+#[tokio::test]
+async fn a_security_patch_interrupted_at_each_step_finishes_once_after_a_restart() {
+    for (step, expected) in [
+        (Step::Act, vec!["install debian x=2", "security-patch 202402.01.1"]),
+        (Step::Commit, vec!["security-patch 202402.01.1"]),
+    ] {
+        let w = World::new();
+        set_os_release(&w, "ID=debian\n");
+        let c = patch_cmd("p", FAMILY, "202402.01.1", &["x=2"]);
+        let op = decode(&c).expect("decodes");
+        {
+            // The journal as a crash left it: the step recorded, not (or not entirely) performed.
+            let (e, _rx) = w.engine();
+            e.journal()
+                .put(Entry {
+                    operation_id: "p".into(),
+                    generation: 1,
+                    op,
+                    step,
+                    target: None,
+                    previous: None,
+                    boot_id: None,
+                    failure: None,
+                    result: None,
+                })
+                .expect("journal");
+        }
+        let (e, mut rx) = w.engine();
+        e.resume();
+        let r = result_of(&mut rx).await;
+        assert!(r.ok, "{step:?}: {r:?}");
+        assert_eq!(w.calls(), expected, "{step:?}");
+        assert_eq!(run(&w, &c).await, r, "a repeat gets the first result");
+        assert_eq!(w.calls(), expected, "and does nothing");
+    }
+}

@@ -23,6 +23,22 @@ fn tail(bytes: &[u8]) -> String {
 
 /// Runs `argv` with extra environment `env`; kills it after `timeout` if given. Returns its stdout.
 pub fn run(argv: &[String], env: &[(&str, &str)], timeout: Option<Duration>) -> Result<String, OsError> {
+    let (code, stdout, stderr) = run_status(argv, env, timeout)?;
+    if code != Some(0) {
+        let status =
+            code.map_or_else(|| "was killed by a signal".to_string(), |c| format!("exited with exit status: {c}"));
+        return Err(OsError::Command { argv: argv.to_vec(), status, stderr_tail: stderr });
+    }
+    Ok(stdout)
+}
+
+/// Runs `argv` like `run` but returns its exit code (None: killed by a signal), its stdout and the tail of its
+/// stderr whatever the exit code, for programs that answer with their exit code (`dnf needs-restarting -r`).
+pub fn run_status(
+    argv: &[String],
+    env: &[(&str, &str)],
+    timeout: Option<Duration>,
+) -> Result<(Option<i32>, String, String), OsError> {
     let fail = |status: String, stderr_tail: String| OsError::Command { argv: argv.to_vec(), status, stderr_tail };
     let (prog, args) = argv.split_first().ok_or_else(|| fail("not run".into(), "empty argv".into()))?;
     let mut cmd = Command::new(prog);
@@ -67,10 +83,7 @@ pub fn run(argv: &[String], env: &[(&str, &str)], timeout: Option<Duration>) -> 
     };
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
-    if !status.success() {
-        return Err(fail(format!("exited with {status}"), tail(&stderr)));
-    }
-    Ok(String::from_utf8_lossy(&stdout).into_owned())
+    Ok((status.code(), String::from_utf8_lossy(&stdout).into_owned(), tail(&stderr)))
 }
 
 #[cfg(test)]
@@ -84,6 +97,9 @@ mod tests {
         let e = run(&["sh".into(), "-c".into(), "echo boom >&2; exit 3".into()], &[], None).expect_err("fails");
         let s = e.to_string();
         assert!(s.contains("exit status: 3") && s.contains("boom") && s.contains("\"sh\""), "{s}");
+        let (code, _, err) =
+            run_status(&["sh".into(), "-c".into(), "echo x >&2; exit 1".into()], &[], None).expect("runs");
+        assert_eq!((code, err.as_str()), (Some(1), "x"));
         let e = run(&["sleep".into(), "5".into()], &[], Some(Duration::from_millis(100))).expect_err("timeout");
         assert!(e.to_string().contains("timed out"), "{e}");
         assert_eq!(

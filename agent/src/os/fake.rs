@@ -3,6 +3,7 @@
 //! a boot-once slot from booting, or to make reboots "real" (Pending: the test then restarts the engine).
 
 use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot};
+use crate::channel::{ChannelPlan, OsKind, PackagePin};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -37,6 +38,17 @@ pub struct FakeState {
     pub real_reboots: bool,
     /// A real reboot was requested.
     pub reboot_requested: bool,
+    /// os-release pairs.
+    pub os_release: Vec<(String, String)>,
+    /// Files the channel plans left, by path relative to the root, as `HostOs` would (owned files not in the
+    /// newest plan removed).
+    pub channel_files: std::collections::BTreeMap<String, String>,
+    /// Notes `apply_channel` returns.
+    pub channel_notes: Vec<String>,
+    /// Package installs fail with this reason.
+    pub install_fails: Option<String>,
+    /// Installed packages: name -> version.
+    pub packages: std::collections::BTreeMap<String, String>,
     /// Every side effect, in order.
     pub calls: Vec<String>,
 }
@@ -199,6 +211,50 @@ impl NodeOs for FakeOs {
 
     fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError> {
         self.with(|s| s.calls.push(format!("drain {}s", timeout.as_secs())));
+        Ok(())
+    }
+
+    fn os_release(&self) -> Result<Vec<(String, String)>, OsError> {
+        Ok(self.with(|s| s.os_release.clone()))
+    }
+
+    fn apply_channel(&self, plan: &ChannelPlan) -> Result<Vec<String>, OsError> {
+        Ok(self.with(|s| {
+            s.channel_files = plan.files.iter().map(|f| (f.path.to_string(), f.contents.clone())).collect();
+            let timers: Vec<String> = plan.timers.iter().map(|(t, st)| format!("{t}={st:?}")).collect();
+            s.calls.push(format!(
+                "channel {} files [{}] timers [{}]",
+                plan.effective,
+                s.channel_files.keys().cloned().collect::<Vec<_>>().join(" "),
+                timers.join(" ")
+            ));
+            s.channel_notes.clone()
+        }))
+    }
+
+    fn install_packages(&self, os: &OsKind, pins: &[PackagePin]) -> Result<(), OsError> {
+        self.with(|s| {
+            let list: Vec<String> = pins.iter().map(|p| format!("{}={}", p.name, p.version)).collect();
+            s.calls.push(format!("install {} {}", os.id(), list.join(" ")));
+            if let Some(why) = &s.install_fails {
+                return Err(OsError::Command {
+                    argv: vec!["fake-install".into()],
+                    status: "exited with exit status: 100".into(),
+                    stderr_tail: why.clone(),
+                });
+            }
+            for p in pins {
+                s.packages.insert(p.name.clone(), p.version.clone());
+            }
+            Ok(())
+        })
+    }
+
+    fn record_security_patch(&self, version: &str) -> Result<(), OsError> {
+        self.with(|s| {
+            s.calls.push(format!("security-patch {version}"));
+            s.facts.security_patch_version = version.to_string();
+        });
         Ok(())
     }
 }

@@ -3,10 +3,15 @@
 
 use super::cordon::Cordon;
 use super::slots::{self, Backend, DirSlots, GrubEnv, HookSlots};
-use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, command, parse_env_file, parse_node_image};
+use super::{
+    BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, apt, autoupdate, command, dnf, parse_env_file,
+    parse_node_image,
+};
+use crate::channel::{ChannelPlan, OsKind, PackagePin, classify};
 use crate::config::{AgentConfig, CordonSettings, ImageSettings, SlotBackend};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Image metadata, relative to the root.
 pub const NODE_IMAGE_FILE: &str = "etc/upkeep/node-image";
@@ -14,8 +19,16 @@ pub const NODE_IMAGE_FILE: &str = "etc/upkeep/node-image";
 pub const SECURITY_PATCH_FILE: &str = "etc/upkeep/security-patch";
 /// Debian's reboot-required flag, relative to the root.
 pub const REBOOT_REQUIRED_FILE: &str = "var/run/reboot-required";
+/// The same flag where `/var/run` points on current systems, relative to the root.
+pub const RUN_REBOOT_REQUIRED_FILE: &str = "run/reboot-required";
 /// Kubernetes version marker, relative to the root.
 pub const KUBERNETES_VERSION_FILE: &str = "etc/upkeep/kubernetes-version";
+
+/// How long dnf's reboot-required answer is reused (`dnf needs-restarting -r` takes seconds; reports are
+/// read every heartbeat). Installing packages through the agent forgets it at once.
+const DNF_REBOOT_CHECK_EVERY: Duration = Duration::from_secs(300);
+/// The rpm databases whose presence under the root makes dnf's answer worth asking for.
+const RPM_DBS: [&str; 2] = ["var/lib/rpm", "usr/lib/sysimage/rpm"];
 
 /// Timeout of one health command.
 const HEALTH_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -27,6 +40,8 @@ pub struct HostOs {
     image: ImageSettings,
     backend: Arc<dyn Backend>,
     cordon: Cordon,
+    /// dnf's last reboot-required answer and when it was given.
+    dnf_reboot: Arc<Mutex<Option<(Instant, bool)>>>,
 }
 
 impl HostOs {
@@ -61,7 +76,7 @@ impl HostOs {
             }),
         };
         let cordon = Cordon::new(root.clone(), cordon);
-        HostOs { root, image, backend, cordon }
+        HostOs { root, image, backend, cordon, dnf_reboot: Arc::new(Mutex::new(None)) }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -70,6 +85,45 @@ impl HostOs {
 
     fn read_optional(&self, rel: &str) -> Result<Option<String>, OsError> {
         read_optional(&self.path(rel))
+    }
+
+    fn os_release_text(&self) -> Result<Option<String>, OsError> {
+        match self.read_optional("etc/os-release")? {
+            Some(s) => Ok(Some(s)),
+            None => self.read_optional("usr/lib/os-release"),
+        }
+    }
+
+    /// Debian's reboot-required flag. `/var/run` is an absolute symlink to `/run` on current systems: under a
+    /// root other than `/` following it would look at the host's flag, so both places are read inside the root.
+    fn debian_reboot_flag(&self) -> bool {
+        self.path(RUN_REBOOT_REQUIRED_FILE).exists()
+            || (!self.path("var/run").is_symlink() && self.path(REBOOT_REQUIRED_FILE).exists())
+    }
+
+    /// dnf's reboot-required answer on an RPM node (cached for `DNF_REBOOT_CHECK_EVERY`); false elsewhere. A
+    /// failing dnf is logged and counts as "not required" so that the rest of the report still goes out.
+    fn dnf_reboot_required(&self, kv: &[(String, String)]) -> bool {
+        if !matches!(classify(kv), OsKind::Rpm { .. }) || !RPM_DBS.iter().any(|d| self.path(d).is_dir()) {
+            return false;
+        }
+        let mut cached = self.dnf_reboot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, answer)) = *cached
+            && at.elapsed() < DNF_REBOOT_CHECK_EVERY
+        {
+            return answer;
+        }
+        match dnf::reboot_required(&self.root) {
+            Ok(answer) => {
+                *cached = Some((Instant::now(), answer));
+                answer
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "asking dnf whether a reboot is required");
+                *cached = Some((Instant::now(), false));
+                false
+            }
+        }
     }
 }
 
@@ -83,10 +137,7 @@ fn read_optional(path: &Path) -> Result<Option<String>, OsError> {
 
 impl NodeOs for HostOs {
     fn facts(&self) -> Result<OsFacts, OsError> {
-        let os_release = match self.read_optional("etc/os-release")? {
-            Some(s) => Some(s),
-            None => self.read_optional("usr/lib/os-release")?,
-        };
+        let os_release = self.os_release_text()?;
         let kv = os_release.as_deref().map(parse_env_file).unwrap_or_default();
         let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default();
         let os_family = if kv.is_empty() { "unknown".to_string() } else { get("ID") };
@@ -109,7 +160,7 @@ impl NodeOs for HostOs {
             kernel,
             node_image,
             security_patch_version: trimmed(SECURITY_PATCH_FILE)?,
-            reboot_required: self.path(REBOOT_REQUIRED_FILE).exists(),
+            reboot_required: self.debian_reboot_flag() || self.dnf_reboot_required(&kv),
             kubernetes_version: trimmed(KUBERNETES_VERSION_FILE)?,
         })
     }
@@ -182,6 +233,42 @@ impl NodeOs for HostOs {
     fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError> {
         self.cordon.drain(timeout)
     }
+
+    fn os_release(&self) -> Result<Vec<(String, String)>, OsError> {
+        Ok(self.os_release_text()?.as_deref().map(parse_env_file).unwrap_or_default())
+    }
+
+    fn apply_channel(&self, plan: &ChannelPlan) -> Result<Vec<String>, OsError> {
+        let done = autoupdate::apply(&self.root, plan)?;
+        tracing::info!(
+            channel = %plan.effective,
+            written = ?done.written,
+            removed = ?done.removed,
+            systemctl = done.systemctl.len(),
+            "node OS channel applied"
+        );
+        Ok(done.notes)
+    }
+
+    fn install_packages(&self, os: &OsKind, pins: &[PackagePin]) -> Result<(), OsError> {
+        let r = match os {
+            OsKind::Debian { .. } => apt::install(&self.root, pins),
+            OsKind::Rpm { .. } => dnf::install(&self.root, pins),
+            OsKind::WindowsLike { id } | OsKind::Unknown { id } => Err(OsError::Malformed {
+                path: self.path("etc/os-release"),
+                reason: format!("no package manager known for os-release ID {id:?}; cannot install packages"),
+            }),
+        };
+        // Whatever happened, dnf's reboot answer may have changed.
+        *self.dnf_reboot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        r
+    }
+
+    fn record_security_patch(&self, version: &str) -> Result<(), OsError> {
+        let path = self.path(SECURITY_PATCH_FILE);
+        crate::state::write_atomic(&path, format!("{version}\n").as_bytes())
+            .map_err(|e| OsError::Malformed { path: path.clone(), reason: e.to_string() })
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +290,13 @@ mod tests {
         assert_eq!(f.node_image.expect("image").label(), "Debian-12-202311.07.0");
         assert!(!f.reboot_required);
         std::fs::write(root.join(REBOOT_REQUIRED_FILE), "").expect("write");
+        assert!(os.facts().expect("facts").reboot_required);
+        // /var/run -> /run (absolute) as on a real Debian root: the flag is read inside the root, never the host's.
+        std::fs::remove_dir_all(root.join("var/run")).expect("rm");
+        std::os::unix::fs::symlink("/run", root.join("var/run")).expect("symlink");
+        std::fs::create_dir_all(root.join("run")).expect("mkdir");
+        assert!(!os.facts().expect("facts").reboot_required);
+        std::fs::write(root.join(RUN_REBOOT_REQUIRED_FILE), "").expect("write");
         assert!(os.facts().expect("facts").reboot_required);
         std::fs::write(root.join(NODE_IMAGE_FILE), "FAMILY=Debian-12\n").expect("write");
         let err = os.facts().expect_err("malformed");

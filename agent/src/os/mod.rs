@@ -5,10 +5,15 @@
 //! node in tests and the demo); it delegates slots and boot control to one backend of `slots` (directory
 //! trees, the GRUB environment block, or configured hooks), cordon/drain to `cordon`, and every external
 //! program to `command`. `image` owns the agent's download staging and image verification.
+//! `autoupdate` carries out a node OS channel plan (the agent's own drop-ins and the OS's update timers), `apt`
+//! and `dnf` install security patches and read dnf's reboot-required answer.
 //! `fake::FakeOs` exists only for unit tests of the engine.
 
+pub mod apt;
+pub mod autoupdate;
 pub mod command;
 pub mod cordon;
+pub mod dnf;
 pub mod fake;
 pub mod host;
 pub mod image;
@@ -17,6 +22,7 @@ pub mod slots;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+use crate::channel::{ChannelPlan, OsKind, PackagePin};
 use upkeep_core::version::NodeImageVersion;
 
 /// What the agent reads off the node to report.
@@ -184,6 +190,16 @@ pub trait NodeOs: Send + Sync {
     fn uncordon(&self) -> Result<(), OsError>;
     /// Evicts workloads within `timeout`.
     fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError>;
+    /// The node's os-release `KEY=VALUE` pairs (`/etc/os-release`, else `/usr/lib/os-release`); empty if none.
+    fn os_release(&self) -> Result<Vec<(String, String)>, OsError>;
+    /// Puts a node OS channel plan in force: writes the plan's files, removes every other file the agent owns,
+    /// switches the timers. Returns notes on what is missing (a timer or an updater not installed).
+    fn apply_channel(&self, plan: &ChannelPlan) -> Result<Vec<String>, OsError>;
+    /// Installs exactly `pins` from the configured repositories with the package manager of `os` (apt or dnf),
+    /// and checks each package is then at its pinned version.
+    fn install_packages(&self, os: &OsKind, pins: &[PackagePin]) -> Result<(), OsError>;
+    /// Records the security patch `version` as applied (read back as `OsFacts::security_patch_version`).
+    fn record_security_patch(&self, version: &str) -> Result<(), OsError>;
 }
 
 /// Parses image metadata (`/etc/upkeep/node-image`): `KEY=VALUE` lines with `FAMILY` and `VERSION`;

@@ -48,6 +48,8 @@ pub struct NodeJson {
     pub control_plane: bool,
     /// Hardware class.
     pub hardware_class: String,
+    /// Why the channel in force differs from the member's, or what could not be applied.
+    pub channel_note: String,
     /// Reboot required.
     pub reboot_required: bool,
     /// Agent version.
@@ -128,6 +130,7 @@ pub fn node_json(n: &v1::Node) -> NodeJson {
         kubernetes_version: r.kubernetes_version,
         control_plane: r.control_plane,
         hardware_class: r.hardware_class,
+        channel_note: r.channel_note,
         reboot_required: r.reboot_required,
         agent_version: r.agent_version,
         first_seen: rfc3339(n.first_seen_unix_ms),
@@ -254,7 +257,14 @@ pub fn print_node(format: Format, n: &v1::Node, now: DateTime<Utc>, out: &mut dy
         ("Node pool", j.node_pool.clone()),
         ("Region", j.region.clone()),
         ("Status", format!("{} (last seen {})", j.status, ago(n.last_seen_unix_ms, now))),
-        ("Channel", or_dash(&j.channel)),
+        (
+            "Channel",
+            if j.channel_note.is_empty() {
+                or_dash(&j.channel)
+            } else {
+                format!("{} ({})", or_dash(&j.channel), j.channel_note)
+            },
+        ),
         ("Node image version", or_dash(&j.node_image_version)),
         ("Security patch", or_dash(&j.security_patch_version)),
         ("OS", format!("{} {}", j.os_family, j.os_version)),

@@ -76,6 +76,9 @@ pub struct NodeFacts {
     pub hardware_class: String,
     /// Operations in flight: (id, kind, step, state).
     pub operations: Vec<OperationFact>,
+    /// What the agent says about the channel in force (refusals, fallbacks), empty if nothing.
+    #[serde(default)]
+    pub channel_note: String,
 }
 
 /// One operation in flight on a node.
