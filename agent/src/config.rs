@@ -187,14 +187,25 @@ pub struct ConfigError {
 /// Default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/upkeep/agent.toml";
 
-/// Reads and validates the agent configuration, including the certificate's identity.
+/// Reads `/usr/lib/upkeep/agent.d/*.toml`, then `<dir of path>/agent.d/*.toml`, then `path` (later keys win),
+/// and validates the result, including the certificate's identity. Every error names the file the offending key
+/// came from. Relative paths are resolved against the directory of `path`.
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.display().to_string(),
-        key: "(file)".into(),
-        reason: format!("cannot read: {e}"),
-    })?;
-    parse(path, &text)
+    let layered = upkeep_proto::layered::load(path, &upkeep_proto::layered::dropin_dirs(path, "agent"))
+        .map_err(|e| ConfigError { file: e.file, key: e.key, reason: e.reason })?;
+    for f in &layered.fragments {
+        toml::from_str::<Raw>(&f.text).map_err(|e| ConfigError {
+            file: f.path.display().to_string(),
+            key: e.span().and_then(|s| f.text.get(s)).unwrap_or("(syntax)").trim().to_string(),
+            reason: e.message().to_string(),
+        })?;
+    }
+    parse(path, &layered.merged).map_err(|mut e| {
+        if let Some(f) = layered.file_of(&e.key) {
+            e.file = f.display().to_string();
+        }
+        e
+    })
 }
 
 /// Validates the text of `path` (see `load`).

@@ -78,10 +78,25 @@ fn err(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError { file: file.display().to_string(), key: key.to_string(), reason: reason.into() }
 }
 
-/// Reads and validates `path` with flag overrides. TLS files are checked to exist and be readable.
+/// Reads `/usr/lib/upkeep/hub.d/*.toml`, then `<dir of path>/hub.d/*.toml`, then `path` (later keys win),
+/// and validates the result with flag overrides. Every error names the file the offending key came from.
+/// Relative paths are resolved against the directory of `path`. TLS files are checked to be readable.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<HubConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| err(path, "(file)", format!("cannot read: {e}")))?;
-    parse(path, &text, overrides)
+    let layered = upkeep_proto::layered::load(path, &upkeep_proto::layered::dropin_dirs(path, "hub"))
+        .map_err(|e| ConfigError { file: e.file, key: e.key, reason: e.reason })?;
+    for f in &layered.fragments {
+        // Unknown keys and wrong types are reported against the fragment that has them.
+        toml::from_str::<RawConfig>(&f.text).map_err(|e| {
+            let key = e.span().and_then(|s| f.text.get(s)).unwrap_or("(syntax)").trim().to_string();
+            err(&f.path, &key, e.message().to_string())
+        })?;
+    }
+    parse(path, &layered.merged, overrides).map_err(|mut e| {
+        if let Some(f) = layered.file_of(&e.key) {
+            e.file = f.display().to_string();
+        }
+        e
+    })
 }
 
 /// Parses the text of `path` (see `load`).
@@ -144,6 +159,35 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.ca, dir.path().join("ca.pem"));
         assert_eq!(c.heartbeat_interval_seconds, DEFAULT_HEARTBEAT_SECONDS);
+    }
+
+    #[test]
+    fn drop_ins_layer_under_the_main_file_and_errors_name_the_fragment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        std::fs::write(&path, with_tls(dir.path())).expect("write");
+        let d = dir.path().join("hub.d");
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(
+            d.join("20-timing.toml"),
+            "listen = \"127.0.0.1:9443\"\n[agents]\nheartbeat_interval_seconds = 5\n",
+        )
+        .expect("write");
+        let c = load(&path, &Overrides::default()).expect("valid");
+        assert_eq!(c.heartbeat_interval_seconds, 5, "a drop-in sets what the main file does not");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9443");
+        std::fs::write(&path, format!("listen = \"127.0.0.1:7000\"\n{}", with_tls(dir.path()))).expect("write");
+        assert_eq!(
+            load(&path, &Overrides::default()).expect("valid").listen.to_string(),
+            "127.0.0.1:7000",
+            "the main file wins"
+        );
+        std::fs::write(d.join("30-bad.toml"), "[agents]\nheartbeat_interval_seconds = 0\n").expect("write");
+        let e = load(&path, &Overrides::default()).expect_err("out of range");
+        assert!(e.to_string().contains("30-bad.toml: agents.heartbeat_interval_seconds"), "{e}");
+        std::fs::write(d.join("30-bad.toml"), "colour = 1\n").expect("write");
+        let e = load(&path, &Overrides::default()).expect_err("unknown key");
+        assert!(e.to_string().contains("30-bad.toml: colour: unknown field"), "{e}");
     }
 
     #[test]

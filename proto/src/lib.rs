@@ -10,6 +10,7 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod layered;
 pub mod service;
 pub mod tls;
 
