@@ -191,15 +191,11 @@ pub const DEFAULT_PATH: &str = "/etc/upkeep/agent.toml";
 /// and validates the result, including the certificate's identity. Every error names the file the offending key
 /// came from. Relative paths are resolved against the directory of `path`.
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-    let layered = upkeep_proto::layered::load(path, &upkeep_proto::layered::dropin_dirs(path, "agent"))
-        .map_err(|e| ConfigError { file: e.file, key: e.key, reason: e.reason })?;
-    for f in &layered.fragments {
-        toml::from_str::<Raw>(&f.text).map_err(|e| ConfigError {
-            file: f.path.display().to_string(),
-            key: e.span().and_then(|s| f.text.get(s)).unwrap_or("(syntax)").trim().to_string(),
-            reason: e.message().to_string(),
-        })?;
-    }
+    let layered = upkeep_proto::layered::load_checked::<Raw>(path, "agent").map_err(|e| ConfigError {
+        file: e.file,
+        key: e.key,
+        reason: e.reason,
+    })?;
     parse(path, &layered.merged).map_err(|mut e| {
         if let Some(f) = layered.file_of(&e.key) {
             e.file = f.display().to_string();

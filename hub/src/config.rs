@@ -82,15 +82,11 @@ fn err(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
 /// and validates the result with flag overrides. Every error names the file the offending key came from.
 /// Relative paths are resolved against the directory of `path`. TLS files are checked to be readable.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<HubConfig, ConfigError> {
-    let layered = upkeep_proto::layered::load(path, &upkeep_proto::layered::dropin_dirs(path, "hub"))
-        .map_err(|e| ConfigError { file: e.file, key: e.key, reason: e.reason })?;
-    for f in &layered.fragments {
-        // Unknown keys and wrong types are reported against the fragment that has them.
-        toml::from_str::<RawConfig>(&f.text).map_err(|e| {
-            let key = e.span().and_then(|s| f.text.get(s)).unwrap_or("(syntax)").trim().to_string();
-            err(&f.path, &key, e.message().to_string())
-        })?;
-    }
+    let layered = upkeep_proto::layered::load_checked::<RawConfig>(path, "hub").map_err(|e| ConfigError {
+        file: e.file,
+        key: e.key,
+        reason: e.reason,
+    })?;
     parse(path, &layered.merged, overrides).map_err(|mut e| {
         if let Some(f) = layered.file_of(&e.key) {
             e.file = f.display().to_string();

@@ -119,6 +119,20 @@ pub fn load(main: &Path, dirs: &[PathBuf]) -> Result<Layered, LayerError> {
     Ok(Layered { fragments, merged, provenance })
 }
 
+/// `load` with the drop-in directories of `name` (`hub`, `agent`), checking every fragment against the daemon's
+/// raw schema `R` (unknown keys, wrong types) so that such errors name the fragment that has them.
+pub fn load_checked<R: serde::de::DeserializeOwned>(main: &Path, name: &str) -> Result<Layered, LayerError> {
+    let layered = load(main, &dropin_dirs(main, name))?;
+    for f in &layered.fragments {
+        toml::from_str::<R>(&f.text).map_err(|e| LayerError {
+            file: f.path.display().to_string(),
+            key: e.span().and_then(|s| f.text.get(s)).unwrap_or("(syntax)").trim().to_string(),
+            reason: e.message().to_string(),
+        })?;
+    }
+    Ok(layered)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
