@@ -144,6 +144,25 @@ pub fn check_channel_change(
     Ok(())
 }
 
+/// SPEC §2: SecurityPatch is refused for Windows-like nodes and Azure-Linux-like GPU node pools. Given what a
+/// node reports (os-release ID, hardware class) and its pool, the refusal naming the pool, if any. The hub applies
+/// it when an operator asks for the channel; the agent refuses on its own as well.
+pub fn security_patch_refusal(os_family: &str, hardware_class: &str, node_pool: &str) -> Option<String> {
+    let os = os_family.to_ascii_lowercase();
+    if os.contains("windows") {
+        return Some(format!(
+            "SecurityPatch is not supported on node pool {node_pool:?}: Windows-like OS ({os_family}); use NodeImage"
+        ));
+    }
+    if (os == "azurelinux" || os == "mariner") && hardware_class.eq_ignore_ascii_case("gpu") {
+        return Some(format!(
+            "SecurityPatch is not supported on node pool {node_pool:?}: Azure Linux GPU pools take patches only as \
+             node images; use NodeImage"
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +182,14 @@ mod tests {
         for c in AutoUpgradeChannel::ALL {
             assert_eq!(c.as_str().parse::<AutoUpgradeChannel>(), Ok(c));
         }
+    }
+
+    #[test]
+    fn security_patch_is_refused_for_windows_and_azure_linux_gpu_pools() {
+        assert!(security_patch_refusal("windows", "", "win").expect("refused").contains("\"win\""));
+        assert!(security_patch_refusal("azurelinux", "gpu", "gpu1").expect("refused").contains("\"gpu1\""));
+        assert_eq!(security_patch_refusal("azurelinux", "", "cpu"), None);
+        assert_eq!(security_patch_refusal("debian", "gpu", "gpu2"), None);
     }
 
     #[test]

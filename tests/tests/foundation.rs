@@ -374,3 +374,29 @@ async fn an_unknown_os_behaves_as_none_and_the_hub_shows_why() {
     assert!(n["channel_note"].as_str().unwrap_or_default().contains("None"), "says it behaves as None: {n}");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_patch_is_refused_for_an_azure_linux_gpu_pool_naming_the_pool() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let hub = start_hub(&pki, work.path()).await;
+    let node = make_node(&pki, work.path(), &hub.url(), "g1", "m1", "gpu-pool", "eu", "AzureLinux-3-202311.07.0");
+    std::fs::write(node.root.join("etc/os-release"), "ID=azurelinux\nVERSION_ID=\"3.0\"\n").expect("os-release");
+    let cfg = std::fs::read_to_string(&node.config).expect("read");
+    std::fs::write(&node.config, format!("hardware_class = \"gpu\"\n{cfg}")).expect("write");
+    let agent = TestAgent::start(&node);
+    wait_for("g1 registered as azurelinux", WAIT, || async {
+        let n = upkeepctl_json(&pki, &hub.url(), &["node", "show", "g1"]).await.ok()?;
+        (n["os_family"] == "azurelinux" && n["hardware_class"] == "gpu").then_some(())
+    })
+    .await;
+    let out = upkeepctl(&pki, &hub.url(), "operator", &["member", "set-channel", "m1", "SecurityPatch"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FailedPrecondition") && err.contains("\"gpu-pool\""), "names the pool: {err}");
+    let m = upkeepctl_json(&pki, &hub.url(), &["member", "show", "m1"]).await.expect("show");
+    assert_eq!(m["node_os_channel"], "NodeImage", "nothing changed");
+    let ok = upkeepctl(&pki, &hub.url(), "operator", &["member", "set-channel", "m1", "None"]).await;
+    assert!(ok.status.success(), "other channels are fine: {}", String::from_utf8_lossy(&ok.stderr));
+    agent.stop().await;
+}

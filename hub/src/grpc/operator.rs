@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel, check_channel_change};
+use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel, check_channel_change, security_patch_refusal};
 use upkeep_core::ids::Role;
 use upkeep_core::run::{self, RunState};
 use upkeep_proto::v1;
@@ -131,6 +131,15 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let current = self.member(&r.member)?;
         check_channel_change(&current.name, current.auto_upgrade_channel, channel)
             .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
+        if channel == NodeOsChannel::SecurityPatch {
+            let nodes = self.fleet.store().list_nodes(Some(&current.name)).map_err(ApiError::from)?;
+            if let Some(why) = nodes
+                .iter()
+                .find_map(|n| security_patch_refusal(&n.facts.os_family, &n.facts.hardware_class, &n.facts.node_pool))
+            {
+                return Err(ApiError::FailedPrecondition(format!("member {}: {why}", current.name)).into());
+            }
+        }
         if current.node_os_channel == channel {
             return Ok(Response::new(member_to_wire(&current)));
         }
