@@ -172,17 +172,8 @@ struct RawTls {
     key: Option<PathBuf>,
 }
 
-/// A configuration error: `<file>: <key>: <reason>`.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {reason}")]
-pub struct ConfigError {
-    /// The file.
-    pub file: String,
-    /// The key.
-    pub key: String,
-    /// What is wrong and the fix.
-    pub reason: String,
-}
+/// A configuration error: one line naming the file and key (shared by both daemons).
+pub use upkeep_proto::layered::ConfigError;
 
 /// Default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/upkeep/agent.toml";
@@ -191,11 +182,7 @@ pub const DEFAULT_PATH: &str = "/etc/upkeep/agent.toml";
 /// and validates the result, including the certificate's identity. Every error names the file the offending key
 /// came from. Relative paths are resolved against the directory of `path`.
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-    let layered = upkeep_proto::layered::load_checked::<Raw>(path, "agent").map_err(|e| ConfigError {
-        file: e.file,
-        key: e.key,
-        reason: e.reason,
-    })?;
+    let layered = upkeep_proto::layered::load_checked::<Raw>(path, "agent")?;
     parse(path, &layered.merged).map_err(|mut e| {
         if let Some(f) = layered.file_of(&e.key) {
             e.file = f.display().to_string();

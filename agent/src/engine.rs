@@ -251,17 +251,7 @@ impl Engine {
                 busy.step.as_str()
             ));
         }
-        let entry = Entry {
-            operation_id: id.clone(),
-            generation: c.generation,
-            op,
-            step: Step::Accepted,
-            target: None,
-            previous: None,
-            boot_id: None,
-            failure: None,
-            result: None,
-        };
+        let entry = Entry::accepted(id.clone(), c.generation, op);
         if let Err(e) = j.put(entry) {
             return refuse(format!("cannot journal the operation: {e}"));
         }

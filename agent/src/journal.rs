@@ -151,6 +151,23 @@ pub struct Entry {
     pub result: Option<Outcome>,
 }
 
+impl Entry {
+    /// A command just accepted: journalled before its first step runs.
+    pub fn accepted(operation_id: impl Into<String>, generation: u64, op: Op) -> Entry {
+        Entry {
+            operation_id: operation_id.into(),
+            generation,
+            op,
+            step: Step::Accepted,
+            target: None,
+            previous: None,
+            boot_id: None,
+            failure: None,
+            result: None,
+        }
+    }
+}
+
 /// The journal: entries by operation id, mirrored on disk.
 #[derive(Debug)]
 pub struct Journal {
@@ -217,17 +234,7 @@ mod tests {
     use super::*;
 
     fn entry(id: &str, generation: u64) -> Entry {
-        Entry {
-            operation_id: id.into(),
-            generation,
-            op: Op::Drain { timeout_seconds: 30 },
-            step: Step::Accepted,
-            target: None,
-            previous: None,
-            boot_id: None,
-            failure: None,
-            result: None,
-        }
+        Entry::accepted(id, generation, Op::Drain { timeout_seconds: 30 })
     }
 
     #[test]

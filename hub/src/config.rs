@@ -62,17 +62,8 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
 }
 
-/// A configuration error: one line naming the file and key.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {reason}")]
-pub struct ConfigError {
-    /// The file (or `--flag`).
-    pub file: String,
-    /// The key.
-    pub key: String,
-    /// What is wrong and how to fix it.
-    pub reason: String,
-}
+/// A configuration error: one line naming the file and key (shared by both daemons).
+pub use upkeep_proto::layered::ConfigError;
 
 fn err(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError { file: file.display().to_string(), key: key.to_string(), reason: reason.into() }
@@ -82,11 +73,7 @@ fn err(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
 /// and validates the result with flag overrides. Every error names the file the offending key came from.
 /// Relative paths are resolved against the directory of `path`. TLS files are checked to be readable.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<HubConfig, ConfigError> {
-    let layered = upkeep_proto::layered::load_checked::<RawConfig>(path, "hub").map_err(|e| ConfigError {
-        file: e.file,
-        key: e.key,
-        reason: e.reason,
-    })?;
+    let layered = upkeep_proto::layered::load_checked::<RawConfig>(path, "hub")?;
     parse(path, &layered.merged, overrides).map_err(|mut e| {
         if let Some(f) = layered.file_of(&e.key) {
             e.file = f.display().to_string();

@@ -40,15 +40,15 @@ impl Layered {
     }
 }
 
-/// A fragment that cannot be read or parsed: `<file>: <key>: <reason>`.
+/// A configuration error of either daemon, one line: `<file>: <key>: <reason>`.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]
-pub struct LayerError {
-    /// The file.
+pub struct ConfigError {
+    /// The file (or `--flag`).
     pub file: String,
     /// The key, or `(file)` / `(syntax)`.
     pub key: String,
-    /// What is wrong.
+    /// What is wrong and how to fix it.
     pub reason: String,
 }
 
@@ -59,13 +59,13 @@ pub fn dropin_dirs(main: &Path, name: &str) -> Vec<PathBuf> {
     if vendor == beside { vec![vendor] } else { vec![vendor, beside] }
 }
 
-fn read_fragment(path: &Path) -> Result<Fragment, LayerError> {
-    let text = std::fs::read_to_string(path).map_err(|e| LayerError {
+fn read_fragment(path: &Path) -> Result<Fragment, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.display().to_string(),
         key: "(file)".into(),
         reason: format!("cannot read: {e}"),
     })?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| LayerError {
+    let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError {
         file: path.display().to_string(),
         key: e.span().and_then(|s| text.get(s)).unwrap_or("(syntax)").trim().to_string(),
         reason: e.message().to_string(),
@@ -91,7 +91,7 @@ fn merge(into: &mut toml::Table, from: &toml::Table, prefix: &str, file: &Path, 
 }
 
 /// Reads the drop-ins in `dirs` (missing directories are fine) and then `main` (which must exist), and merges them.
-pub fn load(main: &Path, dirs: &[PathBuf]) -> Result<Layered, LayerError> {
+pub fn load(main: &Path, dirs: &[PathBuf]) -> Result<Layered, ConfigError> {
     let mut paths = Vec::new();
     for d in dirs {
         let Ok(rd) = std::fs::read_dir(d) else { continue };
@@ -111,7 +111,7 @@ pub fn load(main: &Path, dirs: &[PathBuf]) -> Result<Layered, LayerError> {
         merge(&mut merged, &f.table, "", &f.path, &mut provenance);
         fragments.push(f);
     }
-    let merged = toml::to_string(&merged).map_err(|e| LayerError {
+    let merged = toml::to_string(&merged).map_err(|e| ConfigError {
         file: main.display().to_string(),
         key: "(merge)".into(),
         reason: e.to_string(),
@@ -121,10 +121,10 @@ pub fn load(main: &Path, dirs: &[PathBuf]) -> Result<Layered, LayerError> {
 
 /// `load` with the drop-in directories of `name` (`hub`, `agent`), checking every fragment against the daemon's
 /// raw schema `R` (unknown keys, wrong types) so that such errors name the fragment that has them.
-pub fn load_checked<R: serde::de::DeserializeOwned>(main: &Path, name: &str) -> Result<Layered, LayerError> {
+pub fn load_checked<R: serde::de::DeserializeOwned>(main: &Path, name: &str) -> Result<Layered, ConfigError> {
     let layered = load(main, &dropin_dirs(main, name))?;
     for f in &layered.fragments {
-        toml::from_str::<R>(&f.text).map_err(|e| LayerError {
+        toml::from_str::<R>(&f.text).map_err(|e| ConfigError {
             file: f.path.display().to_string(),
             key: e.span().and_then(|s| f.text.get(s)).unwrap_or("(syntax)").trim().to_string(),
             reason: e.message().to_string(),

@@ -284,19 +284,7 @@ async fn crash_after(n: usize, mid_step: bool) {
         {
             // Journal the command as submit would, without spawning the driver.
             let op = decode(&c).expect("decodes");
-            e.journal()
-                .put(Entry {
-                    operation_id: "op-c".into(),
-                    generation: 1,
-                    op,
-                    step: Step::Accepted,
-                    target: None,
-                    previous: None,
-                    boot_id: None,
-                    failure: None,
-                    result: None,
-                })
-                .expect("put");
+            e.journal().put(Entry::accepted("op-c", 1, op)).expect("put");
         }
         for i in 0..=n {
             let entry = e.entry("op-c").expect("entry");
