@@ -335,6 +335,7 @@ impl Agent {
                                 tx.send(msg(agent_message::Body::Result(result))).await.context("sending result")?;
                             }
                         }
+                        Some(hub_message::Body::Lease(a)) => tracing::info!(lease = %a.lease_id, granted = a.granted, "lease answer"), // LEASES: wired next
                         None => tracing::warn!("empty message from hub ignored"),
                     }
                 }

@@ -243,7 +243,7 @@ async fn session(
                         beat = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
                         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
-                    Some(hub_message::Body::Desired(_)) | None => {}
+                    Some(hub_message::Body::Desired(_)) | Some(hub_message::Body::Lease(_)) | None => {}
                     Some(hub_message::Body::Command(c)) => {
                         let received = Instant::now();
                         let kind = match &c.kind {

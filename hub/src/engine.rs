@@ -427,14 +427,14 @@ impl NodeWork {
         if let Some(k) = self.kubernetes {
             steps.push((
                 "upgrade-kubernetes",
-                Kind::UpgradeKubernetes(v1::UpgradeKubernetes { version: k.to_string() }),
+                Kind::UpgradeKubernetes(v1::UpgradeKubernetes { version: k.to_string(), first_control_plane: false }),
                 limits.upgrade,
             ));
         }
         if let Some((_, image)) = &self.image {
             steps.push((
                 "reimage",
-                Kind::Reimage(v1::Reimage { image: Some(image.clone()), allow_downgrade: false }),
+                Kind::Reimage(v1::Reimage { image: Some(image.clone()), allow_downgrade: false, reinstall: false }),
                 limits.upgrade,
             ));
         }

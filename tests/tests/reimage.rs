@@ -41,6 +41,7 @@ fn reimage(version: &str, img: &Image) -> v1::command::Kind {
             size_bytes: img.size,
         }),
         allow_downgrade: false,
+        reinstall: false,
     })
 }
 

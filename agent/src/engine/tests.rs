@@ -150,6 +150,7 @@ impl World {
                     size_bytes: self.image.len() as u64,
                 }),
                 allow_downgrade: false,
+                reinstall: false,
             })),
         }
     }
@@ -361,7 +362,7 @@ async fn cordon_drain_uncordon_and_unsupported_kinds() {
     assert!(run(&w, &cmd("u", 1, v1::command::Kind::Uncordon(v1::Uncordon {}))).await.ok);
     assert_eq!(w.calls(), ["cordon", "drain 30s", "uncordon"]);
     let r =
-        run(&w, &cmd("k", 1, v1::command::Kind::UpgradeKubernetes(v1::UpgradeKubernetes { version: "1.30.1".into() })))
+        run(&w, &cmd("k", 1, v1::command::Kind::UpgradeKubernetes(v1::UpgradeKubernetes { version: "1.30.1".into(), first_control_plane: false })))
             .await;
     assert!(!r.ok && r.error.contains("upgrade-kubernetes is not supported"), "{r:?}");
 }

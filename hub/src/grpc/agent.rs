@@ -191,6 +191,7 @@ async fn pump(
                 tracing::info!(node, op = %res.operation_id, ok = res.ok, error = %res.error, "operation result");
                 fleet.deliver_result(res);
             }
+            Some(Body::LeaseRequest(_)) | Some(Body::LeaseRelease(_)) => fleet.touch(node), // LEASES: wired next
             None => return Err(ApiError::InvalidArgument("empty agent message (no body set)".into()).into()),
         }
     }
