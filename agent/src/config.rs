@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub image: ImageSettings,
     /// Cordon / uncordon / drain hooks (`[cordon]`).
     pub cordon: CordonSettings,
+    /// Kubernetes: the API server for cordon/drain/labels and the packages and hooks of the Kubernetes version
+    /// operation (`[kubernetes]`); None without the section.
+    pub kubernetes: Option<KubernetesSettings>,
 }
 
 /// Which boot-control and slot backend the agent drives.
@@ -92,6 +95,8 @@ pub struct ImageSettings {
     pub boot_tries: u32,
     /// The command that reboots the machine (grub and hook backends).
     pub reboot_command: Vec<String>,
+    /// An extra CA (PEM) trusted, besides the system roots, for images a reimage names by https URL.
+    pub url_ca: Option<PathBuf>,
 }
 
 /// `[cordon]` settings: hook commands; without them the agent keeps a marker file under the root
@@ -106,6 +111,80 @@ pub struct CordonSettings {
     pub drain: Vec<String>,
 }
 
+/// `[kubernetes]` settings, validated. The section serves two things that may be used apart: with `api_server`
+/// the node is cordoned, drained and labelled through the Kubernetes API (instead of `[cordon]`); the package
+/// and hook keys drive the Kubernetes version operation (a node may have them without an API server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesSettings {
+    /// The API server and how to reach it; None: no API access (package-only node).
+    pub api: Option<KubeApiSettings>,
+    /// Packages installed at the ordered version, in this order; the first one's installed version is the node's
+    /// Kubernetes version unless `version_command` is set.
+    pub packages: Vec<String>,
+    /// Runs after the packages on the member's first control-plane node; `{version}` is replaced.
+    pub upgrade_first_control_plane: Vec<String>,
+    /// Runs after the packages on every other node; `{version}` is replaced.
+    pub upgrade_other: Vec<String>,
+    /// Prints the running Kubernetes version on stdout (e.g. `kubelet --version`); empty: read the installed
+    /// version of the first package through the package manager.
+    pub version_command: Vec<String>,
+}
+
+/// Default `[kubernetes] packages`.
+pub const DEFAULT_KUBERNETES_PACKAGES: [&str; 2] = ["kubeadm", "kubelet"];
+/// Default `[kubernetes] drain_timeout_seconds`: used when the hub's drain command carries no timeout.
+pub const DEFAULT_DRAIN_TIMEOUT_SECONDS: u64 = 900;
+/// Default `[kubernetes] eviction_retry_seconds`: pause between eviction attempts a disruption budget refused.
+pub const DEFAULT_EVICTION_RETRY_SECONDS: u64 = 5;
+
+/// How the agent reaches its node's Kubernetes API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeApiSettings {
+    /// The URL as configured (`https://HOST[:PORT]`), named in every error.
+    pub api_server: String,
+    /// Host name (or IP address) the server's certificate must carry.
+    pub host: String,
+    /// TCP port (443 when the URL names none).
+    pub port: u16,
+    /// PEM file of the CA(s) that sign the API server's certificate.
+    pub ca_file: PathBuf,
+    /// How the agent authenticates.
+    pub credentials: KubeCredentials,
+    /// The Node object of this machine (defaults to the agent's node name).
+    pub node_name: String,
+    /// Drain timeout when the hub's drain command carries none.
+    pub drain_timeout: std::time::Duration,
+    /// Pause between eviction attempts that a PodDisruptionBudget refused (HTTP 429).
+    pub eviction_retry: std::time::Duration,
+}
+
+/// Credentials for the Kubernetes API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeCredentials {
+    /// A bearer token file, read again for every request (projected tokens rotate).
+    Token(PathBuf),
+    /// A client certificate and key (PEM), read again for every request (kubelet-style rotation).
+    ClientCert {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+}
+
+impl KubernetesSettings {
+    /// The section's defaults: no API server, the default packages and hooks.
+    pub fn defaults() -> KubernetesSettings {
+        KubernetesSettings {
+            api: None,
+            packages: DEFAULT_KUBERNETES_PACKAGES.map(String::from).to_vec(),
+            upgrade_first_control_plane: ["kubeadm", "upgrade", "apply", "-y", "{version}"].map(String::from).to_vec(),
+            upgrade_other: ["kubeadm", "upgrade", "node"].map(String::from).to_vec(),
+            version_command: Vec::new(),
+        }
+    }
+}
+
 impl ImageSettings {
     /// Defaults for a node rooted at `root`: the directory backend, keys in `<root>/etc/upkeep/trusted-keys`.
     pub fn defaults(root: &Path) -> ImageSettings {
@@ -116,6 +195,7 @@ impl ImageSettings {
             health_timeout: std::time::Duration::from_secs(300),
             boot_tries: 3,
             reboot_command: vec!["systemctl".into(), "reboot".into()],
+            url_ca: None,
         }
     }
 }
@@ -134,6 +214,24 @@ struct Raw {
     tls: Option<RawTls>,
     image: Option<RawImage>,
     cordon: Option<RawCordon>,
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    api_server: Option<String>,
+    ca_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    node_name: Option<String>,
+    drain_timeout_seconds: Option<u64>,
+    eviction_retry_seconds: Option<u64>,
+    packages: Option<Vec<String>>,
+    upgrade_first_control_plane: Option<Vec<String>>,
+    upgrade_other: Option<Vec<String>>,
+    version_command: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +252,7 @@ struct RawImage {
     hook_commit: Option<Vec<String>>,
     hook_fall_back: Option<Vec<String>>,
     hook_booted_slot: Option<Vec<String>>,
+    url_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,9 +364,15 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             out
         }
     };
+    let kubernetes = match raw.kubernetes {
+        None => None,
+        Some(k) => Some(parse_kubernetes(k, &principal.name, &resolve).map_err(|(key, reason)| err(&key, reason))?),
+    };
+    check_one_cordon_backend(&cordon, kubernetes.as_ref()).map_err(|(key, reason)| err(&key, reason))?;
     Ok(AgentConfig {
         image,
         cordon,
+        kubernetes,
         source: path.to_path_buf(),
         hub,
         hub_host,
@@ -288,6 +393,149 @@ fn check_argv(v: &[String]) -> Result<(), String> {
         Some(p) if !p.trim().is_empty() => Ok(()),
         _ => Err("empty command: give an argv list, e.g. [\"/usr/bin/true\"]".into()),
     }
+}
+
+/// Cordon and drain go one way: through the Kubernetes API or through `[cordon]` hooks, never both.
+fn check_one_cordon_backend(
+    cordon: &CordonSettings,
+    kubernetes: Option<&KubernetesSettings>,
+) -> Result<(), (String, String)> {
+    if kubernetes.is_some_and(|k| k.api.is_some()) && *cordon != CordonSettings::default() {
+        return Err((
+            "kubernetes.api_server".into(),
+            "set together with [cordon] hooks: cordon and drain go through the Kubernetes API when api_server is \
+             set; remove the [cordon] section or kubernetes.api_server"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain): lower-case letters, digits, '-' and '.', at most 253.
+fn check_kube_name(v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && v.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{v:?} is not a Kubernetes node name (lower-case letters, digits, '-' and '.', at most 253); \
+             set the Node's name as `kubectl get nodes` shows it"
+        ))
+    }
+}
+
+/// A Debian or RPM package name: starts with a letter or digit, then letters, digits, `+ - . _`.
+fn check_package_name(v: &str) -> Result<(), String> {
+    let ok = v.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-._".contains(&b));
+    if ok { Ok(()) } else { Err(format!("{v:?} is not a package name, e.g. \"kubeadm\"")) }
+}
+
+fn parse_kubernetes(
+    raw: RawKubernetes,
+    agent_node_name: &str,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<KubernetesSettings, (String, String)> {
+    let e = |k: &str, r: String| (format!("kubernetes.{k}"), r);
+    let mut s = KubernetesSettings::defaults();
+    if let Some(p) = raw.packages {
+        if p.is_empty() {
+            return Err(e("packages", "empty: name at least one package, e.g. [\"kubeadm\", \"kubelet\"]".into()));
+        }
+        for (i, name) in p.iter().enumerate() {
+            check_package_name(name).map_err(|r| e(&format!("packages[{i}]"), r))?;
+        }
+        s.packages = p;
+    }
+    for (key, v, slot) in [
+        ("upgrade_first_control_plane", raw.upgrade_first_control_plane, &mut s.upgrade_first_control_plane),
+        ("upgrade_other", raw.upgrade_other, &mut s.upgrade_other),
+        ("version_command", raw.version_command, &mut s.version_command),
+    ] {
+        if let Some(v) = v {
+            check_argv(&v).map_err(|r| e(key, r))?;
+            *slot = v;
+        }
+    }
+    let Some(api_server) = raw.api_server else {
+        // Keys that only mean something with an API server are refused rather than silently ignored.
+        for (key, set) in [
+            ("ca_file", raw.ca_file.is_some()),
+            ("token_file", raw.token_file.is_some()),
+            ("client_cert", raw.client_cert.is_some()),
+            ("client_key", raw.client_key.is_some()),
+            ("node_name", raw.node_name.is_some()),
+            ("drain_timeout_seconds", raw.drain_timeout_seconds.is_some()),
+            ("eviction_retry_seconds", raw.eviction_retry_seconds.is_some()),
+        ] {
+            if set {
+                return Err(e(key, "only used with kubernetes.api_server: set api_server or remove this key".into()));
+            }
+        }
+        return Ok(s);
+    };
+    let (host, port) = crate::os::kube::parse_api_server(&api_server).map_err(|r| e("api_server", r))?;
+    let existing = |key: &str, v: Option<PathBuf>| -> Result<Option<PathBuf>, (String, String)> {
+        match v.map(resolve) {
+            None => Ok(None),
+            Some(p) => match std::fs::metadata(&p) {
+                Ok(_) => Ok(Some(p)),
+                Err(err) => Err(e(key, format!("{}: {err}", p.display()))),
+            },
+        }
+    };
+    let ca_file = existing("ca_file", raw.ca_file)?.ok_or_else(|| {
+        e("ca_file", "missing: give the PEM file of the CA that signs the API server's certificate".into())
+    })?;
+    let token = existing("token_file", raw.token_file)?;
+    let cert = existing("client_cert", raw.client_cert)?;
+    let key = existing("client_key", raw.client_key)?;
+    let credentials = match (token, cert, key) {
+        (Some(t), None, None) => KubeCredentials::Token(t),
+        (None, Some(cert), Some(key)) => KubeCredentials::ClientCert { cert, key },
+        (Some(_), _, _) => {
+            return Err(e(
+                "token_file",
+                "set together with client_cert/client_key: choose one way to authenticate".into(),
+            ));
+        }
+        (None, Some(_), None) => return Err(e("client_key", "missing: client_cert needs its private key".into())),
+        (None, None, Some(_)) => return Err(e("client_cert", "missing: client_key needs its certificate".into())),
+        (None, None, None) => {
+            return Err(e(
+                "token_file",
+                "missing: give token_file (a bearer token) or client_cert and client_key to authenticate".into(),
+            ));
+        }
+    };
+    let node_name = raw.node_name.unwrap_or_else(|| agent_node_name.to_string());
+    check_kube_name(&node_name).map_err(|r| e("node_name", r))?;
+    let drain = raw.drain_timeout_seconds.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECONDS);
+    if drain == 0 {
+        return Err(e("drain_timeout_seconds", "must be at least 1".into()));
+    }
+    let retry = raw.eviction_retry_seconds.unwrap_or(DEFAULT_EVICTION_RETRY_SECONDS);
+    if retry == 0 || retry > drain {
+        return Err(e(
+            "eviction_retry_seconds",
+            format!("{retry} is out of range 1..={drain} (drain_timeout_seconds)"),
+        ));
+    }
+    s.api = Some(KubeApiSettings {
+        api_server,
+        host,
+        port,
+        ca_file,
+        credentials,
+        node_name,
+        drain_timeout: std::time::Duration::from_secs(drain),
+        eviction_retry: std::time::Duration::from_secs(retry),
+    });
+    Ok(s)
 }
 
 fn parse_image(
@@ -318,6 +566,15 @@ fn parse_image(
             return Err(e("boot_tries", format!("{n} is out of range 1..=10")));
         }
         s.boot_tries = n;
+    }
+    if let Some(p) = raw.url_ca {
+        let p = resolve(p);
+        let fix = "give the path of a PEM file with the CA certificate that signs the image server's certificate";
+        let text = std::fs::read_to_string(&p).map_err(|err| e("url_ca", format!("{}: {err}; {fix}", p.display())))?;
+        if !text.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(e("url_ca", format!("{}: no PEM certificate in it; {fix}", p.display())));
+        }
+        s.url_ca = Some(p);
     }
     if let Some(r) = raw.reboot_command {
         check_argv(&r).map_err(|r| e("reboot_command", r))?;
@@ -384,5 +641,113 @@ mod tests {
         let raw: RawImage = toml::from_str("health_commands = [[]]").expect("toml");
         assert_eq!(parse_image(Some(raw), root, &id).expect_err("empty").0, "image.health_commands[0]");
         assert!(toml::from_str::<RawImage>("bogus = 1").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn image_url_ca_must_be_a_pem_certificate_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let base = d.path().to_path_buf();
+        let resolve = move |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let image = |text: &str| parse_image(Some(toml::from_str(text).expect("toml")), Path::new("/r"), &resolve);
+        let (k, r) = image("url_ca = \"ca.pem\"").expect_err("missing file");
+        assert_eq!(k, "image.url_ca");
+        assert!(r.contains("ca.pem") && r.contains("give the path of a PEM file"), "{r}");
+        std::fs::write(d.path().join("ca.pem"), "not a certificate").expect("write");
+        let (k, r) = image("url_ca = \"ca.pem\"").expect_err("not PEM");
+        assert_eq!(k, "image.url_ca");
+        assert!(r.contains("no PEM certificate"), "{r}");
+        std::fs::write(d.path().join("ca.pem"), "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n")
+            .expect("write");
+        assert_eq!(image("url_ca = \"ca.pem\"").expect("ok").url_ca, Some(d.path().join("ca.pem")));
+    }
+
+    fn kube(text: &str, dir: &Path) -> Result<KubernetesSettings, (String, String)> {
+        let raw: RawKubernetes = toml::from_str(text).expect("toml");
+        let base = dir.to_path_buf();
+        parse_kubernetes(raw, "node-1", &move |p: PathBuf| if p.is_relative() { base.join(p) } else { p })
+    }
+
+    #[test]
+    fn kubernetes_section_defaults_and_package_only_nodes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = kube("", dir.path()).expect("empty section");
+        assert_eq!(k, KubernetesSettings::defaults());
+        assert_eq!(k.packages, ["kubeadm", "kubelet"]);
+        assert_eq!(k.upgrade_first_control_plane, ["kubeadm", "upgrade", "apply", "-y", "{version}"]);
+        assert_eq!(k.upgrade_other, ["kubeadm", "upgrade", "node"]);
+        assert!(k.api.is_none() && k.version_command.is_empty());
+        let k =
+            kube("packages = [\"kubeadm\"]\nversion_command = [\"kubelet\", \"--version\"]", dir.path()).expect("ok");
+        assert_eq!((k.packages.len(), k.version_command[0].as_str()), (1, "kubelet"));
+        let (key, r) = kube("packages = [\"kube adm\"]", dir.path()).expect_err("bad name");
+        assert_eq!(key, "kubernetes.packages[0]");
+        assert!(r.contains("not a package name"), "{r}");
+        assert_eq!(kube("packages = []", dir.path()).expect_err("empty").0, "kubernetes.packages");
+        assert_eq!(kube("upgrade_other = []", dir.path()).expect_err("empty argv").0, "kubernetes.upgrade_other");
+        let (key, r) = kube("token_file = \"t\"", dir.path()).expect_err("api key without api_server");
+        assert_eq!(key, "kubernetes.token_file");
+        assert!(r.contains("only used with kubernetes.api_server"), "{r}");
+        assert!(toml::from_str::<RawKubernetes>("apiserver = \"x\"").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn kubernetes_api_settings_are_checked_key_by_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["ca.pem", "token", "cert.pem", "key.pem"] {
+            std::fs::write(dir.path().join(f), "x").expect("write");
+        }
+        let base = "api_server = \"https://10.0.0.1:6443\"\nca_file = \"ca.pem\"\n";
+        let k = kube(&format!("{base}token_file = \"token\""), dir.path()).expect("token");
+        let api = k.api.expect("api");
+        assert_eq!((api.host.as_str(), api.port, api.node_name.as_str()), ("10.0.0.1", 6443, "node-1"));
+        assert_eq!(api.credentials, KubeCredentials::Token(dir.path().join("token")));
+        assert_eq!(api.drain_timeout, std::time::Duration::from_secs(900));
+        assert_eq!(api.eviction_retry, std::time::Duration::from_secs(5));
+        let k = kube(
+            &format!("{base}client_cert = \"cert.pem\"\nclient_key = \"key.pem\"\nnode_name = \"worker-7\""),
+            dir.path(),
+        )
+        .expect("client cert");
+        let api = k.api.expect("api");
+        assert!(matches!(api.credentials, KubeCredentials::ClientCert { .. }));
+        assert_eq!(api.node_name, "worker-7");
+        let hooks = CordonSettings { cordon: vec!["/usr/bin/true".into()], ..Default::default() };
+        let with_api = kube(&format!("{base}token_file = \"token\""), dir.path()).expect("ok");
+        let (key, r) = check_one_cordon_backend(&hooks, Some(&with_api)).expect_err("both");
+        assert_eq!(key, "kubernetes.api_server");
+        assert!(r.contains("remove the [cordon] section"), "{r}");
+        assert!(check_one_cordon_backend(&hooks, Some(&KubernetesSettings::defaults())).is_ok(), "package-only node");
+        assert!(check_one_cordon_backend(&CordonSettings::default(), Some(&with_api)).is_ok());
+        for (text, key, says) in [
+            (
+                "api_server = \"http://10.0.0.1\"\nca_file = \"ca.pem\"\ntoken_file = \"token\"",
+                "api_server",
+                "https://",
+            ),
+            ("api_server = \"https://10.0.0.1\"\ntoken_file = \"token\"", "ca_file", "missing"),
+            (
+                "api_server = \"https://10.0.0.1\"\nca_file = \"nope.pem\"\ntoken_file = \"token\"",
+                "ca_file",
+                "nope.pem",
+            ),
+            (base, "token_file", "client_cert and client_key"),
+            (&format!("{base}client_cert = \"cert.pem\""), "client_key", "missing"),
+            (&format!("{base}token_file = \"token\"\nclient_cert = \"cert.pem\""), "token_file", "choose one"),
+            (&format!("{base}token_file = \"token\"\nnode_name = \"Node_1\""), "node_name", "Kubernetes node name"),
+            (
+                &format!("{base}token_file = \"token\"\ndrain_timeout_seconds = 0"),
+                "drain_timeout_seconds",
+                "at least 1",
+            ),
+            (
+                &format!("{base}token_file = \"token\"\ndrain_timeout_seconds = 10\neviction_retry_seconds = 11"),
+                "eviction_retry_seconds",
+                "1..=10",
+            ),
+        ] {
+            let (k, r) = kube(text, dir.path()).expect_err(text);
+            assert_eq!(k, format!("kubernetes.{key}"), "{text}");
+            assert!(r.contains(says), "{text}: {r}");
+        }
     }
 }

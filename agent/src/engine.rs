@@ -3,8 +3,9 @@
 //! by an agent restart or a reboot resumes from its journalled step. A repeated operation id is answered with
 //! the first result; a command of an older generation than the newest seen is refused.
 //!
-//! Reimage: local checks (rolled back before? downgrade? a signature by a trusted key?) -> fetch into staging
-//! with resume, verify digest and signature -> write the inactive slot -> mark it boot-once -> reboot ->
+//! Reimage: local checks (rolled back before? downgrade? a signature by a trusted key? an https URL, if the
+//! image names one) -> fetch into staging with resume (from the hub, or from the image's https URL), verify
+//! digest and signature -> write the inactive slot -> mark it boot-once -> reboot ->
 //! health (booted the new slot, hub reachable again, health commands) -> commit, or fall back to the previous
 //! slot, remember the image as rolled back and report the reason.
 //!
@@ -13,6 +14,14 @@
 //! the configured repositories (apt or dnf; safe to repeat) -> record the patch version. Reboot-required is then
 //! reported with the node's facts; the reboot itself is a separate, leased operation. The engine makes no system calls itself:
 //! everything on the node goes through `NodeOs`, downloads through a `Fetcher`, the hub session through `Link`.
+//!
+//! Upgrade Kubernetes (`engine/kubernetes.rs`): checks (format, already there, no downgrade or skipped minor) ->
+//! install the configured packages at the version -> run the configured upgrade hook and check the version.
+//!
+//! Leased reboot (SPEC §4 "reboot: coordinated"): a lease the hub granted becomes a local operation
+//! `lease/<lease_id>`: cordon -> drain -> reboot (fenced by the boot id) -> health -> uncordon -> give the lease
+//! back. A failure at cordon, drain, reboot or health still uncordons (best effort) and gives the lease back, so
+//! a failed reboot never keeps a slot of the member's disruption budget.
 
 use crate::journal::{Entry, Journal, Op, Outcome, Step};
 use crate::os::image::{Download, TrustError, discard, parse_trusted_keys, verify};
@@ -47,6 +56,17 @@ pub trait Fetcher: Send + Sync {
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<v1::ImageChunk, String>>, String>>;
 }
 
+/// Streams an artifact from an https URL (a reimage's `image.url`), from `offset`. The first chunk is at
+/// `offset`, or at 0 when the source restarts from the beginning (the engine then discards what it staged).
+pub trait UrlFetcher: Send + Sync {
+    /// Opens `url` at `offset`.
+    fn open_url(
+        &self,
+        url: &str,
+        offset: u64,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<v1::ImageChunk, String>>, String>>;
+}
+
 /// What the engine needs from the hub session.
 pub trait Link: Send + Sync {
     /// Number of sessions established (Welcome received) since the agent started.
@@ -55,6 +75,50 @@ pub trait Link: Send + Sync {
     fn restart_session(&self);
     /// Waits until `epoch() > above`, at most `within`; false on timeout.
     fn wait_epoch_above(&self, above: u64, within: Duration) -> BoxFuture<'_, bool>;
+    /// Queues a `LeaseRelease{lease_ids: [lease_id]}` to the hub (sent on the open session, or covered by the
+    /// start-of-session release of the next one). Never blocks. A link without a hub keeps the default: it can
+    /// only say so, and the hub lets the lease lapse at its expiry.
+    fn release_lease(&self, lease_id: &str) {
+        tracing::warn!(lease = %lease_id, "no hub session to give the reboot lease back; it lapses at its expiry");
+    }
+}
+
+/// Operation ids of leased reboots: `lease/<lease_id>`.
+pub const LEASE_OP_PREFIX: &str = "lease/";
+/// Drain timeout of a leased reboot (no agent.toml key: a node that cannot drain in 15 minutes is not rebooted).
+pub const LEASED_REBOOT_DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The operation id of the leased reboot under `lease_id`.
+pub fn lease_operation_id(lease_id: &str) -> String {
+    format!("{LEASE_OP_PREFIX}{lease_id}")
+}
+
+/// The release a session sends right after Register: every lease this node holds at the hub except those of
+/// leased reboots still unfinished in `journal` (one that is mid-reboot keeps its lease; one left behind by a
+/// crash, or whose release was lost with a broken session, is given back).
+pub fn lease_release_on_start(journal: &[Entry]) -> v1::LeaseRelease {
+    let lease_ids = journal
+        .iter()
+        .filter(|e| e.result.is_none())
+        .filter_map(|e| match &e.op {
+            Op::LeasedReboot { lease_id, .. } => Some(lease_id.clone()),
+            _ => None,
+        })
+        .collect();
+    v1::LeaseRelease { lease_ids, all_except: true }
+}
+
+/// What `submit_lease` did with a granted lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseTaken {
+    /// A leased reboot was journalled and started.
+    Started,
+    /// Its operation is already under way: nothing more to do.
+    AlreadyRunning,
+    /// Its operation already finished: the lease was given back again, nothing redone.
+    AlreadyFinished,
+    /// Not taken (the reason); the lease was given back where there was one.
+    Refused(String),
 }
 
 /// How `submit` answered.
@@ -74,6 +138,8 @@ pub struct Engine {
     running: Mutex<HashSet<String>>,
     reboot_epoch: Mutex<HashMap<String, u64>>,
     fetcher: Arc<dyn Fetcher>,
+    /// Downloads of images named by https URL; None: such images are refused.
+    url_fetcher: Mutex<Option<Arc<dyn UrlFetcher>>>,
     link: Arc<dyn Link>,
     results: mpsc::UnboundedSender<v1::OperationResult>,
     health_timeout: Duration,
@@ -131,8 +197,10 @@ fn decode(c: &v1::Command) -> Result<Op, String> {
                 packages: p.packages.clone(),
             })
         }
-        Some(Kind::UpgradeKubernetes(_)) => {
-            Err(format!("operation upgrade-kubernetes is not supported by upkeep-agent {} yet", upkeep_proto::VERSION))
+        Some(Kind::UpgradeKubernetes(u)) => {
+            let v: upkeep_core::version::KubernetesVersion =
+                u.version.parse().map_err(|e| format!("upgrade_kubernetes.version: {e}"))?;
+            Ok(Op::UpgradeKubernetes { version: v.to_string(), first_control_plane: u.first_control_plane })
         }
         None => Err("command.kind: empty; the hub sent a command without an operation".into()),
     }
@@ -170,11 +238,21 @@ impl Engine {
             running: Mutex::new(HashSet::new()),
             reboot_epoch: Mutex::new(HashMap::new()),
             fetcher,
+            url_fetcher: Mutex::new(None),
             link,
             results,
             health_timeout,
             pool: Mutex::new((String::new(), String::new())),
         }))
+    }
+
+    /// Lets reimages name their image by https URL, downloaded through `f` (without it they are refused).
+    pub fn set_url_fetcher(&self, f: Arc<dyn UrlFetcher>) {
+        *self.url_fetcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    fn url_fetcher(&self) -> Option<Arc<dyn UrlFetcher>> {
+        self.url_fetcher.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Tells the engine the node's pool and hardware class (named in, and deciding, security patch refusals).
@@ -260,6 +338,79 @@ impl Engine {
         Submitted::Running
     }
 
+    /// Takes a reboot lease the hub granted (asked for, or an operator's): journals and starts the leased reboot
+    /// `lease/<lease_id>`. Idempotent by operation id. A lease that cannot be used now (another operation in
+    /// flight) is given back at once.
+    pub fn submit_lease(self: &Arc<Self>, lease_id: &str, forced: bool) -> LeaseTaken {
+        if lease_id.trim().is_empty() {
+            return LeaseTaken::Refused("lease.lease_id: empty; the hub must name the lease it grants".into());
+        }
+        let id = lease_operation_id(lease_id);
+        let mut j = self.journal();
+        if let Some(e) = j.get(&id) {
+            let finished = e.result.is_some();
+            drop(j);
+            if finished {
+                tracing::info!(op = %id, "lease granted again for a finished leased reboot: giving it back");
+                self.link.release_lease(lease_id);
+                return LeaseTaken::AlreadyFinished;
+            }
+            self.spawn(id);
+            return LeaseTaken::AlreadyRunning;
+        }
+        let give_back = |why: String| {
+            tracing::warn!(lease = %lease_id, error = %why, "reboot lease not used; giving it back");
+            self.link.release_lease(lease_id);
+            LeaseTaken::Refused(why)
+        };
+        if let Some(busy) = j.unfinished().into_iter().next() {
+            drop(j);
+            return give_back(format!(
+                "operation {} ({}) is still in flight at step {}; the reboot lease {lease_id} was given back",
+                busy.operation_id,
+                busy.op.kind(),
+                busy.step.as_str()
+            ));
+        }
+        let entry = Entry::accepted(id.clone(), 0, Op::LeasedReboot { lease_id: lease_id.to_string(), forced });
+        if let Err(e) = j.put(entry) {
+            drop(j);
+            return give_back(format!("cannot journal the leased reboot: {e}"));
+        }
+        drop(j);
+        tracing::info!(op = %id, forced, "reboot lease granted: leased reboot started");
+        self.spawn(id);
+        LeaseTaken::Started
+    }
+
+    /// The release to send right after Register (see `lease_release_on_start`).
+    pub fn lease_release_on_start(&self) -> v1::LeaseRelease {
+        let entries: Vec<Entry> = self.journal().unfinished();
+        lease_release_on_start(&entries)
+    }
+
+    /// Finish times (Unix ms) of the leased reboots already tried under the lease ids this node asks for on boot
+    /// `boot_id` (`reboot/<boot id>` and its retries `reboot/<boot id>/<n>`). They all failed: a leased reboot
+    /// that rebooted changed the boot id.
+    pub fn leased_reboots_tried(&self, boot_id: &str) -> Vec<i64> {
+        let base = format!("reboot/{boot_id}");
+        let mut tried: Vec<i64> = self
+            .journal()
+            .entries()
+            .filter_map(|e| match (&e.op, &e.result) {
+                (Op::LeasedReboot { lease_id, .. }, Some(r))
+                    if *lease_id == base
+                        || lease_id.strip_prefix(base.as_str()).is_some_and(|t| t.starts_with('/')) =>
+                {
+                    Some(r.finished_at_unix_ms)
+                }
+                _ => None,
+            })
+            .collect();
+        tried.sort_unstable();
+        tried
+    }
+
     /// Operations in flight, for the node report.
     pub fn operations(&self) -> Vec<v1::OperationState> {
         self.journal()
@@ -291,6 +442,13 @@ impl Engine {
                 Ok(Next::Park) => {
                     tracing::info!(op = %id, "the node is rebooting; the operation continues after the boot");
                     return; // stays in `running`: a repeat is answered once the node is back
+                }
+                Err(why)
+                    if matches!(entry.op, Op::LeasedReboot { .. })
+                        && !matches!(entry.step, Step::Uncordon | Step::Release) =>
+                {
+                    // A leased reboot still uncordons and gives its lease back.
+                    Self::unwound(entry, why)
                 }
                 Err(why) => {
                     // A step that cannot even be attempted (journal or node unreadable): a definite failure.
@@ -345,6 +503,17 @@ impl Engine {
         Self::finish(e, failed(why))
     }
 
+    /// Unwinds a leased reboot after a failed step: uncordon (best effort), give the lease back, fail with `why`.
+    fn unwind(e: Entry, why: String) -> Next {
+        Next::Go(Self::unwound(e, why))
+    }
+
+    fn unwound(mut e: Entry, why: String) -> Entry {
+        e.failure = Some(why);
+        e.step = Step::Uncordon;
+        e
+    }
+
     fn rolled_back_file(&self, label: &str) -> PathBuf {
         self.state_dir.join(ROLLED_BACK_DIR).join(label)
     }
@@ -381,8 +550,8 @@ impl Engine {
             (Op::Reimage { family, version, sha256, signature, url, allow_downgrade, .. }, Step::Accepted) => {
                 Ok(self.reimage_checks(e, family, version, sha256, signature, url, *allow_downgrade).await)
             }
-            (Op::Reimage { sha256, signature, size_bytes, .. }, Step::Fetch) => {
-                Ok(self.fetch_and_verify(e, sha256, *size_bytes, signature).await)
+            (Op::Reimage { sha256, signature, size_bytes, url, .. }, Step::Fetch) => {
+                Ok(self.fetch_and_verify(e, sha256, url, *size_bytes, signature).await)
             }
             (Op::Reimage { sha256, .. }, Step::Write) => {
                 let target = e.target.ok_or("journal: write step without a target slot")?;
@@ -407,7 +576,7 @@ impl Engine {
                 e.step = Step::Reboot;
                 Ok(Next::Go(e))
             }
-            (Op::Reimage { .. } | Op::Reboot { .. }, Step::Reboot) => {
+            (Op::Reimage { .. } | Op::Reboot { .. } | Op::LeasedReboot { .. }, Step::Reboot) => {
                 let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
                 if e.boot_id.as_deref() != Some(bs.boot_id.as_str()) {
                     e.step = Step::Health; // the boot happened (we were restarted by it)
@@ -427,6 +596,9 @@ impl Engine {
                     }
                     Ok(Rebooted::Pending) => Ok(Next::Park),
                     Err(err) if matches!(op, Op::Reboot { .. }) => Ok(Self::fail(e, format!("reboot: {err}"))),
+                    Err(err) if matches!(op, Op::LeasedReboot { .. }) => {
+                        Ok(Self::unwind(e, format!("reboot failed: {err}")))
+                    }
                     Err(err) => {
                         e.failure = Some(format!("reboot into slot {}: {err}", e.target.map_or("?", Slot::as_str)));
                         e.step = Step::FallBack;
@@ -501,6 +673,60 @@ impl Engine {
                     )),
                 }
             }
+            (Op::LeasedReboot { .. }, Step::Accepted) => {
+                e.step = Step::Cordon;
+                Ok(Next::Go(e))
+            }
+            (Op::LeasedReboot { .. }, Step::Cordon) => match self.os(|os| os.cordon()).await {
+                Ok(()) => {
+                    e.step = Step::Drain;
+                    Ok(Next::Go(e))
+                }
+                Err(err) => Ok(Self::unwind(e, format!("cordon failed: {err}"))),
+            },
+            (Op::LeasedReboot { .. }, Step::Drain) => {
+                if let Err(err) = self.os(|os| os.drain(LEASED_REBOOT_DRAIN_TIMEOUT)).await {
+                    return Ok(Self::unwind(e, format!("drain failed: {err}")));
+                }
+                // Fencing for the reboot step: a different boot id later means the reboot happened.
+                match self.os(|os| os.boot_state()).await {
+                    Ok(bs) => {
+                        e.boot_id = Some(bs.boot_id);
+                        e.step = Step::Reboot;
+                        Ok(Next::Go(e))
+                    }
+                    Err(err) => Ok(Self::unwind(e, format!("reading the boot id before the reboot: {err}"))),
+                }
+            }
+            (Op::LeasedReboot { .. }, Step::Health) => match self.health(&e.operation_id).await {
+                Ok(()) => {
+                    e.step = Step::Uncordon;
+                    Ok(Next::Go(e))
+                }
+                Err(why) => Ok(Self::unwind(e, format!("after the reboot: {why}"))),
+            },
+            (Op::LeasedReboot { .. }, Step::Uncordon) => {
+                // Best effort after a failure: the failure stays the reason, the uncordon error is added to it.
+                if let Err(err) = self.os(|os| os.uncordon()).await {
+                    e.failure = Some(match e.failure.take() {
+                        Some(why) => format!("{why}; uncordon afterwards failed too: {err}"),
+                        None => format!("uncordon failed: {err}"),
+                    });
+                }
+                e.step = Step::Release;
+                Ok(Next::Go(e))
+            }
+            (Op::LeasedReboot { lease_id, .. }, Step::Release) => {
+                // Safe to repeat after a crash: releasing a lease the hub no longer holds changes nothing.
+                self.link.release_lease(lease_id);
+                Ok(match e.failure.clone() {
+                    None => Self::ok(e),
+                    Some(why) => Self::fail(
+                        e,
+                        format!("leased reboot under lease {lease_id}: {why} (node uncordoned, lease given back)"),
+                    ),
+                })
+            }
             (Op::ApplySecurityPatch { family, version, .. }, Step::Accepted) => {
                 Ok(self.security_patch_checks(e, family, version).await)
             }
@@ -524,6 +750,9 @@ impl Engine {
                         Ok(Self::fail(e, format!("security patch {version} installed but not recorded: {err}")))
                     }
                 }
+            }
+            (Op::UpgradeKubernetes { version, first_control_plane }, _) => {
+                self.upgrade_kubernetes_step(e, version, *first_control_plane).await
             }
             (_, step) => Err(format!("journal: {} operation at step {} cannot continue", op.kind(), step.as_str())),
         }
@@ -627,10 +856,15 @@ impl Engine {
             }
         }
         if !url.is_empty() {
-            return Self::fail(
-                e,
-                format!("reimage.image.url: {url:?}: this agent fetches images only from its hub; leave url empty"),
-            );
+            if let Err(why) = crate::os::https::check_image_url(url) {
+                return Self::fail(e, why);
+            }
+            if self.url_fetcher().is_none() {
+                return Self::fail(
+                    e,
+                    format!("reimage.image.url: {url:?}: this agent has no https downloader; leave url empty"),
+                );
+            }
         }
         let sig = match Signature::parse(signature) {
             Ok(s) => s,
@@ -660,8 +894,8 @@ impl Engine {
         Next::Go(e)
     }
 
-    async fn fetch_and_verify(&self, mut e: Entry, sha256: &str, size_bytes: u64, signature: &str) -> Next {
-        let staged = match self.download(sha256).await {
+    async fn fetch_and_verify(&self, mut e: Entry, sha256: &str, url: &str, size_bytes: u64, signature: &str) -> Next {
+        let staged = match self.download(sha256, url, size_bytes).await {
             Ok(s) => s,
             Err(why) => return Self::fail(e, why),
         };
@@ -690,23 +924,55 @@ impl Engine {
         Next::Go(e)
     }
 
-    /// Downloads `sha256` into staging, resuming after breaks.
-    async fn download(&self, sha256: &str) -> Result<crate::os::image::Staged, String> {
+    /// Downloads `sha256` into staging (from the hub, or from `url` when the image names one), resuming after
+    /// breaks. `announced` (0: unknown) stands in for a total size the source does not tell, and caps it.
+    async fn download(&self, sha256: &str, url: &str, announced: u64) -> Result<crate::os::image::Staged, String> {
+        let url_fetcher = match url {
+            "" => None,
+            _ => Some(self.url_fetcher().ok_or_else(|| format!("reimage.image.url: {url:?}: no https downloader"))?),
+        };
         let mut dl = Download::open(&self.state_dir, sha256).map_err(|e| e.to_string())?;
+        // The size the source tells (the hub always does; an https server may not).
         let mut total: Option<u64> = None;
         let mut last_err = String::new();
         for attempt in 0..FETCH_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(FETCH_RETRY_BASE * (1 << attempt.min(4))).await;
             }
-            match self.fetcher.open(sha256, dl.len()).await {
+            let opened = match &url_fetcher {
+                None => self.fetcher.open(sha256, dl.len()).await,
+                Some(f) => f.open_url(url, dl.len()).await,
+            };
+            match opened {
                 Err(err) => last_err = err,
                 Ok(mut stream) => {
                     let mut broke = false;
                     while let Some(chunk) = stream.next().await {
                         match chunk {
                             Ok(c) => {
-                                total = Some(c.total_size);
+                                if c.offset == 0 && !dl.is_empty() {
+                                    // The source starts again from the beginning (a server that ignored the
+                                    // range): so does the staging.
+                                    tracing::info!(
+                                        sha256,
+                                        staged = dl.len(),
+                                        "image source restarted from 0; discarding the staged part"
+                                    );
+                                    drop(dl);
+                                    discard(&self.state_dir, sha256);
+                                    dl = Download::open(&self.state_dir, sha256).map_err(|e| e.to_string())?;
+                                }
+                                if c.total_size > 0 {
+                                    total = Some(c.total_size);
+                                }
+                                if announced > 0 && dl.len() + c.data.len() as u64 > announced {
+                                    // Refused before the disk fills up; verification would refuse it anyway.
+                                    drop(dl);
+                                    discard(&self.state_dir, sha256);
+                                    return Err(format!(
+                                        "image refused, nothing written: the source sent more than the {announced} bytes announced"
+                                    ));
+                                }
                                 dl.append(c.offset, &c.data).map_err(|e| e.to_string())?;
                             }
                             Err(err) => {
@@ -718,7 +984,7 @@ impl Engine {
                     }
                     if !broke {
                         // The hub sends nothing when the offset is the end: then what we hold is everything.
-                        let t = *total.get_or_insert(dl.len());
+                        let t = total.or((announced > 0).then_some(announced)).unwrap_or(dl.len());
                         if dl.len() >= t {
                             return dl.finish().map_err(|e| e.to_string());
                         }
@@ -739,3 +1005,7 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod kube_tests;
+mod kubernetes;

@@ -1,10 +1,17 @@
 //! The agent's side of the session with its hub: connect over mutual TLS, register, heartbeat, report on
 //! change, adopt the member configuration the hub pushes, answer commands; reconnect with jittered
 //! exponential backoff (capped near 30 s) and re-send the full state on every new session.
+//!
+//! Reboot leases (SPEC §4): when the node needs a reboot on a channel that leaves reboots to the node
+//! (`Unmanaged`, `SecurityPatch`) and nothing is in flight, the agent asks the hub for a lease at its
+//! once-per-interval wakeup (no other timer), no more often than the hub's last `retry_after_seconds`; a denial's
+//! reason is shown in the report's channel note. A granted lease (asked for, or an operator's) becomes the
+//! engine's leased reboot. Every session starts with a `LeaseRelease{all_except}` naming the leases of leased
+//! reboots still under way, so a lease left behind by a crash or a lost release is given back.
 
 use crate::backoff;
 use crate::config::AgentConfig;
-use crate::engine::{Engine, Fetcher, Link, Submitted};
+use crate::engine::{Engine, Fetcher, LeaseTaken, Link, Submitted};
 use crate::os::NodeOs;
 use crate::state::{self, AgentState};
 use anyhow::{Context, anyhow};
@@ -24,6 +31,71 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const CHANNEL_REASSERT_EVERY: Duration = Duration::from_secs(3600);
 /// Outbound queue depth of one session.
 const OUTBOUND_QUEUE: usize = 16;
+/// After a leased reboot failed on this boot, the node waits this long before it asks for the next lease (a
+/// drain that cannot finish is not retried, with its cordon and uncordon, at every wakeup).
+pub const LEASED_REBOOT_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30 * 60);
+
+/// What the agent knows when it decides whether to ask for a reboot lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseNeed<'a> {
+    /// The node's facts say a reboot is required.
+    pub reboot_required: bool,
+    /// The adopted node OS channel, as reported (empty: none adopted yet).
+    pub channel: &'a str,
+    /// An operation is in flight in the engine.
+    pub in_flight: bool,
+    /// The current boot id.
+    pub boot_id: &'a str,
+    /// Finish times (Unix ms, ascending) of leased reboots already tried on this boot; they failed.
+    pub tried_on_this_boot: &'a [i64],
+    /// Now, Unix ms.
+    pub now_ms: i64,
+}
+
+/// What the agent does about a reboot lease at a wakeup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeasePlan {
+    /// Nothing: no reboot needed, the channel does not leave reboots to the node, or an operation is in flight.
+    Nothing,
+    /// Ask the hub for this lease.
+    Ask(v1::LeaseRequest),
+    /// A leased reboot failed on this boot; ask again (under the next lease id) from this time on, Unix ms.
+    After(i64),
+}
+
+/// Decides whether the node asks for a reboot lease now (pure). Only `Unmanaged` and `SecurityPatch` leave the
+/// reboot to the node (`None` applies nothing on its own, `NodeImage` reboots inside its reimages); the lease id
+/// is `reboot/<boot id>`, and `reboot/<boot id>/<n>` for the n-th try after failed ones on the same boot.
+pub fn plan_lease_request(need: &LeaseNeed<'_>) -> LeasePlan {
+    use upkeep_core::channel::NodeOsChannel;
+    let channel = need.channel.parse::<NodeOsChannel>().ok();
+    let leaves_reboots_to_node = matches!(channel, Some(NodeOsChannel::Unmanaged | NodeOsChannel::SecurityPatch));
+    if !need.reboot_required || !leaves_reboots_to_node || need.in_flight || need.boot_id.is_empty() {
+        return LeasePlan::Nothing;
+    }
+    if let Some(last) = need.tried_on_this_boot.last() {
+        let again = last.saturating_add(LEASED_REBOOT_RETRY_AFTER_FAILURE.as_millis() as i64);
+        if need.now_ms < again {
+            return LeasePlan::After(again);
+        }
+    }
+    let lease_id = match need.tried_on_this_boot.len() {
+        0 => format!("reboot/{}", need.boot_id),
+        n => format!("reboot/{}/{}", need.boot_id, n + 1),
+    };
+    LeasePlan::Ask(v1::LeaseRequest { lease_id, reason: format!("reboot required ({} channel)", need.channel) })
+}
+
+/// The agent's side of the lease conversation.
+#[derive(Debug, Default)]
+struct LeaseAsk {
+    /// The lease last asked for and not yet granted.
+    asked: Option<String>,
+    /// Not before this wakeup (the hub's retry_after, else one interval).
+    next_at: Option<tokio::time::Instant>,
+    /// Shown after the channel note: why the node is waiting (empty when it is not).
+    note: String,
+}
 
 /// A running agent: its configuration, its OS seam, its adopted state, and its operation engine.
 pub struct Agent {
@@ -39,6 +111,8 @@ pub struct Agent {
     channel_note: std::sync::Mutex<String>,
     /// When the channel was last put in force.
     channel_applied_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Reboot lease asked for, when to ask again, and the denial to show.
+    lease: std::sync::Mutex<LeaseAsk>,
 }
 
 /// What the engine sees of the hub session: the channel of the open session (for image downloads), a count
@@ -48,11 +122,19 @@ pub struct SessionLink {
     channel: std::sync::Mutex<Option<Channel>>,
     epoch: tokio::sync::watch::Sender<u64>,
     restart: tokio::sync::Notify,
+    /// Leases to give back on the open session.
+    releases: std::sync::Mutex<Vec<String>>,
+    /// Wakes the session loop when `releases` got one.
+    release_wake: tokio::sync::Notify,
 }
 
 impl SessionLink {
     fn channel(&self) -> Option<Channel> {
         self.channel.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn take_releases(&self) -> Vec<String> {
+        std::mem::take(&mut *self.releases.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -70,6 +152,11 @@ impl Link for SessionLink {
         Box::pin(
             async move { tokio::time::timeout(within, rx.wait_for(|e| *e > above)).await.is_ok_and(|r| r.is_ok()) },
         )
+    }
+
+    fn release_lease(&self, lease_id: &str) {
+        self.releases.lock().unwrap_or_else(|e| e.into_inner()).push(lease_id.to_string());
+        self.release_wake.notify_one();
     }
 }
 
@@ -133,6 +220,7 @@ impl Agent {
         let engine =
             Engine::new(os.clone(), &cfg.state_dir, fetcher, link.clone(), results_tx, cfg.image.health_timeout)?;
         engine.set_pool(&cfg.node_pool, &cfg.hardware_class);
+        engine.set_url_fetcher(Arc::new(crate::os::https::HttpsFetcher::new(cfg.image.url_ca.clone())));
         Ok(Agent {
             cfg,
             os,
@@ -142,7 +230,115 @@ impl Agent {
             results: tokio::sync::Mutex::new(results_rx),
             channel_note: std::sync::Mutex::new(String::new()),
             channel_applied_at: std::sync::Mutex::new(None),
+            lease: std::sync::Mutex::new(LeaseAsk::default()),
         })
+    }
+
+    fn lease(&self) -> std::sync::MutexGuard<'_, LeaseAsk> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The report's channel note: what the node says about its channel, then why it waits for a reboot lease.
+    fn report_note(&self) -> String {
+        let lease = self.lease().note.clone();
+        [self.channel_note(), lease].into_iter().filter(|n| !n.is_empty()).collect::<Vec<_>>().join("; ")
+    }
+
+    /// At a wakeup: the lease request to send now, if any (see `plan_lease_request`), given the report just
+    /// made. `interval` is the heartbeat interval, the fallback pause between requests.
+    fn lease_tick(
+        &self,
+        report: &v1::NodeReport,
+        interval: Duration,
+        now: tokio::time::Instant,
+    ) -> Option<v1::LeaseRequest> {
+        let mut l = self.lease();
+        if !report.reboot_required {
+            // The cheap answer first: the boot id is read only when a reboot is wanted.
+            l.asked = None;
+            l.note.clear();
+            return None;
+        }
+        if l.next_at.is_some_and(|t| now < t) {
+            return None;
+        }
+        let boot_id = match self.os.boot_state() {
+            Ok(b) => b.boot_id,
+            Err(e) => {
+                tracing::warn!(node = %self.cfg.node_name, error = %e, "reading the boot id for a reboot lease");
+                return None;
+            }
+        };
+        let tried = self.engine.leased_reboots_tried(&boot_id);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let need = LeaseNeed {
+            reboot_required: report.reboot_required,
+            channel: &report.channel,
+            in_flight: !report.operations.is_empty(),
+            boot_id: &boot_id,
+            tried_on_this_boot: &tried,
+            now_ms,
+        };
+        match plan_lease_request(&need) {
+            LeasePlan::Nothing => {
+                l.asked = None;
+                l.note.clear();
+                None
+            }
+            LeasePlan::After(at_ms) => {
+                let at = chrono::DateTime::from_timestamp_millis(at_ms)
+                    .map_or_else(|| at_ms.to_string(), |t| t.to_rfc3339());
+                l.note = format!(
+                    "a leased reboot failed on this boot (see its operation result); asking for a reboot lease again after {at}"
+                );
+                l.next_at = Some(now + Duration::from_millis(at_ms.saturating_sub(now_ms).max(0) as u64));
+                None
+            }
+            LeasePlan::Ask(req) => {
+                tracing::info!(node = %self.cfg.node_name, lease = %req.lease_id, reason = %req.reason, "asking the hub for a reboot lease");
+                l.asked = Some(req.lease_id.clone());
+                l.next_at = Some(now + interval);
+                Some(req)
+            }
+        }
+    }
+
+    /// Takes the hub's answer about a lease: a denial of the lease asked for is remembered (its reason shown,
+    /// its retry_after respected); a grant, asked for or not (an operator's `upkeepctl node reboot`), becomes
+    /// the engine's leased reboot.
+    fn on_lease_answer(&self, a: &v1::LeaseAnswer, interval: Duration, now: tokio::time::Instant) {
+        if !a.granted {
+            let mut l = self.lease();
+            if l.asked.as_deref() != Some(a.lease_id.as_str()) {
+                tracing::info!(lease = %a.lease_id, reason = %a.reason, "denial of a lease not asked for ignored");
+                return;
+            }
+            let wait =
+                if a.retry_after_seconds > 0 { Duration::from_secs(a.retry_after_seconds.into()) } else { interval };
+            l.next_at = Some(now + wait);
+            let reason = if a.reason.trim().is_empty() { "the hub gave no reason" } else { a.reason.trim() };
+            l.note = format!("waiting for a reboot lease: {reason}");
+            tracing::info!(node = %self.cfg.node_name, lease = %a.lease_id, reason, retry_s = wait.as_secs(), "reboot lease denied");
+            return;
+        }
+        {
+            let mut l = self.lease();
+            if l.asked.as_deref() == Some(a.lease_id.as_str()) {
+                l.asked = None;
+            }
+            l.note.clear();
+            l.next_at = Some(now + interval);
+        }
+        tracing::info!(node = %self.cfg.node_name, lease = %a.lease_id, forced = a.forced, expires_at_unix_ms = a.expires_at_unix_ms, "reboot lease granted");
+        match self.engine.submit_lease(&a.lease_id, a.forced) {
+            LeaseTaken::Started | LeaseTaken::AlreadyRunning => {}
+            LeaseTaken::AlreadyFinished => {
+                tracing::info!(lease = %a.lease_id, "leased reboot already finished; lease given back")
+            }
+            LeaseTaken::Refused(why) => {
+                tracing::warn!(node = %self.cfg.node_name, lease = %a.lease_id, error = %why, "reboot lease not used")
+            }
+        }
     }
 
     fn state(&self) -> AgentState {
@@ -176,7 +372,7 @@ impl Agent {
             control_plane: self.cfg.control_plane,
             hardware_class: self.cfg.hardware_class.clone(),
             operations: self.engine.operations(),
-            channel_note: self.channel_note(),
+            channel_note: self.report_note(),
         }
     }
 
@@ -304,8 +500,15 @@ impl Agent {
         let (tx, rx) = mpsc::channel::<v1::AgentMessage>(OUTBOUND_QUEUE);
         let mut last = self.report();
         tx.send(msg(agent_message::Body::Register(last.clone()))).await.context("queueing register")?;
+        // Right after Register: give back every lease but those of leased reboots under way (one left behind by a
+        // crash, or whose release was lost with the last session). Releases still queued follow it: repeats are
+        // harmless, and one queued while this list was made is not lost.
+        let release = self.engine.lease_release_on_start();
+        tracing::info!(keep = ?release.lease_ids, "giving back reboot leases not in use");
+        tx.send(msg(agent_message::Body::LeaseRelease(release))).await.context("queueing lease release")?;
         let mut inbound = client.session(ReceiverStream::new(rx)).await.context("opening the session")?.into_inner();
 
+        let mut interval = DEFAULT_HEARTBEAT;
         let mut beat = tokio::time::interval(DEFAULT_HEARTBEAT);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         beat.reset();
@@ -319,6 +522,7 @@ impl Agent {
                             *welcomed = true;
                             self.link.epoch.send_modify(|e| *e += 1);
                             let every = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.max(1)));
+                            interval = every;
                             beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                             tracing::info!(node = %self.cfg.node_name, hub_version = %w.hub_version, heartbeat_s = every.as_secs(), "registered with hub");
@@ -335,7 +539,14 @@ impl Agent {
                                 tx.send(msg(agent_message::Body::Result(result))).await.context("sending result")?;
                             }
                         }
-                        Some(hub_message::Body::Lease(a)) => tracing::info!(lease = %a.lease_id, granted = a.granted, "lease answer"), // LEASES: wired next
+                        Some(hub_message::Body::Lease(a)) => {
+                            self.on_lease_answer(&a, interval, tokio::time::Instant::now());
+                            let now = self.report();
+                            if now != last {
+                                last = now.clone();
+                                tx.send(msg(agent_message::Body::Report(now))).await.context("sending report")?;
+                            }
+                        }
                         None => tracing::warn!("empty message from hub ignored"),
                     }
                 }
@@ -347,12 +558,22 @@ impl Agent {
                 _ = self.link.restart.notified() => {
                     return Err(anyhow!("session restarted after an in-process boot"));
                 }
+                _ = self.link.release_wake.notified() => {
+                    let lease_ids = self.link.take_releases();
+                    if !lease_ids.is_empty() {
+                        tracing::info!(leases = ?lease_ids, "giving reboot leases back");
+                        let release = v1::LeaseRelease { lease_ids, all_except: false };
+                        tx.send(msg(agent_message::Body::LeaseRelease(release))).await.context("sending lease release")?;
+                    }
+                }
                 _ = beat.tick() => {
                     if self.channel_reassert_due() {
                         self.apply_channel().await;
                     }
                     // One wakeup per interval: re-read the node, report if anything changed, else heartbeat.
                     let now = self.report();
+                    crate::os::publish_labels(self.os.as_ref(), &now.node_image_version, &now.security_patch_version);
+                    let ask = self.lease_tick(&now, interval, tokio::time::Instant::now());
                     let body = if now != last {
                         last = now.clone();
                         agent_message::Body::Report(now)
@@ -361,6 +582,9 @@ impl Agent {
                         agent_message::Body::Heartbeat(v1::Heartbeat { seq })
                     };
                     tx.send(msg(body)).await.context("sending heartbeat")?;
+                    if let Some(req) = ask {
+                        tx.send(msg(agent_message::Body::LeaseRequest(req))).await.context("sending lease request")?;
+                    }
                 }
             }
         }
@@ -423,6 +647,7 @@ mod tests {
             },
             image: ImageSettings::defaults(dir),
             cordon: CordonSettings::default(),
+            kubernetes: None,
         };
         Agent::new(cfg, os).expect("agent")
     }
@@ -495,5 +720,112 @@ mod tests {
             "{note}"
         );
         assert!(os.with(|s| s.calls.last().cloned()).expect("call").starts_with("channel None"));
+    }
+
+    #[test]
+    fn a_lease_is_asked_for_only_on_unmanaged_or_security_patch_with_a_reboot_required_and_nothing_in_flight() {
+        let need = |reboot_required: bool, channel: &'static str, in_flight: bool| LeaseNeed {
+            reboot_required,
+            channel,
+            in_flight,
+            boot_id: "b1",
+            tried_on_this_boot: &[],
+            now_ms: 1_000,
+        };
+        let ask = |channel: &str| {
+            LeasePlan::Ask(v1::LeaseRequest {
+                lease_id: "reboot/b1".into(),
+                reason: format!("reboot required ({channel} channel)"),
+            })
+        };
+        assert_eq!(plan_lease_request(&need(true, "Unmanaged", false)), ask("Unmanaged"));
+        assert_eq!(plan_lease_request(&need(true, "SecurityPatch", false)), ask("SecurityPatch"));
+        for (n, why) in [
+            (need(false, "Unmanaged", false), "no reboot required"),
+            (need(true, "None", false), "None applies nothing on its own"),
+            (need(true, "NodeImage", false), "NodeImage reboots inside its reimages"),
+            (need(true, "", false), "no channel adopted yet"),
+            (need(true, "Unmanaged", true), "an operation in flight"),
+            (LeaseNeed { boot_id: "", ..need(true, "Unmanaged", false) }, "no boot id"),
+        ] {
+            assert_eq!(plan_lease_request(&n), LeasePlan::Nothing, "{why}");
+        }
+        // After a failed leased reboot on this boot: wait, then ask under the next lease id.
+        let failed_at = [1_000];
+        let retry_ms = LEASED_REBOOT_RETRY_AFTER_FAILURE.as_millis() as i64;
+        let soon = LeaseNeed { tried_on_this_boot: &failed_at, now_ms: 2_000, ..need(true, "Unmanaged", false) };
+        assert_eq!(plan_lease_request(&soon), LeasePlan::After(1_000 + retry_ms));
+        let later = LeaseNeed { now_ms: 1_000 + retry_ms, ..soon };
+        match plan_lease_request(&later) {
+            LeasePlan::Ask(r) => assert_eq!(r.lease_id, "reboot/b1/2"),
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_denial_is_reported_and_its_retry_after_respected_and_a_grant_starts_the_leased_reboot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let os = Arc::new(FakeOs::new(crate::os::OsFacts { reboot_required: true, ..Default::default() }));
+        os.with(|s| s.os_release = crate::os::parse_env_file("ID=debian\nVERSION_ID=12\n"));
+        let a = agent(dir.path(), os.clone(), "np1", "");
+        assert!(a.adopt(&desired(1, "Unmanaged")).expect("adopt"));
+        a.apply_channel().await;
+        assert_eq!(a.report().channel_note, "");
+        let every = Duration::from_secs(10);
+        let t0 = tokio::time::Instant::now();
+        let asked = a.lease_tick(&a.report(), every, t0).expect("a request");
+        assert_eq!(asked.lease_id, "reboot/fake-0");
+        assert_eq!(asked.reason, "reboot required (Unmanaged channel)");
+        assert_eq!(a.lease_tick(&a.report(), every, t0 + Duration::from_secs(5)), None, "one request per interval");
+
+        let denial = v1::LeaseAnswer {
+            lease_id: asked.lease_id.clone(),
+            granted: false,
+            reason: "node OS window closed until 2024-03-02T01:00:00Z".into(),
+            retry_after_seconds: 60,
+            ..Default::default()
+        };
+        a.on_lease_answer(&denial, every, t0);
+        let note = a.report().channel_note;
+        assert_eq!(note, "waiting for a reboot lease: node OS window closed until 2024-03-02T01:00:00Z");
+        assert_eq!(a.lease_tick(&a.report(), every, t0 + Duration::from_secs(30)), None, "retry_after not over");
+        let again = a.lease_tick(&a.report(), every, t0 + Duration::from_secs(60)).expect("asked again");
+        assert_eq!(again.lease_id, "reboot/fake-0");
+        // A denial of some other lease changes nothing.
+        a.on_lease_answer(&v1::LeaseAnswer { lease_id: "reboot/old".into(), ..denial.clone() }, every, t0);
+        assert_eq!(a.report().channel_note, note);
+
+        let grant = v1::LeaseAnswer {
+            lease_id: again.lease_id.clone(),
+            granted: true,
+            expires_at_unix_ms: 1,
+            ..Default::default()
+        };
+        a.on_lease_answer(&grant, every, t0 + Duration::from_secs(60));
+        assert_eq!(a.report().channel_note, "", "cleared once granted");
+        let entry = a.engine.entry("lease/reboot/fake-0").expect("leased reboot journalled");
+        assert_eq!(entry.op, crate::journal::Op::LeasedReboot { lease_id: "reboot/fake-0".into(), forced: false });
+        let report = a.report();
+        assert_eq!(report.operations.len(), 1, "{report:?}");
+        assert_eq!(a.lease_tick(&report, every, t0 + Duration::from_secs(600)), None, "nothing asked while in flight");
+        // The next session gives back every lease but this one.
+        assert_eq!(
+            a.engine.lease_release_on_start(),
+            v1::LeaseRelease { lease_ids: vec!["reboot/fake-0".into()], all_except: true }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unsolicited_forced_grant_reboots_a_node_that_needs_no_reboot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let os = Arc::new(FakeOs::default());
+        let a = agent(dir.path(), os.clone(), "np1", "");
+        assert!(a.adopt(&desired(1, "None")).expect("adopt"));
+        assert_eq!(a.lease_tick(&a.report(), Duration::from_secs(10), tokio::time::Instant::now()), None);
+        let grant =
+            v1::LeaseAnswer { lease_id: "operator/reboot-1".into(), granted: true, forced: true, ..Default::default() };
+        a.on_lease_answer(&grant, Duration::from_secs(10), tokio::time::Instant::now());
+        let entry = a.engine.entry("lease/operator/reboot-1").expect("journalled");
+        assert_eq!(entry.op, crate::journal::Op::LeasedReboot { lease_id: "operator/reboot-1".into(), forced: true });
     }
 }

@@ -57,6 +57,21 @@ pub enum Op {
         /// `name=version` pins.
         packages: Vec<String>,
     },
+    /// A reboot under a lease the hub granted (asked for by this node, or granted by an operator): cordon,
+    /// drain, reboot, health, uncordon, give the lease back. Its operation id is `lease/<lease_id>`.
+    LeasedReboot {
+        /// The lease, as the hub knows it (released when the operation ends, whatever the outcome).
+        lease_id: String,
+        /// Granted by an operator outside the window (`upkeepctl node reboot --force`).
+        forced: bool,
+    },
+    /// Install the node's Kubernetes packages at a version, then run the configured upgrade hook.
+    UpgradeKubernetes {
+        /// Target version `MAJOR.MINOR.PATCH` (checked, without a leading `v`).
+        version: String,
+        /// The member's first control-plane node: runs `upgrade_first_control_plane` instead of `upgrade_other`.
+        first_control_plane: bool,
+    },
 }
 
 impl Op {
@@ -69,6 +84,8 @@ impl Op {
             Op::Reboot { .. } => "reboot",
             Op::Reimage { .. } => "reimage",
             Op::ApplySecurityPatch { .. } => "apply-security-patch",
+            Op::LeasedReboot { .. } => "leased-reboot",
+            Op::UpgradeKubernetes { .. } => "upgrade-kubernetes",
         }
     }
 }
@@ -95,6 +112,16 @@ pub enum Step {
     FallBack,
     /// Single-step operations (cordon, uncordon, drain): do it. Security patch: install the packages.
     Act,
+    /// Leased reboot: mark the node unschedulable.
+    Cordon,
+    /// Leased reboot: evict workloads (then the boot id is recorded for the reboot step).
+    Drain,
+    /// Leased reboot: make the node schedulable again (best effort after a failure, kept in `failure`).
+    Uncordon,
+    /// Leased reboot: give the lease back to the hub; then the operation finishes.
+    Release,
+    /// Kubernetes version (after `Act` installed the packages): run the upgrade hook, check the version.
+    Hook,
     /// Finished: `result` is set.
     Done,
 }
@@ -112,6 +139,11 @@ impl Step {
             Step::Commit => "commit",
             Step::FallBack => "fall-back",
             Step::Act => "act",
+            Step::Cordon => "cordon",
+            Step::Drain => "drain",
+            Step::Uncordon => "uncordon",
+            Step::Release => "release",
+            Step::Hook => "hook",
             Step::Done => "done",
         }
     }
@@ -145,7 +177,7 @@ pub struct Entry {
     pub previous: Option<Slot>,
     /// Boot id recorded when the reboot step was journalled (a different one means the reboot happened).
     pub boot_id: Option<String>,
-    /// Reimage: why it is falling back.
+    /// Reimage: why it is falling back. Leased reboot: why it is uncordoning and releasing early.
     pub failure: Option<String>,
     /// Set once finished.
     pub result: Option<Outcome>,
@@ -211,6 +243,11 @@ impl Journal {
     /// The newest generation of any operation recorded.
     pub fn newest_generation(&self) -> u64 {
         self.entries.values().map(|e| e.generation).max().unwrap_or(0)
+    }
+
+    /// Every entry, finished or not, by operation id.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
     }
 
     /// Entries not finished.

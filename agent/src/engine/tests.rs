@@ -1,5 +1,6 @@
 //! Engine tests over `FakeOs`: the reimage path, idempotency, fencing, refusals, fall back, and a crash at
-//! every step (before and after the step's effect) followed by a restart from the journal.
+//! every step (before and after the step's effect) followed by a restart from the journal; leased reboots
+//! (order of steps, a crash after each step, unwinding after a failure, idempotent grants, the start release).
 
 use super::*;
 use crate::os::OsFacts;
@@ -65,6 +66,16 @@ impl Fetcher for MemFetcher {
 struct FakeLink {
     epoch: AtomicU64,
     unreachable: AtomicBool,
+    /// Leases given back, in order.
+    releases: Mutex<Vec<String>>,
+    /// Where releases are also logged, so their order against the node's calls shows.
+    log: std::sync::OnceLock<Arc<FakeOs>>,
+}
+
+impl FakeLink {
+    fn releases(&self) -> Vec<String> {
+        self.releases.lock().expect("releases").clone()
+    }
 }
 
 impl Link for FakeLink {
@@ -79,6 +90,12 @@ impl Link for FakeLink {
     fn wait_epoch_above(&self, above: u64, _within: Duration) -> BoxFuture<'_, bool> {
         let ok = self.epoch() > above;
         Box::pin(async move { ok })
+    }
+    fn release_lease(&self, lease_id: &str) {
+        self.releases.lock().expect("releases").push(lease_id.to_string());
+        if let Some(os) = self.log.get() {
+            os.with(|s| s.calls.push(format!("release {lease_id}")));
+        }
     }
 }
 
@@ -107,11 +124,13 @@ impl World {
             s.keys = vec![(PathBuf::from("k.pub"), sk.public_key().to_file_text())];
             s.images.insert(sha.clone(), target_image(FAMILY, NEW).expect("new"));
         });
+        let link = Arc::new(FakeLink::default());
+        let _ = link.log.set(os.clone());
         World {
             dir: tempfile::tempdir().expect("tempdir"),
             os,
             fetcher: Arc::new(MemFetcher::new(image.clone())),
-            link: Arc::new(FakeLink::default()),
+            link,
             sk,
             image,
             sha,
@@ -361,10 +380,20 @@ async fn cordon_drain_uncordon_and_unsupported_kinds() {
     assert!(run(&w, &cmd("d", 1, v1::command::Kind::Drain(v1::Drain { timeout_seconds: 30 }))).await.ok);
     assert!(run(&w, &cmd("u", 1, v1::command::Kind::Uncordon(v1::Uncordon {}))).await.ok);
     assert_eq!(w.calls(), ["cordon", "drain 30s", "uncordon"]);
-    let r =
-        run(&w, &cmd("k", 1, v1::command::Kind::UpgradeKubernetes(v1::UpgradeKubernetes { version: "1.30.1".into(), first_control_plane: false })))
-            .await;
-    assert!(!r.ok && r.error.contains("upgrade-kubernetes is not supported"), "{r:?}");
+    let r = run(
+        &w,
+        &cmd(
+            "k",
+            1,
+            v1::command::Kind::UpgradeKubernetes(v1::UpgradeKubernetes {
+                version: "1.30.1".into(),
+                first_control_plane: false,
+            }),
+        ),
+    )
+    .await;
+    // Supported now (engine/kube_tests.rs); this node has no os-release, so no package manager to upgrade with.
+    assert!(!r.ok && r.error.contains("no package manager known"), "{r:?}");
 }
 
 fn patch_cmd(id: &str, family: &str, version: &str, packages: &[&str]) -> v1::Command {
@@ -483,4 +512,278 @@ async fn a_security_patch_interrupted_at_each_step_finishes_once_after_a_restart
         assert_eq!(run(&w, &c).await, r, "a repeat gets the first result");
         assert_eq!(w.calls(), expected, "and does nothing");
     }
+}
+
+const LEASE: &str = "reboot/fake-0";
+
+fn count(calls: &[String], what: &str) -> usize {
+    calls.iter().filter(|c| c.as_str() == what).count()
+}
+
+/// Grants `lease` to a fresh engine and waits for the leased reboot's result.
+async fn leased(w: &World, lease: &str) -> v1::OperationResult {
+    let (e, mut rx) = w.engine();
+    assert_eq!(e.submit_lease(lease, false), LeaseTaken::Started);
+    result_of(&mut rx).await
+}
+
+#[tokio::test]
+async fn a_granted_lease_cordons_drains_reboots_checks_uncordons_and_releases_in_that_order() {
+    let w = World::new();
+    let r = leased(&w, LEASE).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.operation_id, "lease/reboot/fake-0");
+    assert_eq!(
+        w.calls(),
+        ["cordon", "drain 900s", "reboot", "booted a", "health", "uncordon", "release reboot/fake-0"]
+    );
+    let entry = w.engine().0.entry("lease/reboot/fake-0").expect("journalled");
+    assert_eq!(entry.op, Op::LeasedReboot { lease_id: LEASE.into(), forced: false });
+    assert_eq!(entry.step, Step::Done);
+}
+
+/// Performs `n` journalled steps of a leased reboot by hand (and, with `mid_step`, step n+1's effect without
+/// journalling it), drops the engine as a crash would, then lets a new engine over the same state finish.
+async fn leased_crash_after(n: usize, mid_step: bool) {
+    let w = World::new();
+    let id = lease_operation_id(LEASE);
+    {
+        let (e, _rx) = w.engine();
+        e.journal()
+            .put(Entry::accepted(id.clone(), 0, Op::LeasedReboot { lease_id: LEASE.into(), forced: true }))
+            .expect("put");
+        for i in 0..=n {
+            let entry = e.entry(&id).expect("entry");
+            if entry.result.is_some() || (i == n && !mid_step) {
+                break;
+            }
+            let Next::Go(next) = e.step(entry).await.expect("step") else { panic!("no real reboots here") };
+            if i == n {
+                break; // the effect happened, the journal does not know
+            }
+            e.journal().put(next).expect("put");
+        }
+    } // the agent dies
+    let (e, mut rx) = w.engine();
+    e.resume();
+    let r = match e.entry(&id).and_then(|x| x.result) {
+        Some(o) => wire(&id, 0, &o),
+        None => result_of(&mut rx).await,
+    };
+    let calls = w.calls();
+    assert!(r.ok, "crash after {n} steps (mid step: {mid_step}): {r:?}, calls {calls:?}");
+    assert_eq!(count(&calls, "reboot"), 1, "one reboot, crash after {n} (mid {mid_step}): {calls:?}");
+    assert_eq!(calls.last().map(String::as_str), Some("release reboot/fake-0"), "released last: {calls:?}");
+    let releases = w.link.releases().len();
+    if mid_step && n == 6 {
+        assert_eq!(releases, 2, "the release was sent but not journalled: sent again (harmless at the hub)");
+    } else {
+        assert_eq!(releases, 1, "one release, crash after {n} (mid {mid_step}): {calls:?}");
+    }
+    // A repeat of the grant after the restart does nothing but give the lease back again.
+    assert_eq!(e.submit_lease(LEASE, true), LeaseTaken::AlreadyFinished);
+    assert_eq!(count(&w.calls(), "reboot"), 1);
+}
+
+#[tokio::test]
+async fn a_leased_reboot_resumes_after_a_crash_at_every_step_and_finishes_once() {
+    // Steps: accepted, cordon, drain, reboot, health, uncordon, release.
+    for n in 0..7 {
+        leased_crash_after(n, false).await;
+        leased_crash_after(n, true).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failing_drain_uncordons_releases_and_fails_naming_the_drain_error() {
+    let w = World::new();
+    w.os.with(|s| s.drain_fails = Some("cannot evict pod web-1: it would violate its PodDisruptionBudget".into()));
+    let r = leased(&w, LEASE).await;
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.error.contains("drain failed") && r.error.contains("would violate its PodDisruptionBudget"),
+        "{}",
+        r.error
+    );
+    assert!(r.error.contains("lease reboot/fake-0") && r.error.contains("lease given back"), "{}", r.error);
+    assert_eq!(w.calls(), ["cordon", "drain 900s", "uncordon", "release reboot/fake-0"], "no reboot");
+
+    // A node that comes back unhealthy is uncordoned and the lease given back as well.
+    let w = World::new();
+    w.os.with(|s| s.unhealthy = Some("kubelet not running".into()));
+    let r = leased(&w, LEASE).await;
+    assert!(!r.ok && r.error.contains("after the reboot") && r.error.contains("kubelet not running"), "{r:?}");
+    assert_eq!(w.calls()[w.calls().len() - 2..], ["uncordon", "release reboot/fake-0"]);
+}
+
+#[tokio::test]
+async fn a_repeated_grant_is_one_operation_and_a_busy_node_gives_the_lease_back() {
+    let w = World::new();
+    let (e, mut rx) = w.engine();
+    assert_eq!(e.submit_lease(LEASE, false), LeaseTaken::Started);
+    assert_eq!(e.submit_lease(LEASE, false), LeaseTaken::AlreadyRunning);
+    let r = result_of(&mut rx).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(e.submit_lease(LEASE, false), LeaseTaken::AlreadyFinished);
+    assert!(rx.try_recv().is_err(), "no second result");
+    assert_eq!(count(&w.calls(), "reboot"), 1, "{:?}", w.calls());
+    assert_eq!(w.link.releases(), [LEASE, LEASE], "the late grant is given back, nothing redone");
+    let leased_ops = e.journal().entries().filter(|x| matches!(x.op, Op::LeasedReboot { .. })).count();
+    assert_eq!(leased_ops, 1);
+
+    // Another operation in flight: the lease is not used but given back.
+    e.journal().put(Entry::accepted("run-1/drain", 1, Op::Drain { timeout_seconds: 30 })).expect("put");
+    match e.submit_lease("reboot/other", true) {
+        LeaseTaken::Refused(why) => assert!(why.contains("operation run-1/drain (drain) is still in flight"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(w.link.releases().last().map(String::as_str), Some("reboot/other"));
+    assert!(e.entry("lease/reboot/other").is_none(), "nothing journalled");
+    assert!(matches!(e.submit_lease(" ", false), LeaseTaken::Refused(why) if why.contains("lease.lease_id: empty")));
+}
+
+#[tokio::test]
+async fn the_start_of_session_release_keeps_only_unfinished_leased_reboots() {
+    let w = World::new();
+    {
+        let (e, _rx) = w.engine();
+        let mut j = e.journal();
+        let leased = |id: &str| Op::LeasedReboot { lease_id: id.into(), forced: false };
+        j.put(Entry::accepted(lease_operation_id("reboot/b1"), 0, leased("reboot/b1"))).expect("put");
+        let mut done = Entry::accepted(lease_operation_id("reboot/b0"), 0, leased("reboot/b0"));
+        done.step = Step::Done;
+        done.result = Some(failed("drain failed".into()));
+        j.put(done).expect("put");
+        j.put(Entry::accepted("run-1/cordon", 1, Op::Cordon)).expect("put");
+    }
+    // After a restart, from the journal alone.
+    let (e, _rx) = w.engine();
+    assert_eq!(e.lease_release_on_start(), v1::LeaseRelease { lease_ids: vec!["reboot/b1".into()], all_except: true });
+    assert_eq!(lease_release_on_start(&[]), v1::LeaseRelease { lease_ids: vec![], all_except: true });
+    // The failed try counts for the next lease id on that boot; the unfinished one does not.
+    assert_eq!(e.leased_reboots_tried("b0").len(), 1);
+    assert!(e.leased_reboots_tried("b1").is_empty());
+    assert!(e.leased_reboots_tried("b").is_empty(), "a boot id that is a prefix of another is not confused");
+}
+
+// Images named by an https URL, served by a real https server in the test (os::https::testing).
+
+use crate::os::https::HttpsFetcher;
+use crate::os::https::testing::{GOOD, Script, TestCa, serve};
+
+/// A real image: a tar of a root tree with its metadata, and some bulk so the body spans many TLS records.
+fn tar_image(version: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let meta = format!("FAMILY={FAMILY}\nVERSION={version}\n");
+    let bulk: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    for (path, data) in [("etc/upkeep/node-image", meta.as_bytes()), ("usr/lib/upkeep-test/bulk.bin", &bulk[..])] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, path, data).expect("tar entry");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// A world whose new image is a signed tar, and a downloader trusting a CA made for the test.
+fn https_world() -> (World, TestCa, Arc<HttpsFetcher>) {
+    let mut w = World::new();
+    w.image = tar_image(NEW);
+    w.sha = sha_hex(&w.image);
+    let sha = w.sha.clone();
+    w.os.with(|s| s.images.insert(sha, target_image(FAMILY, NEW).expect("new")));
+    let ca = TestCa::new("upkeep test image CA");
+    let ca_file = w.dir.path().join("image-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).expect("ca file");
+    (w, ca, Arc::new(HttpsFetcher::new(Some(ca_file))))
+}
+
+fn with_url(mut c: v1::Command, url: &str) -> v1::Command {
+    if let Some(v1::command::Kind::Reimage(r)) = &mut c.kind {
+        r.image.as_mut().expect("image").url = url.to_string();
+    }
+    c
+}
+
+async fn run_https(w: &World, f: &Arc<HttpsFetcher>, c: &v1::Command) -> v1::OperationResult {
+    let (e, mut rx) = w.engine();
+    e.set_url_fetcher(f.clone());
+    match e.submit(c) {
+        Submitted::Finished(r) => r,
+        Submitted::Running => result_of(&mut rx).await,
+    }
+}
+
+const WRITTEN: [&str; 6] = ["write b", "mark b", "reboot", "booted b", "health", "commit b"];
+
+#[tokio::test]
+async fn an_https_image_is_downloaded_verified_and_written() {
+    let (w, ca, f) = https_world();
+    let server = serve(&ca, w.image.clone(), GOOD).await;
+    let r = run_https(&w, &f, &with_url(w.reimage("op-1", 1, w.signature()), &server.url())).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(w.calls(), WRITTEN);
+    assert_eq!(w.image_now(), format!("{FAMILY}-{NEW}"));
+    assert_eq!(server.ranges(), [None], "one request for the whole image");
+    assert_eq!(w.fetcher.opens.load(Ordering::SeqCst), 0, "nothing fetched from the hub");
+
+    // Through a redirect on the same server.
+    let (w, ca, f) = https_world();
+    let server = serve(&ca, w.image.clone(), GOOD).await;
+    let r = run_https(&w, &f, &with_url(w.reimage("op-1", 1, w.signature()), &server.moved_url())).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(w.calls(), WRITTEN);
+}
+
+#[tokio::test]
+async fn a_cut_https_download_resumes_with_a_range_and_verifies() {
+    let cut = Script { cut_first_at: Some(70_000), honour_range: true };
+    let (w, ca, f) = https_world();
+    let server = serve(&ca, w.image.clone(), cut).await;
+    let r = run_https(&w, &f, &with_url(w.reimage("op-1", 1, w.signature()), &server.url())).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(server.ranges(), [None, Some("bytes=70000-".to_string())], "resumed where the cut left it");
+    assert_eq!(w.calls(), WRITTEN);
+
+    // A server that answers the range with the whole image (200): the download starts again and verifies.
+    let (w, ca, f) = https_world();
+    let server = serve(&ca, w.image.clone(), Script { honour_range: false, ..cut }).await;
+    let r = run_https(&w, &f, &with_url(w.reimage("op-1", 1, w.signature()), &server.url())).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(server.ranges(), [None, Some("bytes=70000-".to_string())]);
+    assert_eq!(w.calls(), WRITTEN);
+}
+
+#[tokio::test]
+async fn a_flipped_byte_from_an_https_server_is_refused_before_any_slot_write() {
+    let (w, ca, f) = https_world();
+    let mut flipped = w.image.clone();
+    flipped[1000] ^= 1;
+    let server = serve(&ca, flipped, GOOD).await;
+    let r = run_https(&w, &f, &with_url(w.reimage("op-1", 1, w.signature()), &server.url())).await;
+    assert!(!r.ok && r.error.contains("nothing written") && r.error.contains("digest mismatch"), "{r:?}");
+    assert!(w.calls().is_empty(), "no slot touched: {:?}", w.calls());
+    assert!(!crate::os::image::staged_path(w.dir.path(), &w.sha).exists(), "the refused bytes are discarded");
+}
+
+#[tokio::test]
+async fn an_untrusted_https_server_or_a_plain_http_url_is_refused_naming_it() {
+    let (w, _ca, f) = https_world();
+    let stranger = TestCa::new("a CA this node does not trust");
+    let server = serve(&stranger, w.image.clone(), GOOD).await;
+    let r = run_https(&w, &f, &with_url(w.reimage("op-1", 1, w.signature()), &server.url())).await;
+    assert!(!r.ok, "{r:?}");
+    assert!(r.error.contains(&server.url()), "names the url: {}", r.error);
+    assert!(r.error.contains("certificate") && r.error.contains("[image] url_ca"), "{}", r.error);
+    assert!(server.ranges().is_empty(), "no request reached the server");
+    assert!(w.calls().is_empty(), "{:?}", w.calls());
+
+    let r = run_https(&w, &f, &with_url(w.reimage("op-2", 2, w.signature()), "http://127.0.0.1:1/test.tar")).await;
+    assert!(!r.ok && r.error.starts_with("reimage.image.url: ") && r.error.contains("plain http"), "{r:?}");
+    assert!(r.error.contains("serve the image over https, or leave url empty"), "{}", r.error);
+    // Without an https downloader, a URL is refused rather than fetched from the hub.
+    let r = run(&w, &with_url(w.reimage("op-3", 3, w.signature()), &server.url())).await;
+    assert!(!r.ok && r.error.contains("no https downloader"), "{r:?}");
+    assert_eq!(w.fetcher.opens.load(Ordering::SeqCst), 0);
 }

@@ -1,9 +1,13 @@
-//! Cordon, uncordon and drain: the configured hook commands (`[cordon]` in agent.toml), or, without them, a
-//! marker file `<root>/var/lib/upkeep/cordoned` (a node with no workload scheduler has nothing to evict).
+//! Cordon, uncordon and drain, by one of three backends: the Kubernetes API (`[kubernetes] api_server` in
+//! agent.toml: `spec.unschedulable` and evictions, see `kube`), the configured hook commands (`[cordon]`), or,
+//! without either, a marker file `<root>/var/lib/upkeep/cordoned` (a node with no workload scheduler has
+//! nothing to evict). The configuration refuses Kubernetes and hooks together, so at most one applies.
 
+use super::kube::KubeNode;
 use super::{OsError, command};
 use crate::config::CordonSettings;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Marker file written by cordon without a hook, relative to the root.
@@ -14,16 +18,31 @@ pub const CORDONED_FILE: &str = "var/lib/upkeep/cordoned";
 pub struct Cordon {
     root: PathBuf,
     settings: CordonSettings,
+    kube: Option<Arc<KubeNode>>,
 }
 
 impl Cordon {
     /// Over `root` with `settings`.
     pub fn new(root: PathBuf, settings: CordonSettings) -> Cordon {
-        Cordon { root, settings }
+        Cordon { root, settings, kube: None }
+    }
+
+    /// Through the Kubernetes API instead of hooks or the marker file.
+    pub fn with_kube(mut self, kube: Arc<KubeNode>) -> Cordon {
+        self.kube = Some(kube);
+        self
+    }
+
+    /// The Kubernetes backend, if in use.
+    pub fn kube(&self) -> Option<&KubeNode> {
+        self.kube.as_deref()
     }
 
     /// Marks the node unschedulable.
     pub fn cordon(&self) -> Result<(), OsError> {
+        if let Some(k) = &self.kube {
+            return k.cordon();
+        }
         if !self.settings.cordon.is_empty() {
             return command::run(&self.settings.cordon, &[], None).map(drop);
         }
@@ -36,6 +55,9 @@ impl Cordon {
 
     /// Makes the node schedulable again.
     pub fn uncordon(&self) -> Result<(), OsError> {
+        if let Some(k) = &self.kube {
+            return k.uncordon();
+        }
         if !self.settings.uncordon.is_empty() {
             return command::run(&self.settings.uncordon, &[], None).map(drop);
         }
@@ -48,6 +70,9 @@ impl Cordon {
 
     /// Evicts workloads within `timeout`.
     pub fn drain(&self, timeout: Duration) -> Result<(), OsError> {
+        if let Some(k) = &self.kube {
+            return k.drain(timeout);
+        }
         if self.settings.drain.is_empty() {
             tracing::info!("no drain hook configured: nothing to evict");
             return Ok(());

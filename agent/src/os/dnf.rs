@@ -2,6 +2,11 @@
 //! root is not `/`) from the node's configured repositories, then `rpm -q` to check every package is at the
 //! pinned version; and `dnf needs-restarting -r` for the reboot-required fact (exit code 1: a reboot is
 //! required). Argv building and output parsing are pure and tested.
+//!
+//! Kubernetes packages go the same way as `name-<version>` (dnf picks the newest release of that version; a bare
+//! version never matches `1.29.30` for `1.29.3`, which a glob `name-1.29.3*` would), with repository excludes
+//! disabled: the Kubernetes repositories are set up with `exclude=kubelet kubeadm ...` to keep routine updates
+//! away from them.
 
 use super::{OsError, command};
 use crate::channel::PackagePin;
@@ -20,9 +25,16 @@ fn installroot(root: &Path) -> Option<String> {
 /// `dnf install` of exactly `pins`. Fresh metadata (`--refresh`), no weak dependencies, and the `local` plugin
 /// off (it copies every installed package into a repository of its own; Debian's dnf-plugins-core enables it).
 pub fn install_argv(root: &Path, pins: &[PackagePin]) -> Vec<String> {
+    install_argv_with(root, pins, &[])
+}
+
+/// `install_argv` with `extra` options before `install`.
+pub fn install_argv_with(root: &Path, pins: &[PackagePin], extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = ["dnf", "-y", "-q", "--refresh"].map(String::from).to_vec();
     a.extend(installroot(root));
-    a.extend(["--disableplugin=local", "--setopt=install_weak_deps=False", "install"].map(String::from));
+    a.extend(["--disableplugin=local", "--setopt=install_weak_deps=False"].map(String::from));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a.push("install".into());
     a.extend(pins.iter().map(|p| format!("{}-{}", p.name, p.version)));
     a
 }
@@ -73,7 +85,29 @@ pub fn check_installed(stdout: &str, pins: &[PackagePin]) -> Result<(), String> 
 
 /// Installs exactly `pins` under `root`.
 pub fn install(root: &Path, pins: &[PackagePin]) -> Result<(), OsError> {
-    command::run(&install_argv(root, pins), &[("LC_ALL", "C")], Some(INSTALL_TIMEOUT))?;
+    install_with(root, pins, &[])
+}
+
+/// Installs the Kubernetes packages `names` at `version` (`1.29.3`) under `root`, repository excludes disabled.
+pub fn install_kubernetes(root: &Path, names: &[String], version: &str) -> Result<(), OsError> {
+    let pins: Vec<PackagePin> =
+        names.iter().map(|n| PackagePin { name: n.clone(), version: version.to_string() }).collect();
+    install_with(root, &pins, &["--disableexcludes=all"])
+}
+
+/// The installed version (`%{VERSION}`, no release) of `name` under `root`, None when it is not installed.
+pub fn installed_version(root: &Path, name: &str) -> Result<Option<String>, OsError> {
+    let argv = query_argv(root, &[PackagePin { name: name.to_string(), version: String::new() }]);
+    // `rpm -q` exits 1 for a package that is not installed ("package x is not installed" on stdout).
+    let (_, out, _) = command::run_status(&argv, &[("LC_ALL", "C")], Some(QUERY_TIMEOUT))?;
+    Ok(out.lines().find_map(|l| {
+        let r: Vec<&str> = l.split('\t').collect();
+        (r.len() == 4 && r[0] == name).then(|| r[2].to_string())
+    }))
+}
+
+fn install_with(root: &Path, pins: &[PackagePin], extra: &[&str]) -> Result<(), OsError> {
+    command::run(&install_argv_with(root, pins, extra), &[("LC_ALL", "C")], Some(INSTALL_TIMEOUT))?;
     // `rpm -q` exits non-zero when a package is missing; its stdout still says which.
     let argv = query_argv(root, pins);
     let (_, out, _) = command::run_status(&argv, &[("LC_ALL", "C")], Some(QUERY_TIMEOUT))?;
@@ -126,6 +160,8 @@ mod tests {
             ]
         );
         assert_eq!(install_argv(Path::new("/srv/r"), &pins())[4], "--installroot=/srv/r");
+        let k = install_argv_with(Path::new("/"), &pins(), &["--disableexcludes=all"]);
+        assert_eq!(&k[k.len() - 3..], ["--disableexcludes=all", "install", "openssl-3.0.7-25.el9"]);
         assert_eq!(&query_argv(Path::new("/srv/r"), &pins())[..3], ["rpm", "--root", "/srv/r"]);
         assert_eq!(
             needs_restarting_argv(Path::new("/")),

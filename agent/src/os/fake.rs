@@ -7,7 +7,7 @@ use crate::channel::{ChannelPlan, OsKind, PackagePin};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use upkeep_core::version::NodeImageVersion;
+use upkeep_core::version::{KubernetesVersion, NodeImageVersion};
 
 /// Everything the fake holds; tests read and set it through `FakeOs::with`.
 #[derive(Debug, Default)]
@@ -47,10 +47,21 @@ pub struct FakeState {
     pub channel_notes: Vec<String>,
     /// Package installs fail with this reason.
     pub install_fails: Option<String>,
+    /// Drains fail with this reason.
+    pub drain_fails: Option<String>,
     /// Installed packages: name -> version.
     pub packages: std::collections::BTreeMap<String, String>,
     /// Every side effect, in order.
     pub calls: Vec<String>,
+    /// The Kubernetes methods fail with this reason (a node without `[kubernetes]`).
+    pub kubernetes_unconfigured: Option<String>,
+    /// The Kubernetes upgrade hook fails with this reason.
+    pub kubernetes_hook_fails: Option<String>,
+    /// Installing Kubernetes packages does not change the running version (`facts.kubernetes_version`), as when
+    /// the version command reads a component the hook did not restart.
+    pub kubernetes_version_stuck: bool,
+    /// Node labels published: (node-image-version, security patch version).
+    pub node_labels: Option<(String, String)>,
 }
 
 /// The fake.
@@ -210,8 +221,16 @@ impl NodeOs for FakeOs {
     }
 
     fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError> {
-        self.with(|s| s.calls.push(format!("drain {}s", timeout.as_secs())));
-        Ok(())
+        self.with(|s| {
+            s.calls.push(format!("drain {}s", timeout.as_secs()));
+            s.drain_fails.clone().map_or(Ok(()), |why| {
+                Err(OsError::Command {
+                    argv: vec!["fake-drain".into()],
+                    status: "exited with exit status: 1".into(),
+                    stderr_tail: why,
+                })
+            })
+        })
     }
 
     fn os_release(&self) -> Result<Vec<(String, String)>, OsError> {
@@ -255,6 +274,64 @@ impl NodeOs for FakeOs {
             s.calls.push(format!("security-patch {version}"));
             s.facts.security_patch_version = version.to_string();
         });
+        Ok(())
+    }
+
+    fn kubernetes_version(&self) -> Result<Option<KubernetesVersion>, OsError> {
+        self.with(|s| {
+            if let Some(why) = &s.kubernetes_unconfigured {
+                return Err(OsError::NotConfigured(why.clone()));
+            }
+            let v = s.facts.kubernetes_version.trim();
+            if v.is_empty() {
+                return Ok(None);
+            }
+            v.parse()
+                .map(Some)
+                .map_err(|e| OsError::Malformed { path: PathBuf::from("fake-kubelet"), reason: format!("{e}") })
+        })
+    }
+
+    fn install_kubernetes(&self, os: &OsKind, version: &KubernetesVersion) -> Result<(), OsError> {
+        self.with(|s| {
+            s.calls.push(format!("install-kubernetes {} {version}", os.id()));
+            if let Some(why) = &s.kubernetes_unconfigured {
+                return Err(OsError::NotConfigured(why.clone()));
+            }
+            if let Some(why) = &s.install_fails {
+                return Err(OsError::Command {
+                    argv: vec!["fake-install".into()],
+                    status: "exited with exit status: 100".into(),
+                    stderr_tail: why.clone(),
+                });
+            }
+            for p in ["kubeadm", "kubelet"] {
+                s.packages.insert(p.to_string(), version.to_string());
+            }
+            if !s.kubernetes_version_stuck {
+                s.facts.kubernetes_version = version.to_string();
+            }
+            Ok(())
+        })
+    }
+
+    fn upgrade_kubernetes_hook(&self, version: &KubernetesVersion, first_control_plane: bool) -> Result<(), OsError> {
+        self.with(|s| {
+            let which = if first_control_plane { "first-control-plane" } else { "other" };
+            s.calls.push(format!("kubernetes-hook {which} {version}"));
+            match &s.kubernetes_hook_fails {
+                Some(why) => Err(OsError::Command {
+                    argv: vec!["kubeadm".into(), "upgrade".into()],
+                    status: "exited with exit status: 1".into(),
+                    stderr_tail: why.clone(),
+                }),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn publish_node_labels(&self, image: &str, patch: &str) -> Result<(), OsError> {
+        self.with(|s| s.node_labels = Some((image.to_string(), patch.to_string())));
         Ok(())
     }
 }

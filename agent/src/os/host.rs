@@ -1,17 +1,22 @@
 //! The real `NodeOs` over a root directory: facts read from files under the root; slots and boot control
-//! delegated to the configured backend (`slots`), cordon/drain to `cordon`, health commands to `command`.
+//! delegated to the configured backend (`slots`), cordon/drain to `cordon` (which goes through `kube` when
+//! `[kubernetes] api_server` is set), health commands to `command`. With `[kubernetes]`, the node's Kubernetes
+//! version is read from `version_command` or the package manager, and the version operation installs the
+//! configured packages (`apt`, `dnf`) and runs the configured upgrade hook.
 
 use super::cordon::Cordon;
+use super::kube::KubeNode;
 use super::slots::{self, Backend, DirSlots, GrubEnv, HookSlots};
 use super::{
     BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, apt, autoupdate, command, dnf, parse_env_file,
     parse_node_image,
 };
 use crate::channel::{ChannelPlan, OsKind, PackagePin, classify};
-use crate::config::{AgentConfig, CordonSettings, ImageSettings, SlotBackend};
+use crate::config::{AgentConfig, CordonSettings, ImageSettings, KubernetesSettings, SlotBackend};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use upkeep_core::version::KubernetesVersion;
 
 /// Image metadata, relative to the root.
 pub const NODE_IMAGE_FILE: &str = "etc/upkeep/node-image";
@@ -32,6 +37,20 @@ const RPM_DBS: [&str; 2] = ["var/lib/rpm", "usr/lib/sysimage/rpm"];
 
 /// Timeout of one health command.
 const HEALTH_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Timeout of the Kubernetes upgrade hook (`kubeadm upgrade apply` pulls images and restarts the control plane).
+const KUBERNETES_HOOK_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Timeout of `[kubernetes] version_command`.
+const KUBERNETES_VERSION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The first `MAJOR.MINOR.PATCH` in a version command's output (`Kubernetes v1.29.3`, `v1.29.3+k3s1`).
+pub fn kubernetes_version_in(output: &str) -> Option<KubernetesVersion> {
+    output.split_whitespace().find_map(|token| {
+        let t = token.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+        let t = t.strip_prefix('v').unwrap_or(t);
+        let core = t.split(['+', '-']).next().unwrap_or(t);
+        core.parse().ok()
+    })
+}
 
 /// The node as seen through `root`.
 #[derive(Clone)]
@@ -42,6 +61,8 @@ pub struct HostOs {
     cordon: Cordon,
     /// dnf's last reboot-required answer and when it was given.
     dnf_reboot: Arc<Mutex<Option<(Instant, bool)>>>,
+    /// `[kubernetes]`, if the node has the section.
+    kubernetes: Option<Arc<KubernetesSettings>>,
 }
 
 impl HostOs {
@@ -51,9 +72,43 @@ impl HostOs {
         HostOs::with_settings(root.clone(), ImageSettings::defaults(&root), CordonSettings::default())
     }
 
-    /// Over the configuration's root with its `[image]` and `[cordon]` settings.
+    /// Over the configuration's root with its `[image]`, `[cordon]` and `[kubernetes]` settings.
     pub fn from_config(cfg: &AgentConfig) -> HostOs {
-        HostOs::with_settings(cfg.root.clone(), cfg.image.clone(), cfg.cordon.clone())
+        let os = HostOs::with_settings(cfg.root.clone(), cfg.image.clone(), cfg.cordon.clone());
+        match &cfg.kubernetes {
+            Some(k) => os.with_kubernetes(k.clone(), &cfg.state_dir),
+            None => os,
+        }
+    }
+
+    /// With `[kubernetes]` settings: cordon, drain and labels through the API server when it is set (what
+    /// cordon found is remembered under `state_dir`), and the Kubernetes version operation.
+    pub fn with_kubernetes(mut self, settings: KubernetesSettings, state_dir: &Path) -> HostOs {
+        if let Some(api) = &settings.api {
+            let node = Arc::new(KubeNode::new(api.clone(), state_dir));
+            self.cordon = self.cordon.clone().with_kube(node);
+        }
+        self.kubernetes = Some(Arc::new(settings));
+        self
+    }
+
+    /// The Kubernetes API backend, when `[kubernetes] api_server` is set.
+    pub fn kube_node(&self) -> Option<&KubeNode> {
+        self.cordon.kube()
+    }
+
+    fn kubernetes_settings(&self) -> Result<&KubernetesSettings, OsError> {
+        self.kubernetes.as_deref().ok_or_else(|| {
+            OsError::NotConfigured(
+                "this node has no [kubernetes] section in agent.toml; add one (packages, upgrade hooks) to let \
+                 upkeep manage its Kubernetes version"
+                    .into(),
+            )
+        })
+    }
+
+    fn os_kind(&self) -> Result<OsKind, OsError> {
+        Ok(classify(&self.os_release()?))
     }
 
     /// Over `root` with explicit settings.
@@ -76,7 +131,7 @@ impl HostOs {
             }),
         };
         let cordon = Cordon::new(root.clone(), cordon);
-        HostOs { root, image, backend, cordon, dnf_reboot: Arc::new(Mutex::new(None)) }
+        HostOs { root, image, backend, cordon, dnf_reboot: Arc::new(Mutex::new(None)), kubernetes: None }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -161,7 +216,18 @@ impl NodeOs for HostOs {
             node_image,
             security_patch_version: trimmed(SECURITY_PATCH_FILE)?,
             reboot_required: self.debian_reboot_flag() || self.dnf_reboot_required(&kv),
-            kubernetes_version: trimmed(KUBERNETES_VERSION_FILE)?,
+            kubernetes_version: if self.kubernetes.is_some() {
+                // A failing version read must not take the rest of the report down with it.
+                match self.kubernetes_version() {
+                    Ok(v) => v.map(|v| v.to_string()).unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the node's Kubernetes version");
+                        String::new()
+                    }
+                }
+            } else {
+                trimmed(KUBERNETES_VERSION_FILE)?
+            },
         })
     }
 
@@ -269,6 +335,63 @@ impl NodeOs for HostOs {
         crate::state::write_atomic(&path, format!("{version}\n").as_bytes())
             .map_err(|e| OsError::Malformed { path: path.clone(), reason: e.to_string() })
     }
+
+    fn kubernetes_version(&self) -> Result<Option<KubernetesVersion>, OsError> {
+        let k = self.kubernetes_settings()?;
+        if !k.version_command.is_empty() {
+            let out = command::run(&k.version_command, &[], Some(KUBERNETES_VERSION_TIMEOUT))?;
+            return kubernetes_version_in(&out).map(Some).ok_or_else(|| OsError::Command {
+                argv: k.version_command.clone(),
+                status: "printed no Kubernetes version (MAJOR.MINOR.PATCH)".into(),
+                stderr_tail: format!("stdout: {}; fix kubernetes.version_command", out.trim()),
+            });
+        }
+        let Some(first) = k.packages.first() else { return Ok(None) };
+        let (installed, db) = match self.os_kind()? {
+            OsKind::Debian { .. } => (apt::installed_version(&self.root, first)?, "var/lib/dpkg/status"),
+            OsKind::Rpm { .. } => (dnf::installed_version(&self.root, first)?, "var/lib/rpm"),
+            OsKind::WindowsLike { .. } | OsKind::Unknown { .. } => return Ok(None),
+        };
+        let Some(full) = installed else { return Ok(None) };
+        let upstream = apt::upstream_version(&full);
+        upstream.parse().map(Some).map_err(|e| OsError::Malformed {
+            path: self.path(db),
+            reason: format!("installed {first} {full}: {e}; set kubernetes.version_command to read the version"),
+        })
+    }
+
+    fn install_kubernetes(&self, os: &OsKind, version: &KubernetesVersion) -> Result<(), OsError> {
+        let k = self.kubernetes_settings()?;
+        let v = version.to_string();
+        let r = match os {
+            OsKind::Debian { .. } => apt::install_kubernetes(&self.root, &k.packages, &v),
+            OsKind::Rpm { .. } => dnf::install_kubernetes(&self.root, &k.packages, &v),
+            OsKind::WindowsLike { id } | OsKind::Unknown { id } => Err(OsError::Malformed {
+                path: self.path("etc/os-release"),
+                reason: format!("no package manager known for os-release ID {id:?}; cannot install Kubernetes {v}"),
+            }),
+        };
+        *self.dnf_reboot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        r
+    }
+
+    fn upgrade_kubernetes_hook(&self, version: &KubernetesVersion, first_control_plane: bool) -> Result<(), OsError> {
+        let k = self.kubernetes_settings()?;
+        let v = version.to_string();
+        let hook = if first_control_plane { &k.upgrade_first_control_plane } else { &k.upgrade_other };
+        let argv = command::substitute(hook, &[("version", &v)]);
+        let root = self.root.display().to_string();
+        tracing::info!(argv = ?argv, first_control_plane, "running the Kubernetes upgrade hook");
+        command::run(&argv, &[("UPKEEP_ROOT", &root), ("UPKEEP_KUBERNETES_VERSION", &v)], Some(KUBERNETES_HOOK_TIMEOUT))
+            .map(drop)
+    }
+
+    fn publish_node_labels(&self, image: &str, patch: &str) -> Result<(), OsError> {
+        match self.cordon.kube() {
+            Some(k) => k.publish_labels(image, patch),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -301,6 +424,56 @@ mod tests {
         std::fs::write(root.join(NODE_IMAGE_FILE), "FAMILY=Debian-12\n").expect("write");
         let err = os.facts().expect_err("malformed");
         assert!(err.to_string().contains("node-image: missing VERSION="), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_version_from_command_output() {
+        let v = |s: &str| kubernetes_version_in(s).map(|v| v.to_string());
+        assert_eq!(v("Kubernetes v1.29.3\n").as_deref(), Some("1.29.3"));
+        assert_eq!(v("v1.30.0+k3s1").as_deref(), Some("1.30.0"));
+        assert_eq!(v("GitVersion:\"v1.28.9\",").as_deref(), None, "one token, not a version");
+        assert_eq!(v("kubelet 1.28.9-rc.1").as_deref(), Some("1.28.9"));
+        assert_eq!(v("no version here"), None);
+    }
+
+    #[test]
+    fn kubernetes_needs_the_section_and_version_command_is_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let os = HostOs::new(dir.path());
+        let e = os.kubernetes_version().expect_err("no section");
+        assert!(e.to_string().contains("no [kubernetes] section"), "{e}");
+        std::fs::create_dir_all(dir.path().join("etc/upkeep")).expect("mkdir");
+        std::fs::write(dir.path().join(KUBERNETES_VERSION_FILE), "1.28.0\n").expect("write");
+        assert_eq!(os.facts().expect("facts").kubernetes_version, "1.28.0", "the marker without the section");
+        let mut k = KubernetesSettings::defaults();
+        k.version_command = vec!["sh".into(), "-c".into(), "echo Kubernetes v1.29.3".into()];
+        let os = HostOs::new(dir.path()).with_kubernetes(k.clone(), dir.path());
+        assert_eq!(os.kubernetes_version().expect("version").map(|v| v.to_string()).as_deref(), Some("1.29.3"));
+        assert_eq!(os.facts().expect("facts").kubernetes_version, "1.29.3");
+        k.version_command = vec!["sh".into(), "-c".into(), "echo garbage".into()];
+        let os = HostOs::new(dir.path()).with_kubernetes(k, dir.path());
+        let e = os.kubernetes_version().expect_err("garbage").to_string();
+        assert!(e.contains("printed no Kubernetes version") && e.contains("garbage"), "{e}");
+        assert_eq!(os.facts().expect("facts still read").kubernetes_version, "");
+        // Without an API server labels are a no-op.
+        os.publish_node_labels("x", "y").expect("no-op");
+    }
+
+    #[test]
+    fn kubernetes_hook_gets_the_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("argv");
+        let mut k = KubernetesSettings::defaults();
+        let script = format!("echo \"$0 $1 $UPKEEP_KUBERNETES_VERSION\" > {}", out.display());
+        k.upgrade_first_control_plane =
+            vec!["sh".into(), "-c".into(), script.clone(), "apply".into(), "{version}".into()];
+        k.upgrade_other = vec!["sh".into(), "-c".into(), script, "node".into(), "-".into()];
+        let os = HostOs::new(dir.path()).with_kubernetes(k, dir.path());
+        let v: KubernetesVersion = "1.29.3".parse().expect("version");
+        os.upgrade_kubernetes_hook(&v, true).expect("hook");
+        assert_eq!(std::fs::read_to_string(&out).expect("read").trim(), "apply 1.29.3 1.29.3");
+        os.upgrade_kubernetes_hook(&v, false).expect("hook");
+        assert_eq!(std::fs::read_to_string(&out).expect("read").trim(), "node - 1.29.3");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! trees, the GRUB environment block, or configured hooks), cordon/drain to `cordon`, and every external
 //! program to `command`. `image` owns the agent's download staging and image verification.
 //! `autoupdate` carries out a node OS channel plan (the agent's own drop-ins and the OS's update timers), `apt`
-//! and `dnf` install security patches and read dnf's reboot-required answer.
+//! and `dnf` install security patches and Kubernetes packages and read dnf's reboot-required answer. `kube`
+//! talks to the Kubernetes API server (cordon, drain, node labels) when `[kubernetes] api_server` is set.
 //! `fake::FakeOs` exists only for unit tests of the engine.
 
 pub mod apt;
@@ -16,14 +17,16 @@ pub mod cordon;
 pub mod dnf;
 pub mod fake;
 pub mod host;
+pub mod https;
 pub mod image;
+pub mod kube;
 pub mod slots;
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::channel::{ChannelPlan, OsKind, PackagePin};
-use upkeep_core::version::NodeImageVersion;
+use upkeep_core::version::{KubernetesVersion, NodeImageVersion};
 
 /// What the agent reads off the node to report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,6 +90,27 @@ pub enum OsError {
     /// A configured health check failed.
     #[error("health check failed: {0}")]
     Unhealthy(String),
+    /// A request to the Kubernetes API server failed: the server, what was being done, why, and what to check.
+    #[error("kubernetes API {api_server}: {action}: {reason}")]
+    Kube {
+        /// `[kubernetes] api_server`.
+        api_server: String,
+        /// What the agent was doing, naming the object (e.g. "cordoning Node n1").
+        action: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Drain did not finish in time: the pods still in the way and what blocks each.
+    #[error("drain timed out after {after_seconds}s: {blocking}")]
+    DrainTimedOut {
+        /// The timeout.
+        after_seconds: u64,
+        /// E.g. `pod shop/web-1 blocked by PodDisruptionBudget shop/web-pdb`.
+        blocking: String,
+    },
+    /// Something this node's configuration does not provide was asked for (names the section or key to add).
+    #[error("{0}")]
+    NotConfigured(String),
 }
 
 impl OsError {
@@ -200,6 +224,25 @@ pub trait NodeOs: Send + Sync {
     fn install_packages(&self, os: &OsKind, pins: &[PackagePin]) -> Result<(), OsError>;
     /// Records the security patch `version` as applied (read back as `OsFacts::security_patch_version`).
     fn record_security_patch(&self, version: &str) -> Result<(), OsError>;
+    /// The Kubernetes version the node runs (`[kubernetes] version_command`, else the installed version of the
+    /// first configured package); None when it is not installed. `NotConfigured` without `[kubernetes]`.
+    fn kubernetes_version(&self) -> Result<Option<KubernetesVersion>, OsError>;
+    /// Installs the configured Kubernetes packages at `version` with the package manager of `os` (apt: the
+    /// candidate `<version>-*`; dnf: `name-<version>`), and checks each is then at that version.
+    fn install_kubernetes(&self, os: &OsKind, version: &KubernetesVersion) -> Result<(), OsError>;
+    /// Runs the configured Kubernetes upgrade hook for `version`: `upgrade_first_control_plane` on the member's
+    /// first control-plane node, else `upgrade_other`.
+    fn upgrade_kubernetes_hook(&self, version: &KubernetesVersion, first_control_plane: bool) -> Result<(), OsError>;
+    /// Keeps the Node's `upkeep.io/node-image-version` and `upkeep.io/security-patch-version` labels at these
+    /// values (empty: no label). Never blocks on the network; a no-op without `[kubernetes] api_server`.
+    fn publish_node_labels(&self, image: &str, patch: &str) -> Result<(), OsError>;
+}
+
+/// Publishes the node labels of a report through `os`, logging (not failing) when the values are refused.
+pub fn publish_labels(os: &dyn NodeOs, image: &str, patch: &str) {
+    if let Err(e) = os.publish_node_labels(image, patch) {
+        tracing::warn!(error = %e, "node labels not published");
+    }
 }
 
 /// Parses image metadata (`/etc/upkeep/node-image`): `KEY=VALUE` lines with `FAMILY` and `VERSION`;
