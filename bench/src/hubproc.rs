@@ -47,7 +47,7 @@ impl HubSetup {
         let path = self.run_dir.join("hub.toml");
         let p = |f: &str| self.pki_dir.join(f);
         let text = format!(
-            "listen = \"{}\"\nstate_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[agents]\nheartbeat_interval_seconds = {}\nsilent_after_heartbeats = 3\n",
+            "listen = \"{}\"\nstate_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[auto_upgrade]\nenabled = false\n[agents]\nheartbeat_interval_seconds = {}\nsilent_after_heartbeats = 3\n",
             self.listen,
             self.run_dir.join("state"),
             p(upkeep_hub::pki::files::CA_CERT),

@@ -27,6 +27,8 @@ pub struct HubConfig {
     pub heartbeat_interval_seconds: u32,
     /// A node silent for this many heartbeat intervals is shown `Unknown`.
     pub silent_after_heartbeats: u32,
+    /// `[auto_upgrade]`: channel rollouts and leases.
+    pub auto_upgrade: crate::maintenance::AutoUpgradeSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +38,15 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     tls: Option<RawTls>,
     agents: Option<RawAgents>,
+    auto_upgrade: Option<RawAutoUpgrade>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoUpgrade {
+    enabled: Option<bool>,
+    cadence_days: Option<u32>,
+    lease_ttl_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,7 +131,38 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
         return Err(err(path, "agents.silent_after_heartbeats", "must be between 2 and 100"));
     }
     let [ca, cert, key]: [PathBuf; 3] = files.try_into().map_err(|_| err(path, "tls", "internal: three paths"))?;
-    Ok(HubConfig { listen, state_dir, ca, cert, key, heartbeat_interval_seconds, silent_after_heartbeats })
+    let mut auto_upgrade = crate::maintenance::AutoUpgradeSettings::default();
+    if let Some(a) = raw.auto_upgrade {
+        if let Some(e) = a.enabled {
+            auto_upgrade.enabled = e;
+        }
+        if let Some(d) = a.cadence_days {
+            if !(1..=90).contains(&d) {
+                return Err(err(path, "auto_upgrade.cadence_days", "must be between 1 and 90 (7 = weekly)"));
+            }
+            auto_upgrade.cadence = chrono::TimeDelta::days(i64::from(d));
+        }
+        if let Some(t) = a.lease_ttl_seconds {
+            if !(10..=86_400).contains(&t) {
+                return Err(err(
+                    path,
+                    "auto_upgrade.lease_ttl_seconds",
+                    "must be between 10 and 86400; a lease lapses this long after its node was last heard from",
+                ));
+            }
+            auto_upgrade.lease_ttl = std::time::Duration::from_secs(t);
+        }
+    }
+    Ok(HubConfig {
+        listen,
+        state_dir,
+        ca,
+        cert,
+        key,
+        heartbeat_interval_seconds,
+        silent_after_heartbeats,
+        auto_upgrade,
+    })
 }
 
 #[cfg(test)]

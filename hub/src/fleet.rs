@@ -76,6 +76,12 @@ pub struct Fleet {
     next_session: AtomicU64,
     closing: tokio::sync::watch::Sender<bool>,
     waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<v1::OperationResult>>>,
+    /// Reports recorded per node since the hub started (to wait for the report that follows a result).
+    reports: Mutex<HashMap<String, u64>>,
+    /// Bumped on every report (wakes waiters).
+    report_tick: tokio::sync::watch::Sender<u64>,
+    /// Operation id -> the node's report count when its result arrived.
+    result_marks: Mutex<HashMap<String, u64>>,
     /// Timing settings.
     pub timing: Timing,
 }
@@ -95,6 +101,9 @@ impl Fleet {
             next_session: AtomicU64::new(1),
             closing: tokio::sync::watch::channel(false).0,
             waiting: Mutex::new(HashMap::new()),
+            reports: Mutex::new(HashMap::new()),
+            report_tick: tokio::sync::watch::channel(0).0,
+            result_marks: Mutex::new(HashMap::new()),
             timing,
         }
     }
@@ -117,6 +126,8 @@ impl Fleet {
         let now = now_ms();
         let member = self.store.record_report(node, &facts_from_wire(report), now)?;
         self.seen().insert(node.to_string(), now);
+        *self.reports.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_string()).or_default() += 1;
+        self.report_tick.send_modify(|n| *n = n.wrapping_add(1));
         Ok(member)
     }
 
@@ -238,12 +249,49 @@ impl Fleet {
 
     /// Delivers an operation result from an agent to whoever waits for it. False if nobody waits (a result of an
     /// operation sent before a hub restart); the sender will ask again with the same id and get it then.
-    pub fn deliver_result(&self, result: v1::OperationResult) -> bool {
+    pub fn deliver_result(&self, node: &str, result: v1::OperationResult) -> bool {
+        let mark = self.reports.lock().unwrap_or_else(|e| e.into_inner()).get(node).copied().unwrap_or(0);
+        {
+            let mut marks = self.result_marks.lock().unwrap_or_else(|e| e.into_inner());
+            if marks.len() > 10_000 {
+                marks.clear(); // only the few results being waited on matter; never grow without bound
+            }
+            marks.insert(result.operation_id.clone(), mark);
+        }
         let waiter = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&result.operation_id);
         match waiter {
             Some(w) => w.send(result).is_ok(),
             None => false,
         }
+    }
+
+    /// The node's record from the first report it sent after the result of `operation_id` arrived (agents report
+    /// right after a result), or None when no such report arrives within `within`.
+    pub async fn report_after_result(
+        &self,
+        node: &str,
+        operation_id: &str,
+        within: std::time::Duration,
+    ) -> Option<NodeRecord> {
+        let mark = self.result_marks.lock().unwrap_or_else(|e| e.into_inner()).remove(operation_id)?;
+        let mut tick = self.report_tick.subscribe();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let count = self.reports.lock().unwrap_or_else(|e| e.into_inner()).get(node).copied().unwrap_or(0);
+            if count > mark {
+                return self.store.get_node(node).ok().flatten();
+            }
+            tokio::select! {
+                r = tick.changed() => if r.is_err() { return None },
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    /// Sends one message to a node's current session; false if it has none or its queue is full.
+    pub fn send(&self, node: &str, body: v1::hub_message::Body) -> bool {
+        let tx = self.sessions().get(node).map(|s| s.tx.clone());
+        tx.is_some_and(|tx| tx.try_send(Ok(v1::HubMessage { body: Some(body) })).is_ok())
     }
 
     /// Whether a node has an open session.
@@ -321,6 +369,7 @@ pub fn member_to_wire(m: &MemberRecord) -> v1::Member {
         regions: m.regions.clone(),
         node_pools: m.node_pools.clone(),
         config_generation: m.generation,
+        auto_upgrade_status: String::new(),
     }
 }
 

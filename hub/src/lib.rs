@@ -11,6 +11,7 @@ pub mod engine;
 pub mod fleet;
 pub mod grpc;
 pub mod image_tools;
+pub mod maintenance;
 pub mod pki;
 pub mod server;
 pub mod store;

@@ -8,6 +8,7 @@ use crate::config::HubConfig;
 use crate::engine::{Engine, StepLimits};
 use crate::fleet::{Fleet, Timing};
 use crate::grpc::{agent::AgentApi, operator::OperatorApi};
+use crate::maintenance::Maintenance;
 use crate::store::sqlite::SqliteStore;
 use anyhow::Context;
 use std::future::Future;
@@ -67,6 +68,8 @@ pub async fn serve_fleet(
     let tls = server_tls(&config)?;
     let engine = Engine::new(fleet.clone(), StepLimits::default());
     let engine_task = tokio::spawn(engine.clone().run());
+    let maintenance = Maintenance::new(fleet.clone(), config.auto_upgrade, StepLimits::default());
+    let maintenance_task = tokio::spawn(maintenance.clone().run());
     let flusher = {
         let fleet = fleet.clone();
         tokio::spawn(async move {
@@ -94,10 +97,15 @@ pub async fn serve_fleet(
         .context("tls configuration")?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone(), Artifacts::new(&config.state_dir))))
+        .add_service(AgentServiceServer::new(AgentApi::new(
+            fleet.clone(),
+            maintenance.clone(),
+            Artifacts::new(&config.state_dir),
+        )))
         .add_service(OperatorServiceServer::new(OperatorApi::new(
             fleet.clone(),
             engine.clone(),
+            maintenance.clone(),
             Artifacts::new(&config.state_dir),
         )))
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -105,6 +113,7 @@ pub async fn serve_fleet(
         .context("serving gRPC");
     flusher.abort();
     engine_task.abort();
+    maintenance_task.abort();
     if let Err(e) = fleet.flush_seen() {
         tracing::error!(error = %e, "flushing last-seen times at shutdown");
     }

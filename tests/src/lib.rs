@@ -86,11 +86,18 @@ pub struct TestHub {
 }
 
 /// Writes a hub.toml for `pki` and `state_dir` with a 1 s heartbeat (fast tests).
+/// Channel auto-upgrades are off unless `extra` (more TOML appended) turns them on: scenario tests of update runs
+/// must not race the NodeImage channel every member starts on.
 pub fn write_hub_config(pki: &TestPki, state_dir: &Path) -> PathBuf {
+    write_hub_config_with(pki, state_dir, "[auto_upgrade]\nenabled = false\n")
+}
+
+/// Like `write_hub_config`, with `extra` TOML appended (e.g. an `[auto_upgrade]` section).
+pub fn write_hub_config_with(pki: &TestPki, state_dir: &Path, extra: &str) -> PathBuf {
     let path = state_dir.join("hub.toml");
     std::fs::create_dir_all(state_dir).expect("mkdir");
     let text = format!(
-        "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = 5\n",
+        "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = 5\n{extra}",
         state_dir.join("db"),
         pki.file(pki::files::CA_CERT),
         pki.file(pki::files::HUB_CERT),
@@ -103,7 +110,12 @@ pub fn write_hub_config(pki: &TestPki, state_dir: &Path) -> PathBuf {
 impl TestHub {
     /// Starts a hub on 127.0.0.1 (port 0 = any) with its state under `state_dir`.
     pub async fn start(pki: &TestPki, state_dir: &Path, addr: SocketAddr) -> TestHub {
-        let config_path = write_hub_config(pki, state_dir);
+        Self::start_with(pki, state_dir, addr, "[auto_upgrade]\nenabled = false\n").await
+    }
+
+    /// Starts a hub whose hub.toml has `extra` appended (see `write_hub_config_with`).
+    pub async fn start_with(pki: &TestPki, state_dir: &Path, addr: SocketAddr, extra: &str) -> TestHub {
+        let config_path = write_hub_config_with(pki, state_dir, extra);
         let mut hub =
             TestHub { addr, state_dir: state_dir.to_path_buf(), config_path, stop: None, task: None, fleet: None };
         hub.launch().await;

@@ -3,6 +3,7 @@
 //! Every read command renders as a table or, with `-o json`, as JSON with the stable field names documented in
 //! docs/cli-json.md. Every failure becomes one readable line and a non-zero exit (see the binary).
 
+pub mod maintenance;
 pub mod output;
 pub mod runs;
 
@@ -86,6 +87,12 @@ pub enum Command {
     /// Update runs.
     #[command(subcommand)]
     Run(runs::RunCommand),
+    /// Security patches for the SecurityPatch channel.
+    #[command(subcommand)]
+    Patch(maintenance::PatchCommand),
+    /// Disruption leases (nodes out of service with the hub's permission).
+    #[command(subcommand)]
+    Lease(maintenance::LeaseCommand),
     /// Show who the hub thinks you are.
     Whoami,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -150,6 +157,15 @@ pub enum NodeCommand {
     Forget {
         /// Node name.
         name: String,
+    },
+    /// Coordinated reboot: the node gets a lease within its member's budget, then cordons, drains, reboots and
+    /// uncordons.
+    Reboot {
+        /// Node name.
+        name: String,
+        /// Reboot outside the node OS window (the disruption budget still holds).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -291,12 +307,15 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                     writeln!(out, "node {name} forgotten")?;
                     Ok(())
                 }
+                NodeCommand::Reboot { name, force } => maintenance::reboot(&mut c, name, *force, cli.output, out).await,
             }
         }
         Command::Image(cmd) if cmd.is_local() => runs::image_local(cmd, out),
         Command::Image(cmd) => runs::image(&mut connect(&cli).await?, cmd, cli.output, out).await,
         Command::Kubernetes(cmd) => runs::kubernetes(&mut connect(&cli).await?, cmd, cli.output, out).await,
         Command::Strategy(cmd) => runs::strategy(&mut connect(&cli).await?, cmd, cli.output, out).await,
+        Command::Patch(cmd) => maintenance::patch(&mut connect(&cli).await?, cmd, cli.output, out).await,
+        Command::Lease(cmd) => maintenance::lease(&mut connect(&cli).await?, cmd, cli.output, out).await,
         Command::Run(cmd) => {
             if runs::run(&mut connect(&cli).await?, cmd, cli.output, out).await? {
                 Ok(())

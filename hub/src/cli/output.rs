@@ -328,6 +328,7 @@ pub fn print_member(format: Format, m: &v1::Member, s: &v1::MemberSettings, out:
         v["node_os_schedule"] = parse(&s.node_os_schedule_json);
         v["cluster_schedule"] = parse(&s.cluster_schedule_json);
         v["max_unavailable"] = s.max_unavailable.clone().into();
+        v["auto_upgrade_status"] = m.auto_upgrade_status.clone().into();
         return emit(format, out, &v);
     }
     let window = |j: &str| if j.is_empty() { "none (may run any time)".to_string() } else { j.to_string() };
@@ -341,6 +342,9 @@ pub fn print_member(format: Format, m: &v1::Member, s: &v1::MemberSettings, out:
     writeln!(out, "{:<24}{}", "Max unavailable:", s.max_unavailable)?;
     writeln!(out, "{:<24}{}", "Node OS window:", window(&s.node_os_schedule_json))?;
     writeln!(out, "{:<24}{}", "Cluster window:", window(&s.cluster_schedule_json))?;
+    if !m.auto_upgrade_status.is_empty() {
+        writeln!(out, "{:<24}{}", "Channel rollout:", m.auto_upgrade_status)?;
+    }
     Ok(())
 }
 

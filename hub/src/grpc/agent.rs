@@ -6,6 +6,7 @@
 use super::{ApiError, principal_of, require};
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::fleet::{Fleet, desired_config};
+use crate::maintenance::{LeaseError, Maintenance};
 use std::io::{Read, Seek, SeekFrom};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,13 +30,14 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 /// The AgentService implementation.
 pub struct AgentApi {
     fleet: Arc<Fleet>,
+    maintenance: Arc<Maintenance>,
     artifacts: Artifacts,
 }
 
 impl AgentApi {
-    /// Over the given fleet and artifact store.
-    pub fn new(fleet: Arc<Fleet>, artifacts: Artifacts) -> Self {
-        AgentApi { fleet, artifacts }
+    /// Over the given fleet, lease desk and artifact store.
+    pub fn new(fleet: Arc<Fleet>, maintenance: Arc<Maintenance>, artifacts: Artifacts) -> Self {
+        AgentApi { fleet, maintenance, artifacts }
     }
 }
 
@@ -145,8 +147,9 @@ impl v1::agent_service_server::AgentService for AgentApi {
         tracing::info!(node = %node, member = %member.name, session, "agent registered");
 
         let fleet = self.fleet.clone();
+        let maintenance = self.maintenance.clone();
         tokio::spawn(async move {
-            let outcome = pump(&fleet, &node, session, &mut inbound, &tx).await;
+            let outcome = pump(&fleet, &maintenance, &node, session, &mut inbound, &tx).await;
             if let Err(status) = outcome {
                 tracing::warn!(node = %node, session, error = %status.message(), "agent session ended with error");
                 let _ = tx.send(Err(status)).await;
@@ -162,6 +165,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
 /// Reads the rest of a session until the agent closes it or breaks a rule.
 async fn pump(
     fleet: &Fleet,
+    maintenance: &Maintenance,
     node: &str,
     session: u64,
     inbound: &mut Streaming<v1::AgentMessage>,
@@ -178,6 +182,7 @@ async fn pump(
             _ = closing.changed() => continue,
         };
         let Some(msg) = msg else { return Ok(()) };
+        maintenance.alive(node);
         match msg.body {
             Some(Body::Report(r)) | Some(Body::Register(r)) => {
                 check_report("report", &r).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
@@ -189,9 +194,29 @@ async fn pump(
             Some(Body::Result(res)) => {
                 fleet.touch(node);
                 tracing::info!(node, op = %res.operation_id, ok = res.ok, error = %res.error, "operation result");
-                fleet.deliver_result(res);
+                fleet.deliver_result(node, res);
             }
-            Some(Body::LeaseRequest(_)) | Some(Body::LeaseRelease(_)) => fleet.touch(node), // LEASES: wired next
+            Some(Body::LeaseRequest(req)) => {
+                fleet.touch(node);
+                let answer = match maintenance.request_lease(node, &req) {
+                    Ok(a) => a,
+                    Err(LeaseError::Store(e)) => return Err(ApiError::from(e).into()),
+                    Err(e) => v1::LeaseAnswer {
+                        lease_id: req.lease_id.clone(),
+                        granted: false,
+                        reason: e.to_string(),
+                        retry_after_seconds: 60,
+                        ..Default::default()
+                    },
+                };
+                if tx.send(Ok(v1::HubMessage { body: Some(v1::hub_message::Body::Lease(answer)) })).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Some(Body::LeaseRelease(rel)) => {
+                fleet.touch(node);
+                maintenance.release(node, &rel).map_err(ApiError::from)?;
+            }
             None => return Err(ApiError::InvalidArgument("empty agent message (no body set)".into()).into()),
         }
     }

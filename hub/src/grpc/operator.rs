@@ -4,7 +4,9 @@ use super::{ApiError, principal_of, require, runs};
 use crate::artifacts::Artifacts;
 use crate::engine::Engine;
 use crate::fleet::{Fleet, member_to_wire, now_ms};
+use crate::maintenance::{LeaseError, Maintenance};
 use crate::store::EventRecord;
+use crate::store::{LeaseRecord, SecurityPatchRecord};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::Stream;
@@ -21,6 +23,7 @@ const WRITERS: &[Role] = &[Role::Operator];
 pub struct OperatorApi {
     fleet: Arc<Fleet>,
     engine: Arc<Engine>,
+    maintenance: Arc<Maintenance>,
     artifacts: Artifacts,
 }
 
@@ -48,8 +51,8 @@ fn watch_ends(status: &str) -> bool {
 
 impl OperatorApi {
     /// Over the given fleet, engine and artifact store.
-    pub fn new(fleet: Arc<Fleet>, engine: Arc<Engine>, artifacts: Artifacts) -> Self {
-        OperatorApi { fleet, engine, artifacts }
+    pub fn new(fleet: Arc<Fleet>, engine: Arc<Engine>, maintenance: Arc<Maintenance>, artifacts: Artifacts) -> Self {
+        OperatorApi { fleet, engine, maintenance, artifacts }
     }
 
     async fn run_op<F>(&self, name: &str, f: F) -> Result<v1::Run, ApiError>
@@ -116,7 +119,9 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
 
     async fn get_member(&self, req: Request<v1::GetMemberRequest>) -> Result<Response<v1::Member>, Status> {
         require(&principal_of(&req)?, READERS, "read members")?;
-        Ok(Response::new(member_to_wire(&self.member(&req.get_ref().name)?)))
+        let mut m = member_to_wire(&self.member(&req.get_ref().name)?);
+        m.auto_upgrade_status = self.maintenance.member_status(&m.name);
+        Ok(Response::new(m))
     }
 
     async fn set_member_channel(
@@ -147,6 +152,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let updated = self.fleet.store().set_node_os_channel(&r.member, channel).map_err(ApiError::from)?;
         tracing::info!(operator = %p.name, member = %updated.name, channel = %channel, generation = updated.generation, "node OS channel changed");
         self.fleet.push_member_config(&updated);
+        self.maintenance.channel_switched(&updated.name, updated.generation, current.node_os_channel, channel);
         Ok(Response::new(member_to_wire(&updated)))
     }
 
@@ -165,6 +171,12 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         if channel == AutoUpgradeChannel::NodeImage && current.node_os_channel != NodeOsChannel::NodeImage {
             updated =
                 self.fleet.store().set_node_os_channel(&r.member, NodeOsChannel::NodeImage).map_err(ApiError::from)?;
+            self.maintenance.channel_switched(
+                &updated.name,
+                updated.generation,
+                current.node_os_channel,
+                NodeOsChannel::NodeImage,
+            );
         }
         tracing::info!(operator = %p.name, member = %updated.name, channel = %channel, "auto-upgrade channel changed");
         self.fleet.push_member_config(&updated);
@@ -228,6 +240,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let out = runs::publish(self.fleet.store(), &self.artifacts, req.get_ref())?;
         tracing::info!(operator = %p.name, family = %out.family, version = %out.version, "image published");
         self.engine.poke();
+        self.maintenance.poke();
         Ok(Response::new(out))
     }
 
@@ -411,5 +424,121 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn publish_security_patch(
+        &self,
+        req: Request<v1::PublishSecurityPatchRequest>,
+    ) -> Result<Response<v1::SecurityPatch>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "publish security patches")?;
+        let r = req.get_ref();
+        upkeep_core::version::validate_family(&r.family)
+            .map_err(|e| ApiError::InvalidArgument(format!("family: {e}")))?;
+        let version: upkeep_core::version::ImageVersion =
+            r.version.parse().map_err(|e| ApiError::InvalidArgument(format!("version: {e}")))?;
+        if r.packages.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "packages: empty; a security patch names the exact packages it installs, as name=version".into(),
+            )
+            .into());
+        }
+        for (i, pin) in r.packages.iter().enumerate() {
+            let ok = pin.split_once('=').is_some_and(|(n, v)| {
+                !n.is_empty()
+                    && !v.is_empty()
+                    && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-._:".contains(&b))
+                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-._:~".contains(&b))
+            });
+            if !ok {
+                return Err(ApiError::InvalidArgument(format!(
+                    "packages[{i}]: {pin:?} is not name=version (e.g. openssl=3.0.11-1~deb12u2)"
+                ))
+                .into());
+            }
+        }
+        let rec = SecurityPatchRecord {
+            family: r.family.clone(),
+            version: version.to_string(),
+            packages: r.packages.clone(),
+            published_ms: now_ms(),
+        };
+        self.fleet.store().put_security_patch(&rec).map_err(ApiError::from)?;
+        tracing::info!(operator = %p.name, family = %rec.family, version = %rec.version, packages = rec.packages.len(), "security patch published");
+        self.maintenance.poke();
+        Ok(Response::new(patch_to_wire(&rec)))
+    }
+
+    async fn list_security_patches(
+        &self,
+        req: Request<v1::ListSecurityPatchesRequest>,
+    ) -> Result<Response<v1::ListSecurityPatchesResponse>, Status> {
+        require(&principal_of(&req)?, READERS, "list security patches")?;
+        let family = req.get_ref().family.as_str();
+        let patches =
+            self.fleet.store().list_security_patches((!family.is_empty()).then_some(family)).map_err(ApiError::from)?;
+        Ok(Response::new(v1::ListSecurityPatchesResponse { patches: patches.iter().map(patch_to_wire).collect() }))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<v1::ListLeasesRequest>,
+    ) -> Result<Response<v1::ListLeasesResponse>, Status> {
+        require(&principal_of(&req)?, READERS, "list leases")?;
+        let member = req.get_ref().member.as_str();
+        let now = now_ms();
+        let leases = self
+            .fleet
+            .store()
+            .list_leases()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .filter(|l| (member.is_empty() || l.member == member) && l.expires_ms > now)
+            .map(|l| lease_to_wire(&l))
+            .collect();
+        Ok(Response::new(v1::ListLeasesResponse { leases }))
+    }
+
+    async fn reboot_node(&self, req: Request<v1::RebootNodeRequest>) -> Result<Response<v1::Lease>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "reboot nodes")?;
+        let r = req.get_ref();
+        let answer = self.maintenance.operator_reboot(&r.node, r.force, &p.name).map_err(|e| match e {
+            LeaseError::Store(e) => ApiError::from(e),
+            LeaseError::NoSuchNode(_) => ApiError::NotFound(e.to_string()),
+            LeaseError::NotConnected(_) | LeaseError::Denied(_) => ApiError::FailedPrecondition(e.to_string()),
+        })?;
+        tracing::info!(operator = %p.name, node = %r.node, force = r.force, lease = %answer.lease_id, "reboot ordered");
+        let lease = self
+            .fleet
+            .store()
+            .list_leases()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .find(|l| l.node == r.node && l.lease_id == answer.lease_id)
+            .ok_or_else(|| ApiError::Internal("the granted lease is not in the store".into()))?;
+        Ok(Response::new(lease_to_wire(&lease)))
+    }
+}
+
+fn patch_to_wire(p: &SecurityPatchRecord) -> v1::SecurityPatch {
+    v1::SecurityPatch {
+        family: p.family.clone(),
+        version: p.version.clone(),
+        packages: p.packages.clone(),
+        published_unix_ms: p.published_ms,
+    }
+}
+
+fn lease_to_wire(l: &LeaseRecord) -> v1::Lease {
+    v1::Lease {
+        node: l.node.clone(),
+        lease_id: l.lease_id.clone(),
+        member: l.member.clone(),
+        holder: l.holder.clone(),
+        purpose: l.purpose.clone(),
+        granted_unix_ms: l.granted_ms,
+        expires_unix_ms: l.expires_ms,
+        forced: l.forced,
     }
 }

@@ -219,6 +219,40 @@ pub struct EventRecord {
     pub event: NewEvent,
 }
 
+/// A published security patch: an exact package set for an image family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecurityPatchRecord {
+    /// Image family.
+    pub family: String,
+    /// `YYYYMM.DD.N`.
+    pub version: String,
+    /// `name=version` pins.
+    pub packages: Vec<String>,
+    /// Published (Unix ms).
+    pub published_ms: i64,
+}
+
+/// A disruption lease: a node out of service with the hub's permission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    /// The node out of service.
+    pub node: String,
+    /// Lease id (chosen by the node for its own reboots; `auto/<rollout>/<node>` for the hub's rollouts).
+    pub lease_id: String,
+    /// The node's member when granted.
+    pub member: String,
+    /// `node` (asked by the agent), `operator` (upkeepctl node reboot) or `hub` (a channel rollout).
+    pub holder: String,
+    /// What for.
+    pub purpose: String,
+    /// Granted (Unix ms).
+    pub granted_ms: i64,
+    /// Lapses at (Unix ms) unless extended.
+    pub expires_ms: i64,
+    /// Granted outside the window by an operator.
+    pub forced: bool,
+}
+
 /// The hub's persistent state. Implementations must be safe to call from many tasks.
 pub trait Store: Send + Sync {
     /// Records a node's report (creating the node, and its member with the default channel, if new).
@@ -298,4 +332,32 @@ pub trait Store: Send + Sync {
     fn append_events(&self, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError>;
     /// Events of a run with seq > `after`, in order.
     fn events_since(&self, run: &str, after: u64) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// Publishes a security patch; republishing the same packages is a no-op, other packages conflict.
+    fn put_security_patch(&self, patch: &SecurityPatchRecord) -> Result<(), StoreError>;
+    /// Security patches, optionally of one family, oldest first.
+    fn list_security_patches(&self, family: Option<&str>) -> Result<Vec<SecurityPatchRecord>, StoreError>;
+
+    /// Records a granted lease (replacing one with the same node and id).
+    fn put_lease(&self, lease: &LeaseRecord) -> Result<(), StoreError>;
+    /// Every lease, expired or not, by member then node.
+    fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError>;
+    /// Releases the node's leases named in `ids`, or with `all_except` every other lease of the node.
+    /// Returns the released leases.
+    fn release_leases(&self, node: &str, ids: &[String], all_except: bool) -> Result<Vec<LeaseRecord>, StoreError>;
+    /// Moves the expiry of every lease of `node` to `expires_ms` (the holder is alive).
+    fn extend_leases(&self, node: &str, expires_ms: i64) -> Result<(), StoreError>;
+    /// Deletes and returns leases whose expiry is at or before `now_ms`.
+    fn expire_leases(&self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Stores the channel rollout state of a member (JSON, owned by the hub's maintenance module).
+    fn put_rollout(&self, member: &str, state_json: &str) -> Result<(), StoreError>;
+    /// Every member's rollout state (member, JSON).
+    fn list_rollouts(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Records that a member's channel changed at `generation` (a rolling reimage is owed).
+    fn put_channel_switch(&self, member: &str, generation: u64, at_ms: i64) -> Result<(), StoreError>;
+    /// Owed channel-switch reimages: (member, generation, at ms).
+    fn list_channel_switches(&self) -> Result<Vec<(String, u64, i64)>, StoreError>;
+    /// Clears the owed reimage of `member` if it is still the one of `generation`.
+    fn clear_channel_switch(&self, member: &str, generation: u64) -> Result<(), StoreError>;
 }

@@ -4,8 +4,8 @@
 //! Schema changes are numbered migrations applied in order and recorded in `PRAGMA user_version`.
 
 use super::{
-    EventRecord, ImageRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord, RunRecord, Store,
-    StoreError, WindowKind,
+    EventRecord, ImageRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord, RunRecord,
+    SecurityPatchRecord, Store, StoreError, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeSet;
@@ -73,6 +73,27 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_by_run ON events(run, seq);",
     // 3: Kubernetes releases by region.
     "CREATE TABLE kubernetes_releases (version TEXT PRIMARY KEY, regions TEXT NOT NULL);",
+    // 4: security patches, disruption leases, channel rollouts and owed channel-switch reimages.
+    "CREATE TABLE security_patches (
+        family TEXT NOT NULL,
+        version TEXT NOT NULL,
+        packages TEXT NOT NULL,
+        published_ms INTEGER NOT NULL,
+        PRIMARY KEY (family, version)
+    );
+    CREATE TABLE leases (
+        node TEXT NOT NULL,
+        lease_id TEXT NOT NULL,
+        member TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        granted_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        forced INTEGER NOT NULL,
+        PRIMARY KEY (node, lease_id)
+    );
+    CREATE TABLE rollouts (member TEXT PRIMARY KEY, state TEXT NOT NULL);
+    CREATE TABLE channel_switches (member TEXT PRIMARY KEY, generation INTEGER NOT NULL, at_ms INTEGER NOT NULL);",
 ];
 
 /// The SQLite store.
@@ -570,6 +591,202 @@ impl Store for SqliteStore {
         .collect::<Result<_, _>>()
         .map_err(db(ctx))
     }
+
+    fn put_security_patch(&self, patch: &SecurityPatchRecord) -> Result<(), StoreError> {
+        let ctx = format!("publishing security patch {}-{}", patch.family, patch.version);
+        let packages = serde_json::to_string(&patch.packages)
+            .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT packages FROM security_patches WHERE family = ?1 AND version = ?2",
+                params![patch.family, patch.version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db(ctx.clone()))?;
+        match existing {
+            Some(p) if p == packages => return Ok(()),
+            Some(p) => {
+                return Err(StoreError::Conflict(format!(
+                    "security patch {}-{} is already published with packages {p}; a patch never changes, publish a \
+                     new version",
+                    patch.family, patch.version
+                )));
+            }
+            None => {}
+        }
+        tx.execute(
+            "INSERT INTO security_patches (family, version, packages, published_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![patch.family, patch.version, packages, patch.published_ms],
+        )
+        .map_err(db(ctx.clone()))?;
+        tx.commit().map_err(db(ctx))
+    }
+
+    fn list_security_patches(&self, family: Option<&str>) -> Result<Vec<SecurityPatchRecord>, StoreError> {
+        let ctx = "listing security patches";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT family, version, packages, published_ms FROM security_patches
+                 WHERE ?1 IS NULL OR family = ?1 ORDER BY family, published_ms",
+            )
+            .map_err(db(ctx))?;
+        let rows: Vec<(String, String, String, i64)> = stmt
+            .query_map(params![family], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(db(ctx))?
+            .collect::<Result<_, _>>()
+            .map_err(db(ctx))?;
+        rows.into_iter()
+            .map(|(family, version, packages, published_ms)| {
+                let packages = serde_json::from_str(&packages)
+                    .map_err(|e| StoreError::Corrupt { context: ctx.into(), reason: e.to_string() })?;
+                Ok(SecurityPatchRecord { family, version, packages, published_ms })
+            })
+            .collect()
+    }
+
+    fn put_lease(&self, l: &LeaseRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO leases (node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(node, lease_id) DO UPDATE SET expires_ms = excluded.expires_ms",
+                params![l.node, l.lease_id, l.member, l.holder, l.purpose, l.granted_ms, l.expires_ms, l.forced],
+            )
+            .map(drop)
+            .map_err(db(format!("granting lease {} to node {}", l.lease_id, l.node)))
+    }
+
+    fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let ctx = "listing leases";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
+                 ORDER BY member, node, granted_ms",
+            )
+            .map_err(db(ctx))?;
+        stmt.query_map([], lease_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
+    }
+
+    fn release_leases(&self, node: &str, ids: &[String], all_except: bool) -> Result<Vec<LeaseRecord>, StoreError> {
+        let ctx = format!("releasing leases of node {node}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let held: Vec<LeaseRecord> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
+                     WHERE node = ?1",
+                )
+                .map_err(db(ctx.clone()))?;
+            stmt.query_map(params![node], lease_from_row)
+                .map_err(db(ctx.clone()))?
+                .collect::<Result<_, _>>()
+                .map_err(db(ctx.clone()))?
+        };
+        let released: Vec<LeaseRecord> = held.into_iter().filter(|l| ids.contains(&l.lease_id) != all_except).collect();
+        for l in &released {
+            tx.execute("DELETE FROM leases WHERE node = ?1 AND lease_id = ?2", params![node, l.lease_id])
+                .map_err(db(ctx.clone()))?;
+        }
+        tx.commit().map_err(db(ctx))?;
+        Ok(released)
+    }
+
+    fn extend_leases(&self, node: &str, expires_ms: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE leases SET expires_ms = MAX(expires_ms, ?2) WHERE node = ?1", params![node, expires_ms])
+            .map(drop)
+            .map_err(db(format!("extending the leases of node {node}")))
+    }
+
+    fn expire_leases(&self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError> {
+        let ctx = "expiring leases";
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx))?;
+        let expired: Vec<LeaseRecord> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
+                     WHERE expires_ms <= ?1",
+                )
+                .map_err(db(ctx))?;
+            stmt.query_map(params![now_ms], lease_from_row)
+                .map_err(db(ctx))?
+                .collect::<Result<_, _>>()
+                .map_err(db(ctx))?
+        };
+        tx.execute("DELETE FROM leases WHERE expires_ms <= ?1", params![now_ms]).map_err(db(ctx))?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(expired)
+    }
+
+    fn put_rollout(&self, member: &str, state_json: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO rollouts (member, state) VALUES (?1, ?2)
+                 ON CONFLICT(member) DO UPDATE SET state = excluded.state",
+                params![member, state_json],
+            )
+            .map(drop)
+            .map_err(db(format!("recording the channel rollout of member {member}")))
+    }
+
+    fn list_rollouts(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let ctx = "listing channel rollouts";
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT member, state FROM rollouts ORDER BY member").map_err(db(ctx))?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
+    }
+
+    fn put_channel_switch(&self, member: &str, generation: u64, at_ms: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO channel_switches (member, generation, at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(member) DO UPDATE SET generation = excluded.generation, at_ms = excluded.at_ms",
+                params![member, generation as i64, at_ms],
+            )
+            .map(drop)
+            .map_err(db(format!("recording the channel switch of member {member}")))
+    }
+
+    fn list_channel_switches(&self) -> Result<Vec<(String, u64, i64)>, StoreError> {
+        let ctx = "listing channel switches";
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT member, generation, at_ms FROM channel_switches").map_err(db(ctx))?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))
+            .map_err(db(ctx))?
+            .collect::<Result<_, _>>()
+            .map_err(db(ctx))
+    }
+
+    fn clear_channel_switch(&self, member: &str, generation: u64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM channel_switches WHERE member = ?1 AND generation = ?2",
+                params![member, generation as i64],
+            )
+            .map(drop)
+            .map_err(db(format!("clearing the channel switch of member {member}")))
+    }
+}
+
+fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRecord> {
+    Ok(LeaseRecord {
+        node: r.get(0)?,
+        lease_id: r.get(1)?,
+        member: r.get(2)?,
+        holder: r.get(3)?,
+        purpose: r.get(4)?,
+        granted_ms: r.get(5)?,
+        expires_ms: r.get(6)?,
+        forced: r.get(7)?,
+    })
 }
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
