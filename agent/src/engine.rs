@@ -182,6 +182,7 @@ fn decode(c: &v1::Command) -> Result<Op, String> {
                 signature: img.signature.clone(),
                 size_bytes: img.size_bytes,
                 allow_downgrade: r.allow_downgrade,
+                reinstall: r.reinstall,
             })
         }
         Some(Kind::ApplySecurityPatch(p)) => {
@@ -840,8 +841,9 @@ impl Engine {
             Ok(f) => f.node_image,
             Err(err) => return Self::fail(e, format!("reading the node's image: {err}")),
         };
+        let reinstall = matches!(&e.op, Op::Reimage { reinstall: true, .. });
         if let Some(cur) = &current {
-            if *cur == want {
+            if *cur == want && !reinstall {
                 tracing::info!(op = %e.operation_id, image = %label, "already running the ordered image");
                 return Self::ok(e);
             }

@@ -47,6 +47,9 @@ pub enum Op {
         size_bytes: u64,
         /// A lower version may be installed.
         allow_downgrade: bool,
+        /// Write it even when the node already runs this version (a channel switch reimages to the current image).
+        #[serde(default)]
+        reinstall: bool,
     },
     /// Install a security patch: exactly these packages.
     ApplySecurityPatch {

@@ -144,7 +144,7 @@ pub fn decide_lease(
                 out.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
                 if out.len() == 1 { "is" } else { "are" }
             ),
-            retry_after_seconds: 30,
+            retry_after_seconds: 10,
         };
     }
     LeaseDecision::Grant

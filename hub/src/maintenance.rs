@@ -699,3 +699,60 @@ fn node_view(n: &NodeRecord) -> NodeView {
         hardware_class: n.facts.hardware_class.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Timing;
+    use crate::store::NodeFacts;
+    use crate::store::sqlite::SqliteStore;
+
+    fn desk(dir: &std::path::Path) -> Arc<Maintenance> {
+        let store = SqliteStore::open(&dir.join("hub.db")).expect("store");
+        let fleet =
+            Arc::new(Fleet::new(Arc::new(store), Timing { heartbeat_interval_seconds: 1, silent_after_heartbeats: 3 }));
+        for n in ["a", "b"] {
+            let facts = NodeFacts { member: "m1".into(), node_pool: "p".into(), ..Default::default() };
+            fleet.store().record_report(n, &facts, now_ms()).expect("node");
+        }
+        Maintenance::new(fleet, AutoUpgradeSettings::default(), StepLimits::default())
+    }
+
+    fn ask(m: &Maintenance, node: &str, id: &str) -> v1::LeaseAnswer {
+        m.request_lease(node, &v1::LeaseRequest { lease_id: id.into(), reason: "reboot".into() }).expect("answer")
+    }
+
+    #[test]
+    fn sec4_a_held_lease_blocks_the_next_node_until_released_or_expired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = desk(dir.path());
+        assert!(ask(&m, "a", "reboot/1").granted);
+        assert!(ask(&m, "a", "reboot/1").granted, "asking again for a held lease is answered granted");
+        let denied = ask(&m, "b", "reboot/2");
+        assert!(!denied.granted && denied.reason.contains("\"a\""), "{denied:?}");
+        assert!(denied.retry_after_seconds > 0);
+        // Released: the next node gets it.
+        m.release("a", &v1::LeaseRelease { lease_ids: vec!["reboot/1".into()], all_except: false }).expect("release");
+        assert!(ask(&m, "b", "reboot/2").granted);
+        // A lease whose holder went silent lapses at its expiry: the slot is free again.
+        let store = m.fleet.store();
+        let mut held = store.list_leases().expect("leases");
+        assert_eq!(held.len(), 1);
+        held[0].expires_ms = now_ms() - 1;
+        store.put_lease(&held[0]).expect("backdate");
+        assert!(ask(&m, "a", "reboot/3").granted, "b's expired lease no longer counts");
+        assert_eq!(store.list_leases().expect("leases").iter().map(|l| l.node.as_str()).collect::<Vec<_>>(), ["a"]);
+        // At start an agent gives back every lease but those of reboots still under way.
+        m.release("a", &v1::LeaseRelease { lease_ids: vec![], all_except: true }).expect("release all");
+        assert!(store.list_leases().expect("leases").is_empty());
+    }
+
+    #[test]
+    fn sec4_an_empty_lease_id_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = desk(dir.path());
+        let a = ask(&m, "a", "");
+        assert!(!a.granted && a.reason.contains("lease_request.lease_id"), "{a:?}");
+        assert!(m.fleet.store().list_leases().expect("leases").is_empty());
+    }
+}

@@ -280,6 +280,15 @@ impl Backend for DirSlots {
         }
         // Activate before recording: a crash in between leaves the boot not taken, and the engine boots again.
         self.activate(chosen)?;
+        // A boot empties /run (a tmpfs), and with it the OS's reboot-required flags.
+        for flag in [super::host::RUN_REBOOT_REQUIRED_FILE, super::host::REBOOT_REQUIRED_FILE] {
+            let p = self.root.join(flag);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(OsError::Io { path: p, source: e }),
+            }
+        }
         b.booted = chosen;
         b.boot_seq += 1;
         self.save(&b)?;
