@@ -27,6 +27,9 @@ use upkeep_core::schedule::MaintenanceSchedule;
 use upkeep_core::version::{ImageVersion, KubernetesVersion, NodeImageVersion};
 use upkeep_proto::v1;
 
+/// How often a member executor looks again at leases held in its member.
+const LEASE_RECHECK: Duration = Duration::from_secs(2);
+
 /// Longest time between two planning passes even when nothing happens.
 pub const MAX_IDLE: Duration = Duration::from_secs(30);
 
@@ -334,6 +337,7 @@ impl Engine {
             }
             let batch = limit.resolve(pool_nodes.len() as u32).max(1) as usize;
             for chunk in work.chunks(batch) {
+                self.wait_for_leases(job).await?;
                 let results = futures::future::join_all(chunk.iter().map(|w| self.upgrade_node(job, w))).await;
                 let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
                 if !failures.is_empty() {
@@ -342,6 +346,33 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Waits until no node of the member is out of service under a lease (a node rebooting on its own, or a
+    /// channel rollout finishing the node it had started): the run and the leases share the member's budget.
+    /// New leases are not granted while the member is Running in a run, so this wait ends; leases of silent
+    /// holders expire.
+    async fn wait_for_leases(&self, job: &MemberJob) -> Result<(), String> {
+        let mut logged = false;
+        loop {
+            let now = now_ms();
+            let held: Vec<String> = self
+                .store()
+                .list_leases()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|l| l.member == job.member && l.expires_ms > now)
+                .map(|l| format!("{} ({})", l.node, l.purpose))
+                .collect();
+            if held.is_empty() {
+                return Ok(());
+            }
+            if !logged {
+                tracing::info!(run = %job.run, member = %job.member, held = ?held, "waiting for leased nodes to come back");
+                logged = true;
+            }
+            tokio::time::sleep(LEASE_RECHECK).await;
+        }
     }
 
     async fn upgrade_node(&self, job: &MemberJob, w: &NodeWork) -> Result<(), String> {
