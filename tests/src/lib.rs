@@ -184,7 +184,12 @@ pub struct HubProcess {
 impl HubProcess {
     /// Starts `upkeep-hub` with state under `state_dir` on a free loopback port, and waits until it answers.
     pub async fn start(pki: &TestPki, state_dir: &Path) -> HubProcess {
-        let config = write_hub_config(pki, state_dir);
+        Self::start_with(pki, state_dir, "[auto_upgrade]\nenabled = false\n").await
+    }
+
+    /// Like `start`, with `extra` TOML appended to hub.toml (e.g. `[auto_upgrade]\nenabled = true\n`).
+    pub async fn start_with(pki: &TestPki, state_dir: &Path, extra: &str) -> HubProcess {
+        let config = write_hub_config_with(pki, state_dir, extra);
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let mut hub = HubProcess { addr, config, child: None };
