@@ -41,6 +41,8 @@ use upkeep_proto::v1;
 /// Directory of images that were rolled back on this node, inside the state directory. A file named
 /// `<family>-<version>` holds the reason; delete it to allow that image again.
 pub const ROLLED_BACK_DIR: &str = "rolled-back";
+/// Reboots the reboot step asks for before it gives up on seeing a new boot id.
+const MAX_REBOOTS: u32 = 3;
 /// Download attempts (each resumes where the last one broke) before a reimage fails.
 const FETCH_ATTEMPTS: u32 = 6;
 /// First pause between download attempts; doubles per attempt.
@@ -583,6 +585,24 @@ impl Engine {
                     e.step = Step::Health; // the boot happened (we were restarted by it)
                     return Ok(Next::Go(e));
                 }
+                if e.reboots >= MAX_REBOOTS {
+                    let why = format!(
+                        "asked for {} reboots but the boot id never changed (still {}); the node cannot tell a boot \
+                         happened, so it stops rebooting",
+                        e.reboots, bs.boot_id
+                    );
+                    return Ok(match op {
+                        Op::LeasedReboot { .. } => Self::unwind(e, why),
+                        Op::Reimage { .. } => Self::fail(
+                            e,
+                            format!("{why}; the boot-once mark stays and the boot counter falls back on its own"),
+                        ),
+                        _ => Self::fail(e, why),
+                    });
+                }
+                // Persist, then act: the attempt is journalled before the reboot.
+                e.reboots += 1;
+                self.journal().put(e.clone()).map_err(|err| format!("cannot journal the reboot: {err}"))?;
                 let before = self.link.epoch();
                 match self.os(|os| os.reboot()).await {
                     Ok(Rebooted::Done) => {
@@ -647,6 +667,19 @@ impl Engine {
             }
             (Op::Reimage { sha256, .. }, Step::Commit) => {
                 let target = e.target.ok_or("journal: commit step without a target slot")?;
+                // The node may have lost power between health and commit and come back on the old slot: commit
+                // only the slot that is running.
+                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
+                if bs.booted != target {
+                    return Ok(Self::fail(
+                        e,
+                        format!(
+                            "slot {target} passed its health check but the node now runs slot {} (a boot between \
+                             health and commit); nothing committed, the node stays on slot {}",
+                            bs.booted, bs.booted
+                        ),
+                    ));
+                }
                 if let Err(err) = self.os(move |os| os.commit(target)).await {
                     e.failure = Some(format!("committing slot {target}: {err}"));
                     e.step = Step::FallBack;

@@ -182,6 +182,9 @@ pub struct Entry {
     pub boot_id: Option<String>,
     /// Reimage: why it is falling back. Leased reboot: why it is uncordoning and releasing early.
     pub failure: Option<String>,
+    /// Reboots asked for at the reboot step (journalled before each), to stop a node that never seems to boot.
+    #[serde(default)]
+    pub reboots: u32,
     /// Set once finished.
     pub result: Option<Outcome>,
 }
@@ -198,6 +201,7 @@ impl Entry {
             previous: None,
             boot_id: None,
             failure: None,
+            reboots: 0,
             result: None,
         }
     }

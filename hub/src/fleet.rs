@@ -47,6 +47,10 @@ pub enum CommandError {
     TimedOut(std::time::Duration),
 }
 
+/// How long a node may stay disconnected during a step that reboots it (reimage, reboot, security patch,
+/// Kubernetes upgrade) before the step fails with `Silent`: a server's firmware and boot take minutes.
+pub const BOOT_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// How often a waiting command re-checks the node's session.
 const COMMAND_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -202,6 +206,19 @@ impl Fleet {
         kind: v1::command::Kind,
         within: std::time::Duration,
     ) -> Result<v1::OperationResult, CommandError> {
+        // A step that reboots the node keeps it away for a boot: it is Unknown only after the boot grace.
+        let reboots = matches!(
+            kind,
+            v1::command::Kind::Reimage(_)
+                | v1::command::Kind::Reboot(_)
+                | v1::command::Kind::ApplySecurityPatch(_)
+                | v1::command::Kind::UpgradeKubernetes(_)
+        );
+        let silent_ms = if reboots {
+            self.silence_deadline_ms().max(BOOT_GRACE.as_millis() as i64)
+        } else {
+            self.silence_deadline_ms()
+        };
         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(operation_id.to_string(), done_tx);
         let msg = v1::HubMessage {
@@ -212,7 +229,6 @@ impl Fleet {
             })),
         };
         let deadline = tokio::time::Instant::now() + within;
-        let silent_ms = self.silence_deadline_ms();
         let mut sent_on: Option<u64> = None;
         let mut disconnected_since: Option<i64> = None;
         let outcome = loop {

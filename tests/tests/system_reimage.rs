@@ -117,14 +117,9 @@ const REBOOT_SH: &str = r#"#!/bin/sh
 exec systemctl reboot
 "#;
 
-/// A drop-in for the agent's unit on the test nodes, for the one thing a container cannot give it otherwise.
-/// systemd-nspawn gives each boot of a container its own boot id by binding a file over
-/// /proc/sys/kernel/random/boot_id; systemd 252 mounts a fresh /proc for a unit with ProtectControlGroups=yes
-/// (the packaged unit has it), where the kernel's boot id shows through: the host's, the same across every
-/// boot of the container. The agent fences its reboot step with the boot id, so it would take each boot for
-/// the one before and reboot again, forever (seen: 70 boots in two minutes). On a real machine the kernel's
-/// boot id is the machine's. Reported with these tests; nothing else in the unit is changed.
-const BOOT_ID_DROP_IN: &str = "[Service]\nProtectControlGroups=no\n";
+// The packaged unit runs as it ships (ProtectControlGroups=yes gives it a fresh /proc in which the host's boot
+// id shows, the same on every container boot): the agent tells boots apart by its token in /run, which each
+// boot of the container starts empty. A regression makes the node reboot until the reboot cap fails the run.
 
 /// The hub process, the fleet PKI, the signing key and the agent package, shared by a test's machines.
 struct Lab {
@@ -285,7 +280,6 @@ impl Lab {
         write(&m.path(&format!("{TEST_TOOLS}/pause")), PAUSE_SH, 0o755);
         write(&m.path(&format!("{TEST_TOOLS}/reboot")), REBOOT_SH, 0o755);
         std::fs::create_dir_all(m.path(ARM_DIR)).expect("mkdir arm");
-        write(&m.path(&format!("/etc/systemd/system/{AGENT}.d/50-container-boot-id.conf")), BOOT_ID_DROP_IN, 0o644);
 
         m.start(firmware());
         assert_eq!(m.boots(), ["a"]);
@@ -697,6 +691,7 @@ fn grub_snippet_checks_and_matches_the_variables_the_agent_writes() {
         slots: [work.path().join("a.img"), work.path().join("b.img")],
         cmdline: cmdline.clone(),
         boot_id: work.path().join("boot_id"),
+        boot_token: work.path().join("boot-token"),
         boot_tries: tries,
         reboot_command: vec!["true".into()],
     };

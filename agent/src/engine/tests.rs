@@ -372,6 +372,38 @@ async fn real_reboot_parks_and_the_restarted_agent_finishes() {
 }
 
 #[tokio::test]
+async fn a_reboot_that_never_changes_the_boot_id_stops_after_three_tries() {
+    let w = World::new();
+    w.os.with(|s| s.real_reboots = true);
+    let c = v1::Command {
+        operation_id: "rb".into(),
+        generation: 1,
+        kind: Some(v1::command::Kind::Reboot(v1::Reboot { force: true })),
+    };
+    for attempt in 1..=3u32 {
+        let (e, _rx) = w.engine();
+        e.resume();
+        if attempt == 1 {
+            assert_eq!(e.submit(&c), Submitted::Running);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !w.os.with(|s| s.reboot_requested) {
+            assert!(tokio::time::Instant::now() < deadline, "no reboot requested on attempt {attempt}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(e.entry("rb").expect("entry").reboots, attempt, "journalled before rebooting");
+        // The agent restarts but the boot id it reads is the same: as if no boot happened.
+        w.os.with(|s| s.reboot_requested = false);
+        drop(e);
+    }
+    let (e, mut rx) = w.engine();
+    e.resume();
+    let r = result_of(&mut rx).await;
+    assert!(!r.ok && r.error.contains("boot id never changed"), "{r:?}");
+    assert_eq!(w.calls().iter().filter(|c| *c == "reboot").count(), 3, "{:?}", w.calls());
+}
+
+#[tokio::test]
 async fn cordon_drain_uncordon_and_unsupported_kinds() {
     let w = World::new();
     let cmd =
@@ -500,6 +532,7 @@ async fn a_security_patch_interrupted_at_each_step_finishes_once_after_a_restart
                     previous: None,
                     boot_id: None,
                     failure: None,
+                    reboots: 0,
                     result: None,
                 })
                 .expect("journal");

@@ -120,6 +120,7 @@ impl HostOs {
                 slots: [slot_a.clone(), slot_b.clone()],
                 cmdline: cmdline.clone(),
                 boot_id: PathBuf::from(slots::BOOT_ID_FILE),
+                boot_token: root.join(slots::BOOT_TOKEN_FILE),
                 boot_tries: image.boot_tries,
                 reboot_command: image.reboot_command.clone(),
             }),
@@ -127,6 +128,7 @@ impl HostOs {
                 hooks: h.clone(),
                 state_file: root.join("var/lib/upkeep/hook-boot.json"),
                 boot_id: PathBuf::from(slots::BOOT_ID_FILE),
+                boot_token: root.join(slots::BOOT_TOKEN_FILE),
                 reboot_command: image.reboot_command.clone(),
             }),
         };

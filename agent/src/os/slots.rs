@@ -77,8 +77,33 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn read_boot_id(path: &Path) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+/// Where the per-boot token lives under the node's root: /run is a tmpfs emptied at every boot.
+pub const BOOT_TOKEN_FILE: &str = "run/upkeep/boot-token";
+
+/// The identity of the running boot: the kernel's boot id plus a token the agent keeps in /run. The token is
+/// needed where the kernel's id does not change between boots as the agent sees it: in a container whose unit
+/// gets a fresh /proc (ProtectControlGroups=), the host's boot id shows through, the same on every container
+/// boot. /run, a tmpfs, is new at every boot of the machine or container; a restart of the agent keeps it.
+fn read_boot_id(kernel: &Path, token: &Path) -> String {
+    let k = std::fs::read_to_string(kernel).map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into());
+    let t = match std::fs::read_to_string(token) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let fresh = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let written = token
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| write_atomic(token, format!("{fresh}\n").as_bytes()).map_err(std::io::Error::other));
+            match written {
+                Ok(()) => fresh,
+                Err(e) => {
+                    tracing::warn!(path = %token.display(), error = %e, "cannot keep the boot token; using the kernel boot id alone");
+                    String::new()
+                }
+            }
+        }
+    };
+    if t.is_empty() { k } else { format!("{k}/{t}") }
 }
 
 /// fsyncs every file and directory under `dir`.
@@ -367,6 +392,8 @@ pub struct GrubEnv {
     pub cmdline: PathBuf,
     /// Boot id file.
     pub boot_id: PathBuf,
+    /// Per-boot token file (under /run; see `read_boot_id`).
+    pub boot_token: PathBuf,
     /// Tries given to a boot-once slot.
     pub boot_tries: u32,
     /// The reboot command.
@@ -430,7 +457,7 @@ impl Backend for GrubEnv {
             committed: Self::entry_slot(get("saved_entry").as_ref()).unwrap_or(Slot::A),
             next_once,
             tries_left,
-            boot_id: read_boot_id(&self.boot_id),
+            boot_id: read_boot_id(&self.boot_id, &self.boot_token),
         })
     }
 
@@ -494,6 +521,8 @@ pub struct HookSlots {
     pub state_file: PathBuf,
     /// Boot id file.
     pub boot_id: PathBuf,
+    /// Per-boot token file (under /run; see `read_boot_id`).
+    pub boot_token: PathBuf,
     /// The reboot command.
     pub reboot_command: Vec<String>,
 }
@@ -533,7 +562,7 @@ impl Backend for HookSlots {
             committed: s.committed.unwrap_or(booted),
             next_once: s.next_once,
             tries_left: None,
-            boot_id: read_boot_id(&self.boot_id),
+            boot_id: read_boot_id(&self.boot_id, &self.boot_token),
         })
     }
 
@@ -643,6 +672,7 @@ mod tests {
             env_file: d.path().join("grubenv"),
             slots: [d.path().join("slot-a.img"), d.path().join("slot-b.img")],
             cmdline: cmdline.clone(),
+            boot_token: d.path().join("run/boot-token"),
             boot_id,
             boot_tries: 2,
             reboot_command: vec!["true".into()],
@@ -704,6 +734,7 @@ mod tests {
             },
             state_file: d.path().join("hook.json"),
             boot_id: d.path().join("none"),
+            boot_token: d.path().join("run/boot-token"),
             reboot_command: sh(format!("echo reboot >> {l}")),
         };
         let img = d.path().join("img");
