@@ -45,7 +45,9 @@ pub fn init_logging() -> LogTarget {
             Err(e) => journal_error = Some(e),
         }
     }
-    tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_ansi(ansi).init();
     if let Some(e) = journal_error {
         tracing::warn!(error = %e, "stderr is the journal but its socket is unusable; logging plain text");
     }

@@ -114,7 +114,13 @@ impl HostOs {
     /// Over `root` with explicit settings.
     pub fn with_settings(root: PathBuf, image: ImageSettings, cordon: CordonSettings) -> HostOs {
         let backend: Arc<dyn Backend> = match &image.backend {
-            SlotBackend::Dir => Arc::new(DirSlots::new(root.clone(), image.boot_tries)),
+            // A node whose root is `/` is a real machine: its reboots are real. Under a root prefix (a simulated
+            // node, tests and the demo) boots happen in-process.
+            SlotBackend::Dir => Arc::new(DirSlots::new(
+                root.clone(),
+                image.boot_tries,
+                (root == std::path::Path::new("/")).then(|| image.reboot_command.clone()),
+            )),
             SlotBackend::Grub { env_file, slot_a, slot_b, cmdline } => Arc::new(GrubEnv {
                 env_file: env_file.clone(),
                 slots: [slot_a.clone(), slot_b.clone()],

@@ -156,12 +156,16 @@ impl Default for DirBoot {
 pub struct DirSlots {
     root: PathBuf,
     boot_tries: u32,
+    /// The machine's reboot command; `None` for a simulated node (a root prefix), whose boots happen in-process.
+    reboot_command: Option<Vec<String>>,
 }
 
 impl DirSlots {
-    /// Over `root`, giving a boot-once slot `boot_tries` attempts.
-    pub fn new(root: PathBuf, boot_tries: u32) -> DirSlots {
-        DirSlots { root, boot_tries }
+    /// Over `root`, giving a boot-once slot `boot_tries` attempts. Boots are simulated in-process (the slot is
+    /// switched and /run's flags cleared, the agent carries on) unless `reboot_command` is given, which the real
+    /// machine (root `/`) always has: then the switch is recorded and the machine really reboots.
+    pub fn new(root: PathBuf, boot_tries: u32, reboot_command: Option<Vec<String>>) -> DirSlots {
+        DirSlots { root, boot_tries, reboot_command }
     }
 
     fn dir(&self) -> PathBuf {
@@ -317,7 +321,13 @@ impl Backend for DirSlots {
         b.booted = chosen;
         b.boot_seq += 1;
         self.save(&b)?;
-        Ok(Rebooted::Done)
+        match &self.reboot_command {
+            Some(argv) => {
+                command::run(argv, &[], None)?;
+                Ok(Rebooted::Pending)
+            }
+            None => Ok(Rebooted::Done),
+        }
     }
 
     fn commit(&self, slot: Slot) -> Result<(), OsError> {
@@ -636,7 +646,7 @@ mod tests {
         let root = d.path().join("root");
         std::fs::create_dir_all(root.join("etc/upkeep")).expect("mkdir");
         std::fs::write(root.join("etc/upkeep/node-image"), "FAMILY=Test-1\nVERSION=202301.01.0\n").expect("w");
-        let s = DirSlots::new(root.clone(), 1);
+        let s = DirSlots::new(root.clone(), 1, None);
         let (img, sha) = tar_image(d.path(), "202302.01.0", true);
         assert!(matches!(s.write_slot(Slot::B, &img, &"0".repeat(64)), Err(OsError::Digest { .. })));
         assert!(!s.slot_dir(Slot::B).exists(), "a digest mismatch leaves the slot absent");

@@ -212,6 +212,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let out = runs::set_window(self.fleet.store(), req.get_ref())?;
         tracing::info!(operator = %p.name, member = %out.member, kind = %req.get_ref().kind, "maintenance window changed");
         self.engine.poke();
+        self.maintenance.poke();
         Ok(Response::new(out))
     }
 
@@ -220,7 +221,9 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         req: Request<v1::SetMemberDisruptionRequest>,
     ) -> Result<Response<v1::MemberSettings>, Status> {
         require(&principal_of(&req)?, WRITERS, "change disruption settings")?;
-        Ok(Response::new(runs::set_disruption(self.fleet.store(), req.get_ref())?))
+        let out = runs::set_disruption(self.fleet.store(), req.get_ref())?;
+        self.maintenance.poke();
+        Ok(Response::new(out))
     }
 
     async fn upload_artifact(
