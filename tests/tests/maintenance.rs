@@ -48,22 +48,12 @@ async fn fleet(names: &[&str], hub_extra: &str) -> Fleet {
 }
 
 impl Fleet {
-    async fn ctl(&self, args: &[&str]) -> std::process::Output {
-        upkeepctl(&self.pki, &self.hub.url(), "operator", args).await
-    }
-
     async fn ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args).await;
-        assert!(out.status.success(), "upkeepctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).to_string()
+        upkeepctl_ok(&self.pki, &self.hub.url(), args).await
     }
 
     async fn refused(&self, args: &[&str]) -> String {
-        let out = self.ctl(args).await;
-        assert!(!out.status.success(), "upkeepctl {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-        err
+        upkeepctl_refused(&self.pki, &self.hub.url(), args).await
     }
 
     async fn json(&self, args: &[&str]) -> Value {
@@ -88,9 +78,13 @@ impl Fleet {
             .collect()
     }
 
-    /// Waits until every node reports no reboot required and no lease is held.
-    async fn wait_rebooted(&self) {
+    /// Waits until the hooks logged `uncordons` uncordons, every node reports no reboot required and no lease
+    /// is held.
+    async fn wait_rebooted(&self, uncordons: usize) {
         wait_for("every node rebooted and every lease given back", WAIT, || async {
+            if self.log().iter().filter(|l| l.starts_with("uncordon ")).count() < uncordons {
+                return None;
+            }
             let nodes = upkeepctl_json(&self.pki, &self.hub.url(), &["node", "list"]).await.ok()?;
             let leases = upkeepctl_json(&self.pki, &self.hub.url(), &["lease", "list"]).await.ok()?;
             let all_done = nodes["nodes"].as_array()?.iter().all(|n| n["reboot_required"] == false);
@@ -162,7 +156,7 @@ async fn sec4_reboots_take_leases_and_never_exceed_max_unavailable() {
     for n in ["n1", "n2", "n3"] {
         f.flag_reboot_required(n);
     }
-    f.wait_rebooted().await;
+    f.wait_rebooted(3).await;
     let taken = one_at_a_time(&f.log());
     assert_eq!(taken.values().copied().collect::<Vec<_>>(), [1, 1, 1], "each node rebooted exactly once: {taken:?}");
     f.stop().await;
@@ -197,7 +191,7 @@ async fn sec4_a_reboot_waits_for_the_window_unless_an_operator_forces_it() {
     assert!(err.contains("window") && err.contains("--force"), "{err}");
     let out = f.ok(&["node", "reboot", "n1", "--force"]).await;
     assert!(out.contains("forced"), "{out}");
-    f.wait_rebooted().await;
+    f.wait_rebooted(1).await;
     assert_eq!(f.log(), ["cordon n1", "uncordon n1"]);
     f.stop().await;
 }

@@ -391,9 +391,12 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let store_fleet = self.fleet.clone();
         let name = r.name.clone();
         tokio::spawn(async move {
-            let mut last = r.from_seq;
+            // Events are numbered when stored but published by the task that stored them, so the live feed may
+            // deliver them out of order: dedupe by seq, and before ending re-read the store for any not yet seen.
+            let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
+            let from = r.from_seq;
             for e in &stored {
-                last = e.seq;
+                seen.insert(e.seq);
                 if tx.send(Ok(event_to_wire(e))).await.is_err() {
                     return;
                 }
@@ -401,28 +404,43 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             if watch_ends(&status_now) {
                 return;
             }
+            let catch_up = |seen: &mut std::collections::HashSet<u64>| -> Option<(Vec<EventRecord>, bool)> {
+                let more = store_fleet.store().events_since(&name, from).ok()?;
+                let mut end = false;
+                let fresh: Vec<EventRecord> = more.into_iter().filter(|e| seen.insert(e.seq)).collect();
+                for e in &fresh {
+                    end |= e.event.kind == "run" && watch_ends(&e.event.to);
+                }
+                Some((fresh, end))
+            };
             loop {
-                match live.recv().await {
-                    Ok(e) if e.run == name && e.seq > last => {
-                        last = e.seq;
+                let (batch, end) = match live.recv().await {
+                    Ok(e) if e.run == name && !seen.contains(&e.seq) => {
                         let end = e.event.kind == "run" && watch_ends(&e.event.to);
-                        if tx.send(Ok(event_to_wire(&e))).await.is_err() || end {
-                            return;
+                        if end {
+                            // The run is final: everything before it is stored; send what the feed has not.
+                            let Some((fresh, _)) = catch_up(&mut seen) else { return };
+                            (fresh, true)
+                        } else {
+                            seen.insert(e.seq);
+                            (vec![e], false)
                         }
                     }
-                    Ok(_) => {}
+                    Ok(_) => continue,
+                    // Too slow for the live feed: catch up from the store.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Too slow for the live feed: catch up from the store.
-                        let Ok(more) = store_fleet.store().events_since(&name, last) else { return };
-                        for e in more {
-                            last = e.seq;
-                            let end = e.event.kind == "run" && watch_ends(&e.event.to);
-                            if tx.send(Ok(event_to_wire(&e))).await.is_err() || end {
-                                return;
-                            }
-                        }
+                        let Some(b) = catch_up(&mut seen) else { return };
+                        b
                     }
                     Err(_) => return,
+                };
+                for e in &batch {
+                    if tx.send(Ok(event_to_wire(e))).await.is_err() {
+                        return;
+                    }
+                }
+                if end {
+                    return;
                 }
             }
         });
