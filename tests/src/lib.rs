@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use upkeep_core::ids::Role;
 use upkeep_hub::pki;
 
+pub mod debs;
 pub mod system;
 
 /// A fleet PKI in a temporary directory (CA, hub, operator, viewer; nodes on demand).
@@ -94,10 +95,16 @@ pub fn write_hub_config(pki: &TestPki, state_dir: &Path) -> PathBuf {
 
 /// Like `write_hub_config`, with `extra` TOML appended (e.g. an `[auto_upgrade]` section).
 pub fn write_hub_config_with(pki: &TestPki, state_dir: &Path, extra: &str) -> PathBuf {
+    write_hub_config_silent(pki, state_dir, 5, extra)
+}
+
+/// Like `write_hub_config_with`, a node being Unknown after `silent_after` missed heartbeats (tests whose nodes
+/// really reboot give them longer).
+pub fn write_hub_config_silent(pki: &TestPki, state_dir: &Path, silent_after: u32, extra: &str) -> PathBuf {
     let path = state_dir.join("hub.toml");
     std::fs::create_dir_all(state_dir).expect("mkdir");
     let text = format!(
-        "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = 5\n{extra}",
+        "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = {silent_after}\n{extra}",
         state_dir.join("db"),
         pki.file(pki::files::CA_CERT),
         pki.file(pki::files::HUB_CERT),
@@ -327,6 +334,22 @@ pub async fn upkeepctl(pki: &TestPki, hub: &str, cert_stem: &str, args: &[&str])
         .env("UPKEEP_KEY", pki.file(&format!("{cert_stem}.key")))
         .kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("upkeepctl finishes").expect("spawn")
+}
+
+/// Runs upkeepctl as the operator; asserts success and returns stdout.
+pub async fn upkeepctl_ok(pki: &TestPki, hub: &str, args: &[&str]) -> String {
+    let out = upkeepctl(pki, hub, "operator", args).await;
+    assert!(out.status.success(), "upkeepctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs upkeepctl as the operator; asserts it fails with one readable line on stderr and returns it.
+pub async fn upkeepctl_refused(pki: &TestPki, hub: &str, args: &[&str]) -> String {
+    let out = upkeepctl(pki, hub, "operator", args).await;
+    assert!(!out.status.success(), "upkeepctl {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    err
 }
 
 /// Runs upkeepctl and parses its JSON stdout; fails with its stderr if it exited non-zero.

@@ -930,3 +930,27 @@ impl Bootloader for GrubFirmware {
         Err(format!("{choice:?}: {tried:?}"))
     }
 }
+
+/// Starts `upkeep-hub` on a free loopback port with its hub.toml and state under `dir` (heartbeat 1 s, Unknown
+/// after `silent_after` missed heartbeats, `extra` TOML appended) and its output in `dir/hub.log`, kept for
+/// the test to read. Returns the process and the hub's URL; the caller waits for it to answer.
+pub fn spawn_hub_logged(
+    pki: &crate::TestPki,
+    dir: &Path,
+    silent_after: u32,
+    extra: &str,
+) -> (std::process::Child, String) {
+    let config = crate::write_hub_config_silent(pki, dir, silent_after, extra);
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("hub.log")).expect("hub log");
+    let hub = Command::new(crate::bin("upkeep-hub"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(log.try_clone().expect("dup"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn upkeep-hub");
+    (hub, format!("https://127.0.0.1:{port}"))
+}

@@ -39,18 +39,12 @@ impl Fleet {
     }
 
     async fn ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args).await;
-        assert!(out.status.success(), "upkeepctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).to_string()
+        upkeepctl_ok(&self.pki, &self.hub.url(), args).await
     }
 
     /// Fails with one readable line; returns it.
     async fn refused(&self, args: &[&str]) -> String {
-        let out = self.ctl(args).await;
-        assert!(!out.status.success(), "upkeepctl {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-        err
+        upkeepctl_refused(&self.pki, &self.hub.url(), args).await
     }
 
     async fn json(&self, args: &[&str]) -> Value {

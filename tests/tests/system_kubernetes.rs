@@ -11,7 +11,7 @@
 //!
 //! Missing prerequisites fail the test, naming what installs them (scripts/deps).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,59 +20,11 @@ use upkeep_agent::engine::{Engine, Fetcher, Link, Submitted};
 use upkeep_agent::os::NodeOs;
 use upkeep_agent::os::host::HostOs;
 use upkeep_proto::v1;
+use upkeep_tests::debs::{build_deb, chroot, installed, require_root_and, sh};
 use upkeep_tests::system::{rootfs_tarball, run_ok};
 
 const KUBEADM: &str = "upkeep-standin-kubeadm";
 const KUBELET: &str = "upkeep-standin-kubelet";
-
-fn require(tools: &[(&str, &str)]) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1));
-    let mut missing = Vec::new();
-    if euid != Some("0") {
-        missing.push("root (chroot and dpkg need it)".to_string());
-    }
-    let path: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    for (tool, package) in tools {
-        if !path.iter().any(|d| d.join(tool).is_file()) {
-            missing.push(format!("{tool} (apt-get install {package})"));
-        }
-    }
-    assert!(missing.is_empty(), "system test prerequisites missing: {}. Run scripts/deps.", missing.join(", "));
-}
-
-fn sh(script: &str) -> String {
-    String::from_utf8_lossy(&run_ok(Command::new("sh").args(["-ec", script])).stdout).into_owned()
-}
-
-fn chroot(root: &Path, argv: &[&str]) -> String {
-    let out = run_ok(Command::new("chroot").arg(root).args(argv).env("DEBIAN_FRONTEND", "noninteractive"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Builds the stand-in package `name` at `version` into `dir`.
-fn build_standin_deb(dir: &Path, name: &str, version: &str) {
-    let tree = dir.join(format!("tree-{name}-{version}"));
-    std::fs::create_dir_all(tree.join("DEBIAN")).expect("mkdir");
-    std::fs::create_dir_all(tree.join(format!("usr/share/{name}"))).expect("mkdir");
-    std::fs::write(
-        tree.join("DEBIAN/control"),
-        format!(
-            "Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: upkeep tests <t@example.invalid>\n\
-             Description: upkeep system-test stand-in for a Kubernetes package (contains nothing)\n"
-        ),
-    )
-    .expect("control");
-    std::fs::write(tree.join(format!("usr/share/{name}/version")), format!("{version}\n")).expect("payload");
-    run_ok(
-        Command::new("dpkg-deb").args(["--build", "-Zgzip"]).arg(&tree).arg(dir.join(format!("{name}_{version}.deb"))),
-    );
-    std::fs::remove_dir_all(&tree).expect("rm tree");
-}
-
-fn installed(root: &Path, pkg: &str) -> String {
-    chroot(root, &["dpkg-query", "-W", "-f=${Version}", pkg])
-}
 
 struct NoFetch;
 impl Fetcher for NoFetch {
@@ -127,7 +79,7 @@ async fn upgrade(os: HostOs, state: &Path, id: &str, version: &str, first_contro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_packages_install_and_upgrade_with_apt_and_the_hook_runs() {
-    require(&[
+    require_root_and(&[
         ("chroot", "coreutils"),
         ("tar", "tar"),
         ("zstd", "zstd"),
@@ -147,8 +99,8 @@ async fn kubernetes_packages_install_and_upgrade_with_apt_and_the_hook_runs() {
     let repo = root.join("srv/k8s");
     std::fs::create_dir_all(&repo).expect("mkdir");
     for v in ["1.29.1-1.1", "1.29.3-1.1", "1.29.30-1.1"] {
-        build_standin_deb(&repo, KUBEADM, v);
-        build_standin_deb(&repo, KUBELET, v);
+        build_deb(&repo, KUBEADM, v, "upkeep system-test stand-in for a Kubernetes package (contains nothing)", false);
+        build_deb(&repo, KUBELET, v, "upkeep system-test stand-in for a Kubernetes package (contains nothing)", false);
     }
     sh(&format!("cd {}; dpkg-scanpackages -m . > Packages 2>/dev/null", repo.display()));
     let _ = std::fs::remove_file(root.join("etc/apt/sources.list"));

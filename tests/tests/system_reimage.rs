@@ -35,10 +35,10 @@ use upkeep_agent::os::Slot;
 use upkeep_agent::os::slots::{Backend, GRUB_ENTRY_PREFIX, GrubEnv, parse_grub_env};
 use upkeep_hub::pki::files;
 use upkeep_tests::system::{
-    BootLock, GrubFirmware, GrubLayout, Machine, build_packages, free_port, grub_boot_decision, grub_cfg,
-    grub_decision_block, grub_entry_cmdline, grub_script, pick, poll, require_prerequisites, require_tools, run_ok,
+    BootLock, GrubFirmware, GrubLayout, Machine, build_packages, grub_boot_decision, grub_cfg, grub_decision_block,
+    grub_entry_cmdline, grub_script, pick, poll, require_prerequisites, require_tools, run_ok, spawn_hub_logged,
 };
-use upkeep_tests::{TestPki, bin, upkeepctl};
+use upkeep_tests::{TestPki, upkeepctl};
 
 const AGENT: &str = "upkeep-agent.service";
 const FAMILY: &str = "Debian-12-gen2";
@@ -144,30 +144,7 @@ impl Lab {
         let pki = TestPki::new();
         // A reboot takes the node away for a few seconds: the hub must not call it Unknown (and fail the
         // member) before it is back, so the silence deadline is 60 heartbeats of 1 s.
-        let port = free_port();
-        let config = work.path().join("hub.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = 60\n",
-                work.path().join("hub"),
-                pki.file(files::CA_CERT),
-                pki.file(files::HUB_CERT),
-                pki.file(files::HUB_KEY),
-            ),
-        )
-        .expect("hub.toml");
-        let log = std::fs::File::create(work.path().join("hub.log")).expect("hub log");
-        let hub = Command::new(bin("upkeep-hub"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn upkeep-hub");
-        let url = format!("https://127.0.0.1:{port}");
+        let (hub, url) = spawn_hub_logged(&pki, work.path(), 60, "");
         let waiting = std::time::Instant::now();
         let lock = BootLock::take();
         eprintln!("waited {:.1?} for the boot lock (other system tests' containers)", waiting.elapsed());

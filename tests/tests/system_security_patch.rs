@@ -49,11 +49,11 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use upkeep_agent::journal::{Entry, Journal, Op};
 use upkeep_hub::pki::files;
+use upkeep_tests::debs::{build_deb, channels_rootfs, chroot, flat_repo};
 use upkeep_tests::system::{
-    Boot, BootLock, Bootloader, Machine, build_packages, free_port, pick, poll, require_prerequisites, rootfs_tarball,
-    run_ok,
+    Boot, BootLock, Bootloader, Machine, build_packages, pick, poll, require_prerequisites, run_ok, spawn_hub_logged,
 };
-use upkeep_tests::{TestPki, bin, upkeepctl};
+use upkeep_tests::{TestPki, upkeepctl};
 
 const AGENT: &str = "upkeep-agent.service";
 const MEMBER: &str = "m1";
@@ -106,80 +106,6 @@ fn write(path: &Path, bytes: impl AsRef<[u8]>, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-fn sh(script: &str) -> String {
-    String::from_utf8_lossy(&run_ok(Command::new("sh").args(["-ec", script])).stdout).into_owned()
-}
-
-fn chroot(root: &Path, argv: &[&str]) -> String {
-    let out = run_ok(Command::new("chroot").arg(root).args(argv).env("DEBIAN_FRONTEND", "noninteractive"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The Debian root with unattended-upgrades, cached next to the nspawn root (`bookworm-channels.tar.zst`, the
-/// same file system_channels.rs builds and uses); built from the nspawn root when missing (~30 s). Built under
-/// a temporary name and renamed, so a concurrent or interrupted build never leaves a torn cache.
-fn channels_rootfs() -> PathBuf {
-    let base = rootfs_tarball();
-    let cache = base.parent().expect("the cached rootfs is in a directory").to_path_buf();
-    let tarball = cache.join("bookworm-channels.tar.zst");
-    if tarball.is_file() {
-        return tarball;
-    }
-    let work = tempfile::Builder::new().prefix("channels-build.").tempdir_in(&cache).expect("tempdir in the cache");
-    let root = work.path().join("root");
-    std::fs::create_dir_all(&root).expect("mkdir");
-    run_ok(Command::new("tar").arg("--zstd").arg("-xf").arg(&base).arg("-C").arg(&root));
-    std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).expect("resolv.conf for the mirror");
-    chroot(&root, &["apt-get", "-q", "update"]);
-    chroot(&root, &["apt-get", "install", "-y", "-q", "--no-install-recommends", "unattended-upgrades"]);
-    sh(&format!(
-        "rm -rf {r}/var/lib/apt/lists/* {r}/var/cache/apt/archives/*.deb; \
-         tar -C {r} --numeric-owner -cf - . | zstd -q -T0 -3 -o {w}/out.tar.zst; mv {w}/out.tar.zst {t}",
-        r = root.display(),
-        w = work.path().display(),
-        t = tarball.display()
-    ));
-    tarball
-}
-
-/// Builds `name` at `version` as a .deb into `dir`; the postinst of a `reboot_flag` version touches Debian's
-/// reboot-required flag.
-fn build_deb(dir: &Path, name: &str, version: &str, reboot_flag: bool) {
-    let tree = dir.join(format!("tree-{name}-{version}"));
-    std::fs::create_dir_all(tree.join("DEBIAN")).expect("mkdir");
-    std::fs::create_dir_all(tree.join(format!("usr/share/{name}"))).expect("mkdir");
-    std::fs::write(
-        tree.join("DEBIAN/control"),
-        format!(
-            "Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: upkeep tests <t@example.invalid>\n\
-             Description: upkeep system-test stand-in package\n"
-        ),
-    )
-    .expect("control");
-    if reboot_flag {
-        write(
-            &tree.join("DEBIAN/postinst"),
-            "#!/bin/sh\nset -e\nmkdir -p /var/run\ntouch /var/run/reboot-required\n",
-            0o755,
-        );
-    }
-    std::fs::write(tree.join(format!("usr/share/{name}/version")), format!("{version}\n")).expect("payload");
-    run_ok(
-        Command::new("dpkg-deb").args(["--build", "-Zgzip"]).arg(&tree).arg(dir.join(format!("{name}_{version}.deb"))),
-    );
-    std::fs::remove_dir_all(&tree).expect("rm tree");
-}
-
-/// Turns `dir` into a flat apt repository whose Release file names the given origin.
-fn flat_repo(dir: &Path, origin: &str, label: &str, codename: &str) {
-    sh(&format!(
-        "cd {d}; dpkg-scanpackages -m . > Packages 2>/dev/null; \
-         printf 'Origin: {origin}\\nLabel: {label}\\nSuite: {codename}\\nCodename: {codename}\\nDate: %s\\nSHA256:\\n %s %s Packages\\n' \
-         \"$(date -Ru)\" \"$(sha256sum Packages | cut -d' ' -f1)\" \"$(stat -c %s Packages)\" > Release",
-        d = dir.display()
-    ));
-}
-
 /// A node's security repository (inside its root, as the host sees it) gets `debs`, and a fresh index.
 fn serve_security(m: &Machine, debs: &[PathBuf]) {
     let dir = m.path("/srv/sec");
@@ -216,48 +142,15 @@ impl Site {
         let debs = work.path().join("debs");
         std::fs::create_dir_all(&debs).expect("mkdir");
         for v in ["1", "2", "3"] {
-            build_deb(&debs, LIB, v, v == "2");
+            build_deb(&debs, LIB, v, "upkeep system-test stand-in package", v == "2");
         }
         for v in ["1", "2"] {
-            build_deb(&debs, OTHER, v, false);
+            build_deb(&debs, OTHER, v, "upkeep system-test stand-in package", false);
         }
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let pki = TestPki::new();
-        let port = free_port();
-        let config = work.path().join("hub.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-                 [agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = 5\n\
-                 [auto_upgrade]\nenabled = true\n",
-                work.path().join("hub"),
-                pki.file(files::CA_CERT),
-                pki.file(files::HUB_CERT),
-                pki.file(files::HUB_KEY),
-            ),
-        )
-        .expect("hub.toml");
-        let log = std::fs::File::create(work.path().join("hub.log")).expect("hub log");
-        let hub = Command::new(bin("upkeep-hub"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn upkeep-hub");
-        let site = Site {
-            work,
-            rt,
-            pki,
-            url: format!("https://127.0.0.1:{port}"),
-            hub,
-            deb,
-            channels,
-            _lock: BootLock::take(),
-        };
+        let (hub, url) = spawn_hub_logged(&pki, work.path(), 5, "[auto_upgrade]\nenabled = true\n");
+        let site = Site { work, rt, pki, url, hub, deb, channels, _lock: BootLock::take() };
         poll("upkeep-hub to answer", Duration::from_secs(30), || {
             site.rt.block_on(upkeepctl(&site.pki, &site.url, "viewer", &["whoami"])).status.success().then_some(())
         });
