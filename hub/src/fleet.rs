@@ -79,13 +79,12 @@ pub struct Fleet {
     seen: Mutex<HashMap<String, i64>>,
     next_session: AtomicU64,
     closing: tokio::sync::watch::Sender<bool>,
-    waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<v1::OperationResult>>>,
+    /// Operation id -> its waiter, which gets the result and the node's report count when it arrived.
+    waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<(v1::OperationResult, u64)>>>,
     /// Reports recorded per node since the hub started (to wait for the report that follows a result).
     reports: Mutex<HashMap<String, u64>>,
     /// Bumped on every report (wakes waiters).
     report_tick: tokio::sync::watch::Sender<u64>,
-    /// Operation id -> the node's report count when its result arrived.
-    result_marks: Mutex<HashMap<String, u64>>,
     /// Timing settings.
     pub timing: Timing,
 }
@@ -107,7 +106,6 @@ impl Fleet {
             waiting: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
             report_tick: tokio::sync::watch::channel(0).0,
-            result_marks: Mutex::new(HashMap::new()),
             timing,
         }
     }
@@ -206,6 +204,18 @@ impl Fleet {
         kind: v1::command::Kind,
         within: std::time::Duration,
     ) -> Result<v1::OperationResult, CommandError> {
+        self.command_marked(node, operation_id, generation, kind, within).await.map(|(r, _)| r)
+    }
+
+    /// `command`, also returning the node's report count when the result arrived (for `report_after`).
+    pub async fn command_marked(
+        &self,
+        node: &str,
+        operation_id: &str,
+        generation: u64,
+        kind: v1::command::Kind,
+        within: std::time::Duration,
+    ) -> Result<(v1::OperationResult, u64), CommandError> {
         // A step that reboots the node keeps it away for a boot: it is Unknown only after the boot grace.
         let reboots = matches!(
             kind,
@@ -266,35 +276,24 @@ impl Fleet {
     /// Delivers an operation result from an agent to whoever waits for it. False if nobody waits (a result of an
     /// operation sent before a hub restart); the sender will ask again with the same id and get it then.
     pub fn deliver_result(&self, node: &str, result: v1::OperationResult) -> bool {
-        let mark = self.reports.lock().unwrap_or_else(|e| e.into_inner()).get(node).copied().unwrap_or(0);
-        {
-            let mut marks = self.result_marks.lock().unwrap_or_else(|e| e.into_inner());
-            if marks.len() > 10_000 {
-                marks.clear(); // only the few results being waited on matter; never grow without bound
-            }
-            marks.insert(result.operation_id.clone(), mark);
-        }
         let waiter = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&result.operation_id);
         match waiter {
-            Some(w) => w.send(result).is_ok(),
+            Some(w) => w.send((result, self.report_count(node))).is_ok(),
             None => false,
         }
     }
 
-    /// The node's record from the first report it sent after the result of `operation_id` arrived (agents report
-    /// right after a result), or None when no such report arrives within `within`.
-    pub async fn report_after_result(
-        &self,
-        node: &str,
-        operation_id: &str,
-        within: std::time::Duration,
-    ) -> Option<NodeRecord> {
-        let mark = self.result_marks.lock().unwrap_or_else(|e| e.into_inner()).remove(operation_id)?;
+    fn report_count(&self, node: &str) -> u64 {
+        self.reports.lock().unwrap_or_else(|e| e.into_inner()).get(node).copied().unwrap_or(0)
+    }
+
+    /// The node's record from the first report it sent after its report count was `mark` (see
+    /// `command_marked`: agents report right after a result), or None when none arrives within `within`.
+    pub async fn report_after(&self, node: &str, mark: u64, within: std::time::Duration) -> Option<NodeRecord> {
         let mut tick = self.report_tick.subscribe();
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let count = self.reports.lock().unwrap_or_else(|e| e.into_inner()).get(node).copied().unwrap_or(0);
-            if count > mark {
+            if self.report_count(node) > mark {
                 return self.store.get_node(node).ok().flatten();
             }
             tokio::select! {

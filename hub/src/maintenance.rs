@@ -28,7 +28,7 @@ use upkeep_core::channel::NodeOsChannel;
 use upkeep_core::concurrency::Limit;
 use upkeep_core::maintenance::{
     ChannelCatalog, HeldLease, LeaseDecision, MemberBudget, NodeTask, NodeView, PatchRelease, Rollout, decide_lease,
-    desired_rollout, may_start, window_allows,
+    desired_rollout, may_start,
 };
 use upkeep_core::run::Status;
 use upkeep_core::schedule::MaintenanceSchedule;
@@ -643,14 +643,13 @@ impl Maintenance {
                     packages: packages.clone(),
                 });
                 let id = op("patch");
-                let r = self.fleet.command(node, &id, generation, kind, self.limits.upgrade).await;
-                match r {
-                    Ok(r) if r.ok => {}
-                    Ok(r) => return Err(format!("patch failed: {}", r.error)),
+                let mark = match self.fleet.command_marked(node, &id, generation, kind, self.limits.upgrade).await {
+                    Ok((r, mark)) if r.ok => mark,
+                    Ok((r, _)) => return Err(format!("patch failed: {}", r.error)),
                     Err(e) => return Err(format!("patch: {e}")),
-                }
+                };
                 // The agent reports right after the result; that report says whether the OS wants a reboot.
-                let fresh = self.fleet.report_after_result(node, &id, REPORT_AFTER_PATCH).await;
+                let fresh = self.fleet.report_after(node, mark, REPORT_AFTER_PATCH).await;
                 if fresh.is_some_and(|n| n.facts.reboot_required) {
                     run("reboot", Kind::Reboot(v1::Reboot { force: true }), self.limits.upgrade).await?;
                 }
@@ -668,14 +667,6 @@ impl Maintenance {
         }
         tracing::info!(member, %from, %to, generation, "channel switched: rolling reimage to the current image owed");
         self.poke();
-    }
-
-    /// Whether a window allows disruption of `member` now (for `member show`).
-    pub fn window_open(&self, member: &str) -> bool {
-        self.store()
-            .member_settings(member)
-            .map(|s| window_allows(schedule_of(&s.node_os_schedule).as_ref(), Utc::now()).is_ok())
-            .unwrap_or(false)
     }
 }
 
