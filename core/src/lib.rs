@@ -11,3 +11,4 @@ pub mod run;
 pub mod schedule;
 pub mod signature;
 pub mod version;
+pub mod work;

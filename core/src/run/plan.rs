@@ -7,7 +7,9 @@ use super::state::{
     Idx, LevelRef, MemberTarget, RunOpError, RunState, Status, Transition, apply_transition, transition_path,
 };
 use crate::schedule::{MaintenanceSchedule, SEARCH_HORIZON_DAYS, WindowState, priority, rfc3339};
+use crate::concurrency::Limit;
 use crate::version::{ImageVersion, KubernetesVersion, NodeImageVersion};
+use crate::work::{Operation, WorkNode, WorkPlan, plan_work};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,6 +46,16 @@ pub struct MemberView {
     /// Cluster (auto-upgrade) maintenance schedule, honoured by `Full` and `ControlPlaneOnly` runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_schedule: Option<MaintenanceSchedule>,
+    /// Its nodes, from which a starting member's work list is planned ([`crate::work::plan_work`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<WorkNode>,
+    /// Its disruption budget (`max_unavailable`).
+    #[serde(default = "one_node")]
+    pub max_unavailable: Limit,
+}
+
+fn one_node() -> Limit {
+    Limit::Count(1)
 }
 
 impl MemberView {
@@ -142,6 +154,8 @@ pub enum Action {
         member: String,
         /// What to upgrade it to.
         target: MemberTarget,
+        /// Its nodes' work (order, batches, steps, first control plane), decided when it started.
+        work: WorkPlan,
     },
 }
 
@@ -701,10 +715,23 @@ impl<'a> Planner<'a> {
     fn start_member(&mut self, idx: Idx, target: MemberTarget) {
         let Idx::Member(si, gi, mi) = idx else { return };
         self.set(idx, Status::Running, format!("upgrading: {target}"), None);
+        let work = match self.fleet.members.get(&self.st.stages[si].groups[gi].members[mi].name) {
+            Some(mv) => plan_work(
+                &Operation::RunUpgrade {
+                    upgrade_type: self.st.spec.upgrade_type,
+                    kubernetes: target.kubernetes_version,
+                    images: target.images.clone(),
+                },
+                &mv.nodes,
+                mv.max_unavailable,
+            ),
+            None => WorkPlan::default(),
+        };
         let m = &mut self.st.stages[si].groups[gi].members[mi];
         m.target = Some(target.clone());
+        m.work = Some(work.clone());
         m.attempts += 1;
-        self.plan.actions.push(super::Action::StartMember { member: m.name.clone(), target });
+        self.plan.actions.push(super::Action::StartMember { member: m.name.clone(), target, work });
     }
 
     /// Decides what to do with a member whose turn has come: system skip, Pending (with every reason), or start.

@@ -193,6 +193,10 @@ pub struct MemberState {
     /// How many upgrade attempts were started (retries after a restart count).
     #[serde(default)]
     pub attempts: u32,
+    /// The work list of its latest attempt, decided by the planner when it started; a hub that restarts
+    /// carries out this list, not a new one (a node already at target still gets its remaining steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<crate::work::WorkPlan>,
 }
 
 /// One group of a stage.
@@ -398,6 +402,7 @@ impl RunState {
                                     level: LevelState::default(),
                                     target: None,
                                     attempts: 0,
+                                    work: None,
                                 })
                                 .collect(),
                         })
@@ -566,7 +571,7 @@ pub fn apply(state: &RunState, plan: &super::Plan) -> Result<RunState, RunOpErro
     }
     for a in &plan.actions {
         match a {
-            super::Action::StartMember { member, target } => {
+            super::Action::StartMember { member, target, work } => {
                 let r = LevelRef::Member { member: member.clone() };
                 let Some(Idx::Member(si, gi, mi)) = next.find(&r) else {
                     return Err(RunOpError::UnknownLevel(r));
@@ -576,6 +581,7 @@ pub fn apply(state: &RunState, plan: &super::Plan) -> Result<RunState, RunOpErro
                     return Err(RunOpError::StalePlan { level: r, expected: Status::Running, found: m.level.status });
                 }
                 m.target = Some(target.clone());
+                m.work = Some(work.clone());
                 m.attempts += 1;
             }
         }

@@ -36,7 +36,13 @@ fn member_view(region: &str) -> MemberView {
         node_pools: vec![pool("np1", FAM, "202401.01.0")],
         node_os_schedule: None,
         cluster_schedule: None,
+        nodes: Vec::new(),
+        max_unavailable: upkeep_limit_one(),
     }
+}
+
+fn upkeep_limit_one() -> crate::concurrency::Limit {
+    crate::concurrency::Limit::Count(1)
 }
 
 fn fleet(names: &[&str]) -> Fleet {
