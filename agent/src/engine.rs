@@ -172,7 +172,7 @@ fn decode(c: &v1::Command) -> Result<Op, String> {
     match &c.kind {
         Some(Kind::Cordon(_)) => Ok(Op::Cordon),
         Some(Kind::Uncordon(_)) => Ok(Op::Uncordon),
-        Some(Kind::Drain(d)) => Ok(Op::Drain { timeout_seconds: d.timeout_seconds }),
+        Some(Kind::Drain(d)) => Ok(Op::Drain { timeout_seconds: d.timeout_seconds, force: d.force }),
         Some(Kind::Reboot(r)) => Ok(Op::Reboot { force: r.force }),
         Some(Kind::Reimage(r)) => {
             let img = r.image.as_ref().ok_or("reimage.image: missing; name the image to install")?;
@@ -535,7 +535,9 @@ impl Engine {
                     .os(move |os| match op2 {
                         Op::Cordon => os.cordon(),
                         Op::Uncordon => os.uncordon(),
-                        Op::Drain { timeout_seconds } => os.drain(Duration::from_secs(u64::from(timeout_seconds))),
+                        Op::Drain { timeout_seconds, force } => {
+                            os.drain(Duration::from_secs(u64::from(timeout_seconds)), force)
+                        }
                         _ => Ok(()),
                     })
                     .await;
@@ -719,7 +721,7 @@ impl Engine {
                 Err(err) => Ok(Self::unwind(e, format!("cordon failed: {err}"))),
             },
             (Op::LeasedReboot { .. }, Step::Drain) => {
-                if let Err(err) = self.os(|os| os.drain(LEASED_REBOOT_DRAIN_TIMEOUT)).await {
+                if let Err(err) = self.os(|os| os.drain(LEASED_REBOOT_DRAIN_TIMEOUT, false)).await {
                     return Ok(Self::unwind(e, format!("drain failed: {err}")));
                 }
                 // Fencing for the reboot step: a different boot id later means the reboot happened.

@@ -25,6 +25,9 @@ pub enum Op {
     Drain {
         /// Seconds.
         timeout_seconds: u32,
+        /// Ignore disruption budgets: delete instead of evict (the member's undrainable policy is Force).
+        #[serde(default)]
+        force: bool,
     },
     /// Reboot.
     Reboot {
@@ -278,7 +281,7 @@ mod tests {
     use super::*;
 
     fn entry(id: &str, generation: u64) -> Entry {
-        Entry::accepted(id, generation, Op::Drain { timeout_seconds: 30 })
+        Entry::accepted(id, generation, Op::Drain { timeout_seconds: 30, force: false })
     }
 
     #[test]

@@ -447,7 +447,7 @@ fn drain_evicts_normal_pods_skips_daemonset_mirror_and_finished_pods_and_waits_f
     cluster.linger.insert("shop/web-1".into(), 3);
     let server = FakeKubeApiServer::start(cluster, &ca, None);
     let agent = Agent::new(&ca);
-    agent.host(&server).drain(Duration::from_secs(10)).expect("drained");
+    agent.host(&server).drain(Duration::from_secs(10), false).expect("drained");
     let evictions: Vec<String> =
         server.with(|c| c.requests.iter().filter(|r| r.ends_with("/eviction")).cloned().collect());
     assert_eq!(
@@ -476,7 +476,7 @@ fn an_eviction_blocked_by_a_budget_times_out_naming_the_pod_and_the_budget() {
     cluster.blocked.insert("shop/web-1".into());
     let server = FakeKubeApiServer::start(cluster, &ca, None);
     let agent = Agent::new(&ca);
-    let err = agent.host(&server).drain(Duration::from_secs(1)).expect_err("blocked");
+    let err = agent.host(&server).drain(Duration::from_secs(1), false).expect_err("blocked");
     assert_eq!(err.to_string(), "drain timed out after 1s: pod shop/web-1 blocked by PodDisruptionBudget shop/web-pdb");
     let tries = server.with(|c| c.requests.iter().filter(|r| r.ends_with("/shop/pods/web-1/eviction")).count());
     assert!(tries >= 3, "the blocked eviction was retried every eviction_retry ({tries} tries)");

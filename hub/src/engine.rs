@@ -2,33 +2,31 @@
 //!
 //! Every decision comes out of `upkeep_core::run` (plan, start, stop, skip, member_finished). The engine only
 //! builds the planner's inputs from the store (fleet view, catalog), commits the new state and its events in
-//! one transaction, and then carries out the plan's actions: a member upgrade walks the member's nodes pool by
-//! pool within `max_unavailable` through the agent sessions (cordon, drain, upgrade, uncordon) and reports the
-//! outcome back through `member_finished`.
+//! one transaction, and then carries out the plan's actions: a starting member carries the work list the planner
+//! decided for it (`upkeep_core::work`), which the one node-work executor (`crate::executor`) carries out under
+//! the member's leases; the outcome goes back through `member_finished`.
 //!
-//! Crash safety: state is committed before anything is sent. After a restart the engine finds members that
-//! are Running without an executor and starts their executors again; every node step carries an operation id
-//! derived from (run, member, attempt, node, step), so a step the agent already did is answered with its
-//! first result and never done twice.
+//! Crash safety: state (work list included) is committed before anything is sent. After a restart the engine
+//! finds members that are Running without a task and hands the same work (same id) to the executor again, which
+//! resumes it from its stored progress; operation ids derive from (run, member, attempt, node, step), so a step the
+//! agent already did is answered with its first result and never done twice.
 
-use crate::fleet::{CommandError, Fleet, now_ms};
-use crate::store::{EventRecord, ImageRecord, NewEvent, NodeRecord, Store, StoreError};
+use crate::executor::{Executor, JobSpec, NodeEvent};
+use crate::fleet::{Fleet, now_ms};
+use crate::ledger::run_holder;
+use crate::store::{EventRecord, MemberSettings, NewEvent, NodeRecord, Store, StoreError};
 use chrono::{DateTime, TimeZone, Utc};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
-use upkeep_core::concurrency::Limit;
 use upkeep_core::run::{
     self, Action, Catalog, LevelRef, MemberTarget, MemberView, NodePoolView, Plan, RunOpError, RunState, Status,
     UpgradeType,
 };
 use upkeep_core::schedule::MaintenanceSchedule;
 use upkeep_core::version::{ImageVersion, KubernetesVersion, NodeImageVersion};
-use upkeep_proto::v1;
-
-/// How often a member executor looks again at leases held in its member.
-const LEASE_RECHECK: Duration = Duration::from_secs(2);
+use upkeep_core::work::{Operation, WorkNode, WorkPlan, plan_work};
 
 /// Longest time between two planning passes even when nothing happens.
 pub const MAX_IDLE: Duration = Duration::from_secs(30);
@@ -85,7 +83,7 @@ pub struct Engine {
     executing: Mutex<HashSet<(String, String)>>,
     /// The last committed status of each run (node events carry it without re-reading the run).
     statuses: Mutex<std::collections::HashMap<String, String>>,
-    limits: StepLimits,
+    executor: Arc<Executor>,
 }
 
 fn ms_to_time(ms: i64) -> DateTime<Utc> {
@@ -113,17 +111,24 @@ pub fn state_json(state: &RunState) -> String {
 }
 
 impl Engine {
-    /// A new engine over `fleet`.
-    pub fn new(fleet: Arc<Fleet>, limits: StepLimits) -> Arc<Engine> {
-        Arc::new(Engine {
+    /// A new engine over `fleet`; member upgrades go to `executor`, whose node events land in the runs' logs.
+    pub fn new(fleet: Arc<Fleet>, executor: Arc<Executor>) -> Arc<Engine> {
+        let engine = Arc::new(Engine {
             fleet,
             wake: Notify::new(),
             events: broadcast::channel(4096).0,
             commit_lock: tokio::sync::Mutex::new(()),
             executing: Mutex::new(HashSet::new()),
             statuses: Mutex::new(std::collections::HashMap::new()),
-            limits,
-        })
+            executor: executor.clone(),
+        });
+        let weak = Arc::downgrade(&engine);
+        executor.set_event_sink(Arc::new(move |e: NodeEvent| {
+            if let Some(engine) = weak.upgrade() {
+                engine.node_event(&e);
+            }
+        }));
+        engine
     }
 
     fn store(&self) -> &dyn Store {
@@ -234,7 +239,7 @@ impl Engine {
         }
         for action in &plan.actions {
             match action {
-                Action::StartMember { member, target } => self.spawn_member(name, &new_state, member, target.clone()),
+                Action::StartMember { member, target, .. } => self.spawn_member(name, &new_state, member, target.clone()),
             }
         }
         Ok((new_state, plan))
@@ -245,32 +250,99 @@ impl Engine {
         if !self.executing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
             return;
         }
-        let Some(ms) = state.member(member) else { return };
-        let job = MemberJob {
-            run: run_name.to_string(),
-            member: member.to_string(),
-            upgrade_type: state.upgrade_type(),
-            target,
-            attempt: ms.attempts,
-            generation: ms.level.started_at.map(|t| t.timestamp_millis() as u64).unwrap_or(1),
+        let Some(ms) = state.member(member) else {
+            self.executing.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            return;
         };
         let engine = self.clone();
+        let run = run_name.to_string();
+        let member = member.to_string();
+        let upgrade_type = state.upgrade_type();
+        let attempt = ms.attempts;
+        let stored_work = ms.work.clone();
         tokio::spawn(async move {
-            tracing::info!(run = %job.run, member = %job.member, target = %job.target, "member upgrade started");
-            let outcome = engine.upgrade_member(&job).await;
+            let outcome = engine.upgrade_member(&run, &member, upgrade_type, &target, attempt, stored_work).await;
             match &outcome {
-                Ok(()) => tracing::info!(run = %job.run, member = %job.member, "member upgrade done"),
-                Err(e) => tracing::warn!(run = %job.run, member = %job.member, error = %e, "member upgrade failed"),
+                Ok(()) => tracing::info!(run = %run, member = %member, "member upgrade done"),
+                Err(e) => tracing::warn!(run = %run, member = %member, error = %e, "member upgrade failed"),
             }
             let result = engine
-                .transact(&job.run, |s, f, c, now| run::member_finished(s, &job.member, outcome.clone(), f, c, now))
+                .transact(&run, |s, f, c, now| run::member_finished(s, &member, outcome.clone(), f, c, now))
                 .await;
             if let Err(e) = result {
-                tracing::error!(run = %job.run, member = %job.member, error = %e, "recording member result");
+                tracing::error!(run = %run, member = %member, error = %e, "recording member result");
             }
-            engine.executing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(job.run.clone(), job.member.clone()));
+            engine.executing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(run.clone(), member.clone()));
             engine.poke();
         });
+    }
+
+    /// Hands a member's upgrade to the executor: the work list the planner decided when the member started (a
+    /// state written before work lists existed gets one planned now from the member's nodes).
+    async fn upgrade_member(
+        &self,
+        run_name: &str,
+        member: &str,
+        upgrade_type: UpgradeType,
+        target: &MemberTarget,
+        attempt: u32,
+        stored: Option<WorkPlan>,
+    ) -> Result<(), String> {
+        let settings = self.store().member_settings(member).map_err(|e| e.to_string())?;
+        let plan = match stored {
+            Some(p) => p,
+            None => {
+                let (fleet, _) = self.views().map_err(|e| e.to_string())?;
+                let nodes = fleet.members.get(member).map(|m| m.nodes.clone()).unwrap_or_default();
+                plan_work(
+                    &Operation::RunUpgrade {
+                        upgrade_type,
+                        kubernetes: target.kubernetes_version,
+                        images: target.images.clone(),
+                    },
+                    &nodes,
+                    settings.budget(),
+                )
+            }
+        };
+        let spec = JobSpec {
+            id: format!("run/{run_name}/{member}/{attempt}"),
+            member: member.to_string(),
+            holder: run_holder(run_name, member),
+            purpose: format!("update run {run_name:?}: {target}"),
+            plan,
+            outside_window: true,
+            forced: false,
+            drain: settings.drain(),
+            run: Some(run_name.to_string()),
+        };
+        tracing::info!(run = %run_name, member, job = %spec.id, "member upgrade started");
+        let end = self.executor.execute(spec).await.map_err(|e| e.to_string())?;
+        end.result()
+    }
+
+    /// Writes a node event of run work into its run's event log (the executor's event sink).
+    pub fn node_event(&self, e: &NodeEvent) {
+        let Some(run) = &e.run else { return };
+        let status = self.statuses.lock().unwrap_or_else(|e| e.into_inner()).get(run).cloned().unwrap_or_default();
+        let ev = NewEvent {
+            at_ms: now_ms(),
+            kind: "node".into(),
+            level: format!("node {:?} of member {:?}", e.node, e.member),
+            from: e.from.into(),
+            to: e.to.into(),
+            message: e.message.clone(),
+            error: e.error.clone(),
+            run_status: status,
+        };
+        match self.store().append_events(run, &[ev]) {
+            Ok(stored) => {
+                for e in stored {
+                    let _ = self.events.send(e);
+                }
+            }
+            Err(err) => tracing::error!(run = %run, node = %e.node, error = %err, "recording node event"),
+        }
     }
 
     /// The planner's inputs, built from the inventory, member settings and the catalog.
@@ -281,23 +353,12 @@ impl Engine {
             by_member.entry(n.facts.member.clone()).or_default().push(n);
         }
         let mut fleet = run::Fleet::default();
-        let all_settings: std::collections::HashMap<String, crate::store::MemberSettings> =
+        let all_settings: std::collections::HashMap<String, MemberSettings> =
             self.store().all_member_settings()?.into_iter().map(|s| (s.member.clone(), s)).collect();
-        let defaults = crate::store::MemberSettings {
-            member: String::new(),
-            node_os_schedule: None,
-            cluster_schedule: None,
-            max_unavailable: "1".into(),
-        };
+        let defaults = MemberSettings::defaults("");
         for (member, nodes) in by_member {
             let settings = all_settings.get(&member).unwrap_or(&defaults);
-            let schedule = |j: &Option<String>| -> Option<MaintenanceSchedule> {
-                j.as_deref().and_then(|s| serde_json::from_str(s).ok())
-            };
-            fleet.members.insert(
-                member.clone(),
-                member_view(&nodes, schedule(&settings.node_os_schedule), schedule(&settings.cluster_schedule)),
-            );
+            fleet.members.insert(member.clone(), member_view(&nodes, settings));
         }
         let mut catalog = Catalog::default();
         for img in self.store().list_images(None)? {
@@ -311,219 +372,23 @@ impl Engine {
         }
         Ok((fleet, catalog))
     }
-
-    async fn upgrade_member(&self, job: &MemberJob) -> Result<(), String> {
-        let nodes = self.store().list_nodes(Some(&job.member)).map_err(|e| e.to_string())?;
-        let settings = self.store().member_settings(&job.member).map_err(|e| e.to_string())?;
-        let limit: Limit = settings.max_unavailable.parse().unwrap_or(Limit::Count(1));
-        let images = self.store().list_images(None).map_err(|e| e.to_string())?;
-        let mut pools: BTreeMap<String, Vec<&NodeRecord>> = BTreeMap::new();
-        for n in &nodes {
-            pools.entry(n.facts.node_pool.clone()).or_default().push(n);
-        }
-        // Control-plane pools first (Full upgrades the control plane before the other pools).
-        let mut order: Vec<(&String, &Vec<&NodeRecord>)> = pools.iter().collect();
-        order.sort_by_key(|(name, ns)| (!ns.iter().any(|n| n.facts.control_plane), (*name).clone()));
-        for (pool, pool_nodes) in order {
-            let work: Vec<NodeWork> = pool_nodes
-                .iter()
-                .filter_map(|n| node_work(job, pool, n, &images))
-                .collect::<Result<Vec<_>, String>>()?
-                .into_iter()
-                .flatten()
-                .collect();
-            if work.is_empty() {
-                continue;
-            }
-            let batch = limit.resolve(pool_nodes.len() as u32).max(1) as usize;
-            for chunk in work.chunks(batch) {
-                self.wait_for_leases(job).await?;
-                let results = futures::future::join_all(chunk.iter().map(|w| self.upgrade_node(job, w))).await;
-                let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-                if !failures.is_empty() {
-                    return Err(failures.join("; "));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until no node of the member is out of service under a lease (a node rebooting on its own, or a
-    /// channel rollout finishing the node it had started): the run and the leases share the member's budget.
-    /// New leases are not granted while the member is Running in a run, so this wait ends; leases of silent
-    /// holders expire.
-    async fn wait_for_leases(&self, job: &MemberJob) -> Result<(), String> {
-        let mut logged = false;
-        loop {
-            let now = now_ms();
-            let held: Vec<String> = self
-                .store()
-                .list_leases()
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .filter(|l| l.member == job.member && l.expires_ms > now)
-                .map(|l| format!("{} ({})", l.node, l.purpose))
-                .collect();
-            if held.is_empty() {
-                return Ok(());
-            }
-            if !logged {
-                tracing::info!(run = %job.run, member = %job.member, held = ?held, "waiting for leased nodes to come back");
-                logged = true;
-            }
-            tokio::time::sleep(LEASE_RECHECK).await;
-        }
-    }
-
-    async fn upgrade_node(&self, job: &MemberJob, w: &NodeWork) -> Result<(), String> {
-        self.node_event(job, &w.node, "NotStarted", "Running", &format!("upgrading: {}", w.describe()), "");
-        for (step, kind, limit) in w.steps(&self.limits) {
-            let op_id = format!("{}/{}/{}/{}/{}", job.run, job.member, job.attempt, w.node, step);
-            let r = self.fleet.command(&w.node, &op_id, job.generation, kind, limit).await;
-            let err = match r {
-                Ok(res) if res.ok => continue,
-                Ok(res) => format!("node {}: {step} failed: {}", w.node, res.error),
-                Err(CommandError::Silent { node, for_ms }) => {
-                    format!("node {node} is Unknown: silent for {} s during {step}", for_ms / 1000)
-                }
-                Err(e) => format!("node {}: {step}: {e}", w.node),
-            };
-            self.node_event(job, &w.node, "Running", "Failed", &format!("{step} failed"), &err);
-            return Err(err);
-        }
-        self.node_event(job, &w.node, "Running", "Completed", &format!("upgraded: {}", w.describe()), "");
-        Ok(())
-    }
-
-    fn node_event(&self, job: &MemberJob, node: &str, from: &str, to: &str, message: &str, error: &str) {
-        let status = self.statuses.lock().unwrap_or_else(|e| e.into_inner()).get(&job.run).cloned().unwrap_or_default();
-        let e = NewEvent {
-            at_ms: now_ms(),
-            kind: "node".into(),
-            level: format!("node {node:?} of member {:?}", job.member),
-            from: from.into(),
-            to: to.into(),
-            message: message.into(),
-            error: error.into(),
-            run_status: status,
-        };
-        match self.store().append_events(&job.run, &[e]) {
-            Ok(stored) => {
-                for e in stored {
-                    let _ = self.events.send(e);
-                }
-            }
-            Err(err) => tracing::error!(run = %job.run, node, error = %err, "recording node event"),
-        }
-    }
 }
 
-/// One member's upgrade as handed to its executor.
-#[derive(Debug, Clone)]
-struct MemberJob {
-    run: String,
-    member: String,
-    upgrade_type: UpgradeType,
-    target: MemberTarget,
-    attempt: u32,
-    generation: u64,
-}
-
-/// What one node needs.
-#[derive(Debug, Clone)]
-struct NodeWork {
-    node: String,
-    kubernetes: Option<KubernetesVersion>,
-    image: Option<(NodeImageVersion, v1::ImageRef)>,
-}
-
-impl NodeWork {
-    fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(k) = self.kubernetes {
-            parts.push(format!("Kubernetes {k}"));
-        }
-        if let Some((img, _)) = &self.image {
-            parts.push(format!("image {img}"));
-        }
-        parts.join(", ")
+/// What the work planner needs to know about a node (`upkeep_core::work::plan_work`).
+pub fn work_node(n: &NodeRecord) -> WorkNode {
+    WorkNode {
+        name: n.name.clone(),
+        pool: n.facts.node_pool.clone(),
+        control_plane: n.facts.control_plane,
+        image: n.facts.node_image_version.parse().ok(),
+        kubernetes: n.facts.kubernetes_version.parse().ok(),
     }
-
-    fn steps(&self, limits: &StepLimits) -> Vec<(&'static str, v1::command::Kind, Duration)> {
-        use v1::command::Kind;
-        let mut steps = vec![
-            ("cordon", Kind::Cordon(v1::Cordon {}), limits.quick),
-            ("drain", Kind::Drain(v1::Drain { timeout_seconds: limits.drain.as_secs() as u32 }), limits.drain),
-        ];
-        if let Some(k) = self.kubernetes {
-            steps.push((
-                "upgrade-kubernetes",
-                Kind::UpgradeKubernetes(v1::UpgradeKubernetes { version: k.to_string(), first_control_plane: false }),
-                limits.upgrade,
-            ));
-        }
-        if let Some((_, image)) = &self.image {
-            steps.push((
-                "reimage",
-                Kind::Reimage(v1::Reimage { image: Some(image.clone()), allow_downgrade: false, reinstall: false }),
-                limits.upgrade,
-            ));
-        }
-        steps.push(("uncordon", Kind::Uncordon(v1::Uncordon {}), limits.quick));
-        steps
-    }
-}
-
-/// The work a node needs for `job`, or None when it is already at target. Err when the catalog lacks the image.
-fn node_work(
-    job: &MemberJob,
-    pool: &str,
-    n: &NodeRecord,
-    images: &[ImageRecord],
-) -> Option<Result<Option<NodeWork>, String>> {
-    let kubernetes = match job.upgrade_type {
-        UpgradeType::Full | UpgradeType::ControlPlaneOnly => job.target.kubernetes_version.filter(|k| {
-            (job.upgrade_type == UpgradeType::Full || n.facts.control_plane)
-                && n.facts.kubernetes_version.parse::<KubernetesVersion>().ok().is_none_or(|cur| cur < *k)
-        }),
-        UpgradeType::NodeImageOnly => None,
-    };
-    let image = if job.upgrade_type.changes_node_images() {
-        match job.target.images.get(pool) {
-            Some(target) if n.facts.node_image_version != target.label() => {
-                let rec = images.iter().find(|i| i.family == target.family && i.version == target.version.to_string());
-                let Some(rec) = rec else {
-                    return Some(Err(format!("image {target} is not in the catalog")));
-                };
-                Some((
-                    target.clone(),
-                    v1::ImageRef {
-                        family: rec.family.clone(),
-                        version: rec.version.clone(),
-                        url: rec.url.clone(),
-                        sha256: rec.sha256.clone(),
-                        signature: rec.signature.clone(),
-                        size_bytes: rec.size_bytes,
-                    },
-                ))
-            }
-            _ => None,
-        }
-    } else {
-        None
-    };
-    if kubernetes.is_none() && image.is_none() {
-        return Some(Ok(None));
-    }
-    Some(Ok(Some(NodeWork { node: n.name.clone(), kubernetes, image })))
 }
 
 /// The planner's view of one member from its nodes.
-fn member_view(
-    nodes: &[&NodeRecord],
-    node_os_schedule: Option<MaintenanceSchedule>,
-    cluster_schedule: Option<MaintenanceSchedule>,
-) -> MemberView {
+fn member_view(nodes: &[&NodeRecord], settings: &MemberSettings) -> MemberView {
+    let schedule =
+        |j: &Option<String>| -> Option<MaintenanceSchedule> { j.as_deref().and_then(|s| serde_json::from_str(s).ok()) };
     // The member's region is the one most of its nodes are in; pools elsewhere carry their own.
     let mut region_count: BTreeMap<&str, usize> = BTreeMap::new();
     for n in nodes {
@@ -563,5 +428,13 @@ fn member_view(
             nodes.iter().map(|n| n.facts.kubernetes_version.parse().ok()).collect();
         if ks.iter().all(Option::is_some) { ks.into_iter().flatten().min() } else { None }
     };
-    MemberView { region, kubernetes_version, node_pools, node_os_schedule, cluster_schedule }
+    MemberView {
+        region,
+        kubernetes_version,
+        node_pools,
+        node_os_schedule: schedule(&settings.node_os_schedule),
+        cluster_schedule: schedule(&settings.cluster_schedule),
+        nodes: nodes.iter().map(|n| work_node(n)).collect(),
+        max_unavailable: settings.budget(),
+    }
 }

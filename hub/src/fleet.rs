@@ -54,6 +54,9 @@ pub const BOOT_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 
 /// How often a waiting command re-checks the node's session.
 const COMMAND_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Where a command's result goes: the result and the node's report count when it arrived.
+type ResultWaiter = tokio::sync::oneshot::Sender<(v1::OperationResult, u64)>;
+
 /// The sending half of one agent session.
 pub type SessionTx = mpsc::Sender<Result<v1::HubMessage, Status>>;
 
@@ -79,8 +82,15 @@ pub struct Fleet {
     seen: Mutex<HashMap<String, i64>>,
     next_session: AtomicU64,
     closing: tokio::sync::watch::Sender<bool>,
-    /// Operation id -> its waiter, which gets the result and the node's report count when it arrived.
-    waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<(v1::OperationResult, u64)>>>,
+    /// Operation id -> the node it was sent to and its waiter, which gets the result and the node's report count
+    /// when it arrived.
+    waiting: Mutex<HashMap<String, (String, ResultWaiter)>>,
+    /// When each node was last heard from since this hub started (never drained, unlike `seen`).
+    heard: Mutex<HashMap<String, i64>>,
+    /// This hub start's epoch (from the store): the high bits of every command generation.
+    epoch: u64,
+    /// Commands sent since this hub started: the low bits of every command generation.
+    sent: AtomicU64,
     /// Reports recorded per node since the hub started (to wait for the report that follows a result).
     reports: Mutex<HashMap<String, u64>>,
     /// Bumped on every report (wakes waiters).
@@ -94,10 +104,38 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A command generation is `epoch << GENERATION_EPOCH_SHIFT | n`: every hub start has a new epoch (kept in the
+/// store), and `n` counts the commands sent since. So generations grow across restarts for every issuer, and an
+/// agent refuses a command older than the newest it has seen. 2^42 is above every Unix-ms time until 2109, so
+/// even the first epoch is newer than the start-time generations hubs sent before this scheme.
+pub const GENERATION_EPOCH_SHIFT: u32 = 42;
+
+/// Why a result was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResultRefused {
+    /// The operation was sent to another node: a node may answer only for itself.
+    #[error(
+        "node {sender:?} sent a result for operation {operation:?}, which was sent to node {target:?}; a node may \
+         answer only its own commands"
+    )]
+    NotYours {
+        /// Who sent the result.
+        sender: String,
+        /// The operation.
+        operation: String,
+        /// The node it was sent to.
+        target: String,
+    },
+}
+
 impl Fleet {
-    /// A fleet over `store`.
-    pub fn new(store: Arc<dyn Store>, timing: Timing) -> Fleet {
-        Fleet {
+    /// A fleet over `store`; advances the store's hub epoch (the fencing of every command this hub sends).
+    pub fn new(store: Arc<dyn Store>, timing: Timing) -> Result<Fleet, StoreError> {
+        let epoch = store.next_epoch()?;
+        Ok(Fleet {
+            epoch,
+            sent: AtomicU64::new(0),
+            heard: Mutex::new(HashMap::new()),
             store,
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -107,7 +145,18 @@ impl Fleet {
             reports: Mutex::new(HashMap::new()),
             report_tick: tokio::sync::watch::channel(0).0,
             timing,
-        }
+        })
+    }
+
+    /// A fresh command generation, newer than every one this hub (or an earlier start of it) sent.
+    pub fn next_generation(&self) -> u64 {
+        let n = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        (self.epoch << GENERATION_EPOCH_SHIFT) | (n & ((1 << GENERATION_EPOCH_SHIFT) - 1))
+    }
+
+    /// This hub start's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The store.
@@ -128,6 +177,7 @@ impl Fleet {
         let now = now_ms();
         let member = self.store.record_report(node, &facts_from_wire(report), now)?;
         self.seen().insert(node.to_string(), now);
+        self.heard.lock().unwrap_or_else(|e| e.into_inner()).insert(node.to_string(), now);
         *self.reports.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_string()).or_default() += 1;
         self.report_tick.send_modify(|n| *n = n.wrapping_add(1));
         Ok(member)
@@ -135,7 +185,9 @@ impl Fleet {
 
     /// Notes that a node was heard from (flushed to the store in batches by `flush_seen`).
     pub fn touch(&self, node: &str) {
-        self.seen().insert(node.to_string(), now_ms());
+        let now = now_ms();
+        self.seen().insert(node.to_string(), now);
+        self.heard.lock().unwrap_or_else(|e| e.into_inner()).insert(node.to_string(), now);
     }
 
     /// Writes pending last-seen times to the store in one transaction.
@@ -200,23 +252,52 @@ impl Fleet {
         &self,
         node: &str,
         operation_id: &str,
-        generation: u64,
         kind: v1::command::Kind,
         within: std::time::Duration,
     ) -> Result<v1::OperationResult, CommandError> {
-        self.command_marked(node, operation_id, generation, kind, within).await.map(|(r, _)| r)
+        self.command_marked(node, operation_id, kind, within, &|_| {}).await.map(|(r, _)| r)
     }
 
-    /// `command`, also returning the node's report count when the result arrived (for `report_after`).
-    pub async fn command_marked(
+    /// `command` with an explicit generation instead of a fresh one: what a stale issuer (a deposed hub, a replay
+    /// of an old message) would send. The agent refuses it when it has seen a newer one. For tests and tools.
+    pub async fn command_at_generation(
         &self,
         node: &str,
         operation_id: &str,
         generation: u64,
         kind: v1::command::Kind,
         within: std::time::Duration,
+    ) -> Result<v1::OperationResult, CommandError> {
+        self.command_inner(node, operation_id, Some(generation), kind, within, &|_| {}).await.map(|(r, _)| r)
+    }
+
+    /// `command`, also returning the node's report count when the result arrived (for `report_after`).
+    /// `on_silence` hears when the node turns silent (`Some(since_ms)`) and when it is heard again (`None`).
+    ///
+    /// Silence: a node with no session, or whose session is open but which has sent nothing past its silence
+    /// deadline (a frozen agent), is silent. The step fails with `Silent` once the node has been silent for
+    /// [`silent_step_limit_ms`](Fleet::silent_step_limit_ms) (a boot's grace for steps that reboot the node).
+    pub async fn command_marked(
+        &self,
+        node: &str,
+        operation_id: &str,
+        kind: v1::command::Kind,
+        within: std::time::Duration,
+        on_silence: &(dyn Fn(Option<i64>) + Send + Sync),
     ) -> Result<(v1::OperationResult, u64), CommandError> {
-        // A step that reboots the node keeps it away for a boot: it is Unknown only after the boot grace.
+        self.command_inner(node, operation_id, None, kind, within, on_silence).await
+    }
+
+    async fn command_inner(
+        &self,
+        node: &str,
+        operation_id: &str,
+        generation: Option<u64>,
+        kind: v1::command::Kind,
+        within: std::time::Duration,
+        on_silence: &(dyn Fn(Option<i64>) + Send + Sync),
+    ) -> Result<(v1::OperationResult, u64), CommandError> {
+        // A step that reboots the node keeps it away for a boot: it fails only after the boot grace.
         let reboots = matches!(
             kind,
             v1::command::Kind::Reimage(_)
@@ -224,38 +305,42 @@ impl Fleet {
                 | v1::command::Kind::ApplySecurityPatch(_)
                 | v1::command::Kind::UpgradeKubernetes(_)
         );
-        let silent_ms = if reboots {
-            self.silence_deadline_ms().max(BOOT_GRACE.as_millis() as i64)
-        } else {
-            self.silence_deadline_ms()
-        };
+        let silent_ms = self.silent_step_limit_ms(reboots);
         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(operation_id.to_string(), done_tx);
-        let msg = v1::HubMessage {
-            body: Some(v1::hub_message::Body::Command(v1::Command {
-                operation_id: operation_id.to_string(),
-                generation,
-                kind: Some(kind),
-            })),
-        };
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(operation_id.to_string(), (node.to_string(), done_tx));
+        let mut command = v1::Command { operation_id: operation_id.to_string(), generation: 0, kind: Some(kind) };
         let deadline = tokio::time::Instant::now() + within;
         let mut sent_on: Option<u64> = None;
-        let mut disconnected_since: Option<i64> = None;
+        let mut silent_since: Option<i64> = None;
         let outcome = loop {
             let session = self.sessions().get(node).map(|s| (s.id, s.tx.clone()));
-            match session {
-                Some((id, tx)) if sent_on != Some(id) => {
-                    disconnected_since = None;
-                    if tx.send(Ok(msg.clone())).await.is_ok() {
-                        sent_on = Some(id);
-                    }
-                }
-                Some(_) => disconnected_since = None,
-                None => {
-                    let since = *disconnected_since.get_or_insert_with(now_ms);
-                    if now_ms() - since > silent_ms {
-                        break Err(CommandError::Silent { node: node.to_string(), for_ms: now_ms() - since });
-                    }
+            let now = now_ms();
+            let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner()).get(node).copied();
+            let silent_from = match &session {
+                None => Some(silent_since.unwrap_or(now)),
+                Some(_) => heard.filter(|h| now - h > self.silence_deadline_ms()),
+            };
+            if silent_from.is_some() != silent_since.is_some() || silent_from.is_some_and(|s| Some(s) != silent_since) {
+                on_silence(silent_from);
+            }
+            silent_since = silent_from;
+            if let Some(since) = silent_since
+                && now - since > silent_ms
+            {
+                break Err(CommandError::Silent { node: node.to_string(), for_ms: now - since });
+            }
+            if let Some((id, tx)) = session
+                && sent_on != Some(id)
+            {
+                // Every send carries a fresh generation: a repeat of the same operation id is answered from the
+                // agent's journal before the generation is looked at, a new one must be the newest.
+                command.generation = generation.unwrap_or_else(|| self.next_generation());
+                let msg = v1::HubMessage { body: Some(v1::hub_message::Body::Command(command.clone())) };
+                if tx.send(Ok(msg)).await.is_ok() {
+                    sent_on = Some(id);
                 }
             }
             tokio::select! {
@@ -273,14 +358,33 @@ impl Fleet {
         i64::from(self.timing.heartbeat_interval_seconds) * i64::from(self.timing.silent_after_heartbeats) * 1000
     }
 
-    /// Delivers an operation result from an agent to whoever waits for it. False if nobody waits (a result of an
-    /// operation sent before a hub restart); the sender will ask again with the same id and get it then.
-    pub fn deliver_result(&self, node: &str, result: v1::OperationResult) -> bool {
-        let waiter = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&result.operation_id);
-        match waiter {
-            Some(w) => w.send((result, self.report_count(node))).is_ok(),
-            None => false,
+    /// How long a node may stay silent during a step before the step fails (the failure policy's deadline):
+    /// twice its silence deadline (it shows Unknown for the second half), or [`BOOT_GRACE`] for a step that
+    /// reboots it.
+    pub fn silent_step_limit_ms(&self, reboots: bool) -> i64 {
+        let twice = 2 * self.silence_deadline_ms();
+        if reboots { twice.max(BOOT_GRACE.as_millis() as i64) } else { twice }
+    }
+
+    /// Delivers an operation result from `node` to whoever waits for it. `Ok(false)` if nobody waits (a result of
+    /// an operation sent before a hub restart; the executor will send it again with the same id and get it then).
+    /// A result for an operation sent to another node is refused and changes nothing: the command stays pending.
+    pub fn deliver_result(&self, node: &str, result: v1::OperationResult) -> Result<bool, ResultRefused> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        match waiting.get(&result.operation_id) {
+            Some((target, _)) if target != node => {
+                return Err(ResultRefused::NotYours {
+                    sender: node.to_string(),
+                    operation: result.operation_id.clone(),
+                    target: target.clone(),
+                });
+            }
+            Some(_) => {}
+            None => return Ok(false),
         }
+        let Some((_, w)) = waiting.remove(&result.operation_id) else { return Ok(false) };
+        drop(waiting);
+        Ok(w.send((result, self.report_count(node))).is_ok())
     }
 
     fn report_count(&self, node: &str) -> u64 {
@@ -359,6 +463,7 @@ impl Fleet {
             first_seen_unix_ms: n.first_seen_ms,
             last_seen_unix_ms: self.last_seen(n),
             last_report_unix_ms: n.last_report_ms,
+            ..Default::default()
         }
     }
 }

@@ -1,16 +1,20 @@
 //! upkeep-hub: the control plane.
 //!
 //! Code map: `config` (hub.toml), `pki` (fleet CA and certificates), `store` (trait Store, SQLite default),
-//! `fleet` (live sessions + inventory), `grpc` (thin adapters, one error -> Status map), `server` (the mTLS
-//! shell), `cli` (upkeepctl). Decisions live in upkeep-core; this crate persists, then acts.
+//! `fleet` (live sessions + inventory), `engine` (update runs), `maintenance` (channel rollouts, reboots),
+//! `executor` (the one node-work executor every disruption goes through), `ledger` (the one table of nodes out
+//! of service), `grpc` (thin adapters, one error -> Status map), `server` (the mTLS shell), `cli` (upkeepctl).
+//! Decisions live in upkeep-core; this crate persists, then acts.
 
 pub mod artifacts;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod executor;
 pub mod fleet;
 pub mod grpc;
 pub mod image_tools;
+pub mod ledger;
 pub mod maintenance;
 pub mod pki;
 pub mod server;

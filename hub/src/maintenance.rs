@@ -1,23 +1,30 @@
-//! Channel auto-upgrades and disruption leases: what the hub does to members on its own (SPEC §2, §4).
+//! Channel auto-upgrades and reboots: what the hub does to members on its own (SPEC §2, §4).
 //!
-//! One budget, one mechanism. A node is out of service only under a *lease* in the `leases` table: nodes ask for
-//! one before a reboot (`LeaseRequest` on the agent session), operators grant one with `upkeepctl node reboot`, and
-//! the hub takes one for every node a channel rollout changes. `core::maintenance::decide_lease` decides every
-//! grant from the member's `max_unavailable`, its node OS window, the runs upgrading it and the leases already held.
-//! Leases lapse at their expiry unless their node keeps talking to the hub, so a dead node does not hold a slot.
+//! Nothing here touches a node. Every disruption is a piece of work handed to the one executor
+//! (`crate::executor`), planned by `upkeep_core::work::plan_work`, under leases of the one ledger
+//! (`crate::ledger`):
 //!
-//! Channel rollouts: on every pass (a catalog or channel change pokes it; otherwise every [`MAX_IDLE`]) the loop
-//! asks `core::maintenance::desired_rollout` what each member's channel wants (newest image for `NodeImage`,
-//! newest security patch for `SecurityPatch`, a reimage to the current image after a channel switch) and
-//! `may_start` whether it may begin (window, weekly cadence, no run upgrading the member). A started rollout is
-//! stored (`rollouts` table, state JSON) and executed node by node under leases: cordon, drain, reimage or patch
-//! (+ reboot when the node then says one is required), uncordon, release. Operation ids derive from
-//! (member, rollout, node, step), so after a hub restart the executor resumes and no node step is done twice.
-//! The same release gives the same rollout id, so it is never rolled twice; a failed node stops the rollout.
+//! - **Channel rollouts.** On every pass (a catalog, channel or window change pokes it; otherwise every
+//!   [`MAX_IDLE`]) the loop asks `core::maintenance::desired_rollout` what each member's channel wants *per node*
+//!   (the newest image of its family in its region for `NodeImage`, the newest security patch for
+//!   `SecurityPatch`, a reimage to the current image after a channel switch). Every node behind its channel is
+//!   shown as such (`node list`, `node show`, `member show`). A rollout starts inside the node OS window (without
+//!   one: a *new* release at most once per cadence; nodes catching up to a release the member already rolled,
+//!   such as nodes that joined later, may start any time), never while an update run upgrades the member. A node
+//!   that failed a target is not given the same target again until a newer release.
+//! - **Reboots a node asks for** (Unmanaged, SecurityPatch: the OS wants a reboot). The hub answers the node's
+//!   lease request by taking the lease itself and rebooting the node through the executor (cordon, drain, reboot,
+//!   uncordon); the node is told so and that no lease is handed to it.
+//! - **Operator reboots and uncordons** (`upkeepctl node reboot [--force]`, `upkeepctl node uncordon`).
+//!
+//! Per node, the loop also keeps *why not now*: what a node behind its channel waits for (window closed: next
+//! opening; budget in use: the holders; a run upgrading the member; the cadence) and when it is next eligible.
 
-use crate::engine::{StepLimits, parse_state};
-use crate::fleet::{CommandError, Fleet, now_ms};
-use crate::store::{LeaseRecord, NodeRecord, Store, StoreError};
+use crate::engine::work_node;
+use crate::executor::{Executor, JobSpec, JobState, JobStatus};
+use crate::fleet::{Fleet, now_ms};
+use crate::ledger::{LeaseAsk, Ledger, time_of, upgrading_runs};
+use crate::store::{NodeRecord, Store, StoreError};
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -25,29 +32,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use upkeep_core::channel::NodeOsChannel;
-use upkeep_core::concurrency::Limit;
 use upkeep_core::maintenance::{
-    ChannelCatalog, HeldLease, LeaseDecision, MemberBudget, NodeTask, NodeView, PatchRelease, Rollout, decide_lease,
-    desired_rollout, may_start,
+    ChannelCatalog, LeaseDecision, NodeTask, NodeView, PatchRelease, Rollout, desired_rollout, may_start,
 };
-use upkeep_core::run::Status;
 use upkeep_core::schedule::MaintenanceSchedule;
 use upkeep_core::version::ImageVersion;
+use upkeep_core::work::{Operation, plan_work};
 use upkeep_proto::v1;
 
 /// Longest pause between two passes.
 pub const MAX_IDLE: Duration = Duration::from_secs(30);
-/// How often a waiting rollout executor looks again (budget, window, runs) when nothing pokes it.
-const EXECUTOR_RECHECK: Duration = Duration::from_secs(5);
-/// How long the hub waits for a node's report after a security patch before deciding on a reboot.
-const REPORT_AFTER_PATCH: Duration = Duration::from_secs(60);
 
 /// `[auto_upgrade]` in hub.toml.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AutoUpgradeSettings {
-    /// Channel rollouts on (leases are always served).
+    /// Channel rollouts on (reboots are always served).
     pub enabled: bool,
-    /// Without a node OS window: at most one rollout start per member per this long.
+    /// Without a node OS window: at most one start of a new release per member per this long.
     pub cadence: TimeDelta,
     /// A lease lapses this long after its holder was last heard from.
     pub lease_ttl: Duration,
@@ -59,16 +60,17 @@ impl Default for AutoUpgradeSettings {
     }
 }
 
-/// A member's rollout as stored.
+/// A member's channel rollouts as stored: the one under way (or the last), and what earlier ones did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutState {
     /// What and why.
     pub rollout: Rollout,
     /// Running, Completed or Failed.
     pub status: String,
-    /// Nodes finished.
+    /// Nodes finished by this rollout.
     pub done: BTreeSet<String>,
-    /// Nodes failed, with the reason.
+    /// Node -> "<target>: <why>" for every node that failed a target (kept across rollouts: the same target is
+    /// not given to that node again).
     pub failed: BTreeMap<String, String>,
     /// Started (Unix ms).
     pub started_ms: i64,
@@ -78,6 +80,19 @@ pub struct RolloutState {
     /// The channel-switch generation it settles, if it is a switch reimage.
     #[serde(default)]
     pub switch_generation: Option<u64>,
+    /// The executor's work id of this rollout.
+    #[serde(default)]
+    pub job: String,
+    /// How many rollouts the member has started (the next work id's number).
+    #[serde(default)]
+    pub seq: u64,
+    /// Targets (`<family>-<version>`) earlier rollouts of the member rolled: nodes behind one of them catch up
+    /// without waiting for the cadence.
+    #[serde(default)]
+    pub rolled: BTreeSet<String>,
+    /// When the last rollout of a *new* release started (Unix ms): the cadence counts from it.
+    #[serde(default)]
+    pub release_started_ms: Option<i64>,
 }
 
 impl RolloutState {
@@ -85,16 +100,29 @@ impl RolloutState {
     pub fn summary(&self) -> String {
         let total = self.rollout.tasks.len();
         let mut s = format!("{} {} ({} of {total} nodes done", self.rollout.id, self.status, self.done.len());
-        if !self.failed.is_empty() {
-            let f: Vec<String> = self.failed.iter().map(|(n, why)| format!("{n}: {why}")).collect();
-            s.push_str(&format!("; failed: {}", f.join("; ")));
+        let failed: Vec<String> = self
+            .failed
+            .iter()
+            .filter(|(n, _)| self.rollout.tasks.contains_key(*n))
+            .map(|(n, why)| format!("{n}: {why}"))
+            .collect();
+        if !failed.is_empty() {
+            s.push_str(&format!("; failed: {}", failed.join("; ")));
         }
         s.push(')');
         s
     }
 }
 
-/// Errors of the lease API, mapped to statuses by the gRPC layer.
+/// The target label of a node task (what "the same target" means).
+fn target_of(t: &NodeTask) -> String {
+    match t {
+        NodeTask::Reimage { image, .. } => image.label(),
+        NodeTask::Patch { family, version, .. } => format!("{family}-{version}"),
+    }
+}
+
+/// Errors of the reboot and uncordon API, mapped to statuses by the gRPC layer.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     /// The store failed.
@@ -111,19 +139,29 @@ pub enum LeaseError {
     Denied(String),
 }
 
-/// The maintenance loop and lease desk.
+/// Why a node is not being changed now although its channel wants it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeWhy {
+    /// What its channel wants that it does not have.
+    pub behind: String,
+    /// What it waits for.
+    pub waiting: String,
+    /// When it is next eligible (Unix ms; 0 unknown or now).
+    pub next_eligible_ms: i64,
+}
+
+/// The maintenance loop and reboot desk.
 pub struct Maintenance {
     fleet: Arc<Fleet>,
     settings: AutoUpgradeSettings,
-    limits: StepLimits,
+    executor: Arc<Executor>,
     wake: Notify,
-    /// Serialises lease decisions with their grants.
-    desk: Mutex<()>,
+    /// Members whose rollout has a task in this process.
     executing: Mutex<HashSet<String>>,
     /// Why a member's channel waits (shown by `member show`), refreshed every pass.
     notes: Mutex<HashMap<String, String>>,
-    /// Nodes holding leases -> when their expiry was last moved (Unix ms).
-    holders: Mutex<HashMap<String, i64>>,
+    /// Per node: behind its channel, and why not now (refreshed every pass).
+    whys: Mutex<HashMap<String, NodeWhy>>,
 }
 
 fn ms_to_time(ms: i64) -> DateTime<Utc> {
@@ -134,38 +172,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Member -> the run upgrading it now.
-fn upgrading_runs(store: &dyn Store) -> Result<HashMap<String, String>, StoreError> {
-    let mut out = HashMap::new();
-    for rec in store.list_runs()? {
-        let Ok(state) = parse_state(&rec.name, &rec.state) else { continue };
-        for m in state.members() {
-            if m.level.status == Status::Running {
-                out.insert(m.name.clone(), rec.name.clone());
-            }
-        }
-    }
-    Ok(out)
-}
-
 fn schedule_of(json: &Option<String>) -> Option<MaintenanceSchedule> {
     json.as_deref().and_then(|s| serde_json::from_str(s).ok())
 }
 
 impl Maintenance {
-    /// Over `fleet`.
-    pub fn new(fleet: Arc<Fleet>, settings: AutoUpgradeSettings, limits: StepLimits) -> Arc<Maintenance> {
-        let holders =
-            fleet.store().list_leases().map(|ls| ls.into_iter().map(|l| (l.node, 0)).collect()).unwrap_or_default();
+    /// Over `fleet`, handing work to `executor`.
+    pub fn new(fleet: Arc<Fleet>, settings: AutoUpgradeSettings, executor: Arc<Executor>) -> Arc<Maintenance> {
         Arc::new(Maintenance {
             fleet,
             settings,
-            limits,
+            executor,
             wake: Notify::new(),
-            desk: Mutex::new(()),
             executing: Mutex::new(HashSet::new()),
             notes: Mutex::new(HashMap::new()),
-            holders: Mutex::new(holders),
+            whys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -173,14 +194,19 @@ impl Maintenance {
         self.fleet.store()
     }
 
-    /// Asks for a pass now (catalog or channel changed, a lease was released).
+    fn ledger(&self) -> &Arc<Ledger> {
+        self.executor.ledger()
+    }
+
+    /// Asks for a pass now (catalog, channel or window changed, a lease was released).
     pub fn poke(&self) {
-        self.wake.notify_waiters();
         self.wake.notify_one();
+        self.ledger().poke();
     }
 
     /// Runs the loop until the task is dropped.
     pub async fn run(self: Arc<Self>) {
+        self.resume_work();
         loop {
             let next = self.tick().await;
             let idle = next
@@ -194,171 +220,163 @@ impl Maintenance {
         }
     }
 
-    // ---- leases ----
-
-    fn budget_inputs(&self, member: &str) -> Result<BudgetInputs, StoreError> {
-        let now = now_ms();
-        for l in self.store().expire_leases(now)? {
-            tracing::warn!(node = %l.node, lease = %l.lease_id, holder = %l.holder, "lease expired (holder silent)");
-            lock(&self.holders).remove(&l.node);
-        }
-        let node_count = self.store().list_nodes(Some(member))?.len() as u32;
-        let settings = self.store().member_settings(member)?;
-        let limit: Limit = settings.max_unavailable.parse().unwrap_or(Limit::Count(1));
-        let window = schedule_of(&settings.node_os_schedule);
-        let run = upgrading_runs(self.store())?.remove(member);
-        let held = self
-            .store()
-            .list_leases()?
-            .into_iter()
-            .filter(|l| l.member == member)
-            .map(|l| HeldLease { node: l.node, lease_id: l.lease_id, purpose: l.purpose })
-            .collect();
-        Ok(BudgetInputs { node_count, limit, window, run, held })
-    }
-
-    /// Decides and, when granted, records a lease. `holder`: node, operator or hub.
-    fn try_grant(
-        &self,
-        node: &NodeRecord,
-        lease_id: &str,
-        holder: &str,
-        purpose: &str,
-        forced: bool,
-    ) -> Result<LeaseDecision, StoreError> {
-        let _desk = lock(&self.desk);
-        let member = node.facts.member.as_str();
-        let BudgetInputs { node_count, limit: max_unavailable, window, run, held } = self.budget_inputs(member)?;
-        let budget = MemberBudget {
-            member,
-            node_count,
-            max_unavailable,
-            window: window.as_ref(),
-            upgrading_run: run.as_deref(),
-            held: &held,
+    /// After a restart: reboots and uncordons that were under way carry on (rollouts resume from their own
+    /// state on the first pass, run members from the run engine).
+    fn resume_work(self: &Arc<Self>) {
+        let jobs = match self.executor.unfinished() {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "listing unfinished node work");
+                return;
+            }
         };
-        let decision = decide_lease(&budget, &node.name, lease_id, forced, Utc::now());
-        if matches!(decision, LeaseDecision::Grant | LeaseDecision::AlreadyHeld) {
-            let now = now_ms();
-            self.store().put_lease(&LeaseRecord {
-                node: node.name.clone(),
-                lease_id: lease_id.to_string(),
-                member: member.to_string(),
-                holder: holder.to_string(),
-                purpose: purpose.to_string(),
-                granted_ms: now,
-                expires_ms: now + self.settings.lease_ttl.as_millis() as i64,
-                forced,
-            })?;
-            lock(&self.holders).insert(node.name.clone(), now);
-            if decision == LeaseDecision::Grant {
-                tracing::info!(node = %node.name, member, lease = lease_id, holder, forced, purpose, "lease granted");
+        for job in jobs {
+            let id = &job.spec.id;
+            if id.starts_with("reboot/") || id.starts_with("operator-") {
+                self.spawn_job(job.spec);
             }
         }
-        Ok(decision)
     }
 
-    fn answer(&self, lease_id: &str, decision: &LeaseDecision, forced: bool) -> v1::LeaseAnswer {
-        match decision {
-            LeaseDecision::Grant | LeaseDecision::AlreadyHeld => v1::LeaseAnswer {
-                lease_id: lease_id.to_string(),
-                granted: true,
-                reason: String::new(),
-                expires_at_unix_ms: now_ms() + self.settings.lease_ttl.as_millis() as i64,
-                retry_after_seconds: 0,
-                forced,
-            },
-            LeaseDecision::Deny { reason, retry_after_seconds } => v1::LeaseAnswer {
-                lease_id: lease_id.to_string(),
-                granted: false,
-                reason: reason.clone(),
-                expires_at_unix_ms: 0,
-                retry_after_seconds: *retry_after_seconds,
-                forced,
-            },
-        }
+    fn spawn_job(self: &Arc<Self>, spec: JobSpec) {
+        let executor = self.executor.clone();
+        let me = self.clone();
+        tokio::spawn(async move {
+            match executor.execute(spec).await {
+                Ok(end) => tracing::info!(job = %end.spec.id, status = end.status.as_str(), "{}", end.summary()),
+                Err(e) => tracing::error!(error = %e, "node work"),
+            }
+            me.poke();
+        });
     }
 
-    /// A node asks for a reboot lease.
-    pub fn request_lease(&self, node: &str, req: &v1::LeaseRequest) -> Result<v1::LeaseAnswer, LeaseError> {
+    // ---- reboots and uncordons ----
+
+    /// A node asks for a reboot lease: the hub takes the lease and reboots the node itself (cordon, drain,
+    /// reboot, uncordon). The answer never grants the lease to the node; it says what the hub does or why not now.
+    pub fn request_lease(self: &Arc<Self>, node: &str, req: &v1::LeaseRequest) -> Result<v1::LeaseAnswer, LeaseError> {
+        let answer = |reason: String, retry: u32| v1::LeaseAnswer {
+            lease_id: req.lease_id.clone(),
+            granted: false,
+            reason,
+            expires_at_unix_ms: 0,
+            retry_after_seconds: retry,
+            forced: false,
+        };
         if req.lease_id.trim().is_empty() || req.lease_id.len() > 200 {
-            return Ok(v1::LeaseAnswer {
-                lease_id: req.lease_id.clone(),
-                granted: false,
-                reason: "lease_request.lease_id: empty or longer than 200 characters; send a stable id such as \
-                         reboot/<boot id>"
+            return Ok(answer(
+                "lease_request.lease_id: empty or longer than 200 characters; send a stable id such as reboot/<boot id>"
                     .into(),
-                expires_at_unix_ms: 0,
-                retry_after_seconds: 60,
-                forced: false,
-            });
+                60,
+            ));
         }
         let rec = self.store().get_node(node)?.ok_or_else(|| LeaseError::NoSuchNode(node.to_string()))?;
-        let purpose = if req.reason.is_empty() { "reboot".to_string() } else { req.reason.clone() };
-        let decision = self.try_grant(&rec, &req.lease_id, "node", &purpose, false)?;
-        if let LeaseDecision::Deny { reason, .. } = &decision {
-            tracing::info!(node, lease = %req.lease_id, %reason, "lease not granted");
+        let id = format!("reboot/{node}/{}", req.lease_id);
+        if let Some(job) = self.executor.stored(&id)? {
+            return Ok(match job.status {
+                JobStatus::Running => answer(format!("the hub is rebooting this node (work {id})"), 30),
+                JobStatus::Completed => answer(format!("the hub rebooted this node (work {id})"), 60),
+                JobStatus::Failed => answer(format!("the hub's reboot of this node failed: {}", job.summary()), 300),
+            });
         }
-        Ok(self.answer(&req.lease_id, &decision, false))
+        let purpose = if req.reason.is_empty() { "reboot".to_string() } else { req.reason.clone() };
+        let holder = format!("reboot/{node}");
+        let ask = LeaseAsk { lease_id: &id, holder: &holder, purpose: &purpose, outside_window: false, forced: false };
+        match self.ledger().take(&rec, &ask)? {
+            LeaseDecision::Deny { reason, retry_after_seconds } => {
+                tracing::info!(node, lease = %req.lease_id, %reason, "reboot not now");
+                Ok(answer(reason, retry_after_seconds))
+            }
+            LeaseDecision::Grant | LeaseDecision::AlreadyHeld => {
+                self.start_reboot(&rec, id.clone(), holder, purpose, false)?;
+                Ok(answer(format!("the hub reboots this node as work {id} (cordon, drain, reboot, uncordon)"), 30))
+            }
+        }
     }
 
-    /// A node gives leases back.
-    pub fn release(&self, node: &str, rel: &v1::LeaseRelease) -> Result<(), StoreError> {
-        let released = self.store().release_leases(node, &rel.lease_ids, rel.all_except)?;
-        for l in &released {
-            tracing::info!(node, lease = %l.lease_id, holder = %l.holder, "lease released");
-        }
-        if !self.store().list_leases()?.iter().any(|l| l.node == node) {
-            lock(&self.holders).remove(node);
-        }
-        if !released.is_empty() {
-            self.poke();
-        }
+    fn start_reboot(
+        self: &Arc<Self>,
+        rec: &NodeRecord,
+        id: String,
+        holder: String,
+        purpose: String,
+        forced: bool,
+    ) -> Result<(), StoreError> {
+        let settings = self.store().member_settings(&rec.facts.member)?;
+        let plan = plan_work(&Operation::Reboot { nodes: vec![rec.name.clone()] }, &[work_node(rec)], settings.budget());
+        self.spawn_job(JobSpec {
+            id,
+            member: rec.facts.member.clone(),
+            holder,
+            purpose,
+            plan,
+            outside_window: forced,
+            forced,
+            drain: settings.drain(),
+            run: None,
+        });
         Ok(())
     }
 
-    /// The node was heard from: a lease holder's leases stay alive (extended at most every ttl/10).
-    pub fn alive(&self, node: &str) {
-        let now = now_ms();
-        let step = (self.settings.lease_ttl.as_millis() / 10) as i64;
-        let due = {
-            let mut h = lock(&self.holders);
-            match h.get_mut(node) {
-                Some(last) if now - *last >= step => {
-                    *last = now;
-                    true
-                }
-                _ => false,
-            }
-        };
-        if due && let Err(e) = self.store().extend_leases(node, now + self.settings.lease_ttl.as_millis() as i64) {
-            tracing::error!(node, error = %e, "extending leases");
-        }
+    /// A node gives back leases it holds itself (see `Ledger::node_release`).
+    pub fn release(&self, node: &str, rel: &v1::LeaseRelease) -> Result<(), StoreError> {
+        self.ledger().node_release(node, &rel.lease_ids, rel.all_except)
     }
 
-    /// `upkeepctl node reboot`: grants a lease to the node (outside the window when forced) and tells it.
-    pub fn operator_reboot(&self, node: &str, force: bool, operator: &str) -> Result<v1::LeaseAnswer, LeaseError> {
+    /// The node was heard from: its leases stay alive.
+    pub fn alive(&self, node: &str) {
+        self.ledger().alive(node);
+    }
+
+    /// `upkeepctl node reboot`: takes a lease for the node now (outside the window when forced; the budget still
+    /// holds) and reboots it through the executor. Returns the lease.
+    pub fn operator_reboot(self: &Arc<Self>, node: &str, force: bool, operator: &str) -> Result<String, LeaseError> {
         let rec = self.store().get_node(node)?.ok_or_else(|| LeaseError::NoSuchNode(node.to_string()))?;
         if !self.fleet.is_connected(node) {
             return Err(LeaseError::NotConnected(node.to_string()));
         }
-        let lease_id = format!("operator-reboot/{}", now_ms());
+        let id = format!("operator-reboot/{node}/{}", now_ms());
         let purpose = format!("reboot ordered by {operator}");
-        match self.try_grant(&rec, &lease_id, "operator", &purpose, force)? {
+        let holder = format!("operator/{operator}");
+        let ask = LeaseAsk { lease_id: &id, holder: &holder, purpose: &purpose, outside_window: force, forced: force };
+        match self.ledger().take(&rec, &ask)? {
             LeaseDecision::Deny { reason, .. } => Err(LeaseError::Denied(format!(
                 "{reason}{}",
                 if force { "" } else { "; --force reboots outside the window (the budget still holds)" }
             ))),
-            d => {
-                let answer = self.answer(&lease_id, &d, force);
-                if !self.fleet.send(node, v1::hub_message::Body::Lease(answer.clone())) {
-                    let _ = self.store().release_leases(node, std::slice::from_ref(&lease_id), false);
-                    return Err(LeaseError::NotConnected(node.to_string()));
-                }
-                Ok(answer)
+            _ => {
+                self.start_reboot(&rec, id.clone(), holder, purpose, force)?;
+                Ok(id)
             }
         }
     }
+
+    /// `upkeepctl node uncordon`: puts a node a failed step left out of service back (uncordon through the
+    /// executor; then every lease of the node is given back). Returns the work id.
+    pub fn operator_uncordon(self: &Arc<Self>, node: &str, operator: &str) -> Result<String, LeaseError> {
+        let rec = self.store().get_node(node)?.ok_or_else(|| LeaseError::NoSuchNode(node.to_string()))?;
+        if !self.fleet.is_connected(node) {
+            return Err(LeaseError::NotConnected(node.to_string()));
+        }
+        let settings = self.store().member_settings(&rec.facts.member)?;
+        let id = format!("operator-uncordon/{node}/{}", now_ms());
+        let plan =
+            plan_work(&Operation::Uncordon { node: node.to_string() }, &[work_node(&rec)], settings.budget());
+        self.spawn_job(JobSpec {
+            id: id.clone(),
+            member: rec.facts.member.clone(),
+            holder: format!("operator/{operator}"),
+            purpose: format!("uncordon ordered by {operator}"),
+            plan,
+            outside_window: true,
+            forced: false,
+            drain: settings.drain(),
+            run: None,
+        });
+        Ok(id)
+    }
+
+    // ---- status ----
 
     /// What a member's channel is doing or waiting for.
     pub fn member_status(&self, member: &str) -> String {
@@ -368,17 +386,58 @@ impl Maintenance {
             .ok()
             .and_then(|rs| rs.into_iter().find(|(m, _)| m == member))
             .and_then(|(_, j)| serde_json::from_str::<RolloutState>(&j).ok());
-        let note = lock(&self.notes).get(member).cloned();
-        match (rollout, note) {
-            (Some(r), Some(n)) if r.status == "Running" => format!("{}; {n}", r.summary()),
-            (Some(r), _) if r.status == "Running" => r.summary(),
-            (r, Some(n)) => match r {
-                Some(r) => format!("{n} (last rollout: {})", r.summary()),
-                None => n,
-            },
-            (Some(r), None) => format!("idle (last rollout: {})", r.summary()),
-            (None, None) => "idle".to_string(),
+        let mut parts = Vec::new();
+        match &rollout {
+            Some(r) if r.status == "Running" => parts.push(r.summary()),
+            _ => {}
         }
+        if let Some(n) = lock(&self.notes).get(member) {
+            parts.push(n.clone());
+        }
+        if let Some(w) = self.executor.member_note(member) {
+            parts.push(format!("work: {w}"));
+        }
+        let behind: Vec<String> = {
+            let nodes = self.store().list_nodes(Some(member)).unwrap_or_default();
+            let whys = lock(&self.whys);
+            nodes
+                .iter()
+                .filter_map(|n| whys.get(&n.name).filter(|w| !w.behind.is_empty()).map(|w| format!("{} ({})", n.name, w.behind)))
+                .collect()
+        };
+        if !behind.is_empty() {
+            parts.push(format!("{} node(s) behind the channel: {}", behind.len(), behind.join(", ")));
+        }
+        match (&rollout, parts.is_empty()) {
+            (Some(r), true) => format!("idle (last rollout: {})", r.summary()),
+            (None, true) => "idle".to_string(),
+            (Some(r), false) if r.status != "Running" => format!("{} (last rollout: {})", parts.join("; "), r.summary()),
+            _ => parts.join("; "),
+        }
+    }
+
+    /// Why not now, for one node: behind its channel, what it waits for and when it is next eligible; plus what
+    /// the executor is doing to it and the lease that keeps it out of service.
+    pub fn node_why(&self, node: &str) -> NodeWhy {
+        let mut why = lock(&self.whys).get(node).cloned().unwrap_or_default();
+        if let Some(doing) = self.executor.node_note(node) {
+            why.waiting = doing;
+            why.next_eligible_ms = 0;
+        }
+        why
+    }
+
+    /// The lease that keeps a node out of service, as "<holder> (<purpose>) since <time>".
+    pub fn out_of_service(&self, node: &str) -> String {
+        let now = now_ms();
+        self.store()
+            .list_leases()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l.node == node && l.expires_ms > now)
+            .map(|l| format!("{} ({}, lease {}) since {}", l.holder, l.purpose, l.lease_id, time_of(l.granted_ms)))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     // ---- channel rollouts ----
@@ -409,10 +468,7 @@ impl Maintenance {
     }
 
     fn pass(self: &Arc<Self>) -> Result<Option<DateTime<Utc>>, StoreError> {
-        for l in self.store().expire_leases(now_ms())? {
-            tracing::warn!(node = %l.node, lease = %l.lease_id, holder = %l.holder, "lease expired (holder silent)");
-            lock(&self.holders).remove(&l.node);
-        }
+        self.ledger().expire()?;
         if !self.settings.enabled {
             return Ok(None);
         }
@@ -436,62 +492,105 @@ impl Maintenance {
         let runs = upgrading_runs(self.store())?;
         let mut next: Option<DateTime<Utc>> = None;
         let mut notes = HashMap::new();
+        let mut whys: HashMap<String, NodeWhy> = HashMap::new();
         for member in self.store().list_members()? {
             let name = member.name.clone();
+            let existing = rollouts.get(&name);
+            let member_nodes = by_member.get(name.as_str()).cloned().unwrap_or_default();
+            let views: Vec<NodeView> = member_nodes.iter().map(|n| node_view(n)).collect();
+            let switched = switches.get(&name).copied();
+            let desired = desired_rollout(member.node_os_channel, switched, &views, &catalog, now);
+            // Every node behind its channel says so, whatever happens next.
+            if let Some(d) = &desired {
+                for (node, task) in &d.tasks {
+                    let has = member_nodes
+                        .iter()
+                        .find(|n| &n.name == node)
+                        .map(|n| match task {
+                            NodeTask::Reimage { .. } => format!("runs {}", n.facts.node_image_version),
+                            NodeTask::Patch { .. } if n.facts.security_patch_version.is_empty() => {
+                                "no security patch".to_string()
+                            }
+                            NodeTask::Patch { .. } => format!("has patch {}", n.facts.security_patch_version),
+                        })
+                        .unwrap_or_default();
+                    let mut why = NodeWhy { behind: format!("{} wants {} ({has})", member.node_os_channel, target_of(task)), ..Default::default() };
+                    if let Some(f) = existing.and_then(|r| r.failed.get(node)).filter(|f| f.starts_with(&format!("{}:", target_of(task)))) {
+                        why.waiting = format!("failed this target before ({f}); not retried until a newer release");
+                    }
+                    whys.insert(node.clone(), why);
+                }
+            }
             if lock(&self.executing).contains(&name) {
                 continue;
             }
-            let existing = rollouts.get(&name);
             if let Some(r) = existing.filter(|r| r.status == "Running") {
-                self.spawn_executor(&name, r.clone());
+                self.spawn_rollout(&name, r.clone());
                 continue;
             }
-            let views: Vec<NodeView> =
-                by_member.get(name.as_str()).map(|ns| ns.iter().map(|n| node_view(n)).collect()).unwrap_or_default();
-            let switched = switches.get(&name).copied();
-            let Some(rollout) = desired_rollout(member.node_os_channel, switched, &views, &catalog, now) else {
+            let Some(mut rollout) = desired else {
                 if let Some(g) = switched {
                     // Nothing to reimage (no node has an image in the catalog): the switch is settled.
                     self.store().clear_channel_switch(&name, g)?;
                 }
                 continue;
             };
-            if let Some(prev) = existing.filter(|r| r.rollout.id == rollout.id) {
-                if prev.status == "Failed" {
-                    notes.insert(
-                        name.clone(),
-                        format!("{} failed; it is not retried until a newer release", prev.rollout.id),
-                    );
-                }
+            // A node that failed a target is not given the same target again (a rolled-back image is not retried).
+            if let Some(prev) = existing {
+                rollout.tasks.retain(|node, task| {
+                    prev.failed.get(node).is_none_or(|f| !f.starts_with(&format!("{}:", target_of(task))))
+                });
+            }
+            if rollout.tasks.is_empty() {
                 continue;
             }
+            let mut wait = |why: String, until: Option<DateTime<Utc>>, whys: &mut HashMap<String, NodeWhy>| {
+                for node in rollout.tasks.keys() {
+                    if let Some(w) = whys.get_mut(node) {
+                        w.waiting = why.clone();
+                        w.next_eligible_ms = until.map_or(0, |t| t.timestamp_millis());
+                    }
+                }
+                notes.insert(name.clone(), why);
+            };
             if let Some(run) = runs.get(&name) {
-                notes.insert(name.clone(), format!("waiting: update run {run:?} is upgrading the member"));
+                wait(format!("waiting: update run {run:?} is upgrading the member"), None, &mut whys);
                 continue;
             }
             let window = settings.get(&name).and_then(|s| schedule_of(&s.node_os_schedule));
-            let last = existing.map(|r| ms_to_time(r.started_ms));
-            if let Err(w) = may_start(rollout.kind, window.as_ref(), last, self.settings.cadence, now) {
-                notes.insert(name.clone(), format!("{} {}", rollout.id, w.why));
+            // Catching up to a release the member already rolled (nodes that joined later, a run that took the
+            // member to it) waits for the window only; a new release also follows the cadence.
+            let catch_up = existing.is_some_and(|r| rollout.tasks.values().all(|t| r.rolled.contains(&target_of(t))));
+            let last = existing.and_then(|r| r.release_started_ms.or(Some(r.started_ms))).map(ms_to_time);
+            if let Err(w) = may_start(rollout.kind, window.as_ref(), if catch_up { None } else { last }, self.settings.cadence, now) {
+                wait(format!("{} {}", rollout.id, w.why), w.until, &mut whys);
                 if let Some(t) = w.until {
                     next = Some(next.map_or(t, |n| n.min(t)));
                 }
                 continue;
             }
+            let seq = existing.map_or(0, |r| r.seq) + 1;
+            let mut rolled = existing.map(|r| r.rolled.clone()).unwrap_or_default();
+            rolled.extend(rollout.tasks.values().map(target_of));
             let state = RolloutState {
-                rollout,
                 status: "Running".into(),
                 done: BTreeSet::new(),
-                failed: BTreeMap::new(),
+                failed: existing.map(|r| r.failed.clone()).unwrap_or_default(),
                 started_ms: now_ms(),
                 finished_ms: None,
                 switch_generation: switched,
+                job: format!("rollout/{name}/{seq}"),
+                seq,
+                rolled,
+                release_started_ms: if catch_up { existing.and_then(|r| r.release_started_ms) } else { Some(now_ms()) },
+                rollout,
             };
             self.save(&name, &state)?;
-            tracing::info!(member = %name, rollout = %state.rollout.id, nodes = state.rollout.tasks.len(), "channel rollout started");
-            self.spawn_executor(&name, state);
+            tracing::info!(member = %name, rollout = %state.rollout.id, job = %state.job, nodes = state.rollout.tasks.len(), "channel rollout started");
+            self.spawn_rollout(&name, state);
         }
         *lock(&self.notes) = notes;
+        *lock(&self.whys) = whys;
         Ok(next)
     }
 
@@ -501,162 +600,63 @@ impl Maintenance {
         self.store().put_rollout(member, &json)
     }
 
-    fn spawn_executor(self: &Arc<Self>, member: &str, state: RolloutState) {
+    /// Hands a rollout to the executor (or joins/resumes it under its work id) and records how it ended.
+    fn spawn_rollout(self: &Arc<Self>, member: &str, mut state: RolloutState) {
         if !lock(&self.executing).insert(member.to_string()) {
             return;
         }
         let me = self.clone();
         let member = member.to_string();
         tokio::spawn(async move {
-            if let Err(e) = me.execute(&member, state).await {
-                tracing::error!(member = %member, error = %e, "channel rollout executor");
+            let r: Result<(), StoreError> = async {
+                let settings = me.store().member_settings(&member)?;
+                let nodes: Vec<_> = me.store().list_nodes(Some(&member))?.iter().map(work_node).collect();
+                let plan = plan_work(&Operation::Rollout { tasks: state.rollout.tasks.clone() }, &nodes, settings.budget());
+                if state.job.is_empty() {
+                    // A rollout stored before the executor existed.
+                    state.seq += 1;
+                    state.job = format!("rollout/{member}/{}", state.seq);
+                }
+                let spec = JobSpec {
+                    id: state.job.clone(),
+                    member: member.clone(),
+                    holder: format!("rollout/{member}"),
+                    purpose: format!("channel rollout {}", state.rollout.id),
+                    plan,
+                    outside_window: false,
+                    forced: false,
+                    drain: settings.drain(),
+                    run: None,
+                };
+                let end: JobState = me.executor.execute(spec).await?;
+                for (node, outcome) in &end.nodes {
+                    let target = state.rollout.tasks.get(node).map(target_of).unwrap_or_default();
+                    match outcome {
+                        crate::executor::NodeOutcome::Done => {
+                            state.done.insert(node.clone());
+                            state.failed.remove(node);
+                        }
+                        crate::executor::NodeOutcome::Skipped(why) | crate::executor::NodeOutcome::Failed(why) => {
+                            state.failed.insert(node.clone(), format!("{target}: {why}"));
+                        }
+                    }
+                }
+                state.status = if end.status == JobStatus::Completed { "Completed" } else { "Failed" }.into();
+                state.finished_ms = Some(now_ms());
+                me.save(&member, &state)?;
+                if let (Some(g), JobStatus::Completed) = (state.switch_generation, end.status) {
+                    me.store().clear_channel_switch(&member, g)?;
+                }
+                tracing::info!(member = %member, rollout = %state.rollout.id, status = %state.status, "channel rollout finished");
+                Ok(())
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::error!(member = %member, error = %e, "channel rollout");
             }
             lock(&me.executing).remove(&member);
             me.poke();
         });
-    }
-
-    async fn execute(self: &Arc<Self>, member: &str, mut state: RolloutState) -> Result<(), StoreError> {
-        let lease_id = format!("rollout/{}", state.rollout.id);
-        loop {
-            let pending: Vec<(String, NodeTask)> = state
-                .rollout
-                .tasks
-                .iter()
-                .filter(|(n, _)| !state.done.contains(*n) && !state.failed.contains_key(*n))
-                .map(|(n, t)| (n.clone(), t.clone()))
-                .collect();
-            if pending.is_empty() || !state.failed.is_empty() {
-                state.status = if state.failed.is_empty() { "Completed" } else { "Failed" }.into();
-                state.finished_ms = Some(now_ms());
-                self.save(member, &state)?;
-                if let (Some(g), true) = (state.switch_generation, state.failed.is_empty()) {
-                    self.store().clear_channel_switch(member, g)?;
-                }
-                tracing::info!(member, rollout = %state.rollout.id, status = %state.status, "channel rollout finished");
-                return Ok(());
-            }
-            // Take leases for as many pending nodes as the budget allows (a node already holding this rollout's
-            // lease after a restart is answered AlreadyHeld and resumes).
-            let mut granted = Vec::new();
-            let mut waiting_why = String::new();
-            for (node, task) in &pending {
-                let Some(rec) = self.store().get_node(node)? else {
-                    state.failed.insert(node.clone(), "node was forgotten".into());
-                    continue;
-                };
-                if rec.facts.member != member {
-                    state.failed.insert(node.clone(), format!("node moved to member {}", rec.facts.member));
-                    continue;
-                }
-                match self.try_grant(&rec, &lease_id, "hub", &task.describe(), false)? {
-                    LeaseDecision::Grant | LeaseDecision::AlreadyHeld => granted.push((node.clone(), task.clone())),
-                    LeaseDecision::Deny { reason, .. } => {
-                        waiting_why = reason;
-                        break;
-                    }
-                }
-            }
-            if granted.is_empty() {
-                if !waiting_why.is_empty() {
-                    lock(&self.notes).insert(member.to_string(), format!("waiting: {waiting_why}"));
-                }
-                self.save(member, &state)?;
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(EXECUTOR_RECHECK) => {}
-                }
-                continue;
-            }
-            lock(&self.notes).remove(member);
-            let results = futures::future::join_all(
-                granted.iter().map(|(node, task)| self.change_node(member, &state.rollout.id, node, task)),
-            )
-            .await;
-            for ((node, _), result) in granted.iter().zip(results) {
-                match result {
-                    Ok(()) => {
-                        state.done.insert(node.clone());
-                    }
-                    Err(why) => {
-                        tracing::warn!(member, node = %node, error = %why, "channel rollout: node failed");
-                        state.failed.insert(node.clone(), why);
-                    }
-                }
-                self.store().release_leases(node, std::slice::from_ref(&lease_id), false)?;
-            }
-            self.save(member, &state)?;
-        }
-    }
-
-    /// Cordon, drain, change, [reboot], uncordon one node.
-    async fn change_node(&self, member: &str, rollout: &str, node: &str, task: &NodeTask) -> Result<(), String> {
-        use v1::command::Kind;
-        let generation = 1;
-        let op = |step: &str| format!("rollout/{member}/{rollout}/{node}/{step}");
-        let run = |step: &'static str, kind: Kind, within: Duration| {
-            let id = op(step);
-            async move {
-                match self.fleet.command(node, &id, generation, kind, within).await {
-                    Ok(r) if r.ok => Ok(r),
-                    Ok(r) => Err(format!("{step} failed: {}", r.error)),
-                    Err(CommandError::Silent { for_ms, .. }) => {
-                        Err(format!("node is Unknown: silent for {} s during {step}", for_ms / 1000))
-                    }
-                    Err(e) => Err(format!("{step}: {e}")),
-                }
-            }
-        };
-        run("cordon", Kind::Cordon(v1::Cordon {}), self.limits.quick).await?;
-        let drain = Kind::Drain(v1::Drain { timeout_seconds: self.limits.drain.as_secs() as u32 });
-        if let Err(e) = run("drain", drain, self.limits.drain).await {
-            let _ = run("uncordon", Kind::Uncordon(v1::Uncordon {}), self.limits.quick).await;
-            return Err(e);
-        }
-        match task {
-            NodeTask::Reimage { image, reinstall } => {
-                let rec = self
-                    .store()
-                    .list_images(Some(&image.family))
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .find(|i| i.version == image.version.to_string())
-                    .ok_or_else(|| format!("image {image} is no longer in the catalog"))?;
-                let kind = Kind::Reimage(v1::Reimage {
-                    image: Some(v1::ImageRef {
-                        family: rec.family,
-                        version: rec.version,
-                        url: rec.url,
-                        sha256: rec.sha256,
-                        signature: rec.signature,
-                        size_bytes: rec.size_bytes,
-                    }),
-                    allow_downgrade: false,
-                    reinstall: *reinstall,
-                });
-                run("reimage", kind, self.limits.upgrade).await?;
-            }
-            NodeTask::Patch { family, version, packages } => {
-                let kind = Kind::ApplySecurityPatch(v1::ApplySecurityPatch {
-                    family: family.clone(),
-                    version: version.to_string(),
-                    packages: packages.clone(),
-                });
-                let id = op("patch");
-                let mark = match self.fleet.command_marked(node, &id, generation, kind, self.limits.upgrade).await {
-                    Ok((r, mark)) if r.ok => mark,
-                    Ok((r, _)) => return Err(format!("patch failed: {}", r.error)),
-                    Err(e) => return Err(format!("patch: {e}")),
-                };
-                // The agent reports right after the result; that report says whether the OS wants a reboot.
-                let fresh = self.fleet.report_after(node, mark, REPORT_AFTER_PATCH).await;
-                if fresh.is_some_and(|n| n.facts.reboot_required) {
-                    run("reboot", Kind::Reboot(v1::Reboot { force: true }), self.limits.upgrade).await?;
-                }
-            }
-        }
-        run("uncordon", Kind::Uncordon(v1::Uncordon {}), self.limits.quick).await?;
-        Ok(())
     }
 
     /// Called when a member's channel changed: a rolling reimage to the current image is owed (SPEC §2).
@@ -668,15 +668,6 @@ impl Maintenance {
         tracing::info!(member, %from, %to, generation, "channel switched: rolling reimage to the current image owed");
         self.poke();
     }
-}
-
-/// What a lease decision for one member reads from the store.
-struct BudgetInputs {
-    node_count: u32,
-    limit: Limit,
-    window: Option<MaintenanceSchedule>,
-    run: Option<String>,
-    held: Vec<HeldLease>,
 }
 
 fn node_view(n: &NodeRecord) -> NodeView {
@@ -691,59 +682,3 @@ fn node_view(n: &NodeRecord) -> NodeView {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fleet::Timing;
-    use crate::store::NodeFacts;
-    use crate::store::sqlite::SqliteStore;
-
-    fn desk(dir: &std::path::Path) -> Arc<Maintenance> {
-        let store = SqliteStore::open(&dir.join("hub.db")).expect("store");
-        let fleet =
-            Arc::new(Fleet::new(Arc::new(store), Timing { heartbeat_interval_seconds: 1, silent_after_heartbeats: 3 }));
-        for n in ["a", "b"] {
-            let facts = NodeFacts { member: "m1".into(), node_pool: "p".into(), ..Default::default() };
-            fleet.store().record_report(n, &facts, now_ms()).expect("node");
-        }
-        Maintenance::new(fleet, AutoUpgradeSettings::default(), StepLimits::default())
-    }
-
-    fn ask(m: &Maintenance, node: &str, id: &str) -> v1::LeaseAnswer {
-        m.request_lease(node, &v1::LeaseRequest { lease_id: id.into(), reason: "reboot".into() }).expect("answer")
-    }
-
-    #[test]
-    fn sec4_a_held_lease_blocks_the_next_node_until_released_or_expired() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let m = desk(dir.path());
-        assert!(ask(&m, "a", "reboot/1").granted);
-        assert!(ask(&m, "a", "reboot/1").granted, "asking again for a held lease is answered granted");
-        let denied = ask(&m, "b", "reboot/2");
-        assert!(!denied.granted && denied.reason.contains("\"a\""), "{denied:?}");
-        assert!(denied.retry_after_seconds > 0);
-        // Released: the next node gets it.
-        m.release("a", &v1::LeaseRelease { lease_ids: vec!["reboot/1".into()], all_except: false }).expect("release");
-        assert!(ask(&m, "b", "reboot/2").granted);
-        // A lease whose holder went silent lapses at its expiry: the slot is free again.
-        let store = m.fleet.store();
-        let mut held = store.list_leases().expect("leases");
-        assert_eq!(held.len(), 1);
-        held[0].expires_ms = now_ms() - 1;
-        store.put_lease(&held[0]).expect("backdate");
-        assert!(ask(&m, "a", "reboot/3").granted, "b's expired lease no longer counts");
-        assert_eq!(store.list_leases().expect("leases").iter().map(|l| l.node.as_str()).collect::<Vec<_>>(), ["a"]);
-        // At start an agent gives back every lease but those of reboots still under way.
-        m.release("a", &v1::LeaseRelease { lease_ids: vec![], all_except: true }).expect("release all");
-        assert!(store.list_leases().expect("leases").is_empty());
-    }
-
-    #[test]
-    fn sec4_an_empty_lease_id_is_refused_naming_the_field() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let m = desk(dir.path());
-        let a = ask(&m, "a", "");
-        assert!(!a.granted && a.reason.contains("lease_request.lease_id"), "{a:?}");
-        assert!(m.fleet.store().list_leases().expect("leases").is_empty());
-    }
-}

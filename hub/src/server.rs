@@ -6,7 +6,9 @@
 use crate::artifacts::Artifacts;
 use crate::config::HubConfig;
 use crate::engine::{Engine, StepLimits};
+use crate::executor::Executor;
 use crate::fleet::{Fleet, Timing};
+use crate::ledger::Ledger;
 use crate::grpc::{agent::AgentApi, operator::OperatorApi};
 use crate::maintenance::Maintenance;
 use crate::store::sqlite::SqliteStore;
@@ -45,7 +47,7 @@ pub fn open_fleet(config: &HubConfig) -> anyhow::Result<Arc<Fleet>> {
             heartbeat_interval_seconds: config.heartbeat_interval_seconds,
             silent_after_heartbeats: config.silent_after_heartbeats,
         },
-    )))
+    )?))
 }
 
 /// Serves the hub on `listener` until `shutdown` completes, then ends agent sessions and stops.
@@ -66,9 +68,12 @@ pub async fn serve_fleet(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tls = server_tls(&config)?;
-    let engine = Engine::new(fleet.clone(), StepLimits::default());
+    // One ledger of nodes out of service and one executor for every disruption, shared by runs and channels.
+    let ledger = Ledger::new(fleet.clone(), config.auto_upgrade.lease_ttl);
+    let executor = Executor::new(fleet.clone(), ledger, StepLimits::default());
+    let engine = Engine::new(fleet.clone(), executor.clone());
     let engine_task = tokio::spawn(engine.clone().run());
-    let maintenance = Maintenance::new(fleet.clone(), config.auto_upgrade, StepLimits::default());
+    let maintenance = Maintenance::new(fleet.clone(), config.auto_upgrade, executor);
     let maintenance_task = tokio::spawn(maintenance.clone().run());
     let flusher = {
         let fleet = fleet.clone();

@@ -409,7 +409,7 @@ async fn cordon_drain_uncordon_and_unsupported_kinds() {
     let cmd =
         |id: &str, g: u64, k: v1::command::Kind| v1::Command { operation_id: id.into(), generation: g, kind: Some(k) };
     assert!(run(&w, &cmd("c", 1, v1::command::Kind::Cordon(v1::Cordon {}))).await.ok);
-    assert!(run(&w, &cmd("d", 1, v1::command::Kind::Drain(v1::Drain { timeout_seconds: 30 }))).await.ok);
+    assert!(run(&w, &cmd("d", 1, v1::command::Kind::Drain(v1::Drain { timeout_seconds: 30, force: false }))).await.ok);
     assert!(run(&w, &cmd("u", 1, v1::command::Kind::Uncordon(v1::Uncordon {}))).await.ok);
     assert_eq!(w.calls(), ["cordon", "drain 30s", "uncordon"]);
     let r = run(
@@ -665,7 +665,7 @@ async fn a_repeated_grant_is_one_operation_and_a_busy_node_gives_the_lease_back(
     assert_eq!(leased_ops, 1);
 
     // Another operation in flight: the lease is not used but given back.
-    e.journal().put(Entry::accepted("run-1/drain", 1, Op::Drain { timeout_seconds: 30 })).expect("put");
+    e.journal().put(Entry::accepted("run-1/drain", 1, Op::Drain { timeout_seconds: 30, force: false })).expect("put");
     match e.submit_lease("reboot/other", true) {
         LeaseTaken::Refused(why) => assert!(why.contains("operation run-1/drain (drain) is still in flight"), "{why}"),
         other => panic!("expected a refusal, got {other:?}"),

@@ -69,16 +69,18 @@ impl Cordon {
     }
 
     /// Evicts workloads within `timeout`.
-    pub fn drain(&self, timeout: Duration) -> Result<(), OsError> {
+    pub fn drain(&self, timeout: Duration, force: bool) -> Result<(), OsError> {
         if let Some(k) = &self.kube {
-            return k.drain(timeout);
+            return k.drain(timeout, force);
         }
         if self.settings.drain.is_empty() {
             tracing::info!("no drain hook configured: nothing to evict");
             return Ok(());
         }
         let secs = timeout.as_secs().to_string();
-        let argv = command::substitute(&self.settings.drain, &[("timeout", &secs)]);
-        command::run(&argv, &[], Some(timeout + Duration::from_secs(5))).map(drop)
+        let force_arg = if force { "force" } else { "" };
+        let argv = command::substitute(&self.settings.drain, &[("timeout", &secs), ("force", force_arg)]);
+        let env: &[(&str, &str)] = if force { &[("UPKEEP_DRAIN_FORCE", "1")] } else { &[] };
+        command::run(&argv, env, Some(timeout + Duration::from_secs(5))).map(drop)
     }
 }

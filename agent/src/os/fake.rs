@@ -220,9 +220,12 @@ impl NodeOs for FakeOs {
         Ok(())
     }
 
-    fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError> {
+    fn drain(&self, timeout: std::time::Duration, force: bool) -> Result<(), OsError> {
         self.with(|s| {
-            s.calls.push(format!("drain {}s", timeout.as_secs()));
+            s.calls.push(format!("drain {}s{}", timeout.as_secs(), if force { " force" } else { "" }));
+            if force {
+                return Ok(());
+            }
             s.drain_fails.clone().map_or(Ok(()), |why| {
                 Err(OsError::Command {
                     argv: vec!["fake-drain".into()],

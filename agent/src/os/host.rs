@@ -304,8 +304,8 @@ impl NodeOs for HostOs {
         self.cordon.uncordon()
     }
 
-    fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError> {
-        self.cordon.drain(timeout)
+    fn drain(&self, timeout: std::time::Duration, force: bool) -> Result<(), OsError> {
+        self.cordon.drain(timeout, force)
     }
 
     fn os_release(&self) -> Result<Vec<(String, String)>, OsError> {

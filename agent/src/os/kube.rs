@@ -488,7 +488,19 @@ impl Api {
         }
     }
 
-    async fn drain(&self, timeout: Duration) -> Result<(), OsError> {
+    /// Deletes a pod outright (a forced drain: disruption budgets do not apply to deletes).
+    async fn delete_pod(&self, pod: &PodRef) -> Result<Evicted, OsError> {
+        let action = format!("deleting pod {pod} (forced drain)");
+        let path = format!("/api/v1/namespaces/{}/pods/{}", encode(&pod.namespace), encode(&pod.name));
+        let r = self.call(Method::DELETE, &path, None, &action).await?;
+        match r.status {
+            200 | 202 => Ok(Evicted::Yes),
+            404 => Ok(Evicted::Gone),
+            _ => Err(self.status_error(&action, &r)),
+        }
+    }
+
+    async fn drain(&self, timeout: Duration, force: bool) -> Result<(), OsError> {
         let node = &self.s.node_name;
         let started = Instant::now();
         let deadline = started + timeout;
@@ -508,7 +520,8 @@ impl Api {
         loop {
             let mut blocked: Vec<(PodRef, String)> = Vec::new();
             for pod in std::mem::take(&mut todo) {
-                match self.evict(&pod).await? {
+                let answer = if force { self.delete_pod(&pod).await? } else { self.evict(&pod).await? };
+                match answer {
                     Evicted::Yes => {
                         tracing::info!(node = %node, pod = %pod, "pod evicted");
                         evicted.push(pod);
@@ -694,9 +707,9 @@ impl KubeNode {
 
     /// Evicts the node's pods through the Eviction API within `timeout` (zero: the configured drain timeout),
     /// retrying evictions a disruption budget refuses, and waits until the evicted pods are gone.
-    pub fn drain(&self, timeout: Duration) -> Result<(), OsError> {
+    pub fn drain(&self, timeout: Duration, force: bool) -> Result<(), OsError> {
         let timeout = if timeout.is_zero() { self.api.s.drain_timeout } else { timeout };
-        block_on(self.api.drain(timeout))
+        block_on(self.api.drain(timeout, force))
     }
 
     /// Asks for the Node's `upkeep.io/*` labels to be `image` and `patch` (empty: label removed). Returns at

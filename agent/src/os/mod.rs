@@ -212,8 +212,9 @@ pub trait NodeOs: Send + Sync {
     fn cordon(&self) -> Result<(), OsError>;
     /// Makes the node schedulable again.
     fn uncordon(&self) -> Result<(), OsError>;
-    /// Evicts workloads within `timeout`.
-    fn drain(&self, timeout: std::time::Duration) -> Result<(), OsError>;
+    /// Evicts workloads within `timeout`; `force` ignores disruption budgets (pods are deleted, not evicted; a
+    /// drain hook gets `{force}` = `force` and `UPKEEP_DRAIN_FORCE=1`).
+    fn drain(&self, timeout: std::time::Duration, force: bool) -> Result<(), OsError>;
     /// The node's os-release `KEY=VALUE` pairs (`/etc/os-release`, else `/usr/lib/os-release`); empty if none.
     fn os_release(&self) -> Result<Vec<(String, String)>, OsError>;
     /// Puts a node OS channel plan in force: writes the plan's files, removes every other file the agent owns,

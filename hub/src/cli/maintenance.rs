@@ -151,11 +151,23 @@ pub async fn reboot(
     }
     writeln!(
         out,
-        "node {} reboots under lease {} (member {}{}); it cordons, drains, reboots, uncordons and gives the lease back",
+        "node {} reboots under lease {} (member {}{}); the hub cordons, drains, reboots and uncordons it, then gives \
+         the lease back",
         l.node,
         l.lease_id,
         l.member,
         if l.forced { ", forced outside the window" } else { "" }
     )?;
+    Ok(())
+}
+
+/// `upkeepctl node uncordon NODE`.
+pub async fn uncordon(c: &mut Client, node: &str, out: &mut dyn Write) -> anyhow::Result<()> {
+    if node.trim().is_empty() {
+        bail!("NODE: empty; name the node to uncordon (see `upkeepctl lease list`)");
+    }
+    let r = c.uncordon_node(v1::UncordonNodeRequest { node: node.to_string() }).await.map_err(status_line)?.into_inner();
+    let was = if r.out_of_service.is_empty() { "it held no lease".to_string() } else { format!("it was out under {}", r.out_of_service) };
+    writeln!(out, "node {node} is uncordoned by work {} and its leases given back ({was})", r.work)?;
     Ok(())
 }

@@ -158,14 +158,19 @@ pub enum NodeCommand {
         /// Node name.
         name: String,
     },
-    /// Coordinated reboot: the node gets a lease within its member's budget, then cordons, drains, reboots and
-    /// uncordons.
+    /// Coordinated reboot: the hub takes a lease for the node within its member's budget, then cordons, drains,
+    /// reboots and uncordons it.
     Reboot {
         /// Node name.
         name: String,
         /// Reboot outside the node OS window (the disruption budget still holds).
         #[arg(long)]
         force: bool,
+    },
+    /// Put a node a failed step left cordoned back in service: uncordon it and give back its leases.
+    Uncordon {
+        /// Node name.
+        name: String,
     },
 }
 
@@ -213,6 +218,21 @@ pub enum MemberCommand {
         member: String,
         /// Count or percentage.
         value: String,
+    },
+    /// Set the drain timeout and what an undrainable node leads to (Fail, SkipNode, Force).
+    SetDrain {
+        /// Member name.
+        member: String,
+        /// How long one drain may take, seconds (1 to 86400).
+        #[arg(long)]
+        timeout: Option<u32>,
+        /// Fail (default): the node fails the work; SkipNode: it is left as it is and the work goes on;
+        /// Force: it is drained again ignoring disruption budgets.
+        #[arg(long)]
+        undrainable: Option<String>,
+        /// How many nodes one piece of work may skip or force before an undrainable node fails it.
+        #[arg(long)]
+        max_undrainable: Option<u32>,
     },
 }
 
@@ -308,6 +328,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                     Ok(())
                 }
                 NodeCommand::Reboot { name, force } => maintenance::reboot(&mut c, name, *force, cli.output, out).await,
+                NodeCommand::Uncordon { name } => maintenance::uncordon(&mut c, name, out).await,
             }
         }
         Command::Image(cmd) if cmd.is_local() => runs::image_local(cmd, out),
@@ -343,6 +364,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 }
                 MemberCommand::SetMaxUnavailable { member, value } => {
                     runs::member_settings(&mut c, member, None, None, false, Some(value), out).await
+                }
+                MemberCommand::SetDrain { member, timeout, undrainable, max_undrainable } => {
+                    runs::member_drain(&mut c, member, *timeout, undrainable.as_deref(), *max_undrainable, out).await
                 }
                 MemberCommand::SetChannel { member, channel } => {
                     let req = v1::SetMemberChannelRequest { member: member.clone(), channel: channel.clone() };

@@ -62,6 +62,14 @@ pub struct NodeJson {
     pub last_report: Option<String>,
     /// Operations in flight.
     pub operations: Vec<OperationJson>,
+    /// What its channel wants that it does not have yet (empty: up to date).
+    pub behind: String,
+    /// Why not now: what the node waits for, or what is being done to it (empty: nothing owed).
+    pub waiting: String,
+    /// When it is next eligible for what it waits for (RFC 3339 UTC), if known.
+    pub next_eligible: Option<String>,
+    /// The lease that keeps it out of service, with holder and since when (empty: in service).
+    pub out_of_service: String,
 }
 
 /// JSON form of an operation in flight.
@@ -141,6 +149,22 @@ pub fn node_json(n: &v1::Node) -> NodeJson {
             .into_iter()
             .map(|o| OperationJson { operation_id: o.operation_id, kind: o.kind, step: o.step, state: o.state })
             .collect(),
+        behind: n.behind.clone(),
+        waiting: n.waiting.clone(),
+        next_eligible: rfc3339(n.next_eligible_unix_ms),
+        out_of_service: n.out_of_service.clone(),
+    }
+}
+
+/// One cell for `node list`: out of service (and who holds it), behind its channel, or "-".
+fn work_cell(j: &NodeJson) -> String {
+    if let Some(holder) = j.out_of_service.split(' ').next().filter(|h| !h.is_empty()) {
+        return format!("out of service ({holder})");
+    }
+    match j.behind.split_once(" wants ") {
+        Some((_, rest)) => format!("behind: wants {}", rest.split(' ').next().unwrap_or(rest)),
+        None if !j.behind.is_empty() => format!("behind: {}", j.behind),
+        None => "-".into(),
     }
 }
 
@@ -225,6 +249,7 @@ pub fn print_nodes(format: Format, nodes: &[v1::Node], now: DateTime<Utc>, out: 
         .iter()
         .map(|n| {
             let j = node_json(n);
+            let work = work_cell(&j);
             vec![
                 j.name,
                 j.member,
@@ -234,12 +259,13 @@ pub fn print_nodes(format: Format, nodes: &[v1::Node], now: DateTime<Utc>, out: 
                 j.status,
                 format!("{NODE_IMAGE_LABEL}={}", j.node_image_version),
                 ago(n.last_seen_unix_ms, now),
+                work,
             ]
         })
         .collect();
     table(
         out,
-        &["NAME", "MEMBER", "POOL", "REGION", "CHANNEL", "STATUS", "NODE-IMAGE-VERSION LABEL", "LAST SEEN"],
+        &["NAME", "MEMBER", "POOL", "REGION", "CHANNEL", "STATUS", "NODE-IMAGE-VERSION LABEL", "LAST SEEN", "WORK"],
         &rows,
     )?;
     Ok(())
@@ -275,6 +301,16 @@ pub fn print_node(format: Format, n: &v1::Node, now: DateTime<Utc>, out: &mut dy
         ("Agent", or_dash(&j.agent_version)),
         ("First seen", j.first_seen.clone().unwrap_or_else(|| "never".into())),
         ("Last report", j.last_report.clone().unwrap_or_else(|| "never".into())),
+        ("Behind channel", if j.behind.is_empty() { "no".into() } else { j.behind.clone() }),
+        (
+            "Waiting",
+            match (&j.waiting, &j.next_eligible) {
+                (w, _) if w.is_empty() => "-".into(),
+                (w, Some(t)) => format!("{w} (next eligible {t})"),
+                (w, None) => w.clone(),
+            },
+        ),
+        ("Out of service", if j.out_of_service.is_empty() { "no".into() } else { j.out_of_service.clone() }),
     ];
     for (k, v) in rows {
         writeln!(out, "{:<20}{}", format!("{k}:"), v)?;
@@ -382,6 +418,8 @@ mod tests {
             first_seen_unix_ms: 1_700_000_000_000,
             last_seen_unix_ms: 1_700_000_050_000,
             last_report_unix_ms: 1_700_000_000_000,
+            behind: "NodeImage wants Ubuntu-2204-202312.01.0 (runs Ubuntu-2204-202311.07.0)".into(),
+            ..Default::default()
         }
     }
 
@@ -392,8 +430,8 @@ mod tests {
         print_nodes(Format::Table, &[node()], now, &mut out).expect("render");
         let text = String::from_utf8(out).expect("utf8");
         let expected = "\
-NAME  MEMBER  POOL  REGION  CHANNEL    STATUS  NODE-IMAGE-VERSION LABEL                              LAST SEEN
-n1    m1      p1    eu      NodeImage  Ready   upkeep.io/node-image-version=Ubuntu-2204-202311.07.0  12s ago
+NAME  MEMBER  POOL  REGION  CHANNEL    STATUS  NODE-IMAGE-VERSION LABEL                              LAST SEEN  WORK
+n1    m1      p1    eu      NodeImage  Ready   upkeep.io/node-image-version=Ubuntu-2204-202311.07.0  12s ago    behind: wants Ubuntu-2204-202312.01.0
 ";
         assert_eq!(text, expected);
     }

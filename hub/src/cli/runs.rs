@@ -860,10 +860,14 @@ pub async fn member_settings(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let settings = if let Some(mu) = max_unavailable {
-        c.set_member_disruption(v1::SetMemberDisruptionRequest { member: member.into(), max_unavailable: mu.into() })
-            .await
-            .map_err(status_line)?
-            .into_inner()
+        c.set_member_disruption(v1::SetMemberDisruptionRequest {
+            member: member.into(),
+            max_unavailable: mu.into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_line)?
+        .into_inner()
     } else {
         let schedule_json = match (schedule, clear) {
             (Some(p), false) => read_spec("-f", p)?,
@@ -882,15 +886,49 @@ pub async fn member_settings(
     for w in &settings.warnings {
         writeln!(out, "warning: {w}")?;
     }
+    print_settings(&settings, out)
+}
+
+fn print_settings(settings: &v1::MemberSettings, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(
         out,
-        "member {}: node OS window {}, cluster window {}, max_unavailable {}",
+        "member {}: node OS window {}, cluster window {}, max_unavailable {}, drain timeout {} s, undrainable {} \
+         (at most {} node(s) per piece of work)",
         settings.member,
         if settings.node_os_schedule_json.is_empty() { "none" } else { "set" },
         if settings.cluster_schedule_json.is_empty() { "none" } else { "set" },
-        settings.max_unavailable
+        settings.max_unavailable,
+        settings.drain_timeout_seconds,
+        settings.undrainable,
+        settings.max_undrainable
     )?;
     Ok(())
+}
+
+/// `member set-drain`: drain timeout and undrainable policy.
+pub async fn member_drain(
+    c: &mut Client,
+    member: &str,
+    timeout_seconds: Option<u32>,
+    undrainable: Option<&str>,
+    max_undrainable: Option<u32>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    if timeout_seconds.is_none() && undrainable.is_none() && max_undrainable.is_none() {
+        bail!("give --timeout SECONDS, --undrainable Fail|SkipNode|Force or --max-undrainable N");
+    }
+    let settings = c
+        .set_member_disruption(v1::SetMemberDisruptionRequest {
+            member: member.into(),
+            max_unavailable: String::new(),
+            drain_timeout_seconds: timeout_seconds,
+            undrainable: undrainable.unwrap_or_default().into(),
+            max_undrainable,
+        })
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    print_settings(&settings, out)
 }
 
 #[cfg(test)]

@@ -165,7 +165,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
 /// Reads the rest of a session until the agent closes it or breaks a rule.
 async fn pump(
     fleet: &Fleet,
-    maintenance: &Maintenance,
+    maintenance: &Arc<Maintenance>,
     node: &str,
     session: u64,
     inbound: &mut Streaming<v1::AgentMessage>,
@@ -194,7 +194,11 @@ async fn pump(
             Some(Body::Result(res)) => {
                 fleet.touch(node);
                 tracing::info!(node, op = %res.operation_id, ok = res.ok, error = %res.error, "operation result");
-                fleet.deliver_result(node, res);
+                // A node answers only its own commands; anything else is refused and changes nothing.
+                if let Err(refused) = fleet.deliver_result(node, res) {
+                    tracing::warn!(node, error = %refused, "result from the wrong node refused");
+                    return Err(ApiError::PermissionDenied(refused.to_string()).into());
+                }
             }
             Some(Body::LeaseRequest(req)) => {
                 fleet.touch(node);

@@ -92,7 +92,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let nodes = self.fleet.store().list_nodes((!member.is_empty()).then_some(member)).map_err(ApiError::from)?;
         let now = now_ms();
         Ok(Response::new(v1::ListNodesResponse {
-            nodes: nodes.iter().map(|n| self.fleet.node_to_wire(n, now)).collect(),
+            nodes: nodes.iter().map(|n| self.node_wire(n, now)).collect(),
         }))
     }
 
@@ -105,7 +105,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             .get_node(name)
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("node {name:?} not found; see `upkeepctl node list`")))?;
-        Ok(Response::new(self.fleet.node_to_wire(&node, now_ms())))
+        Ok(Response::new(self.node_wire(&node, now_ms())))
     }
 
     async fn list_members(
@@ -524,19 +524,51 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let p = principal_of(&req)?;
         require(&p, WRITERS, "reboot nodes")?;
         let r = req.get_ref();
-        let answer = self.maintenance.operator_reboot(&r.node, r.force, &p.name).map_err(|e| match e {
-            LeaseError::Store(e) => ApiError::from(e),
-            LeaseError::NoSuchNode(_) => ApiError::NotFound(e.to_string()),
-            LeaseError::NotConnected(_) | LeaseError::Denied(_) => ApiError::FailedPrecondition(e.to_string()),
-        })?;
-        tracing::info!(operator = %p.name, node = %r.node, force = r.force, lease = %answer.lease_id, "reboot ordered");
+        let lease_id = self.maintenance.operator_reboot(&r.node, r.force, &p.name).map_err(lease_error)?;
+        tracing::info!(operator = %p.name, node = %r.node, force = r.force, lease = %lease_id, "reboot ordered");
+        self.lease_of(&r.node, &lease_id)
+    }
+
+    async fn uncordon_node(&self, req: Request<v1::UncordonNodeRequest>) -> Result<Response<v1::UncordonNodeResponse>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "uncordon nodes")?;
+        let node = &req.get_ref().node;
+        let released = self.maintenance.out_of_service(node);
+        let work = self.maintenance.operator_uncordon(node, &p.name).map_err(lease_error)?;
+        tracing::info!(operator = %p.name, node = %node, work = %work, "uncordon ordered");
+        Ok(Response::new(v1::UncordonNodeResponse { work, out_of_service: released }))
+    }
+}
+
+fn lease_error(e: LeaseError) -> ApiError {
+    match e {
+        LeaseError::Store(e) => ApiError::from(e),
+        LeaseError::NoSuchNode(_) => ApiError::NotFound(e.to_string()),
+        LeaseError::NotConnected(_) | LeaseError::Denied(_) => ApiError::FailedPrecondition(e.to_string()),
+    }
+}
+
+impl OperatorApi {
+    /// The wire view of a node with why not now (what it waits for, when it is next eligible, what its channel
+    /// wants that it lacks, the lease that keeps it out of service).
+    fn node_wire(&self, n: &crate::store::NodeRecord, now: i64) -> v1::Node {
+        let mut w = self.fleet.node_to_wire(n, now);
+        let why = self.maintenance.node_why(&n.name);
+        w.waiting = why.waiting;
+        w.next_eligible_unix_ms = why.next_eligible_ms;
+        w.behind = why.behind;
+        w.out_of_service = self.maintenance.out_of_service(&n.name);
+        w
+    }
+
+    fn lease_of(&self, node: &str, lease_id: &str) -> Result<Response<v1::Lease>, Status> {
         let lease = self
             .fleet
             .store()
             .list_leases()
             .map_err(ApiError::from)?
             .into_iter()
-            .find(|l| l.node == r.node && l.lease_id == answer.lease_id)
+            .find(|l| l.node == node && l.lease_id == lease_id)
             .ok_or_else(|| ApiError::Internal("the granted lease is not in the store".into()))?;
         Ok(Response::new(lease_to_wire(&lease)))
     }

@@ -51,6 +51,9 @@ pub fn settings_to_wire(s: &MemberSettings, warnings: Vec<String>) -> v1::Member
         cluster_schedule_json: s.cluster_schedule.clone().unwrap_or_default(),
         max_unavailable: s.max_unavailable.clone(),
         warnings,
+        drain_timeout_seconds: s.drain().timeout_seconds,
+        undrainable: s.drain().undrainable.to_string(),
+        max_undrainable: s.drain().max_undrainable,
     }
 }
 
@@ -82,15 +85,53 @@ pub fn set_window(store: &dyn Store, r: &v1::SetMemberWindowRequest) -> Result<v
 }
 
 /// `SetMemberDisruption`.
+/// Every field is checked before anything is written, so a bad field changes nothing.
 pub fn set_disruption(store: &dyn Store, r: &v1::SetMemberDisruptionRequest) -> Result<v1::MemberSettings, ApiError> {
-    let limit: Limit =
-        r.max_unavailable.parse().map_err(|e| ApiError::InvalidArgument(format!("max_unavailable: {e}")))?;
-    if let Some(p) = limit.problem() {
-        return Err(ApiError::InvalidArgument(format!("max_unavailable: {p}")));
+    let drain_given = r.drain_timeout_seconds.is_some() || !r.undrainable.is_empty() || r.max_undrainable.is_some();
+    if r.max_unavailable.is_empty() && !drain_given {
+        return Err(ApiError::InvalidArgument(
+            "nothing to set: give max_unavailable, drain_timeout_seconds, undrainable or max_undrainable".into(),
+        ));
     }
-    let out = store.set_member_disruption(&r.member, &r.max_unavailable)?;
+    if !r.max_unavailable.is_empty() {
+        let limit: Limit =
+            r.max_unavailable.parse().map_err(|e| ApiError::InvalidArgument(format!("max_unavailable: {e}")))?;
+        if let Some(p) = limit.problem() {
+            return Err(ApiError::InvalidArgument(format!("max_unavailable: {p}")));
+        }
+    }
+    let current = store.member_settings(&r.member)?;
+    let mut drain = current.drain();
+    if let Some(t) = r.drain_timeout_seconds {
+        drain.timeout_seconds = t;
+    }
+    if !r.undrainable.is_empty() {
+        drain.undrainable = r.undrainable.parse().map_err(|e| ApiError::InvalidArgument(format!("undrainable: {e}")))?;
+    }
+    if let Some(m) = r.max_undrainable {
+        if m > MAX_UNDRAINABLE_CAP {
+            return Err(ApiError::InvalidArgument(format!(
+                "max_undrainable: {m} is out of range; give 0 to {MAX_UNDRAINABLE_CAP}"
+            )));
+        }
+        drain.max_undrainable = m;
+    }
+    if let Some(p) = drain.problem() {
+        return Err(ApiError::InvalidArgument(p));
+    }
+    let mut out = current;
+    if !r.max_unavailable.is_empty() {
+        out = store.set_member_disruption(&r.member, &r.max_unavailable)?;
+    }
+    if drain_given {
+        let json = serde_json::to_string(&drain).map_err(|e| ApiError::Internal(e.to_string()))?;
+        out = store.set_member_drain(&r.member, &json)?;
+    }
     Ok(settings_to_wire(&out, Vec::new()))
 }
+
+/// Largest `max_undrainable` accepted.
+pub const MAX_UNDRAINABLE_CAP: u32 = 10_000;
 
 /// Receives an uploaded artifact into the content-addressed store.
 pub async fn upload(

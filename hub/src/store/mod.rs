@@ -161,8 +161,48 @@ pub struct MemberSettings {
     pub node_os_schedule: Option<String>,
     /// Cluster maintenance schedule (JSON), if any.
     pub cluster_schedule: Option<String>,
-    /// Count or percentage of a pool's nodes upgraded at once.
+    /// Count or percentage of the member's nodes out of service at once (every kind of work together).
     pub max_unavailable: String,
+    /// Drain timeout and undrainable policy (JSON of `upkeep_core::work::DrainPolicy`); None: the defaults.
+    pub drain_policy: Option<String>,
+}
+
+impl MemberSettings {
+    /// The settings of a member nobody configured.
+    pub fn defaults(member: &str) -> MemberSettings {
+        MemberSettings {
+            member: member.to_string(),
+            node_os_schedule: None,
+            cluster_schedule: None,
+            max_unavailable: "1".into(),
+            drain_policy: None,
+        }
+    }
+
+    /// The drain policy (defaults when unset or unreadable).
+    pub fn drain(&self) -> upkeep_core::work::DrainPolicy {
+        self.drain_policy.as_deref().and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default()
+    }
+
+    /// `max_unavailable` parsed (one node when unreadable).
+    pub fn budget(&self) -> upkeep_core::concurrency::Limit {
+        self.max_unavailable.parse().unwrap_or(upkeep_core::concurrency::Limit::Count(1))
+    }
+}
+
+/// One piece of node work as stored (`hub/src/executor.rs` owns the state JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// Work id (also the lease id of its nodes, and the prefix of its operation ids).
+    pub id: String,
+    /// The member it works on.
+    pub member: String,
+    /// Running, Completed, Failed.
+    pub status: String,
+    /// Executor state (JSON).
+    pub state: String,
+    /// Last written (Unix ms).
+    pub updated_ms: i64,
 }
 
 /// Which maintenance window.
@@ -288,6 +328,16 @@ pub trait Store: Send + Sync {
     ) -> Result<MemberSettings, StoreError>;
     /// Sets a member's max_unavailable.
     fn set_member_disruption(&self, member: &str, max_unavailable: &str) -> Result<MemberSettings, StoreError>;
+    /// Sets a member's drain policy (JSON of `DrainPolicy`).
+    fn set_member_drain(&self, member: &str, policy_json: &str) -> Result<MemberSettings, StoreError>;
+    /// Advances and returns the hub epoch (once per hub start): the high part of every command generation.
+    fn next_epoch(&self) -> Result<u64, StoreError>;
+    /// Records (inserts or replaces) a piece of node work.
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// One piece of node work.
+    fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    /// Node work, optionally only that with this status.
+    fn list_jobs(&self, status: Option<&str>) -> Result<Vec<JobRecord>, StoreError>;
 
     /// Publishes an image version; republishing the same bytes updates its regions, other bytes conflict.
     fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError>;

@@ -4,7 +4,7 @@
 //! Schema changes are numbered migrations applied in order and recorded in `PRAGMA user_version`.
 
 use super::{
-    EventRecord, ImageRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord, RunRecord,
+    EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord, RunRecord,
     SecurityPatchRecord, Store, StoreError, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
@@ -94,6 +94,17 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE rollouts (member TEXT PRIMARY KEY, state TEXT NOT NULL);
     CREATE TABLE channel_switches (member TEXT PRIMARY KEY, generation INTEGER NOT NULL, at_ms INTEGER NOT NULL);",
+    // 5: one node-work executor: its jobs, the hub epoch that fences commands, members' drain policies.
+    "CREATE TABLE hub_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        member TEXT NOT NULL,
+        status TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX jobs_by_status ON jobs(status, id);
+    ALTER TABLE member_settings ADD COLUMN drain_policy TEXT;",
 ];
 
 /// The SQLite store.
@@ -308,7 +319,9 @@ impl Store for SqliteStore {
         let ctx = "reading member settings";
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached("SELECT member, node_os_schedule, cluster_schedule, max_unavailable FROM member_settings")
+            .prepare_cached(
+                "SELECT member, node_os_schedule, cluster_schedule, max_unavailable, drain_policy FROM member_settings",
+            )
             .map_err(db(ctx))?;
         stmt.query_map([], |r| {
             Ok(MemberSettings {
@@ -316,6 +329,7 @@ impl Store for SqliteStore {
                 node_os_schedule: r.get(1)?,
                 cluster_schedule: r.get(2)?,
                 max_unavailable: r.get(3)?,
+                drain_policy: r.get(4)?,
             })
         })
         .map_err(db(ctx))?
@@ -338,6 +352,55 @@ impl Store for SqliteStore {
 
     fn set_member_disruption(&self, member: &str, max_unavailable: &str) -> Result<MemberSettings, StoreError> {
         self.upsert_settings(member, "max_unavailable", Some(max_unavailable))
+    }
+
+    fn set_member_drain(&self, member: &str, policy_json: &str) -> Result<MemberSettings, StoreError> {
+        self.upsert_settings(member, "drain_policy", Some(policy_json))
+    }
+
+    fn next_epoch(&self) -> Result<u64, StoreError> {
+        let ctx = "advancing the hub epoch";
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx))?;
+        tx.execute(
+            "INSERT INTO hub_meta (key, value) VALUES ('epoch', 1)
+             ON CONFLICT(key) DO UPDATE SET value = value + 1",
+            [],
+        )
+        .map_err(db(ctx))?;
+        let epoch: i64 = tx.query_row("SELECT value FROM hub_meta WHERE key = 'epoch'", [], |r| r.get(0)).map_err(db(ctx))?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(epoch as u64)
+    }
+
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO jobs (id, member, status, state, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET member = excluded.member, status = excluded.status,
+                     state = excluded.state, updated_ms = excluded.updated_ms",
+                params![job.id, job.member, job.status, job.state, job.updated_ms],
+            )
+            .map(drop)
+            .map_err(db(format!("recording work {}", job.id)))
+    }
+
+    fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.conn()
+            .query_row("SELECT id, member, status, state, updated_ms FROM jobs WHERE id = ?1", params![id], job_from_row)
+            .optional()
+            .map_err(db(format!("reading work {id}")))
+    }
+
+    fn list_jobs(&self, status: Option<&str>) -> Result<Vec<JobRecord>, StoreError> {
+        let ctx = "listing work";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, member, status, state, updated_ms FROM jobs WHERE ?1 IS NULL OR status = ?1 ORDER BY id",
+            )
+            .map_err(db(ctx))?;
+        stmt.query_map(params![status], job_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
     }
 
     fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError> {
@@ -837,14 +900,27 @@ fn settings_of(conn: &Connection, member: &str) -> Result<MemberSettings, StoreE
     }
     let row = conn
         .query_row(
-            "SELECT node_os_schedule, cluster_schedule, max_unavailable FROM member_settings WHERE member = ?1",
+            "SELECT node_os_schedule, cluster_schedule, max_unavailable, drain_policy FROM member_settings
+             WHERE member = ?1",
             params![member],
-            |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?)),
+            |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            },
         )
         .optional()
         .map_err(db(ctx))?;
-    let (node_os_schedule, cluster_schedule, max_unavailable) = row.unwrap_or((None, None, "1".to_string()));
-    Ok(MemberSettings { member: member.to_string(), node_os_schedule, cluster_schedule, max_unavailable })
+    let (node_os_schedule, cluster_schedule, max_unavailable, drain_policy) =
+        row.unwrap_or((None, None, "1".to_string(), None));
+    Ok(MemberSettings { member: member.to_string(), node_os_schedule, cluster_schedule, max_unavailable, drain_policy })
+}
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    Ok(JobRecord { id: r.get(0)?, member: r.get(1)?, status: r.get(2)?, state: r.get(3)?, updated_ms: r.get(4)? })
 }
 
 fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ImageRecord, String)> {
