@@ -102,7 +102,7 @@ pub fn decide_lease(
     if let Some(run) = b.upgrading_run {
         return LeaseDecision::Deny {
             reason: format!("update run {run:?} is upgrading member {:?}; reboots wait until it is done", b.member),
-            retry_after_seconds: 60,
+            retry_after_seconds: 15,
         };
     }
     if let Some(other) = b.held.iter().find(|l| l.node == node) {

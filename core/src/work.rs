@@ -201,10 +201,7 @@ fn node_steps(op: &Operation, n: &WorkNode, first_cp: Option<&str>) -> Option<Ve
         Operation::RunUpgrade { upgrade_type, kubernetes, images } => {
             let mut s = Vec::new();
             if let Some(k) = kubernetes.filter(|k| kubernetes_due(*upgrade_type, *k, n)) {
-                s.push(Step::UpgradeKubernetes {
-                    version: k,
-                    first_control_plane: first_cp == Some(n.name.as_str()),
-                });
+                s.push(Step::UpgradeKubernetes { version: k, first_control_plane: first_cp == Some(n.name.as_str()) });
             }
             if upgrade_type.changes_node_images()
                 && let Some(target) = images.get(&n.pool)
@@ -397,7 +394,11 @@ pub struct DrainPolicy {
 
 impl Default for DrainPolicy {
     fn default() -> Self {
-        DrainPolicy { timeout_seconds: DEFAULT_DRAIN_TIMEOUT_SECONDS, undrainable: Undrainable::Fail, max_undrainable: 1 }
+        DrainPolicy {
+            timeout_seconds: DEFAULT_DRAIN_TIMEOUT_SECONDS,
+            undrainable: Undrainable::Fail,
+            max_undrainable: 1,
+        }
     }
 }
 
@@ -548,7 +549,9 @@ mod tests {
             UndrainableAction::Fail(m) if m.contains("PodDisruptionBudget a/pdb") && m.contains("\"n1\"")));
         p.undrainable = Undrainable::SkipNode;
         assert!(matches!(on_undrainable(&p, 0, "n1", "x"), UndrainableAction::Skip(_)));
-        assert!(matches!(on_undrainable(&p, 1, "n1", "x"), UndrainableAction::Fail(m) if m.contains("max_undrainable is 1")));
+        assert!(
+            matches!(on_undrainable(&p, 1, "n1", "x"), UndrainableAction::Fail(m) if m.contains("max_undrainable is 1"))
+        );
         p.undrainable = Undrainable::Force;
         p.max_undrainable = 2;
         assert!(matches!(on_undrainable(&p, 1, "n1", "x"), UndrainableAction::Force(_)));
@@ -621,7 +624,9 @@ mod tests {
                 .iter()
                 .enumerate()
                 .flat_map(|(i, b)| b.iter().map(move |w| (i, w)))
-                .filter(|(_, w)| w.steps.iter().any(|s| matches!(s, Step::UpgradeKubernetes { first_control_plane: true, .. })))
+                .filter(|(_, w)| {
+                    w.steps.iter().any(|s| matches!(s, Step::UpgradeKubernetes { first_control_plane: true, .. }))
+                })
                 .map(|(i, w)| (i, w.node.as_str()))
                 .collect();
             assert!(applies.len() <= 1, "two upgrade apply: {p:?}");
@@ -632,7 +637,11 @@ mod tests {
             let any_k8s = p.nodes().any(|w| w.steps.iter().any(|s| matches!(s, Step::UpgradeKubernetes { .. })));
             let cp_due = nodes.iter().any(|n| n.control_plane && n.kubernetes < Some("1.30.0".parse().expect("k")));
             if matches!(op, Operation::RunUpgrade { upgrade_type: UpgradeType::Full, .. }) && any_k8s && cp_due {
-                assert_eq!(applies.len(), 1, "a Kubernetes upgrade with a control plane to upgrade has one apply: {p:?}");
+                assert_eq!(
+                    applies.len(),
+                    1,
+                    "a Kubernetes upgrade with a control plane to upgrade has one apply: {p:?}"
+                );
             }
         }
     }

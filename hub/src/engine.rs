@@ -239,7 +239,9 @@ impl Engine {
         }
         for action in &plan.actions {
             match action {
-                Action::StartMember { member, target, .. } => self.spawn_member(name, &new_state, member, target.clone()),
+                Action::StartMember { member, target, .. } => {
+                    self.spawn_member(name, &new_state, member, target.clone())
+                }
             }
         }
         Ok((new_state, plan))

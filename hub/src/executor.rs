@@ -34,9 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use upkeep_core::maintenance::LeaseDecision;
-use upkeep_core::work::{
-    DrainPolicy, NodeWork, Step, UndrainableAction, WorkPlan, on_step_failure, on_undrainable,
-};
+use upkeep_core::work::{DrainPolicy, NodeWork, Step, UndrainableAction, WorkPlan, on_step_failure, on_undrainable};
 use upkeep_proto::v1;
 
 /// How often a node waiting for a lease looks again when nothing wakes it.
@@ -139,7 +137,6 @@ impl JobState {
             .collect();
         if failed.is_empty() { Ok(()) } else { Err(failed.join("; ")) }
     }
-
 
     /// One line for status: what is done and what failed.
     pub fn summary(&self) -> String {
@@ -365,8 +362,7 @@ impl Executor {
             if todo.is_empty() {
                 continue;
             }
-            let results =
-                futures::future::join_all(todo.iter().map(|w| self.node(&spec, w, shared.clone()))).await;
+            let results = futures::future::join_all(todo.iter().map(|w| self.node(&spec, w, shared.clone()))).await;
             for r in results {
                 r?;
             }
@@ -389,7 +385,14 @@ impl Executor {
         if takes_lease {
             self.wait_for_lease(spec, &w.node).await?;
         }
-        self.event(spec, &w.node, "NotStarted", "Running", format!("{}: {}", spec.purpose, w.describe()), String::new());
+        self.event(
+            spec,
+            &w.node,
+            "NotStarted",
+            "Running",
+            format!("{}: {}", spec.purpose, w.describe()),
+            String::new(),
+        );
         let (outcome, keep) = self.steps(spec, w, &shared).await;
         self.note_node(&w.node, None);
         let (to, message, error) = match &outcome {
@@ -486,13 +489,18 @@ impl Executor {
                 match decision {
                     UndrainableAction::Force(msg) => {
                         tracing::warn!(job = %spec.id, node = %w.node, "{msg}");
+                        self.event(spec, &w.node, "Running", "Running", "drain forced".into(), msg.clone());
                         let force = v1::command::Kind::Drain(v1::Drain {
                             timeout_seconds: spec.drain.timeout_seconds,
                             force: true,
                         });
                         match self.send(spec, &w.node, "drain-force", force, false).await {
                             Ok(_) => continue,
-                            Err(e) => return self.fail(spec, w, step, format!("{msg}; the forced drain failed too: {e}")).await,
+                            Err(e) => {
+                                return self
+                                    .fail(spec, w, step, format!("{msg}; the forced drain failed too: {e}"))
+                                    .await;
+                            }
                         }
                     }
                     UndrainableAction::Skip(msg) => {
@@ -550,10 +558,12 @@ impl Executor {
         Ok(match step {
             Step::Cordon => Kind::Cordon(v1::Cordon {}),
             Step::Drain => Kind::Drain(v1::Drain { timeout_seconds: spec.drain.timeout_seconds, force: false }),
-            Step::UpgradeKubernetes { version, first_control_plane } => Kind::UpgradeKubernetes(v1::UpgradeKubernetes {
-                version: version.to_string(),
-                first_control_plane: *first_control_plane,
-            }),
+            Step::UpgradeKubernetes { version, first_control_plane } => {
+                Kind::UpgradeKubernetes(v1::UpgradeKubernetes {
+                    version: version.to_string(),
+                    first_control_plane: *first_control_plane,
+                })
+            }
             Step::Reimage { image, reinstall } => {
                 let rec = self
                     .store()

@@ -49,9 +49,7 @@ pub fn upgrading_runs(store: &dyn Store) -> Result<HashMap<String, String>, Stor
 /// A Unix-ms time as RFC 3339 (UTC), for messages.
 pub fn time_of(ms: i64) -> String {
     use chrono::TimeZone;
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .map_or_else(|| format!("{ms} ms"), upkeep_core::schedule::rfc3339)
+    Utc.timestamp_millis_opt(ms).single().map_or_else(|| format!("{ms} ms"), upkeep_core::schedule::rfc3339)
 }
 
 /// The owner key of an update run's work on a member.
@@ -132,9 +130,12 @@ impl Ledger {
         let _desk = lock(&self.desk);
         self.expire()?;
         let member = node.facts.member.as_str();
-        let mut leases: Vec<LeaseRecord> = self.store().list_leases()?.into_iter().filter(|l| l.member == member).collect();
+        let mut leases: Vec<LeaseRecord> =
+            self.store().list_leases()?.into_iter().filter(|l| l.member == member).collect();
         // Adoption: the same owner's earlier work left this node out of service; the new work takes it over.
-        if let Some(prev) = leases.iter_mut().find(|l| l.node == node.name && l.holder == ask.holder && l.lease_id != ask.lease_id) {
+        if let Some(prev) =
+            leases.iter_mut().find(|l| l.node == node.name && l.holder == ask.holder && l.lease_id != ask.lease_id)
+        {
             self.store().release_leases(&node.name, std::slice::from_ref(&prev.lease_id), false)?;
             tracing::info!(node = %node.name, from = %prev.lease_id, to = ask.lease_id, "lease adopted by the owner's next work");
             prev.lease_id = ask.lease_id.to_string();
@@ -146,9 +147,7 @@ impl Ledger {
         let window: Option<MaintenanceSchedule> =
             settings.node_os_schedule.as_deref().and_then(|s| serde_json::from_str(s).ok());
         // The run upgrading the member blocks every other holder; its own work is what it is waiting for.
-        let run = upgrading_runs(self.store())?
-            .remove(member)
-            .filter(|r| ask.holder != run_holder(r, member));
+        let run = upgrading_runs(self.store())?.remove(member).filter(|r| ask.holder != run_holder(r, member));
         let held: Vec<HeldLease> = leases
             .iter()
             .map(|l| HeldLease {

@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use upkeep_core::channel::NodeOsChannel;
 use upkeep_core::maintenance::{
-    ChannelCatalog, LeaseDecision, NodeTask, NodeView, PatchRelease, Rollout, desired_rollout, may_start,
+    ChannelCatalog, LeaseDecision, NodeTask, NodeView, PatchRelease, Rollout, RolloutKind, desired_rollout, may_start,
 };
 use upkeep_core::schedule::MaintenanceSchedule;
 use upkeep_core::version::ImageVersion;
@@ -303,7 +303,8 @@ impl Maintenance {
         forced: bool,
     ) -> Result<(), StoreError> {
         let settings = self.store().member_settings(&rec.facts.member)?;
-        let plan = plan_work(&Operation::Reboot { nodes: vec![rec.name.clone()] }, &[work_node(rec)], settings.budget());
+        let plan =
+            plan_work(&Operation::Reboot { nodes: vec![rec.name.clone()] }, &[work_node(rec)], settings.budget());
         self.spawn_job(JobSpec {
             id,
             member: rec.facts.member.clone(),
@@ -360,8 +361,7 @@ impl Maintenance {
         }
         let settings = self.store().member_settings(&rec.facts.member)?;
         let id = format!("operator-uncordon/{node}/{}", now_ms());
-        let plan =
-            plan_work(&Operation::Uncordon { node: node.to_string() }, &[work_node(&rec)], settings.budget());
+        let plan = plan_work(&Operation::Uncordon { node: node.to_string() }, &[work_node(&rec)], settings.budget());
         self.spawn_job(JobSpec {
             id: id.clone(),
             member: rec.facts.member.clone(),
@@ -402,7 +402,9 @@ impl Maintenance {
             let whys = lock(&self.whys);
             nodes
                 .iter()
-                .filter_map(|n| whys.get(&n.name).filter(|w| !w.behind.is_empty()).map(|w| format!("{} ({})", n.name, w.behind)))
+                .filter_map(|n| {
+                    whys.get(&n.name).filter(|w| !w.behind.is_empty()).map(|w| format!("{} ({})", n.name, w.behind))
+                })
                 .collect()
         };
         if !behind.is_empty() {
@@ -411,7 +413,9 @@ impl Maintenance {
         match (&rollout, parts.is_empty()) {
             (Some(r), true) => format!("idle (last rollout: {})", r.summary()),
             (None, true) => "idle".to_string(),
-            (Some(r), false) if r.status != "Running" => format!("{} (last rollout: {})", parts.join("; "), r.summary()),
+            (Some(r), false) if r.status != "Running" => {
+                format!("{} (last rollout: {})", parts.join("; "), r.summary())
+            }
             _ => parts.join("; "),
         }
     }
@@ -514,8 +518,14 @@ impl Maintenance {
                             NodeTask::Patch { .. } => format!("has patch {}", n.facts.security_patch_version),
                         })
                         .unwrap_or_default();
-                    let mut why = NodeWhy { behind: format!("{} wants {} ({has})", member.node_os_channel, target_of(task)), ..Default::default() };
-                    if let Some(f) = existing.and_then(|r| r.failed.get(node)).filter(|f| f.starts_with(&format!("{}:", target_of(task)))) {
+                    let mut why = NodeWhy {
+                        behind: format!("{} wants {} ({has})", member.node_os_channel, target_of(task)),
+                        ..Default::default()
+                    };
+                    if let Some(f) = existing
+                        .and_then(|r| r.failed.get(node))
+                        .filter(|f| f.starts_with(&format!("{}:", target_of(task))))
+                    {
                         why.waiting = format!("failed this target before ({f}); not retried until a newer release");
                     }
                     whys.insert(node.clone(), why);
@@ -561,8 +571,10 @@ impl Maintenance {
             // Catching up to a release the member already rolled (nodes that joined later, a run that took the
             // member to it) waits for the window only; a new release also follows the cadence.
             let catch_up = existing.is_some_and(|r| rollout.tasks.values().all(|t| r.rolled.contains(&target_of(t))));
-            let last = existing.and_then(|r| r.release_started_ms.or(Some(r.started_ms))).map(ms_to_time);
-            if let Err(w) = may_start(rollout.kind, window.as_ref(), if catch_up { None } else { last }, self.settings.cadence, now) {
+            let last = existing.and_then(|r| r.release_started_ms).map(ms_to_time);
+            if let Err(w) =
+                may_start(rollout.kind, window.as_ref(), if catch_up { None } else { last }, self.settings.cadence, now)
+            {
                 wait(format!("{} {}", rollout.id, w.why), w.until, &mut whys);
                 if let Some(t) = w.until {
                     next = Some(next.map_or(t, |n| n.min(t)));
@@ -582,7 +594,13 @@ impl Maintenance {
                 job: format!("rollout/{name}/{seq}"),
                 seq,
                 rolled,
-                release_started_ms: if catch_up { existing.and_then(|r| r.release_started_ms) } else { Some(now_ms()) },
+                // The cadence counts from the last start of a new release; a catch-up or a channel-switch reimage
+                // does not move it.
+                release_started_ms: if catch_up || rollout.kind == RolloutKind::ChannelSwitch {
+                    existing.and_then(|r| r.release_started_ms)
+                } else {
+                    Some(now_ms())
+                },
                 rollout,
             };
             self.save(&name, &state)?;
@@ -681,4 +699,3 @@ fn node_view(n: &NodeRecord) -> NodeView {
         hardware_class: n.facts.hardware_class.clone(),
     }
 }
-

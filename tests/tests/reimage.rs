@@ -116,8 +116,12 @@ async fn cordon_drain_reimage_uncordon_then_refusals_and_an_unhealthy_image() {
     let r = cmd("run1/cordon", v1::command::Kind::Cordon(v1::Cordon {}), Duration::from_secs(10)).await;
     assert!(r.ok, "{r:?}");
     assert!(node.root.join("var/lib/upkeep/cordoned").exists(), "cordon marker written");
-    let r =
-        cmd("run1/drain", v1::command::Kind::Drain(v1::Drain { timeout_seconds: 30, force: false }), Duration::from_secs(10)).await;
+    let r = cmd(
+        "run1/drain",
+        v1::command::Kind::Drain(v1::Drain { timeout_seconds: 30, force: false }),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(r.ok, "{r:?}");
     let first = cmd("run1/reimage", reimage("202302.01.0", &good), REIMAGE_WITHIN).await;
     assert!(first.ok, "{first:?}");
@@ -198,15 +202,13 @@ async fn a_reimage_survives_an_agent_restart_and_the_hub_asking_again() {
     let fleet = hub.fleet();
     wait_for("node-1 connected", Duration::from_secs(20), || async { fleet.is_connected("node-1").then_some(()) })
         .await;
-    let first =
-        fleet.command("node-1", "op-x", reimage("202302.01.0", &good), REIMAGE_WITHIN).await.expect("result");
+    let first = fleet.command("node-1", "op-x", reimage("202302.01.0", &good), REIMAGE_WITHIN).await.expect("result");
     assert!(first.ok, "{first:?}");
     agent.stop().await;
     let agent = TestAgent::start(node);
     wait_for("node-1 reconnected", Duration::from_secs(20), || async { fleet.is_connected("node-1").then_some(()) })
         .await;
-    let again =
-        fleet.command("node-1", "op-x", reimage("202302.01.0", &good), REIMAGE_WITHIN).await.expect("result");
+    let again = fleet.command("node-1", "op-x", reimage("202302.01.0", &good), REIMAGE_WITHIN).await.expect("result");
     assert_eq!(again, first, "answered from the journal after a restart");
     let stale = fleet
         .command_at_generation("node-1", "op-old", 4, v1::command::Kind::Cordon(v1::Cordon {}), Duration::from_secs(10))

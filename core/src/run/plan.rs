@@ -6,8 +6,8 @@ use super::model::{NodeImageSelection, UpgradeType};
 use super::state::{
     Idx, LevelRef, MemberTarget, RunOpError, RunState, Status, Transition, apply_transition, transition_path,
 };
-use crate::schedule::{MaintenanceSchedule, SEARCH_HORIZON_DAYS, WindowState, priority, rfc3339};
 use crate::concurrency::Limit;
+use crate::schedule::{MaintenanceSchedule, SEARCH_HORIZON_DAYS, WindowState, priority, rfc3339};
 use crate::version::{ImageVersion, KubernetesVersion, NodeImageVersion};
 use crate::work::{Operation, WorkNode, WorkPlan, plan_work};
 use chrono::{DateTime, TimeDelta, Utc};

@@ -166,8 +166,13 @@ pub async fn uncordon(c: &mut Client, node: &str, out: &mut dyn Write) -> anyhow
     if node.trim().is_empty() {
         bail!("NODE: empty; name the node to uncordon (see `upkeepctl lease list`)");
     }
-    let r = c.uncordon_node(v1::UncordonNodeRequest { node: node.to_string() }).await.map_err(status_line)?.into_inner();
-    let was = if r.out_of_service.is_empty() { "it held no lease".to_string() } else { format!("it was out under {}", r.out_of_service) };
+    let r =
+        c.uncordon_node(v1::UncordonNodeRequest { node: node.to_string() }).await.map_err(status_line)?.into_inner();
+    let was = if r.out_of_service.is_empty() {
+        "it held no lease".to_string()
+    } else {
+        format!("it was out under {}", r.out_of_service)
+    };
     writeln!(out, "node {node} is uncordoned by work {} and its leases given back ({was})", r.work)?;
     Ok(())
 }

@@ -145,6 +145,8 @@ impl v1::agent_service_server::AgentService for AgentApi {
         let _ = tx.try_send(Ok(desired_config(&member)));
         let session = self.fleet.open_session(&node, &member.name, tx.clone());
         tracing::info!(node = %node, member = %member.name, session, "agent registered");
+        // A node that (re)joins may be behind its channel: let the channel loop look now, not at its next pass.
+        self.maintenance.poke();
 
         let fleet = self.fleet.clone();
         let maintenance = self.maintenance.clone();

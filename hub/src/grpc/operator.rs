@@ -91,9 +91,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let member = req.get_ref().member.as_str();
         let nodes = self.fleet.store().list_nodes((!member.is_empty()).then_some(member)).map_err(ApiError::from)?;
         let now = now_ms();
-        Ok(Response::new(v1::ListNodesResponse {
-            nodes: nodes.iter().map(|n| self.node_wire(n, now)).collect(),
-        }))
+        Ok(Response::new(v1::ListNodesResponse { nodes: nodes.iter().map(|n| self.node_wire(n, now)).collect() }))
     }
 
     async fn get_node(&self, req: Request<v1::GetNodeRequest>) -> Result<Response<v1::Node>, Status> {
@@ -529,7 +527,10 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         self.lease_of(&r.node, &lease_id)
     }
 
-    async fn uncordon_node(&self, req: Request<v1::UncordonNodeRequest>) -> Result<Response<v1::UncordonNodeResponse>, Status> {
+    async fn uncordon_node(
+        &self,
+        req: Request<v1::UncordonNodeRequest>,
+    ) -> Result<Response<v1::UncordonNodeResponse>, Status> {
         let p = principal_of(&req)?;
         require(&p, WRITERS, "uncordon nodes")?;
         let node = &req.get_ref().node;

@@ -106,7 +106,8 @@ pub fn set_disruption(store: &dyn Store, r: &v1::SetMemberDisruptionRequest) -> 
         drain.timeout_seconds = t;
     }
     if !r.undrainable.is_empty() {
-        drain.undrainable = r.undrainable.parse().map_err(|e| ApiError::InvalidArgument(format!("undrainable: {e}")))?;
+        drain.undrainable =
+            r.undrainable.parse().map_err(|e| ApiError::InvalidArgument(format!("undrainable: {e}")))?;
     }
     if let Some(m) = r.max_undrainable {
         if m > MAX_UNDRAINABLE_CAP {

@@ -4,8 +4,8 @@
 //! Schema changes are numbered migrations applied in order and recorded in `PRAGMA user_version`.
 
 use super::{
-    EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord, RunRecord,
-    SecurityPatchRecord, Store, StoreError, WindowKind,
+    EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord,
+    RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeSet;
@@ -368,7 +368,8 @@ impl Store for SqliteStore {
             [],
         )
         .map_err(db(ctx))?;
-        let epoch: i64 = tx.query_row("SELECT value FROM hub_meta WHERE key = 'epoch'", [], |r| r.get(0)).map_err(db(ctx))?;
+        let epoch: i64 =
+            tx.query_row("SELECT value FROM hub_meta WHERE key = 'epoch'", [], |r| r.get(0)).map_err(db(ctx))?;
         tx.commit().map_err(db(ctx))?;
         Ok(epoch as u64)
     }
@@ -387,7 +388,11 @@ impl Store for SqliteStore {
 
     fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         self.conn()
-            .query_row("SELECT id, member, status, state, updated_ms FROM jobs WHERE id = ?1", params![id], job_from_row)
+            .query_row(
+                "SELECT id, member, status, state, updated_ms FROM jobs WHERE id = ?1",
+                params![id],
+                job_from_row,
+            )
             .optional()
             .map_err(db(format!("reading work {id}")))
     }
