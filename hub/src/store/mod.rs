@@ -289,8 +289,13 @@ pub trait Store: Send + Sync {
     /// Sets a member's max_unavailable.
     fn set_member_disruption(&self, member: &str, max_unavailable: &str) -> Result<MemberSettings, StoreError>;
 
-    /// Publishes an image version; republishing the same bytes updates its regions, other bytes conflict.
-    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError>;
+    /// Publishes an image version, or adds regions to one already published: the regions given are added to
+    /// those it has (a region given again takes the new availability time), the URL may move. Its digest, size
+    /// and signature never change: different ones are a Conflict naming the field. Returns the stored version.
+    fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, StoreError>;
+    /// Withdraws a published image version from one region and returns what remains. An unknown version is
+    /// NotFound; a region it is not published in, or its last region, is a Conflict. A refusal changes nothing.
+    fn withdraw_image_region(&self, family: &str, version: &str, region: &str) -> Result<ImageRecord, StoreError>;
     /// Catalog, optionally of one family.
     fn list_images(&self, family: Option<&str>) -> Result<Vec<ImageRecord>, StoreError>;
     /// Publishes (or extends the regions of) a Kubernetes release: version -> region -> available from (ms).
