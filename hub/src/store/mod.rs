@@ -58,8 +58,14 @@ pub struct NodeFacts {
     pub os_version: String,
     /// Kernel release.
     pub kernel: String,
-    /// `<family>-<YYYYMM.DD.N>`, empty if unknown.
+    /// `<family>-<YYYYMM.DD.N>`, empty if unknown: what people and the node label see, the booted image with the
+    /// applied security patch folded in (SPEC §1). Never compare it for a decision: use [`Self::image_version`]
+    /// and `security_patch_version`.
     pub node_image_version: String,
+    /// `<family>-<YYYYMM.DD.N>` of the booted image alone; empty if unknown or sent by an agent older than the
+    /// field (rows stored before it load with it empty). Read it through [`Self::image_version`].
+    #[serde(default)]
+    pub booted_image_version: String,
     /// Security patch version, empty if none.
     pub security_patch_version: String,
     /// Whether the OS says a reboot is required.
@@ -79,6 +85,15 @@ pub struct NodeFacts {
     /// What the agent says about the channel in force (refusals, fallbacks), empty if nothing.
     #[serde(default)]
     pub channel_note: String,
+}
+
+impl NodeFacts {
+    /// The booted image, `<family>-<YYYYMM.DD.N>` (empty if unknown): what NodeImage decisions compare with the
+    /// catalog. Agents older than `booted_image_version` did not fold patches in, so their
+    /// `node_image_version` is the booted image.
+    pub fn image_version(&self) -> &str {
+        if self.booted_image_version.is_empty() { &self.node_image_version } else { &self.booted_image_version }
+    }
 }
 
 /// One operation in flight on a node.

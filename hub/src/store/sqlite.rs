@@ -1084,6 +1084,30 @@ mod tests {
     }
 
     #[test]
+    fn facts_stored_before_booted_image_version_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let s = SqliteStore::open(&path).expect("open");
+        s.record_report("n1", &facts("m1", "p1", "eu"), 1000).expect("record");
+        // A row written by a hub that did not know the field.
+        let mut old: serde_json::Value = serde_json::to_value(facts("m1", "p1", "eu")).expect("json");
+        old.as_object_mut().expect("object").remove("booted_image_version");
+        s.conn()
+            .execute("UPDATE nodes SET facts = ?1 WHERE name = 'n1'", params![old.to_string()])
+            .expect("write old row");
+        let n = s.get_node("n1").expect("load").expect("exists");
+        assert_eq!(n.facts.booted_image_version, "");
+        assert_eq!(n.facts.image_version(), "Ubuntu-2204-202311.07.0", "falls back to the reported version");
+        let mut patched = facts("m1", "p1", "eu");
+        patched.node_image_version = "Ubuntu-2204-202312.05.1".into();
+        patched.booted_image_version = "Ubuntu-2204-202311.07.0".into();
+        s.record_report("n1", &patched, 2000).expect("record");
+        let n = s.get_node("n1").expect("load").expect("exists");
+        assert_eq!(n.facts.image_version(), "Ubuntu-2204-202311.07.0");
+        assert_eq!(n.facts.node_image_version, "Ubuntu-2204-202312.05.1");
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hub.db");
