@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use upkeep_core::version::{ImageVersion, NodeImageVersion};
 use upkeep_proto::tls::client_tls;
 use upkeep_proto::v1::{self, agent_message, hub_message};
 
@@ -355,6 +356,8 @@ impl Agent {
             }
         };
         let st = self.state();
+        let (node_image_version, booted_image_version) =
+            reported_image_versions(facts.node_image.as_ref(), &facts.security_patch_version);
         v1::NodeReport {
             node_name: self.cfg.node_name.clone(),
             member: self.cfg.member.clone(),
@@ -363,7 +366,8 @@ impl Agent {
             os_family: facts.os_family,
             os_version: facts.os_version,
             kernel: facts.kernel,
-            node_image_version: facts.node_image.map(|n| n.label()).unwrap_or_default(),
+            node_image_version,
+            booted_image_version,
             security_patch_version: facts.security_patch_version,
             reboot_required: facts.reboot_required,
             channel: st.channel.unwrap_or_default(),
@@ -614,6 +618,16 @@ pub fn apply_channel(
     Ok(std::iter::once(plan.note).chain(notes).filter(|n| !n.is_empty()).collect::<Vec<_>>().join("; "))
 }
 
+/// The two image versions a report carries: the node-image-version people and the node label see (the booted
+/// image with the applied security patch folded in, SPEC §1) and the booted image alone, for decisions. Both
+/// empty without image metadata. A patch version that does not parse is not folded in (the hub refuses the
+/// report's security_patch_version and says why).
+pub fn reported_image_versions(booted: Option<&NodeImageVersion>, security_patch_version: &str) -> (String, String) {
+    let Some(booted) = booted else { return (String::new(), String::new()) };
+    let patch = security_patch_version.parse::<ImageVersion>().ok();
+    (booted.folded_with_patch(patch).label(), booted.label())
+}
+
 fn msg(body: agent_message::Body) -> v1::AgentMessage {
     v1::AgentMessage { body: Some(body) }
 }
@@ -813,6 +827,36 @@ mod tests {
             a.engine.lease_release_on_start(),
             v1::LeaseRelease { lease_ids: vec!["reboot/fake-0".into()], all_except: true }
         );
+    }
+
+    #[test]
+    fn sec1_a_patched_node_reports_the_patch_folded_in_and_its_booted_image_apart() {
+        let booted: NodeImageVersion = "Debian-12-202311.07.0".parse().expect("valid");
+        assert_eq!(
+            reported_image_versions(Some(&booted), "202312.05.1"),
+            ("Debian-12-202312.05.1".to_string(), "Debian-12-202311.07.0".to_string())
+        );
+        assert_eq!(
+            reported_image_versions(Some(&booted), ""),
+            ("Debian-12-202311.07.0".to_string(), "Debian-12-202311.07.0".to_string())
+        );
+        assert_eq!(reported_image_versions(None, "202312.05.1"), (String::new(), String::new()));
+    }
+
+    #[tokio::test]
+    async fn the_report_of_a_patched_node_carries_both_versions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let os = Arc::new(FakeOs::new(crate::os::OsFacts {
+            node_image: Some("Debian-12-202311.07.0".parse().expect("valid")),
+            security_patch_version: "202312.05.1".into(),
+            ..Default::default()
+        }));
+        let a = agent(dir.path(), os, "np1", "");
+        let r = a.report();
+        assert_eq!(r.node_image_version, "Debian-12-202312.05.1");
+        assert_eq!(r.booted_image_version, "Debian-12-202311.07.0");
+        assert_eq!(r.security_patch_version, "202312.05.1");
+        assert_eq!(upkeep_proto::convert::check_report("report", &r), Ok(()), "the hub accepts it");
     }
 
     #[tokio::test]

@@ -114,6 +114,18 @@ impl NodeImageVersion {
     pub fn label(&self) -> String {
         self.to_string()
     }
+
+    /// What a node running this (booted) image with security patch `patch` applied reports as its one
+    /// node-image-version (SPEC §1): the same family at the newer of the image's version and the patch's, as the
+    /// managed service's label follows the patch date. A patch older than the image (one applied before the node
+    /// was reimaged to a newer image) changes nothing.
+    ///
+    /// The result is for people and labels only. Decisions never compare it: NodeImage compares the booted
+    /// image (`self`) with the catalog, SecurityPatch the patch version with the patch catalog.
+    pub fn folded_with_patch(&self, patch: Option<ImageVersion>) -> NodeImageVersion {
+        let version = patch.map_or(self.version, |p| p.max(self.version));
+        NodeImageVersion { family: self.family.clone(), version }
+    }
 }
 
 impl FromStr for NodeImageVersion {
@@ -228,6 +240,26 @@ mod tests {
         assert!("-202311.07.0".parse::<NodeImageVersion>().is_err());
         assert!("Ubuntu".parse::<NodeImageVersion>().is_err());
         assert!("Ub untu-202311.07.0".parse::<NodeImageVersion>().is_err());
+    }
+
+    #[test]
+    fn sec1_a_patch_newer_than_the_image_is_folded_into_the_reported_version() {
+        let booted: NodeImageVersion = "AKSUbuntu-2204gen2containerd-202311.07.0".parse().expect("valid");
+        let reported = booted.folded_with_patch(Some(v("202312.05.1")));
+        assert_eq!(reported.label(), "AKSUbuntu-2204gen2containerd-202312.05.1");
+        assert_eq!(reported.family, booted.family, "the family is the booted image's");
+        assert_eq!(booted.label(), "AKSUbuntu-2204gen2containerd-202311.07.0", "the booted image is left as it is");
+    }
+
+    #[test]
+    fn sec1_an_older_or_missing_patch_leaves_the_image_version() {
+        let booted: NodeImageVersion = "Debian-12-202312.01.0".parse().expect("valid");
+        assert_eq!(booted.folded_with_patch(None), booted);
+        assert_eq!(booted.folded_with_patch(Some(v("202311.20.3"))), booted, "a patch from before a reimage");
+        assert_eq!(booted.folded_with_patch(Some(v("202312.01.0"))), booted, "the same version");
+        // Ordered by component, not as text: 202312.01.10 is newer than 202312.01.9.
+        let nine: NodeImageVersion = "Debian-12-202312.01.9".parse().expect("valid");
+        assert_eq!(nine.folded_with_patch(Some(v("202312.01.10"))).label(), "Debian-12-202312.01.10");
     }
 
     #[test]

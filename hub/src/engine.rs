@@ -382,7 +382,7 @@ pub fn work_node(n: &NodeRecord) -> WorkNode {
         name: n.name.clone(),
         pool: n.facts.node_pool.clone(),
         control_plane: n.facts.control_plane,
-        image: n.facts.node_image_version.parse().ok(),
+        image: n.facts.image_version().parse().ok(),
         kubernetes: n.facts.kubernetes_version.parse().ok(),
     }
 }
@@ -409,7 +409,7 @@ fn member_view(nodes: &[&NodeRecord], settings: &MemberSettings) -> MemberView {
         .into_iter()
         .filter_map(|(name, ns)| {
             let parsed: Vec<Option<NodeImageVersion>> =
-                ns.iter().map(|n| n.facts.node_image_version.parse().ok()).collect();
+                ns.iter().map(|n| n.facts.image_version().parse().ok()).collect();
             let family = parsed.iter().flatten().next()?.family.clone();
             let image_version = if parsed.iter().all(|p| p.as_ref().is_some_and(|v| v.family == family)) {
                 parsed.iter().flatten().map(|v| v.version).min()

@@ -503,6 +503,7 @@ pub fn facts_from_wire(r: &v1::NodeReport) -> NodeFacts {
         os_version: r.os_version.clone(),
         kernel: r.kernel.clone(),
         node_image_version: r.node_image_version.clone(),
+        booted_image_version: r.booted_image_version.clone(),
         security_patch_version: r.security_patch_version.clone(),
         reboot_required: r.reboot_required,
         channel: r.channel.clone(),
@@ -535,6 +536,8 @@ pub fn facts_to_wire(name: &str, f: &NodeFacts) -> v1::NodeReport {
         os_version: f.os_version.clone(),
         kernel: f.kernel.clone(),
         node_image_version: f.node_image_version.clone(),
+        // Operators see the booted image even for agents that predate the field (then it equals the above).
+        booted_image_version: f.image_version().to_string(),
         security_patch_version: f.security_patch_version.clone(),
         reboot_required: f.reboot_required,
         channel: f.channel.clone(),

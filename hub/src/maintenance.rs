@@ -511,7 +511,7 @@ impl Maintenance {
                         .iter()
                         .find(|n| &n.name == node)
                         .map(|n| match task {
-                            NodeTask::Reimage { .. } => format!("runs {}", n.facts.node_image_version),
+                            NodeTask::Reimage { .. } => format!("runs {}", n.facts.image_version()),
                             NodeTask::Patch { .. } if n.facts.security_patch_version.is_empty() => {
                                 "no security patch".to_string()
                             }
@@ -693,9 +693,29 @@ fn node_view(n: &NodeRecord) -> NodeView {
         name: n.name.clone(),
         pool: n.facts.node_pool.clone(),
         region: n.facts.region.clone(),
-        image: n.facts.node_image_version.parse().ok(),
+        image: n.facts.image_version().parse().ok(),
         security_patch: n.facts.security_patch_version.parse().ok(),
         os_family: n.facts.os_family.clone(),
         hardware_class: n.facts.hardware_class.clone(),
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NodeFacts;
+
+    #[test]
+    fn sec1_decisions_compare_the_booted_image_not_the_label_folded_with_the_patch() {
+        let facts = NodeFacts {
+            member: "m1".into(),
+            node_pool: "p".into(),
+            node_image_version: "Fam-202402.10.0".into(),
+            booted_image_version: "Fam-202401.01.0".into(),
+            security_patch_version: "202402.10.0".into(),
+            ..Default::default()
+        };
+        let n = NodeRecord { name: "n1".into(), facts, first_seen_ms: 0, last_seen_ms: 0, last_report_ms: 0 };
+        assert_eq!(node_view(&n).image.map(|i| i.label()).as_deref(), Some("Fam-202401.01.0"));
+        assert_eq!(work_node(&n).image.map(|i| i.label()).as_deref(), Some("Fam-202401.01.0"));
     }
 }

@@ -29,13 +29,41 @@ pub fn check_report(prefix: &str, r: &v1::NodeReport) -> Result<(), FieldError> 
     validate_name("member", &r.member).map_err(|e| FieldError::new(f("member"), e))?;
     validate_name("node pool", &r.node_pool).map_err(|e| FieldError::new(f("node_pool"), e))?;
     validate_name("region", &r.region).map_err(|e| FieldError::new(f("region"), e))?;
-    if !r.node_image_version.is_empty() {
-        r.node_image_version.parse::<NodeImageVersion>().map_err(|e| FieldError::new(f("node_image_version"), e))?;
-    }
-    if !r.security_patch_version.is_empty() {
-        r.security_patch_version
-            .parse::<ImageVersion>()
-            .map_err(|e| FieldError::new(f("security_patch_version"), e))?;
+    let reported = if r.node_image_version.is_empty() {
+        None
+    } else {
+        Some(
+            r.node_image_version
+                .parse::<NodeImageVersion>()
+                .map_err(|e| FieldError::new(f("node_image_version"), e))?,
+        )
+    };
+    let patch = if r.security_patch_version.is_empty() {
+        None
+    } else {
+        Some(
+            r.security_patch_version
+                .parse::<ImageVersion>()
+                .map_err(|e| FieldError::new(f("security_patch_version"), e))?,
+        )
+    };
+    if !r.booted_image_version.is_empty() {
+        let booted = r
+            .booted_image_version
+            .parse::<NodeImageVersion>()
+            .map_err(|e| FieldError::new(f("booted_image_version"), e))?;
+        // The reported string is derived from the other two (SPEC §1); one that is not is a confused agent.
+        let folded = booted.folded_with_patch(patch);
+        if reported.as_ref() != Some(&folded) {
+            return Err(FieldError::new(
+                f("node_image_version"),
+                format!(
+                    "{:?} does not match booted_image_version {booted} with security_patch_version {:?}: expected \
+                     {folded} (the newer of the image's and the patch's version)",
+                    r.node_image_version, r.security_patch_version
+                ),
+            ));
+        }
     }
     if !r.channel.is_empty() {
         r.channel.parse::<NodeOsChannel>().map_err(|e| FieldError::new(f("channel"), e))?;
@@ -94,5 +122,29 @@ mod tests {
         let mut r = good();
         r.kernel = "6.1\n".into();
         assert_eq!(check_report("report", &r).expect_err("bad").field, "report.kernel");
+        let mut r = good();
+        r.booted_image_version = "Ubuntu-2204".into();
+        assert_eq!(check_report("report", &r).expect_err("bad").field, "report.booted_image_version");
+    }
+
+    #[test]
+    fn sec1_booted_image_and_patch_fold_into_the_reported_version() {
+        let mut r = good();
+        r.booted_image_version = "Ubuntu-2204-202311.07.0".into();
+        assert_eq!(check_report("report", &r), Ok(()), "no patch: the booted image itself");
+        r.security_patch_version = "202312.05.1".into();
+        let err = check_report("report", &r).expect_err("patch not folded in");
+        assert_eq!(err.field, "report.node_image_version");
+        assert!(err.reason.contains("expected Ubuntu-2204-202312.05.1"), "{err}");
+        r.node_image_version = "Ubuntu-2204-202312.05.1".into();
+        assert_eq!(check_report("report", &r), Ok(()));
+        r.node_image_version = "Debian-12-202312.05.1".into();
+        assert_eq!(check_report("report", &r).expect_err("other family").field, "report.node_image_version");
+        r.node_image_version = String::new();
+        assert_eq!(check_report("report", &r).expect_err("missing").field, "report.node_image_version");
+        // Agents older than booted_image_version send only the reported string; it is taken as it is.
+        let mut old = good();
+        old.security_patch_version = "202312.05.1".into();
+        assert_eq!(check_report("report", &old), Ok(()));
     }
 }

@@ -19,6 +19,42 @@ async fn start_hub(pki: &TestPki, dir: &std::path::Path) -> TestHub {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec1_a_patched_node_reports_the_patch_folded_in_and_its_booted_image_apart() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let hub = start_hub(&pki, work.path()).await;
+    let node =
+        make_node(&pki, work.path(), &hub.url(), "node-p", "m1", "pool1", "eu-west", "Ubuntu-2204gen2-202311.07.0");
+    let agent = TestAgent::start(&node);
+    wait_for("node-p Ready", WAIT, || async {
+        let n = upkeepctl_json(&pki, &hub.url(), &["node", "show", "node-p"]).await.ok()?;
+        (n["status"] == "Ready").then_some(())
+    })
+    .await;
+
+    // A security patch newer than the image is applied on the node (as the agent records one).
+    std::fs::write(node.root.join("etc/upkeep/security-patch"), "202312.05.1\n").expect("write");
+    let n = wait_for("the patch reported", WAIT, || async {
+        let n = upkeepctl_json(&pki, &hub.url(), &["node", "show", "node-p"]).await.ok()?;
+        (n["security_patch_version"] == "202312.05.1").then_some(n)
+    })
+    .await;
+    assert_eq!(n["node_image_version"], "Ubuntu-2204gen2-202312.05.1", "{n}");
+    assert_eq!(n["labels"]["upkeep.io/node-image-version"], "Ubuntu-2204gen2-202312.05.1", "{n}");
+    assert_eq!(n["booted_image_version"], "Ubuntu-2204gen2-202311.07.0", "{n}");
+    // What the hub's decisions read: the booted image, not the folded string.
+    let stored = hub.fleet().store().get_node("node-p").expect("store").expect("node");
+    assert_eq!(stored.facts.image_version(), "Ubuntu-2204gen2-202311.07.0");
+    assert_eq!(stored.facts.node_image_version, "Ubuntu-2204gen2-202312.05.1");
+
+    let out = upkeepctl(&pki, &hub.url(), "viewer", &["node", "show", "node-p"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Ubuntu-2204gen2-202312.05.1") && text.contains("Booted image:"), "{text}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_registers_reports_and_heartbeats_and_node_list_shows_its_image_version() {
     let pki = TestPki::new();
     let work = tempfile::tempdir().expect("tempdir");

@@ -297,6 +297,101 @@ async fn sec5_full_run_is_pending_until_the_kubernetes_version_reaches_the_membe
     f.stop().await;
 }
 
+/// The regions an image version of `image list -o json` (or of `image publish|withdraw -o json`) is published in.
+fn regions_of(image: &Value) -> Vec<String> {
+    image["regions"].as_object().map(|r| r.keys().cloned().collect()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_publish_adds_regions_and_withdraw_takes_one_back() {
+    let f = fleet(&[("n1", "m1", "eu")], "Debian-12-202311.07.0").await;
+    // Keep the member's channel out of the way: this is about the catalog only.
+    f.ok(&["member", "set-channel", "m1", "None"]).await;
+    let sig = "untrusted comment: x\nRWQ=\n";
+    let listed = || async { f.json(&["image", "list", "--family", "Debian-12"]).await["images"][0].clone() };
+
+    // A release spreads region by region: publishing the same artifact again adds regions.
+    f.publish("Debian-12", "202312.01.0", "eu", b"image B", sig).await;
+    let first = listed().await;
+    f.publish("Debian-12", "202312.01.0", "us,ap", b"image B", sig).await;
+    let img = listed().await;
+    assert_eq!(regions_of(&img), ["ap", "eu", "us"], "{img}");
+    assert_eq!(img["regions"]["eu"], first["regions"]["eu"], "eu keeps its availability time: {img}");
+    assert_eq!(img["published_at"], first["published_at"], "{img}");
+    // A region published again takes the new availability time.
+    let art = f.work.path().join("Debian-12-202312.01.0.img").to_string_lossy().into_owned();
+    let again = f
+        .json(&[
+            "image",
+            "publish",
+            "--family",
+            "Debian-12",
+            "--version",
+            "202312.01.0",
+            "--regions",
+            "eu",
+            "--available-at",
+            "2030-01-01T00:00:00Z",
+            "--file",
+            &art,
+        ])
+        .await;
+    assert_eq!(again["regions"]["eu"], "2030-01-01T00:00:00Z", "{again}");
+    assert_eq!(regions_of(&again), ["ap", "eu", "us"], "{again}");
+
+    // Other bytes under the same version are refused, naming the field and the fix, and change nothing.
+    let other = f.work.path().join("other.img");
+    std::fs::write(&other, b"image C").expect("write");
+    std::fs::write(other.with_extension("img.minisig"), sig).expect("write");
+    let other = other.to_string_lossy().into_owned();
+    let err = f
+        .refused(&[
+            "image",
+            "publish",
+            "--family",
+            "Debian-12",
+            "--version",
+            "202312.01.0",
+            "--regions",
+            "sa",
+            "--file",
+            &other,
+        ])
+        .await;
+    assert!(err.contains("sha256:") && err.contains("new version"), "{err}");
+    assert_eq!(regions_of(&listed().await), ["ap", "eu", "us"]);
+
+    // Withdraw one region; the others stay.
+    let out = f.ok(&["image", "withdraw", "Debian-12", "202312.01.0", "--region", "us"]).await;
+    assert!(out.contains("withdrew Debian-12-202312.01.0 from us") && out.contains("ap,eu"), "{out}");
+    assert_eq!(regions_of(&listed().await), ["ap", "eu"]);
+
+    // Only an operator may withdraw.
+    let viewer =
+        upkeepctl(&f.pki, &f.hub.url(), "viewer", &["image", "withdraw", "Debian-12", "202312.01.0", "--region", "ap"])
+            .await;
+    assert!(!viewer.status.success());
+    let err = String::from_utf8_lossy(&viewer.stderr);
+    assert!(err.contains("PermissionDenied") && err.contains("operator"), "{err}");
+
+    // Refusals that change nothing: a region it is not in, an unknown or malformed version, the last region.
+    let err = f.refused(&["image", "withdraw", "Debian-12", "202312.01.0", "--region", "us"]).await;
+    assert!(err.contains("not published in region \"us\"") && err.contains("ap, eu"), "{err}");
+    let err = f.refused(&["image", "withdraw", "Debian-12", "202401.01.0", "--region", "eu"]).await;
+    assert!(err.contains("NotFound") && err.contains("Debian-12-202401.01.0"), "{err}");
+    let err = f.refused(&["image", "withdraw", "Debian-12", "2023.1", "--region", "eu"]).await;
+    assert!(err.contains("version:") && err.contains("YYYYMM.DD.N"), "{err}");
+    let err = f.refused(&["image", "withdraw", "Debian-12", "202312.01.0", "--region", "bad region"]).await;
+    assert!(err.contains("region:"), "{err}");
+    assert_eq!(regions_of(&listed().await), ["ap", "eu"]);
+    let left = f.json(&["image", "withdraw", "Debian-12", "202312.01.0", "--region", "ap"]).await;
+    assert_eq!(regions_of(&left), ["eu"], "{left}");
+    let err = f.refused(&["image", "withdraw", "Debian-12", "202312.01.0", "--region", "eu"]).await;
+    assert!(err.contains("only region") && err.contains("publish it in another region first"), "{err}");
+    assert_eq!(regions_of(&listed().await), ["eu"]);
+    f.stop().await;
+}
+
 /// Signs and publishes image `version` of Debian-12 through the CLI, trusted by every node of `nodes`.
 async fn publish_trusted(f: &Fleet, nodes: &[&str], version: &str) {
     let keys = f.work.path().join("keys");

@@ -120,16 +120,19 @@ impl Catalog {
         self.kubernetes.get(&version)?.get(region).copied()
     }
 
-    /// `Consistent` selection: per family, the newest version available at `now` in **every** given region.
-    /// Families with no such version are absent.
+    /// `Consistent` selection: per family, the newest version available at `now` in **every** region listed for
+    /// that family. Families with no such version, or with no region at all, are absent.
     pub fn consistent_selection(
         &self,
-        families: &BTreeSet<String>,
-        regions: &BTreeSet<String>,
+        regions_by_family: &BTreeMap<String, BTreeSet<String>>,
         now: DateTime<Utc>,
     ) -> BTreeMap<String, ImageVersion> {
         let mut out = BTreeMap::new();
-        for family in families {
+        for (family, regions) in regions_by_family {
+            // With no region to check, "available everywhere" would hold for any version, published or not.
+            if regions.is_empty() {
+                continue;
+            }
             let Some(versions) = self.images.get(family) else { continue };
             let everywhere = versions
                 .iter()
@@ -551,7 +554,12 @@ impl<'a> Planner<'a> {
     // ----- Consistent selection -------------------------------------------------------------------------------
 
     /// `Consistent`: when the run starts, choose per family the newest version available in every region of the
-    /// run's members, and record it (SPEC §5). A restarted run keeps its first selection.
+    /// run where that family is used, and record it (SPEC §5). A restarted run keeps its first selection.
+    ///
+    /// The regions are counted per family, from the node pools of that family only (a pool's own region when it
+    /// has one, else its member's). A member in a region where family F never runs says nothing about F: taking
+    /// every member's regions for every family would make F's selection wait for a release F never gets there,
+    /// and every pool of F would be skipped.
     fn ensure_selection(&mut self) {
         if self.st.image_selection.is_some()
             || !matches!(self.st.spec.node_image_selection, NodeImageSelection::Consistent)
@@ -559,15 +567,15 @@ impl<'a> Planner<'a> {
         {
             return;
         }
-        let mut families = BTreeSet::new();
-        let mut regions = BTreeSet::new();
+        let mut regions_by_family: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for m in self.st.members() {
             if let Some(v) = self.fleet.members.get(&m.name) {
-                families.extend(v.node_pools.iter().map(|p| p.family.clone()));
-                regions.extend(v.regions().into_iter().map(str::to_string));
+                for pool in &v.node_pools {
+                    regions_by_family.entry(pool.family.clone()).or_default().insert(v.pool_region(pool).to_string());
+                }
             }
         }
-        let sel = self.catalog.consistent_selection(&families, &regions, self.now);
+        let sel = self.catalog.consistent_selection(&regions_by_family, self.now);
         self.st.image_selection = Some(sel.clone());
         self.plan.image_selection = Some(sel);
     }
@@ -790,7 +798,8 @@ impl<'a> Planner<'a> {
                             None => {
                                 return Decision::Skip(format!(
                                     "Consistent selection found no version of family {} available in every region \
-                                     of the run when it started; node pool {} has no target image",
+                                     where the run's node pools of that family were when it started; node pool {} \
+                                     has no target image",
                                     pool.family, pool.name
                                 ));
                             }

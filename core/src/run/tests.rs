@@ -516,19 +516,99 @@ fn sec5_consistent_skips_member_with_no_common_image() {
     let mut sp = node_image_run(vec![stage("s1", vec![group("g1", &["east", "west"])])]);
     sp.node_image_selection = NodeImageSelection::Consistent;
     let mut f = two_region_fleet();
-    f.members.get_mut("east").expect("member").node_pools.push(pool("gpu", "GpuLinux", "202401.01.0"));
+    // east lives in eastus, but its gpu pool runs in westus, where GpuLinux was never published.
+    let mut gpu = pool("gpu", GPU, "202401.01.0");
+    gpu.region = Some("westus".into());
+    f.members.get_mut("east").expect("member").node_pools.push(gpu);
     let mut h = H::new(sp, f);
-    h.cat
-        .images
-        .entry("GpuLinux".into())
-        .or_default()
-        .entry(iv("202402.01.0"))
-        .or_default()
-        .insert("eastus".into(), t("2023-12-01T00:00:00Z"));
+    publish(&mut h.cat, GPU, "202402.01.0", &["eastus"]);
     assert_eq!(started(&h.start()), vec!["west"]);
     assert_eq!(h.m("east"), Status::Skipped);
     assert!(h.msg("east").contains("Consistent selection found no version of family GpuLinux"), "{}", h.msg("east"));
     assert!(h.msg("east").contains("node pool gpu"), "{}", h.msg("east"));
+}
+
+const GPU: &str = "GpuLinux";
+
+/// Makes `version` of `family` available in `regions` since long before T0.
+fn publish(c: &mut Catalog, family: &str, version: &str, regions: &[&str]) {
+    let v = c.images.entry(family.into()).or_default().entry(iv(version)).or_default();
+    for r in regions {
+        v.insert(r.to_string(), t("2023-12-01T00:00:00Z"));
+    }
+}
+
+/// What the selection was before it was counted per family: every region of every member for every family.
+fn selection_over_all_regions(h: &H) -> BTreeMap<String, ImageVersion> {
+    let all: BTreeSet<String> =
+        h.fleet.members.values().flat_map(|m| m.regions().into_iter().map(str::to_string)).collect();
+    let families: BTreeMap<String, BTreeSet<String>> =
+        h.fleet.members.values().flat_map(|m| m.node_pools.iter().map(|p| (p.family.clone(), all.clone()))).collect();
+    h.cat.consistent_selection(&families, h.now)
+}
+
+#[test]
+fn sec5_consistent_counts_per_family_only_the_regions_where_it_is_used() {
+    // Three regions, two families: Ubuntu runs in eastus and westus, GpuLinux in westus and northeu. Neither is
+    // ever published in the region where only the other one runs.
+    let mut f = fleet(&["east", "west", "north"]);
+    let west = f.members.get_mut("west").expect("member");
+    west.region = "westus".into();
+    west.node_pools.push(pool("gpu", GPU, "202401.01.0"));
+    let north = f.members.get_mut("north").expect("member");
+    north.region = "northeu".into();
+    north.node_pools = vec![pool("gpu", GPU, "202401.01.0")];
+    let mut sp = node_image_run(vec![stage("s1", vec![group("g1", &["east", "west", "north"])])]);
+    sp.node_image_selection = NodeImageSelection::Consistent;
+    let mut h = H::new(sp, f);
+    // The default catalog has Ubuntu 202401.01.0 and 202402.01.0 in eastus and westus; 202403.01.0 is only out
+    // in eastus, so it is not common.
+    publish(&mut h.cat, FAM, "202403.01.0", &["eastus"]);
+    publish(&mut h.cat, GPU, "202401.05.0", &["westus", "northeu"]);
+    publish(&mut h.cat, GPU, "202402.05.0", &["westus", "northeu"]);
+    publish(&mut h.cat, GPU, "202403.05.0", &["northeu"]);
+
+    // Counting every member's region for every family found nothing, and every member would be skipped.
+    assert_eq!(selection_over_all_regions(&h), BTreeMap::new());
+
+    let p = h.start();
+    let want: BTreeMap<String, ImageVersion> =
+        [(FAM.to_string(), iv("202402.01.0")), (GPU.to_string(), iv("202402.05.0"))].into();
+    assert_eq!(p.image_selection.as_ref(), Some(&want));
+    assert_eq!(h.st.image_selection.as_ref(), Some(&want));
+    assert_eq!(started(&p), vec!["east"]);
+    assert_eq!(target_of(&h, "east"), "pool np1 -> Ubuntu-2204gen2-202402.01.0");
+    h.finish("east", true);
+    assert_eq!(h.m("west"), Status::Running);
+    assert_eq!(target_of(&h, "west"), "pool gpu -> GpuLinux-202402.05.0, pool np1 -> Ubuntu-2204gen2-202402.01.0");
+    h.finish("west", true);
+    assert_eq!(h.m("north"), Status::Running);
+    assert_eq!(target_of(&h, "north"), "pool gpu -> GpuLinux-202402.05.0");
+    h.finish("north", true);
+    assert_eq!(h.run(), Status::Completed);
+}
+
+#[test]
+fn sec5_consistent_counts_a_pool_in_its_own_region_not_its_members() {
+    // east lives in eastus; its gpu pool runs in northeu, the only region GpuLinux is published in.
+    let mut f = fleet(&["east"]);
+    let mut gpu = pool("gpu", GPU, "202401.01.0");
+    gpu.region = Some("northeu".into());
+    f.members.get_mut("east").expect("member").node_pools.push(gpu);
+    let mut sp = node_image_run(vec![stage("s1", vec![group("g1", &["east"])])]);
+    sp.node_image_selection = NodeImageSelection::Consistent;
+    let mut h = H::new(sp, f);
+    publish(&mut h.cat, GPU, "202402.05.0", &["northeu"]);
+
+    // Both of east's regions for both families: Ubuntu is not in northeu, GpuLinux not in eastus.
+    assert_eq!(selection_over_all_regions(&h), BTreeMap::new());
+
+    let p = h.start();
+    let want: BTreeMap<String, ImageVersion> =
+        [(FAM.to_string(), iv("202402.01.0")), (GPU.to_string(), iv("202402.05.0"))].into();
+    assert_eq!(p.image_selection.as_ref(), Some(&want));
+    assert_eq!(started(&p), vec!["east"]);
+    assert_eq!(target_of(&h, "east"), "pool gpu -> GpuLinux-202402.05.0, pool np1 -> Ubuntu-2204gen2-202402.01.0");
 }
 
 #[test]

@@ -30,8 +30,11 @@ pub struct NodeJson {
     pub connected: bool,
     /// Node OS channel in force on the node.
     pub channel: String,
-    /// `<family>-<YYYYMM.DD.N>`.
+    /// `<family>-<YYYYMM.DD.N>` as the node reports it: the booted image with the applied security patch folded
+    /// in (SPEC §1), the value of the `upkeep.io/node-image-version` label.
     pub node_image_version: String,
+    /// `<family>-<YYYYMM.DD.N>` of the booted image alone.
+    pub booted_image_version: String,
     /// Security patch version.
     pub security_patch_version: String,
     /// Labels as on a Kubernetes node.
@@ -129,6 +132,12 @@ pub fn node_json(n: &v1::Node) -> NodeJson {
         status: n.status.clone(),
         connected: n.connected,
         channel: r.channel,
+        // A hub older than the field sends it empty; its agents' node_image_version is the booted image.
+        booted_image_version: if r.booted_image_version.is_empty() {
+            r.node_image_version.clone()
+        } else {
+            r.booted_image_version
+        },
         node_image_version: r.node_image_version,
         security_patch_version: r.security_patch_version,
         labels,
@@ -292,6 +301,7 @@ pub fn print_node(format: Format, n: &v1::Node, now: DateTime<Utc>, out: &mut dy
             },
         ),
         ("Node image version", or_dash(&j.node_image_version)),
+        ("Booted image", or_dash(&j.booted_image_version)),
         ("Security patch", or_dash(&j.security_patch_version)),
         ("OS", format!("{} {}", j.os_family, j.os_version)),
         ("Kernel", or_dash(&j.kernel)),
@@ -443,6 +453,27 @@ n1    m1      p1    eu      NodeImage  Ready   upkeep.io/node-image-version=Ubun
         assert_eq!(v["labels"][NODE_IMAGE_LABEL], "Ubuntu-2204-202311.07.0");
         assert_eq!(v["last_seen"], "2023-11-14T22:14:10Z");
         assert_eq!(v["status"], "Ready");
+        assert_eq!(v["booted_image_version"], "Ubuntu-2204-202311.07.0", "older hubs: the reported version");
+    }
+
+    #[test]
+    fn sec1_a_patched_node_shows_the_folded_label_and_its_booted_image() {
+        let mut n = node();
+        let r = n.report.as_mut().expect("report");
+        r.node_image_version = "Ubuntu-2204-202312.05.1".into();
+        r.booted_image_version = "Ubuntu-2204-202311.07.0".into();
+        r.security_patch_version = "202312.05.1".into();
+        let v = serde_json::to_value(node_json(&n)).expect("json");
+        assert_eq!(v["node_image_version"], "Ubuntu-2204-202312.05.1");
+        assert_eq!(v["labels"][NODE_IMAGE_LABEL], "Ubuntu-2204-202312.05.1");
+        assert_eq!(v["booted_image_version"], "Ubuntu-2204-202311.07.0");
+        assert_eq!(v["security_patch_version"], "202312.05.1");
+        let now = Utc.timestamp_millis_opt(1_700_000_062_000).single().expect("valid");
+        let mut out = Vec::new();
+        print_node(Format::Table, &n, now, &mut out).expect("render");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.contains("Node image version: Ubuntu-2204-202312.05.1\n"), "{text}");
+        assert!(text.contains("Booted image:       Ubuntu-2204-202311.07.0\n"), "{text}");
     }
 
     #[test]

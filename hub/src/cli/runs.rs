@@ -18,8 +18,19 @@ type Client = OperatorServiceClient<Channel>;
 /// `upkeepctl image ...`
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Upload an image artifact (if --file) and publish a version of a family in some regions.
+    /// Upload an image artifact (if --file) and publish a version of a family in some regions. Publishing a
+    /// version again adds the regions given (its other regions stay); its artifact never changes.
     Publish(PublishArgs),
+    /// Withdraw a published version from one region (it stays published in its other regions).
+    Withdraw {
+        /// Image family, e.g. Debian-12-gen2.
+        family: String,
+        /// Version YYYYMM.DD.N.
+        version: String,
+        /// The region to take it back from.
+        #[arg(long)]
+        region: String,
+    },
     /// List the catalog.
     List {
         /// Only this family.
@@ -161,7 +172,7 @@ pub struct PublishArgs {
     /// Version YYYYMM.DD.N.
     #[arg(long)]
     pub version: String,
-    /// Regions where it becomes available, comma separated.
+    /// Regions where it becomes available, comma separated; added to those of a version already published.
     #[arg(long, value_delimiter = ',')]
     pub regions: Vec<String>,
     /// When it becomes available (RFC 3339; default now). Applies to every region given.
@@ -362,14 +373,34 @@ pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut
                 size_bytes: size,
             };
             let img = c.publish_image(req).await.map_err(status_line)?.into_inner();
+            if format.is_structured() {
+                return emit(format, out, &image_json(&img));
+            }
             writeln!(
                 out,
-                "published {}-{} ({} bytes, sha256 {}) in {}",
+                "published {}-{} ({} bytes, sha256 {}) in {}; now available in {}",
                 img.family,
                 img.version,
                 img.size_bytes,
                 img.sha256,
-                a.regions.join(",")
+                a.regions.join(","),
+                region_list(&img)
+            )?;
+            Ok(())
+        }
+        ImageCommand::Withdraw { family, version, region } => {
+            let req =
+                v1::WithdrawImageRequest { family: family.clone(), version: version.clone(), region: region.clone() };
+            let img = c.withdraw_image(req).await.map_err(status_line)?.into_inner();
+            if format.is_structured() {
+                return emit(format, out, &image_json(&img));
+            }
+            writeln!(
+                out,
+                "withdrew {}-{} from {region}; still available in {}",
+                img.family,
+                img.version,
+                region_list(&img)
             )?;
             Ok(())
         }
@@ -383,36 +414,10 @@ pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut
                 .images;
             if format.is_structured() {
                 #[derive(Serialize)]
-                struct Img {
-                    family: String,
-                    version: String,
-                    regions: std::collections::BTreeMap<String, String>,
-                    sha256: String,
-                    size_bytes: u64,
-                    url: String,
-                    published_at: String,
-                }
-                #[derive(Serialize)]
                 struct List {
-                    images: Vec<Img>,
+                    images: Vec<ImageJson>,
                 }
-                let images = list
-                    .iter()
-                    .map(|i| Img {
-                        family: i.family.clone(),
-                        version: i.version.clone(),
-                        regions: i
-                            .regions
-                            .iter()
-                            .map(|r| (r.region.clone(), rfc3339_ms(r.available_at_unix_ms)))
-                            .collect(),
-                        sha256: i.sha256.clone(),
-                        size_bytes: i.size_bytes,
-                        url: i.url.clone(),
-                        published_at: rfc3339_ms(i.published_at_unix_ms),
-                    })
-                    .collect();
-                return emit(format, out, &List { images });
+                return emit(format, out, &List { images: list.iter().map(image_json).collect() });
             }
             let rows: Vec<Vec<String>> = list
                 .iter()
@@ -434,6 +439,36 @@ pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut
             Ok(())
         }
     }
+}
+
+/// JSON form of a catalog image (`image list`, `image publish`, `image withdraw`; docs/cli-json.md).
+#[derive(Debug, Serialize)]
+struct ImageJson {
+    family: String,
+    version: String,
+    /// region -> available from (RFC 3339).
+    regions: std::collections::BTreeMap<String, String>,
+    sha256: String,
+    size_bytes: u64,
+    url: String,
+    published_at: String,
+}
+
+fn image_json(i: &v1::Image) -> ImageJson {
+    ImageJson {
+        family: i.family.clone(),
+        version: i.version.clone(),
+        regions: i.regions.iter().map(|r| (r.region.clone(), rfc3339_ms(r.available_at_unix_ms))).collect(),
+        sha256: i.sha256.clone(),
+        size_bytes: i.size_bytes,
+        url: i.url.clone(),
+        published_at: rfc3339_ms(i.published_at_unix_ms),
+    }
+}
+
+/// The regions of an image, comma separated.
+fn region_list(i: &v1::Image) -> String {
+    i.regions.iter().map(|r| r.region.as_str()).collect::<Vec<_>>().join(",")
 }
 
 fn rfc3339_ms(ms: i64) -> String {

@@ -245,6 +245,19 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(out))
     }
 
+    async fn withdraw_image(&self, req: Request<v1::WithdrawImageRequest>) -> Result<Response<v1::Image>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "withdraw images")?;
+        let r = req.get_ref();
+        let out = runs::withdraw(self.fleet.store(), r)?;
+        tracing::info!(operator = %p.name, family = %out.family, version = %out.version, region = %r.region,
+            "image withdrawn from a region");
+        // The catalog changed: runs and channel rollouts re-plan against it.
+        self.engine.poke();
+        self.maintenance.poke();
+        Ok(Response::new(out))
+    }
+
     async fn list_images(
         &self,
         req: Request<v1::ListImagesRequest>,

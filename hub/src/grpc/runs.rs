@@ -213,8 +213,19 @@ pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageReq
         size_bytes: size,
         published_ms: now_ms(),
     };
-    store.put_image(&rec).map_err(conflict_to_precondition)?;
-    Ok(image_to_wire(&rec))
+    let stored = store.put_image(&rec).map_err(conflict_to_precondition)?;
+    Ok(image_to_wire(&stored))
+}
+
+/// `WithdrawImage`: one region less for a published version; refusals change nothing.
+pub fn withdraw(store: &dyn Store, r: &v1::WithdrawImageRequest) -> Result<v1::Image, ApiError> {
+    let bad = |field: &str, e: &dyn std::fmt::Display| ApiError::InvalidArgument(format!("{field}: {e}"));
+    validate_family(&r.family).map_err(|e| bad("family", &e))?;
+    let version: ImageVersion = r.version.parse().map_err(|e| bad("version", &e))?;
+    validate_name("region", &r.region).map_err(|e| bad("region", &e))?;
+    let left =
+        store.withdraw_image_region(&r.family, &version.to_string(), &r.region).map_err(conflict_to_precondition)?;
+    Ok(image_to_wire(&left))
 }
 
 /// `ListImages`.

@@ -58,8 +58,14 @@ pub struct NodeFacts {
     pub os_version: String,
     /// Kernel release.
     pub kernel: String,
-    /// `<family>-<YYYYMM.DD.N>`, empty if unknown.
+    /// `<family>-<YYYYMM.DD.N>`, empty if unknown: what people and the node label see, the booted image with the
+    /// applied security patch folded in (SPEC §1). Never compare it for a decision: use [`Self::image_version`]
+    /// and `security_patch_version`.
     pub node_image_version: String,
+    /// `<family>-<YYYYMM.DD.N>` of the booted image alone; empty if unknown or sent by an agent older than the
+    /// field (rows stored before it load with it empty). Read it through [`Self::image_version`].
+    #[serde(default)]
+    pub booted_image_version: String,
     /// Security patch version, empty if none.
     pub security_patch_version: String,
     /// Whether the OS says a reboot is required.
@@ -79,6 +85,15 @@ pub struct NodeFacts {
     /// What the agent says about the channel in force (refusals, fallbacks), empty if nothing.
     #[serde(default)]
     pub channel_note: String,
+}
+
+impl NodeFacts {
+    /// The booted image, `<family>-<YYYYMM.DD.N>` (empty if unknown): what NodeImage decisions compare with the
+    /// catalog. Agents older than `booted_image_version` did not fold patches in, so their
+    /// `node_image_version` is the booted image.
+    pub fn image_version(&self) -> &str {
+        if self.booted_image_version.is_empty() { &self.node_image_version } else { &self.booted_image_version }
+    }
 }
 
 /// One operation in flight on a node.
@@ -339,8 +354,13 @@ pub trait Store: Send + Sync {
     /// Node work, optionally only that with this status.
     fn list_jobs(&self, status: Option<&str>) -> Result<Vec<JobRecord>, StoreError>;
 
-    /// Publishes an image version; republishing the same bytes updates its regions, other bytes conflict.
-    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError>;
+    /// Publishes an image version, or adds regions to one already published: the regions given are added to
+    /// those it has (a region given again takes the new availability time), the URL may move. Its digest, size
+    /// and signature never change: different ones are a Conflict naming the field. Returns the stored version.
+    fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, StoreError>;
+    /// Withdraws a published image version from one region and returns what remains. An unknown version is
+    /// NotFound; a region it is not published in, or its last region, is a Conflict. A refusal changes nothing.
+    fn withdraw_image_region(&self, family: &str, version: &str, region: &str) -> Result<ImageRecord, StoreError>;
     /// Catalog, optionally of one family.
     fn list_images(&self, family: Option<&str>) -> Result<Vec<ImageRecord>, StoreError>;
     /// Publishes (or extends the regions of) a Kubernetes release: version -> region -> available from (ms).

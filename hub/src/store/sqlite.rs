@@ -408,46 +408,81 @@ impl Store for SqliteStore {
         stmt.query_map(params![status], job_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
     }
 
-    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError> {
+    fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, StoreError> {
         let ctx = format!("publishing image {}-{}", image.family, image.version);
-        let regions = serde_json::to_string(&image.regions)
-            .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT sha256 FROM images WHERE family = ?1 AND version = ?2",
-                params![image.family, image.version],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db(ctx.clone()))?;
-        if let Some(sha) = existing
-            && sha != image.sha256
-        {
+        let stored = match image_of(&tx, &image.family, &image.version, &ctx)? {
+            None => {
+                tx.execute(
+                    "INSERT INTO images (family, version, regions, sha256, signature, url, size_bytes, published_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        image.family,
+                        image.version,
+                        regions_json(&image.regions, &ctx)?,
+                        image.sha256,
+                        image.signature,
+                        image.url,
+                        image.size_bytes as i64,
+                        image.published_ms
+                    ],
+                )
+                .map_err(db(ctx.clone()))?;
+                image.clone()
+            }
+            Some(mut old) => {
+                same_artifact(&old, image)?;
+                // Releases spread region by region: a republish adds regions, it never takes any away (that is
+                // `withdraw_image_region`). A region given again takes the availability time given now.
+                old.regions.extend(image.regions.iter().map(|(r, at)| (r.clone(), *at)));
+                old.url = image.url.clone();
+                tx.execute(
+                    "UPDATE images SET regions = ?3, url = ?4 WHERE family = ?1 AND version = ?2",
+                    params![old.family, old.version, regions_json(&old.regions, &ctx)?, old.url],
+                )
+                .map_err(db(ctx.clone()))?;
+                old
+            }
+        };
+        tx.commit().map_err(db(ctx))?;
+        Ok(stored)
+    }
+
+    fn withdraw_image_region(&self, family: &str, version: &str, region: &str) -> Result<ImageRecord, StoreError> {
+        let ctx = format!("withdrawing image {family}-{version} from region {region}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let Some(mut img) = image_of(&tx, family, version, &ctx)? else {
+            return Err(StoreError::NotFound {
+                kind: "image",
+                name: format!("{family}-{version}"),
+                hint: "`upkeepctl image list` shows the published versions; nothing was withdrawn",
+            });
+        };
+        let published_in = || img.regions.keys().cloned().collect::<Vec<_>>().join(", ");
+        if !img.regions.contains_key(region) {
             return Err(StoreError::Conflict(format!(
-                "image {}-{} is already published with sha256 {sha}; a version's bytes never change, publish a new version",
-                image.family, image.version
+                "region: image {family}-{version} is not published in region {region:?} (it is in {}); nothing was \
+                 withdrawn",
+                published_in()
             )));
         }
+        if img.regions.len() == 1 {
+            return Err(StoreError::Conflict(format!(
+                "region: {region:?} is the only region of image {family}-{version}; a published version keeps at \
+                 least one region: publish it in another region first (upkeepctl image publish ... --regions R); \
+                 nothing was withdrawn"
+            )));
+        }
+        img.regions.remove(region);
         tx.execute(
-            "INSERT INTO images (family, version, regions, sha256, signature, url, size_bytes, published_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT(family, version) DO UPDATE SET regions = excluded.regions, signature = excluded.signature,
-               url = excluded.url",
-            params![
-                image.family,
-                image.version,
-                regions,
-                image.sha256,
-                image.signature,
-                image.url,
-                image.size_bytes as i64,
-                image.published_ms
-            ],
+            "UPDATE images SET regions = ?3 WHERE family = ?1 AND version = ?2",
+            params![family, version, regions_json(&img.regions, &ctx)?],
         )
         .map_err(db(ctx.clone()))?;
-        tx.commit().map_err(db(ctx))
+        tx.commit().map_err(db(ctx))?;
+        Ok(img)
     }
 
     fn list_images(&self, family: Option<&str>) -> Result<Vec<ImageRecord>, StoreError> {
@@ -928,6 +963,49 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     Ok(JobRecord { id: r.get(0)?, member: r.get(1)?, status: r.get(2)?, state: r.get(3)?, updated_ms: r.get(4)? })
 }
 
+/// One image version with its regions, if published.
+fn image_of(conn: &Connection, family: &str, version: &str, ctx: &str) -> Result<Option<ImageRecord>, StoreError> {
+    let row = conn
+        .query_row(
+            "SELECT family, version, regions, sha256, signature, url, size_bytes, published_ms FROM images
+             WHERE family = ?1 AND version = ?2",
+            params![family, version],
+            image_from_row,
+        )
+        .optional()
+        .map_err(db(ctx))?;
+    let Some((mut img, regions)) = row else { return Ok(None) };
+    img.regions = serde_json::from_str(&regions)
+        .map_err(|e| StoreError::Corrupt { context: ctx.to_string(), reason: e.to_string() })?;
+    Ok(Some(img))
+}
+
+fn regions_json(regions: &super::Regions, ctx: &str) -> Result<String, StoreError> {
+    serde_json::to_string(regions).map_err(|e| StoreError::Corrupt { context: ctx.to_string(), reason: e.to_string() })
+}
+
+/// A version's artifact never changes once published: nodes and runs already hold its digest, size and
+/// signature. Names the first field that differs and what to do instead.
+fn same_artifact(old: &ImageRecord, new: &ImageRecord) -> Result<(), StoreError> {
+    let name = format!("{}-{}", old.family, old.version);
+    let differs = if old.sha256 != new.sha256 {
+        Some(("sha256", format!("sha256 {}, not {}", old.sha256, new.sha256), "artifact"))
+    } else if old.size_bytes != new.size_bytes {
+        Some(("size_bytes", format!("{} bytes, not {}", old.size_bytes, new.size_bytes), "artifact"))
+    } else if old.signature.trim() != new.signature.trim() {
+        Some(("signature", "another signature".to_string(), "signature file"))
+    } else {
+        None
+    };
+    match differs {
+        None => Ok(()),
+        Some((field, what, thing)) => Err(StoreError::Conflict(format!(
+            "{field}: image {name} is already published with {what}; a published version never changes: to add \
+             regions, give the {thing} it was published with; to ship something else, publish a new version"
+        ))),
+    }
+}
+
 fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ImageRecord, String)> {
     let regions: String = r.get(2)?;
     Ok((
@@ -1023,6 +1101,91 @@ mod tests {
         assert!(matches!(s.set_node_os_channel("nope", NodeOsChannel::None), Err(StoreError::NotFound { .. })));
         assert!(s.forget_node("n1").expect("forget"));
         assert!(!s.forget_node("n1").expect("forget again"));
+    }
+
+    fn image(regions: &[(&str, i64)]) -> ImageRecord {
+        ImageRecord {
+            family: "Debian-12".into(),
+            version: "202312.01.0".into(),
+            regions: regions.iter().map(|(r, at)| (r.to_string(), *at)).collect(),
+            sha256: "ab".repeat(32),
+            signature: "untrusted comment: x\nRWQ=\n".into(),
+            url: String::new(),
+            size_bytes: 7,
+            published_ms: 100,
+        }
+    }
+
+    fn regions_of(s: &SqliteStore) -> Vec<(String, i64)> {
+        let all = s.list_images(Some("Debian-12")).expect("list");
+        assert_eq!(all.len(), 1);
+        all[0].regions.iter().map(|(r, at)| (r.clone(), *at)).collect()
+    }
+
+    #[test]
+    fn republishing_an_image_adds_regions_and_never_changes_its_artifact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        s.put_image(&image(&[("eu", 1000), ("us", 1000)])).expect("publish");
+        let mut later = image(&[("us", 2000), ("ap", 2000)]);
+        later.published_ms = 900;
+        let stored = s.put_image(&later).expect("republish");
+        let want = vec![("ap".to_string(), 2000), ("eu".to_string(), 1000), ("us".to_string(), 2000)];
+        assert_eq!(stored.regions.iter().map(|(r, at)| (r.clone(), *at)).collect::<Vec<_>>(), want);
+        assert_eq!(stored.published_ms, 100, "first publication time kept");
+        assert_eq!(regions_of(&s), want);
+
+        for (field, change) in [
+            ("sha256", (|i: &mut ImageRecord| i.sha256 = "cd".repeat(32)) as fn(&mut ImageRecord)),
+            ("size_bytes", |i| i.size_bytes = 8),
+            ("signature", |i| i.signature = "untrusted comment: y\nRWQ=\n".into()),
+        ] {
+            let mut other = image(&[("sa", 3000)]);
+            change(&mut other);
+            let err = s.put_image(&other).expect_err(field).to_string();
+            assert!(err.starts_with(&format!("{field}: ")) && err.contains("new version"), "{err}");
+            assert_eq!(regions_of(&s), want, "a refused republish changes nothing");
+        }
+    }
+
+    #[test]
+    fn withdrawing_a_region_keeps_the_others_and_refuses_the_last_or_unknown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        s.put_image(&image(&[("eu", 1000), ("us", 1000)])).expect("publish");
+        let err = s.withdraw_image_region("Debian-12", "202312.01.0", "ap").expect_err("unknown region").to_string();
+        assert!(err.contains("not published in region \"ap\"") && err.contains("eu, us"), "{err}");
+        let err = s.withdraw_image_region("Debian-12", "202401.01.0", "eu").expect_err("unknown version");
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+        let left = s.withdraw_image_region("Debian-12", "202312.01.0", "eu").expect("withdraw");
+        assert_eq!(left.regions.keys().collect::<Vec<_>>(), vec!["us"]);
+        let err = s.withdraw_image_region("Debian-12", "202312.01.0", "us").expect_err("last region").to_string();
+        assert!(err.contains("only region"), "{err}");
+        assert_eq!(regions_of(&s), vec![("us".to_string(), 1000)]);
+    }
+
+    #[test]
+    fn facts_stored_before_booted_image_version_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let s = SqliteStore::open(&path).expect("open");
+        s.record_report("n1", &facts("m1", "p1", "eu"), 1000).expect("record");
+        // A row written by a hub that did not know the field.
+        let mut old: serde_json::Value = serde_json::to_value(facts("m1", "p1", "eu")).expect("json");
+        old.as_object_mut().expect("object").remove("booted_image_version");
+        s.conn()
+            .execute("UPDATE nodes SET facts = ?1 WHERE name = 'n1'", params![old.to_string()])
+            .expect("write old row");
+        let n = s.get_node("n1").expect("load").expect("exists");
+        assert_eq!(n.facts.booted_image_version, "");
+        assert_eq!(n.facts.image_version(), "Ubuntu-2204-202311.07.0", "falls back to the reported version");
+        let mut patched = facts("m1", "p1", "eu");
+        patched.node_image_version = "Ubuntu-2204-202312.05.1".into();
+        patched.booted_image_version = "Ubuntu-2204-202311.07.0".into();
+        s.record_report("n1", &patched, 2000).expect("record");
+        let n = s.get_node("n1").expect("load").expect("exists");
+        assert_eq!(n.facts.image_version(), "Ubuntu-2204-202311.07.0");
+        assert_eq!(n.facts.node_image_version, "Ubuntu-2204-202312.05.1");
     }
 
     #[test]
