@@ -31,27 +31,6 @@ use upkeep_core::work::{Operation, WorkNode, WorkPlan, plan_work};
 /// Longest time between two planning passes even when nothing happens.
 pub const MAX_IDLE: Duration = Duration::from_secs(30);
 
-/// Per-step time limits for node operations.
-#[derive(Debug, Clone, Copy)]
-pub struct StepLimits {
-    /// Cordon, uncordon.
-    pub quick: Duration,
-    /// Drain.
-    pub drain: Duration,
-    /// Reimage or Kubernetes upgrade (download, write, reboot, health).
-    pub upgrade: Duration,
-}
-
-impl Default for StepLimits {
-    fn default() -> Self {
-        StepLimits {
-            quick: Duration::from_secs(120),
-            drain: Duration::from_secs(900),
-            upgrade: Duration::from_secs(3600),
-        }
-    }
-}
-
 /// Engine failures, mapped to gRPC statuses by the operator API.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

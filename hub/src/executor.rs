@@ -24,7 +24,6 @@
 //! is answered with its first result; a node already changed still gets its remaining steps (its uncordon).
 //! Fencing: every command carries a fresh generation from [`Fleet::next_generation`].
 
-use crate::engine::StepLimits;
 use crate::fleet::{CommandError, Fleet, now_ms};
 use crate::ledger::{LeaseAsk, Ledger, time_of};
 use crate::store::{JobRecord, Store, StoreError};
@@ -36,6 +35,27 @@ use tokio::sync::watch;
 use upkeep_core::maintenance::LeaseDecision;
 use upkeep_core::work::{DrainPolicy, NodeWork, Step, UndrainableAction, WorkPlan, on_step_failure, on_undrainable};
 use upkeep_proto::v1;
+
+/// Per-step time limits for node operations.
+#[derive(Debug, Clone, Copy)]
+pub struct StepLimits {
+    /// Cordon, uncordon.
+    pub quick: Duration,
+    /// Drain.
+    pub drain: Duration,
+    /// Reimage or Kubernetes upgrade (download, write, reboot, health).
+    pub upgrade: Duration,
+}
+
+impl Default for StepLimits {
+    fn default() -> Self {
+        StepLimits {
+            quick: Duration::from_secs(120),
+            drain: Duration::from_secs(900),
+            upgrade: Duration::from_secs(3600),
+        }
+    }
+}
 
 /// How often a node waiting for a lease looks again when nothing wakes it.
 const LEASE_RECHECK: Duration = Duration::from_secs(5);

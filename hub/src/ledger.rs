@@ -16,7 +16,6 @@
 //! (the next attempt of a run member, the member's next rollout) adopts a node its predecessor left out of service
 //! instead of being blocked by it.
 
-use crate::engine::parse_state;
 use crate::fleet::{Fleet, now_ms};
 use crate::store::{LeaseRecord, NodeRecord, Store, StoreError};
 use chrono::Utc;
@@ -36,7 +35,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn upgrading_runs(store: &dyn Store) -> Result<HashMap<String, String>, StoreError> {
     let mut out = HashMap::new();
     for rec in store.list_runs()? {
-        let Ok(state) = parse_state(&rec.name, &rec.state) else { continue };
+        // An unreadable run is reported by the engine; here it upgrades nothing.
+        let Ok(state) = serde_json::from_str::<upkeep_core::run::RunState>(&rec.state) else { continue };
         for m in state.members() {
             if m.level.status == Status::Running {
                 out.insert(m.name.clone(), rec.name.clone());

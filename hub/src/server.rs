@@ -5,8 +5,8 @@
 
 use crate::artifacts::Artifacts;
 use crate::config::HubConfig;
-use crate::engine::{Engine, StepLimits};
-use crate::executor::Executor;
+use crate::engine::Engine;
+use crate::executor::{Executor, StepLimits};
 use crate::fleet::{Fleet, Timing};
 use crate::grpc::{agent::AgentApi, operator::OperatorApi};
 use crate::ledger::Ledger;
