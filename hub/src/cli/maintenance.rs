@@ -123,11 +123,12 @@ pub async fn lease(c: &mut Client, cmd: &LeaseCommand, format: Format, out: &mut
                         l.holder.clone(),
                         l.lease_id.clone(),
                         l.purpose.clone(),
+                        time(l.granted_unix_ms),
                         time(l.expires_unix_ms),
                     ]
                 })
                 .collect();
-            table(out, &["MEMBER", "NODE", "HOLDER", "LEASE", "PURPOSE", "EXPIRES"], &rows)?;
+            table(out, &["MEMBER", "NODE", "HOLDER", "LEASE", "PURPOSE", "SINCE", "EXPIRES"], &rows)?;
         }
     }
     Ok(())
