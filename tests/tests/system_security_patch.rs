@@ -627,7 +627,8 @@ fn channels_on_booted_nodes_unmanaged_none_and_a_security_patch_that_really_rebo
     let held = site.leases();
     assert_eq!(held.len(), 1, "{held:#?}");
     assert_eq!(held[0]["node"], names[first], "{held:#?}");
-    assert_eq!(held[0]["holder"], "node", "{held:#?}");
+    // The hub holds the lease for the node's reboot and carries the reboot out itself.
+    assert_eq!(held[0]["holder"], format!("reboot/{}", names[first]).as_str(), "{held:#?}");
     for m in both {
         std::fs::remove_file(m.path(HOLD)).expect("release the drain hold");
     }
@@ -659,20 +660,27 @@ fn channels_on_booted_nodes_unmanaged_none_and_a_security_patch_that_really_rebo
         assert_eq!(flag, Some(1), "{}: the reboot emptied /run and with it the reboot-required flag", m.name);
         let (cordoned, uncordoned) = one_reboot(m, 0, &boots[i]);
         out.push((names[i], (cordoned, uncordoned)));
-        // The agent's one leased reboot, under a lease named for the boot that needed it (`reboot/<boot id>`, the
-        // agent's own boot identity: with the dir backend its boot counter).
-        let prefix = "reboot/".to_string();
-        let leased: Vec<String> = agent_ops(m)
+        // The node asked once, for a lease named for the boot that needed it (`reboot/<boot id>`); the hub
+        // rebooted it as the work `reboot/<node>/reboot/<boot id>`: cordon, drain, reboot, uncordon, in order.
+        let prefix = format!("reboot/{}/reboot/", names[i]);
+        let reboots: Vec<String> = agent_ops(m)
             .into_iter()
-            .filter_map(|e| match e.op {
-                Op::LeasedReboot { lease_id, forced: false } if lease_id.starts_with(&prefix) => Some(lease_id),
-                _ => None,
-            })
+            .filter(|e| e.op == Op::Reboot { force: true } && e.operation_id.starts_with(&prefix))
+            .map(|e| e.operation_id)
             .collect();
-        let [lease_id] = &leased[..] else { panic!("{}: leased reboots in the agent's journal: {leased:?}", m.name) };
-        finished_op(m, &format!("lease/{lease_id}"));
+        let [reboot_op] = &reboots[..] else { panic!("{}: hub reboots in the agent's journal: {reboots:?}", m.name) };
+        let work = reboot_op.strip_suffix(&format!("/{}/reboot", names[i])).expect("work/node/step");
+        let steps: Vec<i64> = ["cordon", "drain", "reboot", "uncordon"]
+            .map(|s| finished_op(m, &format!("{work}/{}/{s}", names[i])).1)
+            .into();
+        assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{}: steps out of order: {steps:?}", m.name);
+        assert!(
+            !agent_ops(m).iter().any(|e| matches!(e.op, Op::LeasedReboot { .. })),
+            "{}: the hub never hands a node its lease",
+            m.name
+        );
         if i == first {
-            assert_eq!(held[0]["lease_id"], lease_id.as_str(), "{held:#?}");
+            assert_eq!(held[0]["lease_id"], work, "{held:#?}");
         }
         m.wait_active(AGENT);
     }
@@ -763,8 +771,10 @@ fn channels_on_booted_nodes_unmanaged_none_and_a_security_patch_that_really_rebo
     );
     assert!(status.contains(&format!("{rollout} Completed (2 of 2 nodes done)")), "{status}\n{}", site.hub_log_tail());
     assert!(most <= 1, "{most} leases held at once in member {MEMBER} with max_unavailable 1: {seen_leases:#?}");
+    let rollout_holder = format!("rollout/{MEMBER}");
     assert!(
-        seen_leases.iter().any(|l| l["holder"] == "hub" && l["lease_id"] == format!("rollout/{rollout}").as_str()),
+        seen_leases.iter().any(|l| l["holder"] == rollout_holder.as_str()
+            && l["lease_id"].as_str().is_some_and(|id| id.starts_with(&format!("{rollout_holder}/")))),
         "the rollout's lease was never seen in lease list: {seen_leases:#?}"
     );
     let mut out = Vec::new();
@@ -778,7 +788,14 @@ fn channels_on_booted_nodes_unmanaged_none_and_a_security_patch_that_really_rebo
         let (cordoned, uncordoned) = one_reboot(m, hooks_before[i], &boots[i]);
         out.push((names[i], (cordoned, uncordoned)));
         // The hub's steps as the agent carried them out, in order, and the patch while the node was cordoned.
-        let step = |s: &str| finished_op(m, &format!("rollout/{MEMBER}/{rollout}/{}/{s}", names[i]));
+        // The rollout's work id (`rollout/<member>/<n>`), from the patch operation the agent carried out.
+        let patch_op = agent_ops(m)
+            .into_iter()
+            .find(|e| matches!(e.op, Op::ApplySecurityPatch { .. }) && e.operation_id.starts_with(&rollout_holder))
+            .unwrap_or_else(|| panic!("{}: no rollout patch in the agent's journal", m.name))
+            .operation_id;
+        let work = patch_op.strip_suffix(&format!("/{}/patch", names[i])).expect("work/node/step").to_string();
+        let step = |s: &str| finished_op(m, &format!("{work}/{}/{s}", names[i]));
         let steps: Vec<(Entry, i64)> = ["cordon", "drain", "patch", "reboot", "uncordon"].map(step).into();
         assert!(steps.windows(2).all(|w| w[0].1 <= w[1].1), "{}: steps out of order: {steps:#?}", m.name);
         let want = Op::ApplySecurityPatch {
@@ -811,8 +828,10 @@ fn channels_on_booted_nodes_unmanaged_none_and_a_security_patch_that_really_rebo
     }
     assert!(site.leases().is_empty(), "leases left: {:#?}", site.leases());
     let hub_log = site.hub_log();
-    let grants: Vec<&str> =
-        hub_log.lines().filter(|l| l.contains("lease granted") && l.contains("holder=\"hub\"")).collect();
+    let grants: Vec<&str> = hub_log
+        .lines()
+        .filter(|l| l.contains("lease granted") && l.contains(&format!("holder=\"{rollout_holder}\"")))
+        .collect();
     for n in names {
         assert!(grants.iter().any(|l| l.contains(&format!("node={n} "))), "no rollout lease for {n}: {grants:#?}");
     }
