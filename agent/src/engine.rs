@@ -159,6 +159,7 @@ fn wire(id: &str, generation: u64, o: &Outcome) -> v1::OperationResult {
         ok: o.ok,
         error: o.error.clone(),
         finished_at_unix_ms: o.finished_at_unix_ms,
+        busy: false,
     }
 }
 
@@ -325,12 +326,17 @@ impl Engine {
             Err(why) => return refuse(why),
         };
         if let Some(busy) = j.unfinished().into_iter().next() {
-            return refuse(format!(
+            let why = format!(
                 "operation {} ({}) is still in flight at step {}; send this one after it finished",
                 busy.operation_id,
                 busy.op.kind(),
                 busy.step.as_str()
-            ));
+            );
+            tracing::info!(op = %c.operation_id, reason = %why, "operation refused for now");
+            // Not journalled: the hub sends the same command again once the node is free.
+            let mut r = wire(&c.operation_id, c.generation, &failed(why));
+            r.busy = true;
+            return Submitted::Finished(r);
         }
         let entry = Entry::accepted(id.clone(), c.generation, op);
         if let Err(e) = j.put(entry) {

@@ -259,6 +259,7 @@ async fn session(
                             ok: true,
                             error: String::new(),
                             finished_at_unix_ms: unix_ms(),
+                            busy: false,
                         };
                         tx.send(msg(Body::Result(result))).await.context("sending result")?;
                         if kind == "reimage" && *image != spec.new_version {

@@ -59,6 +59,8 @@ impl Default for StepLimits {
 
 /// How often a node waiting for a lease looks again when nothing wakes it.
 const LEASE_RECHECK: Duration = Duration::from_secs(5);
+/// How long to wait before sending again a command a busy node refused.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// How long the hub waits for the node's report after a security patch before deciding on a reboot.
 const REPORT_AFTER_PATCH: Duration = Duration::from_secs(60);
 
@@ -176,6 +178,11 @@ impl JobState {
         s.push(')');
         s
     }
+}
+
+/// Whether a node's work takes it out of service (an uncordon alone puts it back and takes no lease).
+fn takes_lease(w: &NodeWork) -> bool {
+    !matches!(w.steps.as_slice(), [Step::Uncordon])
 }
 
 /// A node event the executor emits (the run engine writes those of run work into the run's event log).
@@ -401,7 +408,7 @@ impl Executor {
 
     /// One node: lease, steps, release; records its outcome in the job.
     async fn node(&self, spec: &JobSpec, w: &NodeWork, shared: Arc<Mutex<JobState>>) -> Result<(), StoreError> {
-        let takes_lease = !matches!(w.steps.as_slice(), [Step::Uncordon]);
+        let takes_lease = takes_lease(w);
         if takes_lease {
             self.wait_for_lease(spec, &w.node).await?;
         }
@@ -557,11 +564,13 @@ impl Executor {
                     ));
                 }
             }
-        } else {
+        } else if takes_lease(w) {
             msg.push_str(&format!(
                 "; the node stays cordoned and out of service under lease {} until `upkeepctl node uncordon {}`",
                 spec.id, w.node
             ));
+        } else {
+            msg.push_str("; the node stays cordoned under the leases that keep it out of service");
         }
         (NodeOutcome::Failed(msg), keep)
     }
@@ -656,7 +665,32 @@ impl Executor {
                 self.note_node(node, Some(format!("{}: {step}", spec.purpose)));
             }
         };
-        match self.fleet.command_marked(node, &op, kind, within, &on_silence).await {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let r = self.fleet.command_marked(node, &op, kind.clone(), left, &on_silence).await;
+            match r {
+                // The node is still busy with an earlier operation (one the hub gave up waiting for, say): it
+                // recorded nothing, so the same command goes again once that one is done.
+                Ok((r, _)) if !r.ok && r.busy && tokio::time::Instant::now() + BUSY_RETRY < deadline => {
+                    tracing::info!(job = %spec.id, node, step, reason = %r.error, "node busy; sending again shortly");
+                    self.note(spec, Some(format!("node {node}: {step} waits for the node: {}", r.error)));
+                    tokio::time::sleep(BUSY_RETRY).await;
+                    continue;
+                }
+                other => return self.outcome(node, step, limit_ms, other),
+            }
+        }
+    }
+
+    fn outcome(
+        &self,
+        node: &str,
+        step: &str,
+        limit_ms: i64,
+        r: Result<(v1::OperationResult, u64), CommandError>,
+    ) -> Result<u64, String> {
+        match r {
             Ok((r, mark)) if r.ok => Ok(mark),
             Ok((r, _)) => Err(format!("node {node}: {step} failed: {}", r.error)),
             Err(CommandError::Silent { for_ms, .. }) => Err(format!(

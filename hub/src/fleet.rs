@@ -314,19 +314,26 @@ impl Fleet {
         let mut command = v1::Command { operation_id: operation_id.to_string(), generation: 0, kind: Some(kind) };
         let deadline = tokio::time::Instant::now() + within;
         let mut sent_on: Option<u64> = None;
+        // When the node's silence began (None: heard within its deadline), and whether `on_silence` was told.
         let mut silent_since: Option<i64> = None;
+        let mut told = false;
+        let deadline_ms = self.silence_deadline_ms();
         let outcome = loop {
             let session = self.sessions().get(node).map(|s| (s.id, s.tx.clone()));
             let now = now_ms();
             let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner()).get(node).copied();
-            let silent_from = match &session {
-                None => Some(silent_since.unwrap_or(now)),
-                Some(_) => heard.filter(|h| now - h > self.silence_deadline_ms()),
+            silent_since = match &session {
+                // Gone: silent since it was last heard (or since we noticed, after a hub restart).
+                None => Some(silent_since.unwrap_or_else(|| heard.unwrap_or(now))),
+                // Connected but saying nothing (a frozen agent): silent since it was last heard.
+                Some(_) => heard.filter(|h| now - h > deadline_ms),
             };
-            if silent_from.is_some() != silent_since.is_some() || silent_from.is_some_and(|s| Some(s) != silent_since) {
-                on_silence(silent_from);
+            // Said only once the node is past its deadline (Unknown): a reconnect after a hub restart is not news.
+            let silent_now = silent_since.filter(|s| now - s > deadline_ms);
+            if silent_now.is_some() != told {
+                told = silent_now.is_some();
+                on_silence(silent_now);
             }
-            silent_since = silent_from;
             if let Some(since) = silent_since
                 && now - since > silent_ms
             {

@@ -353,8 +353,9 @@ impl Maintenance {
     }
 
     /// `upkeepctl node uncordon`: puts a node a failed step left out of service back (uncordon through the
-    /// executor; then every lease of the node is given back). Returns the work id.
-    pub fn operator_uncordon(self: &Arc<Self>, node: &str, operator: &str) -> Result<String, LeaseError> {
+    /// executor; then every lease of the node is given back). Waits for the uncordon (a node still busy with an
+    /// earlier operation is asked again until it is free) and returns the work id, or why it failed.
+    pub async fn operator_uncordon(self: &Arc<Self>, node: &str, operator: &str) -> Result<String, LeaseError> {
         let rec = self.store().get_node(node)?.ok_or_else(|| LeaseError::NoSuchNode(node.to_string()))?;
         if !self.fleet.is_connected(node) {
             return Err(LeaseError::NotConnected(node.to_string()));
@@ -362,18 +363,25 @@ impl Maintenance {
         let settings = self.store().member_settings(&rec.facts.member)?;
         let id = format!("operator-uncordon/{node}/{}", now_ms());
         let plan = plan_work(&Operation::Uncordon { node: node.to_string() }, &[work_node(&rec)], settings.budget());
-        self.spawn_job(JobSpec {
-            id: id.clone(),
-            member: rec.facts.member.clone(),
-            holder: format!("operator/{operator}"),
-            purpose: format!("uncordon ordered by {operator}"),
-            plan,
-            outside_window: true,
-            forced: false,
-            drain: settings.drain(),
-            run: None,
-        });
-        Ok(id)
+        let end = self
+            .executor
+            .execute(JobSpec {
+                id: id.clone(),
+                member: rec.facts.member.clone(),
+                holder: format!("operator/{operator}"),
+                purpose: format!("uncordon ordered by {operator}"),
+                plan,
+                outside_window: true,
+                forced: false,
+                drain: settings.drain(),
+                run: None,
+            })
+            .await?;
+        self.poke();
+        match end.result() {
+            Ok(()) => Ok(id),
+            Err(why) => Err(LeaseError::Denied(format!("work {id}: {why}"))),
+        }
     }
 
     // ---- status ----

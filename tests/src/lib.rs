@@ -185,6 +185,8 @@ pub struct HubProcess {
     /// Where it listens.
     pub addr: SocketAddr,
     config: PathBuf,
+    /// Where its output is appended across restarts (None: discarded).
+    log: Option<PathBuf>,
     child: Option<tokio::process::Child>,
 }
 
@@ -197,21 +199,39 @@ impl HubProcess {
     /// Like `start`, with `extra` TOML appended to hub.toml (e.g. `[auto_upgrade]\nenabled = true\n`).
     pub async fn start_with(pki: &TestPki, state_dir: &Path, extra: &str) -> HubProcess {
         let config = write_hub_config_with(pki, state_dir, extra);
+        Self::start_config(pki, config, None).await
+    }
+
+    /// A hub with heartbeat 1 s, Unknown after `silent_after` missed heartbeats, `extra` TOML appended, and its
+    /// output appended to `<state_dir>/hub.log` across restarts (see [`HubProcess::tail`]).
+    pub async fn start_logged(pki: &TestPki, state_dir: &Path, silent_after: u32, extra: &str) -> HubProcess {
+        let config = write_hub_config_silent(pki, state_dir, silent_after, extra);
+        Self::start_config(pki, config, Some(state_dir.join("hub.log"))).await
+    }
+
+    async fn start_config(pki: &TestPki, config: PathBuf, log: Option<PathBuf>) -> HubProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let mut hub = HubProcess { addr, config, child: None };
+        let mut hub = HubProcess { addr, config, log, child: None };
         hub.spawn(pki).await;
         hub
     }
 
     async fn spawn(&mut self, pki: &TestPki) {
+        let (out, err) = match &self.log {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("hub.log");
+                (std::process::Stdio::from(f.try_clone().expect("dup hub.log")), std::process::Stdio::from(f))
+            }
+            None => (std::process::Stdio::null(), std::process::Stdio::null()),
+        };
         let child = tokio::process::Command::new(bin("upkeep-hub"))
             .arg("--config")
             .arg(&self.config)
             .arg("--listen")
             .arg(self.addr.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn upkeep-hub");
@@ -240,6 +260,25 @@ impl HubProcess {
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
     }
+
+    /// The last `n` lines of the hub's output (for failure messages; empty when not logged).
+    pub fn tail(&self, n: usize) -> String {
+        let text = self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// A member's level in a run as `run show -o json` gives it (panics naming the run when it is not there).
+pub fn run_member<'a>(run: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    run["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["groups"].as_array().into_iter().flatten())
+        .flat_map(|g| g["members"].as_array().into_iter().flatten())
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("member {name} not in run: {run}"))
 }
 
 /// A node's root tree and agent configuration.

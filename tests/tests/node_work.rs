@@ -183,17 +183,6 @@ fn one_at_a_time(log: &[(i64, String, String)]) -> Vec<String> {
     order
 }
 
-fn member<'a>(run: &'a Value, name: &str) -> &'a Value {
-    run["stages"]
-        .as_array()
-        .and_then(|s| {
-            s.iter()
-                .flat_map(|s| s["groups"].as_array().into_iter().flatten())
-                .find_map(|g| g["members"].as_array().and_then(|ms| ms.iter().find(|m| m["name"] == name)))
-        })
-        .unwrap_or(&Value::Null)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_a_rollout_another_run_and_a_reboot_all_succeed_on_one_node_and_an_old_generation_is_refused() {
     // A long cadence: the second release waits for it, so the second run (not the channel) takes the node there.
@@ -314,7 +303,7 @@ async fn a_node_answering_another_nodes_command_is_refused_and_the_run_does_not_
 
     // The drain is still pending on n1 and the run has not moved: nothing was uncordoned or reimaged.
     let r = f.json(&["run", "show", "r1"]).await;
-    assert_eq!(member(&r, "m1")["status"], "Running", "{r}");
+    assert_eq!(run_member(&r, "m1")["status"], "Running", "{r}");
     let n = f.json(&["node", "show", "n1"]).await;
     assert!(n["waiting"].as_str().is_some_and(|w| w.ends_with(": drain")), "{n}");
     assert!(f.log().iter().all(|(_, v, _)| v == "cordon"), "{:?}", f.log());
@@ -369,7 +358,7 @@ async fn a_failed_step_keeps_its_node_out_and_a_reboot_elsewhere_waits_until_an_
     std::fs::remove_file(f.node("n1").root.join("etc/upkeep/trusted-keys/upkeep-image.pub")).expect("untrust");
     let r = f.run("r1", &["Failed", "Completed"]).await;
     assert_eq!(r["status"], "Failed", "{r}");
-    let err = member(&r, "m1")["error"].as_str().unwrap_or_default().to_string();
+    let err = run_member(&r, "m1")["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("n1") && err.contains("reimage") && err.contains("stays cordoned"), "{err}");
     // The policy: n1 stays cordoned and keeps its lease, held by the run.
     let leases = f.json(&["lease", "list"]).await;
@@ -426,7 +415,7 @@ async fn undrainable_nodes_fail_skip_or_force_as_the_member_says_and_the_blocker
     // Fail (the default): the run fails naming the budget; n1 is uncordoned, unchanged, its lease given back.
     let r = f.run("fail", &["Failed", "Completed"]).await;
     assert_eq!(r["status"], "Failed", "{r}");
-    let err = member(&r, "m1")["error"].as_str().unwrap_or_default().to_string();
+    let err = run_member(&r, "m1")["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("PodDisruptionBudget shop/web-pdb") && err.contains("undrainable policy Fail"), "{err}");
     assert!(err.contains("uncordoned"), "{err}");
     assert!(f.json(&["lease", "list"]).await.as_array().expect("leases").is_empty());

@@ -88,17 +88,6 @@ impl Fleet {
     }
 }
 
-fn member<'a>(run: &'a Value, name: &str) -> &'a Value {
-    run["stages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|s| s["groups"].as_array().into_iter().flatten())
-        .flat_map(|g| g["members"].as_array().into_iter().flatten())
-        .find(|m| m["name"] == name)
-        .unwrap_or_else(|| panic!("member {name} not in run: {run}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sec7_bad_strategies_and_runs_are_refused_naming_the_field() {
     let f = fleet(&[("n1", "m1", "eu"), ("n2", "m2", "eu")], "Debian-12-202311.07.0").await;
@@ -164,9 +153,9 @@ async fn sec5_members_already_at_target_are_skipped_and_the_run_is_skipped() {
     f.ok(&["run", "start", "r1"]).await;
     let run = f.wait_run("r1", &["Skipped"]).await;
     for m in ["m1", "m2"] {
-        assert_eq!(member(&run, m)["status"], "Skipped", "{run}");
+        assert_eq!(run_member(&run, m)["status"], "Skipped", "{run}");
     }
-    assert!(member(&run, "m1")["message"].as_str().unwrap_or("").contains("target"), "says why: {run}");
+    assert!(run_member(&run, "m1")["message"].as_str().unwrap_or("").contains("target"), "says why: {run}");
     let err = f.refused(&["run", "start", "r1"]).await;
     assert!(err.contains("FailedPrecondition"), "{err}");
     f.stop().await;
@@ -185,10 +174,10 @@ async fn sec5_a_failing_node_fails_member_group_stage_and_run_and_nothing_more_s
     let lines = String::from_utf8_lossy(&watch.stdout);
     assert!(lines.contains("member \"m1\""), "{lines}");
     let run = f.wait_run("r1", &["Failed"]).await;
-    let m1 = member(&run, "m1");
+    let m1 = run_member(&run, "m1");
     assert_eq!(m1["status"], "Failed", "{run}");
     assert!(m1["error"].as_str().unwrap_or("").contains("n1"), "the error names the node: {m1}");
-    assert_eq!(member(&run, "m2")["status"], "NotStarted", "nothing further started: {run}");
+    assert_eq!(run_member(&run, "m2")["status"], "NotStarted", "nothing further started: {run}");
     let stage = &run["stages"][0];
     assert_eq!(stage["status"], "Failed");
     assert_eq!(stage["groups"][0]["status"], "Failed");
@@ -234,7 +223,7 @@ async fn sec5_member_with_closed_window_is_pending_with_next_opening_and_stop_is
     f.ok(&["run", "create", "r1", "--upgrade-type", "NodeImageOnly"]).await;
     f.ok(&["run", "start", "r1"]).await;
     let run = f.wait_run("r1", &["Pending"]).await;
-    let m1 = member(&run, "m1");
+    let m1 = run_member(&run, "m1");
     assert_eq!(m1["status"], "Pending", "{run}");
     let msg = m1["message"].as_str().unwrap_or_default();
     let expected_opening = opens.format("%Y-%m-%dT%H:%M").to_string();
@@ -283,17 +272,17 @@ async fn sec5_full_run_is_pending_until_the_kubernetes_version_reaches_the_membe
     f.ok(&["run", "create", "k1", "--upgrade-type", "Full", "--kubernetes-version", "1.30.2"]).await;
     f.ok(&["run", "start", "k1"]).await;
     let run = f.wait_run("k1", &["Pending"]).await;
-    let msg = member(&run, "m1")["message"].as_str().unwrap_or_default().to_string();
+    let msg = run_member(&run, "m1")["message"].as_str().unwrap_or_default().to_string();
     assert!(msg.contains("1.30.2") && msg.contains("eu"), "says which version is missing where: {msg}");
     let listed = f.json(&["kubernetes", "list"]).await;
     assert_eq!(listed["releases"][0]["version"], "1.30.2");
     f.ok(&["kubernetes", "publish", "--version", "1.30.2", "--regions", "eu"]).await;
     let run = wait_for("m1 leaves Pending once 1.30.2 is in eu", WAIT, || async {
         let v = upkeepctl_json(&f.pki, &f.hub.url(), &["run", "show", "k1"]).await.ok()?;
-        (member(&v, "m1")["status"] != "Pending").then_some(v)
+        (run_member(&v, "m1")["status"] != "Pending").then_some(v)
     })
     .await;
-    assert!(member(&run, "m1")["started_at"].is_string(), "{run}");
+    assert!(run_member(&run, "m1")["started_at"].is_string(), "{run}");
     f.stop().await;
 }
 
@@ -432,8 +421,8 @@ async fn sec5_staged_node_image_run_reimages_every_member_in_stage_order() {
     let run = f.run_state("r1").await;
     assert_eq!(run["status"], "Completed", "{run}");
     for m in ["m1", "m2", "m3", "m4"] {
-        assert_eq!(member(&run, m)["status"], "Completed", "{run}");
-        assert_eq!(member(&run, m)["target"]["images"]["pool1"], "Debian-12-202312.01.0");
+        assert_eq!(run_member(&run, m)["status"], "Completed", "{run}");
+        assert_eq!(run_member(&run, m)["target"]["images"]["pool1"], "Debian-12-202312.01.0");
     }
     assert_eq!(run["stages"][0]["after_stage_wait"]["status"], "Completed", "the wait ran: {run}");
     // Every node now reports the new image from the booted image's own metadata.
@@ -513,7 +502,7 @@ async fn sec5_hub_killed_mid_run_carries_on_without_upgrading_any_member_twice()
     // ...and again while the second member is being upgraded.
     wait_for("m2 Running or later", WAIT, || async {
         let v = upkeepctl_json(&f.pki, &url, &["run", "show", "r1"]).await.ok()?;
-        (member(&v, "m2")["status"] != "NotStarted").then_some(())
+        (run_member(&v, "m2")["status"] != "NotStarted").then_some(())
     })
     .await;
     hub.restart(&f.pki).await;
@@ -521,7 +510,7 @@ async fn sec5_hub_killed_mid_run_carries_on_without_upgrading_any_member_twice()
     assert_eq!(run["status"], "Completed", "{run}");
     for (i, n) in names.iter().enumerate() {
         let m = format!("m{}", i + 1);
-        assert_eq!(member(&run, &m)["status"], "Completed", "none wrongly skipped: {run}");
+        assert_eq!(run_member(&run, &m)["status"], "Completed", "none wrongly skipped: {run}");
         assert_eq!(reimages_journalled(f.work.path(), n), 1, "{n} was reimaged exactly once");
     }
     let list = f.json(&["node", "list"]).await;

@@ -672,6 +672,17 @@ async fn a_repeated_grant_is_one_operation_and_a_busy_node_gives_the_lease_back(
     }
     assert_eq!(w.link.releases().last().map(String::as_str), Some("reboot/other"));
     assert!(e.entry("lease/reboot/other").is_none(), "nothing journalled");
+    // A hub command meanwhile is refused as busy (nothing journalled), so the hub sends it again later.
+    let busy = e.submit(&v1::Command {
+        operation_id: "run-1/uncordon".into(),
+        generation: 2,
+        kind: Some(v1::command::Kind::Uncordon(v1::Uncordon {})),
+    });
+    match busy {
+        Submitted::Finished(r) => assert!(!r.ok && r.busy && r.error.contains("still in flight"), "{r:?}"),
+        Submitted::Running => panic!("a command was accepted while another is in flight"),
+    }
+    assert!(e.entry("run-1/uncordon").is_none(), "a busy refusal journals nothing");
     assert!(matches!(e.submit_lease(" ", false), LeaseTaken::Refused(why) if why.contains("lease.lease_id: empty")));
 }
 

@@ -548,7 +548,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         require(&p, WRITERS, "uncordon nodes")?;
         let node = &req.get_ref().node;
         let released = self.maintenance.out_of_service(node);
-        let work = self.maintenance.operator_uncordon(node, &p.name).map_err(lease_error)?;
+        let work = self.maintenance.operator_uncordon(node, &p.name).await.map_err(lease_error)?;
         tracing::info!(operator = %p.name, node = %node, work = %work, "uncordon ordered");
         Ok(Response::new(v1::UncordonNodeResponse { work, out_of_service: released }))
     }
