@@ -162,6 +162,8 @@ pub struct Maintenance {
     notes: Mutex<HashMap<String, String>>,
     /// Per node: behind its channel, and why not now (refreshed every pass).
     whys: Mutex<HashMap<String, NodeWhy>>,
+    /// Per node: why the reboot it asked for waits (until it is granted).
+    reboot_whys: Mutex<HashMap<String, NodeWhy>>,
 }
 
 fn ms_to_time(ms: i64) -> DateTime<Utc> {
@@ -187,6 +189,7 @@ impl Maintenance {
             executing: Mutex::new(HashSet::new()),
             notes: Mutex::new(HashMap::new()),
             whys: Mutex::new(HashMap::new()),
+            reboot_whys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -285,9 +288,16 @@ impl Maintenance {
         match self.ledger().take(&rec, &ask)? {
             LeaseDecision::Deny { reason, retry_after_seconds } => {
                 tracing::info!(node, lease = %req.lease_id, %reason, "reboot not now");
+                let why = NodeWhy {
+                    behind: String::new(),
+                    waiting: format!("its reboot waits: {reason}"),
+                    next_eligible_ms: now_ms() + i64::from(retry_after_seconds) * 1000,
+                };
+                lock(&self.reboot_whys).insert(node.to_string(), why);
                 Ok(answer(reason, retry_after_seconds))
             }
             LeaseDecision::Grant | LeaseDecision::AlreadyHeld => {
+                lock(&self.reboot_whys).remove(node);
                 self.start_reboot(&rec, id.clone(), holder, purpose, false)?;
                 Ok(answer(format!("the hub reboots this node as work {id} (cordon, drain, reboot, uncordon)"), 30))
             }
@@ -432,6 +442,10 @@ impl Maintenance {
     /// the executor is doing to it and the lease that keeps it out of service.
     pub fn node_why(&self, node: &str) -> NodeWhy {
         let mut why = lock(&self.whys).get(node).cloned().unwrap_or_default();
+        if let Some(r) = lock(&self.reboot_whys).get(node).filter(|_| why.waiting.is_empty()) {
+            why.waiting = r.waiting.clone();
+            why.next_eligible_ms = r.next_eligible_ms;
+        }
         if let Some(doing) = self.executor.node_note(node) {
             why.waiting = doing;
             why.next_eligible_ms = 0;
@@ -481,11 +495,13 @@ impl Maintenance {
 
     fn pass(self: &Arc<Self>) -> Result<Option<DateTime<Utc>>, StoreError> {
         self.ledger().expire()?;
+        let nodes = self.store().list_nodes(None)?;
+        // A node that no longer needs a reboot no longer waits for one.
+        lock(&self.reboot_whys).retain(|n, _| nodes.iter().any(|r| &r.name == n && r.facts.reboot_required));
         if !self.settings.enabled {
             return Ok(None);
         }
         let now = Utc::now();
-        let nodes = self.store().list_nodes(None)?;
         let mut by_member: BTreeMap<&str, Vec<&NodeRecord>> = BTreeMap::new();
         for n in &nodes {
             by_member.entry(n.facts.member.as_str()).or_default().push(n);

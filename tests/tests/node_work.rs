@@ -384,6 +384,9 @@ async fn a_failed_step_keeps_its_node_out_and_a_reboot_elsewhere_waits_until_an_
     })
     .await;
     assert!(note.contains("\"n1\"") && note.contains("max_unavailable 1"), "{note}");
+    let n2 = f.json(&["node", "show", "n2"]).await;
+    assert!(n2["waiting"].as_str().is_some_and(|w| w.contains("its reboot waits") && w.contains("\"n1\"")), "{n2}");
+    assert!(n2["next_eligible"].as_str().is_some(), "{n2}");
     assert!(f.log().iter().all(|(_, _, n)| n == "n1"), "n2 was never taken out: {:?}", f.log());
 
     // The operator puts n1 back: its lease is given back, then n2 reboots.
