@@ -414,12 +414,6 @@ impl Fleet {
         }
     }
 
-    /// Sends one message to a node's current session; false if it has none or its queue is full.
-    pub fn send(&self, node: &str, body: v1::hub_message::Body) -> bool {
-        let tx = self.sessions().get(node).map(|s| s.tx.clone());
-        tx.is_some_and(|tx| tx.try_send(Ok(v1::HubMessage { body: Some(body) })).is_ok())
-    }
-
     /// Whether a node has an open session.
     pub fn is_connected(&self, node: &str) -> bool {
         self.sessions().contains_key(node)
