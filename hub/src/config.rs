@@ -29,6 +29,23 @@ pub struct HubConfig {
     pub silent_after_heartbeats: u32,
     /// `[auto_upgrade]`: channel rollouts and leases.
     pub auto_upgrade: crate::maintenance::AutoUpgradeSettings,
+    /// `[limits]`: what one client may hold of the hub.
+    pub limits: Limits,
+}
+
+/// `[limits]` in hub.toml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A TLS handshake not finished by then is dropped.
+    pub handshake_timeout: std::time::Duration,
+    /// Image downloads one node may have open at once.
+    pub fetches_per_node: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { handshake_timeout: crate::door::DEFAULT_HANDSHAKE_TIMEOUT, fetches_per_node: 2 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +56,14 @@ struct RawConfig {
     tls: Option<RawTls>,
     agents: Option<RawAgents>,
     auto_upgrade: Option<RawAutoUpgrade>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    handshake_timeout_seconds: Option<u64>,
+    fetches_per_node: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,7 +178,23 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
             auto_upgrade.lease_ttl = std::time::Duration::from_secs(t);
         }
     }
+    let mut limits = Limits::default();
+    if let Some(l) = raw.limits {
+        if let Some(t) = l.handshake_timeout_seconds {
+            if !(1..=300).contains(&t) {
+                return Err(err(path, "limits.handshake_timeout_seconds", "must be between 1 and 300"));
+            }
+            limits.handshake_timeout = std::time::Duration::from_secs(t);
+        }
+        if let Some(n) = l.fetches_per_node {
+            if !(1..=16).contains(&n) {
+                return Err(err(path, "limits.fetches_per_node", "must be between 1 and 16"));
+            }
+            limits.fetches_per_node = n;
+        }
+    }
     Ok(HubConfig {
+        limits,
         listen,
         state_dir,
         ca,

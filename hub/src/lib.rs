@@ -9,6 +9,7 @@
 pub mod artifacts;
 pub mod cli;
 pub mod config;
+pub mod door;
 pub mod engine;
 pub mod executor;
 pub mod fleet;

@@ -5,6 +5,7 @@
 
 use crate::artifacts::Artifacts;
 use crate::config::HubConfig;
+use crate::door::{DoorLimits, Occupancy};
 use crate::engine::Engine;
 use crate::executor::{Executor, StepLimits};
 use crate::fleet::{Fleet, Timing};
@@ -17,8 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use upkeep_proto::tls::{PemKind, read_pem};
 use upkeep_proto::v1::agent_service_server::AgentServiceServer;
 use upkeep_proto::v1::operator_service_server::OperatorServiceServer;
@@ -29,12 +29,19 @@ pub const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub const DB_FILE: &str = "hub.db";
 
 /// Builds the server TLS configuration: our identity, and client certificates required from the fleet CA.
-pub fn server_tls(config: &HubConfig) -> anyhow::Result<ServerTlsConfig> {
+pub fn server_tls(config: &HubConfig) -> anyhow::Result<rustls::ServerConfig> {
     let ca = read_pem("tls.ca", &config.ca, PemKind::Certificate)?;
     let cert = read_pem("tls.cert", &config.cert, PemKind::Certificate)?;
     let key = read_pem("tls.key", &config.key, PemKind::PrivateKey)?;
-    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(ca)))
+    crate::door::server_config(&ca, &cert, &key).map_err(|e| anyhow::anyhow!(e))
 }
+
+/// Largest message an agent may send (reports, results; image bytes flow the other way).
+pub const AGENT_MESSAGE_LIMIT: usize = 1024 * 1024;
+/// Largest message an operator may send (strategies, run specs, artifact chunks).
+pub const OPERATOR_MESSAGE_LIMIT: usize = 4 * 1024 * 1024;
+/// Streams one connection may have open at once (an agent needs its session and an image download or two).
+pub const STREAMS_PER_CONNECTION: u32 = 32;
 
 /// Opens the store and builds the fleet for `config`.
 pub fn open_fleet(config: &HubConfig) -> anyhow::Result<Arc<Fleet>> {
@@ -89,30 +96,40 @@ pub async fn serve_fleet(
         })
     };
     let addr = listener.local_addr().context("reading the listen address")?;
-    // Nagle off: with it on, every mTLS handshake stalls ~40 ms on delayed ACKs.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tracing::info!(%addr, "upkeep-hub listening (mTLS only)");
+    // The front door: TLS with a handshake deadline, connections capped below the descriptor limit, a share kept
+    // for operators (Nagle is off on every accepted socket: with it on, mTLS handshakes stall ~40 ms).
+    let limits = DoorLimits::for_this_process(config.limits.handshake_timeout);
+    let conns = crate::door::incoming(listener, Arc::new(tls), limits, Arc::new(Occupancy::default()));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conns);
+    tracing::info!(%addr, max_connections = limits.max_connections, operator_reserve = limits.operator_reserve,
+        handshake_timeout_s = limits.handshake_timeout.as_secs(), "upkeep-hub listening (mTLS only)");
     let closing_fleet = fleet.clone();
     let shutdown = async move {
         shutdown.await;
         closing_fleet.close_all_sessions();
     };
     let result = Server::builder()
-        .tls_config(tls)
-        .context("tls configuration")?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(AgentServiceServer::new(AgentApi::new(
-            fleet.clone(),
-            maintenance.clone(),
-            Artifacts::new(&config.state_dir),
-        )))
-        .add_service(OperatorServiceServer::new(OperatorApi::new(
-            fleet.clone(),
-            engine.clone(),
-            maintenance.clone(),
-            Artifacts::new(&config.state_dir),
-        )))
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
+        .add_service(
+            AgentServiceServer::new(AgentApi::new(
+                fleet.clone(),
+                maintenance.clone(),
+                Artifacts::new(&config.state_dir),
+                config.limits.fetches_per_node,
+            ))
+            .max_decoding_message_size(AGENT_MESSAGE_LIMIT),
+        )
+        .add_service(
+            OperatorServiceServer::new(OperatorApi::new(
+                fleet.clone(),
+                engine.clone(),
+                maintenance.clone(),
+                Artifacts::new(&config.state_dir),
+            ))
+            .max_decoding_message_size(OPERATOR_MESSAGE_LIMIT),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC");

@@ -261,6 +261,11 @@ impl HubProcess {
         format!("https://{}", self.addr)
     }
 
+    /// The hub's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
     /// The last `n` lines of the hub's output (for failure messages; empty when not logged).
     pub fn tail(&self, n: usize) -> String {
         let text = self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();

@@ -7,10 +7,12 @@ use super::{ApiError, principal_of, require};
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::fleet::{Fleet, desired_config};
 use crate::maintenance::{LeaseError, Maintenance};
-use std::io::{Read, Seek, SeekFrom};
+use std::collections::HashMap;
+use std::io::SeekFrom;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,12 +34,57 @@ pub struct AgentApi {
     fleet: Arc<Fleet>,
     maintenance: Arc<Maintenance>,
     artifacts: Artifacts,
+    /// Image downloads open per node, and how many one node may have.
+    fetches: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    fetches_per_node: usize,
 }
 
 impl AgentApi {
-    /// Over the given fleet, lease desk and artifact store.
-    pub fn new(fleet: Arc<Fleet>, maintenance: Arc<Maintenance>, artifacts: Artifacts) -> Self {
-        AgentApi { fleet, maintenance, artifacts }
+    /// Over the given fleet, lease desk and artifact store; a node may have `fetches_per_node` downloads open.
+    pub fn new(
+        fleet: Arc<Fleet>,
+        maintenance: Arc<Maintenance>,
+        artifacts: Artifacts,
+        fetches_per_node: usize,
+    ) -> Self {
+        AgentApi { fleet, maintenance, artifacts, fetches: Arc::default(), fetches_per_node }
+    }
+}
+
+/// One open image download of a node; counted until the stream is dropped (finished or abandoned).
+struct FetchSlot {
+    fetches: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    node: String,
+}
+
+impl FetchSlot {
+    fn take(
+        fetches: &Arc<std::sync::Mutex<HashMap<String, usize>>>,
+        node: &str,
+        per_node: usize,
+    ) -> Result<FetchSlot, ApiError> {
+        let mut open = fetches.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(node.to_string()).or_default();
+        if *n >= per_node {
+            return Err(ApiError::ResourceExhausted(format!(
+                "node {node:?} already has {n} image downloads open (the limit is {per_node}); finish or cancel one \
+                 first"
+            )));
+        }
+        *n += 1;
+        Ok(FetchSlot { fetches: fetches.clone(), node: node.to_string() })
+    }
+}
+
+impl Drop for FetchSlot {
+    fn drop(&mut self) {
+        let mut open = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.node);
+            }
+        }
     }
 }
 
@@ -76,40 +123,30 @@ impl v1::agent_service_server::AgentService for AgentApi {
                 ApiError::InvalidArgument(format!("offset: {} is past the end ({total} bytes)", req.offset)).into()
             );
         }
+        let slot = FetchSlot::take(&self.fetches, &principal.name, self.fetches_per_node)?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| ApiError::Internal(format!("opening artifact {}: {e}", req.sha256)))?;
+        file.seek(SeekFrom::Start(req.offset))
+            .await
+            .map_err(|e| ApiError::Internal(format!("seeking artifact {}: {e}", req.sha256)))?;
         tracing::info!(node = %principal.name, sha256 = %req.sha256, offset = req.offset, total, "serving image");
-        let (tx, rx) = mpsc::channel::<Result<v1::ImageChunk, Status>>(4);
-        tokio::task::spawn_blocking(move || {
-            let send = |r| tx.blocking_send(r).is_ok();
-            let mut f = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    send(Err(Status::internal(format!("opening artifact: {e}"))));
-                    return;
-                }
-            };
-            if let Err(e) = f.seek(SeekFrom::Start(req.offset)) {
-                send(Err(Status::internal(format!("seeking artifact: {e}"))));
-                return;
-            }
-            let mut offset = req.offset;
+        // No task and no thread per download: the next chunk is read only when the client has taken the last one,
+        // so a client that stops reading holds a file handle and one chunk, not a thread.
+        let chunks = futures::stream::unfold(Some((file, req.offset, slot)), move |state| async move {
+            let (mut file, offset, slot) = state?;
             let mut buf = vec![0u8; CHUNK_BYTES];
-            loop {
-                let n = match f.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => n,
-                    Err(e) => {
-                        send(Err(Status::internal(format!("reading artifact: {e}"))));
-                        return;
-                    }
-                };
-                let chunk = v1::ImageChunk { offset, data: buf[..n].to_vec(), total_size: total };
-                offset += n as u64;
-                if !send(Ok(chunk)) {
-                    return;
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    let chunk = v1::ImageChunk { offset, data: buf, total_size: total };
+                    Some((Ok(chunk), Some((file, offset + n as u64, slot))))
                 }
+                Err(e) => Some((Err(Status::internal(format!("reading artifact: {e}"))), None)),
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn session(

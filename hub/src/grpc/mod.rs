@@ -26,6 +26,9 @@ pub enum ApiError {
     /// Refused by a rule in the current state; the message says what to change first.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller holds too much of the hub already; the message says what to release.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The store failed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -40,6 +43,7 @@ impl From<ApiError> for Status {
             ApiError::InvalidArgument(_) => Status::invalid_argument(msg),
             ApiError::NotFound(_) => Status::not_found(msg),
             ApiError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            ApiError::ResourceExhausted(_) => Status::resource_exhausted(msg),
             ApiError::Internal(_) => Status::internal(msg),
         }
     }

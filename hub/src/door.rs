@@ -1,0 +1,275 @@
+//! The hub's front door: TCP accept, the TLS handshake with a deadline, and a bounded number of connections.
+//!
+//! Nothing reaches gRPC before a client certificate from the fleet CA was presented, and nothing may exhaust the
+//! hub on the way there:
+//! - every TLS handshake must finish within `handshake_timeout`, or the connection is closed (a client that opens
+//!   a socket and says nothing holds it for that long, not forever);
+//! - at most `max_connections` connections (handshaking or established) are open at once, set below the
+//!   process's descriptor limit with room for the store, the artifacts and the log: past it, a new connection is
+//!   accepted and closed at once, so existing sessions keep working instead of failing on `EMFILE`;
+//! - node certificates may hold at most `max_connections - operator_reserve` of them, so an operator's
+//!   `upkeepctl` still gets in while agents (or someone with a node certificate) fill the door.
+//!
+//! Connections handed to tonic are [`Conn`]s: the TLS stream plus the slot it occupies, given back when tonic
+//! drops the connection.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use upkeep_core::ids::Role;
+
+/// Descriptors kept for everything but client connections (store, WAL, artifacts, logs, the runtime).
+pub const FD_RESERVE: usize = 256;
+/// Connections only operator and viewer certificates may use once node certificates hold all the others.
+pub const OPERATOR_RESERVE: usize = 64;
+/// Default TLS handshake deadline.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The door's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoorLimits {
+    /// Connections open at once, all kinds.
+    pub max_connections: usize,
+    /// Of those, kept for operators and viewers.
+    pub operator_reserve: usize,
+    /// A TLS handshake not finished by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+impl DoorLimits {
+    /// Limits for this process: raises the soft descriptor limit to the hard one, then keeps [`FD_RESERVE`]
+    /// descriptors for everything but connections.
+    pub fn for_this_process(handshake_timeout: Duration) -> DoorLimits {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+            Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => hard,
+                Err(e) => {
+                    tracing::warn!(soft, hard, error = %e, "could not raise the descriptor limit");
+                    soft
+                }
+            },
+            Ok((soft, _)) => soft,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the descriptor limit; assuming 1024");
+                1024
+            }
+        };
+        let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+        DoorLimits::within(soft, handshake_timeout)
+    }
+
+    /// Limits for a descriptor limit of `nofile`.
+    pub fn within(nofile: usize, handshake_timeout: Duration) -> DoorLimits {
+        let max_connections = nofile.saturating_sub(FD_RESERVE).max(16);
+        let operator_reserve = OPERATOR_RESERVE.min(max_connections / 4);
+        DoorLimits { max_connections, operator_reserve, handshake_timeout }
+    }
+}
+
+/// Builds the rustls server configuration: the hub's identity, client certificates required from the fleet CA,
+/// HTTP/2 only.
+pub fn server_config(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        let c = c.map_err(|e| format!("tls.ca: {e}"))?;
+        roots.add(c).map_err(|e| format!("tls.ca: {e}"))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| format!("tls.ca: {e}"))?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| format!("tls.cert: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("tls.key: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("tls.cert/tls.key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Open connections, by kind (shared by the door and the connections it handed out).
+#[derive(Debug, Default)]
+pub struct Occupancy {
+    /// All connections, handshaking included.
+    all: AtomicUsize,
+    /// Connections that presented a node certificate.
+    nodes: AtomicUsize,
+}
+
+impl Occupancy {
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.all.load(Ordering::Relaxed)
+    }
+
+    /// Connections of node certificates open now.
+    pub fn nodes(&self) -> usize {
+        self.nodes.load(Ordering::Relaxed)
+    }
+}
+
+/// One slot of the door, given back on drop.
+struct Slot {
+    occupancy: Arc<Occupancy>,
+    node: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.occupancy.all.fetch_sub(1, Ordering::Relaxed);
+        if self.node {
+            self.occupancy.nodes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An established connection: the TLS stream and its slot.
+pub struct Conn {
+    tls: TlsStream<TcpStream>,
+    _slot: Slot,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TlsConnectInfo<TcpConnectInfo>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+/// The role in the client certificate of an established connection, if it can be read.
+fn role_of(tls: &TlsStream<TcpStream>) -> Option<Role> {
+    let (_, session) = tls.get_ref();
+    let leaf = session.peer_certificates()?.first()?;
+    upkeep_proto::tls::principal_from_der(leaf.as_ref()).ok().map(|p| p.role)
+}
+
+/// Accepts connections on `listener` within `limits` and hands established ones to the returned receiver (for
+/// `Server::serve_with_incoming_shutdown` through a `ReceiverStream`). Runs until the receiver is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: DoorLimits,
+    occupancy: Arc<Occupancy>,
+) -> mpsc::Receiver<io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        let mut refused: u64 = 0;
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors or a transient error: do not spin on it.
+                        tracing::warn!(error = %e, "accepting a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            if occupancy.open() >= limits.max_connections {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(open = occupancy.open(), max = limits.max_connections, refused, %peer,
+                        "connection refused: the hub is at its connection limit");
+                }
+                drop(tcp);
+                continue;
+            }
+            occupancy.all.fetch_add(1, Ordering::Relaxed);
+            let slot = Slot { occupancy: occupancy.clone(), node: false };
+            let (acceptor, tx, occupancy) = (acceptor.clone(), tx.clone(), occupancy.clone());
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake not finished in time; connection closed");
+                        return;
+                    }
+                };
+                let mut slot = slot;
+                if role_of(&tls) == Some(Role::Node) {
+                    let cap = limits.max_connections.saturating_sub(limits.operator_reserve);
+                    if occupancy.nodes.fetch_add(1, Ordering::Relaxed) >= cap {
+                        occupancy.nodes.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, cap, "node connection refused: the rest is kept for operators");
+                        return;
+                    }
+                    slot.node = true;
+                }
+                let _ = tx.send(Ok(Conn { tls, _slot: slot })).await;
+            });
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_stay_below_the_descriptor_limit_and_keep_a_share_for_operators() {
+        let l = DoorLimits::within(20_000, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(l.max_connections, 20_000 - FD_RESERVE);
+        assert_eq!(l.operator_reserve, OPERATOR_RESERVE);
+        let small = DoorLimits::within(100, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(small.max_connections, 16);
+        assert_eq!(small.operator_reserve, 4);
+    }
+}
