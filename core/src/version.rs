@@ -17,6 +17,9 @@ pub enum VersionError {
     /// The day part is not 01..=31.
     #[error("malformed version {0:?}: day must be 01..31 (YYYYMM.DD.N)")]
     BadDay(String),
+    /// The year part of `YYYYMM` is before 1970 (a leading zero would also print differently than it parsed).
+    #[error("malformed version {0:?}: the year must be 1970 or later (YYYYMM.DD.N)")]
+    BadYear(String),
     /// A node-image-version without a `-<version>` suffix or with an empty family.
     #[error("malformed node-image-version {0:?}: expected <family>-<YYYYMM.DD.N>, e.g. Ubuntu-2204gen2-202311.07.0")]
     MalformedNodeImage(String),
@@ -59,6 +62,11 @@ impl FromStr for ImageVersion {
         let month = year_month % 100;
         if !(1..=12).contains(&month) {
             return Err(VersionError::BadMonth(s.to_string()));
+        }
+        // Found by fuzzing (fuzz/fuzz_targets/versions.rs): "002311.07.0" parsed, then printed as "2311.07.0",
+        // which does not parse back; no image was built before 1970.
+        if year_month / 100 < 1970 {
+            return Err(VersionError::BadYear(s.to_string()));
         }
         if !(1..=31).contains(&day) {
             return Err(VersionError::BadDay(s.to_string()));
@@ -223,9 +231,28 @@ mod tests {
     }
 
     #[test]
+    fn what_parses_prints_back_the_same() {
+        // The fuzz target's property (fuzz/fuzz_targets/versions.rs), on the input it found.
+        assert!("Fam-002311.07.0".parse::<NodeImageVersion>().is_err());
+        for ok in ["202311.07.0", "197001.01.0", "202311.7.007"] {
+            let v: ImageVersion = ok.parse().expect(ok);
+            assert_eq!(v.to_string().parse::<ImageVersion>().expect("prints back"), v);
+        }
+    }
+
+    #[test]
     fn malformed_image_versions_are_refused_with_the_expected_form() {
-        for bad in ["", "2023.07.0", "202311.07", "202311.07.0.1", "202313.01.0", "202311.32.0", "202311.0x.1", "a.b.c"]
-        {
+        for bad in [
+            "",
+            "2023.07.0",
+            "202311.07",
+            "202311.07.0.1",
+            "202313.01.0",
+            "202311.32.0",
+            "202311.0x.1",
+            "a.b.c",
+            "002311.07.0",
+        ] {
             let err = bad.parse::<ImageVersion>().expect_err(bad);
             assert!(err.to_string().contains("YYYYMM.DD.N"), "{bad}: {err}");
         }

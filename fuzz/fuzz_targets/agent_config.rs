@@ -1,0 +1,8 @@
+//! agent.toml: parse and validate (errors name the file and key; nothing panics).
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let _ = upkeep_agent::config::parse(std::path::Path::new("/nonexistent/agent.toml"), text);
+});
