@@ -9,6 +9,13 @@
 //! health (booted the new slot, hub reachable again, health commands) -> commit, or fall back to the previous
 //! slot, remember the image as rolled back and report the reason.
 //!
+//! Staging and slot leftovers: a staged part is resumed only while it can be a prefix of the image (not longer
+//! than the announced size; at full size, hashing to the image's digest); otherwise the download starts again
+//! from 0, once per operation. The staged image is removed once the slot is written, and every reimage that
+//! ends (committed, refused, failed, rolled back) removes its staging and the slot write's leftovers
+//! (`NodeOs::remove_slot_leftovers`); at start, and before each download, so is everything that belongs to no
+//! operation in flight.
+//!
 //! Apply security patch: checks (the pool may take security patches, the node's OS has a known package manager,
 //! the patch is for the node's image family; already applied = done) -> install exactly the pinned packages from
 //! the configured repositories (apt or dnf; safe to repeat) -> record the patch version. Reboot-required is then
@@ -24,7 +31,7 @@
 //! a failed reboot never keeps a slot of the member's disruption budget.
 
 use crate::journal::{Entry, Journal, Op, Outcome, Step};
-use crate::os::image::{Download, TrustError, discard, parse_trusted_keys, verify};
+use crate::os::image::{Download, TrustError, clean_staging, discard, parse_trusted_keys, verify};
 use crate::os::{NodeOs, OsError, Rebooted, Slot};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -48,7 +55,9 @@ const FETCH_ATTEMPTS: u32 = 6;
 /// First pause between download attempts; doubles per attempt.
 const FETCH_RETRY_BASE: Duration = Duration::from_millis(100);
 
-/// Streams an artifact from `offset`.
+/// Streams an artifact from `offset`. When the source cannot serve from `offset` (it is past the artifact's
+/// end: the staged part is not a prefix of it), the stream starts again from 0 and its first chunk says so
+/// with offset 0 (the engine then discards what it staged).
 pub trait Fetcher: Send + Sync {
     /// Opens the artifact `sha256` at `offset`.
     fn open(
@@ -210,6 +219,27 @@ fn decode(c: &v1::Command) -> Result<Op, String> {
     }
 }
 
+/// Removes every staged file but `keep`'s, and the slot write's leftovers, logging what it removed. A file that
+/// cannot be removed is logged and tried again at the next occasion: cleaning never fails an operation.
+fn clean_leftovers(state_dir: &Path, os: &dyn NodeOs, keep: Option<&str>, when: &str) {
+    match clean_staging(state_dir, keep) {
+        Ok(removed) => {
+            for p in removed {
+                tracing::info!(path = %p.display(), when, "removed a staging leftover");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, when, "cannot clean the image staging directory"),
+    }
+    match os.remove_slot_leftovers() {
+        Ok(removed) => {
+            for p in removed {
+                tracing::info!(path = %p.display(), when, "removed a partial slot write");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, when, "cannot remove a partial slot write"),
+    }
+}
+
 /// The image a reimage names, checked.
 fn target_image(family: &str, version: &str) -> Result<NodeImageVersion, String> {
     let v: ImageVersion = version.parse().map_err(|e| format!("reimage.image.version: {e}"))?;
@@ -278,11 +308,36 @@ impl Engine {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Resumes every unfinished operation (call once at start, inside the runtime).
+    /// Removes staging and slot-write leftovers of operations no longer in flight (a crash, a failure before
+    /// this version cleaned up, files of another agent), then resumes every unfinished operation. Call once at
+    /// start, inside the runtime, before any command is taken: nothing else runs yet, so the cleaning is done
+    /// in place.
     pub fn resume(self: &Arc<Self>) {
-        for e in self.journal().unfinished() {
+        let unfinished = self.journal().unfinished();
+        // A reimage before its slot write still needs its staged image (a download resumes from it); a slot
+        // write under way is redone from the start by `write_slot`, which removes its own partial copy.
+        let keep = unfinished.iter().find_map(|e| match (&e.op, e.step) {
+            (Op::Reimage { sha256, .. }, Step::Accepted | Step::Fetch | Step::Write) => Some(sha256.clone()),
+            _ => None,
+        });
+        self.clean_leftovers_now(keep.as_deref(), "at start");
+        for e in unfinished {
             tracing::info!(op = %e.operation_id, kind = e.op.kind(), step = e.step.as_str(), "resuming operation");
             self.spawn(e.operation_id);
+        }
+    }
+
+    fn clean_leftovers_now(&self, keep: Option<&str>, when: &str) {
+        clean_leftovers(&self.state_dir, self.os.as_ref(), keep, when);
+    }
+
+    /// `clean_leftovers` off the runtime's thread.
+    async fn clean_leftovers_off_thread(&self, keep: Option<String>, when: &'static str) {
+        let (state_dir, os) = (self.state_dir.clone(), self.os.clone());
+        let cleaning =
+            tokio::task::spawn_blocking(move || clean_leftovers(&state_dir, os.as_ref(), keep.as_deref(), when));
+        if let Err(e) = cleaning.await {
+            tracing::warn!(error = %e, when, "cleaning leftovers panicked");
         }
     }
 
@@ -464,6 +519,7 @@ impl Engine {
                     let mut e = entry;
                     e.step = Step::Done;
                     e.result = Some(failed(why.clone()));
+                    self.before_the_end(&e).await;
                     if self.journal().put(e).is_err() {
                         self.running().remove(&id);
                         let _ = self.results.send(wire(&id, generation, &failed(why)));
@@ -473,6 +529,7 @@ impl Engine {
                 }
             };
             tracing::info!(op = %id, kind = next.op.kind(), step = next.step.as_str(), "operation step");
+            self.before_the_end(&next).await;
             if let Err(e) = self.journal().put(next) {
                 let why = format!("cannot journal the next step: {e}");
                 self.running().remove(&id);
@@ -484,6 +541,15 @@ impl Engine {
         if let Some(r) = finished {
             tracing::info!(op = %id, ok = r.ok, error = %r.error, "operation finished");
             let _ = self.results.send(r);
+        }
+    }
+
+    /// Called with every entry about to be journalled: when it ends a reimage (committed, refused, failed, rolled
+    /// back), nothing of the image stays behind. Done before the result is journalled, while the operation still
+    /// keeps any other out (a crash in between repeats the last step, which is safe to repeat).
+    async fn before_the_end(&self, e: &Entry) {
+        if e.result.is_some() && matches!(e.op, Op::Reimage { .. }) {
+            self.clean_leftovers_off_thread(None, "as a reimage ends").await;
         }
     }
 
@@ -577,8 +643,10 @@ impl Engine {
                     Err(err) => Ok(Self::fail(e, format!("writing slot {target}: {err}"))),
                 }
             }
-            (Op::Reimage { .. }, Step::Mark) => {
+            (Op::Reimage { sha256, .. }, Step::Mark) => {
                 let target = e.target.ok_or("journal: mark step without a target slot")?;
+                // The slot holds the image now (its write is journalled): the staged copy is not needed again.
+                discard(&self.state_dir, sha256);
                 if let Err(err) = self.os(move |os| os.mark_boot_once(target)).await {
                     return Ok(Self::fail(e, format!("marking slot {target} boot-once: {err}")));
                 }
@@ -673,7 +741,7 @@ impl Engine {
                 }
                 Ok(Next::Go(e))
             }
-            (Op::Reimage { sha256, .. }, Step::Commit) => {
+            (Op::Reimage { .. }, Step::Commit) => {
                 let target = e.target.ok_or("journal: commit step without a target slot")?;
                 // The node may have lost power between health and commit and come back on the old slot: commit
                 // only the slot that is running.
@@ -693,10 +761,9 @@ impl Engine {
                     e.step = Step::FallBack;
                     return Ok(Next::Go(e));
                 }
-                discard(&self.state_dir, sha256);
                 Ok(Self::ok(e))
             }
-            (Op::Reimage { family, version, sha256, .. }, Step::FallBack) => {
+            (Op::Reimage { family, version, .. }, Step::FallBack) => {
                 let previous = e.previous.ok_or("journal: fall-back step without a previous slot")?;
                 let why = e.failure.clone().unwrap_or_else(|| "unknown failure".into());
                 let label = format!("{family}-{version}");
@@ -705,7 +772,6 @@ impl Engine {
                 crate::state::write_atomic(&marker, format!("{why}\n").as_bytes()).map_err(|e| e.to_string())?;
                 match self.os(move |os| os.fall_back(previous)).await {
                     Ok(Rebooted::Done) => {
-                        discard(&self.state_dir, sha256);
                         Ok(Self::fail(e, format!("reimage to {label} rolled back to slot {previous}: {why}")))
                     }
                     Ok(Rebooted::Pending) => Ok(Next::Park),
@@ -938,6 +1004,8 @@ impl Engine {
     }
 
     async fn fetch_and_verify(&self, mut e: Entry, sha256: &str, url: &str, size_bytes: u64, signature: &str) -> Next {
+        // Only this operation is in flight: whatever else is staged or half-written is a leftover.
+        self.clean_leftovers_off_thread(Some(sha256.to_string()), "before a download").await;
         let staged = match self.download(sha256, url, size_bytes).await {
             Ok(s) => s,
             Err(why) => return Self::fail(e, why),
@@ -950,12 +1018,7 @@ impl Engine {
             };
         match verify(&staged, sha256, size_bytes, signature, &keys) {
             Ok(key) => tracing::info!(op = %e.operation_id, key = %key, bytes = staged.size, "image verified"),
-            Err(err) => {
-                if !matches!(err, TrustError::Os(_)) {
-                    discard(&self.state_dir, sha256);
-                }
-                return Self::fail(e, format!("image refused, nothing written: {err}"));
-            }
+            Err(err) => return Self::fail(e, format!("image refused, nothing written: {err}")),
         }
         let bs = match self.os(|os| os.boot_state()).await {
             Ok(b) => b,
@@ -969,12 +1032,29 @@ impl Engine {
 
     /// Downloads `sha256` into staging (from the hub, or from `url` when the image names one), resuming after
     /// breaks. `announced` (0: unknown) stands in for a total size the source does not tell, and caps it.
+    ///
+    /// What was staged before this call (by an attempt before a crash, an older agent, or garbage) is resumed
+    /// only while it can be a prefix of the image: longer than `announced`, refused by the source as past its
+    /// end, or complete but hashing to another digest, it is thrown away and the download starts from 0. That
+    /// happens once: bytes this call downloaded itself are not doubted again (verification judges them).
     async fn download(&self, sha256: &str, url: &str, announced: u64) -> Result<crate::os::image::Staged, String> {
         let url_fetcher = match url {
             "" => None,
             _ => Some(self.url_fetcher().ok_or_else(|| format!("reimage.image.url: {url:?}: no https downloader"))?),
         };
         let mut dl = Download::open(&self.state_dir, sha256).map_err(|e| e.to_string())?;
+        // Staged bytes this call did not download: a guess at a prefix until the digest proves it.
+        let mut doubtful = !dl.is_empty();
+        if announced > 0 && dl.len() > announced {
+            tracing::warn!(
+                sha256,
+                staged = dl.len(),
+                announced,
+                "the staged part is longer than the image; downloading from 0"
+            );
+            dl.restart().map_err(|e| e.to_string())?;
+            doubtful = false;
+        }
         // The size the source tells (the hub always does; an https server may not).
         let mut total: Option<u64> = None;
         let mut last_err = String::new();
@@ -995,15 +1075,14 @@ impl Engine {
                             Ok(c) => {
                                 if c.offset == 0 && !dl.is_empty() {
                                     // The source starts again from the beginning (a server that ignored the
-                                    // range): so does the staging.
+                                    // range, or an offset past the image's end): so does the staging.
                                     tracing::info!(
                                         sha256,
                                         staged = dl.len(),
                                         "image source restarted from 0; discarding the staged part"
                                     );
-                                    drop(dl);
-                                    discard(&self.state_dir, sha256);
-                                    dl = Download::open(&self.state_dir, sha256).map_err(|e| e.to_string())?;
+                                    dl.restart().map_err(|e| e.to_string())?;
+                                    doubtful = false;
                                 }
                                 if c.total_size > 0 {
                                     total = Some(c.total_size);
@@ -1028,7 +1107,20 @@ impl Engine {
                     if !broke {
                         // The hub sends nothing when the offset is the end: then what we hold is everything.
                         let t = total.or((announced > 0).then_some(announced)).unwrap_or(dl.len());
-                        if dl.len() >= t {
+                        // An empty part is never a whole image (a source that restarted and then sent nothing).
+                        if dl.len() >= t && !dl.is_empty() {
+                            if doubtful && (dl.len() > t || dl.sha256_so_far() != sha256) {
+                                tracing::warn!(
+                                    sha256,
+                                    staged = dl.len(),
+                                    "the staged image is not the image (its first bytes were staged before this \
+                                     download); downloading from 0"
+                                );
+                                dl.restart().map_err(|e| e.to_string())?;
+                                doubtful = false;
+                                last_err = "the staged part was not a prefix of the image".into();
+                                continue;
+                            }
                             return dl.finish().map_err(|e| e.to_string());
                         }
                         last_err = format!("stream ended at {} of {t} bytes", dl.len());

@@ -192,11 +192,21 @@ impl Fetcher for HubFetcher {
             };
             let mut client =
                 v1::agent_service_client::AgentServiceClient::new(channel).max_decoding_message_size(8 * 1024 * 1024);
-            let stream = client
-                .fetch_image(v1::FetchImageRequest { sha256, offset })
-                .await
-                .map_err(|s| format!("FetchImage: {}: {}", s.code(), s.message()))?
-                .into_inner();
+            let stream = match client.fetch_image(v1::FetchImageRequest { sha256: sha256.clone(), offset }).await {
+                Ok(r) => r.into_inner(),
+                // The hub refuses an offset past the artifact's end as an invalid argument: the staged part is
+                // not a prefix of this image. Start again from 0, as the `Fetcher` contract says; a request
+                // refused at 0 as well is refused for another reason, which that answer names.
+                Err(s) if offset > 0 && s.code() == tonic::Code::InvalidArgument => {
+                    tracing::warn!(sha256, offset, reason = %s.message(), "the hub refused the staged offset; downloading from 0");
+                    client
+                        .fetch_image(v1::FetchImageRequest { sha256, offset: 0 })
+                        .await
+                        .map_err(|s| format!("FetchImage: {}: {}", s.code(), s.message()))?
+                        .into_inner()
+                }
+                Err(s) => return Err(format!("FetchImage: {}: {}", s.code(), s.message())),
+            };
             use futures::StreamExt;
             Ok(stream.map(|r| r.map_err(|s| format!("FetchImage: {}: {}", s.code(), s.message()))).boxed())
         })

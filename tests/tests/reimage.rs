@@ -217,3 +217,86 @@ async fn a_reimage_survives_an_agent_restart_and_the_hub_asking_again() {
     assert!(!stale.ok && stale.error.contains("older than the newest seen"), "{stale:?}");
     agent.stop().await;
 }
+
+/// The agent's image staging directory.
+fn staging(node: &TestNode) -> PathBuf {
+    node.config.parent().expect("node dir").join("state/images")
+}
+
+/// What is left of images outside the slots: staged files and partial slot writes.
+fn leftovers(node: &TestNode) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> =
+        std::fs::read_dir(staging(node)).map(|rd| rd.map(|e| e.expect("entry").path()).collect()).unwrap_or_default();
+    let slots = node.root.join("var/lib/upkeep/slots");
+    if let Ok(rd) = std::fs::read_dir(&slots) {
+        out.extend(rd.map(|e| e.expect("entry").path()).filter(|p| p.to_string_lossy().ends_with(".incoming")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_staging_is_recovered_by_the_agent_and_nothing_is_left_behind() {
+    let s = setup().await;
+    let (hub, node) = (&s.hub, &s.node);
+    let v2 = publish(hub, &s.work, &s.key, "202302.01.0", &[]);
+    let v3 = publish(hub, &s.work, &s.key, "202303.01.0", &[]);
+    // An agent that crashed mid-download and mid-slot-write, with an image no operation waits for any more.
+    std::fs::create_dir_all(staging(node)).expect("mkdir");
+    std::fs::write(staging(node).join(format!("{}.part", "d".repeat(64))), b"half of an old image").expect("w");
+    let incoming = node.root.join("var/lib/upkeep/slots/b.incoming");
+    std::fs::create_dir_all(incoming.join("etc")).expect("mkdir");
+    std::fs::write(incoming.join("etc/half-written"), b"x").expect("w");
+    let agent = TestAgent::start(node);
+    let fleet = hub.fleet();
+    wait_for("node-1 connected", Duration::from_secs(20), || async { fleet.is_connected("node-1").then_some(()) })
+        .await;
+    assert!(leftovers(node).is_empty(), "removed at start: {:?}", leftovers(node));
+
+    // Garbage longer than the image where its download would resume; the command announces the size.
+    std::fs::write(staging(node).join(format!("{}.part", v2.sha256)), vec![0xa5; v2.size as usize + 4096])
+        .expect("garbage");
+    let r = fleet.command("node-1", "stage/v2", reimage("202302.01.0", &v2), REIMAGE_WITHIN).await.expect("result");
+    assert!(r.ok, "{r:?}");
+    assert!(leftovers(node).is_empty(), "after success: {:?}", leftovers(node));
+
+    // The same without a size in the command: the hub refuses the offset as past the end, the agent starts at 0.
+    std::fs::write(staging(node).join(format!("{}.part", v3.sha256)), vec![0x5a; v3.size as usize + 4096])
+        .expect("garbage");
+    let no_size = Image { size: 0, ..v3 };
+    let r =
+        fleet.command("node-1", "stage/v3", reimage("202303.01.0", &no_size), REIMAGE_WITHIN).await.expect("result");
+    assert!(r.ok, "{r:?}");
+    assert!(leftovers(node).is_empty(), "after success: {:?}", leftovers(node));
+    let live = std::fs::read_to_string(node.root.join("etc/upkeep/node-image")).expect("live metadata");
+    assert!(live.contains("VERSION=202303.01.0"), "{live}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_image_leaves_no_staging_and_no_partial_slot_write() {
+    let s = setup().await;
+    let (hub, node) = (&s.hub, &s.node);
+    // Signed by a trusted key and delivered intact, but not an image archive: the slot write fails half-way.
+    let file = s.work.join("not-an-image");
+    std::fs::write(&file, vec![0x5a; 8192]).expect("w");
+    let signature = std::fs::read_to_string(image_tools::sign(&s.key, &file).expect("sign")).expect("sig");
+    let (sha256, size) =
+        Artifacts::new(&hub.state_dir.join("db")).put(std::fs::File::open(&file).expect("open"), None).expect("put");
+    let junk = Image { sha256, size, signature };
+    let sick = publish(hub, &s.work, &s.key, "202304.01.0", &[("etc/upkeep/fail-health", b"1")]);
+    let agent = TestAgent::start(node);
+    let fleet = hub.fleet();
+    wait_for("node-1 connected", Duration::from_secs(20), || async { fleet.is_connected("node-1").then_some(()) })
+        .await;
+    let slot_b = snapshot(&node.root.join("var/lib/upkeep/slots/b"));
+
+    let r = fleet.command("node-1", "fail/junk", reimage("202302.01.0", &junk), REIMAGE_WITHIN).await.expect("result");
+    assert!(!r.ok && r.error.contains("writing slot b") && r.error.contains("unpacking tar"), "{r:?}");
+    assert!(leftovers(node).is_empty(), "after a failed slot write: {:?}", leftovers(node));
+    assert_eq!(snapshot(&node.root.join("var/lib/upkeep/slots/b")), slot_b, "slot b untouched");
+
+    let r = fleet.command("node-1", "fail/sick", reimage("202304.01.0", &sick), REIMAGE_WITHIN).await.expect("result");
+    assert!(!r.ok && r.error.contains("rolled back to slot a"), "{r:?}");
+    assert!(leftovers(node).is_empty(), "after a roll back: {:?}", leftovers(node));
+    agent.stop().await;
+}

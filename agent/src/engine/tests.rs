@@ -42,6 +42,11 @@ impl Fetcher for MemFetcher {
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<v1::ImageChunk, String>>, String>> {
         let n = self.opens.fetch_add(1, Ordering::SeqCst);
         let total = self.data.len();
+        if offset as usize > total {
+            // What the hub answers (its message included), before the agent's hub link reads it.
+            let why = format!("FetchImage: InvalidArgument: offset: {offset} is past the end ({total} bytes)");
+            return Box::pin(async move { Err(why) });
+        }
         let end = if n == 0 { self.break_first_at.unwrap_or(total) } else { total - self.short_by };
         let mut items = Vec::new();
         let mut off = offset as usize;
@@ -830,4 +835,129 @@ async fn an_untrusted_https_server_or_a_plain_http_url_is_refused_naming_it() {
     let r = run(&w, &with_url(w.reimage("op-3", 3, w.signature()), &server.url())).await;
     assert!(!r.ok && r.error.contains("no https downloader"), "{r:?}");
     assert_eq!(w.fetcher.opens.load(Ordering::SeqCst), 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Staging and slot-write leftovers.
+
+impl World {
+    fn staging(&self) -> PathBuf {
+        self.dir.path().join(crate::os::image::STAGING_DIR)
+    }
+
+    /// Leaves `bytes` staged for the image, as a crash or an earlier agent might have.
+    fn prestage(&self, bytes: &[u8]) {
+        std::fs::create_dir_all(self.staging()).expect("mkdir");
+        std::fs::write(crate::os::image::staged_path(self.dir.path(), &self.sha), bytes).expect("stage");
+    }
+
+    /// Files in the staging directory.
+    fn staged_files(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.staging()) {
+            Ok(rd) => rd.map(|e| e.expect("entry").path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn incoming(&self) -> Vec<Slot> {
+        self.os.with(|s| s.incoming.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_staged_part_longer_than_the_image_is_dropped_and_the_download_starts_from_0() {
+    let w = World::new();
+    w.prestage(&vec![0xa5; w.image.len() + 1000]);
+    let r = run(&w, &w.reimage("op-long", 1, w.signature())).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(w.fetcher.bytes_sent.load(Ordering::SeqCst), w.image.len(), "downloaded once, from 0");
+    assert_eq!(w.os.with(|s| s.slot_sha.get(&Slot::B).cloned()), Some(w.sha.clone()));
+    assert!(w.staged_files().is_empty(), "nothing staged after success: {:?}", w.staged_files());
+    assert!(w.incoming().is_empty());
+}
+
+#[tokio::test]
+async fn a_staged_part_that_is_not_a_prefix_of_the_image_is_downloaded_again_once() {
+    // Garbage of exactly the image's size: the source has nothing to add, the digest gives it away.
+    let w = World::new();
+    w.prestage(&vec![0x5a; w.image.len()]);
+    let r = run(&w, &w.reimage("op-full", 1, w.signature())).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(w.fetcher.bytes_sent.load(Ordering::SeqCst), w.image.len());
+    assert_eq!(w.fetcher.opens.load(Ordering::SeqCst), 2, "one try from the staged end, one from 0");
+    assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
+    // Shorter garbage: resumed, found out at the end, downloaded again from 0.
+    let w = World::new();
+    w.prestage(&vec![0x5a; 1000]);
+    let r = run(&w, &w.reimage("op-short", 1, w.signature())).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(w.fetcher.bytes_sent.load(Ordering::SeqCst), (w.image.len() - 1000) + w.image.len());
+    assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
+}
+
+#[tokio::test]
+async fn a_source_serving_other_bytes_is_downloaded_again_only_once_then_refused_leaving_nothing() {
+    let mut w = World::new();
+    let mut other = w.image.clone();
+    other[4000] ^= 0xff;
+    w.fetcher = Arc::new(MemFetcher::new(other));
+    w.prestage(&w.image[..1000]); // a true prefix: the source's wrong bytes follow it
+    let r = run(&w, &w.reimage("op-bad-source", 1, w.signature())).await;
+    assert!(!r.ok && r.error.contains("digest mismatch"), "{r:?}");
+    assert_eq!(w.fetcher.opens.load(Ordering::SeqCst), 2, "one restart from 0, not a loop");
+    assert!(w.calls().is_empty(), "nothing written: {:?}", w.calls());
+    assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
+}
+
+#[tokio::test]
+async fn leftovers_of_operations_no_longer_in_flight_are_removed_at_start() {
+    let w = World::new();
+    w.prestage(b"half an image from before a crash");
+    let other = w.staging().join(format!("{}.part", "e".repeat(64)));
+    std::fs::write(&other, b"another image").expect("w");
+    w.os.with(|s| s.incoming = vec![Slot::B]); // a slot write cut by a crash
+    let (e, _rx) = w.engine();
+    e.resume();
+    assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
+    assert!(w.incoming().is_empty());
+
+    // A reimage still fetching keeps its staged part (it resumes from it); anything else goes.
+    w.prestage(&w.image[..1234]);
+    std::fs::write(&other, b"another image").expect("w");
+    w.os.with(|s| s.incoming = vec![Slot::B]);
+    let mut entry = Entry::accepted("op-f", 1, decode(&w.reimage("op-f", 1, w.signature())).expect("decodes"));
+    entry.step = Step::Fetch;
+    e.journal().put(entry).expect("put");
+    drop(e);
+    let (e, mut rx) = w.engine();
+    e.resume();
+    assert!(!other.exists() && w.incoming().is_empty());
+    let r = result_of(&mut rx).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(w.fetcher.bytes_sent.load(Ordering::SeqCst), w.image.len() - 1234, "resumed from the kept part");
+    assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
+}
+
+#[tokio::test]
+async fn a_failed_reimage_leaves_no_staging_and_no_partial_slot_write() {
+    let w = World::new();
+    // A slot write that breaks half-way.
+    w.os.with(|s| s.write_fails = Some("no space left on device".into()));
+    let r = run(&w, &w.reimage("op-w", 1, w.signature())).await;
+    assert!(!r.ok && r.error.contains("writing slot b") && r.error.contains("no space left"), "{r:?}");
+    assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
+    assert!(w.incoming().is_empty(), "{:?}", w.incoming());
+    w.os.with(|s| s.write_fails = None);
+    // A refused signature, over a part staged before.
+    let bad = SecretKey::from_seed([5; 32], [8; 8]).sign_prehashed(&blake2b_512(&w.image), "x").to_file_text();
+    w.prestage(&w.image[..100]);
+    let r = run(&w, &w.reimage("op-sig", 2, bad)).await;
+    assert!(!r.ok && r.error.contains("unknown key"), "{r:?}");
+    assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
+    // An unhealthy image, rolled back.
+    w.os.with(|s| s.unhealthy = Some("kubelet not running".into()));
+    let r = run(&w, &w.reimage("op-h", 3, w.signature())).await;
+    assert!(!r.ok && r.error.contains("rolled back"), "{r:?}");
+    assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
+    assert!(w.incoming().is_empty(), "{:?}", w.incoming());
 }

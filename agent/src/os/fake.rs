@@ -30,6 +30,11 @@ pub struct FakeState {
     pub images: HashMap<String, NodeImageVersion>,
     /// Metadata of what each slot holds, for slots not written by the test (slot A at start).
     pub slot_image: HashMap<Slot, NodeImageVersion>,
+    /// Partial slot writes left beside the slots (as an interrupted or failed write leaves them), until
+    /// `remove_slot_leftovers`.
+    pub incoming: Vec<Slot>,
+    /// Slot writes fail half-way with this reason, leaving a partial write in `incoming`.
+    pub write_fails: Option<String>,
     /// Health check failure to report, if any.
     pub unhealthy: Option<String>,
     /// A boot-once slot does not come up.
@@ -144,16 +149,33 @@ impl NodeOs for FakeOs {
     }
 
     fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
+        if let Some(why) = self.with(|s| {
+            s.incoming.push(slot);
+            s.write_fails.clone()
+        }) {
+            return Err(OsError::Malformed { path: image.to_path_buf(), reason: why });
+        }
         let actual = sha256_file(image)?;
         if actual != sha256 {
-            return Err(OsError::Digest { path: image.to_path_buf(), expected: sha256.into(), actual });
+            return Err(OsError::Digest {
+                path: image.to_path_buf(),
+                expected: sha256.into(),
+                actual,
+                slot_state: format!("slot {slot} left unchanged"),
+            });
         }
         let len = std::fs::metadata(image).map_err(OsError::io(image))?.len();
         self.with(|s| {
+            s.incoming.retain(|i| *i != slot);
             s.slot_sha.insert(slot, actual);
             s.calls.push(format!("write {slot}"));
         });
         Ok(len)
+    }
+
+    fn remove_slot_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {
+        // Not in `calls`: the tests compare the node's disruptive calls, and this one may happen at any start.
+        Ok(self.with(|s| s.incoming.drain(..).map(|slot| PathBuf::from(format!("{slot}.incoming"))).collect()))
     }
 
     fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError> {

@@ -266,6 +266,10 @@ impl NodeOs for HostOs {
         self.backend.write_slot(slot, image, sha256)
     }
 
+    fn remove_slot_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {
+        self.backend.remove_leftovers()
+    }
+
     fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError> {
         self.backend.mark_boot_once(slot)
     }

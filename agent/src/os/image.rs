@@ -1,8 +1,10 @@
 //! The agent's image staging area (`<state_dir>/images/`) and image trust. A download is appended to
 //! `<sha256>.part` while both digests are computed (SHA-256 for the content address, BLAKE2b-512 for the
 //! signature prehash); after a broken stream it resumes from the file's length, re-hashing the partial file
-//! when the agent restarted in between. Nothing here touches a slot: an image reaches a slot only after
-//! `verify` accepted it.
+//! when the agent restarted in between. A staged part is only a guess at a prefix of the image (it may be a
+//! leftover of a crash, of another agent version, or garbage): the engine restarts it from 0 (`restart`) when
+//! it cannot be one, and `clean_staging` removes every file of an image no longer in flight. Nothing here
+//! touches a slot: an image reaches a slot only after `verify` accepted it.
 
 use super::OsError;
 use ring::digest::{Context, SHA256};
@@ -79,6 +81,20 @@ impl Download {
         self.len == 0
     }
 
+    /// SHA-256 of the bytes staged so far, lower-case hex (the download goes on).
+    pub fn sha256_so_far(&self) -> String {
+        super::slots::hex(self.sha.clone().finish().as_ref())
+    }
+
+    /// Throws away what is staged and starts again from 0 (same file, truncated and fsynced).
+    pub fn restart(&mut self) -> Result<(), OsError> {
+        self.file.set_len(0).and_then(|()| self.file.sync_all()).map_err(OsError::io(&self.part))?;
+        self.sha = Context::new(&SHA256);
+        self.pre = Prehasher::new();
+        self.len = 0;
+        Ok(())
+    }
+
     /// Appends a chunk that must start at the current length.
     pub fn append(&mut self, offset: u64, data: &[u8]) -> Result<(), OsError> {
         if offset != self.len {
@@ -109,6 +125,34 @@ impl Download {
 /// Removes the staged download of `sha256`, if any.
 pub fn discard(state_dir: &Path, sha256: &str) {
     let _ = std::fs::remove_file(part_path(state_dir, sha256));
+}
+
+/// Removes everything in the staging directory except the staged download of `keep` (the image of the
+/// operation in flight, if any): parts of other images, of failed or finished operations, and anything else
+/// left there. Returns what it removed; the first file it could not remove is the error.
+pub fn clean_staging(state_dir: &Path, keep: Option<&str>) -> Result<Vec<PathBuf>, OsError> {
+    let dir = state_dir.join(STAGING_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(OsError::Io { path: dir, source: e }),
+    };
+    let kept = keep.map(|sha| part_path(state_dir, sha));
+    let mut removed = Vec::new();
+    for e in entries {
+        let p = e.map_err(OsError::io(&dir))?.path();
+        if kept.as_ref() == Some(&p) {
+            continue;
+        }
+        let is_dir = std::fs::symlink_metadata(&p).map(|m| m.is_dir()).unwrap_or(false);
+        let r = if is_dir { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        match r {
+            Ok(()) => removed.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(OsError::Io { path: p, source: e }),
+        }
+    }
+    Ok(removed)
 }
 
 /// Parses the node's trusted keys; a malformed key file is an error naming it.
@@ -196,5 +240,32 @@ mod tests {
         assert!(e.to_string().contains("missing signature"), "{e}");
         let legacy = sk.sign_legacy(&data, "t").to_file_text();
         assert!(verify(&staged, &sha, 0, &legacy, &keys).is_ok(), "legacy Ed signatures verify too");
+    }
+
+    #[test]
+    fn a_restarted_part_holds_only_what_follows_and_clean_staging_keeps_one_image() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let data = b"the image".repeat(50);
+        let sha = super::super::slots::hex(ring::digest::digest(&SHA256, &data).as_ref());
+        std::fs::create_dir_all(d.path().join(STAGING_DIR)).expect("mkdir");
+        std::fs::write(staged_path(d.path(), &sha), vec![0xa5; 1000]).expect("garbage longer than the image");
+        let mut dl = Download::open(d.path(), &sha).expect("open");
+        assert_eq!(dl.len(), 1000);
+        dl.restart().expect("restart");
+        assert!(dl.is_empty());
+        dl.append(0, &data).expect("append");
+        assert_eq!(dl.sha256_so_far(), sha);
+        let staged = dl.finish().expect("finish");
+        assert_eq!((staged.size, staged.sha256.as_str()), (data.len() as u64, sha.as_str()));
+        assert_eq!(std::fs::read(&staged.path).expect("read"), data, "nothing of the garbage is left");
+
+        let other = d.path().join(STAGING_DIR).join(format!("{}.part", "1".repeat(64)));
+        std::fs::write(&other, b"x").expect("w");
+        std::fs::create_dir_all(d.path().join(STAGING_DIR).join("junk")).expect("mkdir");
+        let removed = clean_staging(d.path(), Some(&sha)).expect("clean");
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(staged.path.exists() && !other.exists());
+        assert_eq!(clean_staging(d.path(), None).expect("clean"), vec![staged.path.clone()]);
+        assert!(clean_staging(&d.path().join("none"), None).expect("no staging dir").is_empty());
     }
 }

@@ -78,7 +78,7 @@ pub enum OsError {
         stderr_tail: String,
     },
     /// The bytes written to a slot do not hash to the expected digest.
-    #[error("{path}: image hashes to {actual} while writing, expected {expected}; slot left unchanged")]
+    #[error("{path}: image hashes to {actual} while writing, expected {expected}; {slot_state}")]
     Digest {
         /// The image.
         path: std::path::PathBuf,
@@ -86,6 +86,8 @@ pub enum OsError {
         expected: String,
         /// What the bytes hash to.
         actual: String,
+        /// What the slot holds now, as the backend knows it (untouched, or overwritten and not marked to boot).
+        slot_state: String,
     },
     /// A configured health check failed.
     #[error("health check failed: {0}")]
@@ -198,6 +200,10 @@ pub trait NodeOs: Send + Sync {
     /// Writes the verified image file `image` into `slot`, hashing what it streams and refusing (before the slot
     /// is made visible) if it does not hash to `sha256`; fsyncs. Returns the bytes written.
     fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError>;
+    /// Removes what an interrupted or failed slot write left outside the slots (the directory backend's
+    /// `<slot>.incoming` trees); never touches a slot itself. Returns what it removed. The engine calls it only
+    /// when no slot write is under way.
+    fn remove_slot_leftovers(&self) -> Result<Vec<std::path::PathBuf>, OsError>;
     /// Marks `slot` to be booted once, with the configured number of tries.
     fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError>;
     /// Reboots (or, for the directory backend, boots in-process).

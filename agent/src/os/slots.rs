@@ -7,7 +7,10 @@
 //!   from `upkeep.slot=a|b` on the kernel command line.
 //! - `HookSlots`: configured commands for other bootloaders or image tools.
 //!
-//! Every backend hashes the bytes it writes and refuses a slot whose bytes do not match the expected digest.
+//! Every backend hashes the bytes it writes and refuses a slot whose bytes do not match the expected digest,
+//! saying what the slot holds then. Only the directory backend writes outside the slot first (`<slot>.incoming`,
+//! renamed into place once verified); it removes that copy when the write fails, and `remove_leftovers`
+//! removes one a crash left.
 
 use super::{BootState, OsError, Rebooted, Slot, command, parse_node_image};
 use crate::config::HookCommands;
@@ -31,6 +34,8 @@ pub trait Backend: Send + Sync {
     fn boot_state(&self) -> Result<BootState, OsError>;
     /// Writes `image` (already verified) into `slot`, hashing what it streams; returns bytes written.
     fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError>;
+    /// Removes what an interrupted or failed `write_slot` left outside the slots; returns what it removed.
+    fn remove_leftovers(&self) -> Result<Vec<PathBuf>, OsError>;
     /// Marks `slot` to be booted once.
     fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError>;
     /// Reboots.
@@ -181,6 +186,26 @@ impl DirSlots {
         self.dir().join("boot.json")
     }
 
+    /// Where `write_slot` unpacks an image of `slot` before it is verified and renamed into place.
+    fn incoming_dir(&self, slot: Slot) -> PathBuf {
+        self.dir().join(format!("{slot}.incoming"))
+    }
+
+    /// Unpacks `image` into `incoming` while hashing it; returns (hex sha256, bytes).
+    fn unpack(image: &Path, incoming: &Path) -> Result<(String, u64), OsError> {
+        std::fs::create_dir_all(incoming).map_err(OsError::io(incoming))?;
+        let f = std::fs::File::open(image).map_err(OsError::io(image))?;
+        let mut reader = HashingReader::new(std::io::BufReader::with_capacity(COPY_BUF_BYTES, f));
+        {
+            let mut ar = tar::Archive::new(&mut reader);
+            ar.set_preserve_permissions(true);
+            ar.set_overwrite(true);
+            ar.unpack(incoming)
+                .map_err(|e| OsError::Malformed { path: image.to_path_buf(), reason: format!("unpacking tar: {e}") })?;
+        }
+        reader.finish().map_err(OsError::io(image))
+    }
+
     fn load(&self) -> Result<DirBoot, OsError> {
         let p = self.boot_file();
         match std::fs::read(&p) {
@@ -257,22 +282,26 @@ impl Backend for DirSlots {
             });
         }
         self.snapshot_booted(b.booted)?;
-        let incoming = self.dir().join(format!("{slot}.incoming"));
+        let incoming = self.incoming_dir(slot);
         remove_any(&incoming)?;
-        std::fs::create_dir_all(&incoming).map_err(OsError::io(&incoming))?;
-        let f = std::fs::File::open(image).map_err(OsError::io(image))?;
-        let mut reader = HashingReader::new(std::io::BufReader::with_capacity(COPY_BUF_BYTES, f));
-        {
-            let mut ar = tar::Archive::new(&mut reader);
-            ar.set_preserve_permissions(true);
-            ar.set_overwrite(true);
-            ar.unpack(&incoming)
-                .map_err(|e| OsError::Malformed { path: image.to_path_buf(), reason: format!("unpacking tar: {e}") })?;
-        }
-        let (actual, bytes) = reader.finish().map_err(OsError::io(image))?;
+        let (actual, bytes) = match Self::unpack(image, &incoming) {
+            Ok(r) => r,
+            Err(e) => {
+                // A half-unpacked tree is of no use to anyone: the slot itself was not touched.
+                if let Err(rm) = remove_any(&incoming) {
+                    tracing::warn!(error = %rm, "cannot remove a partly unpacked image; removed at the next attempt");
+                }
+                return Err(e);
+            }
+        };
         if actual != sha256 {
             remove_any(&incoming)?;
-            return Err(OsError::Digest { path: image.to_path_buf(), expected: sha256.into(), actual });
+            return Err(OsError::Digest {
+                path: image.to_path_buf(),
+                expected: sha256.into(),
+                actual,
+                slot_state: format!("slot {slot} left unchanged (the unpacked copy was removed)"),
+            });
         }
         sync_tree(&incoming)?;
         let dst = self.slot_dir(slot);
@@ -281,6 +310,18 @@ impl Backend for DirSlots {
         let dir = self.dir();
         std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(OsError::io(&dir))?;
         Ok(bytes)
+    }
+
+    fn remove_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {
+        let mut removed = Vec::new();
+        for slot in [Slot::A, Slot::B] {
+            let p = self.incoming_dir(slot);
+            if std::fs::symlink_metadata(&p).is_ok() {
+                remove_any(&p)?;
+                removed.push(p);
+            }
+        }
+        Ok(removed)
     }
 
     fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError> {
@@ -360,7 +401,9 @@ impl Backend for DirSlots {
 // ---------------------------------------------------------------------------------------------------------
 // Raw slots (block devices or image files), shared by the GRUB backend.
 
-/// Copies `image` onto `dest` (a block device or a file) while hashing, then fsyncs; refuses on mismatch.
+/// Copies `image` onto `dest` (a block device or a file) while hashing, then fsyncs; refuses on mismatch. The
+/// copy goes straight to `dest` (no room for a second copy of a raw image), so after a mismatch `dest` holds
+/// the bytes written, and the error says so.
 pub fn write_raw(image: &Path, dest: &Path, sha256: &str) -> Result<u64, OsError> {
     let src = std::fs::File::open(image).map_err(OsError::io(image))?;
     let mut reader = HashingReader::new(src);
@@ -382,7 +425,15 @@ pub fn write_raw(image: &Path, dest: &Path, sha256: &str) -> Result<u64, OsError
     out.sync_all().map_err(OsError::io(dest))?;
     let (actual, bytes) = reader.finish().map_err(OsError::io(image))?;
     if actual != sha256 {
-        return Err(OsError::Digest { path: image.to_path_buf(), expected: sha256.into(), actual });
+        return Err(OsError::Digest {
+            path: image.to_path_buf(),
+            expected: sha256.into(),
+            actual,
+            slot_state: format!(
+                "{} now holds these {bytes} bytes and was not marked to boot; the next image written replaces them",
+                dest.display()
+            ),
+        });
     }
     Ok(bytes)
 }
@@ -479,6 +530,10 @@ impl Backend for GrubEnv {
             });
         }
         write_raw(image, self.path(slot), sha256)
+    }
+
+    fn remove_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {
+        Ok(Vec::new()) // raw slots are written in place: nothing is left outside them
     }
 
     fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError> {
@@ -580,10 +635,19 @@ impl Backend for HookSlots {
         let f = std::fs::File::open(image).map_err(OsError::io(image))?;
         let (actual, bytes) = HashingReader::new(f).finish().map_err(OsError::io(image))?;
         if actual != sha256 {
-            return Err(OsError::Digest { path: image.to_path_buf(), expected: sha256.into(), actual });
+            return Err(OsError::Digest {
+                path: image.to_path_buf(),
+                expected: sha256.into(),
+                actual,
+                slot_state: format!("nothing written (checked before the write hook ran), slot {slot} left unchanged"),
+            });
         }
         self.run(&self.hooks.write, slot, Some(image))?;
         Ok(bytes)
+    }
+
+    fn remove_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {
+        Ok(Vec::new()) // the write hook owns whatever it stages
     }
 
     fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError> {
@@ -669,6 +733,51 @@ mod tests {
         s.reboot().expect("boot");
         let st = s.boot_state().expect("state");
         assert_eq!((st.booted, st.next_once), (Slot::A, None));
+    }
+
+    #[test]
+    fn dir_slots_leave_no_incoming_copy_behind_and_remove_one_a_crash_left() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("etc/upkeep")).expect("mkdir");
+        std::fs::write(root.join("etc/upkeep/node-image"), "FAMILY=Test-1\nVERSION=202301.01.0\n").expect("w");
+        let s = DirSlots::new(root.clone(), 1, None);
+        let (img, sha) = tar_image(d.path(), "202302.01.0", true);
+        s.write_slot(Slot::B, &img, &sha).expect("write");
+        let slot_b = std::fs::read_to_string(s.slot_dir(Slot::B).join("etc/upkeep/node-image")).expect("b");
+        // A crash in the middle of a write leaves an unpacked copy beside the slots.
+        for slot in [Slot::A, Slot::B] {
+            std::fs::create_dir_all(s.incoming_dir(slot).join("etc")).expect("mkdir");
+            std::fs::write(s.incoming_dir(slot).join("etc/half"), b"half").expect("w");
+        }
+        let removed = s.remove_leftovers().expect("remove");
+        assert_eq!(removed, [s.incoming_dir(Slot::A), s.incoming_dir(Slot::B)]);
+        assert!(s.remove_leftovers().expect("again").is_empty());
+        let after = std::fs::read_to_string(s.slot_dir(Slot::B).join("etc/upkeep/node-image")).expect("b");
+        assert_eq!(after, slot_b, "the slot itself is never touched");
+        // A file that is not an image archive fails to unpack: nothing is left beside the slot.
+        let junk = d.path().join("junk");
+        std::fs::write(&junk, vec![0x5a; 2048]).expect("w");
+        let junk_sha = hex(ring::digest::digest(&SHA256, &[0x5a; 2048]).as_ref());
+        let e = s.write_slot(Slot::B, &junk, &junk_sha).expect_err("not a tar");
+        assert!(e.to_string().contains("unpacking tar"), "{e}");
+        assert!(!s.incoming_dir(Slot::B).exists(), "no partly unpacked copy after a failed write");
+        let e = s.write_slot(Slot::B, &img, &"0".repeat(64)).expect_err("digest");
+        assert!(e.to_string().ends_with("slot b left unchanged (the unpacked copy was removed)"), "{e}");
+        assert!(!s.incoming_dir(Slot::B).exists());
+    }
+
+    #[test]
+    fn a_raw_slot_written_with_the_wrong_digest_is_not_called_unchanged() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let img = d.path().join("img.raw");
+        std::fs::write(&img, b"new bytes").expect("w");
+        let dest = d.path().join("slot-b.img");
+        std::fs::write(&dest, b"old").expect("w");
+        let e = write_raw(&img, &dest, &"0".repeat(64)).expect_err("digest");
+        let text = e.to_string();
+        assert!(!text.contains("unchanged") && text.contains("now holds these 9 bytes"), "{text}");
+        assert!(text.contains("not marked to boot"), "{text}");
     }
 
     #[test]
