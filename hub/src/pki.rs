@@ -43,9 +43,10 @@ pub enum PkiError {
         "{0} already exists; pki init writes a new fleet CA and never overwrites any of its files, so nothing was written: give an empty or new --dir, or issue certificates with the existing CA (`upkeepctl pki issue-node|issue-operator|issue-viewer --dir DIR`)"
     )]
     Exists(PathBuf),
-    /// A `--hub-name` is neither a DNS name nor an IP address.
+    /// A `--hub-name` is neither a DNS name nor an IP address. Not a `#[source]`: the message is the whole story,
+    /// and a source would repeat it in the error chain.
     #[error("--hub-name: {0}")]
-    BadHubName(#[from] upkeep_core::ids::BadHubName),
+    BadHubName(upkeep_core::ids::BadHubName),
     /// The CA files could not be loaded for issuing.
     #[error("{path}: not a usable CA ({reason}); create one with `upkeepctl pki init --dir DIR`")]
     BadCa {
@@ -229,7 +230,7 @@ const INIT_FILES: [(&str, bool); 8] = [
 /// of a PKI, above all a CA, is never overwritten.
 pub fn init(dir: &Path, hub_names: &[String]) -> Result<InitReport, PkiError> {
     for n in hub_names {
-        validate_hub_name(n)?;
+        validate_hub_name(n).map_err(PkiError::BadHubName)?;
     }
     let io = |path: &Path| {
         let path = path.to_path_buf();

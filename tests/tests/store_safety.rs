@@ -262,6 +262,7 @@ async fn pki_init_into_a_dir_holding_only_operator_pem_is_refused_and_writes_not
         assert!(!ok, "{bad:?} refused");
         assert_eq!(err.lines().count(), 1, "one line: {err}");
         assert!(err.contains("--hub-name") && err.contains("DNS name"), "{bad:?}: {err}");
+        assert_eq!(err.matches("invalid hub name").count(), 1, "said once: {err}");
         assert!(!work.path().join("fresh").exists(), "nothing written for {bad:?}");
     }
 }

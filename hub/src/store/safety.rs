@@ -60,7 +60,7 @@ pub enum StateError {
         remedy: String,
     },
     /// A file operation failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -69,7 +69,7 @@ pub enum StateError {
         source: std::io::Error,
     },
     /// The database refused an operation of a backup or restore.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Db {
         /// What was being done.
         context: String,
