@@ -145,6 +145,18 @@ fn sync_dir(dir: &Path) -> Result<(), StateError> {
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// Gives `path` the owner of `state_dir` when they differ: `restore` is often run as root for a hub that runs as
+/// its own user (User=upkeep), which must still be able to open the files restore leaves.
+fn match_owner(path: &Path, state_dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = fs::metadata(state_dir).map_err(io(state_dir))?;
+    let file = fs::metadata(path).map_err(io(path))?;
+    if (file.uid(), file.gid()) == (dir.uid(), dir.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, Some(dir.uid()), Some(dir.gid())).map_err(io(path))
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -273,6 +285,7 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<fs::File, StateError> {
     fs::create_dir_all(state_dir).map_err(io(state_dir))?;
     let lock = state_dir.join(LOCK_FILE);
     let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock).map_err(io(&lock))?;
+    match_owner(&lock, state_dir)?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(fs::TryLockError::WouldBlock) => Err(StateError::Running { lock, state_dir: state_dir.to_path_buf() }),
@@ -400,6 +413,7 @@ pub fn restore(state_dir: &Path, file: &Path, force: bool) -> Result<Copied, Sta
             return Err(e);
         }
     };
+    match_owner(&tmp, state_dir)?;
     fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
     // Move the old database and its log aside together: a log left next to another database would be replayed
     // into it.
@@ -418,6 +432,7 @@ pub fn restore(state_dir: &Path, file: &Path, force: bool) -> Result<Copied, Sta
     fs::rename(&tmp, &db).map_err(io(&db))?;
     sync_dir(state_dir)?;
     write_marker(state_dir, &new_marker())?;
+    match_owner(&state_dir.join(MARKER_FILE), state_dir)?;
     Ok(Copied { kept, ..copied })
 }
 
@@ -503,6 +518,65 @@ mod tests {
         fs::write(&junk, vec![7u8; 8192]).expect("write");
         let err = restore(&state, &junk, true).expect_err("junk refused");
         assert!(matches!(err, StateError::BadBackup { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_online_backup_holds_whole_transactions_while_another_connection_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        drop(open_state(&state).expect("open"));
+        let db = state.join(DB_FILE);
+        let writer = Connection::open(&db).expect("writer");
+        writer.execute_batch("CREATE TABLE pairs (n INTEGER NOT NULL)").expect("table");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0i64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Two rows per transaction: a consistent copy never holds an odd number.
+                    writer
+                        .execute_batch(&format!(
+                            "BEGIN; INSERT INTO pairs VALUES ({n}); INSERT INTO pairs VALUES ({n}); COMMIT;"
+                        ))
+                        .expect("write");
+                    n += 1;
+                }
+                n
+            })
+        };
+        let mut seen = Vec::new();
+        for i in 0..5 {
+            let file = dir.path().join(format!("b{i}.db"));
+            backup(&state, &file).expect("backup while writing");
+            let copy = Connection::open(&file).expect("copy");
+            let rows: i64 = copy.query_row("SELECT count(*) FROM pairs", [], |r| r.get(0)).expect("count");
+            assert_eq!(rows % 2, 0, "backup {i} holds half a transaction: {rows} rows");
+            seen.push(rows);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = thread.join().expect("writer");
+        assert!(written > 0 && seen.iter().any(|&r| r > 0), "the writer wrote during the backups: {seen:?}");
+    }
+
+    #[test]
+    fn a_restore_run_as_root_leaves_files_the_state_dirs_owner_can_open() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        if fs::metadata(dir.path()).expect("meta").uid() != 0 {
+            return; // Only root can give files away; as anyone else the files are already the caller's.
+        }
+        let state = dir.path().join("state");
+        drop(open_state(&state).expect("open"));
+        let file = dir.path().join("backup.db");
+        backup(&state, &file).expect("backup");
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).expect("chown");
+        fs::remove_file(state.join(DB_FILE)).expect("rm");
+        restore(&state, &file, false).expect("restore");
+        for f in [DB_FILE, MARKER_FILE, LOCK_FILE] {
+            let m = fs::metadata(state.join(f)).expect(f);
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f}");
+        }
     }
 
     #[test]
