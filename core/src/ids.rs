@@ -26,6 +26,57 @@ pub fn validate_name(field: &'static str, s: &str) -> Result<(), BadName> {
     if ok { Ok(()) } else { Err(BadName { field, given: s.to_string() }) }
 }
 
+/// Longest hub name accepted, characters (the DNS limit for a name in text form).
+pub const HUB_NAME_MAX_CHARS: usize = 253;
+/// Longest label of a hub's DNS name, characters.
+pub const HUB_NAME_LABEL_MAX_CHARS: usize = 63;
+/// How much of a refused value an error message repeats, characters.
+const ECHO_MAX_CHARS: usize = 80;
+
+/// A hub name (a name the hub's certificate is valid for) that was refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid hub name {given:?}: {reason}; give a DNS name (labels of a-z, 0-9 and '-', not starting or ending with '-', joined by '.', at most 253 characters) or an IPv4/IPv6 address"
+)]
+pub struct BadHubName {
+    /// What was given (cut to 80 characters).
+    pub given: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Checks a name the hub is reached by: an IPv4 or IPv6 address, or a DNS name in lowercase (labels of a-z, 0-9
+/// and '-', none empty, none starting or ending with '-', each at most 63 and all at most 253 characters).
+/// Certificates are issued only for names that pass, so a typo cannot end up as a SAN nobody can connect to.
+pub fn validate_hub_name(s: &str) -> Result<(), BadHubName> {
+    let refuse = |reason| Err(BadHubName { given: s.chars().take(ECHO_MAX_CHARS).collect(), reason });
+    // `core::net` parses without touching the network; core stays free of I/O.
+    if s.parse::<core::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if s.is_empty() {
+        return refuse("it is empty");
+    }
+    if s.len() > HUB_NAME_MAX_CHARS {
+        return refuse("it is longer than 253 characters");
+    }
+    for label in s.split('.') {
+        if label.is_empty() {
+            return refuse("it has an empty label (a leading, trailing or doubled '.')");
+        }
+        if label.len() > HUB_NAME_LABEL_MAX_CHARS {
+            return refuse("a label is longer than 63 characters");
+        }
+        if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            return refuse("it holds a character other than a-z, 0-9, '-' and '.'");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return refuse("a label starts or ends with '-'");
+        }
+    }
+    Ok(())
+}
+
 /// The role a certificate grants. It lives in the certificate as a SAN URI `upkeep://<role>/<name>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +198,33 @@ mod tests {
         for bad in ["", "-a", "Node", "a b", "a/b", &"x".repeat(64)] {
             let err = validate_name("member", bad).expect_err(bad);
             assert!(err.to_string().starts_with("invalid member"));
+        }
+    }
+
+    #[test]
+    fn hub_names_are_dns_names_or_ip_addresses() {
+        for good in ["localhost", "127.0.0.1", "::1", "fe80::1", "hub.example.com", "hub-1.eu", "a", &"a".repeat(63)] {
+            assert_eq!(validate_hub_name(good), Ok(()), "{good}");
+        }
+        let long = format!("{}.com", "a.".repeat(125));
+        for (bad, why) in [
+            ("", "empty"),
+            ("bad name", "character"),
+            ("a..b", "empty label"),
+            (".a", "empty label"),
+            ("a.", "empty label"),
+            ("-a.b", "starts or ends"),
+            ("a-.b", "starts or ends"),
+            ("Hub.example", "character"),
+            ("*.example", "character"),
+            ("a_b", "character"),
+            (&"a".repeat(64), "longer than 63"),
+            (&long, "longer than 253"),
+        ] {
+            let err = validate_hub_name(bad).expect_err(bad);
+            assert!(err.reason.contains(why), "{bad:?}: {err}");
+            assert!(err.to_string().starts_with("invalid hub name"), "{err}");
+            assert!(err.given.chars().count() <= ECHO_MAX_CHARS);
         }
     }
 

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use upkeep_core::ids::{Principal, Role, validate_name};
+use upkeep_core::ids::{Principal, Role, validate_hub_name, validate_name};
 
 /// PKI failures, each naming the file or the input concerned.
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +38,15 @@ pub enum PkiError {
     /// A name given for a certificate is not allowed.
     #[error("--name: {0}")]
     BadName(#[from] upkeep_core::ids::BadName),
-    /// `pki init` would overwrite an existing CA.
-    #[error("{0} already exists; refusing to overwrite a fleet CA (choose another --dir)")]
+    /// `pki init` would overwrite a file of an existing PKI (nothing was written).
+    #[error(
+        "{0} already exists; pki init writes a new fleet CA and never overwrites any of its files, so nothing was written: give an empty or new --dir, or issue certificates with the existing CA (`upkeepctl pki issue-node|issue-operator|issue-viewer --dir DIR`)"
+    )]
     Exists(PathBuf),
+    /// A `--hub-name` is neither a DNS name nor an IP address. Not a `#[source]`: the message is the whole story,
+    /// and a source would repeat it in the error chain.
+    #[error("--hub-name: {0}")]
+    BadHubName(upkeep_core::ids::BadHubName),
     /// The CA files could not be loaded for issuing.
     #[error("{path}: not a usable CA ({reason}); create one with `upkeepctl pki init --dir DIR`")]
     BadCa {
@@ -203,12 +209,39 @@ pub struct InitReport {
     pub files: Vec<PathBuf>,
 }
 
+/// Every file `pki init` writes: name, and whether it is a secret (mode 0600).
+const INIT_FILES: [(&str, bool); 8] = [
+    (files::CA_KEY, true),
+    (files::CA_CERT, false),
+    (files::HUB_CERT, false),
+    (files::HUB_KEY, true),
+    (files::OPERATOR_CERT, false),
+    (files::OPERATOR_KEY, true),
+    (files::VIEWER_CERT, false),
+    (files::VIEWER_KEY, true),
+];
+
 /// `upkeepctl pki init`: a fleet CA, a hub certificate, one operator and one viewer certificate in `dir`.
+///
+/// All or nothing: every hub name is checked and every target file is checked to be absent before anything is
+/// generated; the files are written and fsynced in a temporary directory next to `dir`, which then becomes `dir`
+/// by one rename when `dir` is missing or empty. When `dir` already holds other files, each file is hard-linked
+/// into it (a link never replaces a file), and the links made so far are removed if one fails. An existing file
+/// of a PKI, above all a CA, is never overwritten.
 pub fn init(dir: &Path, hub_names: &[String]) -> Result<InitReport, PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_path_buf(), source })?;
-    let ca_path = dir.join(files::CA_CERT);
-    if ca_path.exists() {
-        return Err(PkiError::Exists(ca_path));
+    for n in hub_names {
+        validate_hub_name(n).map_err(PkiError::BadHubName)?;
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PkiError::Io { path, source }
+    };
+    for (name, _) in INIT_FILES {
+        let p = dir.join(name);
+        // symlink_metadata: a dangling symlink in the way is a file in the way too.
+        if fs::symlink_metadata(&p).is_ok() {
+            return Err(PkiError::Exists(p));
+        }
     }
     let ca = Ca::generate("upkeep fleet CA")?;
     let (mut dns, mut ips) = (Vec::new(), Vec::new());
@@ -223,23 +256,72 @@ pub fn init(dir: &Path, hub_names: &[String]) -> Result<InitReport, PkiError> {
     let hub = ca.issue_hub("hub", &dns, &ips)?;
     let operator = ca.issue_client(&Principal { role: Role::Operator, name: "admin".into() })?;
     let viewer = ca.issue_client(&Principal { role: Role::Viewer, name: "viewer".into() })?;
-    let plan = [
-        (files::CA_KEY, ca.key_pem(), true),
-        (files::CA_CERT, ca.cert_pem.clone(), false),
-        (files::HUB_CERT, hub.cert, false),
-        (files::HUB_KEY, hub.key, true),
-        (files::OPERATOR_CERT, operator.cert, false),
-        (files::OPERATOR_KEY, operator.key, true),
-        (files::VIEWER_CERT, viewer.cert, false),
-        (files::VIEWER_KEY, viewer.key, true),
-    ];
-    let mut written = Vec::new();
-    for (name, contents, secret) in plan {
-        let p = dir.join(name);
-        write_new(&p, &contents, secret)?;
-        written.push(p);
+    let contents =
+        [ca.key_pem(), ca.cert_pem.clone(), hub.cert, hub.key, operator.cert, operator.key, viewer.cert, viewer.key];
+
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let base = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pki".into());
+    let tmp = parent.join(format!(".{base}.pki-init-{}", std::process::id()));
+    // A leftover from a crashed run of this same process id is ours to replace.
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let result = write_all(&tmp, &contents).and_then(|()| move_into_place(&tmp, dir, &parent));
+    // On success the temporary directory was renamed away or is left with links only; on failure it holds the
+    // only copies. Either way it goes.
+    let _ = fs::remove_dir_all(&tmp);
+    result?;
+    Ok(InitReport { files: INIT_FILES.iter().map(|(name, _)| dir.join(name)).collect() })
+}
+
+fn write_all(tmp: &Path, contents: &[String; 8]) -> Result<(), PkiError> {
+    for ((name, secret), text) in INIT_FILES.iter().zip(contents) {
+        write_new(&tmp.join(name), text, *secret)?;
     }
-    Ok(InitReport { files: written })
+    sync_dir(tmp)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), PkiError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| PkiError::Io { path: dir.to_path_buf(), source })
+}
+
+/// Puts the files of `tmp` into `dir` so that all of them appear or none does.
+fn move_into_place(tmp: &Path, dir: &Path, parent: &Path) -> Result<(), PkiError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PkiError::Io { path, source }
+    };
+    let empty = match fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let symlink = fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    if empty && !symlink {
+        // rename(2) replaces an empty directory in one step (and fails if something appeared in it meanwhile).
+        fs::rename(tmp, dir).map_err(io(dir))?;
+        return sync_dir(parent);
+    }
+    // `dir` holds other files: link ours in one by one (never replacing anything), undoing on the first failure.
+    let mut linked: Vec<PathBuf> = Vec::new();
+    for (name, _) in INIT_FILES {
+        let target = dir.join(name);
+        if let Err(e) = fs::hard_link(tmp.join(name), &target) {
+            for p in &linked {
+                let _ = fs::remove_file(p);
+            }
+            return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists(target)
+            } else {
+                PkiError::Io { path: target, source: e }
+            });
+        }
+        linked.push(target);
+    }
+    sync_dir(dir)
 }
 
 /// `upkeepctl pki issue-node` (and `issue-operator`, `issue-viewer`): writes `<name>.pem` and `<name>.key` in `dir`.
@@ -252,4 +334,80 @@ pub fn issue(dir: &Path, role: Role, name: &str) -> Result<InitReport, PkiError>
     write_new(&cert_path, &pem.cert, false)?;
     write_new(&key_path, &pem.key, true)?;
     Ok(InitReport { files: vec![cert_path, key_path] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = match fs::read_dir(dir) {
+            Ok(entries) => entries.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        names
+    }
+
+    fn all_files() -> Vec<String> {
+        let mut names: Vec<String> = INIT_FILES.iter().map(|(n, _)| n.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn init_writes_every_file_into_a_new_or_empty_dir_and_leaves_nothing_else() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let dir = base.path().join("pki");
+        let report = init(&dir, &["hub.example".into(), "10.0.0.1".into()]).expect("init");
+        assert_eq!(report.files.len(), 8);
+        assert_eq!(listing(&dir), all_files());
+        assert_eq!(listing(base.path()), vec!["pki".to_string()], "no temporary directory left behind");
+        Ca::load(&dir).expect("the CA written is usable");
+        let empty = base.path().join("empty");
+        fs::create_dir(&empty).expect("mkdir");
+        init(&empty, &[]).expect("init into an empty dir");
+        assert_eq!(listing(&empty), all_files());
+    }
+
+    #[test]
+    fn init_next_to_other_files_keeps_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("README"), "mine").expect("write");
+        init(dir.path(), &[]).expect("init");
+        let mut want = all_files();
+        want.push("README".into());
+        want.sort();
+        assert_eq!(listing(dir.path()), want);
+    }
+
+    #[test]
+    fn init_refuses_any_existing_file_and_writes_nothing() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let dir = base.path().join("pki");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::write(dir.join(files::OPERATOR_CERT), "old").expect("write");
+        let err = init(&dir, &[]).expect_err("operator.pem is in the way");
+        assert!(matches!(&err, PkiError::Exists(p) if p.ends_with(files::OPERATOR_CERT)), "{err}");
+        assert!(err.to_string().contains("nothing was written"), "{err}");
+        assert_eq!(listing(&dir), vec![files::OPERATOR_CERT.to_string()]);
+        assert_eq!(listing(base.path()), vec!["pki".to_string()]);
+        // A full PKI is never overwritten either: the CA stays the same.
+        let full = base.path().join("full");
+        init(&full, &[]).expect("first init");
+        let ca = fs::read(full.join(files::CA_CERT)).expect("ca");
+        assert!(matches!(init(&full, &[]), Err(PkiError::Exists(_))));
+        assert_eq!(fs::read(full.join(files::CA_CERT)).expect("ca"), ca);
+    }
+
+    #[test]
+    fn init_refuses_bad_hub_names_before_writing() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let dir = base.path().join("pki");
+        for bad in ["", "bad name", "a..b"] {
+            let err = init(&dir, &["ok.example".into(), bad.into()]).expect_err(bad);
+            assert!(err.to_string().starts_with("--hub-name: invalid hub name"), "{err}");
+            assert!(!dir.exists(), "nothing written for {bad:?}");
+        }
+    }
 }

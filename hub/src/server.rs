@@ -12,7 +12,7 @@ use crate::fleet::{Fleet, Timing};
 use crate::grpc::{agent::AgentApi, operator::OperatorApi};
 use crate::ledger::Ledger;
 use crate::maintenance::Maintenance;
-use crate::store::sqlite::SqliteStore;
+use crate::store::safety::open_state;
 use anyhow::Context;
 use std::future::Future;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use upkeep_proto::v1::operator_service_server::OperatorServiceServer;
 /// How often batched last-seen times are written to the store.
 pub const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// The database file inside the state directory.
-pub const DB_FILE: &str = "hub.db";
+pub const DB_FILE: &str = crate::store::safety::DB_FILE;
 
 /// Builds the server TLS configuration: our identity, and client certificates required from the fleet CA.
 pub fn server_tls(config: &HubConfig) -> anyhow::Result<rustls::ServerConfig> {
@@ -43,11 +43,12 @@ pub const OPERATOR_MESSAGE_LIMIT: usize = 4 * 1024 * 1024;
 /// Streams one connection may have open at once (an agent needs its session and an image download or two).
 pub const STREAMS_PER_CONNECTION: u32 = 32;
 
-/// Opens the store and builds the fleet for `config`.
+/// Opens the store and builds the fleet for `config`. A state directory whose database is lost or damaged is
+/// refused (`store::safety::open_state`), never served as an empty fleet.
 pub fn open_fleet(config: &HubConfig) -> anyhow::Result<Arc<Fleet>> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir = {}: cannot create", config.state_dir.display()))?;
-    let store = SqliteStore::open(&config.state_dir.join(DB_FILE))?;
+    let store = open_state(&config.state_dir)?;
     Ok(Arc::new(Fleet::new(
         Arc::new(store),
         Timing {

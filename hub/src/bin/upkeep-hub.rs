@@ -1,4 +1,5 @@
-//! upkeep-hub: thin main. `upkeep-hub [--config FILE]` serves; `upkeep-hub check-config` validates and exits.
+//! upkeep-hub: thin main. `upkeep-hub [--config FILE]` serves; `upkeep-hub check-config` validates and exits;
+//! `upkeep-hub backup FILE` copies a running hub's database; `upkeep-hub restore FILE` puts one back (hub stopped).
 
 use upkeep_proto::service;
 
@@ -7,6 +8,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use upkeep_hub::config::{self, Overrides};
+use upkeep_hub::store::safety;
 
 /// The upkeep control plane.
 #[derive(Debug, Parser)]
@@ -29,6 +31,19 @@ struct Args {
 enum Cmd {
     /// Validate the configuration and exit (for ExecStartPre=).
     CheckConfig,
+    /// Write a consistent copy of the hub's database to FILE (safe while the hub runs).
+    Backup {
+        /// Where to write the copy (replaced atomically if it exists).
+        file: PathBuf,
+    },
+    /// Put a backup in place of the hub's database (stop the hub first).
+    Restore {
+        /// A file written by `upkeep-hub backup`.
+        file: PathBuf,
+        /// Replace the database even if it is healthy (it is kept beside as hub.db.replaced-<ms>).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,11 +60,43 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     let overrides = Overrides { listen: args.listen.clone(), state_dir: args.state_dir.clone() };
     let cfg = config::load(&args.config, &overrides)?;
+    match &args.command {
+        Some(Cmd::Backup { file }) => {
+            let c = safety::backup(&cfg.state_dir, file).context("backup")?;
+            println!(
+                "backed up {} to {} ({} pages, schema version {}); back up {} separately for images",
+                cfg.state_dir.join(safety::DB_FILE).display(),
+                file.display(),
+                c.pages,
+                c.schema_version,
+                cfg.state_dir.join("artifacts").display()
+            );
+            return Ok(());
+        }
+        Some(Cmd::Restore { file, force }) => {
+            let c = safety::restore(&cfg.state_dir, file, *force).context("restore")?;
+            let kept =
+                c.kept.map(|p| format!("; the previous database is kept as {}", p.display())).unwrap_or_default();
+            println!(
+                "restored {} into {} ({} pages, schema version {}){kept}",
+                file.display(),
+                cfg.state_dir.join(safety::DB_FILE).display(),
+                c.pages,
+                c.schema_version
+            );
+            return Ok(());
+        }
+        Some(Cmd::CheckConfig) | None => {}
+    }
     upkeep_hub::server::server_tls(&cfg)?;
     if matches!(args.command, Some(Cmd::CheckConfig)) {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
+    // One hub per state directory; `restore` takes the same lock. Held until the process exits.
+    let _lock = safety::lock_state_dir(&cfg.state_dir)?;
+    // Open (and check) the database before announcing readiness: a lost or damaged one stops the hub here.
+    let fleet = upkeep_hub::server::open_fleet(&cfg)?;
     service::init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
@@ -58,10 +105,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("listen = {}: cannot bind", cfg.listen))?;
         // The watchdog pings from this same runtime: if it stalls, systemd restarts us.
         let watchdog = tokio::spawn(service::watchdog());
-        // Ready once the port is bound: from here on, agents and upkeepctl can connect (the database is opened
-        // by `serve` next; if that fails the hub exits non-zero and systemd sees the failure).
+        // Ready once the port is bound and the database is open: from here on, agents and upkeepctl can connect.
         service::ready(&format!("listening on {} (mTLS only), state in {}", cfg.listen, cfg.state_dir.display()));
-        let result = upkeep_hub::server::serve(cfg, listener, shutdown_signal()).await;
+        let result = upkeep_hub::server::serve_fleet(cfg, fleet, listener, shutdown_signal()).await;
         watchdog.abort();
         result
     })

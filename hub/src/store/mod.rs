@@ -3,6 +3,7 @@
 //! `sqlite` is the embedded default (one file, WAL). PostgreSQL for several hubs is the planned second
 //! implementation of the same trait. The store holds facts; it makes no decisions.
 
+pub mod safety;
 pub mod sqlite;
 
 use serde::{Deserialize, Serialize};

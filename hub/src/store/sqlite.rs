@@ -107,6 +107,9 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE member_settings ADD COLUMN drain_policy TEXT;",
 ];
 
+/// The schema version this hub's migrations lead to (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
