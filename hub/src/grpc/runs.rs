@@ -10,6 +10,7 @@ use chrono::TimeDelta;
 use std::collections::BTreeSet;
 use upkeep_core::concurrency::Limit;
 use upkeep_core::ids::validate_name;
+use upkeep_core::limits::{cap_list, check_document, check_timestamp_ms, cut_message};
 use upkeep_core::run::{
     self, ImagePin, NodeImageSelection, OrderSource, RunOpError, RunState, SkipTarget, StrategySpec, UpdateRunSpec,
     UpgradeType,
@@ -21,9 +22,7 @@ use upkeep_proto::v1;
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         match e {
-            EngineError::Run(RunOpError::Invalid(errs)) => {
-                ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
-            }
+            EngineError::Run(RunOpError::Invalid(errs)) => ApiError::InvalidArgument(cap_list(&errs, "; ")),
             EngineError::Run(RunOpError::UnknownLevel(l)) => {
                 ApiError::NotFound(RunOpError::UnknownLevel(l).to_string())
             }
@@ -31,7 +30,7 @@ impl From<EngineError> for ApiError {
             EngineError::Run(other) => ApiError::Internal(other.to_string()),
             EngineError::Store(s) => s.into(),
             EngineError::NoSuchRun(_) => ApiError::NotFound(e.to_string()),
-            EngineError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            EngineError::Corrupt { .. } | EngineError::Unexpected { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -71,11 +70,8 @@ pub fn set_window(store: &dyn Store, r: &v1::SetMemberWindowRequest) -> Result<v
     let (schedule, warnings) = if r.schedule_json.trim().is_empty() {
         (None, Vec::new())
     } else {
-        let s: MaintenanceSchedule =
-            serde_json::from_str(&r.schedule_json).map_err(|e| ApiError::InvalidArgument(format!("schedule: {e}")))?;
-        let warnings = s.validate().map_err(|errs| {
-            ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
-        })?;
+        let s: MaintenanceSchedule = parse_document("schedule", &r.schedule_json)?;
+        let warnings = s.validate().map_err(|errs| ApiError::InvalidArgument(cap_list(&errs, "; ")))?;
         let canonical =
             serde_json::to_string(&s).map_err(|e| ApiError::Internal(format!("serialising schedule: {e}")))?;
         (Some(canonical), warnings)
@@ -185,7 +181,7 @@ pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageReq
     let mut regions = std::collections::BTreeMap::new();
     for (i, ra) in r.regions.iter().enumerate() {
         validate_name("region", &ra.region).map_err(|e| bad(&format!("regions[{i}]"), &e))?;
-        let at = if ra.available_at_unix_ms > 0 { ra.available_at_unix_ms } else { now_ms() };
+        let at = available_at(&format!("regions[{i}].available_at_unix_ms"), ra.available_at_unix_ms)?;
         regions.insert(ra.region.clone(), at);
     }
     check_digest(&r.sha256).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
@@ -241,12 +237,28 @@ fn known_members(store: &dyn Store) -> Result<Vec<String>, ApiError> {
     Ok(store.list_members()?.into_iter().map(|m| m.name).collect())
 }
 
+/// Parses a JSON document from a request: size and depth first, then the typed parse (unknown keys refused); the
+/// error names the field and repeats at most a cut of the offending text.
+fn parse_document<T: serde::de::DeserializeOwned>(field: &str, json: &str) -> Result<T, ApiError> {
+    check_document(json).map_err(|e| ApiError::InvalidArgument(format!("{field}: {e}")))?;
+    serde_json::from_str(json)
+        .map_err(|e| ApiError::InvalidArgument(format!("{field}: {}", cut_message(&e.to_string()))))
+}
+
 fn parse_strategy(field: &str, json: &str) -> Result<StrategySpec, ApiError> {
-    serde_json::from_str(json).map_err(|e| ApiError::InvalidArgument(format!("{field}: {e}")))
+    parse_document(field, json)
 }
 
 fn invalid(errs: Vec<run::FieldError>) -> ApiError {
-    ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+    ApiError::InvalidArgument(cap_list(&errs, "; "))
+}
+
+/// A time from a request: 0 means now; otherwise it must lie within the bounds of [`upkeep_core::limits`].
+fn available_at(field: &str, ms: i64) -> Result<i64, ApiError> {
+    if ms == 0 {
+        return Ok(now_ms());
+    }
+    check_timestamp_ms(ms).map(|_| ms).map_err(|e| ApiError::InvalidArgument(format!("{field}: {e}")))
 }
 
 /// `PutStrategy`: checked against the SPEC's rules and the known members before it is stored.
@@ -452,7 +464,8 @@ pub fn publish_kubernetes(
     let mut regions = std::collections::BTreeMap::new();
     for (i, ra) in r.regions.iter().enumerate() {
         validate_name("region", &ra.region).map_err(|e| bad(&format!("regions[{i}]"), &e))?;
-        regions.insert(ra.region.clone(), if ra.available_at_unix_ms > 0 { ra.available_at_unix_ms } else { now_ms() });
+        let at = available_at(&format!("regions[{i}].available_at_unix_ms"), ra.available_at_unix_ms)?;
+        regions.insert(ra.region.clone(), at);
     }
     store.put_kubernetes(&version.to_string(), &regions)?;
     Ok(v1::KubernetesRelease {
