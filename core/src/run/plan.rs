@@ -353,9 +353,9 @@ pub fn member_finished(
     Ok(p.plan)
 }
 
-/// The last resort when recording a member's result failed unexpectedly: the member alone goes from Running to
-/// Failed with `reason`, with no other planning, so it never stays Running with nothing upgrading it. The next
-/// [`plan`] rolls the failure up as for any failed member.
+/// The last resort when recording a member's result failed unexpectedly: the member fails with `reason`, and its
+/// group, stage and run as for any failed member (SPEC §5 Failed), without the rest of planning (which is what
+/// failed), so it never stays Running with nothing upgrading it.
 pub fn fail_member_only(state: &RunState, member: &str, reason: &str, now: DateTime<Utc>) -> Result<Plan, RunOpError> {
     let lref = LevelRef::Member { member: member.to_string() };
     let idx = state.find(&lref).ok_or_else(|| RunOpError::UnknownLevel(lref.clone()))?;
@@ -363,16 +363,10 @@ pub fn fail_member_only(state: &RunState, member: &str, reason: &str, now: DateT
     if status != Status::Running {
         return Err(RunOpError::Refused(format!("member {member:?} is {status}, not being upgraded")));
     }
-    let mut plan = Plan::default();
-    plan.transitions.push(Transition {
-        level: lref,
-        from: Status::Running,
-        to: Status::Failed,
-        at: now,
-        message: format!("failed: {reason}"),
-        error: Some(reason.to_string()),
-    });
-    Ok(plan)
+    let (fleet, catalog) = (Fleet::default(), Catalog::default());
+    let mut p = Planner::new(state, &fleet, &catalog, now);
+    p.fail_member(idx, reason);
+    Ok(p.plan)
 }
 
 /// A member's predicted start, from [`preview`].

@@ -775,6 +775,21 @@ fn sec7_a_stored_wait_out_of_bounds_never_panics_the_planner() {
     assert!(h.plan().actions.is_empty());
 }
 
+#[test]
+fn sec7_a_member_whose_result_cannot_be_recorded_fails_alone_with_the_reason() {
+    let mut h = H::new(waited_run(), fleet(&["a", "b"]));
+    h.start();
+    let p = fail_member_only(&h.st, "a", "recording panicked", h.now).expect("a is running");
+    assert!(p.actions.is_empty());
+    h.st = apply(&h.st, &p).expect("applies");
+    assert_eq!((h.m("a"), h.run()), (Status::Failed, Status::Failed));
+    let error = h.st.member("a").and_then(|m| m.level.error.clone()).unwrap_or_default();
+    assert!(error.contains("recording panicked"), "{error}");
+    // Planning afterwards starts nothing more.
+    assert!(h.plan().actions.is_empty());
+    assert!(fail_member_only(&h.st, "a", "again", h.now).is_err(), "only a Running member");
+}
+
 // ----- operator skips ----------------------------------------------------------------------------------------------
 
 #[test]
