@@ -253,3 +253,21 @@ async fn sec7_a_stored_wait_out_of_bounds_neither_panics_the_hub_nor_wedges_the_
     assert_eq!(run_member(&done, "m2")["status"], "Completed", "{done}");
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec7_image_publish_refuses_a_signature_that_does_not_parse() {
+    let f = fleet(&[("n1", "m1", "eu")]).await;
+    let art = f.work.path().join("img.tar");
+    std::fs::write(&art, b"image bytes").expect("write");
+    let sig = f.file("garbage.minisig", "untrusted comment: x\nRWQ=\n");
+    let art = art.to_string_lossy().into_owned();
+    let publish = ["image", "publish", "--family", "Debian-12", "--version", "202312.01.0", "--regions", "eu"];
+    let err = f.refused(&[&publish[..], &["--file", &art, "--signature", &sig]].concat()).await;
+    assert!(err.contains("signature:") && err.contains("upkeepctl image sign"), "{err}");
+    let images = f.json(&["image", "list"]).await;
+    assert_eq!(images["images"].as_array().map(Vec::len), Some(0), "nothing published: {images}");
+    // A well-formed signature by a key no node trusts is the nodes' to refuse.
+    let sig = f.file("nobody.minisig", &untrusted_signature());
+    f.ok(&[&publish[..], &["--file", &art, "--signature", &sig]].concat()).await;
+    f.stop().await;
+}

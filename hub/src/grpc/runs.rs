@@ -16,6 +16,7 @@ use upkeep_core::run::{
     UpgradeType,
 };
 use upkeep_core::schedule::MaintenanceSchedule;
+use upkeep_core::signature::Signature;
 use upkeep_core::version::{ImageVersion, KubernetesVersion, validate_family};
 use upkeep_proto::v1;
 
@@ -188,6 +189,10 @@ pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageReq
     if r.signature.trim().is_empty() {
         return Err(bad("signature", &"missing: sign the image (upkeepctl image sign) and pass --signature FILE"));
     }
+    // Nodes verify the signature against their own keys; the hub refuses one that could never verify anywhere.
+    Signature::parse(&r.signature).map_err(|e| {
+        bad("signature", &format!("{e}; give the .minisig file `upkeepctl image sign` (or minisign) wrote"))
+    })?;
     let size = if r.url.is_empty() {
         artifacts.size(&r.sha256).map_err(|e| match e {
             ArtifactError::Missing(_) => ApiError::FailedPrecondition(e.to_string()),
