@@ -112,6 +112,7 @@ pub async fn serve_fleet(
             engine.clone(),
             maintenance.clone(),
             Artifacts::new(&config.state_dir),
+            config.trusted_image_keys.clone(),
         )))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

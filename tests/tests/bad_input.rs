@@ -271,3 +271,44 @@ async fn sec7_image_publish_refuses_a_signature_that_does_not_parse() {
     f.ok(&[&publish[..], &["--file", &art, "--signature", &sig]].concat()).await;
     f.stop().await;
 }
+
+/// `[images] trusted_keys`: the hub refuses an uploaded image that a key it trusts did not sign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec7_image_publish_verifies_against_the_hubs_trusted_keys() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let trusted = work.path().join("trusted");
+    let other = work.path().join("other");
+    upkeep_hub::image_tools::keygen(&trusted).expect("keygen");
+    upkeep_hub::image_tools::keygen(&other).expect("keygen");
+    let extra = format!(
+        "[auto_upgrade]\nenabled = false\n[images]\ntrusted_keys = [{:?}]\n",
+        trusted.join("upkeep-image.pub").to_string_lossy()
+    );
+    let mut hub =
+        TestHub::start_with(&pki, &work.path().join("hub"), "127.0.0.1:0".parse().expect("addr"), &extra).await;
+    let ctl = |args: Vec<String>| {
+        let (pki, url) = (&pki, hub.url());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            upkeepctl(pki, &url, "operator", &args).await
+        }
+    };
+    for (version, key, ok) in [("202312.01.0", &trusted, true), ("202312.02.0", &other, false)] {
+        let img = work.path().join(format!("{version}.tar"));
+        upkeep_hub::image_tools::build_test_image(&img, "Debian-12", version, &[]).expect("build");
+        upkeep_hub::image_tools::sign(&key.join("upkeep-image.key"), &img).expect("sign");
+        let args = ["image", "publish", "--family", "Debian-12", "--version", version, "--regions", "eu", "--file"];
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args.push(img.to_string_lossy().into_owned());
+        let out = ctl(args).await;
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.success(), ok, "{version}: {err}");
+        if !ok {
+            assert!(err.contains("signature:") && err.contains("unknown key") && err.contains("trusted_keys"), "{err}");
+        }
+    }
+    let list = upkeepctl_json(&pki, &hub.url(), &["image", "list"]).await.expect("list");
+    assert_eq!(list["images"].as_array().map(Vec::len), Some(1), "only the trusted one: {list}");
+    hub.stop().await;
+}

@@ -16,7 +16,7 @@ use upkeep_core::run::{
     UpgradeType,
 };
 use upkeep_core::schedule::MaintenanceSchedule;
-use upkeep_core::signature::Signature;
+use upkeep_core::signature::{Prehasher, PublicKey, Signature, Signed};
 use upkeep_core::version::{ImageVersion, KubernetesVersion, validate_family};
 use upkeep_proto::v1;
 
@@ -172,7 +172,14 @@ fn image_to_wire(i: &ImageRecord) -> v1::Image {
 }
 
 /// `PublishImage`.
-pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageRequest) -> Result<v1::Image, ApiError> {
+/// With `trusted` keys (`[images] trusted_keys`), an artifact stored on the hub must carry a signature by one of
+/// them over its bytes; an artifact at a URL is the nodes' to verify.
+pub fn publish(
+    store: &dyn Store,
+    artifacts: &Artifacts,
+    trusted: &[PublicKey],
+    r: &v1::PublishImageRequest,
+) -> Result<v1::Image, ApiError> {
     let bad = |field: &str, e: &dyn std::fmt::Display| ApiError::InvalidArgument(format!("{field}: {e}"));
     validate_family(&r.family).map_err(|e| bad("family", &e))?;
     let version: ImageVersion = r.version.parse().map_err(|e| bad("version", &e))?;
@@ -190,14 +197,18 @@ pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageReq
         return Err(bad("signature", &"missing: sign the image (upkeepctl image sign) and pass --signature FILE"));
     }
     // Nodes verify the signature against their own keys; the hub refuses one that could never verify anywhere.
-    Signature::parse(&r.signature).map_err(|e| {
+    let signature = Signature::parse(&r.signature).map_err(|e| {
         bad("signature", &format!("{e}; give the .minisig file `upkeepctl image sign` (or minisign) wrote"))
     })?;
     let size = if r.url.is_empty() {
-        artifacts.size(&r.sha256).map_err(|e| match e {
+        let size = artifacts.size(&r.sha256).map_err(|e| match e {
             ArtifactError::Missing(_) => ApiError::FailedPrecondition(e.to_string()),
             other => ApiError::Internal(other.to_string()),
-        })?
+        })?;
+        if !trusted.is_empty() {
+            verify_artifact(artifacts, &r.sha256, &signature, trusted)?;
+        }
+        size
     } else {
         if !r.url.starts_with("https://") {
             return Err(bad("url", &"only https:// URLs are accepted"));
@@ -216,6 +227,39 @@ pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageReq
     };
     let stored = store.put_image(&rec).map_err(conflict_to_precondition)?;
     Ok(image_to_wire(&stored))
+}
+
+/// Checks an artifact on the hub against the hub's trusted keys, the way a node does.
+fn verify_artifact(
+    artifacts: &Artifacts,
+    sha256: &str,
+    signature: &Signature,
+    trusted: &[PublicKey],
+) -> Result<(), ApiError> {
+    let path = artifacts.path(sha256).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let internal = |e: std::io::Error| ApiError::Internal(format!("reading artifact {sha256}: {e}"));
+    let refused = |e: upkeep_core::signature::SignatureError| {
+        ApiError::InvalidArgument(format!(
+            "signature: {e} (checked against the hub's [images] trusted_keys); sign the image with a trusted key"
+        ))
+    };
+    if signature.needs_whole_message() {
+        let bytes = std::fs::read(&path).map_err(internal)?;
+        signature.verify(trusted, Signed::Message(&bytes)).map_err(refused)?;
+    } else {
+        let mut f = std::fs::File::open(&path).map_err(internal)?;
+        let mut h = Prehasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).map_err(internal)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        signature.verify(trusted, Signed::Prehash(&h.finish())).map_err(refused)?;
+    }
+    Ok(())
 }
 
 /// `WithdrawImage`: one region less for a published version; refusals change nothing.
