@@ -128,7 +128,8 @@ fn document_depth(text: &str) -> usize {
         let mut quote: Option<char> = None;
         let mut escaped = false;
         let mut prev = ' ';
-        for c in rest.chars() {
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
             match quote {
                 Some(_) if escaped => escaped = false,
                 Some('"') if c == '\\' => escaped = true,
@@ -139,7 +140,8 @@ fn document_depth(text: &str) -> usize {
                     '#' if prev == ' ' || prev == '\t' => break,
                     '[' | '{' => flow += 1,
                     ']' | '}' => flow = flow.saturating_sub(1),
-                    ':' => inline += 1,
+                    // A block mapping opens a level; inside flow collections the brackets already count.
+                    ':' if flow == 0 && chars.peek().is_none_or(|n| *n == ' ') => inline += 1,
                     _ => {}
                 },
             }
@@ -207,6 +209,13 @@ mod tests {
         assert!(check_document(&keys).is_err());
         let big = format!("# {}\n", "x".repeat(MAX_DOCUMENT_BYTES));
         assert!(check_document(&big).expect_err("big").contains("1 MiB"));
+        // A minified JSON document with many keys is shallow.
+        let groups: Vec<String> =
+            (0..200).map(|i| format!(r#"{{"name":"g{i}","members":["m{i}"],"max_concurrency":1}}"#)).collect();
+        let wide = format!(r#"{{"stages":[{{"name":"s","groups":[{}]}}]}}"#, groups.join(","));
+        assert_eq!(check_document(&wide), Ok(()));
+        let urls = format!("note: {}\n", "a:b".repeat(200));
+        assert_eq!(check_document(&urls), Ok(()));
         // Brackets and colons inside quotes or comments do not count.
         let quoted = format!("name: \"{}\" # {}\n", "[".repeat(200), "{".repeat(200));
         assert_eq!(check_document(&quoted), Ok(()));
