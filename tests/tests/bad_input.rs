@@ -130,6 +130,8 @@ async fn sec7_out_of_bounds_numbers_and_unknown_keys_are_refused_naming_the_fiel
     );
     let err = f.refused(&["member", "set-window", "m1", "--kind", "node-os", "-f", &window]).await;
     assert!(err.contains("unknown field `duration_hour`"), "{err}");
+    let err = f.refused(&["run", "plan", "r", "--member-seconds", "4294967295"]).await;
+    assert!(err.contains("assumed_member_seconds") && err.contains("30 days"), "{err}");
     assert_eq!(f.json(&["strategy", "list"]).await["strategies"].as_array().map(Vec::len), Some(0), "nothing stored");
     assert_eq!(f.json(&["run", "list"]).await["runs"].as_array().map(Vec::len), Some(0), "no run");
 

@@ -474,6 +474,13 @@ pub fn delete_run(store: &dyn Store, name: &str) -> Result<v1::DeleteResponse, A
 
 /// `PlanRun`: predicted start of every member.
 pub fn plan_run(engine: &Engine, store: &dyn Store, r: &v1::PlanRunRequest) -> Result<v1::RunPlan, ApiError> {
+    if i64::from(r.assumed_member_seconds) > run::MAX_WAIT_SECONDS {
+        return Err(ApiError::InvalidArgument(format!(
+            "assumed_member_seconds: {} is more than {} (30 days); give the time one member's upgrade takes",
+            r.assumed_member_seconds,
+            run::MAX_WAIT_SECONDS
+        )));
+    }
     let rec = get_run(store, &r.name)?;
     let state = parse_state(&r.name, &rec.state)?;
     let (fleet, catalog) = engine.views()?;
