@@ -330,7 +330,10 @@ pub async fn orchestrate(
         version: NEW_VERSION.into(),
         regions: vec![v1::RegionAvailability { region: REGION.into(), available_at_unix_ms: 0 }],
         sha256: "ab".repeat(32),
-        signature: "untrusted comment: bench (simulated agents verify nothing)\nbench".into(),
+        // Simulated agents verify nothing; the hub only checks that the signature is well formed.
+        signature: upkeep_core::signature::SecretKey::from_seed([7; 32], *b"bench000")
+            .sign_prehashed(&upkeep_core::signature::blake2b_512(b""), "bench")
+            .to_file_text(),
         url: "https://bench.invalid/image.img".into(),
         size_bytes: 1,
     })

@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+/// The largest count a limit may give (SPEC §7: every count has bounds); more nodes or members than this are
+/// never upgraded at once.
+pub const MAX_COUNT: u32 = 100_000;
+
 /// A limit given as a count or as a percentage of some total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Limit {
@@ -34,6 +38,7 @@ impl Limit {
     pub fn problem(self) -> Option<String> {
         match self {
             Limit::Count(0) => Some("a count of 0 would never start anything; give at least 1".to_string()),
+            Limit::Count(n) if n > MAX_COUNT => Some(format!("{n} is more than {MAX_COUNT}; give 1 to {MAX_COUNT}")),
             Limit::Percent(0) => Some("0% would never start anything; give 1% to 100%".to_string()),
             Limit::Percent(p) if p > 100 => Some(format!("{p}% is more than 100%; give 1% to 100%")),
             _ => None,
@@ -52,7 +57,7 @@ impl fmt::Display for Limit {
 
 /// A limit string that is neither a number nor a percentage.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed limit {0:?}: give a count such as 2 or a percentage such as \"25%\"")]
+#[error("malformed limit {}: give a count such as 2 or a percentage such as \"25%\"", crate::limits::quoted(.0))]
 pub struct BadLimit(pub String);
 
 impl FromStr for Limit {

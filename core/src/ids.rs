@@ -8,7 +8,8 @@ use std::str::FromStr;
 /// A name that was refused, with the field it was for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid {field} {given:?}: use 1-63 characters of a-z, 0-9, '-', '.' and '_', starting with a letter or digit"
+    "invalid {field} {}: use 1-63 characters of a-z, 0-9, '-', '.' and '_', starting with a letter or digit",
+    crate::limits::quoted(.given)
 )]
 pub struct BadName {
     /// Which field (node name, member, node pool, region).

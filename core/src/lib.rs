@@ -6,6 +6,7 @@
 pub mod channel;
 pub mod concurrency;
 pub mod ids;
+pub mod limits;
 pub mod maintenance;
 pub mod run;
 pub mod schedule;

@@ -356,9 +356,9 @@ pub fn may_start(
     if window.is_none()
         && kind != RolloutKind::ChannelSwitch
         && let Some(last) = last_started
-        && now < last + cadence
+        && let at = last.checked_add_signed(cadence).unwrap_or(DateTime::<Utc>::MAX_UTC)
+        && now < at
     {
-        let at = last + cadence;
         return Err(Waiting {
             why: format!("weekly cadence: the next rollout may start {}", rfc3339(at)),
             until: Some(at),

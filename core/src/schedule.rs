@@ -82,7 +82,7 @@ pub enum WeekIndex {
 
 /// How often a window recurs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "type")]
+#[serde(tag = "type", deny_unknown_fields)]
 pub enum Frequency {
     /// On one day of the week, every `interval_weeks` weeks.
     Weekly {
@@ -128,7 +128,7 @@ pub const MAX_UTC_OFFSET_MINUTES: i32 = 14 * 60;
 
 /// A UTC offset that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed utc_offset {0:?}: expected +HH:MM or -HH:MM between -12:00 and +14:00, e.g. +05:30")]
+#[error("malformed utc_offset {}: expected +HH:MM or -HH:MM between -12:00 and +14:00, e.g. +05:30", crate::limits::quoted(.0))]
 pub struct BadUtcOffset(pub String);
 
 impl FromStr for UtcOffset {
@@ -200,6 +200,7 @@ mod hhmm {
 
 /// An inclusive range of local dates on which no window may open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DateSpan {
     /// First not-allowed date (local).
     pub start: NaiveDate,
@@ -216,6 +217,7 @@ impl DateSpan {
 
 /// A recurring maintenance window (SPEC §2).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MaintenanceSchedule {
     /// How the window recurs.
     pub frequency: Frequency,
@@ -440,12 +442,17 @@ impl MaintenanceSchedule {
             return None;
         }
         let local = d.and_time(self.start_time);
-        let opens = (local - TimeDelta::minutes(i64::from(self.utc_offset.minutes))).and_utc();
-        Some((opens, opens + TimeDelta::minutes(i64::from(self.duration_total_minutes()))))
+        // Checked: a date at the calendar's edge has no window rather than a panic.
+        let opens = local.checked_sub_signed(TimeDelta::minutes(i64::from(self.utc_offset.minutes)))?.and_utc();
+        let closes = opens.checked_add_signed(TimeDelta::minutes(i64::from(self.duration_total_minutes())))?;
+        Some((opens, closes))
     }
 
     fn local_date(&self, now: DateTime<Utc>) -> NaiveDate {
-        (now.naive_utc() + TimeDelta::minutes(i64::from(self.utc_offset.minutes))).date()
+        now.naive_utc()
+            .checked_add_signed(TimeDelta::minutes(i64::from(self.utc_offset.minutes)))
+            .unwrap_or(now.naive_utc())
+            .date()
     }
 
     /// Whether a window is open at `now`, and if not, when the next one opens.
@@ -773,6 +780,22 @@ mod tests {
         let bad = json.replace("+05:30", "IST");
         let e = serde_json::from_str::<MaintenanceSchedule>(&bad).expect_err("bad offset");
         assert!(e.to_string().contains("utc_offset"), "{e}");
+    }
+
+    #[test]
+    fn sec7_unknown_window_keys_are_refused_naming_them() {
+        let json = r#"{"frequency":{"type":"Weekly","interval_weeks":1,"day_of_week":"Monday"},"start_time":"22:30",
+            "duration_hours":4,"not_allowed":[{"start":"2024-12-24","end":"2024-12-26"}]}"#;
+        serde_json::from_str::<MaintenanceSchedule>(json).expect("valid schedule");
+        for (from, to, key) in [
+            ("\"duration_hours\"", "\"duration_hour\"", "duration_hour"),
+            ("\"interval_weeks\"", "\"interval_week\"", "interval_week"),
+            ("\"end\"", "\"until\"", "until"),
+        ] {
+            let bad = json.replacen(from, to, 1);
+            let e = serde_json::from_str::<MaintenanceSchedule>(&bad).expect_err(key).to_string();
+            assert!(e.contains(&format!("unknown field `{key}`")), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -9,25 +9,25 @@ use std::str::FromStr;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VersionError {
     /// Not three dot-separated numeric components of the right widths.
-    #[error("malformed version {0:?}: expected YYYYMM.DD.N, e.g. 202311.07.0")]
+    #[error("malformed version {}: expected YYYYMM.DD.N, e.g. 202311.07.0", crate::limits::quoted(.0))]
     Malformed(String),
     /// The month part of `YYYYMM` is not 01..=12.
-    #[error("malformed version {0:?}: month must be 01..12 (YYYYMM.DD.N)")]
+    #[error("malformed version {}: month must be 01..12 (YYYYMM.DD.N)", crate::limits::quoted(.0))]
     BadMonth(String),
     /// The day part is not 01..=31.
-    #[error("malformed version {0:?}: day must be 01..31 (YYYYMM.DD.N)")]
+    #[error("malformed version {}: day must be 01..31 (YYYYMM.DD.N)", crate::limits::quoted(.0))]
     BadDay(String),
     /// The year part of `YYYYMM` is before 1970 (a leading zero would also print differently than it parsed).
     #[error("malformed version {0:?}: the year must be 1970 or later (YYYYMM.DD.N)")]
     BadYear(String),
     /// A node-image-version without a `-<version>` suffix or with an empty family.
-    #[error("malformed node-image-version {0:?}: expected <family>-<YYYYMM.DD.N>, e.g. Ubuntu-2204gen2-202311.07.0")]
+    #[error("malformed node-image-version {}: expected <family>-<YYYYMM.DD.N>, e.g. Ubuntu-2204gen2-202311.07.0", crate::limits::quoted(.0))]
     MalformedNodeImage(String),
     /// An image family with characters outside `[A-Za-z0-9._-]` or empty.
-    #[error("malformed image family {0:?}: use letters, digits, '.', '_' and '-' only")]
+    #[error("malformed image family {}: use letters, digits, '.', '_' and '-' only", crate::limits::quoted(.0))]
     BadFamily(String),
     /// A Kubernetes version not of the form `MAJOR.MINOR.PATCH` (an optional leading `v` is accepted).
-    #[error("malformed Kubernetes version {0:?}: expected MAJOR.MINOR.PATCH, e.g. 1.29.4")]
+    #[error("malformed Kubernetes version {}: expected MAJOR.MINOR.PATCH, e.g. 1.29.4", crate::limits::quoted(.0))]
     BadKubernetes(String),
 }
 

@@ -31,6 +31,9 @@ pub struct HubConfig {
     pub auto_upgrade: crate::maintenance::AutoUpgradeSettings,
     /// `[limits]`: what one client may hold of the hub.
     pub limits: Limits,
+    /// `[images] trusted_keys`: when given, `image publish` refuses an uploaded image whose signature does not
+    /// verify against one of these keys (nodes still verify against their own).
+    pub trusted_image_keys: Vec<upkeep_core::signature::PublicKey>,
 }
 
 /// `[limits]` in hub.toml.
@@ -57,6 +60,7 @@ struct RawConfig {
     agents: Option<RawAgents>,
     auto_upgrade: Option<RawAutoUpgrade>,
     limits: Option<RawLimits>,
+    images: Option<RawImages>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +68,12 @@ struct RawConfig {
 struct RawLimits {
     handshake_timeout_seconds: Option<u64>,
     fetches_per_node: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImages {
+    trusted_keys: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,8 +203,19 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
             limits.fetches_per_node = n;
         }
     }
+    let mut trusted_image_keys = Vec::new();
+    for (i, p) in raw.images.and_then(|im| im.trusted_keys).unwrap_or_default().into_iter().enumerate() {
+        let key = format!("images.trusted_keys[{i}]");
+        let p = resolve(p);
+        let text = std::fs::read_to_string(&p).map_err(|e| err(path, &key, format!("{}: {e}", p.display())))?;
+        let parsed = upkeep_core::signature::PublicKey::parse(&text).map_err(|e| {
+            err(path, &key, format!("{}: {e}; give a public key written by `upkeepctl image keygen`", p.display()))
+        })?;
+        trusted_image_keys.push(parsed);
+    }
     Ok(HubConfig {
         limits,
+        trusted_image_keys,
         listen,
         state_dir,
         ca,
@@ -268,5 +289,21 @@ mod tests {
         std::fs::remove_file(dir.path().join("hub.key")).expect("rm");
         let missing = parse(&path, &base, &Overrides::default()).expect_err("missing");
         assert!(missing.to_string().contains("tls.key:"), "{missing}");
+    }
+
+    #[test]
+    fn images_trusted_keys_are_read_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        let base = with_tls(dir.path());
+        let (public, _) = crate::image_tools::keygen(&dir.path().join("keys")).expect("keygen");
+        let good = format!("{base}\n[images]\ntrusted_keys = [{:?}]\n", public.to_string_lossy());
+        let c = parse(&path, &good, &Overrides::default()).expect("valid");
+        assert_eq!(c.trusted_image_keys.len(), 1);
+        std::fs::write(dir.path().join("garbage.pub"), "not a key").expect("write");
+        let bad = format!("{base}\n[images]\ntrusted_keys = [\"garbage.pub\"]\n");
+        let e = parse(&path, &bad, &Overrides::default()).expect_err("bad key").to_string();
+        assert!(e.contains("images.trusted_keys[0]") && e.contains("upkeepctl image keygen"), "{e}");
+        assert!(parse(&path, &base, &Overrides::default()).expect("valid").trusted_image_keys.is_empty());
     }
 }

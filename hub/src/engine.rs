@@ -15,7 +15,7 @@ use crate::executor::{Executor, JobSpec, NodeEvent};
 use crate::fleet::{Fleet, now_ms};
 use crate::ledger::run_holder;
 use crate::store::{EventRecord, MemberSettings, NewEvent, NodeRecord, Store, StoreError};
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,6 +43,14 @@ pub enum EngineError {
     /// No such run.
     #[error("run {0:?} not found; see `upkeepctl run list`")]
     NoSuchRun(String),
+    /// Planning panicked (a bug, or stored data nothing should hold); the state is unchanged.
+    #[error("run {run:?}: planning failed unexpectedly: {reason}")]
+    Unexpected {
+        /// Run name.
+        run: String,
+        /// The panic's message.
+        reason: String,
+    },
     /// The stored state could not be read.
     #[error("run {run:?}: stored state unreadable: {reason}")]
     Corrupt {
@@ -65,8 +73,18 @@ pub struct Engine {
     executor: Arc<Executor>,
 }
 
+/// A stored time. One out of bounds (2000..2200, refused at the door since; only a damaged or older store holds
+/// one) reads as the calendar's end, "never": a release with a garbage time is never taken as already out.
 fn ms_to_time(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
+    upkeep_core::limits::time_from_ms(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// The message of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 fn level_kind(l: &LevelRef) -> &'static str {
@@ -190,11 +208,16 @@ impl Engine {
         let state = parse_state(name, &rec.state)?;
         let (fleet, catalog) = self.views()?;
         let now = Utc::now();
-        let plan = f(&state, &fleet, &catalog, now)?;
-        if plan.is_empty() {
-            return Ok((state, plan));
-        }
-        let new_state = run::apply(&state, &plan)?;
+        // Core decides without panicking on anything stored; should it panic anyway, the run is left as it was and
+        // the error says why, and the hub keeps serving.
+        let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let plan = f(&state, &fleet, &catalog, now)?;
+            let new_state = if plan.is_empty() { None } else { Some(run::apply(&state, &plan)?) };
+            Ok::<_, RunOpError>((plan, new_state))
+        }))
+        .map_err(|p| EngineError::Unexpected { run: name.to_string(), reason: panic_message(p.as_ref()) })?;
+        let (plan, new_state) = planned?;
+        let Some(new_state) = new_state else { return Ok((state, plan)) };
         let run_status = new_state.run.status.as_str().to_string();
         let events: Vec<NewEvent> = plan
             .transitions
@@ -252,10 +275,32 @@ impl Engine {
                 .await;
             if let Err(e) = result {
                 tracing::error!(run = %run, member = %member, error = %e, "recording member result");
+                engine.fail_unrecorded(&run, &member, &e).await;
             }
             engine.executing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(run.clone(), member.clone()));
             engine.poke();
         });
+    }
+
+    /// Recording a member's result failed for a reason other than the member no longer being Running: the member
+    /// fails with that reason (with planning, then, if that fails too, alone), so it never stays Running with
+    /// nothing upgrading it, also after a restart.
+    async fn fail_unrecorded(self: &Arc<Self>, run_name: &str, member: &str, e: &EngineError) {
+        if matches!(
+            e,
+            EngineError::Run(RunOpError::Refused(_) | RunOpError::UnknownLevel(_)) | EngineError::NoSuchRun(_)
+        ) {
+            return;
+        }
+        let reason = format!("the hub could not record the result of this member's upgrade: {e}");
+        let planned = self
+            .transact(run_name, |s, f, c, now| run::member_finished(s, member, Err(reason.clone()), f, c, now))
+            .await;
+        let Err(e2) = planned else { return };
+        tracing::error!(run = %run_name, member, error = %e2, "recording the member's failure; failing it alone");
+        if let Err(e3) = self.transact(run_name, |s, _, _, now| run::fail_member_only(s, member, &reason, now)).await {
+            tracing::error!(run = %run_name, member, error = %e3, "failing the member");
+        }
     }
 
     /// Hands a member's upgrade to the executor: the work list the planner decided when the member started (a

@@ -25,7 +25,7 @@ use crate::executor::{Executor, JobSpec, JobState, JobStatus};
 use crate::fleet::{Fleet, now_ms};
 use crate::ledger::{LeaseAsk, Ledger, time_of, upgrading_runs};
 use crate::store::{NodeRecord, Store, StoreError};
-use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -166,8 +166,10 @@ pub struct Maintenance {
     reboot_whys: Mutex<HashMap<String, NodeWhy>>,
 }
 
+/// A stored time. One out of bounds (2000..2200, refused at the door since; only a damaged or older store holds
+/// one) reads as the calendar's end, "never": a release with a garbage time is never taken as already out.
 fn ms_to_time(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
+    upkeep_core::limits::time_from_ms(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

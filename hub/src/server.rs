@@ -128,6 +128,7 @@ pub async fn serve_fleet(
                 engine.clone(),
                 maintenance.clone(),
                 Artifacts::new(&config.state_dir),
+                config.trusted_image_keys.clone(),
             ))
             .max_decoding_message_size(OPERATOR_MESSAGE_LIMIT),
         )

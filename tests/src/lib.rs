@@ -423,3 +423,9 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A well-formed image signature by a key no node trusts: the hub's publish accepts its form, nodes refuse it.
+pub fn untrusted_signature() -> String {
+    use upkeep_core::signature::{SecretKey, blake2b_512};
+    SecretKey::from_seed([7; 32], *b"nobody00").sign_prehashed(&blake2b_512(b""), "signed by nobody").to_file_text()
+}

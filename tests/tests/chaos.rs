@@ -346,7 +346,7 @@ async fn a_frozen_agent_is_unknown_the_member_says_it_waits_on_it_then_the_step_
     // A newer image (nobody trusts its signature: the run never gets as far as the reimage).
     let art = work.path().join("debian-new.img");
     std::fs::write(&art, b"image B").expect("image");
-    std::fs::write(art.with_extension("img.minisig"), "untrusted comment: nobody\nRWQ=\n").expect("sig");
+    std::fs::write(art.with_extension("img.minisig"), untrusted_signature()).expect("sig");
     let art = art.to_string_lossy().into_owned();
     let publish = ["image", "publish", "--family", "Debian-12", "--version", IMAGE_TO, "--regions", "eu", "--file"];
     upkeepctl_ok(&pki, &url, &[&publish[..], &[art.as_str()]].concat()).await;

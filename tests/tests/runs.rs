@@ -146,7 +146,7 @@ async fn sec7_bad_strategies_and_runs_are_refused_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sec5_members_already_at_target_are_skipped_and_the_run_is_skipped() {
     let f = fleet(&[("n1", "m1", "eu"), ("n2", "m2", "us")], "Debian-12-202311.07.0").await;
-    f.publish("Debian-12", "202311.07.0", "eu,us", b"image A", "untrusted comment: test\nRWQ=\n").await;
+    f.publish("Debian-12", "202311.07.0", "eu,us", b"image A", &untrusted_signature()).await;
     f.ok(&["run", "create", "r1", "--upgrade-type", "NodeImageOnly"]).await;
     let before = f.run_state("r1").await;
     assert_eq!(before["status"], "NotStarted");
@@ -165,7 +165,7 @@ async fn sec5_members_already_at_target_are_skipped_and_the_run_is_skipped() {
 async fn sec5_a_failing_node_fails_member_group_stage_and_run_and_nothing_more_starts() {
     let f = fleet(&[("n1", "m1", "eu"), ("n2", "m2", "eu")], "Debian-12-202311.07.0").await;
     // A newer image whose signature no node trusts: the node refuses it, so the member's upgrade fails.
-    f.publish("Debian-12", "202312.01.0", "eu", b"image B", "untrusted comment: nobody\nRWQ=\n").await;
+    f.publish("Debian-12", "202312.01.0", "eu", b"image B", &untrusted_signature()).await;
     let order = f.file("order.json", r#"{"stages":[{"name":"only","groups":[{"name":"g","members":["m1","m2"]}]}]}"#);
     f.ok(&["run", "create", "r1", "-f", &order, "--upgrade-type", "NodeImageOnly"]).await;
     f.ok(&["run", "start", "r1"]).await;
@@ -196,7 +196,7 @@ async fn sec5_a_failing_node_fails_member_group_stage_and_run_and_nothing_more_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sec5_member_with_closed_window_is_pending_with_next_opening_and_stop_is_immediate() {
     let f = fleet(&[("n1", "m1", "eu")], "Debian-12-202311.07.0").await;
-    f.publish("Debian-12", "202312.01.0", "eu", b"image B", "untrusted comment: x\nRWQ=\n").await;
+    f.publish("Debian-12", "202312.01.0", "eu", b"image B", &untrusted_signature()).await;
     // A daily window that opens six hours from now: closed now, and not within the 4-hour "opens soon" class.
     let opens = chrono::Utc::now() + chrono::TimeDelta::hours(6);
     let window = f.file(
@@ -256,7 +256,7 @@ async fn sec5_runs_copy_their_strategy_and_may_be_edited_until_they_start() {
     f.ok(&["run", "update", "r1", "--strategy", "canary", "--upgrade-type", "NodeImageOnly"]).await;
     let run = f.run_state("r1").await;
     assert_eq!(run["stages"][0]["groups"][0]["members"].as_array().map(Vec::len), Some(2), "{run}");
-    f.publish("Debian-12", "202311.07.0", "eu", b"image A", "untrusted comment: x\nRWQ=\n").await;
+    f.publish("Debian-12", "202311.07.0", "eu", b"image A", &untrusted_signature()).await;
     f.ok(&["run", "start", "r1"]).await;
     f.wait_run("r1", &["Skipped"]).await;
     let err = f.refused(&["run", "update", "r1", "-f", &one, "--upgrade-type", "NodeImageOnly"]).await;
@@ -267,7 +267,7 @@ async fn sec5_runs_copy_their_strategy_and_may_be_edited_until_they_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sec5_full_run_is_pending_until_the_kubernetes_version_reaches_the_members_region() {
     let f = fleet(&[("n1", "m1", "eu")], "Debian-12-202311.07.0").await;
-    f.publish("Debian-12", "202311.07.0", "eu", b"image A", "untrusted comment: x\nRWQ=\n").await;
+    f.publish("Debian-12", "202311.07.0", "eu", b"image A", &untrusted_signature()).await;
     f.ok(&["kubernetes", "publish", "--version", "1.30.2", "--regions", "us"]).await;
     f.ok(&["run", "create", "k1", "--upgrade-type", "Full", "--kubernetes-version", "1.30.2"]).await;
     f.ok(&["run", "start", "k1"]).await;
@@ -296,7 +296,7 @@ async fn image_publish_adds_regions_and_withdraw_takes_one_back() {
     let f = fleet(&[("n1", "m1", "eu")], "Debian-12-202311.07.0").await;
     // Keep the member's channel out of the way: this is about the catalog only.
     f.ok(&["member", "set-channel", "m1", "None"]).await;
-    let sig = "untrusted comment: x\nRWQ=\n";
+    let sig = &untrusted_signature();
     let listed = || async { f.json(&["image", "list", "--family", "Debian-12"]).await["images"][0].clone() };
 
     // A release spreads region by region: publishing the same artifact again adds regions.

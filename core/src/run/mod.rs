@@ -71,12 +71,13 @@ mod validate;
 mod tests;
 
 pub use model::{
-    DEFAULT_STAGE_NAME, GroupSpec, ImagePin, NodeImageSelection, OrderSource, StageSpec, StrategySpec, UpdateRunSpec,
-    UpgradeType, default_strategy, order_source,
+    DEFAULT_STAGE_NAME, GroupSpec, ImagePin, MAX_GROUPS_PER_STAGE, MAX_MEMBERS_PER_RUN, MAX_STAGES, MAX_WAIT_SECONDS,
+    NodeImageSelection, OrderSource, StageSpec, StrategySpec, UpdateRunSpec, UpgradeType, default_strategy,
+    order_source,
 };
 pub use plan::{
-    Action, Catalog, Fleet, MemberView, NodePoolView, Plan, PredictedStart, SkipTarget, member_finished, plan, preview,
-    skip, start, stop,
+    Action, Catalog, Fleet, MemberView, NodePoolView, Plan, PredictedStart, SkipTarget, fail_member_only,
+    member_finished, plan, preview, skip, start, stop,
 };
 pub use state::{
     GroupState, LevelRef, LevelState, MemberState, MemberTarget, RunOpError, RunState, StageState, Status, Transition,

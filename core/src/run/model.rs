@@ -1,6 +1,8 @@
 //! The update-run specification as the operator writes it (SPEC §5): upgrade type, target, node image
 //! selection and the order (stages, groups, waits, concurrency). Stored as JSON by the hub and read from YAML or
-//! JSON files by the CLI, so every name here is part of a stable format.
+//! JSON files by the CLI, so every name here is part of a stable format. Unknown keys are refused (a misspelt
+//! `after_stage_wait_secs` is an error naming it, never a stage stored without its wait); the hub writes these
+//! back only from the typed values, so a stored copy never holds a key the types do not know.
 
 use crate::concurrency::Limit;
 use crate::version::{ImageVersion, KubernetesVersion};
@@ -52,7 +54,7 @@ impl std::fmt::Display for UpgradeType {
 
 /// An upgrade type that is not one of the three.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown upgrade_type {0:?}: expected Full, ControlPlaneOnly or NodeImageOnly")]
+#[error("unknown upgrade_type {}: expected Full, ControlPlaneOnly or NodeImageOnly", crate::limits::quoted(.0))]
 pub struct UnknownUpgradeType(pub String);
 
 impl std::str::FromStr for UpgradeType {
@@ -69,6 +71,7 @@ impl std::str::FromStr for UpgradeType {
 
 /// One pinned image version for a family (`Custom` selection).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ImagePin {
     /// Image family, e.g. `AKSUbuntu-2204gen2containerd`.
     pub family: String,
@@ -78,7 +81,7 @@ pub struct ImagePin {
 
 /// How the node image version is chosen (SPEC §5); it is never given exactly for a member.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(tag = "mode")]
+#[serde(tag = "mode", from = "SelectionInput")]
 pub enum NodeImageSelection {
     /// Each member gets the newest image of each pool's family available in its region when its upgrade starts.
     #[default]
@@ -90,6 +93,26 @@ pub enum NodeImageSelection {
         /// The pins.
         pins: Vec<ImagePin>,
     },
+}
+
+/// How a [`NodeImageSelection`] is read: the same format, with every variant a struct so that a key that does not
+/// belong to the mode (say `pins` with `Latest`) is refused instead of ignored.
+#[derive(Deserialize)]
+#[serde(tag = "mode", deny_unknown_fields)]
+enum SelectionInput {
+    Latest {},
+    Consistent {},
+    Custom { pins: Vec<ImagePin> },
+}
+
+impl From<SelectionInput> for NodeImageSelection {
+    fn from(s: SelectionInput) -> Self {
+        match s {
+            SelectionInput::Latest {} => NodeImageSelection::Latest,
+            SelectionInput::Consistent {} => NodeImageSelection::Consistent,
+            SelectionInput::Custom { pins } => NodeImageSelection::Custom { pins },
+        }
+    }
 }
 
 impl NodeImageSelection {
@@ -104,6 +127,7 @@ impl NodeImageSelection {
 
 /// A group: members upgraded one after another (or up to `max_concurrency` at once).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GroupSpec {
     /// Unique within its stage.
     pub name: String,
@@ -116,12 +140,13 @@ pub struct GroupSpec {
 
 /// A stage: its groups are upgraded in parallel; the next stage starts after it (and its wait).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StageSpec {
     /// Unique within the run.
     pub name: String,
     /// One or more groups.
     pub groups: Vec<GroupSpec>,
-    /// Seconds to wait after this stage before the next one starts.
+    /// Seconds to wait after this stage before the next one starts (0 ..= [`MAX_WAIT_SECONDS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_stage_wait_seconds: Option<i64>,
     /// Caps the number of members being upgraded at once across all groups of the stage (default: no cap).
@@ -131,6 +156,7 @@ pub struct StageSpec {
 
 /// An order of stages, either a named reusable strategy (copied into the run) or given inline.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StrategySpec {
     /// The stages, applied one after another.
     pub stages: Vec<StageSpec>,
@@ -138,6 +164,7 @@ pub struct StrategySpec {
 
 /// An update run as created (SPEC §5).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UpdateRunSpec {
     /// The run's name.
     pub name: String,
@@ -165,6 +192,19 @@ pub enum OrderSource {
     /// Neither: all members one after another.
     AllMembersOneByOne,
 }
+
+/// The longest wait after a stage: 30 days. A longer soak is a stopped run, not a wait; the bound keeps every
+/// time computed from a wait far inside the calendar (SPEC §7, "every duration has bounds").
+pub const MAX_WAIT_SECONDS: i64 = 30 * 24 * 60 * 60;
+
+/// The most stages a run may have.
+pub const MAX_STAGES: usize = 1_000;
+
+/// The most groups a stage may have.
+pub const MAX_GROUPS_PER_STAGE: usize = 1_000;
+
+/// The most members a run's order may name.
+pub const MAX_MEMBERS_PER_RUN: usize = 100_000;
 
 /// Name of the single stage and group made when a run has no order.
 pub const DEFAULT_STAGE_NAME: &str = "all-members";

@@ -2,7 +2,7 @@
 //! changes and what the hub must do. The operator's operations (start, stop, skip) and the recording of a
 //! member's result are planned the same way and return a [`Plan`] too. Nothing here performs anything.
 
-use super::model::{NodeImageSelection, UpgradeType};
+use super::model::{MAX_WAIT_SECONDS, NodeImageSelection, UpgradeType};
 use super::state::{
     Idx, LevelRef, MemberTarget, RunOpError, RunState, Status, Transition, apply_transition, transition_path,
 };
@@ -353,6 +353,22 @@ pub fn member_finished(
     Ok(p.plan)
 }
 
+/// The last resort when recording a member's result failed unexpectedly: the member fails with `reason`, and its
+/// group, stage and run as for any failed member (SPEC §5 Failed), without the rest of planning (which is what
+/// failed), so it never stays Running with nothing upgrading it.
+pub fn fail_member_only(state: &RunState, member: &str, reason: &str, now: DateTime<Utc>) -> Result<Plan, RunOpError> {
+    let lref = LevelRef::Member { member: member.to_string() };
+    let idx = state.find(&lref).ok_or_else(|| RunOpError::UnknownLevel(lref.clone()))?;
+    let status = state.level_at(idx).status;
+    if status != Status::Running {
+        return Err(RunOpError::Refused(format!("member {member:?} is {status}, not being upgraded")));
+    }
+    let (fleet, catalog) = (Fleet::default(), Catalog::default());
+    let mut p = Planner::new(state, &fleet, &catalog, now);
+    p.fail_member(idx, reason);
+    Ok(p.plan)
+}
+
 /// A member's predicted start, from [`preview`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PredictedStart {
@@ -374,17 +390,17 @@ pub fn preview(
     assumed_member_duration: TimeDelta,
 ) -> Vec<PredictedStart> {
     let duration = assumed_member_duration.max(TimeDelta::seconds(1));
-    let horizon = now + TimeDelta::days(SEARCH_HORIZON_DAYS as i64);
+    let horizon = later(now, TimeDelta::days(SEARCH_HORIZON_DAYS as i64));
     let mut out = Vec::new();
     let mut st = state.clone();
     let mut t = now;
     let mut finishing: BTreeMap<String, DateTime<Utc>> =
-        st.running_members().into_iter().map(|m| (m, now + duration)).collect();
+        st.running_members().into_iter().map(|m| (m, later(now, duration))).collect();
     let mut record = |p: &Plan, t: DateTime<Utc>, finishing: &mut BTreeMap<String, DateTime<Utc>>| {
         for a in &p.actions {
             let Action::StartMember { member, .. } = a;
             out.push(PredictedStart { member: member.clone(), at: t });
-            finishing.insert(member.clone(), t + duration);
+            finishing.insert(member.clone(), later(t, duration));
         }
     };
     let first = match st.run.status {
@@ -421,6 +437,26 @@ pub fn preview(
         p = plan(&st, fleet, catalog, t);
     }
     out
+}
+
+/// When a wait of `secs` seconds that began at `start` ends, and a note for the message when the stored length
+/// was out of bounds. Never panics: a length from a damaged or older state is held to [`MAX_WAIT_SECONDS`]
+/// (negative to 0), and an end past the calendar is the calendar's end.
+fn wait_end(start: DateTime<Utc>, secs: i64) -> (DateTime<Utc>, String) {
+    let held = secs.clamp(0, MAX_WAIT_SECONDS);
+    let note = if held == secs {
+        String::new()
+    } else {
+        format!(" (the stored wait of {secs}s is outside 0..={MAX_WAIT_SECONDS}; {held}s is used)")
+    };
+    let end =
+        TimeDelta::try_seconds(held).and_then(|d| start.checked_add_signed(d)).unwrap_or(DateTime::<Utc>::MAX_UTC);
+    (end, note)
+}
+
+/// `t + d`, or the calendar's end when that is past it.
+fn later(t: DateTime<Utc>, d: TimeDelta) -> DateTime<Utc> {
+    t.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// How a candidate member is dealt with right now.
@@ -620,12 +656,12 @@ impl<'a> Planner<'a> {
             Status::Completed => match wait.status {
                 Status::Completed | Status::Skipped => true,
                 Status::Running => {
-                    let end = wait.started_at.unwrap_or(self.now) + TimeDelta::seconds(secs);
+                    let (end, capped) = wait_end(wait.started_at.unwrap_or(self.now), secs);
                     if self.now >= end {
                         self.set(
                             Idx::Wait(si),
                             Status::Completed,
-                            format!("waited {secs}s after stage {name:?}"),
+                            format!("waited {}s after stage {name:?}{capped}", secs.clamp(0, MAX_WAIT_SECONDS)),
                             None,
                         );
                         true
@@ -636,11 +672,15 @@ impl<'a> Planner<'a> {
                 }
                 Status::Stopping => false,
                 Status::NotStarted | Status::Pending | Status::Stopped | Status::Failed => {
-                    let end = self.now + TimeDelta::seconds(secs);
+                    let (end, capped) = wait_end(self.now, secs);
                     self.set(
                         Idx::Wait(si),
                         Status::Running,
-                        format!("waiting {secs}s after stage {name:?}; the next stage starts at {}", rfc3339(end)),
+                        format!(
+                            "waiting {}s after stage {name:?}; the next stage starts at {}{capped}",
+                            secs.clamp(0, MAX_WAIT_SECONDS),
+                            rfc3339(end)
+                        ),
                         None,
                     );
                     self.wake(end);

@@ -748,6 +748,48 @@ fn sec5_skipping_a_stage_skips_its_wait_too() {
     assert_eq!(started(&h.start()), vec!["b"]);
 }
 
+#[test]
+fn sec7_a_stored_wait_out_of_bounds_never_panics_the_planner() {
+    // A state written before waits had bounds (or damaged) holds the largest i64: planning, recording the member's
+    // result and previewing must go on, holding the wait to its bound and saying so.
+    let mut h = H::new(waited_run(), fleet(&["a", "b"]));
+    h.st.stages[0].wait_seconds = i64::MAX;
+    let preview = preview(&h.st, &h.fleet, &h.cat, h.now, TimeDelta::seconds(600));
+    assert_eq!(preview.first().map(|p| p.member.as_str()), Some("a"));
+    h.start();
+    let p = h.finish("a", true);
+    assert_eq!(h.wait("s1"), Status::Running);
+    assert_eq!(p.next_wakeup, Some(t(T0) + TimeDelta::seconds(MAX_WAIT_SECONDS)));
+    let msg = h.st.stages[0].wait.as_ref().map(|w| w.message.clone()).unwrap_or_default();
+    assert!(msg.contains("outside 0..=2592000"), "{msg}");
+    h.at("2024-01-31T12:00:00Z");
+    assert_eq!(started(&h.plan()), vec!["b"]);
+    // A wait that began at the calendar's end ends there, without a panic.
+    let mut h = H::new(waited_run(), fleet(&["a", "b"]));
+    h.st.stages[0].wait_seconds = i64::MAX;
+    h.start();
+    h.finish("a", true);
+    if let Some(w) = h.st.stages[0].wait.as_mut() {
+        w.started_at = Some(DateTime::<Utc>::MAX_UTC);
+    }
+    assert!(h.plan().actions.is_empty());
+}
+
+#[test]
+fn sec7_a_member_whose_result_cannot_be_recorded_fails_alone_with_the_reason() {
+    let mut h = H::new(waited_run(), fleet(&["a", "b"]));
+    h.start();
+    let p = fail_member_only(&h.st, "a", "recording panicked", h.now).expect("a is running");
+    assert!(p.actions.is_empty());
+    h.st = apply(&h.st, &p).expect("applies");
+    assert_eq!((h.m("a"), h.run()), (Status::Failed, Status::Failed));
+    let error = h.st.member("a").and_then(|m| m.level.error.clone()).unwrap_or_default();
+    assert!(error.contains("recording panicked"), "{error}");
+    // Planning afterwards starts nothing more.
+    assert!(h.plan().actions.is_empty());
+    assert!(fail_member_only(&h.st, "a", "again", h.now).is_err(), "only a Running member");
+}
+
 // ----- operator skips ----------------------------------------------------------------------------------------------
 
 #[test]
@@ -1019,6 +1061,48 @@ fn sec7_unknown_member_negative_wait_empty_levels() {
     let mut empty = node_image_run(vec![]);
     empty.strategy = Some(StrategySpec { stages: vec![] });
     assert_error(&empty, "strategy.stages: no stages");
+}
+
+#[test]
+fn sec7_waits_counts_and_sizes_have_upper_bounds() {
+    let mut s1 = stage("s1", vec![group("g1", &["a"])]);
+    s1.after_stage_wait_seconds = Some(i64::MAX);
+    s1.max_concurrency = Some(Limit::Count(u32::MAX));
+    let sp = node_image_run(vec![s1]);
+    assert_error(
+        &sp,
+        "strategy.stages[0].after_stage_wait_seconds: 9223372036854775807 is more than 2592000 (30 days)",
+    );
+    assert_error(&sp, "strategy.stages[0].max_concurrency: 4294967295 is more than 100000");
+    let mut ok = stage("s1", vec![group("g1", &["a"])]);
+    ok.after_stage_wait_seconds = Some(MAX_WAIT_SECONDS);
+    assert_eq!(validate_run_spec(&node_image_run(vec![ok]), &known(&["a"])), Ok(()));
+    let many: Vec<StageSpec> = (0..=MAX_STAGES).map(|i| stage(&format!("s{i}"), vec![group("g", &["a"])])).collect();
+    assert_error(&node_image_run(many), "strategy.stages: 1001 stages is more than 1000");
+}
+
+#[test]
+fn sec7_unknown_keys_are_refused_naming_them() {
+    let misspelt = r#"{"stages":[{"name":"s1","after_stage_wait_secs":600,"groups":[{"name":"g","members":["a"]}]}]}"#;
+    let e = serde_json::from_str::<StrategySpec>(misspelt).expect_err("unknown key").to_string();
+    assert!(e.contains("unknown field `after_stage_wait_secs`") && e.contains("after_stage_wait_seconds"), "{e}");
+    let in_group = r#"{"stages":[{"name":"s1","groups":[{"name":"g","members":["a"],"max_concurency":2}]}]}"#;
+    let e = serde_json::from_str::<StrategySpec>(in_group).expect_err("unknown key").to_string();
+    assert!(e.contains("unknown field `max_concurency`"), "{e}");
+    let e = serde_json::from_str::<StrategySpec>(r#"{"stages":[],"stagse":[]}"#).expect_err("unknown").to_string();
+    assert!(e.contains("unknown field `stagse`"), "{e}");
+    let run = r#"{"name":"r","upgrade_type":"NodeImageOnly","node_image_selection":{"mode":"Latest","pins":[]}}"#;
+    let e = serde_json::from_str::<UpdateRunSpec>(run).expect_err("unknown").to_string();
+    assert!(e.contains("unknown field `pins`"), "{e}");
+    let pin = r#"{"mode":"Custom","pins":[{"family":"f","version":"202401.01.0","vesion":"x"}]}"#;
+    let e = serde_json::from_str::<NodeImageSelection>(pin).expect_err("unknown").to_string();
+    assert!(e.contains("unknown field `vesion`"), "{e}");
+    // What the hub stores reads back.
+    let mut s1 = stage("s1", vec![group("g1", &["a"])]);
+    s1.after_stage_wait_seconds = Some(600);
+    let sp = node_image_run(vec![s1]);
+    let json = serde_json::to_string(&sp).expect("serializes");
+    assert_eq!(serde_json::from_str::<UpdateRunSpec>(&json).expect("reads back"), sp);
 }
 
 #[test]

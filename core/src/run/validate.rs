@@ -1,8 +1,12 @@
 //! Validation of an update run's specification (SPEC §5, §7). Every error names the field path and the fix;
 //! all errors are collected, so an operator fixes a file in one go. Validation changes nothing.
 
-use super::model::{NodeImageSelection, UpdateRunSpec, UpgradeType};
+use super::model::{
+    MAX_GROUPS_PER_STAGE, MAX_MEMBERS_PER_RUN, MAX_STAGES, MAX_WAIT_SECONDS, NodeImageSelection, UpdateRunSpec,
+    UpgradeType,
+};
 use crate::ids::validate_name;
+use crate::limits::quoted as q;
 use crate::version::validate_family;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -29,9 +33,10 @@ impl fmt::Display for FieldError {
     }
 }
 
-/// Joins errors one per line, for a CLI or an RPC status message.
+/// Joins errors one per line, for a CLI or an RPC status message: the first
+/// [`crate::limits::MAX_LISTED_ERRORS`], then how many more there are.
 pub fn describe(errors: &[FieldError]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+    crate::limits::cap_list(errors, "\n")
 }
 
 /// Checks a run's specification against the members the hub knows. `Ok` means it can be turned into a
@@ -73,8 +78,8 @@ pub fn validate_run_spec(spec: &UpdateRunSpec, known_members: &BTreeSet<String>)
                 errs.push(FieldError::new(
                     format!("{path}.family"),
                     format!(
-                        "family {:?} is already pinned by pins[{first}]; pin at most one version per family",
-                        pin.family
+                        "family {} is already pinned by pins[{first}]; pin at most one version per family",
+                        q(&pin.family)
                     ),
                 ));
             }
@@ -86,6 +91,21 @@ pub fn validate_run_spec(spec: &UpdateRunSpec, known_members: &BTreeSet<String>)
     };
     if strategy.stages.is_empty() {
         errs.push(FieldError::new("strategy.stages", "no stages; give at least one stage with one group"));
+    }
+    if strategy.stages.len() > MAX_STAGES {
+        errs.push(FieldError::new(
+            "strategy.stages",
+            format!("{} stages is more than {MAX_STAGES}; give at most {MAX_STAGES} stages", strategy.stages.len()),
+        ));
+    }
+    let member_total: usize = strategy.stages.iter().flat_map(|s| &s.groups).map(|g| g.members.len()).sum();
+    if member_total > MAX_MEMBERS_PER_RUN {
+        errs.push(FieldError::new(
+            "strategy.stages",
+            format!(
+                "{member_total} members in all groups is more than {MAX_MEMBERS_PER_RUN}; split the fleet into several runs"
+            ),
+        ));
     }
     let mut stage_names: BTreeMap<&str, usize> = BTreeMap::new();
     // member -> (stage name, group name) where it was first seen
@@ -99,8 +119,8 @@ pub fn validate_run_spec(spec: &UpdateRunSpec, known_members: &BTreeSet<String>)
             errs.push(FieldError::new(
                 format!("{sp}.name"),
                 format!(
-                    "duplicate stage name {:?} (also stages[{first}]); stage names must be unique in a run",
-                    stage.name
+                    "duplicate stage name {} (also stages[{first}]); stage names must be unique in a run",
+                    q(&stage.name)
                 ),
             ));
         }
@@ -110,6 +130,25 @@ pub fn validate_run_spec(spec: &UpdateRunSpec, known_members: &BTreeSet<String>)
             errs.push(FieldError::new(
                 format!("{sp}.after_stage_wait_seconds"),
                 format!("{w} is negative; give 0 or more seconds, or leave it out for no wait"),
+            ));
+        }
+        if let Some(w) = stage.after_stage_wait_seconds
+            && w > MAX_WAIT_SECONDS
+        {
+            errs.push(FieldError::new(
+                format!("{sp}.after_stage_wait_seconds"),
+                format!(
+                    "{w} is more than {MAX_WAIT_SECONDS} (30 days); give at most {MAX_WAIT_SECONDS} seconds, or stop the run and start it again later"
+                ),
+            ));
+        }
+        if stage.groups.len() > MAX_GROUPS_PER_STAGE {
+            errs.push(FieldError::new(
+                format!("{sp}.groups"),
+                format!(
+                    "{} groups is more than {MAX_GROUPS_PER_STAGE}; give at most {MAX_GROUPS_PER_STAGE} groups per stage",
+                    stage.groups.len()
+                ),
             ));
         }
         if let Some(problem) = stage.max_concurrency.and_then(|l| l.problem()) {
@@ -128,8 +167,9 @@ pub fn validate_run_spec(spec: &UpdateRunSpec, known_members: &BTreeSet<String>)
                 errs.push(FieldError::new(
                     format!("{gp}.name"),
                     format!(
-                        "duplicate group name {:?} in stage {:?} (also groups[{first}]); group names must be unique within a stage",
-                        group.name, stage.name
+                        "duplicate group name {} in stage {} (also groups[{first}]); group names must be unique within a stage",
+                        q(&group.name),
+                        q(&stage.name)
                     ),
                 ));
             }
@@ -144,16 +184,20 @@ pub fn validate_run_spec(spec: &UpdateRunSpec, known_members: &BTreeSet<String>)
                 if !known_members.contains(member) {
                     errs.push(FieldError::new(
                         mp.clone(),
-                        format!("unknown member {member:?}; use a member listed by `upkeepctl member list`"),
+                        format!("unknown member {}; use a member listed by `upkeepctl member list`", q(member)),
                     ));
                 }
                 if let Some((s, g)) = member_home.get(member.as_str()) {
                     errs.push(FieldError::new(
                         mp,
                         format!(
-                            "member {member:?} is in both group {g:?} of stage {s:?} and group {:?} of stage {:?}; \
+                            "member {} is in both group {} of stage {} and group {} of stage {}; \
                              a member belongs to at most one group of a run",
-                            group.name, stage.name
+                            q(member),
+                            q(g),
+                            q(s),
+                            q(&group.name),
+                            q(&stage.name)
                         ),
                     ));
                 } else {

@@ -311,12 +311,23 @@ pub struct SkipArgs {
 }
 
 fn read_file(flag: &str, path: &Path) -> anyhow::Result<String> {
+    let limit = upkeep_core::limits::MAX_DOCUMENT_BYTES as u64;
+    let size = std::fs::metadata(path).with_context(|| format!("{flag} {}: cannot read", path.display()))?.len();
+    if size > limit {
+        bail!(
+            "{flag} {}: {size} bytes is more than {limit} (1 MiB); a strategy, run, window or signature file is a \
+             few kilobytes, check that this is the right file",
+            path.display()
+        );
+    }
     std::fs::read_to_string(path).with_context(|| format!("{flag} {}: cannot read", path.display()))
 }
 
 /// Reads a YAML or JSON file (JSON is YAML) and returns it as JSON for the hub.
 fn read_spec(flag: &str, path: &Path) -> anyhow::Result<String> {
     let text = read_file(flag, path)?;
+    // Size and depth before parsing: a hostile file is refused after one scan, not after a minute in the parser.
+    upkeep_core::limits::check_document(&text).map_err(|e| anyhow!("{flag} {}: {e}", path.display()))?;
     let value: serde_json::Value =
         serde_yaml::from_str(&text).map_err(|e| anyhow!("{flag} {}: not valid YAML or JSON: {e}", path.display()))?;
     Ok(serde_json::to_string(&value)?)

@@ -36,7 +36,8 @@ pub enum ApiError {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        let msg = e.to_string();
+        // Whatever a handler put in it, a message fits in a status (SPEC §7: long values cut).
+        let msg = upkeep_core::limits::cut_message(&e.to_string());
         match e {
             ApiError::Unauthenticated(_) => Status::unauthenticated(msg),
             ApiError::PermissionDenied(_) => Status::permission_denied(msg),

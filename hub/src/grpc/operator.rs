@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel, check_channel_change, security_patch_refusal};
 use upkeep_core::ids::Role;
 use upkeep_core::run::{self, RunState};
+use upkeep_core::signature::PublicKey;
 use upkeep_proto::v1;
 
 const READERS: &[Role] = &[Role::Operator, Role::Viewer];
@@ -25,6 +26,7 @@ pub struct OperatorApi {
     engine: Arc<Engine>,
     maintenance: Arc<Maintenance>,
     artifacts: Artifacts,
+    trusted_image_keys: Arc<Vec<PublicKey>>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
@@ -51,8 +53,14 @@ fn watch_ends(status: &str) -> bool {
 
 impl OperatorApi {
     /// Over the given fleet, engine and artifact store.
-    pub fn new(fleet: Arc<Fleet>, engine: Arc<Engine>, maintenance: Arc<Maintenance>, artifacts: Artifacts) -> Self {
-        OperatorApi { fleet, engine, maintenance, artifacts }
+    pub fn new(
+        fleet: Arc<Fleet>,
+        engine: Arc<Engine>,
+        maintenance: Arc<Maintenance>,
+        artifacts: Artifacts,
+        trusted_image_keys: Vec<PublicKey>,
+    ) -> Self {
+        OperatorApi { fleet, engine, maintenance, artifacts, trusted_image_keys: Arc::new(trusted_image_keys) }
     }
 
     async fn run_op<F>(&self, name: &str, f: F) -> Result<v1::Run, ApiError>
@@ -238,7 +246,12 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     async fn publish_image(&self, req: Request<v1::PublishImageRequest>) -> Result<Response<v1::Image>, Status> {
         let p = principal_of(&req)?;
         require(&p, WRITERS, "publish images")?;
-        let out = runs::publish(self.fleet.store(), &self.artifacts, req.get_ref())?;
+        // Verifying reads the whole artifact: off the async threads.
+        let (fleet, artifacts, keys) = (self.fleet.clone(), self.artifacts.clone(), self.trusted_image_keys.clone());
+        let r = req.into_inner();
+        let out = tokio::task::spawn_blocking(move || runs::publish(fleet.store(), &artifacts, &keys, &r))
+            .await
+            .map_err(|e| Status::internal(format!("publishing: {e}")))??;
         tracing::info!(operator = %p.name, family = %out.family, version = %out.version, "image published");
         self.engine.poke();
         self.maintenance.poke();

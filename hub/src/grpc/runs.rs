@@ -10,20 +10,20 @@ use chrono::TimeDelta;
 use std::collections::BTreeSet;
 use upkeep_core::concurrency::Limit;
 use upkeep_core::ids::validate_name;
+use upkeep_core::limits::{cap_list, check_document, check_timestamp_ms, cut_message};
 use upkeep_core::run::{
     self, ImagePin, NodeImageSelection, OrderSource, RunOpError, RunState, SkipTarget, StrategySpec, UpdateRunSpec,
     UpgradeType,
 };
 use upkeep_core::schedule::MaintenanceSchedule;
+use upkeep_core::signature::{Prehasher, PublicKey, Signature, Signed};
 use upkeep_core::version::{ImageVersion, KubernetesVersion, validate_family};
 use upkeep_proto::v1;
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         match e {
-            EngineError::Run(RunOpError::Invalid(errs)) => {
-                ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
-            }
+            EngineError::Run(RunOpError::Invalid(errs)) => ApiError::InvalidArgument(cap_list(&errs, "; ")),
             EngineError::Run(RunOpError::UnknownLevel(l)) => {
                 ApiError::NotFound(RunOpError::UnknownLevel(l).to_string())
             }
@@ -31,7 +31,7 @@ impl From<EngineError> for ApiError {
             EngineError::Run(other) => ApiError::Internal(other.to_string()),
             EngineError::Store(s) => s.into(),
             EngineError::NoSuchRun(_) => ApiError::NotFound(e.to_string()),
-            EngineError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            EngineError::Corrupt { .. } | EngineError::Unexpected { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -71,11 +71,8 @@ pub fn set_window(store: &dyn Store, r: &v1::SetMemberWindowRequest) -> Result<v
     let (schedule, warnings) = if r.schedule_json.trim().is_empty() {
         (None, Vec::new())
     } else {
-        let s: MaintenanceSchedule =
-            serde_json::from_str(&r.schedule_json).map_err(|e| ApiError::InvalidArgument(format!("schedule: {e}")))?;
-        let warnings = s.validate().map_err(|errs| {
-            ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
-        })?;
+        let s: MaintenanceSchedule = parse_document("schedule", &r.schedule_json)?;
+        let warnings = s.validate().map_err(|errs| ApiError::InvalidArgument(cap_list(&errs, "; ")))?;
         let canonical =
             serde_json::to_string(&s).map_err(|e| ApiError::Internal(format!("serialising schedule: {e}")))?;
         (Some(canonical), warnings)
@@ -175,7 +172,14 @@ fn image_to_wire(i: &ImageRecord) -> v1::Image {
 }
 
 /// `PublishImage`.
-pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageRequest) -> Result<v1::Image, ApiError> {
+/// With `trusted` keys (`[images] trusted_keys`), an artifact stored on the hub must carry a signature by one of
+/// them over its bytes; an artifact at a URL is the nodes' to verify.
+pub fn publish(
+    store: &dyn Store,
+    artifacts: &Artifacts,
+    trusted: &[PublicKey],
+    r: &v1::PublishImageRequest,
+) -> Result<v1::Image, ApiError> {
     let bad = |field: &str, e: &dyn std::fmt::Display| ApiError::InvalidArgument(format!("{field}: {e}"));
     validate_family(&r.family).map_err(|e| bad("family", &e))?;
     let version: ImageVersion = r.version.parse().map_err(|e| bad("version", &e))?;
@@ -185,18 +189,26 @@ pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageReq
     let mut regions = std::collections::BTreeMap::new();
     for (i, ra) in r.regions.iter().enumerate() {
         validate_name("region", &ra.region).map_err(|e| bad(&format!("regions[{i}]"), &e))?;
-        let at = if ra.available_at_unix_ms > 0 { ra.available_at_unix_ms } else { now_ms() };
+        let at = available_at(&format!("regions[{i}].available_at_unix_ms"), ra.available_at_unix_ms)?;
         regions.insert(ra.region.clone(), at);
     }
     check_digest(&r.sha256).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
     if r.signature.trim().is_empty() {
         return Err(bad("signature", &"missing: sign the image (upkeepctl image sign) and pass --signature FILE"));
     }
+    // Nodes verify the signature against their own keys; the hub refuses one that could never verify anywhere.
+    let signature = Signature::parse(&r.signature).map_err(|e| {
+        bad("signature", &format!("{e}; give the .minisig file `upkeepctl image sign` (or minisign) wrote"))
+    })?;
     let size = if r.url.is_empty() {
-        artifacts.size(&r.sha256).map_err(|e| match e {
+        let size = artifacts.size(&r.sha256).map_err(|e| match e {
             ArtifactError::Missing(_) => ApiError::FailedPrecondition(e.to_string()),
             other => ApiError::Internal(other.to_string()),
-        })?
+        })?;
+        if !trusted.is_empty() {
+            verify_artifact(artifacts, &r.sha256, &signature, trusted)?;
+        }
+        size
     } else {
         if !r.url.starts_with("https://") {
             return Err(bad("url", &"only https:// URLs are accepted"));
@@ -215,6 +227,39 @@ pub fn publish(store: &dyn Store, artifacts: &Artifacts, r: &v1::PublishImageReq
     };
     let stored = store.put_image(&rec).map_err(conflict_to_precondition)?;
     Ok(image_to_wire(&stored))
+}
+
+/// Checks an artifact on the hub against the hub's trusted keys, the way a node does.
+fn verify_artifact(
+    artifacts: &Artifacts,
+    sha256: &str,
+    signature: &Signature,
+    trusted: &[PublicKey],
+) -> Result<(), ApiError> {
+    let path = artifacts.path(sha256).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let internal = |e: std::io::Error| ApiError::Internal(format!("reading artifact {sha256}: {e}"));
+    let refused = |e: upkeep_core::signature::SignatureError| {
+        ApiError::InvalidArgument(format!(
+            "signature: {e} (checked against the hub's [images] trusted_keys); sign the image with a trusted key"
+        ))
+    };
+    if signature.needs_whole_message() {
+        let bytes = std::fs::read(&path).map_err(internal)?;
+        signature.verify(trusted, Signed::Message(&bytes)).map_err(refused)?;
+    } else {
+        let mut f = std::fs::File::open(&path).map_err(internal)?;
+        let mut h = Prehasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).map_err(internal)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        signature.verify(trusted, Signed::Prehash(&h.finish())).map_err(refused)?;
+    }
+    Ok(())
 }
 
 /// `WithdrawImage`: one region less for a published version; refusals change nothing.
@@ -241,12 +286,28 @@ fn known_members(store: &dyn Store) -> Result<Vec<String>, ApiError> {
     Ok(store.list_members()?.into_iter().map(|m| m.name).collect())
 }
 
+/// Parses a JSON document from a request: size and depth first, then the typed parse (unknown keys refused); the
+/// error names the field and repeats at most a cut of the offending text.
+fn parse_document<T: serde::de::DeserializeOwned>(field: &str, json: &str) -> Result<T, ApiError> {
+    check_document(json).map_err(|e| ApiError::InvalidArgument(format!("{field}: {e}")))?;
+    serde_json::from_str(json)
+        .map_err(|e| ApiError::InvalidArgument(format!("{field}: {}", cut_message(&e.to_string()))))
+}
+
 fn parse_strategy(field: &str, json: &str) -> Result<StrategySpec, ApiError> {
-    serde_json::from_str(json).map_err(|e| ApiError::InvalidArgument(format!("{field}: {e}")))
+    parse_document(field, json)
 }
 
 fn invalid(errs: Vec<run::FieldError>) -> ApiError {
-    ApiError::InvalidArgument(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+    ApiError::InvalidArgument(cap_list(&errs, "; "))
+}
+
+/// A time from a request: 0 means now; otherwise it must lie within the bounds of [`upkeep_core::limits`].
+fn available_at(field: &str, ms: i64) -> Result<i64, ApiError> {
+    if ms == 0 {
+        return Ok(now_ms());
+    }
+    check_timestamp_ms(ms).map(|_| ms).map_err(|e| ApiError::InvalidArgument(format!("{field}: {e}")))
 }
 
 /// `PutStrategy`: checked against the SPEC's rules and the known members before it is stored.
@@ -413,6 +474,13 @@ pub fn delete_run(store: &dyn Store, name: &str) -> Result<v1::DeleteResponse, A
 
 /// `PlanRun`: predicted start of every member.
 pub fn plan_run(engine: &Engine, store: &dyn Store, r: &v1::PlanRunRequest) -> Result<v1::RunPlan, ApiError> {
+    if i64::from(r.assumed_member_seconds) > run::MAX_WAIT_SECONDS {
+        return Err(ApiError::InvalidArgument(format!(
+            "assumed_member_seconds: {} is more than {} (30 days); give the time one member's upgrade takes",
+            r.assumed_member_seconds,
+            run::MAX_WAIT_SECONDS
+        )));
+    }
     let rec = get_run(store, &r.name)?;
     let state = parse_state(&r.name, &rec.state)?;
     let (fleet, catalog) = engine.views()?;
@@ -452,7 +520,8 @@ pub fn publish_kubernetes(
     let mut regions = std::collections::BTreeMap::new();
     for (i, ra) in r.regions.iter().enumerate() {
         validate_name("region", &ra.region).map_err(|e| bad(&format!("regions[{i}]"), &e))?;
-        regions.insert(ra.region.clone(), if ra.available_at_unix_ms > 0 { ra.available_at_unix_ms } else { now_ms() });
+        let at = available_at(&format!("regions[{i}].available_at_unix_ms"), ra.available_at_unix_ms)?;
+        regions.insert(ra.region.clone(), at);
     }
     store.put_kubernetes(&version.to_string(), &regions)?;
     Ok(v1::KubernetesRelease {
