@@ -336,6 +336,7 @@ pub async fn orchestrate(
             .to_file_text(),
         url: "https://bench.invalid/image.img".into(),
         size_bytes: 1,
+        format: "raw".into(),
     })
     .await
     .context("PublishImage")?;

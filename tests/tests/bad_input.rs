@@ -268,9 +268,22 @@ async fn sec7_image_publish_refuses_a_signature_that_does_not_parse() {
     assert!(err.contains("signature:") && err.contains("upkeepctl image sign"), "{err}");
     let images = f.json(&["image", "list"]).await;
     assert_eq!(images["images"].as_array().map(Vec::len), Some(0), "nothing published: {images}");
-    // A well-formed signature by a key no node trusts is the nodes' to refuse.
+    // A well-formed signature by a key no node trusts is the nodes' to refuse; but these bytes are no image
+    // archive: refused as `tar` (the default), naming the file and the way out; accepted as a raw disk image.
     let sig = f.file("nobody.minisig", &untrusted_signature());
-    f.ok(&[&publish[..], &["--file", &art, "--signature", &sig]].concat()).await;
+    let err = f.refused(&[&publish[..], &["--file", &art, "--signature", &sig]].concat()).await;
+    assert!(err.contains("file: not an image archive") && err.contains("--format raw"), "{err}");
+    f.ok(&[&publish[..], &["--file", &art, "--signature", &sig, "--format", "raw"]].concat()).await;
+    // An archive that says it is another version is refused, naming both.
+    let other = f.work.path().join("other.tar");
+    upkeep_hub::image_tools::build_test_image(&other, "Debian-12", "202401.01.0", &[]).expect("build");
+    let sig = f.file("other.minisig", &untrusted_signature());
+    let other = other.to_string_lossy().into_owned();
+    let publish = ["image", "publish", "--family", "Debian-12", "--version", "202402.01.0", "--regions", "eu"];
+    let err = f.refused(&[&publish[..], &["--file", &other, "--signature", &sig]].concat()).await;
+    assert!(err.contains("Debian-12-202401.01.0") && err.contains("Debian-12-202402.01.0"), "{err}");
+    let err = f.refused(&[&publish[..], &["--file", &other, "--signature", &sig, "--format", "zip"]].concat()).await;
+    assert!(err.contains("format") && err.contains("tar or raw"), "{err}");
     f.stop().await;
 }
 

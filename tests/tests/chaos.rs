@@ -349,7 +349,7 @@ async fn a_frozen_agent_is_unknown_the_member_says_it_waits_on_it_then_the_step_
     std::fs::write(art.with_extension("img.minisig"), untrusted_signature()).expect("sig");
     let art = art.to_string_lossy().into_owned();
     let publish = ["image", "publish", "--family", "Debian-12", "--version", IMAGE_TO, "--regions", "eu", "--file"];
-    upkeepctl_ok(&pki, &url, &[&publish[..], &[art.as_str()]].concat()).await;
+    upkeepctl_ok(&pki, &url, &[&publish[..], &[art.as_str(), "--format", "raw"]].concat()).await;
     upkeepctl_ok(&pki, &url, &["run", "create", "r1", "--upgrade-type", "NodeImageOnly"]).await;
     upkeepctl_ok(&pki, &url, &["run", "start", "r1"]).await;
 

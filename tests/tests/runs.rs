@@ -57,14 +57,15 @@ impl Fleet {
         p.to_string_lossy().into_owned()
     }
 
-    /// Publishes an artifact with the given (possibly untrusted) signature text.
+    /// Publishes an artifact with the given (possibly untrusted) signature text, as a raw disk image (the hub
+    /// does not look into raw images; these tests are about runs, not archives).
     async fn publish(&self, family: &str, version: &str, regions: &str, bytes: &[u8], signature: &str) {
         let art = self.work.path().join(format!("{family}-{version}.img"));
         std::fs::write(&art, bytes).expect("write");
         std::fs::write(art.with_extension("img.minisig"), signature).expect("write");
         let art = art.to_string_lossy().into_owned();
-        self.ok(&["image", "publish", "--family", family, "--version", version, "--regions", regions, "--file", &art])
-            .await;
+        let args = ["image", "publish", "--family", family, "--version", version, "--regions", regions, "--file", &art];
+        self.ok(&[&args[..], &["--format", "raw"]].concat()).await;
     }
 
     async fn run_state(&self, name: &str) -> Value {
@@ -323,6 +324,8 @@ async fn image_publish_adds_regions_and_withdraw_takes_one_back() {
             "2030-01-01T00:00:00Z",
             "--file",
             &art,
+            "--format",
+            "raw",
         ])
         .await;
     assert_eq!(again["regions"]["eu"], "2030-01-01T00:00:00Z", "{again}");
@@ -345,6 +348,8 @@ async fn image_publish_adds_regions_and_withdraw_takes_one_back() {
             "sa",
             "--file",
             &other,
+            "--format",
+            "raw",
         ])
         .await;
     assert!(err.contains("sha256:") && err.contains("new version"), "{err}");

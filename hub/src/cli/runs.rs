@@ -193,6 +193,10 @@ pub struct PublishArgs {
     /// Detached minisign signature file (default: FILE.minisig).
     #[arg(long)]
     pub signature: Option<PathBuf>,
+    /// `tar` (a root-tree archive; the hub checks it names this family and version) or `raw` (a disk image for
+    /// raw slots, not looked into).
+    #[arg(long, default_value = "tar")]
+    pub format: String,
 }
 
 /// `upkeepctl strategy ...`
@@ -382,6 +386,7 @@ pub async fn image(c: &mut Client, cmd: &ImageCommand, format: Format, out: &mut
                 signature,
                 url,
                 size_bytes: size,
+                format: a.format.clone(),
             };
             let img = c.publish_image(req).await.map_err(status_line)?.into_inner();
             if format.is_structured() {

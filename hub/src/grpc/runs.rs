@@ -208,6 +208,13 @@ pub fn publish(
         if !trusted.is_empty() {
             verify_artifact(artifacts, &r.sha256, &signature, trusted)?;
         }
+        match r.format.as_str() {
+            "" | "tar" => {
+                check_archive(&artifacts.path(&r.sha256).map_err(|e| bad("sha256", &e))?, &r.family, version)?
+            }
+            "raw" => {}
+            other => return Err(bad("format", &format!("{other:?} is not a format; give tar or raw"))),
+        }
         size
     } else {
         if !r.url.starts_with("https://") {
@@ -549,4 +556,49 @@ pub fn list_kubernetes(store: &dyn Store) -> Result<v1::ListKubernetesResponse, 
             })
             .collect(),
     })
+}
+
+/// Largest `etc/upkeep/node-image` read from an archive.
+const NODE_IMAGE_META_MAX: u64 = 64 * 1024;
+
+/// Checks that an uploaded `tar` image is an archive the agent can unpack and that its `etc/upkeep/node-image`
+/// names the family and version it is published as (what the node will report after booting it).
+fn check_archive(path: &std::path::Path, family: &str, version: ImageVersion) -> Result<(), ApiError> {
+    use std::io::Read;
+    let not_an_image = |why: String| {
+        ApiError::InvalidArgument(format!(
+            "file: not an image archive the agents can read ({why}); build one with `upkeepctl image build`, or \
+             publish a disk image for raw slots with --format raw"
+        ))
+    };
+    let f = std::fs::File::open(path).map_err(|e| ApiError::Internal(format!("opening {}: {e}", path.display())))?;
+    let mut archive = tar::Archive::new(f);
+    let entries = archive.entries().map_err(|e| not_an_image(e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| not_an_image(e.to_string()))?;
+        let name = entry.path().map_err(|e| not_an_image(e.to_string()))?.to_string_lossy().into_owned();
+        if name.trim_start_matches("./") != "etc/upkeep/node-image" {
+            continue;
+        }
+        let mut text = String::new();
+        entry
+            .by_ref()
+            .take(NODE_IMAGE_META_MAX)
+            .read_to_string(&mut text)
+            .map_err(|e| not_an_image(format!("etc/upkeep/node-image: {e}")))?;
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+                .map(|v| v.trim().trim_matches('"'))
+        };
+        let (f, v) = (value("FAMILY").unwrap_or_default(), value("VERSION").unwrap_or_default());
+        if f != family || v.parse::<ImageVersion>().ok() != Some(version) {
+            return Err(ApiError::InvalidArgument(format!(
+                "file: the image says it is {f}-{v} (etc/upkeep/node-image) but is published as {family}-{version}; \
+                 publish it under the family and version it carries"
+            )));
+        }
+        return Ok(());
+    }
+    Err(not_an_image("no etc/upkeep/node-image in it".into()))
 }
