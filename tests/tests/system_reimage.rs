@@ -190,9 +190,13 @@ impl Lab {
         file
     }
 
+    /// Publishes `image` as `version`. The GRUB backend writes images to raw slots byte for byte, so the lab
+    /// publishes them as `raw`: the hub does not look into them and the node alone judges what boots (a mislabelled
+    /// release must reach the node for the fallback case).
     fn publish(&self, image: &Path, version: &str) {
         let f = image.to_string_lossy();
-        self.ctl(&["image", "publish", "--family", FAMILY, "--version", version, "--regions", REGION, "--file", &f]);
+        let args = ["image", "publish", "--family", FAMILY, "--version", version, "--regions", REGION, "--file", &f];
+        self.ctl(&[&args[..], &["--format", "raw"]].concat());
     }
 
     fn node(&self, name: &str) -> Option<Value> {
