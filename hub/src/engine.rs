@@ -193,7 +193,7 @@ impl Engine {
             if m.level.status == Status::Running
                 && let Some(target) = &m.target
             {
-                self.spawn_member(run_name, &state, &m.name, target.clone());
+                self.spawn_member(run_name, &state, &m.name, target.clone(), m.work.clone());
             }
         }
     }
@@ -236,20 +236,31 @@ impl Engine {
         // Persist, then act.
         let stored = self.store().commit_run(name, &rec.state, &state_json(&new_state), &events)?;
         self.statuses.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), run_status.clone());
+        self.executor.ledger().note_run(name, &new_state);
         for e in stored {
             let _ = self.events.send(e);
         }
         for action in &plan.actions {
             match action {
-                Action::StartMember { member, target, .. } => {
-                    self.spawn_member(name, &new_state, member, target.clone())
+                Action::StartMember { member, target, work } => {
+                    self.spawn_member(name, &new_state, member, target.clone(), Some(work.clone()))
                 }
             }
         }
         Ok((new_state, plan))
     }
 
-    fn spawn_member(self: &Arc<Self>, run_name: &str, state: &RunState, member: &str, target: MemberTarget) {
+    /// Hands a member's upgrade to the executor. `work`: the plan from the `StartMember` action (None when a
+    /// restarted hub resumes a Running member: its job, stored before its first command, holds the plan; a member
+    /// whose job was never stored had nothing done yet and is planned again from its nodes).
+    fn spawn_member(
+        self: &Arc<Self>,
+        run_name: &str,
+        state: &RunState,
+        member: &str,
+        target: MemberTarget,
+        work: Option<WorkPlan>,
+    ) {
         let key = (run_name.to_string(), member.to_string());
         if !self.executing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
             return;
@@ -263,7 +274,7 @@ impl Engine {
         let member = member.to_string();
         let upgrade_type = state.upgrade_type();
         let attempt = ms.attempts;
-        let stored_work = ms.work.clone();
+        let stored_work = work;
         tokio::spawn(async move {
             let outcome = engine.upgrade_member(&run, &member, upgrade_type, &target, attempt, stored_work).await;
             match &outcome {

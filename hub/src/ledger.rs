@@ -82,6 +82,9 @@ pub struct Ledger {
     holders: Mutex<HashMap<String, i64>>,
     /// Wakes work waiting for a slot when one is given back.
     freed: Notify,
+    /// Run -> the members it upgrades now: read from the store once, then kept current by the run engine after
+    /// each commit (`note_run`), so a lease decision does not parse every run state.
+    upgrading: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
 }
 
 impl Ledger {
@@ -89,7 +92,40 @@ impl Ledger {
     pub fn new(fleet: Arc<Fleet>, lease_ttl: Duration) -> Arc<Ledger> {
         let holders =
             fleet.store().list_leases().map(|ls| ls.into_iter().map(|l| (l.node, 0)).collect()).unwrap_or_default();
-        Arc::new(Ledger { fleet, lease_ttl, desk: Mutex::new(()), holders: Mutex::new(holders), freed: Notify::new() })
+        let mut upgrading: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+        match upgrading_runs(fleet.store()) {
+            Ok(runs) => {
+                for (member, run) in runs {
+                    upgrading.entry(run).or_default().insert(member);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reading the runs upgrading members"),
+        }
+        Arc::new(Ledger {
+            fleet,
+            lease_ttl,
+            desk: Mutex::new(()),
+            holders: Mutex::new(holders),
+            freed: Notify::new(),
+            upgrading: Mutex::new(upgrading),
+        })
+    }
+
+    /// The run engine committed `state` of run `run`: remember which members it upgrades now.
+    pub fn note_run(&self, run: &str, state: &upkeep_core::run::RunState) {
+        let members: std::collections::BTreeSet<String> =
+            state.members().filter(|m| m.level.status == Status::Running).map(|m| m.name.clone()).collect();
+        let mut upgrading = lock(&self.upgrading);
+        if members.is_empty() {
+            upgrading.remove(run);
+        } else {
+            upgrading.insert(run.to_string(), members);
+        }
+    }
+
+    /// The run upgrading `member` now, if any.
+    pub fn upgrading_run(&self, member: &str) -> Option<String> {
+        lock(&self.upgrading).iter().find(|(_, ms)| ms.contains(member)).map(|(run, _)| run.clone())
     }
 
     fn store(&self) -> &dyn Store {
@@ -147,7 +183,7 @@ impl Ledger {
         let window: Option<MaintenanceSchedule> =
             settings.node_os_schedule.as_deref().and_then(|s| serde_json::from_str(s).ok());
         // The run upgrading the member blocks every other holder; its own work is what it is waiting for.
-        let run = upgrading_runs(self.store())?.remove(member).filter(|r| ask.holder != run_holder(r, member));
+        let run = self.upgrading_run(member).filter(|r| ask.holder != run_holder(r, member));
         let held: Vec<HeldLease> = leases
             .iter()
             .map(|l| HeldLease {

@@ -777,7 +777,6 @@ impl<'a> Planner<'a> {
         };
         let m = &mut self.st.stages[si].groups[gi].members[mi];
         m.target = Some(target.clone());
-        m.work = Some(work.clone());
         m.attempts += 1;
         self.plan.actions.push(super::Action::StartMember { member: m.name.clone(), target, work });
     }

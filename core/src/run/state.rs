@@ -193,8 +193,9 @@ pub struct MemberState {
     /// How many upgrade attempts were started (retries after a restart count).
     #[serde(default)]
     pub attempts: u32,
-    /// The work list of its latest attempt, decided by the planner when it started; a hub that restarts
-    /// carries out this list, not a new one (a node already at target still gets its remaining steps).
+    /// Not written any more: the work list travels in `Action::StartMember` and is stored with the executor's job
+    /// before its first command (a run state with every member's list grew to megabytes at fleet scale). Read from
+    /// states written while it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work: Option<crate::work::WorkPlan>,
 }
@@ -571,7 +572,7 @@ pub fn apply(state: &RunState, plan: &super::Plan) -> Result<RunState, RunOpErro
     }
     for a in &plan.actions {
         match a {
-            super::Action::StartMember { member, target, work } => {
+            super::Action::StartMember { member, target, .. } => {
                 let r = LevelRef::Member { member: member.clone() };
                 let Some(Idx::Member(si, gi, mi)) = next.find(&r) else {
                     return Err(RunOpError::UnknownLevel(r));
@@ -581,7 +582,6 @@ pub fn apply(state: &RunState, plan: &super::Plan) -> Result<RunState, RunOpErro
                     return Err(RunOpError::StalePlan { level: r, expected: Status::Running, found: m.level.status });
                 }
                 m.target = Some(target.clone());
-                m.work = Some(work.clone());
                 m.attempts += 1;
             }
         }
