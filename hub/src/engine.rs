@@ -6,7 +6,8 @@
 //! decided for it (`upkeep_core::work`), which the one node-work executor (`crate::executor`) carries out under
 //! the member's leases; the outcome goes back through `member_finished`.
 //!
-//! Crash safety: state (work list included) is committed before anything is sent. After a restart the engine
+//! Crash safety: state is committed before anything is sent, a member's work list with its job before its first
+//! command. After a restart the engine
 //! finds members that are Running without a task and hands the same work (same id) to the executor again, which
 //! resumes it from its stored progress; operation ids derive from (run, member, attempt, node, step), so a step the
 //! agent already did is answered with its first result and never done twice.
