@@ -24,6 +24,8 @@ pub struct Outcome {
     pub command: String,
     /// Unix seconds at the end.
     pub finished_unix_s: u64,
+    /// The commit the binaries were built from (`git describe --always --dirty` of the working tree).
+    pub commit: String,
     /// The machine.
     pub machine: Machine,
     /// The table.
@@ -45,6 +47,19 @@ pub struct Machine {
     pub kernel: String,
     /// 1-minute load average when the scenario ended (others share this machine).
     pub loadavg_1m: f64,
+    /// 1-, 5- and 15-minute load averages when the scenario ended.
+    pub loadavg: String,
+}
+
+/// The commit of the working tree the bench runs in, `-dirty` when tracked files differ from it.
+pub fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown (not a git checkout)".into())
 }
 
 /// Reads the machine description.
@@ -57,12 +72,11 @@ pub fn machine() -> Machine {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_mib = crate::measure::status_value(&meminfo, "MemTotal").unwrap_or(0) / 1024;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let loadavg_1m = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0.0);
+    let loadavg_text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let loadavg_1m = loadavg_text.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let loadavg = loadavg_text.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let cpus = std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0);
-    Machine { cpu, cpus, mem_mib, kernel, loadavg_1m }
+    Machine { cpu, cpus, mem_mib, kernel, loadavg_1m, loadavg }
 }
 
 /// A row.
@@ -75,10 +89,10 @@ impl Outcome {
     pub fn emit(&self, dir: &Path) -> anyhow::Result<()> {
         let w0 = self.table.iter().map(|r| r.metric.len()).max().unwrap_or(6).max(6);
         let w1 = self.table.iter().map(|r| r.value.len()).max().unwrap_or(5).max(5);
-        println!("\n== {} ==  ({})", self.scenario, self.command);
+        println!("\n== {} ==  ({}) at {}", self.scenario, self.command, self.commit);
         println!(
-            "machine: {} x{}, {} MiB, kernel {}, load {:.1}",
-            self.machine.cpu, self.machine.cpus, self.machine.mem_mib, self.machine.kernel, self.machine.loadavg_1m
+            "machine: {} x{}, {} MiB, kernel {}, load {}",
+            self.machine.cpu, self.machine.cpus, self.machine.mem_mib, self.machine.kernel, self.machine.loadavg
         );
         println!("{:<w0$}  {:>w1$}  target", "metric", "value");
         for r in &self.table {

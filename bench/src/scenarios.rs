@@ -52,7 +52,15 @@ impl Ctx {
     fn outcome(&self, scenario: String, table: Vec<Row>, figures: serde_json::Value) -> Outcome {
         let finished_unix_s =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Outcome { scenario, command: self.command.clone(), finished_unix_s, machine: machine(), table, figures }
+        Outcome {
+            scenario,
+            command: self.command.clone(),
+            finished_unix_s,
+            commit: crate::report::commit(),
+            machine: machine(),
+            table,
+            figures,
+        }
     }
 
     fn hub_setup(&self, cache: &CertCache, run_dir: PathBuf, heartbeat_seconds: u32) -> anyhow::Result<HubSetup> {
