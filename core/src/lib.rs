@@ -11,5 +11,7 @@ pub mod maintenance;
 pub mod run;
 pub mod schedule;
 pub mod signature;
+#[cfg(test)]
+mod testing;
 pub mod version;
 pub mod work;

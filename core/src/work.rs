@@ -444,6 +444,7 @@ pub fn on_undrainable(policy: &DrainPolicy, used: u32, node: &str, blocker: &str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Rng;
 
     fn node(name: &str, pool: &str, cp: bool, image: &str, k: Option<&str>) -> WorkNode {
         WorkNode {
@@ -560,25 +561,11 @@ mod tests {
         assert!(DrainPolicy { timeout_seconds: 0, ..DrainPolicy::default() }.problem().is_some());
     }
 
-    /// xorshift64*: reproducible without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     #[test]
     fn property_no_plan_exceeds_the_budget_and_apply_runs_once_and_first() {
         let mut rng = Rng(0x5eed_1234_abcd_0001);
         for _ in 0..2000 {
-            let count = 1 + rng.below(12) as usize;
+            let count = 1 + rng.below(12);
             let pools = 1 + rng.below(3);
             let nodes: Vec<WorkNode> = (0..count)
                 .map(|i| {
@@ -587,8 +574,8 @@ mod tests {
                         &format!("n{i:02}"),
                         &format!("p{pool}"),
                         pool == 0 && rng.below(2) == 0,
-                        ["F-202401.01.0", "F-202402.01.0"][rng.below(2) as usize],
-                        Some(["1.29.0", "1.30.0"][rng.below(2) as usize]),
+                        ["F-202401.01.0", "F-202402.01.0"][rng.below(2)],
+                        Some(["1.29.0", "1.30.0"][rng.below(2)]),
                     )
                 })
                 .collect();

@@ -123,6 +123,11 @@ impl Ledger {
         }
     }
 
+    /// Member -> the run upgrading it now.
+    pub fn upgrading(&self) -> HashMap<String, String> {
+        lock(&self.upgrading).iter().flat_map(|(run, ms)| ms.iter().map(move |m| (m.clone(), run.clone()))).collect()
+    }
+
     /// The run upgrading `member` now, if any.
     pub fn upgrading_run(&self, member: &str) -> Option<String> {
         lock(&self.upgrading).iter().find(|(_, ms)| ms.contains(member)).map(|(run, _)| run.clone())

@@ -23,7 +23,7 @@
 use crate::engine::work_node;
 use crate::executor::{Executor, JobSpec, JobState, JobStatus};
 use crate::fleet::{Fleet, now_ms};
-use crate::ledger::{LeaseAsk, Ledger, time_of, upgrading_runs};
+use crate::ledger::{LeaseAsk, Ledger, time_of};
 use crate::store::{NodeRecord, Store, StoreError};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
@@ -519,7 +519,7 @@ impl Maintenance {
             .into_iter()
             .filter_map(|(m, j)| serde_json::from_str(&j).ok().map(|s| (m, s)))
             .collect();
-        let runs = upgrading_runs(self.store())?;
+        let runs = self.ledger().upgrading();
         let mut next: Option<DateTime<Utc>> = None;
         let mut notes = HashMap::new();
         let mut whys: HashMap<String, NodeWhy> = HashMap::new();

@@ -73,7 +73,6 @@ mod tests;
 pub use model::{
     DEFAULT_STAGE_NAME, GroupSpec, ImagePin, MAX_GROUPS_PER_STAGE, MAX_MEMBERS_PER_RUN, MAX_STAGES, MAX_WAIT_SECONDS,
     NodeImageSelection, OrderSource, StageSpec, StrategySpec, UpdateRunSpec, UpgradeType, default_strategy,
-    order_source,
 };
 pub use plan::{
     Action, Catalog, Fleet, MemberView, NodePoolView, Plan, PredictedStart, SkipTarget, fail_member_only,
@@ -83,4 +82,4 @@ pub use state::{
     GroupState, LevelRef, LevelState, MemberState, MemberTarget, RunOpError, RunState, StageState, Status, Transition,
     apply, can_transition, transition_path,
 };
-pub use validate::{FieldError, describe, validate_run_spec};
+pub use validate::{FieldError, describe, order_source, validate_run_spec};

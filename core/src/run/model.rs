@@ -209,22 +209,6 @@ pub const MAX_MEMBERS_PER_RUN: usize = 100_000;
 /// Name of the single stage and group made when a run has no order.
 pub const DEFAULT_STAGE_NAME: &str = "all-members";
 
-/// Decides where a run's order comes from, refusing a request that names a strategy *and* carries stages.
-pub fn order_source(
-    strategy_name: Option<&str>,
-    inline: Option<StrategySpec>,
-) -> Result<OrderSource, super::validate::FieldError> {
-    match (strategy_name, inline) {
-        (Some(name), Some(_)) => Err(super::validate::FieldError::new(
-            "strategy",
-            format!("both strategy {name:?} and inline stages are given; give one or the other, never both"),
-        )),
-        (Some(name), None) => Ok(OrderSource::Named(name.to_string())),
-        (None, Some(s)) => Ok(OrderSource::Inline(s)),
-        (None, None) => Ok(OrderSource::AllMembersOneByOne),
-    }
-}
-
 /// The order a run with no strategy follows: one stage with one group holding every member in the given order.
 pub fn default_strategy(all_members_in_order: &[String]) -> StrategySpec {
     StrategySpec {

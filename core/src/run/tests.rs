@@ -1205,21 +1205,7 @@ fn specs_and_states_round_trip_through_json() {
 
 // ----- property-style: random operation sequences ------------------------------------------------------------------
 
-/// A small deterministic generator (xorshift64*), so the test is reproducible without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use crate::testing::Rng;
 
 #[test]
 fn property_random_operations_keep_every_transition_legal() {

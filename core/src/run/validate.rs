@@ -2,8 +2,8 @@
 //! all errors are collected, so an operator fixes a file in one go. Validation changes nothing.
 
 use super::model::{
-    MAX_GROUPS_PER_STAGE, MAX_MEMBERS_PER_RUN, MAX_STAGES, MAX_WAIT_SECONDS, NodeImageSelection, UpdateRunSpec,
-    UpgradeType,
+    MAX_GROUPS_PER_STAGE, MAX_MEMBERS_PER_RUN, MAX_STAGES, MAX_WAIT_SECONDS, NodeImageSelection, OrderSource,
+    StrategySpec, UpdateRunSpec, UpgradeType,
 };
 use crate::ids::validate_name;
 use crate::limits::quoted as q;
@@ -207,4 +207,17 @@ pub fn validate_run_spec(spec: &UpdateRunSpec, known_members: &BTreeSet<String>)
         }
     }
     if errs.is_empty() { Ok(()) } else { Err(errs) }
+}
+
+/// Decides where a run's order comes from, refusing a request that names a strategy *and* carries stages.
+pub fn order_source(strategy_name: Option<&str>, inline: Option<StrategySpec>) -> Result<OrderSource, FieldError> {
+    match (strategy_name, inline) {
+        (Some(name), Some(_)) => Err(FieldError::new(
+            "strategy",
+            format!("both strategy {name:?} and inline stages are given; give one or the other, never both"),
+        )),
+        (Some(name), None) => Ok(OrderSource::Named(name.to_string())),
+        (None, Some(s)) => Ok(OrderSource::Inline(s)),
+        (None, None) => Ok(OrderSource::AllMembersOneByOne),
+    }
 }
