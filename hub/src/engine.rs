@@ -15,18 +15,16 @@
 use crate::executor::{Executor, JobSpec, NodeEvent};
 use crate::fleet::{Fleet, now_ms};
 use crate::ledger::run_holder;
-use crate::store::{EventRecord, MemberSettings, NewEvent, NodeRecord, Store, StoreError};
+use crate::store::{EventRecord, NewEvent, NodeRecord, Store, StoreError};
 use chrono::{DateTime, Utc};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
 use upkeep_core::run::{
-    self, Action, Catalog, LevelRef, MemberTarget, MemberView, NodePoolView, Plan, RunOpError, RunState, Status,
+    self, Action, Catalog, LevelRef, MemberTarget, Plan, RunOpError, RunState, Status,
     UpgradeType,
 };
-use upkeep_core::schedule::MaintenanceSchedule;
-use upkeep_core::version::{ImageVersion, KubernetesVersion, NodeImageVersion};
 use upkeep_core::work::{Operation, WorkNode, WorkPlan, plan_work};
 
 /// Longest time between two planning passes even when nothing happens.
@@ -72,12 +70,6 @@ pub struct Engine {
     /// The last committed status of each run (node events carry it without re-reading the run).
     statuses: Mutex<std::collections::HashMap<String, String>>,
     executor: Arc<Executor>,
-}
-
-/// A stored time. One out of bounds (2000..2200, refused at the door since; only a damaged or older store holds
-/// one) reads as the calendar's end, "never": a release with a garbage time is never taken as already out.
-fn ms_to_time(ms: i64) -> DateTime<Utc> {
-    upkeep_core::limits::time_from_ms(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// The message of a caught panic.
@@ -208,11 +200,12 @@ impl Engine {
         let rec = self.store().get_run(name)?.ok_or_else(|| EngineError::NoSuchRun(name.to_string()))?;
         let state = parse_state(name, &rec.state)?;
         let (fleet, catalog) = self.views()?;
+        let (fleet, catalog) = (fleet.as_ref(), catalog.as_ref());
         let now = Utc::now();
         // Core decides without panicking on anything stored; should it panic anyway, the run is left as it was and
         // the error says why, and the hub keeps serving.
         let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let plan = f(&state, &fleet, &catalog, now)?;
+            let plan = f(&state, fleet, catalog, now)?;
             let new_state = if plan.is_empty() { None } else { Some(run::apply(&state, &plan)?) };
             Ok::<_, RunOpError>((plan, new_state))
         }))
@@ -330,8 +323,7 @@ impl Engine {
         let plan = match stored {
             Some(p) => p,
             None => {
-                let (fleet, _) = self.views().map_err(|e| e.to_string())?;
-                let nodes = fleet.members.get(member).map(|m| m.nodes.clone()).unwrap_or_default();
+                let nodes = self.fleet.view().member_nodes(member);
                 plan_work(
                     &Operation::RunUpgrade {
                         upgrade_type,
@@ -383,96 +375,14 @@ impl Engine {
         }
     }
 
-    /// The planner's inputs, built from the inventory, member settings and the catalog.
-    pub fn views(&self) -> Result<(run::Fleet, Catalog), EngineError> {
-        let nodes = self.store().list_nodes(None)?;
-        let mut by_member: BTreeMap<String, Vec<&NodeRecord>> = BTreeMap::new();
-        for n in &nodes {
-            by_member.entry(n.facts.member.clone()).or_default().push(n);
-        }
-        let mut fleet = run::Fleet::default();
-        let all_settings: std::collections::HashMap<String, MemberSettings> =
-            self.store().all_member_settings()?.into_iter().map(|s| (s.member.clone(), s)).collect();
-        let defaults = MemberSettings::defaults("");
-        for (member, nodes) in by_member {
-            let settings = all_settings.get(&member).unwrap_or(&defaults);
-            fleet.members.insert(member.clone(), member_view(&nodes, settings));
-        }
-        let mut catalog = Catalog::default();
-        for img in self.store().list_images(None)? {
-            let Ok(version) = img.version.parse::<ImageVersion>() else { continue };
-            let regions = img.regions.iter().map(|(r, ms)| (r.clone(), ms_to_time(*ms))).collect();
-            catalog.images.entry(img.family.clone()).or_default().insert(version, regions);
-        }
-        for (version, regions) in self.store().list_kubernetes()? {
-            let Ok(v) = version.parse::<KubernetesVersion>() else { continue };
-            catalog.kubernetes.insert(v, regions.iter().map(|(r, ms)| (r.clone(), ms_to_time(*ms))).collect());
-        }
-        Ok((fleet, catalog))
+    /// The planner's inputs: the hub's in-memory view of members (with their nodes and settings) and the
+    /// catalog, current with the store's last write (`crate::store::view`).
+    pub fn views(&self) -> Result<(Arc<run::Fleet>, Arc<Catalog>), EngineError> {
+        Ok(self.fleet.view().snapshot())
     }
 }
 
 /// What the work planner needs to know about a node (`upkeep_core::work::plan_work`).
 pub fn work_node(n: &NodeRecord) -> WorkNode {
-    WorkNode {
-        name: n.name.clone(),
-        pool: n.facts.node_pool.clone(),
-        control_plane: n.facts.control_plane,
-        image: n.facts.image_version().parse().ok(),
-        kubernetes: n.facts.kubernetes_version.parse().ok(),
-    }
-}
-
-/// The planner's view of one member from its nodes.
-fn member_view(nodes: &[&NodeRecord], settings: &MemberSettings) -> MemberView {
-    let schedule =
-        |j: &Option<String>| -> Option<MaintenanceSchedule> { j.as_deref().and_then(|s| serde_json::from_str(s).ok()) };
-    // The member's region is the one most of its nodes are in; pools elsewhere carry their own.
-    let mut region_count: BTreeMap<&str, usize> = BTreeMap::new();
-    for n in nodes {
-        *region_count.entry(n.facts.region.as_str()).or_default() += 1;
-    }
-    let region = region_count
-        .iter()
-        .max_by_key(|(r, c)| (**c, std::cmp::Reverse(**r)))
-        .map(|(r, _)| r.to_string())
-        .unwrap_or_default();
-    let mut pools: BTreeMap<&str, Vec<&NodeRecord>> = BTreeMap::new();
-    for n in nodes {
-        pools.entry(n.facts.node_pool.as_str()).or_default().push(n);
-    }
-    let node_pools = pools
-        .into_iter()
-        .filter_map(|(name, ns)| {
-            let parsed: Vec<Option<NodeImageVersion>> =
-                ns.iter().map(|n| n.facts.image_version().parse().ok()).collect();
-            let family = parsed.iter().flatten().next()?.family.clone();
-            let image_version = if parsed.iter().all(|p| p.as_ref().is_some_and(|v| v.family == family)) {
-                parsed.iter().flatten().map(|v| v.version).min()
-            } else {
-                None
-            };
-            let pool_region = ns[0].facts.region.clone();
-            Some(NodePoolView {
-                name: name.to_string(),
-                family,
-                image_version,
-                region: (pool_region != region).then_some(pool_region),
-            })
-        })
-        .collect();
-    let kubernetes_version = {
-        let ks: Vec<Option<KubernetesVersion>> =
-            nodes.iter().map(|n| n.facts.kubernetes_version.parse().ok()).collect();
-        if ks.iter().all(Option::is_some) { ks.into_iter().flatten().min() } else { None }
-    };
-    MemberView {
-        region,
-        kubernetes_version,
-        node_pools,
-        node_os_schedule: schedule(&settings.node_os_schedule),
-        cluster_schedule: schedule(&settings.cluster_schedule),
-        nodes: nodes.iter().map(|n| work_node(n)).collect(),
-        max_unavailable: settings.budget(),
-    }
+    crate::store::view::work_node_of(&n.name, &n.facts)
 }

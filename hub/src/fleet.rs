@@ -1,6 +1,7 @@
 //! The live fleet: the store plus what only exists while the hub runs (open agent sessions and last-seen
 //! times not yet flushed). Handlers call into `Fleet`; `Fleet` persists, then acts (pushes to agents).
 
+use crate::store::view::Viewed;
 use crate::store::{MemberRecord, NodeFacts, NodeRecord, OperationFact, Store, StoreError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +79,7 @@ pub struct Timing {
 /// The hub's fleet state.
 pub struct Fleet {
     store: Arc<dyn Store>,
+    view: Arc<Viewed>,
     sessions: Mutex<HashMap<String, Session>>,
     seen: Mutex<HashMap<String, i64>>,
     next_session: AtomicU64,
@@ -132,7 +134,10 @@ impl Fleet {
     /// A fleet over `store`; advances the store's hub epoch (the fencing of every command this hub sends).
     pub fn new(store: Arc<dyn Store>, timing: Timing) -> Result<Fleet, StoreError> {
         let epoch = store.next_epoch()?;
+        let view = Arc::new(Viewed::open(store)?);
+        let store: Arc<dyn Store> = view.clone();
         Ok(Fleet {
+            view,
             epoch,
             sent: AtomicU64::new(0),
             heard: Mutex::new(HashMap::new()),
@@ -159,9 +164,14 @@ impl Fleet {
         self.epoch
     }
 
-    /// The store.
+    /// The store (every write of nodes, member settings and the catalog also updates [`Self::view`]).
     pub fn store(&self) -> &dyn Store {
         self.store.as_ref()
+    }
+
+    /// The planner's in-memory view of the fleet, current with the store's last write.
+    pub fn view(&self) -> &Viewed {
+        &self.view
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {

@@ -183,7 +183,7 @@ impl Ledger {
             self.record(node, member, ask)?;
             return Ok(LeaseDecision::AlreadyHeld);
         }
-        let node_count = self.store().list_nodes(Some(member))?.len() as u32;
+        let node_count = self.fleet.view().member_node_count(member) as u32;
         let settings = self.store().member_settings(member)?;
         let window: Option<MaintenanceSchedule> =
             settings.node_os_schedule.as_deref().and_then(|s| serde_json::from_str(s).ok());

@@ -13,6 +13,7 @@ use crate::work::{Operation, WorkNode, WorkPlan, plan_work};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// What the planner needs to know about one node pool of a member.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,11 +81,24 @@ impl MemberView {
     }
 }
 
-/// The hub's view of the members, by name.
+/// The hub's view of the members, by name. Views are shared (`Arc`): the hub keeps them up to date as reports
+/// arrive and hands the planner a snapshot without copying a member's nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Fleet {
     /// Members by name.
-    pub members: BTreeMap<String, MemberView>,
+    pub members: BTreeMap<String, Arc<MemberView>>,
+}
+
+impl Fleet {
+    /// Adds or replaces a member's view.
+    pub fn insert(&mut self, name: impl Into<String>, view: MemberView) {
+        self.members.insert(name.into(), Arc::new(view));
+    }
+
+    /// A member's view to change in place (copied first if a snapshot still shares it).
+    pub fn member_mut(&mut self, name: &str) -> Option<&mut MemberView> {
+        self.members.get_mut(name).map(Arc::make_mut)
+    }
 }
 
 /// When each version becomes available in each region.

@@ -9,6 +9,7 @@ use crate::schedule::{DayOfWeek, Frequency, MaintenanceSchedule, UtcOffset};
 use crate::version::{ImageVersion, KubernetesVersion};
 use chrono::{DateTime, NaiveTime, TimeDelta, Utc};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 const FAM: &str = "Ubuntu-2204gen2";
 const T0: &str = "2024-01-01T12:00:00Z"; // a Monday
@@ -46,7 +47,7 @@ fn upkeep_limit_one() -> crate::concurrency::Limit {
 }
 
 fn fleet(names: &[&str]) -> Fleet {
-    Fleet { members: names.iter().map(|n| (n.to_string(), member_view("eastus"))).collect() }
+    Fleet { members: names.iter().map(|n| (n.to_string(), Arc::new(member_view("eastus")))).collect() }
 }
 
 /// Weekly Monday window at `start` UTC for 4 hours.
@@ -363,7 +364,7 @@ fn windowed_fleet() -> Fleet {
     // At T0 (Monday 12:00 UTC): "open" is inside its window, "soon" opens at 14:00, "closed" on Tuesday.
     let mut f = fleet(&["closed", "none", "soon", "open"]);
     let set = |f: &mut Fleet, m: &str, s: MaintenanceSchedule| {
-        f.members.get_mut(m).expect("member").node_os_schedule = Some(s);
+        f.member_mut(m).expect("member").node_os_schedule = Some(s);
     };
     set(&mut f, "open", monday("10:00"));
     set(&mut f, "soon", monday("14:00"));
@@ -467,7 +468,7 @@ fn sec5_pending_node_image_not_yet_available_in_region() {
 
 fn two_region_fleet() -> Fleet {
     let mut f = fleet(&["east", "west"]);
-    f.members.get_mut("west").expect("member").region = "westus".into();
+    f.member_mut("west").expect("member").region = "westus".into();
     f
 }
 
@@ -519,7 +520,7 @@ fn sec5_consistent_skips_member_with_no_common_image() {
     // east lives in eastus, but its gpu pool runs in westus, where GpuLinux was never published.
     let mut gpu = pool("gpu", GPU, "202401.01.0");
     gpu.region = Some("westus".into());
-    f.members.get_mut("east").expect("member").node_pools.push(gpu);
+    f.member_mut("east").expect("member").node_pools.push(gpu);
     let mut h = H::new(sp, f);
     publish(&mut h.cat, GPU, "202402.01.0", &["eastus"]);
     assert_eq!(started(&h.start()), vec!["west"]);
@@ -552,10 +553,10 @@ fn sec5_consistent_counts_per_family_only_the_regions_where_it_is_used() {
     // Three regions, two families: Ubuntu runs in eastus and westus, GpuLinux in westus and northeu. Neither is
     // ever published in the region where only the other one runs.
     let mut f = fleet(&["east", "west", "north"]);
-    let west = f.members.get_mut("west").expect("member");
+    let west = f.member_mut("west").expect("member");
     west.region = "westus".into();
     west.node_pools.push(pool("gpu", GPU, "202401.01.0"));
-    let north = f.members.get_mut("north").expect("member");
+    let north = f.member_mut("north").expect("member");
     north.region = "northeu".into();
     north.node_pools = vec![pool("gpu", GPU, "202401.01.0")];
     let mut sp = node_image_run(vec![stage("s1", vec![group("g1", &["east", "west", "north"])])]);
@@ -594,7 +595,7 @@ fn sec5_consistent_counts_a_pool_in_its_own_region_not_its_members() {
     let mut f = fleet(&["east"]);
     let mut gpu = pool("gpu", GPU, "202401.01.0");
     gpu.region = Some("northeu".into());
-    f.members.get_mut("east").expect("member").node_pools.push(gpu);
+    f.member_mut("east").expect("member").node_pools.push(gpu);
     let mut sp = node_image_run(vec![stage("s1", vec![group("g1", &["east"])])]);
     sp.node_image_selection = NodeImageSelection::Consistent;
     let mut h = H::new(sp, f);
@@ -617,7 +618,7 @@ fn sec5_custom_pins_leave_unpinned_families_alone() {
     sp.node_image_selection =
         NodeImageSelection::Custom { pins: vec![ImagePin { family: FAM.into(), version: iv("202402.01.0") }] };
     let mut f = fleet(&["a"]);
-    f.members.get_mut("a").expect("member").node_pools.push(pool("other", "Mariner", "202301.01.0"));
+    f.member_mut("a").expect("member").node_pools.push(pool("other", "Mariner", "202301.01.0"));
     let mut h = H::new(sp, f);
     h.start();
     let target = h.st.member("a").and_then(|m| m.target.clone()).expect("target");
@@ -630,7 +631,7 @@ fn sec5_custom_pins_leave_unpinned_families_alone() {
 #[test]
 fn sec5_skip_member_already_at_target_kubernetes() {
     let mut f = fleet(&["a", "b"]);
-    f.members.get_mut("a").expect("member").kubernetes_version = Some(kv("1.30.0"));
+    f.member_mut("a").expect("member").kubernetes_version = Some(kv("1.30.0"));
     let mut h = H::new(spec(UpgradeType::ControlPlaneOnly, vec![stage("s1", vec![group("g1", &["a", "b"])])]), f);
     assert_eq!(started(&h.start()), vec!["b"]);
     assert_eq!(h.m("a"), Status::Skipped);
@@ -641,7 +642,7 @@ fn sec5_skip_member_already_at_target_kubernetes() {
 #[test]
 fn sec5_skip_node_image_only_member_with_every_pool_at_target() {
     let mut f = fleet(&["a", "b"]);
-    f.members.get_mut("a").expect("member").node_pools = vec![pool("np1", FAM, "202402.01.0")];
+    f.member_mut("a").expect("member").node_pools = vec![pool("np1", FAM, "202402.01.0")];
     let mut h = H::new(node_image_run(vec![stage("s1", vec![group("g1", &["a", "b"])])]), f);
     assert_eq!(started(&h.start()), vec!["b"]);
     assert_eq!(h.m("a"), Status::Skipped);
@@ -652,9 +653,9 @@ fn sec5_skip_node_image_only_member_with_every_pool_at_target() {
 fn sec5_skip_full_only_when_kubernetes_and_every_pool_at_target() {
     let mut f = fleet(&["both", "k8s_only"]);
     for m in ["both", "k8s_only"] {
-        f.members.get_mut(m).expect("member").kubernetes_version = Some(kv("1.30.0"));
+        f.member_mut(m).expect("member").kubernetes_version = Some(kv("1.30.0"));
     }
-    f.members.get_mut("both").expect("member").node_pools = vec![pool("np1", FAM, "202402.01.0")];
+    f.member_mut("both").expect("member").node_pools = vec![pool("np1", FAM, "202402.01.0")];
     let mut h = H::new(spec(UpgradeType::Full, vec![stage("s1", vec![group("g1", &["both", "k8s_only"])])]), f);
     assert_eq!(started(&h.start()), vec!["k8s_only"]);
     assert_eq!(h.m("both"), Status::Skipped);
@@ -665,7 +666,7 @@ fn sec5_skip_full_only_when_kubernetes_and_every_pool_at_target() {
 fn sec5_all_members_skipped_rolls_up_to_skipped_group_stage_run() {
     let mut f = fleet(&["a", "b"]);
     for m in ["a", "b"] {
-        f.members.get_mut(m).expect("member").kubernetes_version = Some(kv("1.30.0"));
+        f.member_mut(m).expect("member").kubernetes_version = Some(kv("1.30.0"));
     }
     let mut h = H::new(
         spec(
@@ -684,7 +685,7 @@ fn sec5_all_members_skipped_rolls_up_to_skipped_group_stage_run() {
 #[test]
 fn sec5_completed_when_every_child_completed_or_skipped() {
     let mut f = fleet(&["a", "b"]);
-    f.members.get_mut("a").expect("member").node_pools = vec![pool("np1", FAM, "202402.01.0")];
+    f.member_mut("a").expect("member").node_pools = vec![pool("np1", FAM, "202402.01.0")];
     let mut h = H::new(node_image_run(vec![stage("s1", vec![group("g1", &["a", "b"])])]), f);
     h.start();
     h.finish("b", true);
@@ -992,8 +993,8 @@ fn sec8_preview_predicts_order_and_start_times() {
     s1.after_stage_wait_seconds = Some(1800);
     let sp = node_image_run(vec![s1, stage("s2", vec![group("g1", &["soon"])])]);
     let mut f = windowed_fleet();
-    f.members.insert("a".into(), member_view("eastus"));
-    f.members.insert("b".into(), member_view("eastus"));
+    f.insert("a", member_view("eastus"));
+    f.insert("b", member_view("eastus"));
     let st = RunState::new(&sp, &f.members.keys().cloned().collect::<Vec<_>>()).expect("valid");
     let got = preview(&st, &f, &catalog(), t(T0), TimeDelta::minutes(30));
     let want = vec![
@@ -1218,7 +1219,7 @@ fn property_random_operations_keep_every_transition_legal() {
         // A random fleet: some members already at target, some with windows, one missing from the inventory.
         let mut f = fleet(&names);
         for n in names {
-            let m = f.members.get_mut(n).expect("member");
+            let m = f.member_mut(n).expect("member");
             match rng.below(5) {
                 0 => m.node_os_schedule = Some(monday("14:00")),
                 1 => m.node_os_schedule = Some(weekly(DayOfWeek::Tuesday, "00:00")),

@@ -5,6 +5,7 @@
 
 pub mod safety;
 pub mod sqlite;
+pub mod view;
 
 use serde::{Deserialize, Serialize};
 use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel};
