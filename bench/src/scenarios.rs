@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use upkeep_core::ids::{Principal, Role};
 use upkeep_hub::pki;
+use upkeep_hub::store::runparts::{self, RunWrite};
 use upkeep_hub::store::{NewEvent, RunRecord, Store};
 use upkeep_proto::v1;
 
@@ -673,47 +674,66 @@ pub fn sizes(ctx: &Ctx) -> Outcome {
     ctx.outcome("sizes".into(), size_rows(&sizes), figures)
 }
 
-/// Scenario 5: committed run transitions per second through `Store::commit_run` on SQLite.
+/// Scenario 5: committed run transitions per second through `Store::commit_run` on SQLite: the whole state
+/// rewritten (as before run states were stored in parts) against one member's part, side by side.
 pub fn store(ctx: &Ctx, window: Duration, state_bytes: &[usize], events_per_commit: usize) -> anyhow::Result<Outcome> {
     let dir = fresh_run_dir(&ctx.cache, "store")?;
     let mut table = Vec::new();
     let mut results = Vec::new();
-    for (i, &size) in state_bytes.iter().enumerate() {
-        let store = upkeep_hub::store::sqlite::SqliteStore::open(&dir.join(format!("hub-{i}.db")))?;
-        let pad = "x".repeat(size);
-        let state = |n: u64| format!("{{\"n\":{n},\"pad\":\"{pad}\"}}");
-        let name = "bench";
-        store.create_run(&RunRecord { name: name.into(), state: state(0), strategy_name: None, created_ms: 0 })?;
-        let events: Vec<NewEvent> = (0..events_per_commit)
-            .map(|k| NewEvent {
-                at_ms: 0,
-                kind: "member".into(),
-                level: format!("member \"m-{k:04}\""),
-                from: "Running".into(),
-                to: "Completed".into(),
-                message: "bench".into(),
-                error: String::new(),
-                run_status: "Running".into(),
-            })
-            .collect();
-        let mut prev = state(0);
-        let mut n = 0u64;
-        let began = Instant::now();
-        while began.elapsed() < window {
-            let next = state(n + 1);
-            store.commit_run(name, &prev, &next, &events)?;
-            prev = next;
-            n += 1;
+    let events: Vec<NewEvent> = (0..events_per_commit)
+        .map(|k| NewEvent {
+            at_ms: 0,
+            kind: "member".into(),
+            level: format!("member \"m-{k:04}\""),
+            from: "Running".into(),
+            to: "Completed".into(),
+            message: "bench".into(),
+            error: String::new(),
+            run_status: "Running".into(),
+        })
+        .collect();
+    let mut db = 0;
+    for &size in state_bytes {
+        for whole in [true, false] {
+            db += 1;
+            let store = upkeep_hub::store::sqlite::SqliteStore::open(&dir.join(format!("hub-{db}.db")))?;
+            let pad = "x".repeat(size);
+            let name = "bench";
+            let frame = vec![("frame".to_string(), format!("{{\"pad\":\"{pad}\"}}"))];
+            store.create_run(&RunRecord {
+                name: name.into(),
+                parts: frame,
+                version: 1,
+                status: "Running".into(),
+                strategy_name: None,
+                created_ms: 0,
+            })?;
+            let write = |n: u64| {
+                if whole {
+                    RunWrite::Replace(vec![(runparts::WHOLE.into(), format!("{{\"n\":{n},\"pad\":\"{pad}\"}}"))])
+                } else {
+                    // A member's part is ~250 bytes: its level, target and attempts.
+                    let body = format!("{{\"name\":\"m-{:04}\",\"n\":{n},\"pad\":\"{}\"}}", n % 1000, "y".repeat(200));
+                    RunWrite::Update(vec![(format!("member/m-{:04}", n % 1000), body)])
+                }
+            };
+            let mut n = 0u64;
+            let began = Instant::now();
+            while began.elapsed() < window {
+                store.commit_run(name, n + 1, "Running", &write(n), &events)?;
+                n += 1;
+            }
+            let elapsed = began.elapsed().as_secs_f64();
+            let per_s = n as f64 / elapsed;
+            let what = if whole { "whole state rewritten" } else { "one member part" };
+            table.push(row(
+                format!("commit_run/s, run of {} KiB, {what}, {events_per_commit} event(s)", size / 1024),
+                format!("{per_s:.0}/s ({:.3} ms each)", 1000.0 / per_s.max(1e-9)),
+                "",
+            ));
+            results.push(json!({"state_bytes": size, "whole": whole, "commits": n, "seconds": elapsed,
+                "commits_per_second": per_s, "transitions_per_second": per_s * events_per_commit as f64}));
         }
-        let elapsed = began.elapsed().as_secs_f64();
-        let per_s = n as f64 / elapsed;
-        table.push(row(
-            format!("commit_run/s, state {} KiB, {events_per_commit} event(s)", size / 1024),
-            format!("{per_s:.0}/s ({:.2} ms each)", 1000.0 / per_s.max(1e-9)),
-            "",
-        ));
-        results.push(json!({"state_bytes": size, "commits": n, "seconds": elapsed, "commits_per_second": per_s,
-            "transitions_per_second": per_s * events_per_commit as f64}));
     }
     table.push(row("SQLite", "WAL, synchronous=NORMAL (the hub's settings)", ""));
     let figures = json!({"events_per_commit": events_per_commit, "runs": results});

@@ -15,15 +15,15 @@
 use crate::executor::{Executor, JobSpec, NodeEvent};
 use crate::fleet::{Fleet, now_ms};
 use crate::ledger::run_holder;
-use crate::store::{EventRecord, NewEvent, NodeRecord, Store, StoreError};
+use crate::store::runparts::{self, RunWrite};
+use crate::store::{EventRecord, NewEvent, NodeRecord, RunRecord, Store, StoreError};
 use chrono::{DateTime, Utc};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
 use upkeep_core::run::{
-    self, Action, Catalog, LevelRef, MemberTarget, Plan, RunOpError, RunState, Status,
-    UpgradeType,
+    self, Action, Catalog, LevelRef, MemberTarget, Plan, RunOpError, RunState, Status, UpgradeType,
 };
 use upkeep_core::work::{Operation, WorkNode, WorkPlan, plan_work};
 
@@ -69,7 +69,28 @@ pub struct Engine {
     executing: Mutex<HashSet<(String, String)>>,
     /// The last committed status of each run (node events carry it without re-reading the run).
     statuses: Mutex<std::collections::HashMap<String, String>>,
+    /// Each run's state as last committed or read: planning starts from it, not from the store.
+    runs: Mutex<HashMap<String, CachedRun>>,
+    /// Member outcomes not recorded yet, by run: whoever takes the commit lock next records them all at once.
+    completions: Mutex<HashMap<String, Vec<Completion>>>,
     executor: Arc<Executor>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Adds a later step's plan to the plans before it (its transitions and actions follow theirs).
+fn merge(into: &mut Plan, p: Plan) {
+    into.transitions.extend(p.transitions);
+    into.actions.extend(p.actions);
+    into.next_wakeup = match (into.next_wakeup, p.next_wakeup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if p.image_selection.is_some() {
+        into.image_selection = p.image_selection;
+    }
 }
 
 /// The message of a caught panic.
@@ -90,10 +111,29 @@ fn level_kind(l: &LevelRef) -> &'static str {
     }
 }
 
-/// Parses a stored run state.
-pub fn parse_state(run: &str, json: &str) -> Result<RunState, EngineError> {
-    serde_json::from_str(json).map_err(|e| EngineError::Corrupt { run: run.to_string(), reason: e.to_string() })
+/// A stored run's state.
+pub fn parse_state(rec: &RunRecord) -> Result<RunState, EngineError> {
+    rec.state().map_err(|e| EngineError::Corrupt { run: rec.name.clone(), reason: e.to_string() })
 }
+
+/// A run as the engine last committed or read it.
+#[derive(Clone)]
+struct CachedRun {
+    /// The store's version of it.
+    version: u64,
+    state: Arc<RunState>,
+    /// Stored as one whole document (before parts): the next commit writes every part.
+    whole: bool,
+}
+
+/// A member's upgrade outcome waiting to be recorded (several are recorded in one commit).
+type Completion = (String, Result<(), String>);
+
+/// What a commit made: the new state, the merged plan, and each step's own result.
+type Committed = (RunState, Plan, Vec<Result<(), EngineError>>);
+
+/// How often a commit that lost a compare-and-swap is planned again from the stored state.
+const COMMIT_ATTEMPTS: usize = 3;
 
 /// Serialises a run state for the store.
 pub fn state_json(state: &RunState) -> String {
@@ -110,6 +150,8 @@ impl Engine {
             commit_lock: tokio::sync::Mutex::new(()),
             executing: Mutex::new(HashSet::new()),
             statuses: Mutex::new(std::collections::HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
+            completions: Mutex::new(HashMap::new()),
             executor: executor.clone(),
         });
         let weak = Arc::downgrade(&engine);
@@ -152,7 +194,7 @@ impl Engine {
 
     /// One planning pass over every active run; returns the earliest wakeup any plan asked for.
     pub async fn tick(self: &Arc<Self>) -> Option<DateTime<Utc>> {
-        let runs = match self.store().list_runs() {
+        let runs = match self.store().run_versions() {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "listing runs");
@@ -160,33 +202,65 @@ impl Engine {
             }
         };
         let mut next: Option<DateTime<Utc>> = None;
-        for rec in runs {
-            let Ok(state) = parse_state(&rec.name, &rec.state) else { continue };
-            if !matches!(state.run.status, Status::Running | Status::Pending | Status::Stopping) {
+        let known: HashSet<&str> = runs.iter().map(|(n, _, _)| n.as_str()).collect();
+        lock(&self.runs).retain(|name, _| known.contains(name.as_str()));
+        for (name, _, status) in &runs {
+            // A status the store does not know (a state stored whole and unreadable) is read to find out.
+            if !matches!(status.as_str(), "Running" | "Pending" | "Stopping" | "") {
                 continue;
             }
-            match self.transact(&rec.name, |s, f, c, now| Ok(run::plan(s, f, c, now))).await {
+            let Ok(cached) = self.cached(name) else { continue };
+            if !matches!(cached.state.run.status, Status::Running | Status::Pending | Status::Stopping) {
+                continue;
+            }
+            match self.transact(name, |s, f, c, now| Ok(run::plan(s, f, c, now))).await {
                 Ok((_, plan)) => {
                     if let Some(w) = plan.next_wakeup {
                         next = Some(next.map_or(w, |n| n.min(w)));
                     }
                 }
-                Err(e) => tracing::error!(run = %rec.name, error = %e, "planning"),
+                Err(e) => tracing::error!(run = %name, error = %e, "planning"),
             }
-            self.resume_orphans(&rec.name);
+            self.resume_orphans(name);
         }
         next
     }
 
+    /// The run as last committed, read from the store when the cached copy is missing or older than the store's.
+    fn cached(&self, name: &str) -> Result<CachedRun, EngineError> {
+        let stored_version = self
+            .store()
+            .run_versions()?
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, v, _)| v)
+            .ok_or_else(|| EngineError::NoSuchRun(name.to_string()))?;
+        if let Some(c) = lock(&self.runs).get(name)
+            && c.version == stored_version
+        {
+            return Ok(c.clone());
+        }
+        self.load(name)
+    }
+
+    /// Reads a run from the store into the cache.
+    fn load(&self, name: &str) -> Result<CachedRun, EngineError> {
+        let rec = self.store().get_run(name)?.ok_or_else(|| EngineError::NoSuchRun(name.to_string()))?;
+        let state = parse_state(&rec)?;
+        let whole = rec.parts.iter().any(|(k, _)| k == runparts::WHOLE);
+        let c = CachedRun { version: rec.version, state: Arc::new(state), whole };
+        lock(&self.runs).insert(name.to_string(), c.clone());
+        Ok(c)
+    }
+
     /// Members that are Running in the store but have no executor (after a hub restart) get one again.
     fn resume_orphans(self: &Arc<Self>, run_name: &str) {
-        let Ok(Some(rec)) = self.store().get_run(run_name) else { return };
-        let Ok(state) = parse_state(run_name, &rec.state) else { return };
-        for m in state.members() {
+        let Some(c) = lock(&self.runs).get(run_name).cloned() else { return };
+        for m in c.state.members() {
             if m.level.status == Status::Running
                 && let Some(target) = &m.target
             {
-                self.spawn_member(run_name, &state, &m.name, target.clone(), m.work.clone());
+                self.spawn_member(run_name, &c.state, &m.name, target.clone(), m.work.clone());
             }
         }
     }
@@ -194,54 +268,140 @@ impl Engine {
     /// Plans with `f` under the commit lock, applies, commits state and events, publishes them, then acts.
     pub async fn transact<F>(self: &Arc<Self>, name: &str, f: F) -> Result<(RunState, Plan), EngineError>
     where
-        F: FnOnce(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
+        F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
         let _guard = self.commit_lock.lock().await;
-        let rec = self.store().get_run(name)?.ok_or_else(|| EngineError::NoSuchRun(name.to_string()))?;
-        let state = parse_state(name, &rec.state)?;
-        let (fleet, catalog) = self.views()?;
-        let (fleet, catalog) = (fleet.as_ref(), catalog.as_ref());
-        let now = Utc::now();
-        // Core decides without panicking on anything stored; should it panic anyway, the run is left as it was and
-        // the error says why, and the hub keeps serving.
-        let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let plan = f(&state, fleet, catalog, now)?;
-            let new_state = if plan.is_empty() { None } else { Some(run::apply(&state, &plan)?) };
-            Ok::<_, RunOpError>((plan, new_state))
-        }))
-        .map_err(|p| EngineError::Unexpected { run: name.to_string(), reason: panic_message(p.as_ref()) })?;
-        let (plan, new_state) = planned?;
-        let Some(new_state) = new_state else { return Ok((state, plan)) };
-        let run_status = new_state.run.status.as_str().to_string();
-        let events: Vec<NewEvent> = plan
-            .transitions
-            .iter()
-            .map(|t| NewEvent {
-                at_ms: t.at.timestamp_millis(),
-                kind: level_kind(&t.level).to_string(),
-                level: t.level.to_string(),
-                from: t.from.as_str().to_string(),
-                to: t.to.as_str().to_string(),
-                message: t.message.clone(),
-                error: t.error.clone().unwrap_or_default(),
-                run_status: run_status.clone(),
-            })
-            .collect();
-        // Persist, then act.
-        let stored = self.store().commit_run(name, &rec.state, &state_json(&new_state), &events)?;
-        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), run_status.clone());
-        self.executor.ledger().note_run(name, &new_state);
-        for e in stored {
-            let _ = self.events.send(e);
+        let (state, plan, mut results) = self.commit(name, 1, |_, s, fl, c, now| f(s, fl, c, now))?;
+        results.pop().unwrap_or(Ok(()))?;
+        Ok((state, plan))
+    }
+
+    /// Records the member outcomes queued for `run`, all in one commit (none if another task took them).
+    async fn record_completions(self: &Arc<Self>, run_name: &str) {
+        let _guard = self.commit_lock.lock().await;
+        let queued = lock(&self.completions).remove(run_name).unwrap_or_default();
+        if queued.is_empty() {
+            return;
         }
-        for action in &plan.actions {
-            match action {
-                Action::StartMember { member, target, work } => {
-                    self.spawn_member(name, &new_state, member, target.clone(), Some(work.clone()))
+        let outcome = self.commit(run_name, queued.len(), |i, s, fl, c, now| {
+            let (member, result) = &queued[i];
+            run::member_finished(s, member, result.clone(), fl, c, now)
+        });
+        drop(_guard);
+        let failures: Vec<(String, EngineError)> = match outcome {
+            Ok((_, _, results)) => {
+                queued.iter().zip(results).filter_map(|((m, _), r)| r.err().map(|e| (m.clone(), e))).collect()
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                queued
+                    .iter()
+                    .map(|(m, _)| {
+                        (m.clone(), EngineError::Unexpected { run: run_name.to_string(), reason: reason.clone() })
+                    })
+                    .collect()
+            }
+        };
+        for (member, e) in failures {
+            tracing::error!(run = %run_name, member = %member, error = %e, "recording member result");
+            self.fail_unrecorded(run_name, &member, &e).await;
+        }
+    }
+
+    /// Plans `n` steps with `f` (step `i` sees the state the steps before it made), applies them, commits the new
+    /// state's changed parts and every step's events in one transaction, publishes the events, then acts. A step
+    /// refused by the core is left out and its error returned in its place; the others go on. A commit that lost
+    /// the compare-and-swap (the run changed underneath) is planned again from the stored state. The caller holds
+    /// the commit lock.
+    fn commit<F>(self: &Arc<Self>, name: &str, n: usize, f: F) -> Result<Committed, EngineError>
+    where
+        F: Fn(usize, &RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let cached = self.cached(name)?;
+            let (fleet, catalog) = self.views()?;
+            let now = Utc::now();
+            // Core decides without panicking on anything stored; should it panic anyway, the run is left as it was
+            // and the error says why, and the hub keeps serving.
+            let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut state: Option<RunState> = None;
+                let mut merged = Plan::default();
+                let mut results = Vec::with_capacity(n);
+                for i in 0..n {
+                    let current = state.as_ref().unwrap_or(&cached.state);
+                    let step = f(i, current, &fleet, &catalog, now).and_then(|p| {
+                        let next = if p.is_empty() { None } else { Some(run::apply(current, &p)?) };
+                        Ok((p, next))
+                    });
+                    match step {
+                        Ok((p, next)) => {
+                            merge(&mut merged, p);
+                            if let Some(next) = next {
+                                state = Some(next);
+                            }
+                            results.push(Ok(()));
+                        }
+                        Err(e) => results.push(Err(EngineError::from(e))),
+                    }
+                }
+                (state, merged, results)
+            }))
+            .map_err(|p| EngineError::Unexpected { run: name.to_string(), reason: panic_message(p.as_ref()) })?;
+            let (new_state, plan, results) = planned;
+            let Some(new_state) = new_state else { return Ok(((*cached.state).clone(), plan, results)) };
+            let run_status = new_state.run.status.as_str().to_string();
+            let events: Vec<NewEvent> = plan
+                .transitions
+                .iter()
+                .map(|t| NewEvent {
+                    at_ms: t.at.timestamp_millis(),
+                    kind: level_kind(&t.level).to_string(),
+                    level: t.level.to_string(),
+                    from: t.from.as_str().to_string(),
+                    to: t.to.as_str().to_string(),
+                    message: t.message.clone(),
+                    error: t.error.clone().unwrap_or_default(),
+                    run_status: run_status.clone(),
+                })
+                .collect();
+            let write = if cached.whole {
+                RunWrite::Replace(runparts::split(&new_state))
+            } else {
+                runparts::changes(&cached.state, &new_state)
+            };
+            // Persist, then act.
+            let stored = match self.store().commit_run(name, cached.version, &run_status, &write, &events) {
+                Ok(stored) => stored,
+                Err(StoreError::Conflict(_)) if attempt < COMMIT_ATTEMPTS => {
+                    lock(&self.runs).remove(name);
+                    continue;
+                }
+                Err(e) => {
+                    lock(&self.runs).remove(name);
+                    return Err(e.into());
+                }
+            };
+            let new_state = Arc::new(new_state);
+            lock(&self.runs).insert(
+                name.to_string(),
+                CachedRun { version: cached.version + 1, state: new_state.clone(), whole: false },
+            );
+            lock(&self.statuses).insert(name.to_string(), run_status.clone());
+            self.executor.ledger().note_run(name, &new_state);
+            for e in stored {
+                let _ = self.events.send(e);
+            }
+            for action in &plan.actions {
+                match action {
+                    Action::StartMember { member, target, work } => {
+                        self.spawn_member(name, &new_state, member, target.clone(), Some(work.clone()))
+                    }
                 }
             }
+            return Ok(((*new_state).clone(), plan, results));
         }
-        Ok((new_state, plan))
     }
 
     /// Hands a member's upgrade to the executor. `work`: the plan from the `StartMember` action (None when a
@@ -275,13 +435,8 @@ impl Engine {
                 Ok(()) => tracing::info!(run = %run, member = %member, "member upgrade done"),
                 Err(e) => tracing::warn!(run = %run, member = %member, error = %e, "member upgrade failed"),
             }
-            let result = engine
-                .transact(&run, |s, f, c, now| run::member_finished(s, &member, outcome.clone(), f, c, now))
-                .await;
-            if let Err(e) = result {
-                tracing::error!(run = %run, member = %member, error = %e, "recording member result");
-                engine.fail_unrecorded(&run, &member, &e).await;
-            }
+            lock(&engine.completions).entry(run.clone()).or_default().push((member.clone(), outcome));
+            engine.record_completions(&run).await;
             engine.executing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(run.clone(), member.clone()));
             engine.poke();
         });

@@ -36,7 +36,7 @@ pub fn upgrading_runs(store: &dyn Store) -> Result<HashMap<String, String>, Stor
     let mut out = HashMap::new();
     for rec in store.list_runs()? {
         // An unreadable run is reported by the engine; here it upgrades nothing.
-        let Ok(state) = serde_json::from_str::<upkeep_core::run::RunState>(&rec.state) else { continue };
+        let Ok(state) = rec.state() else { continue };
         for m in state.members() {
             if m.level.status == Status::Running {
                 out.insert(m.name.clone(), rec.name.clone());

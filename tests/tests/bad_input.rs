@@ -6,6 +6,7 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use upkeep_hub::pki::files;
+use upkeep_hub::store::runparts::{self, RunWrite};
 use upkeep_proto::v1;
 use upkeep_tests::*;
 
@@ -229,9 +230,10 @@ async fn sec7_a_stored_wait_out_of_bounds_neither_panics_the_hub_nor_wedges_the_
     let store = f.hub.fleet();
     let store = store.store();
     let rec = store.get_run("r1").expect("store").expect("run");
-    let mut state: Value = serde_json::from_str(&rec.state).expect("state");
+    let mut state: Value = serde_json::to_value(rec.state().expect("state")).expect("state");
     state["stages"][0]["wait_seconds"] = i64::MAX.into();
-    store.commit_run("r1", &rec.state, &state.to_string(), &[]).expect("rewrite the stored state");
+    let whole = RunWrite::Replace(vec![(runparts::WHOLE.to_string(), state.to_string())]);
+    store.commit_run("r1", rec.version, &rec.status, &whole, &[]).expect("rewrite the stored state");
 
     let plan = f.json(&["run", "plan", "r1", "--member-seconds", "60"]).await;
     assert_eq!(plan["members"][0]["member"], "m1", "{plan}");

@@ -65,7 +65,7 @@ impl OperatorApi {
 
     async fn run_op<F>(&self, name: &str, f: F) -> Result<v1::Run, ApiError>
     where
-        F: FnOnce(
+        F: Fn(
             &RunState,
             &run::Fleet,
             &run::Catalog,
@@ -74,7 +74,7 @@ impl OperatorApi {
     {
         self.engine.transact(name, f).await?;
         self.engine.poke();
-        Ok(runs::run_to_wire(&runs::get_run(self.fleet.store(), name)?))
+        runs::run_to_wire(&runs::get_run(self.fleet.store(), name)?)
     }
 
     fn member(&self, name: &str) -> Result<crate::store::MemberRecord, ApiError> {
@@ -352,13 +352,14 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
 
     async fn get_run(&self, req: Request<v1::RunNameRequest>) -> Result<Response<v1::Run>, Status> {
         require(&principal_of(&req)?, READERS, "read update runs")?;
-        Ok(Response::new(runs::run_to_wire(&runs::get_run(self.fleet.store(), &req.get_ref().name)?)))
+        Ok(Response::new(runs::run_to_wire(&runs::get_run(self.fleet.store(), &req.get_ref().name)?)?))
     }
 
     async fn list_runs(&self, req: Request<v1::ListRunsRequest>) -> Result<Response<v1::ListRunsResponse>, Status> {
         require(&principal_of(&req)?, READERS, "list update runs")?;
         let all = self.fleet.store().list_runs().map_err(ApiError::from)?;
-        Ok(Response::new(v1::ListRunsResponse { runs: all.iter().map(runs::run_to_wire).collect() }))
+        let runs = all.iter().map(runs::run_to_wire).collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(v1::ListRunsResponse { runs }))
     }
 
     async fn start_run(&self, req: Request<v1::RunNameRequest>) -> Result<Response<v1::Run>, Status> {
@@ -408,9 +409,8 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         // Subscribe before replaying, so nothing committed in between is missed (duplicates are dropped by seq).
         let mut live = self.engine.subscribe();
         let stored = self.fleet.store().events_since(&r.name, r.from_seq).map_err(ApiError::from)?;
-        let status_now = crate::engine::parse_state(&r.name, &rec.state)
-            .map(|s| s.run.status.as_str().to_string())
-            .map_err(ApiError::from)?;
+        let status_now =
+            crate::engine::parse_state(&rec).map(|s| s.run.status.as_str().to_string()).map_err(ApiError::from)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::RunEvent, Status>>(256);
         let store_fleet = self.fleet.clone();
         let name = r.name.clone();

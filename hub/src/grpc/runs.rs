@@ -5,6 +5,7 @@ use super::ApiError;
 use crate::artifacts::{ArtifactError, Artifacts, check_digest};
 use crate::engine::{Engine, EngineError, parse_state, state_json};
 use crate::fleet::now_ms;
+use crate::store::runparts::{self, RunWrite};
 use crate::store::{ImageRecord, MemberSettings, RunRecord, Store, StoreError, WindowKind};
 use chrono::TimeDelta;
 use std::collections::BTreeSet;
@@ -336,13 +337,13 @@ pub fn put_strategy(store: &dyn Store, r: &v1::PutStrategyRequest) -> Result<v1:
 }
 
 /// Wire form of a run.
-pub fn run_to_wire(rec: &RunRecord) -> v1::Run {
-    v1::Run {
+pub fn run_to_wire(rec: &RunRecord) -> Result<v1::Run, ApiError> {
+    Ok(v1::Run {
         name: rec.name.clone(),
-        state_json: rec.state.clone(),
+        state_json: state_json(&parse_state(rec)?),
         created_at_unix_ms: rec.created_ms,
         strategy_name: rec.strategy_name.clone().unwrap_or_default(),
-    }
+    })
 }
 
 /// `CreateRun`: the strategy is copied into the run, so later edits of the strategy never reach it.
@@ -350,18 +351,20 @@ pub fn create_run(store: &dyn Store, r: &v1::CreateRunRequest) -> Result<v1::Run
     let (state, strategy_name) = build_run(store, r)?;
     let rec = RunRecord {
         name: r.name.clone(),
-        state: state_json(&state),
+        parts: runparts::split(&state),
+        version: 1,
+        status: state.run.status.as_str().to_string(),
         strategy_name: strategy_name.map(str::to_string),
         created_ms: now_ms(),
     };
     store.create_run(&rec).map_err(conflict_to_precondition)?;
-    Ok(run_to_wire(&rec))
+    run_to_wire(&rec)
 }
 
 /// `UpdateRun`: a run's order and target may be replaced until it starts (SPEC §5).
 pub fn update_run(store: &dyn Store, r: &v1::CreateRunRequest) -> Result<v1::Run, ApiError> {
     let old = get_run(store, &r.name)?;
-    let old_state = parse_state(&r.name, &old.state)?;
+    let old_state = parse_state(&old)?;
     if !old_state.can_edit() {
         return Err(ApiError::FailedPrecondition(format!(
             "run {:?} is {}; a run can be edited only before it starts (create a new run instead)",
@@ -369,7 +372,6 @@ pub fn update_run(store: &dyn Store, r: &v1::CreateRunRequest) -> Result<v1::Run
         )));
     }
     let (state, _) = build_run(store, r)?;
-    let json = state_json(&state);
     let event = crate::store::NewEvent {
         at_ms: now_ms(),
         kind: "run".into(),
@@ -380,8 +382,11 @@ pub fn update_run(store: &dyn Store, r: &v1::CreateRunRequest) -> Result<v1::Run
         error: String::new(),
         run_status: state.run.status.as_str().into(),
     };
-    store.commit_run(&r.name, &old.state, &json, &[event]).map_err(conflict_to_precondition)?;
-    Ok(run_to_wire(&get_run(store, &r.name)?))
+    let write = RunWrite::Replace(runparts::split(&state));
+    store
+        .commit_run(&r.name, old.version, state.run.status.as_str(), &write, &[event])
+        .map_err(conflict_to_precondition)?;
+    run_to_wire(&get_run(store, &r.name)?)
 }
 
 fn build_run<'a>(store: &dyn Store, r: &'a v1::CreateRunRequest) -> Result<(RunState, Option<&'a str>), ApiError> {
@@ -469,7 +474,7 @@ pub fn skip_target(r: &v1::SkipRunRequest) -> Result<SkipTarget, ApiError> {
 /// `DeleteRun`: only when nothing is being upgraded.
 pub fn delete_run(store: &dyn Store, name: &str) -> Result<v1::DeleteResponse, ApiError> {
     let rec = get_run(store, name)?;
-    let state = parse_state(name, &rec.state)?;
+    let state = parse_state(&rec)?;
     if !state.can_delete() {
         return Err(ApiError::FailedPrecondition(format!(
             "run {name:?} is {}; stop it and let its members finish before deleting it",
@@ -489,7 +494,7 @@ pub fn plan_run(engine: &Engine, store: &dyn Store, r: &v1::PlanRunRequest) -> R
         )));
     }
     let rec = get_run(store, &r.name)?;
-    let state = parse_state(&r.name, &rec.state)?;
+    let state = parse_state(&rec)?;
     let (fleet, catalog) = engine.views()?;
     let secs = if r.assumed_member_seconds == 0 { 600 } else { i64::from(r.assumed_member_seconds) };
     let predicted = run::preview(&state, &fleet, &catalog, chrono::Utc::now(), TimeDelta::seconds(secs));

@@ -3,6 +3,7 @@
 //! `sqlite` is the embedded default (one file, WAL). PostgreSQL for several hubs is the planned second
 //! implementation of the same trait. The store holds facts; it makes no decisions.
 
+pub mod runparts;
 pub mod safety;
 pub mod sqlite;
 pub mod view;
@@ -236,12 +237,23 @@ pub enum WindowKind {
 pub struct RunRecord {
     /// Run name.
     pub name: String,
-    /// The core RunState as JSON.
-    pub state: String,
+    /// The core RunState in parts (key, JSON), as `runparts` cuts it.
+    pub parts: Vec<(String, String)>,
+    /// Bumped by every commit (what a commit's compare-and-swap checks).
+    pub version: u64,
+    /// The run level's status as last committed.
+    pub status: String,
     /// The strategy it was copied from.
     pub strategy_name: Option<String>,
     /// Created (Unix ms).
     pub created_ms: i64,
+}
+
+impl RunRecord {
+    /// The run's state, put together from its parts (the unreadable or missing part is named).
+    pub fn state(&self) -> Result<upkeep_core::run::RunState, runparts::PartError> {
+        runparts::join(&self.parts)
+    }
 }
 
 /// An event to append (the store assigns the sequence number).
@@ -391,15 +403,19 @@ pub trait Store: Send + Sync {
     fn list_runs(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// Deletes a run and its events; true if it existed.
     fn delete_run(&self, name: &str) -> Result<bool, StoreError>;
-    /// Replaces a run's state (only if it still equals `expected`) and appends its events, in one transaction.
-    /// Returns the stored events. A state that changed underneath is a Conflict: the caller re-plans.
+    /// Writes parts of a run's state (only if its version is still `expected`, then bumps it), records its
+    /// status and appends its events, in one transaction. Returns the stored events. A run that changed
+    /// underneath is a Conflict: the caller re-plans.
     fn commit_run(
         &self,
         name: &str,
-        expected: &str,
-        state: &str,
+        expected: u64,
+        status: &str,
+        write: &runparts::RunWrite,
         events: &[NewEvent],
     ) -> Result<Vec<EventRecord>, StoreError>;
+    /// Every run's name, version and status, oldest first (what changed since a cached copy, without its parts).
+    fn run_versions(&self) -> Result<Vec<(String, u64, String)>, StoreError>;
     /// Appends events without a state change (node progress).
     fn append_events(&self, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError>;
     /// Events of a run with seq > `after`, in order.

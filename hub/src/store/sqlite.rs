@@ -3,6 +3,7 @@
 //! One connection behind a mutex: SQLite serialises writers anyway, and every statement here is short.
 //! Schema changes are numbered migrations applied in order and recorded in `PRAGMA user_version`.
 
+use super::runparts::RunWrite;
 use super::{
     EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord,
     RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
@@ -105,6 +106,20 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX jobs_by_status ON jobs(status, id);
     ALTER TABLE member_settings ADD COLUMN drain_policy TEXT;",
+    // 6: run states in parts (`store::runparts`): one member's transition writes that member's row. A state
+    // stored whole becomes the run's single `state` part, read as is and split at its next commit.
+    "CREATE TABLE run_parts (
+        run TEXT NOT NULL,
+        key TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (run, key)
+    );
+    ALTER TABLE runs ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT '';
+    INSERT INTO run_parts (run, key, body) SELECT name, 'state', state FROM runs;
+    UPDATE runs SET state = '', status = COALESCE(json_extract(state, '$.run.status'), '')
+        WHERE json_valid(state);
+    UPDATE runs SET state = '';",
 ];
 
 /// The schema version this hub's migrations lead to (`PRAGMA user_version`).
@@ -593,12 +608,17 @@ impl Store for SqliteStore {
     fn create_run(&self, run: &RunRecord) -> Result<(), StoreError> {
         let ctx = format!("creating run {}", run.name);
         let conn = self.conn();
-        let r = conn.execute(
-            "INSERT INTO runs (name, state, strategy_name, created_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![run.name, run.state, run.strategy_name, run.created_ms],
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let r = tx.execute(
+            "INSERT INTO runs (name, state, strategy_name, created_ms, version, status) VALUES (?1, '', ?2, ?3, ?4, ?5)",
+            params![run.name, run.strategy_name, run.created_ms, run.version as i64, run.status],
         );
         match r {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                tx.execute("DELETE FROM run_parts WHERE run = ?1", params![run.name]).map_err(db(ctx.clone()))?;
+                write_parts(&tx, &run.name, &run.parts).map_err(db(ctx.clone()))?;
+                tx.commit().map_err(db(ctx))
+            }
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
                 Err(StoreError::Conflict(format!(
                     "a run named {:?} already exists; choose another name or delete it first",
@@ -610,23 +630,46 @@ impl Store for SqliteStore {
     }
 
     fn get_run(&self, name: &str) -> Result<Option<RunRecord>, StoreError> {
-        self.conn()
+        let ctx = format!("reading run {name}");
+        let conn = self.conn();
+        let rec = conn
             .query_row(
-                "SELECT name, state, strategy_name, created_ms FROM runs WHERE name = ?1",
+                "SELECT name, strategy_name, created_ms, version, status FROM runs WHERE name = ?1",
                 params![name],
                 run_from_row,
             )
             .optional()
-            .map_err(db(format!("reading run {name}")))
+            .map_err(db(ctx.clone()))?;
+        let Some(mut rec) = rec else { return Ok(None) };
+        rec.parts = read_parts(&conn, name).map_err(db(ctx))?;
+        Ok(Some(rec))
     }
 
     fn list_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
         let ctx = "listing runs";
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached("SELECT name, state, strategy_name, created_ms FROM runs ORDER BY created_ms, name")
+            .prepare_cached(
+                "SELECT name, strategy_name, created_ms, version, status FROM runs ORDER BY created_ms, name",
+            )
             .map_err(db(ctx))?;
-        stmt.query_map([], run_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
+        let mut runs: Vec<RunRecord> =
+            stmt.query_map([], run_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))?;
+        for r in &mut runs {
+            r.parts = read_parts(&conn, &r.name).map_err(db(ctx))?;
+        }
+        Ok(runs)
+    }
+
+    fn run_versions(&self) -> Result<Vec<(String, u64, String)>, StoreError> {
+        let ctx = "listing run versions";
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT name, version, status FROM runs ORDER BY created_ms, name").map_err(db(ctx))?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))
+            .map_err(db(ctx))?
+            .collect::<Result<_, _>>()
+            .map_err(db(ctx))
     }
 
     fn delete_run(&self, name: &str) -> Result<bool, StoreError> {
@@ -634,6 +677,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
         tx.execute("DELETE FROM events WHERE run = ?1", params![name]).map_err(db(ctx.clone()))?;
+        tx.execute("DELETE FROM run_parts WHERE run = ?1", params![name]).map_err(db(ctx.clone()))?;
         let n = tx.execute("DELETE FROM runs WHERE name = ?1", params![name]).map_err(db(ctx.clone()))?;
         tx.commit().map_err(db(ctx))?;
         Ok(n > 0)
@@ -642,19 +686,27 @@ impl Store for SqliteStore {
     fn commit_run(
         &self,
         name: &str,
-        expected: &str,
-        state: &str,
+        expected: u64,
+        status: &str,
+        write: &RunWrite,
         events: &[NewEvent],
     ) -> Result<Vec<EventRecord>, StoreError> {
         let ctx = format!("committing run {name}");
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
         let n = tx
-            .execute("UPDATE runs SET state = ?3 WHERE name = ?1 AND state = ?2", params![name, expected, state])
+            .execute(
+                "UPDATE runs SET version = version + 1, status = ?3 WHERE name = ?1 AND version = ?2",
+                params![name, expected as i64, status],
+            )
             .map_err(db(ctx.clone()))?;
         if n == 0 {
             return Err(StoreError::Conflict(format!("run {name:?} changed or was deleted meanwhile; plan again")));
         }
+        if let RunWrite::Replace(_) = write {
+            tx.execute("DELETE FROM run_parts WHERE run = ?1", params![name]).map_err(db(ctx.clone()))?;
+        }
+        write_parts(&tx, name, write.parts()).map_err(db(ctx.clone()))?;
         let out = insert_events(&tx, name, events)?;
         tx.commit().map_err(db(ctx))?;
         Ok(out)
@@ -896,7 +948,27 @@ fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRecord> {
 }
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
-    Ok(RunRecord { name: r.get(0)?, state: r.get(1)?, strategy_name: r.get(2)?, created_ms: r.get(3)? })
+    Ok(RunRecord {
+        name: r.get(0)?,
+        parts: Vec::new(),
+        strategy_name: r.get(1)?,
+        created_ms: r.get(2)?,
+        version: r.get::<_, i64>(3)? as u64,
+        status: r.get(4)?,
+    })
+}
+
+fn read_parts(conn: &Connection, run: &str) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare_cached("SELECT key, body FROM run_parts WHERE run = ?1")?;
+    stmt.query_map(params![run], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+}
+
+fn write_parts(conn: &Connection, run: &str, parts: &[(String, String)]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached("INSERT OR REPLACE INTO run_parts (run, key, body) VALUES (?1, ?2, ?3)")?;
+    for (k, v) in parts {
+        stmt.execute(params![run, k, v])?;
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -1076,6 +1148,47 @@ mod tests {
             node_image_version: "Ubuntu-2204-202311.07.0".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_run_stored_whole_before_parts_is_read_after_the_upgrade_and_split_at_its_next_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let whole = r#"{"spec":{"name":"r","upgrade_type":"NodeImageOnly"},"run":{"status":"Running","message":""},
+            "stages":[{"name":"s","level":{"status":"Running","message":""},"groups":[{"name":"g",
+            "level":{"status":"Running","message":""},"members":[{"name":"m1","level":{"status":"Running",
+            "message":""},"attempts":1}]}]}]}"#;
+        {
+            // A database as a hub of schema 5 left it.
+            let conn = Connection::open(&path).expect("open");
+            for sql in &MIGRATIONS[..5] {
+                conn.execute_batch(sql).expect("old schema");
+            }
+            conn.pragma_update(None, "user_version", 5).expect("version");
+            conn.execute(
+                "INSERT INTO runs (name, state, strategy_name, created_ms) VALUES ('r', ?1, NULL, 1)",
+                params![whole],
+            )
+            .expect("old run");
+            conn.execute("INSERT INTO runs (name, state, strategy_name, created_ms) VALUES ('bad', '{', NULL, 2)", [])
+                .expect("unreadable run");
+        }
+        let s = SqliteStore::open(&path).expect("upgrade");
+        let rec = s.get_run("r").expect("read").expect("run");
+        assert_eq!((rec.version, rec.status.as_str()), (1, "Running"));
+        let state = rec.state().expect("the whole state is read");
+        assert_eq!(state.members().map(|m| m.name.as_str()).collect::<Vec<_>>(), vec!["m1"]);
+        let bad = s.get_run("bad").expect("read").expect("run");
+        assert_eq!(bad.status, "");
+        assert_eq!(bad.state().expect_err("unreadable").part, "state");
+        // The next commit writes parts and removes the whole copy; a stale version is a conflict.
+        let write = RunWrite::Replace(super::super::runparts::split(&state));
+        s.commit_run("r", 1, "Running", &write, &[]).expect("commit");
+        let rec = s.get_run("r").expect("read").expect("run");
+        assert!(rec.parts.iter().all(|(k, _)| k != super::super::runparts::WHOLE), "{:?}", rec.parts);
+        assert_eq!(rec.state().expect("parts"), state);
+        assert_eq!(rec.version, 2);
+        assert!(matches!(s.commit_run("r", 1, "Running", &write, &[]), Err(StoreError::Conflict(_))));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!
 //! Every other call is passed through unchanged. The view is loaded once from the store when the hub starts.
 
+use super::runparts::RunWrite;
 use super::{
     EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord,
     Regions, RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
@@ -63,8 +64,7 @@ impl View {
     /// Recomputes one member's view from its nodes and settings (a member without nodes leaves the fleet).
     fn refresh(&mut self, member: &str) {
         let names = self.members.get(member);
-        let nodes: Vec<&ViewNode> =
-            names.into_iter().flatten().filter_map(|n| self.nodes.get(n)).collect::<Vec<_>>();
+        let nodes: Vec<&ViewNode> = names.into_iter().flatten().filter_map(|n| self.nodes.get(n)).collect::<Vec<_>>();
         let fleet = Arc::make_mut(&mut self.fleet);
         if nodes.is_empty() {
             fleet.members.remove(member);
@@ -374,11 +374,15 @@ impl Store for Viewed {
     fn commit_run(
         &self,
         name: &str,
-        expected: &str,
-        state: &str,
+        expected: u64,
+        status: &str,
+        write: &RunWrite,
         events: &[NewEvent],
     ) -> Result<Vec<EventRecord>, StoreError> {
-        self.inner.commit_run(name, expected, state, events)
+        self.inner.commit_run(name, expected, status, write, events)
+    }
+    fn run_versions(&self) -> Result<Vec<(String, u64, String)>, StoreError> {
+        self.inner.run_versions()
     }
     fn append_events(&self, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError> {
         self.inner.append_events(run, events)
@@ -421,5 +425,83 @@ impl Store for Viewed {
     }
     fn clear_channel_switch(&self, member: &str, generation: u64) -> Result<(), StoreError> {
         self.inner.clear_channel_switch(member, generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn facts(member: &str, pool: &str, image: &str) -> NodeFacts {
+        NodeFacts {
+            member: member.into(),
+            node_pool: pool.into(),
+            region: "eu".into(),
+            node_image_version: image.into(),
+            booted_image_version: image.into(),
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> (Arc<dyn Store>, Viewed) {
+        let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("hub.db")).expect("store"));
+        let viewed = Viewed::open(inner.clone()).expect("view");
+        (inner, viewed)
+    }
+
+    /// The view a hub builds from the store at start, to compare against the one kept up to date by writes.
+    fn fresh(inner: &Arc<dyn Store>) -> run::Fleet {
+        (*Viewed::open(inner.clone()).expect("view").snapshot().0).clone()
+    }
+
+    #[test]
+    fn writes_keep_the_view_equal_to_one_read_fresh_from_the_store() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (inner, v) = open(dir.path());
+        v.record_report("n1", &facts("m1", "p", "Ubuntu-202401.01.0"), 1).expect("n1");
+        v.record_report("n2", &facts("m1", "p", "Ubuntu-202402.01.0"), 1).expect("n2");
+        v.record_report("n3", &facts("m2", "q", "Ubuntu-202402.01.0"), 1).expect("n3");
+        let (fleet, _) = v.snapshot();
+        assert_eq!(*fleet, fresh(&inner));
+        let m1 = &fleet.members["m1"];
+        assert_eq!(m1.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["n1", "n2"]);
+        assert_eq!(m1.node_pools[0].image_version, Some("202401.01.0".parse().expect("v")), "the oldest node's");
+
+        // A node upgraded, a node moved to another member, a node forgotten, settings changed.
+        v.record_report("n1", &facts("m1", "p", "Ubuntu-202402.01.0"), 2).expect("n1 upgraded");
+        v.record_report("n3", &facts("m1", "p", "Ubuntu-202402.01.0"), 2).expect("n3 moved");
+        v.set_member_disruption("m1", "2").expect("budget");
+        let (after, _) = v.snapshot();
+        assert_eq!(*after, fresh(&inner));
+        assert!(!after.members.contains_key("m2"), "a member without nodes leaves the view");
+        assert_eq!(after.members["m1"].max_unavailable, upkeep_core::concurrency::Limit::Count(2));
+        assert_eq!(v.member_node_count("m1"), 3);
+        v.forget_node("n2").expect("forget");
+        assert_eq!(*v.snapshot().0, fresh(&inner));
+        assert_eq!(v.member_node_count("m1"), 2);
+        // The snapshot taken before is unchanged by later writes.
+        assert_eq!(fleet.members["m1"].nodes.len(), 2);
+    }
+
+    #[test]
+    fn the_catalog_follows_publishing_and_withdrawing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (_inner, v) = open(dir.path());
+        let img = ImageRecord {
+            family: "Ubuntu".into(),
+            version: "202403.01.0".into(),
+            regions: [("eu".to_string(), 1_700_000_000_000), ("us".to_string(), 1_700_000_000_000)].into(),
+            sha256: "ab".repeat(32),
+            signature: "sig".into(),
+            url: "https://x.invalid/i".into(),
+            size_bytes: 1,
+            published_ms: 1,
+        };
+        v.put_image(&img).expect("publish");
+        let v3: ImageVersion = "202403.01.0".parse().expect("v");
+        assert_eq!(v.snapshot().1.images["Ubuntu"][&v3].len(), 2);
+        v.withdraw_image_region("Ubuntu", "202403.01.0", "us").expect("withdraw");
+        assert_eq!(v.snapshot().1.images["Ubuntu"][&v3].keys().collect::<Vec<_>>(), vec!["eu"]);
     }
 }
