@@ -6,7 +6,9 @@ use anyhow::{Context, bail};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use upkeep_hub::grpc::agent::AgentApi;
 
 /// How to start the hub.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub struct HubSetup {
 /// A running hub process.
 pub struct HubProc {
     child: Option<Child>,
+    /// A hub served inside this process instead: how to stop it, and its task.
+    local: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>)>,
     /// Its pid.
     pub pid: u32,
     /// When it was spawned.
@@ -80,11 +84,39 @@ impl HubSetup {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
-        let hub = HubProc { pid: child.id(), child: Some(child), started: Instant::now() };
+        let hub = HubProc { pid: child.id(), child: Some(child), local: None, started: Instant::now() };
         wait_for_port(self.listen, Duration::from_secs(30)).await.with_context(|| {
             format!("hub did not listen on {} within 30 s; see {}", self.listen, log_path.display())
         })?;
         Ok(hub)
+    }
+}
+
+impl HubSetup {
+    /// The same hub served inside this process (its figures then include the load generator's), with the agent
+    /// API for in-process simulated nodes: past this machine's descriptor limit, nodes open sessions without a
+    /// socket each (`AgentApi::open_session`), everything behind the session (fleet, engine, executor, store)
+    /// being the hub's own.
+    pub async fn start_in_process(&self) -> anyhow::Result<(HubProc, Arc<AgentApi>)> {
+        let path = self.write_config()?;
+        let config = upkeep_hub::config::load(&path, &Default::default())?;
+        let listener = tokio::net::TcpListener::bind(self.listen).await.context("binding the hub's port")?;
+        let fleet = upkeep_hub::server::open_fleet(&config)?;
+        let (agents_tx, agents_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(upkeep_hub::server::serve_fleet_with_local_agents(
+            config,
+            fleet,
+            listener,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Some(agents_tx),
+        ));
+        let agents = agents_rx.await.context("the in-process hub did not start")?;
+        let hub =
+            HubProc { pid: std::process::id(), child: None, local: Some((stop_tx, task)), started: Instant::now() };
+        Ok((hub, agents))
     }
 }
 
@@ -111,6 +143,11 @@ impl HubProc {
     /// Stops it with SIGTERM (graceful: sessions are ended) and waits; returns how long it took.
     pub async fn stop(mut self) -> anyhow::Result<Duration> {
         let began = Instant::now();
+        if let Some((stop, task)) = self.local.take() {
+            let _ = stop.send(());
+            task.await.context("the in-process hub panicked")??;
+            return Ok(began.elapsed());
+        }
         let Some(mut child) = self.child.take() else { return Ok(Duration::ZERO) };
         let pid = nix::unistd::Pid::from_raw(self.pid as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("sending SIGTERM to the hub")?;

@@ -67,6 +67,11 @@ enum Scenario {
         group_concurrency: u32,
         #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
+        /// Serve the hub inside the bench process: this many nodes connect over real mTLS sessions and the rest
+        /// open in-process sessions on the hub's agent API (past the descriptor limit). Default: the real hub
+        /// binary as a child process and every node over mTLS.
+        #[arg(long)]
+        real_agents: Option<usize>,
     },
     /// 3. Heartbeats per second the hub reads, every session sending as fast as it accepts.
     Heartbeats {
@@ -156,7 +161,7 @@ fn run() -> anyhow::Result<()> {
                 )
                 .await
             }
-            Scenario::Orchestrate { nodes, members, stages, group_concurrency, timeout_secs } => {
+            Scenario::Orchestrate { nodes, members, stages, group_concurrency, timeout_secs, real_agents } => {
                 scenarios::orchestrate(
                     &ctx,
                     nodes,
@@ -164,6 +169,7 @@ fn run() -> anyhow::Result<()> {
                     stages,
                     group_concurrency,
                     Duration::from_secs(timeout_secs),
+                    real_agents,
                 )
                 .await
             }

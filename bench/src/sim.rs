@@ -14,7 +14,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+
+/// What the hub sends on a session, over either transport.
+type Inbound = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::HubMessage, tonic::Status>> + Send>>;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use upkeep_proto::v1::{self, agent_message::Body, hub_message};
 
@@ -38,7 +42,7 @@ pub struct SimSpec {
 }
 
 /// One simulated node.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SimNode {
     /// Certificate and key.
     pub cert: Arc<NodeCert>,
@@ -46,6 +50,8 @@ pub struct SimNode {
     pub member: u32,
     /// Source address to connect from (several loopback addresses widen the ephemeral port space).
     pub source: IpAddr,
+    /// Sessions opened inside this process on an in-process hub's agent API (no socket, no TLS) instead.
+    pub local: Option<Arc<upkeep_hub::grpc::agent::AgentApi>>,
 }
 
 /// The member name for index `i`.
@@ -198,26 +204,34 @@ async fn session(
     welcomed: &mut bool,
 ) -> anyhow::Result<()> {
     let mut permit = Some(shared.connecting.acquire().await.context("connect semaphore")?);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&spec.ca_pem))
-        .identity(Identity::from_pem(&node.cert.cert, &node.cert.key))
-        .domain_name(spec.domain.clone());
-    let channel = Endpoint::from_shared(spec.hub_url.clone())
-        .context("hub url")?
-        .tls_config(tls)
-        .context("tls")?
-        .local_address(Some(node.source))
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(30))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .context("connecting")?;
-    let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::AgentMessage>(16);
     tx.send(msg(Body::Register(report(node, spec, image)))).await.context("queueing register")?;
-    let mut inbound = client.session(ReceiverStream::new(rx)).await.context("opening the session")?.into_inner();
+    let mut inbound: Inbound = match &node.local {
+        Some(agents) => {
+            let outbound = Box::pin(ReceiverStream::new(rx).map(Ok));
+            agents.open_session(node.cert.name.clone(), outbound).await.context("opening the session")?
+        }
+        None => {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&spec.ca_pem))
+                .identity(Identity::from_pem(&node.cert.cert, &node.cert.key))
+                .domain_name(spec.domain.clone());
+            let channel = Endpoint::from_shared(spec.hub_url.clone())
+                .context("hub url")?
+                .tls_config(tls)
+                .context("tls")?
+                .local_address(Some(node.source))
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(30))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .connect()
+                .await
+                .context("connecting")?;
+            let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
+            Box::pin(client.session(ReceiverStream::new(rx)).await.context("opening the session")?.into_inner())
+        }
+    };
     let mut phase = shared.phase.subscribe();
     let mut guard: Option<Welcomed<'_>> = None;
     let mut every = Duration::from_secs(3600);
@@ -226,8 +240,8 @@ async fn session(
     loop {
         let flooding = guard.is_some() && *phase.borrow() == Phase::Flood;
         tokio::select! {
-            m = inbound.message() => {
-                let m = m.context("session")?.ok_or_else(|| anyhow!("hub ended the session"))?;
+            m = inbound.next() => {
+                let m = m.ok_or_else(|| anyhow!("hub ended the session"))?.context("session")?;
                 match m.body {
                     Some(hub_message::Body::Welcome(w)) => {
                         *welcomed = true;

@@ -75,6 +75,18 @@ pub async fn serve_fleet(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_fleet_with_local_agents(config, fleet, listener, shutdown, None).await
+}
+
+/// [`serve_fleet`], also handing out the agent API so that in-process simulated nodes can open sessions
+/// without a socket each (`AgentApi::open_session`; the fleet-scale bench, past the descriptor limit).
+pub async fn serve_fleet_with_local_agents(
+    config: HubConfig,
+    fleet: Arc<Fleet>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    local: Option<tokio::sync::oneshot::Sender<Arc<AgentApi>>>,
+) -> anyhow::Result<()> {
     let tls = server_tls(&config)?;
     // One ledger of nodes out of service and one executor for every disruption, shared by runs and channels.
     let ledger = Ledger::new(fleet.clone(), config.auto_upgrade.lease_ttl);
@@ -109,19 +121,20 @@ pub async fn serve_fleet(
         shutdown.await;
         closing_fleet.close_all_sessions();
     };
+    let agents = Arc::new(AgentApi::new(
+        fleet.clone(),
+        maintenance.clone(),
+        Artifacts::new(&config.state_dir),
+        config.limits.fetches_per_node,
+    ));
+    if let Some(local) = local {
+        let _ = local.send(agents.clone());
+    }
     let result = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
-        .add_service(
-            AgentServiceServer::new(AgentApi::new(
-                fleet.clone(),
-                maintenance.clone(),
-                Artifacts::new(&config.state_dir),
-                config.limits.fetches_per_node,
-            ))
-            .max_decoding_message_size(AGENT_MESSAGE_LIMIT),
-        )
+        .add_service(AgentServiceServer::from_arc(agents).max_decoding_message_size(AGENT_MESSAGE_LIMIT))
         .add_service(
             OperatorServiceServer::new(OperatorApi::new(
                 fleet.clone(),

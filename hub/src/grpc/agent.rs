@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use upkeep_core::ids::Role;
 use upkeep_proto::convert::check_report;
@@ -98,7 +98,7 @@ fn claim_matches(cert_name: &str, claimed: &str) -> Result<(), ApiError> {
     }
 }
 
-type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::HubMessage, Status>> + Send>>;
+pub type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::HubMessage, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::ImageChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -155,11 +155,22 @@ impl v1::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let principal = principal_of(&request)?;
         require(&principal, &[Role::Node], "open an agent session")?;
-        let node = principal.name.clone();
-        let mut inbound = request.into_inner();
+        let stream = self.open_session(principal.name.clone(), Box::pin(request.into_inner())).await?;
+        Ok(Response::new(stream))
+    }
+}
 
-        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+/// The inbound half of a session: what the node sends, in order.
+pub type Inbound = Pin<Box<dyn Stream<Item = Result<v1::AgentMessage, Status>> + Send>>;
+
+impl AgentApi {
+    /// A node's session once its identity is established: the register message, then reports, heartbeats and
+    /// results until either side ends it. The gRPC handler calls it with the name from the node's certificate;
+    /// the fleet-scale bench calls it for in-process simulated nodes, which need no socket each.
+    pub async fn open_session(&self, node: String, mut inbound: Inbound) -> Result<SessionStream, Status> {
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.next())
             .await
+            .map(Option::transpose)
             .map_err(|_| ApiError::InvalidArgument("no register message within 10 s of opening the session".into()))??
             .ok_or_else(|| ApiError::InvalidArgument("session closed before its register message".into()))?;
         let report = match first.body {
@@ -197,7 +208,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
             }
             fleet.close_session(&node, session);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
@@ -207,7 +218,7 @@ async fn pump(
     maintenance: &Arc<Maintenance>,
     node: &str,
     session: u64,
-    inbound: &mut Streaming<v1::AgentMessage>,
+    inbound: &mut Inbound,
     tx: &mpsc::Sender<Result<v1::HubMessage, Status>>,
 ) -> Result<(), Status> {
     let mut closing = fleet.closing();
@@ -216,7 +227,7 @@ async fn pump(
             return Err(Status::unavailable("hub shutting down; reconnect"));
         }
         let msg = tokio::select! {
-            m = inbound.message() => m?,
+            m = inbound.next() => m.transpose()?,
             _ = tx.closed() => return Ok(()),
             _ = closing.changed() => continue,
         };
