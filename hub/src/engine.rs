@@ -130,7 +130,7 @@ struct CachedRun {
 type Completion = (String, Result<(), String>);
 
 /// What a commit made: the new state, the merged plan, and each step's own result.
-type Committed = (RunState, Plan, Vec<Result<(), EngineError>>);
+type Committed = (Arc<RunState>, Plan, Vec<Result<(), EngineError>>);
 
 /// How often a commit that lost a compare-and-swap is planned again from the stored state.
 const COMMIT_ATTEMPTS: usize = 3;
@@ -266,7 +266,7 @@ impl Engine {
     }
 
     /// Plans with `f` under the commit lock, applies, commits state and events, publishes them, then acts.
-    pub async fn transact<F>(self: &Arc<Self>, name: &str, f: F) -> Result<(RunState, Plan), EngineError>
+    pub async fn transact<F>(self: &Arc<Self>, name: &str, f: F) -> Result<(Arc<RunState>, Plan), EngineError>
     where
         F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
@@ -350,7 +350,7 @@ impl Engine {
             }))
             .map_err(|p| EngineError::Unexpected { run: name.to_string(), reason: panic_message(p.as_ref()) })?;
             let (new_state, plan, results) = planned;
-            let Some(new_state) = new_state else { return Ok(((*cached.state).clone(), plan, results)) };
+            let Some(new_state) = new_state else { return Ok((cached.state, plan, results)) };
             let run_status = new_state.run.status.as_str().to_string();
             let events: Vec<NewEvent> = plan
                 .transitions
@@ -400,7 +400,7 @@ impl Engine {
                     }
                 }
             }
-            return Ok(((*new_state).clone(), plan, results));
+            return Ok((new_state, plan, results));
         }
     }
 
