@@ -94,6 +94,21 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         events_per_commit: usize,
     },
+    /// The agent's raw slot write + verify against `dd bs=4M conv=fsync` on the same disk, alternating.
+    SlotWrite {
+        /// Image size, MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Rounds; each runs every contender once, the order rotating.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Directory for the image and the outputs, on the disk under test.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/upkeep-bench/slot-write"))]
+        dir: PathBuf,
+        /// Also time the old single-threaded copy loop (SHA-256 inline) for a side-by-side ratio.
+        #[arg(long)]
+        inline_hash: bool,
+    },
     /// Mint and cache node certificates ahead of a run.
     Certs {
         #[arg(long)]
@@ -176,6 +191,10 @@ fn run() -> anyhow::Result<()> {
             Scenario::Sizes => Ok(scenarios::sizes(&ctx)),
             Scenario::Store { secs, state_bytes, events_per_commit } => {
                 scenarios::store(&ctx, Duration::from_secs(secs), &state_bytes, events_per_commit)
+            }
+            Scenario::SlotWrite { size_mib, rounds, dir, inline_hash } => {
+                let args = upkeep_bench::slotwrite::SlotWriteArgs { size_mib, rounds, dir, inline_hash };
+                upkeep_bench::slotwrite::slot_write(&ctx, &args)
             }
             Scenario::Certs { count } => {
                 let cache = upkeep_bench::certs::CertCache::open(&ctx.cache)?;
