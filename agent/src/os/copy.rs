@@ -1,28 +1,33 @@
-//! Copying an image while hashing it, with the reading, the SHA-256 and the writing overlapped on three
-//! threads. Every slot backend that copies an image (raw slots, the directory backend's unpack) goes through
-//! here, so that the hash costs no wall time when a core is free for it: a 1 GiB image is written at the
-//! disk's speed rather than at (disk time + hash time).
+//! Copying an image while hashing it, with the SHA-256 on its own thread, overlapped with the copy. Every
+//! slot backend that copies an image (raw slots, the directory backend's unpack) goes through here, so that
+//! the hash costs no wall time when a core is free for it: a 1 GiB image is written at the disk's speed rather
+//! than at (disk time + hash time).
 //!
 //! ```text
-//!  reader thread ──Data──▶ hash thread ──Data──▶ caller's thread (write / unpack)
-//!        ▲                                              │
-//!        └──────────────── empty buffers ◀──────────────┘
+//!  caller's thread: read buffer k ─▶ write (or unpack) buffer k ─▶ read buffer k+1 ─▶ ...
+//!                          │ shared, read-only                        ▲
+//!                          ▼                                          │ buffer k back once hashed
+//!  hash thread:      hash buffer k ───────────────────────────────────┘
 //! ```
 //!
-//! A fixed number of buffers circulates (by default 4 of 4 MiB), so memory stays bounded whatever the image
-//! size and a slow side holds the others back. The stream ends with an explicit `End`: a side that stops
-//! early (an error, a panic) is never taken for the end of the image, and the first failure is the error the
-//! caller gets, the reading side's before the writing side's. This module decides nothing about slots: it
-//! returns the digest and the byte count, and its callers compare and say what the slot holds.
+//! The caller's thread reads and writes, as `dd` does; the hash thread reads the same buffer at the same time
+//! (while it is still in cache), so the hash adds a core's work but no copy. A fixed number of buffers
+//! circulates (by default 8 of 512 KiB), so memory stays bounded whatever the image size and the slower side
+//! holds the other back. Reads and writes fail on the caller's thread, where the error is returned at once; the
+//! hash thread is told the end with an explicit `End`, so a copy that stops early is never hashed as a whole
+//! image. This module decides nothing about slots: it returns the digest and the byte count, and its callers
+//! compare them and say what the slot holds.
 
 use ring::digest::{Context, SHA256};
 use std::io::{self, Read, Write};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 
-/// Bytes in one buffer of the pipeline.
-pub const CHUNK_BYTES: usize = 4 * 1024 * 1024;
-/// Buffers in circulation at most: one copy holds `CHUNK_BYTES * CHUNKS_IN_FLIGHT` bytes of memory.
-pub const CHUNKS_IN_FLIGHT: usize = 4;
+/// Bytes in one buffer. Small enough to stay in a core's L2 cache between the read that fills it, the hash
+/// and the write that read it (4 MiB buffers, which spill to memory, measured slower: BENCHMARKS.md).
+pub const CHUNK_BYTES: usize = 512 * 1024;
+/// Buffers in circulation at most: one copy holds `CHUNK_BYTES * CHUNKS_IN_FLIGHT` (4 MiB) of memory.
+pub const CHUNKS_IN_FLIGHT: usize = 8;
 
 /// The buffers a copy uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +39,7 @@ pub struct Buffers {
 }
 
 impl Buffers {
-    /// What the agent uses: 4 buffers of 4 MiB.
+    /// What the agent uses: 8 buffers of 512 KiB.
     pub const DEFAULT: Buffers = Buffers { chunk_bytes: CHUNK_BYTES, chunks: CHUNKS_IN_FLIGHT };
 }
 
@@ -71,24 +76,20 @@ impl CopyError {
     }
 }
 
-/// One message down the pipeline: a buffer with its first `len` bytes filled, or the end of the source.
+/// One message to the hash thread: a shared buffer with its first `len` bytes filled, or the end of the source.
 enum Msg {
-    Data(Vec<u8>, usize),
+    Data(Arc<Vec<u8>>, usize),
     End,
 }
 
-/// Copies `reader` to `writer` while hashing, overlapping the three; returns the digest and the byte count.
+/// Copies `reader` to `writer` while hashing on another thread; returns the digest and the byte count.
 /// `writer` is not flushed or synced (its owner knows whether it must be).
-pub fn copy_and_hash<R: Read + Send>(reader: R, writer: &mut impl Write) -> Result<Copied, CopyError> {
+pub fn copy_and_hash<R: Read>(reader: R, writer: &mut impl Write) -> Result<Copied, CopyError> {
     copy_and_hash_with(reader, writer, Buffers::DEFAULT)
 }
 
 /// `copy_and_hash` with the given buffers.
-pub fn copy_and_hash_with<R: Read + Send>(
-    reader: R,
-    writer: &mut impl Write,
-    buffers: Buffers,
-) -> Result<Copied, CopyError> {
+pub fn copy_and_hash_with<R: Read>(reader: R, writer: &mut impl Write, buffers: Buffers) -> Result<Copied, CopyError> {
     let (copied, ()) = pipeline(reader, buffers, |chunks| {
         while let Some(data) = chunks.next_chunk().map_err(CopyError::Read)? {
             writer.write_all(data).map_err(CopyError::Write)?;
@@ -101,7 +102,7 @@ pub fn copy_and_hash_with<R: Read + Send>(
 /// Hands `reader` to `consume` as a stream (for instance a tar unpacker) while hashing it on another thread.
 /// Whatever `consume` leaves unread (an archive's trailing padding) is read and hashed too, so the digest
 /// always covers the whole source. An error of `consume` comes back as `CopyError::Write`.
-pub fn consume_and_hash<R: Read + Send, T>(
+pub fn consume_and_hash<R: Read, T>(
     reader: R,
     buffers: Buffers,
     consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
@@ -109,69 +110,44 @@ pub fn consume_and_hash<R: Read + Send, T>(
     pipeline(reader, buffers, |chunks| consume(chunks).map_err(CopyError::Write))
 }
 
-/// Runs the reader and the hash on their own threads and `consume` on this one, then joins them and picks the
-/// error to report: the reader's first (a consumer that saw the stream break is only its echo), then a panic,
-/// then the consumer's.
-fn pipeline<R: Read + Send, T>(
+/// Runs the hash on its own thread and the reading and `consume` on this one, then joins the hash and picks
+/// the error to report: a read error first (a consumer that saw the stream break is only its echo), then a
+/// panic of the hash thread, then the consumer's own.
+fn pipeline<R: Read, T>(
     reader: R,
     buffers: Buffers,
-    consume: impl FnOnce(&mut Chunks) -> Result<T, CopyError>,
+    consume: impl FnOnce(&mut Chunks<R>) -> Result<T, CopyError>,
 ) -> Result<(Copied, T), CopyError> {
-    let chunk_bytes = buffers.chunk_bytes.max(1);
     let chunks = buffers.chunks.max(1);
     let (to_hash, hash_in) = sync_channel::<Msg>(chunks);
-    let (to_sink, sink_in) = sync_channel::<Msg>(chunks);
-    let (recycle, recycled) = sync_channel::<Vec<u8>>(chunks);
+    let (back, returned) = sync_channel::<Arc<Vec<u8>>>(chunks);
     std::thread::scope(|s| {
-        let read = s.spawn(move || read_stage(reader, chunk_bytes, chunks, &recycled, &to_hash));
-        let hash = s.spawn(move || hash_stage(&hash_in, &to_sink));
-        let mut sink = Chunks { rx: sink_in, recycle, current: None, ended: false };
+        let hash = s.spawn(move || hash_stage(&hash_in, &back));
+        let mut source = Chunks {
+            reader,
+            chunk_bytes: buffers.chunk_bytes.max(1),
+            chunks,
+            allocated: 0,
+            to_hash,
+            returned,
+            current: None,
+            ended: false,
+            failure: None,
+        };
         // The consumer may stop before the end (an archive's padding): the rest is still read and hashed.
-        let consumed = consume(&mut sink).and_then(|t| sink.drain().map(|()| t).map_err(CopyError::Read));
-        // Hanging up stops the other two at their next send or receive, whatever happened here.
-        drop(sink);
-        let read = read.join().map_err(|_| CopyError::Panicked("reading"))?;
-        let hash = hash.join().map_err(|_| CopyError::Panicked("hashing"))?;
-        read?;
+        let consumed = consume(&mut source).and_then(|t| source.drain().map(|()| t));
+        let failure = source.failure.take();
+        // Hanging up tells the hash thread the copy stopped, if it did not reach `End`.
+        drop(source);
+        let hashed = hash.join().map_err(|_| CopyError::Panicked("hashing"))?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
         let t = consumed?;
-        // Both finished and the consumer saw `End`, which only the hash thread sends after its last update.
-        let copied = hash.ok_or(CopyError::Panicked("hashing"))?;
+        // The source reached `End`, which the hash thread answers with the digest of every byte before it.
+        let copied = hashed.ok_or(CopyError::Panicked("hashing"))?;
         Ok((copied, t))
     })
-}
-
-/// Reads `reader` into buffers (allocating up to `chunks`, then reusing what comes back) and sends them on.
-/// Returns `Ok(false)` when the far side hung up before the end (its own error says why).
-fn read_stage<R: Read>(
-    mut reader: R,
-    chunk_bytes: usize,
-    chunks: usize,
-    recycled: &Receiver<Vec<u8>>,
-    out: &SyncSender<Msg>,
-) -> Result<bool, CopyError> {
-    let mut allocated = 0;
-    loop {
-        let mut buf = match recycled.try_recv() {
-            Ok(b) => b,
-            Err(_) if allocated < chunks => {
-                allocated += 1;
-                vec![0u8; chunk_bytes]
-            }
-            Err(_) => match recycled.recv() {
-                Ok(b) => b,
-                Err(_) => return Ok(false),
-            },
-        };
-        let n = fill(&mut reader, &mut buf).map_err(CopyError::Read)?;
-        let msg = if n == 0 { Msg::End } else { Msg::Data(buf, n) };
-        let end = matches!(msg, Msg::End);
-        if out.send(msg).is_err() {
-            return Ok(false);
-        }
-        if end {
-            return Ok(true);
-        }
-    }
 }
 
 /// Reads until `buf` is full or the source ends (short reads would make short writes); returns bytes read.
@@ -188,8 +164,8 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Hashes every buffer and passes it on; `Some` once it has passed `End` on, `None` if either side stopped.
-fn hash_stage(input: &Receiver<Msg>, out: &SyncSender<Msg>) -> Option<Copied> {
+/// Hashes every buffer and hands it back; `Some` once it saw `End`, `None` if the copy stopped before.
+fn hash_stage(input: &Receiver<Msg>, back: &SyncSender<Arc<Vec<u8>>>) -> Option<Copied> {
     let mut ctx = Context::new(&SHA256);
     let mut bytes = 0u64;
     loop {
@@ -197,57 +173,97 @@ fn hash_stage(input: &Receiver<Msg>, out: &SyncSender<Msg>) -> Option<Copied> {
             Msg::Data(buf, n) => {
                 ctx.update(&buf[..n]);
                 bytes += n as u64;
-                out.send(Msg::Data(buf, n)).ok()?;
+                // The copy may have stopped already; then nobody needs the buffer back.
+                let _ = back.send(buf);
             }
-            Msg::End => {
-                out.send(Msg::End).ok()?;
-                return Some(Copied { sha256: super::slots::hex(ctx.finish().as_ref()), bytes });
-            }
+            Msg::End => return Some(Copied { sha256: super::slots::hex(ctx.finish().as_ref()), bytes }),
         }
     }
 }
 
-/// The consumer's end of the pipeline: whole buffers (`next_chunk`) or a byte stream (`Read`).
-struct Chunks {
-    rx: Receiver<Msg>,
-    recycle: SyncSender<Vec<u8>>,
+/// The source as the consumer sees it: whole buffers (`next_chunk`) or a byte stream (`Read`). Each buffer
+/// read is shared with the hash thread before the consumer gets it.
+struct Chunks<R> {
+    reader: R,
+    chunk_bytes: usize,
+    chunks: usize,
+    allocated: usize,
+    to_hash: SyncSender<Msg>,
+    returned: Receiver<Arc<Vec<u8>>>,
     /// The buffer being consumed, its filled length, and how much of it was consumed.
-    current: Option<(Vec<u8>, usize, usize)>,
+    current: Option<(Arc<Vec<u8>>, usize, usize)>,
     ended: bool,
+    /// The first failure of the source, kept for `pipeline` (the consumer only sees an io::Error like it).
+    failure: Option<CopyError>,
 }
 
-impl Chunks {
-    /// The next buffer's bytes, `None` at the end of the source. The previous buffer goes back to the reader.
-    /// A stream that stops without `End` is an error, never an end.
+impl<R: Read> Chunks<R> {
+    /// The next buffer's bytes, `None` at the end of the source.
     fn next_chunk(&mut self) -> io::Result<Option<&[u8]>> {
-        if let Some((buf, _, _)) = self.current.take() {
-            // The reader may have stopped already; then nobody needs the buffer back.
-            let _ = self.recycle.send(buf);
+        if let Some(e) = &self.failure {
+            return Err(echo(e));
         }
-        if self.ended {
-            return Ok(None);
-        }
-        match self.rx.recv() {
-            Ok(Msg::Data(buf, n)) => {
-                let (buf, n, _) = self.current.insert((buf, n, 0));
-                Ok(Some(&buf[..*n]))
+        match self.advance() {
+            Ok(more) => Ok(if more { self.current.as_ref().map(|(b, n, _)| &b[..*n]) } else { None }),
+            Err(e) => {
+                let echoed = echo(&e);
+                self.failure = Some(e);
+                Err(echoed)
             }
-            Ok(Msg::End) => {
-                self.ended = true;
-                Ok(None)
-            }
-            Err(_) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the image stream stopped before its end")),
         }
     }
 
-    /// Reads to the end, discarding.
-    fn drain(&mut self) -> io::Result<()> {
-        while self.next_chunk()?.is_some() {}
+    /// Reads the next buffer and shares it with the hash thread; `false` at the end (after telling it so).
+    fn advance(&mut self) -> Result<bool, CopyError> {
+        // Ours is dropped here; the hash thread's copy comes back once hashed.
+        self.current = None;
+        if self.ended {
+            return Ok(false);
+        }
+        let mut buf = self.free_buffer()?;
+        let n = fill(&mut self.reader, &mut buf).map_err(CopyError::Read)?;
+        if n == 0 {
+            self.to_hash.send(Msg::End).map_err(|_| CopyError::Panicked("hashing"))?;
+            self.ended = true;
+            return Ok(false);
+        }
+        let buf = Arc::new(buf);
+        self.to_hash.send(Msg::Data(Arc::clone(&buf), n)).map_err(|_| CopyError::Panicked("hashing"))?;
+        self.current = Some((buf, n, 0));
+        Ok(true)
+    }
+
+    /// A buffer to read into: one the hash thread is done with, a new one while fewer than `chunks` exist, or
+    /// else the next one it hands back.
+    fn free_buffer(&mut self) -> Result<Vec<u8>, CopyError> {
+        let shared = match self.returned.try_recv() {
+            Ok(b) => b,
+            Err(TryRecvError::Empty) if self.allocated < self.chunks => {
+                self.allocated += 1;
+                return Ok(vec![0u8; self.chunk_bytes]);
+            }
+            Err(_) => self.returned.recv().map_err(|_| CopyError::Panicked("hashing"))?,
+        };
+        // Our own copy was dropped before the buffer after it was read, so this one is the last.
+        Ok(Arc::try_unwrap(shared).unwrap_or_else(|still_shared| vec![0u8; still_shared.len()]))
+    }
+
+    /// Reads (and hashes) to the end, discarding.
+    fn drain(&mut self) -> Result<(), CopyError> {
+        while self.advance()? {}
         Ok(())
     }
 }
 
-impl Read for Chunks {
+/// An io::Error standing for `e`, for a consumer that can only see io::Errors (`pipeline` returns `e` itself).
+fn echo(e: &CopyError) -> io::Error {
+    match e {
+        CopyError::Read(io) | CopyError::Write(io) => io::Error::new(io.kind(), io.to_string()),
+        CopyError::Panicked(_) => io::Error::other(e.to_string()),
+    }
+}
+
+impl<R: Read> Read for Chunks<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
@@ -390,7 +406,7 @@ mod tests {
     }
 
     #[test]
-    fn a_write_failure_is_an_error_and_stops_the_reader() {
+    fn a_write_failure_is_an_error_and_stops_the_copy() {
         for room in [0, 1, SMALL.chunk_bytes, 4 * SMALL.chunk_bytes + 7] {
             let src = data(50 * SMALL.chunk_bytes);
             let mut disk = FullDisk { room, got: Vec::new() };

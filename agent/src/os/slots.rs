@@ -13,7 +13,7 @@
 //! renamed into place once verified); it removes that copy when the write fails, and `remove_leftovers`
 //! removes one a crash left.
 
-use super::copy::{Buffers, CopyError, consume_and_hash, copy_and_hash};
+use super::copy::{Buffers, CopyError, consume_and_hash, copy_and_hash, copy_and_hash_with};
 use super::{BootState, OsError, Rebooted, Slot, command, parse_node_image};
 use crate::config::HookCommands;
 use crate::state::write_atomic;
@@ -382,6 +382,11 @@ impl Backend for DirSlots {
 /// goes straight to `dest` (there is no room for a second copy of a raw image), so after a mismatch `dest`
 /// holds the bytes written, and the error says so; the caller marks nothing bootable after an error.
 pub fn write_raw(image: &Path, dest: &Path, slot: Slot, sha256: &str) -> Result<u64, OsError> {
+    write_raw_with(image, dest, slot, sha256, Buffers::DEFAULT)
+}
+
+/// `write_raw` with the given copy buffers (the agent uses `Buffers::DEFAULT`; the benchmark tries others).
+pub fn write_raw_with(image: &Path, dest: &Path, slot: Slot, sha256: &str, buffers: Buffers) -> Result<u64, OsError> {
     let src = std::fs::File::open(image).map_err(OsError::io(image))?;
     let is_file = std::fs::metadata(dest).map(|m| m.is_file()).unwrap_or(true);
     let mut out = std::fs::OpenOptions::new()
@@ -390,7 +395,7 @@ pub fn write_raw(image: &Path, dest: &Path, slot: Slot, sha256: &str) -> Result<
         .truncate(is_file)
         .open(dest)
         .map_err(OsError::io(dest))?;
-    let copied = copy_and_hash(src, &mut out).map_err(|e| match e {
+    let copied = copy_and_hash_with(src, &mut out, buffers).map_err(|e| match e {
         CopyError::Write(source) => OsError::Io { path: dest.to_path_buf(), source },
         e => OsError::Io { path: image.to_path_buf(), source: e.into_io() },
     })?;
