@@ -7,7 +7,7 @@
 //! each round).
 //!
 //! Contenders: `dd` as a process; `upkeep`, the agent's own `write_raw` (the raw slot backend's whole write:
-//! open, pipelined copy and hash, fsync, digest check); and with `--inline-hash`, the copy loop the agent had
+//! open, copy with the hash on another thread, fsync, digest check; `--chunk-kib`/`--chunks` try other buffers); and with `--inline-hash`, the copy loop the agent had
 //! before (1 MiB buffer, SHA-256 inline on the one thread), kept here as the baseline.
 
 use crate::report::{Outcome, Row, row};
@@ -19,7 +19,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use upkeep_agent::os::Slot;
-use upkeep_agent::os::slots::{hex, write_raw};
+use upkeep_agent::os::copy::Buffers;
+use upkeep_agent::os::slots::{hex, write_raw_with};
 
 /// The goal of issue 14: the agent writes a slot at ≥ 0.9 × dd's speed on the same disk.
 pub const GOAL_RATIO: f64 = 0.9;
@@ -39,6 +40,8 @@ pub struct SlotWriteArgs {
     pub dir: PathBuf,
     /// Also time the old single-threaded inline-hash loop.
     pub inline_hash: bool,
+    /// The copy buffers of the upkeep contender (the agent's own by default).
+    pub buffers: Buffers,
 }
 
 /// One contender.
@@ -90,9 +93,9 @@ pub fn slot_write(ctx: &Ctx, args: &SlotWriteArgs) -> anyhow::Result<Outcome> {
             remove_if_there(&out)?;
             let t = match c {
                 Contender::Dd => run_dd(&image, &out)?,
-                Contender::Upkeep => {
-                    in_process(|| write_raw(&image, &out, Slot::B, &sha).map(drop).context("upkeep slot write"))?
-                }
+                Contender::Upkeep => in_process(|| {
+                    write_raw_with(&image, &out, Slot::B, &sha, args.buffers).map(drop).context("upkeep slot write")
+                })?,
                 Contender::Inline => in_process(|| inline_hash_write(&image, &out, &sha))?,
             };
             let written = std::fs::metadata(&out).with_context(|| format!("reading {}", out.display()))?.len();
@@ -167,6 +170,10 @@ fn outcome(
     figures.insert("rounds".into(), json!(args.rounds));
     figures.insert("dir".into(), json!(args.dir.display().to_string()));
     figures.insert("goal_ratio".into(), json!(GOAL_RATIO));
+    figures.insert(
+        "upkeep_buffers".into(),
+        json!({"chunk_bytes": args.buffers.chunk_bytes, "chunks": args.buffers.chunks}),
+    );
     figures.insert("loadavg_at_start".into(), json!(load_at_start));
     figures.insert(
         "method".into(),
