@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 
 /// Bytes in one buffer. Small enough to stay in a core's L2 cache between the read that fills it, the hash
-/// and the write that read it (4 MiB buffers, which spill to memory, measured slower: BENCHMARKS.md).
+/// and the write that read it: on the 2-core test machine, under load, even `dd` spent several times the
+/// system time with 4 MiB blocks than with 512 KiB ones (BENCHMARKS.md).
 pub const CHUNK_BYTES: usize = 512 * 1024;
 /// Buffers in circulation at most: one copy holds `CHUNK_BYTES * CHUNKS_IN_FLIGHT` (4 MiB) of memory.
 pub const CHUNKS_IN_FLIGHT: usize = 8;
