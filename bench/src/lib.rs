@@ -3,7 +3,8 @@
 //!
 //! Code map: `measure` (/proc parsing, percentiles, handoff pairing: pure), `certs` (cached node
 //! certificates), `hubproc` (the real hub as a child process), `sim` (simulated agents speaking the real
-//! protocol over mTLS), `scenarios` (the five scenarios), `report` (table + JSON). Method and latest figures:
+//! protocol over mTLS), `scenarios` (the five scenarios), `slotwrite` (the agent's raw slot write against dd, issue 14), `report`
+//! (table + JSON). Method and latest figures:
 //! BENCHMARKS.md at the repository root.
 
 pub mod certs;
@@ -12,3 +13,4 @@ pub mod measure;
 pub mod report;
 pub mod scenarios;
 pub mod sim;
+pub mod slotwrite;

@@ -99,6 +99,27 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         events_per_commit: usize,
     },
+    /// The agent's raw slot write + verify against `dd bs=4M conv=fsync` on the same disk, alternating.
+    SlotWrite {
+        /// Image size, MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Rounds; each runs every contender once, the order rotating.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Directory for the image and the outputs, on the disk under test.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/upkeep-bench/slot-write"))]
+        dir: PathBuf,
+        /// Also time the old single-threaded copy loop (SHA-256 inline) for a side-by-side ratio.
+        #[arg(long)]
+        inline_hash: bool,
+        /// Buffer size of the upkeep copy, KiB (the agent's default).
+        #[arg(long, default_value_t = upkeep_agent::os::copy::CHUNK_BYTES / 1024)]
+        chunk_kib: usize,
+        /// Buffers in circulation in the upkeep copy (the agent's default).
+        #[arg(long, default_value_t = upkeep_agent::os::copy::CHUNKS_IN_FLIGHT)]
+        chunks: usize,
+    },
     /// Mint and cache node certificates ahead of a run.
     Certs {
         #[arg(long)]
@@ -182,6 +203,11 @@ fn run() -> anyhow::Result<()> {
             Scenario::Sizes => Ok(scenarios::sizes(&ctx)),
             Scenario::Store { secs, state_bytes, events_per_commit } => {
                 scenarios::store(&ctx, Duration::from_secs(secs), &state_bytes, events_per_commit)
+            }
+            Scenario::SlotWrite { size_mib, rounds, dir, inline_hash, chunk_kib, chunks } => {
+                let buffers = upkeep_agent::os::copy::Buffers { chunk_bytes: chunk_kib.max(1) * 1024, chunks };
+                let args = upkeep_bench::slotwrite::SlotWriteArgs { size_mib, rounds, dir, inline_hash, buffers };
+                upkeep_bench::slotwrite::slot_write(&ctx, &args)
             }
             Scenario::Certs { count } => {
                 let cache = upkeep_bench::certs::CertCache::open(&ctx.cache)?;

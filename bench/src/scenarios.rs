@@ -50,7 +50,8 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn outcome(&self, scenario: String, table: Vec<Row>, figures: serde_json::Value) -> Outcome {
+    /// An outcome stamped with the command, the commit and the machine (load averages included).
+    pub fn outcome(&self, scenario: String, table: Vec<Row>, figures: serde_json::Value) -> Outcome {
         let finished_unix_s =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Outcome {

@@ -948,15 +948,25 @@ async fn a_failed_reimage_leaves_no_staging_and_no_partial_slot_write() {
     assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
     assert!(w.incoming().is_empty(), "{:?}", w.incoming());
     w.os.with(|s| s.write_fails = None);
+    assert_eq!(w.os.with(|s| s.next_once), None, "a failed write marks nothing");
+    // A slot write whose bytes do not hash to the verified digest: written, not marked, and said so.
+    w.os.with(|s| s.write_corrupts = true);
+    let r = run(&w, &w.reimage("op-corrupt", 2, w.signature())).await;
+    assert!(!r.ok && r.error.contains("writing slot b"), "{r:?}");
+    assert!(r.error.contains("does not hold a verified image; it is not marked bootable"), "{r:?}");
+    let (calls, next_once) = w.os.with(|s| (s.calls.clone(), s.next_once));
+    assert!(calls.contains(&"write b (corrupt)".to_string()), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("mark")) && next_once.is_none(), "{calls:?}");
+    w.os.with(|s| s.write_corrupts = false);
     // A refused signature, over a part staged before.
     let bad = SecretKey::from_seed([5; 32], [8; 8]).sign_prehashed(&blake2b_512(&w.image), "x").to_file_text();
     w.prestage(&w.image[..100]);
-    let r = run(&w, &w.reimage("op-sig", 2, bad)).await;
+    let r = run(&w, &w.reimage("op-sig", 3, bad)).await;
     assert!(!r.ok && r.error.contains("unknown key"), "{r:?}");
     assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
     // An unhealthy image, rolled back.
     w.os.with(|s| s.unhealthy = Some("kubelet not running".into()));
-    let r = run(&w, &w.reimage("op-h", 3, w.signature())).await;
+    let r = run(&w, &w.reimage("op-h", 4, w.signature())).await;
     assert!(!r.ok && r.error.contains("rolled back"), "{r:?}");
     assert!(w.staged_files().is_empty(), "{:?}", w.staged_files());
     assert!(w.incoming().is_empty(), "{:?}", w.incoming());

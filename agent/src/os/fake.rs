@@ -35,6 +35,9 @@ pub struct FakeState {
     pub incoming: Vec<Slot>,
     /// Slot writes fail half-way with this reason, leaving a partial write in `incoming`.
     pub write_fails: Option<String>,
+    /// Slot writes read bytes that differ from the verified image (a disk or staging fault after
+    /// verification): the slot is overwritten and the write reports a digest mismatch, as a raw slot does.
+    pub write_corrupts: bool,
     /// Health check failure to report, if any.
     pub unhealthy: Option<String>,
     /// A boot-once slot does not come up.
@@ -155,7 +158,19 @@ impl NodeOs for FakeOs {
         }) {
             return Err(OsError::Malformed { path: image.to_path_buf(), reason: why });
         }
-        let actual = sha256_file(image)?;
+        let mut actual = sha256_file(image)?;
+        if self.with(|s| s.write_corrupts) {
+            actual = "f".repeat(64);
+            self.with(|s| s.calls.push(format!("write {slot} (corrupt)")));
+            return Err(OsError::Digest {
+                path: image.to_path_buf(),
+                expected: sha256.into(),
+                actual,
+                slot_state: format!(
+                    "slot {slot} was written and does not hold a verified image; it is not marked bootable"
+                ),
+            });
+        }
         if actual != sha256 {
             return Err(OsError::Digest {
                 path: image.to_path_buf(),

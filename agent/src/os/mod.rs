@@ -4,7 +4,8 @@
 //! `host::HostOs` is the real implementation over a root directory (`/` on a real node, a tree per simulated
 //! node in tests and the demo); it delegates slots and boot control to one backend of `slots` (directory
 //! trees, the GRUB environment block, or configured hooks), cordon/drain to `cordon`, and every external
-//! program to `command`. `image` owns the agent's download staging and image verification.
+//! program to `command`. `copy` is the one image copy (read, hash and write overlapped) the slot backends
+//! share. `image` owns the agent's download staging and image verification.
 //! `autoupdate` carries out a node OS channel plan (the agent's own drop-ins and the OS's update timers), `apt`
 //! and `dnf` install security patches and Kubernetes packages and read dnf's reboot-required answer. `kube`
 //! talks to the Kubernetes API server (cordon, drain, node labels) when `[kubernetes] api_server` is set.
@@ -13,6 +14,7 @@
 pub mod apt;
 pub mod autoupdate;
 pub mod command;
+pub mod copy;
 pub mod cordon;
 pub mod dnf;
 pub mod fake;

@@ -7,17 +7,17 @@
 //!   from `upkeep.slot=a|b` on the kernel command line.
 //! - `HookSlots`: configured commands for other bootloaders or image tools.
 //!
-//! Every backend hashes the bytes it writes and refuses a slot whose bytes do not match the expected digest,
-//! saying what the slot holds then. Only the directory backend writes outside the slot first (`<slot>.incoming`,
+//! Every backend hashes the bytes it writes (through `copy`, which overlaps reading, hashing and writing) and
+//! refuses a slot whose bytes do not match the expected digest, saying what the slot holds then; such a slot is
+//! never marked bootable. Only the directory backend writes outside the slot first (`<slot>.incoming`,
 //! renamed into place once verified); it removes that copy when the write fails, and `remove_leftovers`
 //! removes one a crash left.
 
+use super::copy::{Buffers, CopyError, consume_and_hash, copy_and_hash, copy_and_hash_with};
 use super::{BootState, OsError, Rebooted, Slot, command, parse_node_image};
 use crate::config::HookCommands;
 use crate::state::write_atomic;
-use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Slot trees of the directory backend, relative to the root.
@@ -26,7 +26,6 @@ pub const DIR_SLOTS: &str = "var/lib/upkeep/slots";
 pub const GRUB_ENTRY_PREFIX: &str = "upkeep-";
 /// Where the current boot's id is read (real backends).
 pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
-const COPY_BUF_BYTES: usize = 1024 * 1024;
 
 /// One slot/boot-control backend.
 pub trait Backend: Send + Sync {
@@ -46,35 +45,6 @@ pub trait Backend: Send + Sync {
     fn fall_back(&self, to: Slot) -> Result<Rebooted, OsError>;
     /// The root of the booted image (health commands get it as `UPKEEP_BOOTED_ROOT`).
     fn booted_root(&self) -> PathBuf;
-}
-
-/// Reads `r` to the end, feeding a SHA-256 as it goes.
-pub struct HashingReader<R> {
-    inner: R,
-    hasher: Context,
-    bytes: u64,
-}
-
-impl<R: Read> HashingReader<R> {
-    /// Wraps `inner`.
-    pub fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Context::new(&SHA256), bytes: 0 }
-    }
-
-    /// Reads whatever is left, then returns (hex sha256, bytes).
-    pub fn finish(mut self) -> std::io::Result<(String, u64)> {
-        std::io::copy(&mut self, &mut std::io::sink())?;
-        Ok((hex(self.hasher.finish().as_ref()), self.bytes))
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
 }
 
 /// Lower-case hex.
@@ -191,19 +161,23 @@ impl DirSlots {
         self.dir().join(format!("{slot}.incoming"))
     }
 
-    /// Unpacks `image` into `incoming` while hashing it; returns (hex sha256, bytes).
+    /// Unpacks `image` into `incoming` while hashing it on another thread; returns (hex sha256, bytes).
     fn unpack(image: &Path, incoming: &Path) -> Result<(String, u64), OsError> {
         std::fs::create_dir_all(incoming).map_err(OsError::io(incoming))?;
         let f = std::fs::File::open(image).map_err(OsError::io(image))?;
-        let mut reader = HashingReader::new(std::io::BufReader::with_capacity(COPY_BUF_BYTES, f));
-        {
-            let mut ar = tar::Archive::new(&mut reader);
+        let unpacked = consume_and_hash(f, Buffers::DEFAULT, |reader| {
+            let mut ar = tar::Archive::new(reader);
             ar.set_preserve_permissions(true);
             ar.set_overwrite(true);
             ar.unpack(incoming)
-                .map_err(|e| OsError::Malformed { path: image.to_path_buf(), reason: format!("unpacking tar: {e}") })?;
+        });
+        match unpacked {
+            Ok((c, ())) => Ok((c.sha256, c.bytes)),
+            Err(CopyError::Write(e)) => {
+                Err(OsError::Malformed { path: image.to_path_buf(), reason: format!("unpacking tar: {e}") })
+            }
+            Err(e) => Err(OsError::Io { path: image.to_path_buf(), source: e.into_io() }),
         }
-        reader.finish().map_err(OsError::io(image))
     }
 
     fn load(&self) -> Result<DirBoot, OsError> {
@@ -300,7 +274,9 @@ impl Backend for DirSlots {
                 path: image.to_path_buf(),
                 expected: sha256.into(),
                 actual,
-                slot_state: format!("slot {slot} left unchanged (the unpacked copy was removed)"),
+                slot_state: format!(
+                    "slot {slot} left unchanged and not marked bootable (the unpacked copy was removed)"
+                ),
             });
         }
         sync_tree(&incoming)?;
@@ -401,12 +377,17 @@ impl Backend for DirSlots {
 // ---------------------------------------------------------------------------------------------------------
 // Raw slots (block devices or image files), shared by the GRUB backend.
 
-/// Copies `image` onto `dest` (a block device or a file) while hashing, then fsyncs; refuses on mismatch. The
-/// copy goes straight to `dest` (no room for a second copy of a raw image), so after a mismatch `dest` holds
-/// the bytes written, and the error says so.
-pub fn write_raw(image: &Path, dest: &Path, sha256: &str) -> Result<u64, OsError> {
+/// Copies `image` onto `dest` (a block device or a file), the image of `slot`, while hashing (overlapped, see
+/// `copy`), then fsyncs; returns the bytes written, or an error when they do not hash to `sha256`. The copy
+/// goes straight to `dest` (there is no room for a second copy of a raw image), so after a mismatch `dest`
+/// holds the bytes written, and the error says so; the caller marks nothing bootable after an error.
+pub fn write_raw(image: &Path, dest: &Path, slot: Slot, sha256: &str) -> Result<u64, OsError> {
+    write_raw_with(image, dest, slot, sha256, Buffers::DEFAULT)
+}
+
+/// `write_raw` with the given copy buffers (the agent uses `Buffers::DEFAULT`; the benchmark tries others).
+pub fn write_raw_with(image: &Path, dest: &Path, slot: Slot, sha256: &str, buffers: Buffers) -> Result<u64, OsError> {
     let src = std::fs::File::open(image).map_err(OsError::io(image))?;
-    let mut reader = HashingReader::new(src);
     let is_file = std::fs::metadata(dest).map(|m| m.is_file()).unwrap_or(true);
     let mut out = std::fs::OpenOptions::new()
         .write(true)
@@ -414,28 +395,25 @@ pub fn write_raw(image: &Path, dest: &Path, sha256: &str) -> Result<u64, OsError
         .truncate(is_file)
         .open(dest)
         .map_err(OsError::io(dest))?;
-    let mut buf = vec![0u8; COPY_BUF_BYTES];
-    loop {
-        let n = reader.read(&mut buf).map_err(OsError::io(image))?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n]).map_err(OsError::io(dest))?;
-    }
+    let copied = copy_and_hash_with(src, &mut out, buffers).map_err(|e| match e {
+        CopyError::Write(source) => OsError::Io { path: dest.to_path_buf(), source },
+        e => OsError::Io { path: image.to_path_buf(), source: e.into_io() },
+    })?;
     out.sync_all().map_err(OsError::io(dest))?;
-    let (actual, bytes) = reader.finish().map_err(OsError::io(image))?;
-    if actual != sha256 {
+    if copied.sha256 != sha256 {
         return Err(OsError::Digest {
             path: image.to_path_buf(),
             expected: sha256.into(),
-            actual,
+            actual: copied.sha256,
             slot_state: format!(
-                "{} now holds these {bytes} bytes and was not marked to boot; the next image written replaces them",
-                dest.display()
+                "slot {slot} ({}) was written with these {} bytes and does not hold a verified image; it is not \
+                 marked bootable, and the next image written replaces them",
+                dest.display(),
+                copied.bytes
             ),
         });
     }
-    Ok(bytes)
+    Ok(copied.bytes)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -529,7 +507,7 @@ impl Backend for GrubEnv {
                 reason: "refusing to write the booted slot".into(),
             });
         }
-        write_raw(image, self.path(slot), sha256)
+        write_raw(image, self.path(slot), slot, sha256)
     }
 
     fn remove_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {
@@ -632,14 +610,20 @@ impl Backend for HookSlots {
     }
 
     fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
+        // Only hashed here (the write hook does the copy); the helper still reads ahead of the hash.
         let f = std::fs::File::open(image).map_err(OsError::io(image))?;
-        let (actual, bytes) = HashingReader::new(f).finish().map_err(OsError::io(image))?;
+        let c = copy_and_hash(f, &mut std::io::sink())
+            .map_err(|e| OsError::Io { path: image.to_path_buf(), source: e.into_io() })?;
+        let (actual, bytes) = (c.sha256, c.bytes);
         if actual != sha256 {
             return Err(OsError::Digest {
                 path: image.to_path_buf(),
                 expected: sha256.into(),
                 actual,
-                slot_state: format!("nothing written (checked before the write hook ran), slot {slot} left unchanged"),
+                slot_state: format!(
+                    "nothing written (checked before the write hook ran), slot {slot} left unchanged and not marked \
+                     bootable"
+                ),
             });
         }
         self.run(&self.hooks.write, slot, Some(image))?;
@@ -686,7 +670,9 @@ impl Backend for HookSlots {
 
 #[cfg(test)]
 mod tests {
+    use super::super::copy::CHUNK_BYTES;
     use super::*;
+    use ring::digest::SHA256;
 
     fn tar_image(dir: &Path, version: &str, with_meta: bool) -> (PathBuf, String) {
         let path = dir.join(format!("img-{version}.tar"));
@@ -763,8 +749,13 @@ mod tests {
         assert!(e.to_string().contains("unpacking tar"), "{e}");
         assert!(!s.incoming_dir(Slot::B).exists(), "no partly unpacked copy after a failed write");
         let e = s.write_slot(Slot::B, &img, &"0".repeat(64)).expect_err("digest");
-        assert!(e.to_string().ends_with("slot b left unchanged (the unpacked copy was removed)"), "{e}");
+        assert!(
+            e.to_string().ends_with("slot b left unchanged and not marked bootable (the unpacked copy was removed)"),
+            "{e}"
+        );
         assert!(!s.incoming_dir(Slot::B).exists());
+        assert_eq!(s.boot_state().expect("state").next_once, None);
+        assert_eq!(std::fs::read_to_string(s.slot_dir(Slot::B).join("etc/upkeep/node-image")).expect("b"), slot_b);
     }
 
     #[test]
@@ -774,10 +765,56 @@ mod tests {
         std::fs::write(&img, b"new bytes").expect("w");
         let dest = d.path().join("slot-b.img");
         std::fs::write(&dest, b"old").expect("w");
-        let e = write_raw(&img, &dest, &"0".repeat(64)).expect_err("digest");
+        let e = write_raw(&img, &dest, Slot::B, &"0".repeat(64)).expect_err("digest");
         let text = e.to_string();
-        assert!(!text.contains("unchanged") && text.contains("now holds these 9 bytes"), "{text}");
-        assert!(text.contains("not marked to boot"), "{text}");
+        assert!(!text.contains("unchanged"), "{text}");
+        assert!(text.contains("slot b") && text.contains("was written with these 9 bytes"), "{text}");
+        assert!(text.contains("does not hold a verified image; it is not marked bootable"), "{text}");
+        assert_eq!(std::fs::read(&dest).expect("slot"), b"new bytes", "the message says what the slot holds");
+    }
+
+    #[test]
+    fn raw_slot_write_errors_name_the_side_that_failed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let img = d.path().join("img.raw");
+        std::fs::write(&img, b"bytes").expect("w");
+        // A destination that cannot take bytes (a directory opened for writing fails at open; /dev/full at write).
+        let full = Path::new("/dev/full");
+        if full.exists() {
+            let e = write_raw(&img, full, Slot::B, &"0".repeat(64)).expect_err("write fails");
+            assert!(matches!(&e, OsError::Io { path, .. } if path == full), "{e}");
+        }
+        // A source that cannot be read as a file (a directory): the error names the image.
+        let e = write_raw(d.path(), &d.path().join("out"), Slot::B, &"0".repeat(64)).expect_err("read fails");
+        assert!(matches!(&e, OsError::Io { path, .. } if path == d.path()), "{e}");
+    }
+
+    #[test]
+    fn a_grub_slot_with_the_wrong_digest_is_not_marked_bootable() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let cmdline = d.path().join("cmdline");
+        std::fs::write(&cmdline, "root=/dev/sda2 upkeep.slot=a\n").expect("w");
+        let g = GrubEnv {
+            env_file: d.path().join("grubenv"),
+            slots: [d.path().join("slot-a.img"), d.path().join("slot-b.img")],
+            cmdline,
+            boot_token: d.path().join("run/boot-token"),
+            boot_id: d.path().join("boot_id"),
+            boot_tries: 2,
+            reboot_command: vec!["true".into()],
+        };
+        let img = d.path().join("img.raw");
+        std::fs::write(&img, vec![3u8; CHUNK_BYTES + 1]).expect("w");
+        let e = g.write_slot(Slot::B, &img, &"0".repeat(64)).expect_err("digest");
+        assert!(matches!(e, OsError::Digest { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("slot b") && text.contains("not marked bootable") && !text.contains("unchanged"),
+            "{text}"
+        );
+        let st = g.boot_state().expect("state");
+        assert_eq!((st.next_once, st.committed), (None, Slot::A), "nothing marked after a mismatch");
+        assert!(!g.list().expect("list").iter().any(|(k, _)| k == "next_entry"));
     }
 
     #[test]
@@ -800,10 +837,10 @@ mod tests {
         assert_eq!((st.booted, st.committed, st.next_once), (Slot::A, Slot::A, None));
         assert_eq!(std::fs::metadata(&g.env_file).expect("env").len(), 1024, "a real GRUB environment block");
         let img = d.path().join("img.raw");
-        std::fs::write(&img, vec![7u8; 3 * COPY_BUF_BYTES + 5]).expect("w");
+        std::fs::write(&img, vec![7u8; 3 * CHUNK_BYTES + 5]).expect("w");
         let sha = hex(ring::digest::digest(&SHA256, &std::fs::read(&img).expect("r")).as_ref());
         assert!(g.write_slot(Slot::A, &img, &sha).is_err(), "the booted slot is never written");
-        assert_eq!(g.write_slot(Slot::B, &img, &sha).expect("write"), 3 * COPY_BUF_BYTES as u64 + 5);
+        assert_eq!(g.write_slot(Slot::B, &img, &sha).expect("write"), 3 * CHUNK_BYTES as u64 + 5);
         assert_eq!(std::fs::read(&g.slots[1]).expect("slot"), std::fs::read(&img).expect("img"));
         g.mark_boot_once(Slot::B).expect("mark");
         let env = g.list().expect("list");
