@@ -6,6 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    // Every generated method uses our codec: tonic-prost's with small per-stream buffers (src/codec.rs).
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .codec_path("crate::codec::LeanCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

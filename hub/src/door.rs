@@ -8,13 +8,17 @@
 //!   process's descriptor limit with room for the store, the artifacts and the log: past it, a new connection is
 //!   accepted and closed at once, so existing sessions keep working instead of failing on `EMFILE`;
 //! - node certificates may hold at most `max_connections - operator_reserve` of them, so an operator's
-//!   `upkeepctl` still gets in while agents (or someone with a node certificate) fill the door.
+//!   `upkeepctl` still gets in while agents (or someone with a node certificate) fill the door;
+//! - a node connection that sends nothing for `node_idle` is closed: a live agent heartbeats on it every interval,
+//!   so a silent one is dead, frozen or cut off, and its descriptor goes back to the door (the hub sends no HTTP/2
+//!   pings; see `server.rs`).
 //!
 //! Connections handed to tonic are [`Conn`]s: the TLS stream plus the slot it occupies, given back when tonic
 //! drops the connection.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,6 +39,9 @@ pub const FD_RESERVE: usize = 256;
 pub const OPERATOR_RESERVE: usize = 64;
 /// Default TLS handshake deadline.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least time a node connection may be silent past its silence deadline before it is closed (room for a slow
+/// agent, a busy hub and the network; with long heartbeat intervals the slack is one interval).
+pub const NODE_IDLE_SLACK: Duration = Duration::from_secs(10);
 
 /// The door's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +52,8 @@ pub struct DoorLimits {
     pub operator_reserve: usize,
     /// A TLS handshake not finished by then is dropped.
     pub handshake_timeout: Duration,
+    /// A node connection from which nothing was read for this long is closed (None: never).
+    pub node_idle: Option<Duration>,
 }
 
 impl DoorLimits {
@@ -74,7 +83,13 @@ impl DoorLimits {
     pub fn within(nofile: usize, handshake_timeout: Duration) -> DoorLimits {
         let max_connections = nofile.saturating_sub(FD_RESERVE).max(16);
         let operator_reserve = OPERATOR_RESERVE.min(max_connections / 4);
-        DoorLimits { max_connections, operator_reserve, handshake_timeout }
+        DoorLimits { max_connections, operator_reserve, handshake_timeout, node_idle: None }
+    }
+
+    /// These limits, closing node connections silent past `silence_deadline` (when the hub calls a node Unknown)
+    /// by one heartbeat interval, at least [`NODE_IDLE_SLACK`].
+    pub fn closing_silent_nodes(self, heartbeat_interval: Duration, silence_deadline: Duration) -> DoorLimits {
+        DoorLimits { node_idle: Some(silence_deadline + heartbeat_interval.max(NODE_IDLE_SLACK)), ..self }
     }
 }
 
@@ -139,10 +154,24 @@ impl Drop for Slot {
     }
 }
 
-/// An established connection: the TLS stream and its slot.
+/// An established connection: the TLS stream, its slot, and for node connections the idle deadline.
 pub struct Conn {
     tls: TlsStream<TcpStream>,
     _slot: Slot,
+    idle: Option<Idle>,
+}
+
+/// Closes a connection nothing was read from for `limit`. One timer per connection, pushed back on every read
+/// (tokio only moves a timer in its wheel when it fires before its new deadline, so a push is a store).
+struct Idle {
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Idle {
+        Idle { limit, timer: Box::pin(tokio::time::sleep(limit)) }
+    }
 }
 
 impl Connected for Conn {
@@ -155,7 +184,22 @@ impl Connected for Conn {
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let read = Pin::new(&mut this.tls).poll_read(cx, buf);
+        let Some(idle) = &mut this.idle else { return read };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                idle.timer.as_mut().reset(tokio::time::Instant::now() + idle.limit);
+                Poll::Ready(Ok(()))
+            }
+            // Nothing to read: the connection lives on only until the deadline (this registers the waker).
+            Poll::Pending if idle.timer.as_mut().poll(cx).is_ready() => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("node connection silent for {} s; closed", idle.limit.as_secs()),
+            ))),
+            other => other,
+        }
     }
 }
 
@@ -243,6 +287,7 @@ pub fn incoming(
                     }
                 };
                 let mut slot = slot;
+                let mut idle = None;
                 if role_of(&tls) == Some(Role::Node) {
                     let cap = limits.max_connections.saturating_sub(limits.operator_reserve);
                     if occupancy.nodes.fetch_add(1, Ordering::Relaxed) >= cap {
@@ -251,8 +296,9 @@ pub fn incoming(
                         return;
                     }
                     slot.node = true;
+                    idle = limits.node_idle.map(Idle::new);
                 }
-                let _ = tx.send(Ok(Conn { tls, _slot: slot })).await;
+                let _ = tx.send(Ok(Conn { tls, _slot: slot, idle })).await;
             });
         }
     });

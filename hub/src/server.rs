@@ -111,11 +111,16 @@ pub async fn serve_fleet_with_local_agents(
     let addr = listener.local_addr().context("reading the listen address")?;
     // The front door: TLS with a handshake deadline, connections capped below the descriptor limit, a share kept
     // for operators (Nagle is off on every accepted socket: with it on, mTLS handshakes stall ~40 ms).
-    let limits = DoorLimits::for_this_process(config.limits.handshake_timeout);
+    // A node connection silent past the node's silence deadline (plus slack) is closed: no HTTP/2 pings needed.
+    let limits = DoorLimits::for_this_process(config.limits.handshake_timeout).closing_silent_nodes(
+        Duration::from_secs(u64::from(config.heartbeat_interval_seconds)),
+        Duration::from_millis(u64::try_from(fleet.silence_deadline_ms()).unwrap_or(0)),
+    );
     let conns = crate::door::incoming(listener, Arc::new(tls), limits, Arc::new(Occupancy::default()));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conns);
     tracing::info!(%addr, max_connections = limits.max_connections, operator_reserve = limits.operator_reserve,
-        handshake_timeout_s = limits.handshake_timeout.as_secs(), "upkeep-hub listening (mTLS only)");
+        handshake_timeout_s = limits.handshake_timeout.as_secs(),
+        node_idle_s = limits.node_idle.map(|d| d.as_secs()).unwrap_or(0), "upkeep-hub listening (mTLS only)");
     let closing_fleet = fleet.clone();
     let shutdown = async move {
         shutdown.await;
@@ -130,9 +135,10 @@ pub async fn serve_fleet_with_local_agents(
     if let Some(local) = local {
         let _ = local.send(agents.clone());
     }
+    // No HTTP/2 keep-alive pings: they cost a timer and a wakeup per connection, and liveness is proven
+    // otherwise (agents heartbeat and the door closes silent node connections). Window sizes are left at hyper's
+    // defaults: they bound what a peer may send ahead, they do not allocate.
     let result = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
         .add_service(AgentServiceServer::from_arc(agents).max_decoding_message_size(AGENT_MESSAGE_LIMIT))
         .add_service(

@@ -1,7 +1,8 @@
 //! upkeep-proto: the only crate that knows the wire format.
 //!
 //! `v1` is generated from `proto/upkeep/v1/*.proto` at build time (protox, no protoc). `convert` turns wire
-//! messages into checked core types and names the bad field when it cannot.
+//! messages into checked core types and names the bad field when it cannot; `codec` is the protobuf codec every
+//! generated client and server uses (small per-stream buffers).
 
 /// Generated messages and services of package `upkeep.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -9,6 +10,7 @@ pub mod v1 {
     tonic::include_proto!("upkeep.v1");
 }
 
+pub mod codec;
 pub mod convert;
 pub mod layered;
 pub mod service;

@@ -222,3 +222,92 @@ async fn near_its_descriptor_limit_the_hub_refuses_new_node_connections_and_keep
     drop(nodes);
     hub.kill().await.expect("kill hub");
 }
+
+/// Opens a session for node `name` on its own connection, registers and waits for the Welcome. The sender is
+/// returned so that the request stream stays open (dropping it would end the session from the node's side).
+async fn registered_session(
+    pki: &TestPki,
+    url: &str,
+    name: &str,
+) -> (tokio::sync::mpsc::Sender<v1::AgentMessage>, tonic::Streaming<v1::HubMessage>) {
+    let mut client = v1::agent_service_client::AgentServiceClient::new(node_channel(pki, url, name).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let register = v1::NodeReport {
+        node_name: name.into(),
+        member: "m1".into(),
+        node_pool: "p1".into(),
+        region: "eu".into(),
+        ..Default::default()
+    };
+    tx.send(v1::AgentMessage { body: Some(v1::agent_message::Body::Register(register)) }).await.expect("queue");
+    let mut inbound =
+        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("session opens").into_inner();
+    let first = inbound.message().await.expect("first message").expect("a message");
+    assert!(matches!(first.body, Some(v1::hub_message::Body::Welcome(_))), "{first:?}");
+    (tx, inbound)
+}
+
+/// Reads a session until it ends; returns how it ended (None: the hub closed the stream cleanly).
+async fn until_ended(mut inbound: tonic::Streaming<v1::HubMessage>) -> Option<tonic::Status> {
+    loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return None,
+            Err(s) => return Some(s),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_connection_is_closed_and_its_descriptor_freed() {
+    // The hub sends no HTTP/2 pings; a node connection that says nothing past the node's silence deadline plus
+    // slack (here 2 s + 10 s) is closed by the door, and one that heartbeats is left alone.
+    const MUTE: usize = 10;
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let hub = HubProcess::start_logged(&pki, &work.path().join("hub"), 2, "[auto_upgrade]\nenabled = false\n").await;
+    let url = hub.url();
+    let pid = hub.pid().expect("hub pid");
+    let fds0 = open_fds(pid);
+
+    let (talker_tx, talker_in) = registered_session(&pki, &url, "talker").await;
+    let talker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut seq = 0;
+        let ended = tokio::spawn(until_ended(talker_in));
+        loop {
+            tick.tick().await;
+            seq += 1;
+            let hb = v1::AgentMessage { body: Some(v1::agent_message::Body::Heartbeat(v1::Heartbeat { seq })) };
+            if talker_tx.send(hb).await.is_err() || ended.is_finished() {
+                return ended.await.expect("reader");
+            }
+        }
+    });
+    let mut mutes = Vec::new();
+    for i in 0..MUTE {
+        let (tx, inbound) = registered_session(&pki, &url, &format!("mute-{i}")).await;
+        let registered = Instant::now();
+        mutes.push((tx, registered, tokio::spawn(until_ended(inbound))));
+    }
+    let fds1 = open_fds(pid);
+    assert!(fds1 > fds0 + MUTE, "every session holds a descriptor: {fds0} -> {fds1}");
+
+    for (i, (_tx, registered, ended)) in mutes.into_iter().enumerate() {
+        let how = tokio::time::timeout(Duration::from_secs(40), ended)
+            .await
+            .unwrap_or_else(|_| panic!("mute-{i}'s connection still open 40 s after it fell silent"))
+            .expect("reader");
+        let after = registered.elapsed();
+        eprintln!("mute-{i}: session ended after {after:?} of silence: {how:?}");
+        assert!(after >= Duration::from_secs(2), "closed before the silence deadline: {after:?}");
+    }
+    let fds2 = wait_for("the silent connections' descriptors back", Duration::from_secs(10), || async {
+        let fds = open_fds(pid);
+        (fds + MUTE <= fds1).then_some(fds)
+    })
+    .await;
+    eprintln!("hub descriptors: {fds0} idle, {fds1} with {} sessions, {fds2} after the silent ones closed", MUTE + 1);
+    assert!(!talker.is_finished(), "the heartbeating node's session is still open: {:?}", talker.await);
+    talker.abort();
+}

@@ -5,7 +5,7 @@
 
 use super::{ApiError, principal_of, require};
 use crate::artifacts::{ArtifactError, Artifacts};
-use crate::fleet::{Fleet, desired_config};
+use crate::fleet::{Fleet, SessionTx, desired_config};
 use crate::maintenance::{LeaseError, Maintenance};
 use std::collections::HashMap;
 use std::io::SeekFrom;
@@ -189,8 +189,8 @@ impl AgentApi {
             })),
         };
         // The queue is empty and owned here, so these cannot fail for lack of room.
-        let _ = tx.try_send(Ok(welcome));
-        let _ = tx.try_send(Ok(desired_config(&member)));
+        let _ = tx.try_send(Ok(Box::new(welcome)));
+        let _ = tx.try_send(Ok(Box::new(desired_config(&member))));
         let session = self.fleet.open_session(&node, &member.name, tx.clone());
         tracing::info!(node = %node, member = %member.name, session, "agent registered");
         // A node that (re)joins may be behind its channel: let the channel loop look now, not at its next pass.
@@ -208,7 +208,7 @@ impl AgentApi {
             }
             fleet.close_session(&node, session);
         });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(Box::pin(ReceiverStream::new(rx).map(|item| item.map(|msg| *msg))))
     }
 }
 
@@ -219,7 +219,7 @@ async fn pump(
     node: &str,
     session: u64,
     inbound: &mut Inbound,
-    tx: &mpsc::Sender<Result<v1::HubMessage, Status>>,
+    tx: &SessionTx,
 ) -> Result<(), Status> {
     let mut closing = fleet.closing();
     loop {
@@ -263,7 +263,8 @@ async fn pump(
                         ..Default::default()
                     },
                 };
-                if tx.send(Ok(v1::HubMessage { body: Some(v1::hub_message::Body::Lease(answer)) })).await.is_err() {
+                let answer = Box::new(v1::HubMessage { body: Some(v1::hub_message::Body::Lease(answer)) });
+                if tx.send(Ok(answer)).await.is_err() {
                     return Ok(());
                 }
             }
