@@ -73,6 +73,12 @@ pub struct Engine {
     runs: Mutex<HashMap<String, CachedRun>>,
     /// Member outcomes not recorded yet, by run: whoever takes the commit lock next records them all at once.
     completions: Mutex<HashMap<String, Vec<Completion>>>,
+    /// Runs whose stored version was planned in full (a plan or a member's result, which plans the rest) and
+    /// when that plan asked to be woken: a pass skips them until one of the two moves, or something outside the
+    /// run changed (`poke`).
+    settled: Mutex<HashMap<String, Settled>>,
+    /// Something outside the runs changed (operator request, catalog, the periodic pass): plan every run again.
+    replan: std::sync::atomic::AtomicBool,
     executor: Arc<Executor>,
 }
 
@@ -126,6 +132,9 @@ struct CachedRun {
     whole: bool,
 }
 
+/// A run planned in full: the version planned and when its plan asked to be woken.
+type Settled = (u64, Option<DateTime<Utc>>);
+
 /// A member's upgrade outcome waiting to be recorded (several are recorded in one commit).
 type Completion = (String, Result<(), String>);
 
@@ -152,6 +161,8 @@ impl Engine {
             statuses: Mutex::new(std::collections::HashMap::new()),
             runs: Mutex::new(HashMap::new()),
             completions: Mutex::new(HashMap::new()),
+            settled: Mutex::new(HashMap::new()),
+            replan: std::sync::atomic::AtomicBool::new(true),
             executor: executor.clone(),
         });
         let weak = Arc::downgrade(&engine);
@@ -172,8 +183,14 @@ impl Engine {
         self.events.subscribe()
     }
 
-    /// Asks for a planning pass now.
+    /// Asks for a planning pass of every active run now (something outside the runs changed).
     pub fn poke(&self) {
+        self.replan.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Asks for a pass that plans only the runs that changed since they were last planned in full.
+    fn nudge(&self) {
         self.wake.notify_one();
     }
 
@@ -187,7 +204,8 @@ impl Engine {
                 .clamp(Duration::from_millis(10), MAX_IDLE);
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(idle) => {}
+                // The periodic pass plans everything again (what nodes reported since is taken into account).
+                _ = tokio::time::sleep(idle) => self.replan.store(true, std::sync::atomic::Ordering::Relaxed),
             }
         }
     }
@@ -204,6 +222,9 @@ impl Engine {
         let mut next: Option<DateTime<Utc>> = None;
         let known: HashSet<&str> = runs.iter().map(|(n, _, _)| n.as_str()).collect();
         lock(&self.runs).retain(|name, _| known.contains(name.as_str()));
+        lock(&self.settled).retain(|name, _| known.contains(name.as_str()));
+        let everything = self.replan.swap(false, std::sync::atomic::Ordering::Relaxed);
+        let now = Utc::now();
         for (name, _, status) in &runs {
             // A status the store does not know (a state stored whole and unreadable) is read to find out.
             if !matches!(status.as_str(), "Running" | "Pending" | "Stopping" | "") {
@@ -213,7 +234,19 @@ impl Engine {
             if !matches!(cached.state.run.status, Status::Running | Status::Pending | Status::Stopping) {
                 continue;
             }
-            match self.transact(name, |s, f, c, now| Ok(run::plan(s, f, c, now))).await {
+            let settled = lock(&self.settled).get(name.as_str()).copied();
+            if !everything
+                && let Some((version, wake)) = settled
+                && version == cached.version
+                && wake.is_none_or(|w| now < w)
+            {
+                if let Some(w) = wake {
+                    next = Some(next.map_or(w, |n| n.min(w)));
+                }
+                self.resume_orphans(name);
+                continue;
+            }
+            match self.transact_settling(name, |s, f, c, now| Ok(run::plan(s, f, c, now))).await {
                 Ok((_, plan)) => {
                     if let Some(w) = plan.next_wakeup {
                         next = Some(next.map_or(w, |n| n.min(w)));
@@ -271,7 +304,18 @@ impl Engine {
         F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
         let _guard = self.commit_lock.lock().await;
-        let (state, plan, mut results) = self.commit(name, 1, |_, s, fl, c, now| f(s, fl, c, now))?;
+        let (state, plan, mut results) = self.commit(name, 1, false, |_, s, fl, c, now| f(s, fl, c, now))?;
+        results.pop().unwrap_or(Ok(()))?;
+        Ok((state, plan))
+    }
+
+    /// [`Self::transact`] for a full plan: the run is then settled at the version it leaves.
+    async fn transact_settling<F>(self: &Arc<Self>, name: &str, f: F) -> Result<(Arc<RunState>, Plan), EngineError>
+    where
+        F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
+    {
+        let _guard = self.commit_lock.lock().await;
+        let (state, plan, mut results) = self.commit(name, 1, true, |_, s, fl, c, now| f(s, fl, c, now))?;
         results.pop().unwrap_or(Ok(()))?;
         Ok((state, plan))
     }
@@ -283,7 +327,8 @@ impl Engine {
         if queued.is_empty() {
             return;
         }
-        let outcome = self.commit(run_name, queued.len(), |i, s, fl, c, now| {
+        // Recording a result plans the rest of the run (`member_finished` settles it).
+        let outcome = self.commit(run_name, queued.len(), true, |i, s, fl, c, now| {
             let (member, result) = &queued[i];
             run::member_finished(s, member, result.clone(), fl, c, now)
         });
@@ -312,8 +357,9 @@ impl Engine {
     /// state's changed parts and every step's events in one transaction, publishes the events, then acts. A step
     /// refused by the core is left out and its error returned in its place; the others go on. A commit that lost
     /// the compare-and-swap (the run changed underneath) is planned again from the stored state. The caller holds
-    /// the commit lock.
-    fn commit<F>(self: &Arc<Self>, name: &str, n: usize, f: F) -> Result<Committed, EngineError>
+    /// the commit lock. `settles`: the steps plan the whole run (the run is settled at the version they leave,
+    /// and passes skip it until it changes or its wakeup comes).
+    fn commit<F>(self: &Arc<Self>, name: &str, n: usize, settles: bool, f: F) -> Result<Committed, EngineError>
     where
         F: Fn(usize, &RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
@@ -350,7 +396,13 @@ impl Engine {
             }))
             .map_err(|p| EngineError::Unexpected { run: name.to_string(), reason: panic_message(p.as_ref()) })?;
             let (new_state, plan, results) = planned;
-            let Some(new_state) = new_state else { return Ok((cached.state, plan, results)) };
+            let settled = settles && results.iter().all(Result::is_ok);
+            let Some(new_state) = new_state else {
+                if settled {
+                    lock(&self.settled).insert(name.to_string(), (cached.version, plan.next_wakeup));
+                }
+                return Ok((cached.state, plan, results));
+            };
             let run_status = new_state.run.status.as_str().to_string();
             let events: Vec<NewEvent> = plan
                 .transitions
@@ -384,6 +436,9 @@ impl Engine {
                 }
             };
             let new_state = Arc::new(new_state);
+            if settled {
+                lock(&self.settled).insert(name.to_string(), (cached.version + 1, plan.next_wakeup));
+            }
             lock(&self.runs).insert(
                 name.to_string(),
                 CachedRun { version: cached.version + 1, state: new_state.clone(), whole: false },
@@ -438,7 +493,8 @@ impl Engine {
             lock(&engine.completions).entry(run.clone()).or_default().push((member.clone(), outcome));
             engine.record_completions(&run).await;
             engine.executing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(run.clone(), member.clone()));
-            engine.poke();
+            // The result was planned with; a pass resumes a member started again while this task still ran.
+            engine.nudge();
         });
     }
 

@@ -497,12 +497,22 @@ impl Maintenance {
 
     fn pass(self: &Arc<Self>) -> Result<Option<DateTime<Utc>>, StoreError> {
         self.ledger().expire()?;
-        let nodes = self.store().list_nodes(None)?;
-        // A node that no longer needs a reboot no longer waits for one.
-        lock(&self.reboot_whys).retain(|n, _| nodes.iter().any(|r| &r.name == n && r.facts.reboot_required));
         if !self.settings.enabled {
+            // Nothing to roll out: only the reboot notes are kept current, node by node (never the whole fleet,
+            // which a pass after every registration would read again and again).
+            let noted: Vec<String> = lock(&self.reboot_whys).keys().cloned().collect();
+            for n in noted {
+                if !self.store().get_node(&n)?.is_some_and(|r| r.facts.reboot_required) {
+                    lock(&self.reboot_whys).remove(&n);
+                }
+            }
             return Ok(None);
         }
+        let nodes = self.store().list_nodes(None)?;
+        // A node that no longer needs a reboot no longer waits for one.
+        let rebooting: HashSet<&str> =
+            nodes.iter().filter(|r| r.facts.reboot_required).map(|r| r.name.as_str()).collect();
+        lock(&self.reboot_whys).retain(|n, _| rebooting.contains(n.as_str()));
         let now = Utc::now();
         let mut by_member: BTreeMap<&str, Vec<&NodeRecord>> = BTreeMap::new();
         for n in &nodes {
