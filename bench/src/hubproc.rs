@@ -97,7 +97,7 @@ impl HubSetup {
     /// API for in-process simulated nodes: past this machine's descriptor limit, nodes open sessions without a
     /// socket each (`AgentApi::open_session`), everything behind the session (fleet, engine, executor, store)
     /// being the hub's own.
-    pub async fn start_in_process(&self) -> anyhow::Result<(HubProc, Arc<AgentApi>)> {
+    pub async fn start_in_process(&self) -> anyhow::Result<(HubProc, Arc<AgentApi>, Arc<upkeep_hub::fleet::Fleet>)> {
         let path = self.write_config()?;
         let config = upkeep_hub::config::load(&path, &Default::default())?;
         let listener = tokio::net::TcpListener::bind(self.listen).await.context("binding the hub's port")?;
@@ -106,7 +106,7 @@ impl HubSetup {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(upkeep_hub::server::serve_fleet_with_local_agents(
             config,
-            fleet,
+            fleet.clone(),
             listener,
             async move {
                 let _ = stop_rx.await;
@@ -116,7 +116,7 @@ impl HubSetup {
         let agents = agents_rx.await.context("the in-process hub did not start")?;
         let hub =
             HubProc { pid: std::process::id(), child: None, local: Some((stop_tx, task)), started: Instant::now() };
-        Ok((hub, agents))
+        Ok((hub, agents, fleet))
     }
 }
 

@@ -73,6 +73,13 @@ enum Scenario {
         #[arg(long)]
         real_agents: Option<usize>,
     },
+    /// Window opening to first step: members held Pending by their node OS window start when it opens.
+    WindowOpen {
+        #[arg(long, default_value_t = 100)]
+        members: u32,
+        #[arg(long, default_value_t = 10)]
+        nodes_per_member: usize,
+    },
     /// 3. Heartbeats per second the hub reads, every session sending as fast as it accepts.
     Heartbeats {
         #[arg(long, default_value_t = 1000)]
@@ -193,6 +200,9 @@ fn run() -> anyhow::Result<()> {
                     real_agents,
                 )
                 .await
+            }
+            Scenario::WindowOpen { members, nodes_per_member } => {
+                scenarios::window_open(&ctx, members, nodes_per_member).await
             }
             Scenario::Heartbeats { agents, secs } => {
                 scenarios::heartbeats(&ctx, agents, Duration::from_secs(secs)).await

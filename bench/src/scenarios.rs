@@ -349,7 +349,7 @@ pub async fn orchestrate(
     let (hub, local) = match real_agents {
         None => (setup.start().await?, None),
         Some(_) => {
-            let (hub, api) = setup.start_in_process().await?;
+            let (hub, api, _) = setup.start_in_process().await?;
             (hub, Some((api, real)))
         }
     };
@@ -363,21 +363,7 @@ pub async fn orchestrate(
     }
     eprintln!("orchestrate: {nodes} nodes registered in {}", secs(t_reg));
     let mut op = operator(&cache, &setup).await?;
-    op.publish_image(v1::PublishImageRequest {
-        family: FAMILY.into(),
-        version: NEW_VERSION.into(),
-        regions: vec![v1::RegionAvailability { region: REGION.into(), available_at_unix_ms: 0 }],
-        sha256: "ab".repeat(32),
-        // Simulated agents verify nothing; the hub only checks that the signature is well formed.
-        signature: upkeep_core::signature::SecretKey::from_seed([7; 32], *b"bench000")
-            .sign_prehashed(&upkeep_core::signature::blake2b_512(b""), "bench")
-            .to_file_text(),
-        url: "https://bench.invalid/image.img".into(),
-        size_bytes: 1,
-        format: "raw".into(),
-    })
-    .await
-    .context("PublishImage")?;
+    publish_new_image(&mut op).await?;
     let ranges = split_stages(members, stages);
     let stage_specs: Vec<serde_json::Value> = ranges
         .iter()
@@ -542,11 +528,121 @@ pub async fn orchestrate(
     Ok(ctx.outcome(format!("orchestrate-{nodes}"), table, figures))
 }
 
+type Operator = v1::operator_service_client::OperatorServiceClient<Channel>;
+
+/// Publishes the image the simulated nodes upgrade to, available everywhere now.
+async fn publish_new_image(op: &mut Operator) -> anyhow::Result<()> {
+    op.publish_image(v1::PublishImageRequest {
+        family: FAMILY.into(),
+        version: NEW_VERSION.into(),
+        regions: vec![v1::RegionAvailability { region: REGION.into(), available_at_unix_ms: 0 }],
+        sha256: "ab".repeat(32),
+        // Simulated agents verify nothing; the hub only checks that the signature is well formed.
+        signature: upkeep_core::signature::SecretKey::from_seed([7; 32], *b"bench000")
+            .sign_prehashed(&upkeep_core::signature::blake2b_512(b""), "bench")
+            .to_file_text(),
+        url: "https://bench.invalid/image.img".into(),
+        size_bytes: 1,
+        format: "raw".into(),
+    })
+    .await
+    .context("PublishImage")?;
+    Ok(())
+}
+
+/// Window opening to first step: every member's node OS window opens at the next whole minute (at least 5 s
+/// ahead) while a started NodeImageOnly run holds them Pending; latency = the member's first node starting (the
+/// hub's run event) − the window's opening, per member, all members allowed at once.
+pub async fn window_open(ctx: &Ctx, members: u32, per_member: usize) -> anyhow::Result<Outcome> {
+    let cache = CertCache::open(&ctx.cache)?;
+    let certs = cache.nodes(members as usize * per_member)?;
+    let nodes = certs.len();
+    let setup = ctx.hub_setup(&cache, fresh_run_dir(&ctx.cache, "window-open")?, 10)?;
+    let spec = spec_for(&setup, &cache)?;
+    let hub = setup.start().await?;
+    let shared = Shared::new(1000, false);
+    let fleet = start_fleet(certs, per_member, spec, shared.clone());
+    let mut samples = Vec::new();
+    if wait_registered(&shared, &hub, nodes, None, Duration::from_secs(600), &mut samples).await.is_none() {
+        bail!("only {}/{nodes} agents registered", shared.registered());
+    }
+    let mut op = operator(&cache, &setup).await?;
+    publish_new_image(&mut op).await?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut open_ms = (now_ms / 60_000 + 1) * 60_000;
+    if open_ms - now_ms < 5_000 {
+        open_ms += 60_000;
+    }
+    let open = chrono::DateTime::from_timestamp_millis(open_ms).context("window time")?;
+    let schedule = json!({"frequency": {"type": "Daily", "interval_days": 1},
+        "start_time": open.format("%H:%M").to_string(), "duration_hours": 1})
+    .to_string();
+    let names: Vec<String> = (0..members).map(member_name).collect();
+    for m in &names {
+        op.set_member_window(v1::SetMemberWindowRequest {
+            member: m.clone(),
+            kind: "node-os".into(),
+            schedule_json: schedule.clone(),
+        })
+        .await
+        .context("SetMemberWindow")?;
+    }
+    let stages_json =
+        json!({"stages": [{"name": "s", "groups": [{"name": "all", "members": names, "max_concurrency": members}]}]})
+            .to_string();
+    op.create_run(v1::CreateRunRequest {
+        name: "window".into(),
+        stages_json,
+        upgrade_type: "NodeImageOnly".into(),
+        node_image_selection: "Latest".into(),
+        ..Default::default()
+    })
+    .await
+    .context("CreateRun")?;
+    op.start_run(v1::RunNameRequest { name: "window".into() }).await.context("StartRun")?;
+    eprintln!("window-open: windows open at {open}; waiting");
+    let deadline = Instant::now() + Duration::from_millis((open_ms - now_ms).max(0) as u64) + Duration::from_secs(120);
+    loop {
+        let run = op.get_run(v1::RunNameRequest { name: "window".into() }).await.context("GetRun")?.into_inner();
+        let v: serde_json::Value = serde_json::from_str(&run.state_json).context("run state JSON")?;
+        if v["run"]["status"] == "Completed" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("run not completed 2 minutes after the windows opened: {}", v["run"]["status"]);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let events = run_events(&mut op, "window").await?;
+    fleet.stop().await;
+    let _ = hub.stop().await;
+    let mut lat: Vec<f64> = Vec::new();
+    for m in &names {
+        let first = events
+            .iter()
+            .filter(|e| e.kind == "node" && e.from == "NotStarted" && e.level.ends_with(&format!("of member {m:?}")))
+            .map(|e| e.at_unix_ms)
+            .min();
+        if let Some(t) = first {
+            lat.push((t - open_ms) as f64);
+        }
+    }
+    let early = lat.iter().filter(|l| **l < 0.0).count();
+    let p = |q: f64| percentile(&lat, q).map(|x| format!("{x:.0} ms")).unwrap_or_else(|| "n/a".into());
+    let table = vec![
+        row("members / nodes", format!("{members} / {nodes}"), ""),
+        row("window opening -> member's first node started, p50", p(50.0), ""),
+        row("... p99 / max", format!("{} / {}", p(99.0), p(100.0)), "seconds at most"),
+        row("members started before their window opened", early.to_string(), "0"),
+    ];
+    let figures = json!({"members": members, "nodes": nodes, "open_unix_ms": open_ms,
+        "latency_ms": {"p50": percentile(&lat, 50.0), "p99": percentile(&lat, 99.0), "max": percentile(&lat, 100.0),
+        "count": lat.len()}, "started_early": early});
+    Ok(ctx.outcome("window-open".into(), table, figures))
+}
+
 /// Every event of a run, read back from the hub (`WatchRun` from the start; it ends once the run has ended).
-async fn run_events(
-    op: &mut v1::operator_service_client::OperatorServiceClient<tonic::transport::Channel>,
-    run: &str,
-) -> anyhow::Result<Vec<v1::RunEvent>> {
+async fn run_events(op: &mut Operator, run: &str) -> anyhow::Result<Vec<v1::RunEvent>> {
     let mut stream =
         op.watch_run(v1::WatchRunRequest { name: run.into(), from_seq: 0 }).await.context("WatchRun")?.into_inner();
     let mut out = Vec::new();
@@ -585,7 +681,9 @@ pub async fn heartbeats(ctx: &Ctx, agents: usize, window: Duration) -> anyhow::R
     let certs = cache.nodes(agents)?;
     let setup = ctx.hub_setup(&cache, fresh_run_dir(&ctx.cache, &format!("heartbeats-{agents}"))?, 10)?;
     let spec = spec_for(&setup, &cache)?;
-    let hub = setup.start().await?;
+    // The hub runs inside this process so that heartbeats are counted where the hub reads them (its CPU then
+    // includes the generator's: the process's CPU is reported, and the generator's own sampled alone before).
+    let (hub, _, hub_fleet) = setup.start_in_process().await?;
     let tck = clk_tck();
     let shared = Shared::new(1000, false);
     let fleet = start_fleet(certs, 10, spec, shared.clone());
@@ -595,19 +693,24 @@ pub async fn heartbeats(ctx: &Ctx, agents: usize, window: Duration) -> anyhow::R
     }
     shared.phase.send_replace(Phase::Flood);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (b0, s0, g0) = (shared.heartbeats.load(Ordering::Relaxed), hub.sample()?, self_sample()?);
+    let (b0, r0, s0, g0) =
+        (shared.heartbeats.load(Ordering::Relaxed), hub_fleet.heartbeats_read(), hub.sample()?, self_sample()?);
     tokio::time::sleep(window).await;
-    let (b1, s1, g1) = (shared.heartbeats.load(Ordering::Relaxed), hub.sample()?, self_sample()?);
+    let (b1, r1, s1, g1) =
+        (shared.heartbeats.load(Ordering::Relaxed), hub_fleet.heartbeats_read(), hub.sample()?, self_sample()?);
     let still = shared.registered();
     fleet.stop().await;
     let _ = hub.stop().await;
-    let rate = (b1 - b0) as f64 / s1.at.duration_since(s0.at).as_secs_f64();
+    let span = s1.at.duration_since(s0.at).as_secs_f64();
+    let rate = (r1 - r0) as f64 / span;
+    let sent = (b1 - b0) as f64 / span;
     let hub_cpu = cpu_percent(&s0, &s1, tck);
     let gen_cpu = cpu_percent(&g0, &g1, tck);
     let table = vec![
         row("sessions flooding", format!("{agents} ({still} still connected at the end)"), ""),
         row("window", format!("{} s", window.as_secs()), ""),
-        row("heartbeats per second (sustained)", format!("{rate:.0}/s"), ""),
+        row("heartbeats per second read by the hub (sustained)", format!("{rate:.0}/s"), ""),
+        row("heartbeats per second queued by the generator", format!("{sent:.0}/s"), ""),
         row("hub CPU", format!("{hub_cpu:.0} %"), ""),
         row("load generator CPU (same 2 cores)", format!("{gen_cpu:.0} %"), ""),
         row("heartbeats per hub CPU-second", format!("{:.0}", rate / (hub_cpu / 100.0).max(0.01)), ""),
@@ -620,6 +723,7 @@ pub async fn heartbeats(ctx: &Ctx, agents: usize, window: Duration) -> anyhow::R
     ];
     let figures = json!({
         "agents": agents, "window_seconds": window.as_secs(), "heartbeats_per_second": rate,
+        "counted_at": "hub (Fleet::heartbeats_read, hub in-process)", "generator_heartbeats_per_second": sent,
         "hub_cpu_percent": hub_cpu, "generator_cpu_percent": gen_cpu,
         "heartbeats_per_hub_cpu_second": rate / (hub_cpu / 100.0).max(0.01),
         "hub_rss_kib": s1.rss_kib, "still_connected": still,

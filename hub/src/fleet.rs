@@ -97,6 +97,8 @@ pub struct Fleet {
     epoch: u64,
     /// Commands sent since this hub started: the low bits of every command generation.
     sent: AtomicU64,
+    /// Heartbeats read from agents since the hub started.
+    heartbeats: AtomicU64,
     /// Reports recorded per node since the hub started (to wait for the report that follows a result).
     reports: Mutex<HashMap<String, u64>>,
     /// Bumped on every report (wakes waiters).
@@ -144,6 +146,7 @@ impl Fleet {
             view,
             epoch,
             sent: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
             heard: Mutex::new(HashMap::new()),
             store,
             sessions: Mutex::new(HashMap::new()),
@@ -195,6 +198,17 @@ impl Fleet {
         *self.reports.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_string()).or_default() += 1;
         self.report_tick.send_modify(|n| *n = n.wrapping_add(1));
         Ok(member)
+    }
+
+    /// A heartbeat read from `node`: counted, and the node noted as heard from.
+    pub fn heartbeat(&self, node: &str) {
+        self.heartbeats.fetch_add(1, Ordering::Relaxed);
+        self.touch(node);
+    }
+
+    /// Heartbeats read since the hub started.
+    pub fn heartbeats_read(&self) -> u64 {
+        self.heartbeats.load(Ordering::Relaxed)
     }
 
     /// Notes that a node was heard from (flushed to the store in batches by `flush_seen`).

@@ -240,7 +240,7 @@ async fn pump(
                 let member = fleet.record_report(node, &r).map_err(ApiError::from)?;
                 fleet.session_member(node, session, &member.name);
             }
-            Some(Body::Heartbeat(_)) => fleet.touch(node),
+            Some(Body::Heartbeat(_)) => fleet.heartbeat(node),
             Some(Body::Result(res)) => {
                 fleet.touch(node);
                 tracing::info!(node, op = %res.operation_id, ok = res.ok, error = %res.error, "operation result");
