@@ -12,8 +12,11 @@
 use crate::backoff;
 use crate::config::AgentConfig;
 use crate::engine::{Engine, Fetcher, LeaseTaken, Link, Submitted};
+use crate::hub_socket::{HubConnector, Silence};
 use crate::os::NodeOs;
 use crate::state::{self, AgentState};
+use crate::ticker::Ticker;
+use crate::watchdog::Watchdog;
 use anyhow::{Context, anyhow};
 use std::future::Future;
 use std::sync::Arc;
@@ -114,12 +117,16 @@ pub struct Agent {
     channel_applied_at: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Reboot lease asked for, when to ask again, and the denial to show.
     lease: std::sync::Mutex<LeaseAsk>,
+    /// The systemd watchdog, pinged at every heartbeat tick (None outside systemd).
+    watchdog: Option<Arc<Watchdog>>,
 }
 
 /// What the engine sees of the hub session: the channel of the open session (for image downloads), a count
 /// of established sessions (for the after-boot health check), and a way to restart the session.
 #[derive(Default)]
 pub struct SessionLink {
+    /// How long the session's sockets may hold unacknowledged data (follows the hub's heartbeat interval).
+    silence: Silence,
     channel: std::sync::Mutex<Option<Channel>>,
     epoch: tokio::sync::watch::Sender<u64>,
     restart: tokio::sync::Notify,
@@ -242,7 +249,14 @@ impl Agent {
             channel_note: std::sync::Mutex::new(String::new()),
             channel_applied_at: std::sync::Mutex::new(None),
             lease: std::sync::Mutex::new(LeaseAsk::default()),
+            watchdog: None,
         })
+    }
+
+    /// Pings `watchdog` at every heartbeat tick (see `watchdog`: its own timer then stays quiet).
+    pub fn with_watchdog(mut self, watchdog: Option<Arc<Watchdog>>) -> Agent {
+        self.watchdog = watchdog;
+        self
     }
 
     fn lease(&self) -> std::sync::MutexGuard<'_, LeaseAsk> {
@@ -497,15 +511,15 @@ impl Agent {
 
     async fn session_inner(&self, welcomed: &mut bool) -> anyhow::Result<()> {
         let tls = client_tls(&self.cfg.tls, &self.cfg.hub_host)?;
+        // No HTTP/2 keep-alive pings (each is a wakeup on both sides): the heartbeat crosses the connection every
+        // interval, and the socket's TCP_USER_TIMEOUT ends the session when the hub stops acknowledging it
+        // (`hub_socket`). The connect timeout covers TCP and TLS.
         let channel = Endpoint::from_shared(self.cfg.hub.clone())
             .context("hub address")?
             .tls_config(tls)
             .context("tls")?
             .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
+            .connect_with_connector(HubConnector::new(self.link.silence.clone()))
             .await
             .context("connecting to the hub")?;
         *self.link.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel.clone());
@@ -523,9 +537,9 @@ impl Agent {
         let mut inbound = client.session(ReceiverStream::new(rx)).await.context("opening the session")?.into_inner();
 
         let mut interval = DEFAULT_HEARTBEAT;
-        let mut beat = tokio::time::interval(DEFAULT_HEARTBEAT);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        beat.reset();
+        // The session's only timer: a kernel timer, one wakeup per tick (see `ticker`). It also pings the systemd
+        // watchdog, whose own timer then never fires while the heartbeat is at most its ping interval.
+        let beat = Ticker::new(DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT).context("heartbeat timer")?;
         let mut seq = 0u64;
         loop {
             tokio::select! {
@@ -537,8 +551,8 @@ impl Agent {
                             self.link.epoch.send_modify(|e| *e += 1);
                             let every = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.max(1)));
                             interval = every;
-                            beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            beat.reset(every, every).context("heartbeat timer")?;
+                            self.link.silence.set_heartbeat(every);
                             tracing::info!(node = %self.cfg.node_name, hub_version = %w.hub_version, heartbeat_s = every.as_secs(), "registered with hub");
                         }
                         Some(hub_message::Body::Desired(d)) => {
@@ -580,7 +594,11 @@ impl Agent {
                         tx.send(msg(agent_message::Body::LeaseRelease(release))).await.context("sending lease release")?;
                     }
                 }
-                _ = beat.tick() => {
+                r = beat.tick() => {
+                    r.context("heartbeat timer")?;
+                    if let Some(w) = &self.watchdog {
+                        w.ping();
+                    }
                     if self.channel_reassert_due() {
                         self.apply_channel().await;
                     }

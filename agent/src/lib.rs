@@ -10,16 +10,28 @@ pub mod channel;
 pub mod config;
 pub mod engine;
 pub mod hub_link;
+pub mod hub_socket;
 pub mod journal;
 pub mod os;
 pub mod state;
+pub mod ticker;
+pub mod watchdog;
 
 use std::future::Future;
 use std::sync::Arc;
 
 /// Runs an agent with `cfg` on the real host (under `cfg.root`) until `shutdown` completes.
 pub async fn run(cfg: config::AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with_watchdog(cfg, None, shutdown).await
+}
+
+/// Like `run`, pinging the systemd `watchdog` at every heartbeat.
+pub async fn run_with_watchdog(
+    cfg: config::AgentConfig,
+    watchdog: Option<Arc<watchdog::Watchdog>>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let os = Arc::new(os::host::HostOs::from_config(&cfg));
-    let agent = Arc::new(hub_link::Agent::new(cfg, os)?);
+    let agent = Arc::new(hub_link::Agent::new(cfg, os)?.with_watchdog(watchdog));
     agent.run(shutdown).await
 }

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// The upkeep node agent.
 #[derive(Debug, Parser)]
@@ -45,12 +46,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     // One thread is plenty for one session and keeps the footprint small.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
-        // The watchdog pings from this same runtime: if it stalls, systemd restarts us.
-        let watchdog = tokio::spawn(service::watchdog());
+        // The watchdog pings from this same runtime (if it stalls, systemd restarts us), at every heartbeat and,
+        // when none comes in time, from its own timer.
+        let watchdog = upkeep_agent::watchdog::Watchdog::from_env().context("watchdog timer")?.map(Arc::new);
+        let serving = watchdog.clone().map(|w| tokio::spawn(async move { w.serve(|| {}).await }));
         tracing::info!(node = %cfg.node_name, hub = %cfg.hub, member = %cfg.member, "upkeep-agent started");
         service::ready(&format!("node {} of member {}, hub {}", cfg.node_name, cfg.member, cfg.hub));
-        let result = upkeep_agent::run(cfg, shutdown_signal()).await;
-        watchdog.abort();
+        let result = upkeep_agent::run_with_watchdog(cfg, watchdog, shutdown_signal()).await;
+        if let Some(s) = serving {
+            s.abort();
+        }
         result
     })
 }

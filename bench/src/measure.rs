@@ -81,6 +81,59 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcSample> {
     })
 }
 
+/// Context switches (voluntary, involuntary) of each thread of `pid` now, by thread id.
+pub fn thread_switches(pid: u32) -> Vec<(u32, u64, u64)> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) else { continue };
+            if let Ok(s) = std::fs::read_to_string(t.path().join("status")) {
+                let vol = status_value(&s, "voluntary_ctxt_switches").unwrap_or(0);
+                let invol = status_value(&s, "nonvoluntary_ctxt_switches").unwrap_or(0);
+                out.push((tid, vol, invol));
+            }
+        }
+    }
+    out
+}
+
+/// Context switches of every thread seen over a window. Summing the live threads at its two ends loses every
+/// switch of a thread that exits in between (a tokio blocking thread ends 10 s after its last job) and can even
+/// come out negative; here an exited thread keeps its last reading and one born after the first reading counts
+/// from zero. What is lost: the switches of a thread after its last reading (at most one sampling period).
+#[derive(Debug, Default)]
+pub struct SwitchTally {
+    first: std::collections::BTreeMap<u32, (u64, u64)>,
+    last: std::collections::BTreeMap<u32, (u64, u64)>,
+    readings: u64,
+}
+
+impl SwitchTally {
+    /// Adds one reading (`thread_switches`).
+    pub fn record(&mut self, threads: &[(u32, u64, u64)]) {
+        for &(tid, vol, invol) in threads {
+            if self.readings == 0 {
+                self.first.insert(tid, (vol, invol));
+            }
+            self.last.insert(tid, (vol, invol));
+        }
+        self.readings += 1;
+    }
+
+    /// (voluntary, involuntary) switches over the window, all threads.
+    pub fn totals(&self) -> (u64, u64) {
+        self.last.iter().fold((0, 0), |(v, i), (tid, &(lv, li))| {
+            let (fv, fi) = self.first.get(tid).copied().unwrap_or((0, 0));
+            (v + lv.saturating_sub(fv), i + li.saturating_sub(fi))
+        })
+    }
+
+    /// Threads seen at any reading.
+    pub fn threads_seen(&self) -> usize {
+        self.last.len()
+    }
+}
+
 /// CPU use between two samples in percent of one core (200 % = both cores of a 2-core machine).
 pub fn cpu_percent(a: &ProcSample, b: &ProcSample, ticks_per_second: u64) -> f64 {
     let secs = b.at.duration_since(a.at).as_secs_f64();
@@ -169,5 +222,16 @@ VmRSS:\t    5872 kB\nvoluntary_ctxt_switches:\t42\nnonvoluntary_ctxt_switches:\t
         // One slot: strictly sequential.
         assert_eq!(slot_handoffs(&[5.0, 9.0], &[0.0, 6.0], 1), vec![1.0]);
         assert!(slot_handoffs(&[5.0], &[0.0], 1).is_empty());
+    }
+
+    #[test]
+    fn a_thread_that_exits_keeps_its_switches_and_a_new_one_counts_from_zero() {
+        let mut t = SwitchTally::default();
+        t.record(&[(1, 10, 1), (2, 12, 0)]);
+        t.record(&[(1, 11, 1), (2, 15, 0)]);
+        // Thread 2 has exited; thread 3 was born.
+        t.record(&[(1, 13, 2), (3, 4, 0)]);
+        assert_eq!(t.totals(), (3 + 3 + 4, 1));
+        assert_eq!(t.threads_seen(), 3);
     }
 }

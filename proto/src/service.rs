@@ -15,6 +15,7 @@
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -29,10 +30,7 @@ pub enum LogTarget {
 
 /// Installs the global `tracing` subscriber (journal or stderr, level from `RUST_LOG`, default `info`).
 pub fn init_logging() -> LogTarget {
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-    };
+    let filter = || log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let mut journal_error = None;
     if stderr_is_journal() {
         match tracing_journald::layer() {
@@ -47,11 +45,22 @@ pub fn init_logging() -> LogTarget {
     }
     // Colours only on a terminal: a log file or a pipe gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let text = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    tracing_subscriber::registry().with(filter()).with(text).init();
     if let Some(e) = journal_error {
         tracing::warn!(error = %e, "stderr is the journal but its socket is unusable; logging plain text");
     }
     LogTarget::Stderr
+}
+
+/// What `RUST_LOG` lets through: a default level and per-target levels, `warn,upkeep_hub::engine=debug`. Unset,
+/// empty or unreadable: `info`. (A plain target list, not `EnvFilter`'s span and regex directives: those cost
+/// the daemons a regex engine.)
+pub fn log_filter(spec: Option<&str>) -> Targets {
+    spec.map(str::trim)
+        .filter(|s| !s.is_empty())
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO))
 }
 
 /// Whether systemd connected our stderr to the journal (see systemd.exec(5), `$JOURNAL_STREAM`).
@@ -125,6 +134,20 @@ mod tests {
         assert_eq!(parse_journal_stream("8"), None);
         assert_eq!(parse_journal_stream("x:1"), None);
         assert_eq!(parse_journal_stream(""), None);
+    }
+
+    #[test]
+    fn rust_log_names_a_default_level_and_levels_per_target() {
+        use tracing::Level;
+        let f = log_filter(Some("warn,upkeep_hub::engine=debug"));
+        assert!(f.would_enable("upkeep_hub::engine", &Level::DEBUG));
+        assert!(!f.would_enable("upkeep_hub::fleet", &Level::INFO));
+        assert!(f.would_enable("upkeep_hub::fleet", &Level::WARN));
+        for unset in [None, Some(""), Some("not a=filter=at all")] {
+            let f = log_filter(unset);
+            assert!(f.would_enable("upkeep_agent", &Level::INFO), "{unset:?}");
+            assert!(!f.would_enable("upkeep_agent", &Level::DEBUG), "{unset:?}");
+        }
     }
 
     #[test]
