@@ -141,6 +141,16 @@ type Completion = (String, Result<(), String>);
 /// What a commit made: the new state, the merged plan, and each step's own result.
 type Committed = (Arc<RunState>, Plan, Vec<Result<(), EngineError>>);
 
+/// One step of a commit: its plan and the state it leads to (`None`: the plan changes nothing).
+type Step = Result<(Plan, Option<RunState>), RunOpError>;
+
+/// A plan made by an operation that returns only the plan, with the state it leads to.
+fn applied(current: &RunState, plan: Result<Plan, RunOpError>) -> Step {
+    let p = plan?;
+    let next = if p.is_empty() { None } else { Some(run::apply(current, &p)?) };
+    Ok((p, next))
+}
+
 /// How often a commit that lost a compare-and-swap is planned again from the stored state.
 const COMMIT_ATTEMPTS: usize = 3;
 
@@ -246,7 +256,7 @@ impl Engine {
                 self.resume_orphans(name);
                 continue;
             }
-            match self.transact_settling(name, |s, f, c, now| Ok(run::plan(s, f, c, now))).await {
+            match self.plan_run(name).await {
                 Ok((_, plan)) => {
                     if let Some(w) = plan.next_wakeup {
                         next = Some(next.map_or(w, |n| n.min(w)));
@@ -304,18 +314,20 @@ impl Engine {
         F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
         let _guard = self.commit_lock.lock().await;
-        let (state, plan, mut results) = self.commit(name, 1, false, |_, s, fl, c, now| f(s, fl, c, now))?;
+        let (state, plan, mut results) =
+            self.commit(name, 1, false, |_, s, fl, c, now| applied(s, f(s, fl, c, now)))?;
         results.pop().unwrap_or(Ok(()))?;
         Ok((state, plan))
     }
 
-    /// [`Self::transact`] for a full plan: the run is then settled at the version it leaves.
-    async fn transact_settling<F>(self: &Arc<Self>, name: &str, f: F) -> Result<(Arc<RunState>, Plan), EngineError>
-    where
-        F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
-    {
+    /// A full planning pass of one run (`run::plan`): the run is then settled at the version it leaves.
+    async fn plan_run(self: &Arc<Self>, name: &str) -> Result<(Arc<RunState>, Plan), EngineError> {
         let _guard = self.commit_lock.lock().await;
-        let (state, plan, mut results) = self.commit(name, 1, true, |_, s, fl, c, now| f(s, fl, c, now))?;
+        let (state, plan, mut results) = self.commit(name, 1, true, |_, s, fl, c, now| {
+            let (p, next) = run::plan_and_apply(s, fl, c, now);
+            let next = (!p.is_empty()).then_some(next);
+            Ok((p, next))
+        })?;
         results.pop().unwrap_or(Ok(()))?;
         Ok((state, plan))
     }
@@ -330,7 +342,9 @@ impl Engine {
         // Recording a result plans the rest of the run (`member_finished` settles it).
         let outcome = self.commit(run_name, queued.len(), true, |i, s, fl, c, now| {
             let (member, result) = &queued[i];
-            run::member_finished(s, member, result.clone(), fl, c, now)
+            let (p, next) = run::member_finished_and_apply(s, member, result.clone(), fl, c, now)?;
+            let next = (!p.is_empty()).then_some(next);
+            Ok((p, next))
         });
         drop(_guard);
         let failures: Vec<(String, EngineError)> = match outcome {
@@ -361,7 +375,7 @@ impl Engine {
     /// and passes skip it until it changes or its wakeup comes).
     fn commit<F>(self: &Arc<Self>, name: &str, n: usize, settles: bool, f: F) -> Result<Committed, EngineError>
     where
-        F: Fn(usize, &RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
+        F: Fn(usize, &RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Step,
     {
         let mut attempt = 0;
         loop {
@@ -377,11 +391,7 @@ impl Engine {
                 let mut results = Vec::with_capacity(n);
                 for i in 0..n {
                     let current = state.as_ref().unwrap_or(&cached.state);
-                    let step = f(i, current, &fleet, &catalog, now).and_then(|p| {
-                        let next = if p.is_empty() { None } else { Some(run::apply(current, &p)?) };
-                        Ok((p, next))
-                    });
-                    match step {
+                    match f(i, current, &fleet, &catalog, now) {
                         Ok((p, next)) => {
                             merge(&mut merged, p);
                             if let Some(next) = next {

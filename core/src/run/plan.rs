@@ -244,9 +244,15 @@ impl SkipTarget {
 /// only has its Stopping levels settled. Same inputs, same plan; planning again right after applying a plan
 /// with the same inputs yields an empty plan.
 pub fn plan(state: &RunState, fleet: &Fleet, catalog: &Catalog, now: DateTime<Utc>) -> Plan {
+    plan_and_apply(state, fleet, catalog, now).0
+}
+
+/// [`plan`] together with the state it leads to: what [`super::apply`] returns for that plan, without copying a
+/// large run's state a second time.
+pub fn plan_and_apply(state: &RunState, fleet: &Fleet, catalog: &Catalog, now: DateTime<Utc>) -> (Plan, RunState) {
     let mut p = Planner::new(state, fleet, catalog, now);
     p.settle();
-    p.plan
+    (p.plan, p.st)
 }
 
 /// Starts a run that has not started, or starts again a Stopped or Failed run: it resumes with the members it
@@ -347,6 +353,19 @@ pub fn member_finished(
     catalog: &Catalog,
     now: DateTime<Utc>,
 ) -> Result<Plan, RunOpError> {
+    member_finished_and_apply(state, member, outcome, fleet, catalog, now).map(|(plan, _)| plan)
+}
+
+/// [`member_finished`] together with the state it leads to: what [`super::apply`] returns for that plan, without
+/// copying a large run's state a second time.
+pub fn member_finished_and_apply(
+    state: &RunState,
+    member: &str,
+    outcome: Result<(), String>,
+    fleet: &Fleet,
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+) -> Result<(Plan, RunState), RunOpError> {
     let lref = LevelRef::Member { member: member.to_string() };
     let idx = state.find(&lref).ok_or_else(|| RunOpError::UnknownLevel(lref.clone()))?;
     let status = state.level_at(idx).status;
@@ -364,7 +383,7 @@ pub fn member_finished(
         Err(reason) => p.fail_member(idx, &reason),
     }
     p.settle();
-    Ok(p.plan)
+    Ok((p.plan, p.st))
 }
 
 /// The last resort when recording a member's result failed unexpectedly: the member fails with `reason`, and its

@@ -172,14 +172,21 @@ impl H {
     }
 
     fn plan(&mut self) -> Plan {
-        let p = plan(&self.st, &self.fleet, &self.cat, self.now);
-        self.take(p)
+        let (p, state) = plan_and_apply(&self.st, &self.fleet, &self.cat, self.now);
+        assert_eq!(p, plan(&self.st, &self.fleet, &self.cat, self.now));
+        let p = self.take(p);
+        assert_eq!(self.st, state, "the planner's own state is the applied plan's");
+        p
     }
 
     fn finish(&mut self, m: &str, ok: bool) -> Plan {
         let outcome = if ok { Ok(()) } else { Err(format!("{m}: node n1 failed its health check")) };
-        let p = member_finished(&self.st, m, outcome, &self.fleet, &self.cat, self.now).expect("result accepted");
-        self.take(p)
+        let (p, state) = member_finished_and_apply(&self.st, m, outcome.clone(), &self.fleet, &self.cat, self.now)
+            .expect("result accepted");
+        assert_eq!(Ok(&p), member_finished(&self.st, m, outcome, &self.fleet, &self.cat, self.now).as_ref());
+        let p = self.take(p);
+        assert_eq!(self.st, state, "the planner's own state is the applied plan's");
+        p
     }
 
     fn stop(&mut self) -> Plan {

@@ -405,9 +405,11 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     async fn watch_run(&self, req: Request<v1::WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
         require(&principal_of(&req)?, READERS, "watch update runs")?;
         let r = req.into_inner();
-        let rec = runs::get_run(self.fleet.store(), &r.name)?;
-        // Subscribe before replaying, so nothing committed in between is missed (duplicates are dropped by seq).
+        // Subscribe before reading the run and replaying its events, so nothing committed in between is missed
+        // (duplicates are dropped by seq): a run that ended before the subscription reads as ended, one that ends
+        // after it is seen ending on the live feed.
         let mut live = self.engine.subscribe();
+        let rec = runs::get_run(self.fleet.store(), &r.name)?;
         let stored = self.fleet.store().events_since(&r.name, r.from_seq).map_err(ApiError::from)?;
         let status_now =
             crate::engine::parse_state(&rec).map(|s| s.run.status.as_str().to_string()).map_err(ApiError::from)?;
