@@ -86,19 +86,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Adds a later step's plan to the plans before it (its transitions and actions follow theirs).
-fn merge(into: &mut Plan, p: Plan) {
-    into.transitions.extend(p.transitions);
-    into.actions.extend(p.actions);
-    into.next_wakeup = match (into.next_wakeup, p.next_wakeup) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    if p.image_selection.is_some() {
-        into.image_selection = p.image_selection;
-    }
-}
-
 /// The message of a caught panic.
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
@@ -138,10 +125,10 @@ type Settled = (u64, Option<DateTime<Utc>>);
 /// A member's upgrade outcome waiting to be recorded (several are recorded in one commit).
 type Completion = (String, Result<(), String>);
 
-/// What a commit made: the new state, the merged plan, and each step's own result.
-type Committed = (Arc<RunState>, Plan, Vec<Result<(), EngineError>>);
+/// What a commit made: the new state and the plan.
+type Committed = (Arc<RunState>, Plan);
 
-/// One step of a commit: its plan and the state it leads to (`None`: the plan changes nothing).
+/// What a commit plans: the plan and the state it leads to (`None`: the plan changes nothing).
 type Step = Result<(Plan, Option<RunState>), RunOpError>;
 
 /// A plan made by an operation that returns only the plan, with the state it leads to.
@@ -314,22 +301,17 @@ impl Engine {
         F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
         let _guard = self.commit_lock.lock().await;
-        let (state, plan, mut results) =
-            self.commit(name, 1, false, |_, s, fl, c, now| applied(s, f(s, fl, c, now)))?;
-        results.pop().unwrap_or(Ok(()))?;
-        Ok((state, plan))
+        self.commit(name, false, |s, fl, c, now| applied(s, f(s, fl, c, now)))
     }
 
     /// A full planning pass of one run (`run::plan`): the run is then settled at the version it leaves.
     async fn plan_run(self: &Arc<Self>, name: &str) -> Result<(Arc<RunState>, Plan), EngineError> {
         let _guard = self.commit_lock.lock().await;
-        let (state, plan, mut results) = self.commit(name, 1, true, |_, s, fl, c, now| {
+        self.commit(name, true, |s, fl, c, now| {
             let (p, next) = run::plan_and_apply(s, fl, c, now);
             let next = (!p.is_empty()).then_some(next);
             Ok((p, next))
-        })?;
-        results.pop().unwrap_or(Ok(()))?;
-        Ok((state, plan))
+        })
     }
 
     /// Records the member outcomes queued for `run`, all in one commit (none if another task took them).
@@ -339,18 +321,21 @@ impl Engine {
         if queued.is_empty() {
             return;
         }
-        // Recording a result plans the rest of the run (`member_finished` settles it).
-        let outcome = self.commit(run_name, queued.len(), true, |i, s, fl, c, now| {
-            let (member, result) = &queued[i];
-            let (p, next) = run::member_finished_and_apply(s, member, result.clone(), fl, c, now)?;
+        // All of them recorded, then the rest of the run planned once (`members_finished_and_apply` settles it).
+        let refused: Mutex<Vec<Result<(), RunOpError>>> = Mutex::new(Vec::new());
+        let outcome = self.commit(run_name, true, |s, fl, c, now| {
+            let (p, next, each) = run::members_finished_and_apply(s, &queued, fl, c, now);
+            *lock(&refused) = each;
             let next = (!p.is_empty()).then_some(next);
             Ok((p, next))
         });
         drop(_guard);
         let failures: Vec<(String, EngineError)> = match outcome {
-            Ok((_, _, results)) => {
-                queued.iter().zip(results).filter_map(|((m, _), r)| r.err().map(|e| (m.clone(), e))).collect()
-            }
+            Ok(_) => queued
+                .iter()
+                .zip(refused.into_inner().unwrap_or_else(|e| e.into_inner()))
+                .filter_map(|((m, _), r)| r.err().map(|e| (m.clone(), EngineError::from(e))))
+                .collect(),
             Err(e) => {
                 let reason = e.to_string();
                 queued
@@ -367,15 +352,14 @@ impl Engine {
         }
     }
 
-    /// Plans `n` steps with `f` (step `i` sees the state the steps before it made), applies them, commits the new
-    /// state's changed parts and every step's events in one transaction, publishes the events, then acts. A step
-    /// refused by the core is left out and its error returned in its place; the others go on. A commit that lost
-    /// the compare-and-swap (the run changed underneath) is planned again from the stored state. The caller holds
-    /// the commit lock. `settles`: the steps plan the whole run (the run is settled at the version they leave,
-    /// and passes skip it until it changes or its wakeup comes).
-    fn commit<F>(self: &Arc<Self>, name: &str, n: usize, settles: bool, f: F) -> Result<Committed, EngineError>
+    /// Plans with `f` (a plan and the state it leads to), commits the new state's changed parts and the plan's
+    /// events in one transaction, publishes the events, then acts. A commit that lost the compare-and-swap (the run
+    /// changed underneath) is planned again from the stored state. The caller holds the commit lock. `settles`: `f`
+    /// plans the whole run (the run is settled at the version it leaves, and passes skip it until it changes or
+    /// its wakeup comes).
+    fn commit<F>(self: &Arc<Self>, name: &str, settles: bool, f: F) -> Result<Committed, EngineError>
     where
-        F: Fn(usize, &RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Step,
+        F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Step,
     {
         let mut attempt = 0;
         loop {
@@ -385,33 +369,18 @@ impl Engine {
             let now = Utc::now();
             // Core decides without panicking on anything stored; should it panic anyway, the run is left as it was
             // and the error says why, and the hub keeps serving.
-            let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut state: Option<RunState> = None;
-                let mut merged = Plan::default();
-                let mut results = Vec::with_capacity(n);
-                for i in 0..n {
-                    let current = state.as_ref().unwrap_or(&cached.state);
-                    match f(i, current, &fleet, &catalog, now) {
-                        Ok((p, next)) => {
-                            merge(&mut merged, p);
-                            if let Some(next) = next {
-                                state = Some(next);
-                            }
-                            results.push(Ok(()));
-                        }
-                        Err(e) => results.push(Err(EngineError::from(e))),
-                    }
-                }
-                (state, merged, results)
-            }))
-            .map_err(|p| EngineError::Unexpected { run: name.to_string(), reason: panic_message(p.as_ref()) })?;
-            let (new_state, plan, results) = planned;
-            let settled = settles && results.iter().all(Result::is_ok);
+            let planned =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&cached.state, &fleet, &catalog, now)))
+                    .map_err(|p| EngineError::Unexpected {
+                        run: name.to_string(),
+                        reason: panic_message(p.as_ref()),
+                    })?;
+            let (plan, new_state) = planned?;
             let Some(new_state) = new_state else {
-                if settled {
+                if settles {
                     lock(&self.settled).insert(name.to_string(), (cached.version, plan.next_wakeup));
                 }
-                return Ok((cached.state, plan, results));
+                return Ok((cached.state, plan));
             };
             let run_status = new_state.run.status.as_str().to_string();
             let events: Vec<NewEvent> = plan
@@ -446,7 +415,7 @@ impl Engine {
                 }
             };
             let new_state = Arc::new(new_state);
-            if settled {
+            if settles {
                 lock(&self.settled).insert(name.to_string(), (cached.version + 1, plan.next_wakeup));
             }
             lock(&self.runs).insert(
@@ -465,7 +434,7 @@ impl Engine {
                     }
                 }
             }
-            return Ok((new_state, plan, results));
+            return Ok((new_state, plan));
         }
     }
 

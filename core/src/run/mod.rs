@@ -76,7 +76,8 @@ pub use model::{
 };
 pub use plan::{
     Action, Catalog, Fleet, MemberView, NodePoolView, Plan, PredictedStart, SkipTarget, fail_member_only,
-    member_finished, member_finished_and_apply, plan, plan_and_apply, preview, skip, start, stop,
+    member_finished, member_finished_and_apply, members_finished_and_apply, plan, plan_and_apply, preview, skip, start,
+    stop,
 };
 pub use state::{
     GroupState, LevelRef, LevelState, MemberState, MemberTarget, RunOpError, RunState, StageState, Status, Transition,

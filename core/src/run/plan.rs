@@ -366,24 +366,49 @@ pub fn member_finished_and_apply(
     catalog: &Catalog,
     now: DateTime<Utc>,
 ) -> Result<(Plan, RunState), RunOpError> {
-    let lref = LevelRef::Member { member: member.to_string() };
-    let idx = state.find(&lref).ok_or_else(|| RunOpError::UnknownLevel(lref.clone()))?;
-    let status = state.level_at(idx).status;
-    if status != Status::Running {
-        return Err(RunOpError::Refused(format!(
-            "member {member:?} is {status}, not being upgraded; its result is not recorded"
-        )));
-    }
+    let (plan, next, mut refused) =
+        members_finished_and_apply(state, &[(member.to_string(), outcome)], fleet, catalog, now);
+    refused.pop().unwrap_or(Ok(()))?;
+    Ok((plan, next))
+}
+
+/// Records the results of several members that finished together, then plans the rest of the run once (what
+/// [`member_finished`] for each in turn would record, with one planning pass instead of one per result). Each
+/// result's own refusal (unknown member, member not being upgraded) is returned in its place and changes nothing;
+/// the others are recorded.
+pub fn members_finished_and_apply(
+    state: &RunState,
+    results: &[(String, Result<(), String>)],
+    fleet: &Fleet,
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+) -> (Plan, RunState, Vec<Result<(), RunOpError>>) {
     let mut p = Planner::new(state, fleet, catalog, now);
-    match outcome {
-        Ok(()) => {
-            let target = state.member(member).and_then(|m| m.target.clone()).unwrap_or_default();
-            p.set(idx, Status::Completed, format!("upgraded: {target}"), None);
+    let mut refused = Vec::with_capacity(results.len());
+    for (member, outcome) in results {
+        let lref = LevelRef::Member { member: member.clone() };
+        let Some(idx) = p.st.find(&lref) else {
+            refused.push(Err(RunOpError::UnknownLevel(lref)));
+            continue;
+        };
+        let status = p.st.level_at(idx).status;
+        if status != Status::Running {
+            refused.push(Err(RunOpError::Refused(format!(
+                "member {member:?} is {status}, not being upgraded; its result is not recorded"
+            ))));
+            continue;
         }
-        Err(reason) => p.fail_member(idx, &reason),
+        match outcome {
+            Ok(()) => {
+                let target = p.st.member(member).and_then(|m| m.target.clone()).unwrap_or_default();
+                p.set(idx, Status::Completed, format!("upgraded: {target}"), None);
+            }
+            Err(reason) => p.fail_member(idx, reason),
+        }
+        refused.push(Ok(()));
     }
     p.settle();
-    Ok((p.plan, p.st))
+    (p.plan, p.st, refused)
 }
 
 /// The last resort when recording a member's result failed unexpectedly: the member fails with `reason`, and its

@@ -1346,3 +1346,43 @@ fn property_random_operations_keep_every_transition_legal() {
     }
     assert!(starts > 200, "only {starts} member starts");
 }
+
+#[test]
+fn results_that_arrive_together_are_recorded_as_one_after_the_other_would_be() {
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let mut g = group("g1", &names);
+    g.max_concurrency = Some(Limit::Count(3));
+    let mut h = H::new(node_image_run(vec![stage("s1", vec![g])]), fleet(&names));
+    assert_eq!(started(&h.start()), vec!["a", "b", "c"]);
+    let before = h.st.clone();
+    // One after the other.
+    h.finish("a", true);
+    h.finish("b", true);
+    // Together, plus a result for a member not being upgraded, which is refused alone.
+    let results = vec![("a".to_string(), Ok(())), ("b".to_string(), Ok(())), ("f".to_string(), Ok(()))];
+    let (plan, together, outcomes) = members_finished_and_apply(&before, &results, &h.fleet, &h.cat, h.now);
+    assert!(matches!(outcomes.as_slice(), [Ok(()), Ok(()), Err(RunOpError::Refused(_))]), "{outcomes:?}");
+    assert_eq!(apply(&before, &plan).expect("the plan applies"), together);
+    assert_eq!(together, h.st);
+    assert_eq!(started(&plan), vec!["d", "e"]);
+}
+
+#[test]
+fn a_failure_among_results_that_arrive_together_starts_nothing_more() {
+    let names = ["a", "b", "c", "d"];
+    let mut g = group("g1", &names);
+    g.max_concurrency = Some(Limit::Count(3));
+    let mut h = H::new(node_image_run(vec![stage("s1", vec![g])]), fleet(&names));
+    h.start();
+    let results = vec![("a".to_string(), Ok(())), ("b".to_string(), Err("b: node n1 failed its health check".into()))];
+    let (plan, st, outcomes) = members_finished_and_apply(&h.st, &results, &h.fleet, &h.cat, h.now);
+    assert!(outcomes.iter().all(Result::is_ok));
+    assert!(started(&plan).is_empty(), "the failure is known when the plan is made: nothing further starts");
+    assert_eq!(apply(&h.st, &plan).expect("the plan applies"), st);
+    let status = |m: &str| st.member(m).expect("member").level.status;
+    assert_eq!(
+        (status("a"), status("b"), status("c"), status("d")),
+        (Status::Completed, Status::Failed, Status::Running, Status::NotStarted)
+    );
+    assert_eq!(st.run.status, Status::Failed);
+}
