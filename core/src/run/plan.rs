@@ -833,7 +833,7 @@ impl<'a> Planner<'a> {
             ),
             None => WorkPlan::default(),
         };
-        let m = &mut self.st.stages[si].groups[gi].members[mi];
+        let m = Arc::make_mut(&mut self.st.stages[si].groups[gi].members[mi]);
         m.target = Some(target.clone());
         m.attempts += 1;
         self.plan.actions.push(super::Action::StartMember { member: m.name.clone(), target, work });

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 /// The state of one level: the run, a stage, the wait after a stage, a group, or a member (SPEC §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
@@ -210,8 +211,9 @@ pub struct GroupState {
     /// Its concurrency limit (`None` = 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<Limit>,
-    /// Its members in the declared order.
-    pub members: Vec<MemberState>,
+    /// Its members in the declared order, shared between a state and the states made from it (a member's
+    /// transition copies that member only; `Arc::make_mut`).
+    pub members: Vec<Arc<MemberState>>,
 }
 
 /// One stage of the run, with the wait after it.
@@ -398,12 +400,14 @@ impl RunState {
                             members: g
                                 .members
                                 .iter()
-                                .map(|m| MemberState {
-                                    name: m.clone(),
-                                    level: LevelState::default(),
-                                    target: None,
-                                    attempts: 0,
-                                    work: None,
+                                .map(|m| {
+                                    Arc::new(MemberState {
+                                        name: m.clone(),
+                                        level: LevelState::default(),
+                                        target: None,
+                                        attempts: 0,
+                                        work: None,
+                                    })
                                 })
                                 .collect(),
                         })
@@ -448,7 +452,7 @@ impl RunState {
 
     /// Every member of the run, in stage, group and declared order.
     pub fn members(&self) -> impl Iterator<Item = &MemberState> {
-        self.stages.iter().flat_map(|s| s.groups.iter()).flat_map(|g| g.members.iter())
+        self.stages.iter().flat_map(|s| s.groups.iter()).flat_map(|g| g.members.iter()).map(Arc::as_ref)
     }
 
     /// A member's record.
@@ -511,7 +515,7 @@ impl RunState {
             Idx::Wait(si) => self.stages.get_mut(si).and_then(|s| s.wait.as_mut()),
             Idx::Group(si, gi) => self.stages.get_mut(si)?.groups.get_mut(gi).map(|g| &mut g.level),
             Idx::Member(si, gi, mi) => {
-                self.stages.get_mut(si)?.groups.get_mut(gi)?.members.get_mut(mi).map(|m| &mut m.level)
+                self.stages.get_mut(si)?.groups.get_mut(gi)?.members.get_mut(mi).map(|m| &mut Arc::make_mut(m).level)
             }
         }
     }
@@ -577,7 +581,7 @@ pub fn apply(state: &RunState, plan: &super::Plan) -> Result<RunState, RunOpErro
                 let Some(Idx::Member(si, gi, mi)) = next.find(&r) else {
                     return Err(RunOpError::UnknownLevel(r));
                 };
-                let m = &mut next.stages[si].groups[gi].members[mi];
+                let m = Arc::make_mut(&mut next.stages[si].groups[gi].members[mi]);
                 if m.level.status != Status::Running {
                     return Err(RunOpError::StalePlan { level: r, expected: Status::Running, found: m.level.status });
                 }

@@ -193,7 +193,7 @@ pub fn join(parts: &[(String, String)]) -> Result<RunState, PartError> {
                 if &m.name != name {
                     return Err(PartError { part: key, reason: format!("holds member {:?}", m.name) });
                 }
-                members.push(m);
+                members.push(std::sync::Arc::new(m));
             }
             groups.push(GroupState { name: fg.name, level, max_concurrency: fg.max_concurrency, members });
         }
@@ -236,6 +236,7 @@ mod tests {
             .iter_mut()
             .flat_map(|st| st.groups.iter_mut())
             .flat_map(|g| g.members.iter_mut())
+            .map(std::sync::Arc::make_mut)
             .find(|m| m.name == name)
             .expect("member")
     }
