@@ -28,8 +28,8 @@ use upkeep_core::version::{ImageVersion, NodeImageVersion};
 use upkeep_proto::tls::client_tls;
 use upkeep_proto::v1::{self, agent_message, hub_message};
 
-/// Heartbeat interval used until the hub's Welcome says otherwise.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Heartbeat interval used until the hub's Welcome says otherwise (kept with the socket timeout that follows it).
+pub use crate::hub_socket::DEFAULT_HEARTBEAT;
 /// How often the adopted channel is put in force again although nothing changed, so that updaters someone
 /// switched back on by hand are switched off again ("kept off", SPEC §2).
 pub const CHANNEL_REASSERT_EVERY: Duration = Duration::from_secs(3600);

@@ -58,10 +58,13 @@ impl Silence {
     }
 }
 
+/// Heartbeat interval used until the hub's Welcome says otherwise.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
 impl Default for Silence {
     /// Until a Welcome says otherwise: the agent's default heartbeat.
     fn default() -> Silence {
-        Silence::new(crate::hub_link::DEFAULT_HEARTBEAT)
+        Silence::new(DEFAULT_HEARTBEAT)
     }
 }
 

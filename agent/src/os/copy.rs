@@ -23,6 +23,11 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 
+/// Lower-case hex, the form digests are written and compared in.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Bytes in one buffer. Small enough to stay in a core's L2 cache between the read that fills it, the hash
 /// and the write that read it: on the 2-core test machine, under load, even `dd` spent several times the
 /// system time with 4 MiB blocks than with 512 KiB ones (BENCHMARKS.md).
@@ -177,7 +182,7 @@ fn hash_stage(input: &Receiver<Msg>, back: &SyncSender<Arc<Vec<u8>>>) -> Option<
                 // The copy may have stopped already; then nobody needs the buffer back.
                 let _ = back.send(buf);
             }
-            Msg::End => return Some(Copied { sha256: super::slots::hex(ctx.finish().as_ref()), bytes }),
+            Msg::End => return Some(Copied { sha256: hex(ctx.finish().as_ref()), bytes }),
         }
     }
 }
@@ -290,7 +295,7 @@ mod tests {
     use super::*;
 
     fn sha(b: &[u8]) -> String {
-        super::super::slots::hex(ring::digest::digest(&SHA256, b).as_ref())
+        super::hex(ring::digest::digest(&SHA256, b).as_ref())
     }
 
     /// Bytes that differ from position to position (a shifted or dropped chunk changes the digest).

@@ -47,10 +47,8 @@ pub trait Backend: Send + Sync {
     fn booted_root(&self) -> PathBuf;
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+/// Lower-case hex (digests are written and compared in it).
+pub use super::copy::hex;
 
 /// Where the per-boot token lives under the node's root: /run is a tmpfs emptied at every boot.
 pub const BOOT_TOKEN_FILE: &str = "run/upkeep/boot-token";
