@@ -377,15 +377,7 @@ pub async fn orchestrate(
         })
         .collect();
     let stages_json = json!({ "stages": stage_specs }).to_string();
-    op.create_run(v1::CreateRunRequest {
-        name: "bench".into(),
-        stages_json,
-        upgrade_type: "NodeImageOnly".into(),
-        node_image_selection: "Latest".into(),
-        ..Default::default()
-    })
-    .await
-    .context("CreateRun")?;
+    create_image_run(&mut op, "bench", stages_json).await?;
     let h0 = hub.sample()?;
     let started = Instant::now();
     op.start_run(v1::RunNameRequest { name: "bench".into() }).await.context("StartRun")?;
@@ -530,6 +522,20 @@ pub async fn orchestrate(
 
 type Operator = v1::operator_service_client::OperatorServiceClient<Channel>;
 
+/// Creates a NodeImageOnly run to the latest image, in the given stages.
+async fn create_image_run(op: &mut Operator, name: &str, stages_json: String) -> anyhow::Result<()> {
+    op.create_run(v1::CreateRunRequest {
+        name: name.into(),
+        stages_json,
+        upgrade_type: "NodeImageOnly".into(),
+        node_image_selection: "Latest".into(),
+        ..Default::default()
+    })
+    .await
+    .context("CreateRun")?;
+    Ok(())
+}
+
 /// Publishes the image the simulated nodes upgrade to, available everywhere now.
 async fn publish_new_image(op: &mut Operator) -> anyhow::Result<()> {
     op.publish_image(v1::PublishImageRequest {
@@ -590,15 +596,7 @@ pub async fn window_open(ctx: &Ctx, members: u32, per_member: usize) -> anyhow::
     let stages_json =
         json!({"stages": [{"name": "s", "groups": [{"name": "all", "members": names, "max_concurrency": members}]}]})
             .to_string();
-    op.create_run(v1::CreateRunRequest {
-        name: "window".into(),
-        stages_json,
-        upgrade_type: "NodeImageOnly".into(),
-        node_image_selection: "Latest".into(),
-        ..Default::default()
-    })
-    .await
-    .context("CreateRun")?;
+    create_image_run(&mut op, "window", stages_json).await?;
     op.start_run(v1::RunNameRequest { name: "window".into() }).await.context("StartRun")?;
     eprintln!("window-open: windows open at {open}; waiting");
     let deadline = Instant::now() + Duration::from_millis((open_ms - now_ms).max(0) as u64) + Duration::from_secs(120);

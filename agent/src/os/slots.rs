@@ -688,13 +688,19 @@ mod tests {
         (path, hex(ring::digest::digest(&SHA256, &bytes).as_ref()))
     }
 
-    #[test]
-    fn dir_slots_boot_once_commit_and_fall_back() {
+    /// A node root booted from image 202301.01.0 with directory slots (one boot try).
+    fn dir_slots_on_202301() -> (tempfile::TempDir, PathBuf, DirSlots) {
         let d = tempfile::tempdir().expect("tempdir");
         let root = d.path().join("root");
         std::fs::create_dir_all(root.join("etc/upkeep")).expect("mkdir");
         std::fs::write(root.join("etc/upkeep/node-image"), "FAMILY=Test-1\nVERSION=202301.01.0\n").expect("w");
         let s = DirSlots::new(root.clone(), 1, None);
+        (d, root, s)
+    }
+
+    #[test]
+    fn dir_slots_boot_once_commit_and_fall_back() {
+        let (d, root, s) = dir_slots_on_202301();
         let (img, sha) = tar_image(d.path(), "202302.01.0", true);
         assert!(matches!(s.write_slot(Slot::B, &img, &"0".repeat(64)), Err(OsError::Digest { .. })));
         assert!(!s.slot_dir(Slot::B).exists(), "a digest mismatch leaves the slot absent");
@@ -721,11 +727,7 @@ mod tests {
 
     #[test]
     fn dir_slots_leave_no_incoming_copy_behind_and_remove_one_a_crash_left() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let root = d.path().join("root");
-        std::fs::create_dir_all(root.join("etc/upkeep")).expect("mkdir");
-        std::fs::write(root.join("etc/upkeep/node-image"), "FAMILY=Test-1\nVERSION=202301.01.0\n").expect("w");
-        let s = DirSlots::new(root.clone(), 1, None);
+        let (d, _root, s) = dir_slots_on_202301();
         let (img, sha) = tar_image(d.path(), "202302.01.0", true);
         s.write_slot(Slot::B, &img, &sha).expect("write");
         let slot_b = std::fs::read_to_string(s.slot_dir(Slot::B).join("etc/upkeep/node-image")).expect("b");
