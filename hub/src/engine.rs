@@ -258,13 +258,7 @@ impl Engine {
 
     /// The run as last committed, read from the store when the cached copy is missing or older than the store's.
     fn cached(&self, name: &str) -> Result<CachedRun, EngineError> {
-        let stored_version = self
-            .store()
-            .run_versions()?
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, v, _)| v)
-            .ok_or_else(|| EngineError::NoSuchRun(name.to_string()))?;
+        let stored_version = self.store().run_version(name)?.ok_or_else(|| EngineError::NoSuchRun(name.to_string()))?;
         if let Some(c) = lock(&self.runs).get(name)
             && c.version == stored_version
         {

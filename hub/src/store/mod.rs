@@ -416,6 +416,8 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<EventRecord>, StoreError>;
     /// Every run's name, version and status, oldest first (what changed since a cached copy, without its parts).
     fn run_versions(&self) -> Result<Vec<(String, u64, String)>, StoreError>;
+    /// One run's version (None: no such run).
+    fn run_version(&self, name: &str) -> Result<Option<u64>, StoreError>;
     /// Appends events without a state change (node progress).
     fn append_events(&self, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError>;
     /// Events of a run with seq > `after`, in order.

@@ -661,6 +661,14 @@ impl Store for SqliteStore {
         Ok(runs)
     }
 
+    fn run_version(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.conn()
+            .query_row("SELECT version FROM runs WHERE name = ?1", params![name], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|v| v.map(|v| v as u64))
+            .map_err(db(format!("reading the version of run {name}")))
+    }
+
     fn run_versions(&self) -> Result<Vec<(String, u64, String)>, StoreError> {
         let ctx = "listing run versions";
         let conn = self.conn();

@@ -384,6 +384,9 @@ impl Store for Viewed {
     fn run_versions(&self) -> Result<Vec<(String, u64, String)>, StoreError> {
         self.inner.run_versions()
     }
+    fn run_version(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.run_version(name)
+    }
     fn append_events(&self, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError> {
         self.inner.append_events(run, events)
     }
