@@ -378,35 +378,50 @@ pub async fn orchestrate(
         .collect();
     let stages_json = json!({ "stages": stage_specs }).to_string();
     create_image_run(&mut op, "bench", stages_json).await?;
+    // The run is followed the way `upkeepctl run watch` follows it: one WatchRun stream, subscribed before the
+    // start, whose events carry the run's status and which ends when the run does. (Polling GetRun instead reads
+    // and serialises the whole run state, 2.7 MB at 10k members, and that load is the bench's, not the run's.)
+    let mut stream =
+        op.watch_run(v1::WatchRunRequest { name: "bench".into(), from_seq: 0 }).await.context("WatchRun")?.into_inner();
     let h0 = hub.sample()?;
     let started = Instant::now();
     op.start_run(v1::RunNameRequest { name: "bench".into() }).await.context("StartRun")?;
     let mut status = String::new();
-    let mut state_bytes = 0usize;
+    let mut events = Vec::new();
     let mut last_print = Instant::now();
     let mut hub_samples = vec![h0];
-    while started.elapsed() < within {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Ok(s) = hub.sample() {
-            hub_samples.push(s);
-        }
-        let run = op.get_run(v1::RunNameRequest { name: "bench".into() }).await.context("GetRun")?.into_inner();
-        state_bytes = run.state_json.len();
-        let v: serde_json::Value = serde_json::from_str(&run.state_json).context("run state JSON")?;
-        status = v["run"]["status"].as_str().unwrap_or("?").to_string();
-        if matches!(status.as_str(), "Completed" | "Failed" | "Stopped" | "Skipped") {
-            break;
-        }
-        if last_print.elapsed() > Duration::from_secs(10) {
-            last_print = Instant::now();
-            let ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner()).len();
-            eprintln!("  {:>6.1} s: run {status}, {ops} commands answered", started.elapsed().as_secs_f64());
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let deadline = tokio::time::sleep(within);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            e = stream.message() => match e.context("reading run events")? {
+                Some(e) => {
+                    status.clone_from(&e.run_status);
+                    events.push(e);
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if let Ok(s) = hub.sample() {
+                    hub_samples.push(s);
+                }
+                if last_print.elapsed() > Duration::from_secs(10) {
+                    last_print = Instant::now();
+                    let ops = shared.ops.lock().unwrap_or_else(|p| p.into_inner()).len();
+                    eprintln!("  {:>6.1} s: run {status}, {ops} commands answered", started.elapsed().as_secs_f64());
+                }
+            }
+            _ = &mut deadline => break,
         }
     }
     let total = started.elapsed();
     let h1 = hub.sample()?;
+    let run = op.get_run(v1::RunNameRequest { name: "bench".into() }).await.context("GetRun")?.into_inner();
+    let state_bytes = run.state_json.len();
+    let v: serde_json::Value = serde_json::from_str(&run.state_json).context("run state JSON")?;
+    status = v["run"]["status"].as_str().unwrap_or("?").to_string();
     let ops: Vec<sim::OpRecord> = shared.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let events = run_events(&mut op, "bench").await?;
     fleet.stop().await;
     let _ = hub.stop().await;
     let by_hub = hub_member_times(&events);

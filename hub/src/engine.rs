@@ -369,6 +369,8 @@ impl Engine {
                         run: name.to_string(),
                         reason: panic_message(p.as_ref()),
                     })?;
+            // Let go of the snapshot before the store write: a view still shared is copied at the next snapshot.
+            drop((fleet, catalog));
             let (plan, new_state) = planned?;
             let Some(new_state) = new_state else {
                 if settles {
