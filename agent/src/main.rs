@@ -1,4 +1,5 @@
-//! upkeep-agent: thin main. `upkeep-agent [--config FILE]` runs; `upkeep-agent check-config` validates.
+//! upkeep-agent: thin main. `upkeep-agent [--config FILE]` runs; `upkeep-agent check-config` validates;
+//! `upkeep-agent man --dir DIR` (hidden) writes the man page the packages ship.
 
 use upkeep_proto::service;
 
@@ -8,7 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// The upkeep node agent.
+/// The upkeep node agent: applies the node's OS upgrade channel and carries out the hub's commands (cordon,
+/// drain, upgrade, reboot) over mutual TLS.
 #[derive(Debug, Parser)]
 #[command(name = "upkeep-agent", version)]
 struct Args {
@@ -23,6 +25,13 @@ struct Args {
 enum Cmd {
     /// Validate the configuration (and the certificate's identity) and exit.
     CheckConfig,
+    /// Write this command's man pages into DIR (for packaging; needs no configuration).
+    #[command(hide = true)]
+    Man {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +46,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Cmd::Man { dir }) = &args.command {
+        std::fs::create_dir_all(dir).with_context(|| format!("--dir {}: cannot create", dir.display()))?;
+        clap_mangen::generate_to(<Args as clap::CommandFactory>::command(), dir)
+            .with_context(|| format!("--dir {}: writing man pages", dir.display()))?;
+        return Ok(());
+    }
     let cfg = upkeep_agent::config::load(&args.config)?;
     if matches!(args.command, Some(Cmd::CheckConfig)) {
         println!("{}: ok (node {})", args.config.display(), cfg.node_name);

@@ -34,7 +34,6 @@ pub fn require_prerequisites() {
         ("createrepo_c", "apt-get install createrepo-c"),
         ("systemd-analyze", "apt-get install systemd"),
         ("cargo-deb", "cargo install --locked cargo-deb"),
-        ("cargo-generate-rpm", "cargo install --locked cargo-generate-rpm"),
     ] {
         if !on_path(tool) {
             missing.push(format!("{tool} ({package})"));
@@ -47,7 +46,8 @@ pub fn require_prerequisites() {
     );
 }
 
-fn on_path(tool: &str) -> bool {
+/// Whether `tool` is on PATH (or in ~/.cargo/bin).
+pub fn on_path(tool: &str) -> bool {
     let cargo_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())

@@ -1,5 +1,6 @@
 //! upkeep-hub: thin main. `upkeep-hub [--config FILE]` serves; `upkeep-hub check-config` validates and exits;
-//! `upkeep-hub backup FILE` copies a running hub's database; `upkeep-hub restore FILE` puts one back (hub stopped).
+//! `upkeep-hub backup FILE` copies a running hub's database; `upkeep-hub restore FILE` puts one back (hub stopped);
+//! `upkeep-hub man --dir DIR` (hidden) writes the man pages the packages ship.
 
 use upkeep_proto::service;
 
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 use upkeep_hub::config::{self, Overrides};
 use upkeep_hub::store::safety;
 
-/// The upkeep control plane.
+/// The upkeep control plane: keeps the fleet inventory and orchestrates staged OS update runs over mutual TLS.
 #[derive(Debug, Parser)]
 #[command(name = "upkeep-hub", version)]
 struct Args {
@@ -44,6 +45,13 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write this command's man pages into DIR (for packaging; needs no configuration).
+    #[command(hide = true)]
+    Man {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +66,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Cmd::Man { dir }) = &args.command {
+        std::fs::create_dir_all(dir).with_context(|| format!("--dir {}: cannot create", dir.display()))?;
+        clap_mangen::generate_to(<Args as clap::CommandFactory>::command(), dir)
+            .with_context(|| format!("--dir {}: writing man pages", dir.display()))?;
+        return Ok(());
+    }
     let overrides = Overrides { listen: args.listen.clone(), state_dir: args.state_dir.clone() };
     let cfg = config::load(&args.config, &overrides)?;
     match &args.command {
@@ -86,7 +100,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Some(Cmd::CheckConfig) | None => {}
+        Some(Cmd::CheckConfig) | Some(Cmd::Man { .. }) | None => {}
     }
     upkeep_hub::server::server_tls(&cfg)?;
     if matches!(args.command, Some(Cmd::CheckConfig)) {

@@ -6,6 +6,7 @@
 pub mod maintenance;
 pub mod output;
 pub mod runs;
+pub mod yaml;
 
 use crate::pki;
 use anyhow::{Context, anyhow, bail};

@@ -207,7 +207,7 @@ pub fn ago(ms: i64, now: DateTime<Utc>) -> String {
 /// Writes a value as JSON (pretty) or YAML, as `format` asks.
 pub fn emit(format: Format, out: &mut dyn Write, v: &impl Serialize) -> anyhow::Result<()> {
     match format {
-        Format::Yaml => write!(out, "{}", serde_yaml::to_string(v)?)?,
+        Format::Yaml => write!(out, "{}", super::yaml::to_string(v)?)?,
         _ => writeln!(out, "{}", serde_json::to_string_pretty(v)?)?,
     }
     Ok(())

@@ -333,7 +333,7 @@ fn read_spec(flag: &str, path: &Path) -> anyhow::Result<String> {
     // Size and depth before parsing: a hostile file is refused after one scan, not after a minute in the parser.
     upkeep_core::limits::check_document(&text).map_err(|e| anyhow!("{flag} {}: {e}", path.display()))?;
     let value: serde_json::Value =
-        serde_yaml::from_str(&text).map_err(|e| anyhow!("{flag} {}: not valid YAML or JSON: {e}", path.display()))?;
+        super::yaml::parse(&text).map_err(|e| anyhow!("{flag} {}: not valid YAML or JSON: {e}", path.display()))?;
     Ok(serde_json::to_string(&value)?)
 }
 
@@ -702,7 +702,7 @@ async fn watch(c: &mut Client, name: &str, format: Format, out: &mut dyn Write) 
                 "from": e.from, "to": e.to, "message": e.message, "error": e.error, "run_status": e.run_status,
             });
             if format == Format::Yaml {
-                write!(out, "---\n{}", serde_yaml::to_string(&v)?)?;
+                write!(out, "---\n{}", super::yaml::to_string(&v)?)?;
             } else {
                 writeln!(out, "{v}")?;
             }
