@@ -128,6 +128,59 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Copies the write-ahead log into the database off the writers' path (see [`Checkpointer`]).
+    _checkpointer: Checkpointer,
+}
+
+/// How often the checkpointer copies committed pages from the write-ahead log into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// SQLite's automatic checkpoint runs inside the commit that crosses 1000 log pages: that writer copies the pages
+/// and syncs the database file while holding the store's one connection, and every other store call (a run's
+/// transition, a lease) waits behind it; at 100k nodes such stalls were the tail of the run handoff. Instead a
+/// thread with a connection of its own runs a PASSIVE checkpoint every [`CHECKPOINT_EVERY`]: it never blocks a
+/// writer, and the log stays short because it is emptied twice a second. Dropping the store stops the thread.
+struct Checkpointer {
+    stop: std::sync::Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+        let ctx = format!("opening {} for checkpoints", path.display());
+        let conn = Connection::open(path).map_err(db(ctx.clone()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db(ctx))?;
+        let stop = std::sync::Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || {
+                let (lock, cv) = &*flag;
+                let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !*stopped {
+                    stopped = cv.wait_timeout(stopped, CHECKPOINT_EVERY).unwrap_or_else(|e| e.into_inner()).0;
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "store checkpoint");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Corrupt {
+                context: "starting the store checkpoint thread".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Checkpointer { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn db(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> StoreError {
@@ -158,7 +211,10 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db(ctx.clone()))?;
             tx.commit().map_err(db(ctx.clone()))?;
         }
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        // Checkpoints are the checkpointer's; a commit never runs one (see `Checkpointer`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db(ctx.clone()))?;
+        let checkpointer = Checkpointer::start(path)?;
+        Ok(SqliteStore { conn: Mutex::new(conn), _checkpointer: checkpointer })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -1310,6 +1366,31 @@ mod tests {
         let n = s.get_node("n1").expect("load").expect("exists");
         assert_eq!(n.facts.image_version(), "Ubuntu-2204-202311.07.0");
         assert_eq!(n.facts.node_image_version, "Ubuntu-2204-202312.05.1");
+    }
+
+    #[test]
+    fn commits_leave_checkpoints_to_the_checkpointer_which_copies_the_log_into_the_database() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("hub.db");
+        let s = SqliteStore::open(&path).expect("open");
+        let auto: i64 = s.conn().pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0)).expect("pragma");
+        assert_eq!(auto, 0, "no commit runs a checkpoint");
+        let before = std::fs::metadata(&path).expect("db").len();
+        // ~4 MiB of committed rows: they reach the database file only by a checkpoint.
+        let big = "x".repeat(4096);
+        for i in 0..1000 {
+            s.put_strategy(&format!("s{i}"), &big).expect("write");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut size = before;
+        while size < before + 4_000_000 {
+            assert!(std::time::Instant::now() < deadline, "the database file stayed at {size} bytes (was {before})");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            size = std::fs::metadata(&path).expect("db").len();
+        }
+        drop(s);
+        let s = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(s.list_strategies().expect("list").len(), 1000);
     }
 
     #[test]
