@@ -485,16 +485,23 @@ impl Agent {
                 _ = &mut shutdown => return Ok(()),
                 end = self.session() => end,
             };
-            let err = match end {
+            let (err, before_welcome) = match end {
                 SessionEnd::AfterWelcome(e) => {
                     attempt = 0;
-                    e
+                    (e, false)
                 }
-                SessionEnd::BeforeWelcome(e) => e,
+                SessionEnd::BeforeWelcome(e) => (e, true),
             };
             let wait = backoff::delay(attempt, fastrand::f64());
             attempt = attempt.saturating_add(1);
-            tracing::warn!(node = %self.cfg.node_name, hub = %self.cfg.hub, error = %format!("{err:#}").replace('\n', " "), retry_in_ms = wait.as_millis() as u64, "hub session ended");
+            // A refused certificate is said as such (which one, why, and the fix), not as a transport error.
+            let mut refusal = upkeep_proto::tls::explain_refusal(err.as_ref(), "tls.cert", "tls.ca");
+            if refusal.is_none() && before_welcome {
+                // Refused after the handshake (TLS 1.3), the session only saw its stream cancelled: ask directly.
+                refusal = upkeep_proto::tls::probe_refusal(&self.cfg.hub, &self.cfg.tls).await;
+            }
+            let error = refusal.unwrap_or_else(|| format!("{err:#}").replace('\n', " "));
+            tracing::warn!(node = %self.cfg.node_name, hub = %self.cfg.hub, %error, retry_in_ms = wait.as_millis() as u64, "hub session ended");
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = tokio::time::sleep(wait) => {}

@@ -16,6 +16,8 @@
 //! Connections handed to tonic are [`Conn`]s: the TLS stream plus the slot it occupies, given back when tonic
 //! drops the connection.
 
+use crate::client_verifier::FleetClientVerifier;
+use crate::revocation::Revocations;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
@@ -95,16 +97,25 @@ impl DoorLimits {
 
 /// Builds the rustls server configuration: the hub's identity, client certificates required from the fleet CA,
 /// HTTP/2 only.
-pub fn server_config(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig, String> {
+/// Client certificates are checked by [`FleetClientVerifier`]: the chain, path lengths, and `revocations`.
+pub fn server_config(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    revocations: Arc<Revocations>,
+) -> Result<rustls::ServerConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
+    let mut root_ders = Vec::new();
     for c in CertificateDer::pem_slice_iter(ca_pem) {
         let c = c.map_err(|e| format!("tls.ca: {e}"))?;
-        roots.add(c).map_err(|e| format!("tls.ca: {e}"))?;
+        roots.add(c.clone()).map_err(|e| format!("tls.ca: {e}"))?;
+        root_ders.push(c);
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let chain = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| format!("tls.ca: {e}"))?;
+    let verifier = Arc::new(FleetClientVerifier::new(chain, root_ders, revocations));
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| format!("tls.cert: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("tls.key: {e}"))?;

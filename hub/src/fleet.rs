@@ -1,6 +1,7 @@
 //! The live fleet: the store plus what only exists while the hub runs (open agent sessions and last-seen
 //! times not yet flushed). Handlers call into `Fleet`; `Fleet` persists, then acts (pushes to agents).
 
+use crate::revocation::Revocations;
 use crate::store::view::Viewed;
 use crate::store::{MemberRecord, NodeFacts, NodeRecord, OperationFact, Store, StoreError};
 use std::collections::HashMap;
@@ -85,6 +86,8 @@ pub struct Fleet {
     store: Arc<dyn Store>,
     view: Arc<Viewed>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Certificates refused at the door and at session start.
+    revocations: Arc<Revocations>,
     seen: Mutex<HashMap<String, i64>>,
     next_session: AtomicU64,
     closing: tokio::sync::watch::Sender<bool>,
@@ -142,8 +145,10 @@ impl Fleet {
         let epoch = store.next_epoch()?;
         let view = Arc::new(Viewed::open(store)?);
         let store: Arc<dyn Store> = view.clone();
+        let revocations = Arc::new(Revocations::load(store.clone())?);
         Ok(Fleet {
             view,
+            revocations,
             epoch,
             sent: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
@@ -253,6 +258,20 @@ impl Fleet {
         }
         drop(sessions);
         self.touch(node);
+    }
+
+    /// Ends `node`'s session, if it has one, telling it why (its certificate was revoked).
+    pub fn end_session(&self, node: &str, why: &str) {
+        let ended = self.sessions().remove(node);
+        if let Some(s) = ended {
+            let _ = s.tx.try_send(Err(Status::permission_denied(why.to_string())));
+            self.touch(node);
+        }
+    }
+
+    /// The certificates this hub refuses.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     /// Ends every session (the hub is shutting down): sessions see `closing` and finish, so that a graceful

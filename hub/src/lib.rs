@@ -8,6 +8,7 @@
 
 pub mod artifacts;
 pub mod cli;
+pub mod client_verifier;
 pub mod config;
 pub mod door;
 pub mod engine;
@@ -18,5 +19,6 @@ pub mod image_tools;
 pub mod ledger;
 pub mod maintenance;
 pub mod pki;
+pub mod revocation;
 pub mod server;
 pub mod store;

@@ -12,6 +12,7 @@ use crate::fleet::{Fleet, Timing};
 use crate::grpc::{agent::AgentApi, operator::OperatorApi};
 use crate::ledger::Ledger;
 use crate::maintenance::Maintenance;
+use crate::revocation::Revocations;
 use crate::store::safety::open_state;
 use anyhow::Context;
 use std::future::Future;
@@ -29,11 +30,11 @@ pub const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub const DB_FILE: &str = crate::store::safety::DB_FILE;
 
 /// Builds the server TLS configuration: our identity, and client certificates required from the fleet CA.
-pub fn server_tls(config: &HubConfig) -> anyhow::Result<rustls::ServerConfig> {
+pub fn server_tls(config: &HubConfig, revocations: Arc<Revocations>) -> anyhow::Result<rustls::ServerConfig> {
     let ca = read_pem("tls.ca", &config.ca, PemKind::Certificate)?;
     let cert = read_pem("tls.cert", &config.cert, PemKind::Certificate)?;
     let key = read_pem("tls.key", &config.key, PemKind::PrivateKey)?;
-    crate::door::server_config(&ca, &cert, &key).map_err(|e| anyhow::anyhow!(e))
+    crate::door::server_config(&ca, &cert, &key, revocations).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Largest message an agent may send (reports, results; image bytes flow the other way).
@@ -87,7 +88,7 @@ pub async fn serve_fleet_with_local_agents(
     shutdown: impl Future<Output = ()> + Send + 'static,
     local: Option<tokio::sync::oneshot::Sender<Arc<AgentApi>>>,
 ) -> anyhow::Result<()> {
-    let tls = server_tls(&config)?;
+    let tls = server_tls(&config, fleet.revocations().clone())?;
     // One ledger of nodes out of service and one executor for every disruption, shared by runs and channels.
     let ledger = Ledger::new(fleet.clone(), config.auto_upgrade.lease_ttl);
     let executor = Executor::new(fleet.clone(), ledger, StepLimits::default());

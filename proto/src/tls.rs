@@ -136,3 +136,107 @@ pub fn hub_endpoint(hub: &str) -> Result<(String, String), String> {
     }
     Ok((url, host))
 }
+
+/// Why a TLS connection to the hub failed, in one line naming the certificate at fault and the fix, when the
+/// cause is a certificate: `cert_setting` and `ca_setting` name the settings that hold the client certificate and
+/// the fleet CA (`--cert`/`--ca` for upkeepctl, `tls.cert`/`tls.ca` for the agent). None for other failures.
+///
+/// The hub says why it refused a client certificate with a TLS alert (rustls sends `certificate_expired`,
+/// `certificate_revoked`, `unknown_ca` ...); this client's own check of the hub's certificate fails with a
+/// certificate error. Both are found anywhere in `e`'s chain of causes.
+pub fn explain_refusal(e: &(dyn std::error::Error + 'static), cert_setting: &str, ca_setting: &str) -> Option<String> {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<E>().or_else(|| {
+            err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| inner.downcast_ref::<E>())
+        });
+        if let Some(tls) = tls {
+            let theirs = |why: &str, fix: &str| {
+                format!("the hub refused this client's certificate ({cert_setting}): {why}; {fix}")
+            };
+            let ours = |why: &str, fix: &str| format!("the hub's certificate was refused: {why}; {fix}");
+            return Some(match tls {
+                E::AlertReceived(A::CertificateExpired) => {
+                    theirs("it has expired or is not valid yet", "issue a new one (`upkeepctl pki issue-...`)")
+                }
+                E::AlertReceived(A::CertificateRevoked) => {
+                    theirs("it has been revoked", "ask the fleet's operators for a new certificate")
+                }
+                E::AlertReceived(A::UnknownCA | A::DecryptError) => theirs(
+                    "it is not issued by the fleet CA the hub trusts",
+                    "use a certificate issued with the hub's CA",
+                ),
+                E::AlertReceived(A::AccessDenied | A::BadCertificate | A::UnsupportedCertificate) => theirs(
+                    "it does not meet the hub's rules (chain, path length or key usage; the hub's log says which)",
+                    "issue a new one with `upkeepctl pki`",
+                ),
+                E::AlertReceived(A::CertificateRequired | A::HandshakeFailure) => {
+                    theirs("none was presented", "give a certificate and key")
+                }
+                E::InvalidCertificate(
+                    C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+                ) => ours("it has expired or is not valid yet", "renew the hub's certificate"),
+                E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => ours(
+                    &format!("it is not issued by the CA in {ca_setting}"),
+                    &format!("check {ca_setting} and the hub address"),
+                ),
+                E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => ours(
+                    "it does not carry the name used to reach it",
+                    "reach the hub by a name its certificate carries (`pki init --hub-name`)",
+                ),
+                E::InvalidCertificate(C::Revoked) => ours("it has been revoked", "give the hub a new certificate"),
+                other => format!("TLS with the hub failed: {other}"),
+            });
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Asks the hub at `hub` (as [`hub_endpoint`] takes it) whether it accepts the certificates in `files`, with one
+/// TLS handshake of its own, and says why not when the cause is a certificate ([`explain_refusal`]).
+///
+/// Why a probe: in TLS 1.3 the hub checks the client's certificate after the client has finished its side of
+/// the handshake, so the refusal (a TLS alert) reaches the client on its first read. Under gRPC that read belongs
+/// to the HTTP/2 connection task, and the call only sees its stream cancelled ("operation was canceled"). The
+/// probe reads once after the handshake itself: an accepting hub sends its HTTP/2 settings, a refusing one its
+/// alert. None: the hub accepted, or it could not be reached at all (the original error says why).
+pub async fn probe_refusal(hub: &str, files: &ClientFiles) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+    let (url, host) = hub_endpoint(hub).ok()?;
+    let authority = url.strip_prefix("https://")?.split('/').next()?.to_string();
+    let ca = read_pem(&files.settings[0], &files.ca, PemKind::Certificate).ok()?;
+    let cert = read_pem(&files.settings[1], &files.cert, PemKind::Certificate).ok()?;
+    let key = read_pem(&files.settings[2], &files.key, PemKind::PrivateKey).ok()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.ok()?).ok()?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert).collect::<Result<_, _>>().ok()?;
+    let key = PrivateKeyDer::from_pem_slice(&key).ok()?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .ok()?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = ServerName::try_from(host).ok()?;
+    let within = std::time::Duration::from_secs(5);
+    let tcp = tokio::time::timeout(within, tokio::net::TcpStream::connect(&authority)).await.ok()?.ok()?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let (cert_setting, ca_setting) = (files.settings[1].as_str(), files.settings[0].as_str());
+    let mut tls = match tokio::time::timeout(within, connector.connect(name, tcp)).await.ok()? {
+        Ok(tls) => tls,
+        Err(e) => return explain_refusal(&e, cert_setting, ca_setting),
+    };
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(within, tls.read(&mut buf)).await.ok()? {
+        Ok(_) => None,
+        Err(e) => explain_refusal(&e, cert_setting, ca_setting),
+    }
+}

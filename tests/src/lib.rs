@@ -49,6 +49,24 @@ impl TestPki {
 
     /// Issues a client certificate carrying an arbitrary SAN URI (to test refused identities).
     pub fn raw_uri_cert(&self, file_stem: &str, uri: &str) -> (PathBuf, PathBuf) {
+        let now = time::OffsetDateTime::now_utc();
+        self.client_cert(file_stem, uri, now - time::Duration::hours(1), now + time::Duration::days(1))
+    }
+
+    /// Issues a client certificate for `uri` (e.g. `upkeep://operator/old`) that expired an hour ago.
+    pub fn expired_cert(&self, file_stem: &str, uri: &str) -> (PathBuf, PathBuf) {
+        let now = time::OffsetDateTime::now_utc();
+        self.client_cert(file_stem, uri, now - time::Duration::days(2), now - time::Duration::hours(1))
+    }
+
+    /// Issues a client certificate for `uri` valid from `not_before` to `not_after`, signed by the fleet CA.
+    pub fn client_cert(
+        &self,
+        file_stem: &str,
+        uri: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> (PathBuf, PathBuf) {
         let ca_pem = std::fs::read_to_string(self.file(pki::files::CA_CERT)).expect("ca");
         let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(self.file(pki::files::CA_KEY)).expect("key"))
             .expect("ca key");
@@ -57,8 +75,8 @@ impl TestPki {
         let mut params = rcgen::CertificateParams::default();
         params.subject_alt_names = vec![rcgen::SanType::URI(uri.to_string().try_into().expect("ia5"))];
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
-        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let cert = params.signed_by(&key, &issuer).expect("sign");
         let c = self.file(&format!("{file_stem}.pem"));
         let k = self.file(&format!("{file_stem}.key"));
@@ -378,6 +396,13 @@ pub async fn upkeepctl(pki: &TestPki, hub: &str, cert_stem: &str, args: &[&str])
         .env("UPKEEP_KEY", pki.file(&format!("{cert_stem}.key")))
         .kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("upkeepctl finishes").expect("spawn")
+}
+
+/// The serial of the certificate in a PEM file, as the hub keeps it.
+pub fn cert_serial(pem_file: &Path) -> String {
+    let pem = std::fs::read(pem_file).expect("read cert");
+    let (_, block) = x509_parser::pem::parse_x509_pem(&pem).expect("PEM");
+    upkeep_hub::revocation::serial_of_der(&block.contents).expect("serial")
 }
 
 /// Runs upkeepctl as the operator; asserts success and returns stdout.

@@ -102,7 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Some(Cmd::CheckConfig) | Some(Cmd::Man { .. }) | None => {}
     }
-    upkeep_hub::server::server_tls(&cfg)?;
+    upkeep_hub::server::server_tls(&cfg, std::sync::Arc::new(upkeep_hub::revocation::Revocations::none()))?;
     if matches!(args.command, Some(Cmd::CheckConfig)) {
         println!("{}: ok", args.config.display());
         return Ok(());

@@ -127,6 +127,24 @@ pub enum PkiCommand {
     IssueOperator(IssueArgs),
     /// Issue a viewer certificate (read only).
     IssueViewer(IssueArgs),
+    /// Revoke a certificate by serial: the hub refuses it from now on (at the TLS handshake, and at an agent
+    /// session's start), across restarts. `openssl x509 -serial -noout -in CERT` prints a certificate's serial.
+    Revoke {
+        /// Serial in hex (`serial=` prefix and colons accepted).
+        serial: String,
+        /// Why (kept with the revocation and shown by `pki revoked`).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the certificates the hub refuses.
+    Revoked,
+}
+
+impl PkiCommand {
+    /// Whether the command works on local files only (the others ask the hub).
+    pub fn is_local(&self) -> bool {
+        !matches!(self, PkiCommand::Revoke { .. } | PkiCommand::Revoked)
+    }
 }
 
 /// Arguments of the issue commands.
@@ -256,7 +274,11 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>
         .map_err(|e| anyhow!("--hub {}: {e}", cli.hub))?
         .connect_timeout(std::time::Duration::from_secs(10))
         .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| anyhow!("cannot reach hub at {url}: {}", error_chain(&e)))?;
+    let channel =
+        endpoint.connect().await.map_err(|e| match upkeep_proto::tls::explain_refusal(&e, "--cert", "--ca") {
+            Some(why) => anyhow!("{url}: {why}"),
+            None => anyhow::Error::new(ConnectionLost(format!("cannot reach hub at {url}: {}", error_chain(&e)))),
+        })?;
     Ok(OperatorServiceClient::new(channel))
 }
 
@@ -282,13 +304,49 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Turns a gRPC status into one line.
 pub fn status_line(s: tonic::Status) -> anyhow::Error {
-    anyhow!("hub refused: {:?}: {}", s.code(), s.message().replace('\n', " "))
+    if let Some(why) = upkeep_proto::tls::explain_refusal(&s, "--cert", "--ca") {
+        return anyhow!("{why}");
+    }
+    let line = format!("hub refused: {:?}: {}", s.code(), s.message().replace('\n', " "));
+    // Cancelled or Unknown without an answer from the hub: the connection broke under the call.
+    let lost = matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unavailable)
+        || (s.code() == tonic::Code::Unknown && s.message().contains("transport error"));
+    if lost { anyhow::Error::new(ConnectionLost(line)) } else { anyhow!(line) }
 }
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    let result = run_command(&cli, out).await;
+    // A call that failed below gRPC (the connection went away) may be the hub refusing this client's
+    // certificate: ask the hub directly, and if so say which certificate and why instead.
+    if let Err(e) = &result
+        && e.downcast_ref::<ConnectionLost>().is_some()
+        && let (Some(ca), Some(cert), Some(key)) = (cli.ca.clone(), cli.cert.clone(), cli.key.clone())
+    {
+        let files = ClientFiles { ca, cert, key, settings: ["--ca".into(), "--cert".into(), "--key".into()] };
+        if let Some(why) = upkeep_proto::tls::probe_refusal(&cli.hub, &files).await {
+            return Err(anyhow!("{why}"));
+        }
+    }
+    result
+}
+
+/// A call that failed because the connection to the hub failed (not an answer from the hub).
+#[derive(Debug)]
+pub struct ConnectionLost(String);
+
+impl std::fmt::Display for ConnectionLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectionLost {}
+
+async fn run_command(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Pki(cmd) => run_pki(cmd, cli.output, out),
+        Command::Pki(cmd) if cmd.is_local() => run_pki(cmd, cli.output, out),
+        Command::Pki(cmd) => revocations(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut buf = Vec::new();
@@ -305,11 +363,11 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Whoami => {
-            let me = connect(&cli).await?.who_am_i(v1::WhoAmIRequest {}).await.map_err(status_line)?.into_inner();
+            let me = connect(cli).await?.who_am_i(v1::WhoAmIRequest {}).await.map_err(status_line)?.into_inner();
             output::print_whoami(cli.output, &me, out)
         }
         Command::Node(cmd) => {
-            let mut c = connect(&cli).await?;
+            let mut c = connect(cli).await?;
             match cmd {
                 NodeCommand::List { member } => {
                     let req = v1::ListNodesRequest { member: member.clone().unwrap_or_default() };
@@ -322,10 +380,14 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 }
                 NodeCommand::Forget { name } => {
                     let r = c.forget_node(v1::ForgetNodeRequest { name: name.clone() }).await.map_err(status_line)?;
-                    if !r.into_inner().existed {
+                    let r = r.into_inner();
+                    if !r.existed && r.revoked.is_empty() {
                         bail!("node {name:?} not found; see `upkeepctl node list`");
                     }
                     writeln!(out, "node {name} forgotten")?;
+                    for c in &r.revoked {
+                        writeln!(out, "certificate {} revoked", c.serial)?;
+                    }
                     Ok(())
                 }
                 NodeCommand::Reboot { name, force } => maintenance::reboot(&mut c, name, *force, cli.output, out).await,
@@ -333,20 +395,20 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             }
         }
         Command::Image(cmd) if cmd.is_local() => runs::image_local(cmd, out),
-        Command::Image(cmd) => runs::image(&mut connect(&cli).await?, cmd, cli.output, out).await,
-        Command::Kubernetes(cmd) => runs::kubernetes(&mut connect(&cli).await?, cmd, cli.output, out).await,
-        Command::Strategy(cmd) => runs::strategy(&mut connect(&cli).await?, cmd, cli.output, out).await,
-        Command::Patch(cmd) => maintenance::patch(&mut connect(&cli).await?, cmd, cli.output, out).await,
-        Command::Lease(cmd) => maintenance::lease(&mut connect(&cli).await?, cmd, cli.output, out).await,
+        Command::Image(cmd) => runs::image(&mut connect(cli).await?, cmd, cli.output, out).await,
+        Command::Kubernetes(cmd) => runs::kubernetes(&mut connect(cli).await?, cmd, cli.output, out).await,
+        Command::Strategy(cmd) => runs::strategy(&mut connect(cli).await?, cmd, cli.output, out).await,
+        Command::Patch(cmd) => maintenance::patch(&mut connect(cli).await?, cmd, cli.output, out).await,
+        Command::Lease(cmd) => maintenance::lease(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Run(cmd) => {
-            if runs::run(&mut connect(&cli).await?, cmd, cli.output, out).await? {
+            if runs::run(&mut connect(cli).await?, cmd, cli.output, out).await? {
                 Ok(())
             } else {
                 bail!("the run ended Failed; see `upkeepctl run show`")
             }
         }
         Command::Member(cmd) => {
-            let mut c = connect(&cli).await?;
+            let mut c = connect(cli).await?;
             match cmd {
                 MemberCommand::List => {
                     let members = c.list_members(v1::ListMembersRequest {}).await.map_err(status_line)?;
@@ -394,8 +456,40 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     }
 }
 
+/// `pki revoke` and `pki revoked`: the hub's list of refused certificates.
+async fn revocations(
+    c: &mut OperatorServiceClient<tonic::transport::Channel>,
+    cmd: &PkiCommand,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let list = match cmd {
+        PkiCommand::Revoke { serial, reason } => {
+            let r = c
+                .revoke_certificate(v1::RevokeCertificateRequest { serial: serial.clone(), reason: reason.clone() })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if !format.is_structured() {
+                writeln!(out, "certificate {} revoked", r.serial)?;
+                return Ok(());
+            }
+            vec![r]
+        }
+        _ => {
+            c.list_revoked_certificates(v1::ListRevokedCertificatesRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .certificates
+        }
+    };
+    output::print_revoked(format, &list, out)
+}
+
 fn run_pki(cmd: &PkiCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
     let report = match cmd {
+        PkiCommand::Revoke { .. } | PkiCommand::Revoked => bail!("pki revoke/revoked ask the hub (internal error)"),
         PkiCommand::Init { dir, hub_names } => pki::init(dir, hub_names).context("pki init")?,
         PkiCommand::IssueNode(a) => pki::issue(&a.dir, Role::Node, &a.name).context("pki issue-node")?,
         PkiCommand::IssueOperator(a) => pki::issue(&a.dir, Role::Operator, &a.name).context("pki issue-operator")?,

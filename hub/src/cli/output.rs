@@ -484,3 +484,44 @@ n1    m1      p1    eu      NodeImage  Ready   upkeep.io/node-image-version=Ubun
         assert_eq!(ago(10_000_000 - 600_000, now), "10m ago");
     }
 }
+
+/// One revoked certificate in `pki revoked -o json` (docs/cli-json.md).
+#[derive(Debug, Serialize)]
+pub struct RevokedJson {
+    pub serial: String,
+    pub subject: String,
+    pub reason: String,
+    pub revoked_by: String,
+    pub revoked_at: Option<String>,
+}
+
+/// `pki revoked` (and `pki revoke -o json`).
+pub fn print_revoked(format: Format, list: &[v1::RevokedCertificate], out: &mut dyn Write) -> anyhow::Result<()> {
+    let rows: Vec<RevokedJson> = list
+        .iter()
+        .map(|c| RevokedJson {
+            serial: c.serial.clone(),
+            subject: c.subject.clone(),
+            reason: c.reason.clone(),
+            revoked_by: c.revoked_by.clone(),
+            revoked_at: rfc3339(c.revoked_unix_ms),
+        })
+        .collect();
+    if format.is_structured() {
+        return emit(format, out, &rows);
+    }
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.serial.clone(),
+                or_dash(&r.subject),
+                r.revoked_at.clone().unwrap_or_default(),
+                r.revoked_by.clone(),
+                r.reason.clone(),
+            ]
+        })
+        .collect();
+    table(out, &["SERIAL", "SUBJECT", "REVOKED", "BY", "REASON"], &table_rows)?;
+    Ok(())
+}

@@ -155,6 +155,21 @@ impl v1::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let principal = principal_of(&request)?;
         require(&principal, &[Role::Node], "open an agent session")?;
+        // The door refused revoked certificates at the handshake; a connection made before a revocation is
+        // checked again here, and the serial noted so that forgetting the node revokes it.
+        if let Some(leaf) = request.peer_certs().as_ref().and_then(|c| c.first().cloned()) {
+            let serial = crate::revocation::serial_of_der(leaf.as_ref()).map_err(ApiError::Unauthenticated)?;
+            let revocations = self.fleet.revocations();
+            if let Some(r) = revocations.revoked(&serial) {
+                tracing::warn!(node = %principal.name, serial = %serial, "agent session refused: certificate revoked");
+                return Err(ApiError::Unauthenticated(format!(
+                    "certificate {serial} of node {} was revoked by {}: {}",
+                    principal.name, r.revoked_by, r.reason
+                ))
+                .into());
+            }
+            revocations.note_node_cert(&principal.name, &serial).map_err(ApiError::from)?;
+        }
         let stream = self.open_session(principal.name.clone(), Box::pin(request.into_inner())).await?;
         Ok(Response::new(stream))
     }

@@ -195,9 +195,39 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::ForgetNodeResponse>, Status> {
         let p = principal_of(&req)?;
         require(&p, WRITERS, "forget nodes")?;
-        let existed = self.fleet.store().forget_node(&req.get_ref().name).map_err(ApiError::from)?;
-        tracing::info!(operator = %p.name, node = %req.get_ref().name, existed, "node forgotten");
-        Ok(Response::new(v1::ForgetNodeResponse { existed }))
+        let node = &req.get_ref().name;
+        // Revoke first, then end the session, then forget: a session still open could report the node back.
+        let revoked = self.fleet.revocations().revoke_node(node, "node forgotten", &p.uri()).map_err(ApiError::from)?;
+        self.fleet.end_session(node, "this node was forgotten by the hub and its certificate revoked");
+        let existed = self.fleet.store().forget_node(node).map_err(ApiError::from)?;
+        tracing::info!(operator = %p.name, node = %node, existed, revoked = revoked.len(), "node forgotten");
+        Ok(Response::new(v1::ForgetNodeResponse { existed, revoked: revoked.iter().map(revoked_to_wire).collect() }))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        req: Request<v1::RevokeCertificateRequest>,
+    ) -> Result<Response<v1::RevokedCertificate>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "revoke certificates")?;
+        let r = req.get_ref();
+        let serial = crate::revocation::normalise_serial(&r.serial).map_err(ApiError::InvalidArgument)?;
+        let reason = if r.reason.trim().is_empty() { "revoked by an operator" } else { r.reason.trim() };
+        let revoked = self.fleet.revocations().revoke(&serial, reason, &p.uri()).map_err(ApiError::from)?;
+        // A node still connected with it loses its session now (the door refuses its next connection).
+        if let Some(node) = revoked.subject.strip_prefix("node ") {
+            self.fleet.end_session(node, "this node's certificate was revoked");
+        }
+        Ok(Response::new(revoked_to_wire(&revoked)))
+    }
+
+    async fn list_revoked_certificates(
+        &self,
+        req: Request<v1::ListRevokedCertificatesRequest>,
+    ) -> Result<Response<v1::ListRevokedCertificatesResponse>, Status> {
+        require(&principal_of(&req)?, READERS, "list revoked certificates")?;
+        let certificates = self.fleet.revocations().list().iter().map(revoked_to_wire).collect();
+        Ok(Response::new(v1::ListRevokedCertificatesResponse { certificates }))
     }
 
     async fn get_member_settings(
@@ -622,5 +652,15 @@ fn lease_to_wire(l: &LeaseRecord) -> v1::Lease {
         granted_unix_ms: l.granted_ms,
         expires_unix_ms: l.expires_ms,
         forced: l.forced,
+    }
+}
+
+fn revoked_to_wire(r: &crate::store::RevokedCert) -> v1::RevokedCertificate {
+    v1::RevokedCertificate {
+        serial: r.serial.clone(),
+        subject: r.subject.clone(),
+        reason: r.reason.clone(),
+        revoked_by: r.revoked_by.clone(),
+        revoked_unix_ms: r.revoked_ms,
     }
 }

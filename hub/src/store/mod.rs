@@ -301,6 +301,21 @@ pub struct SecurityPatchRecord {
     pub published_ms: i64,
 }
 
+/// A certificate the hub refuses (`upkeepctl pki revoke`, `upkeepctl node forget`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedCert {
+    /// Serial, lowercase hex without leading zeros (`revocation::normalise_serial`).
+    pub serial: String,
+    /// Whose it was, when the hub knows (`node NAME`), else empty.
+    pub subject: String,
+    /// Why, as the operator said.
+    pub reason: String,
+    /// The operator who revoked it.
+    pub revoked_by: String,
+    /// When.
+    pub revoked_ms: i64,
+}
+
 /// A disruption lease: a node out of service with the hub's permission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRecord {
@@ -450,4 +465,13 @@ pub trait Store: Send + Sync {
     fn list_channel_switches(&self) -> Result<Vec<(String, u64, i64)>, StoreError>;
     /// Clears the owed reimage of `member` if it is still the one of `generation`.
     fn clear_channel_switch(&self, member: &str, generation: u64) -> Result<(), StoreError>;
+
+    /// Records revocations (a serial already revoked keeps its first record).
+    fn revoke_certs(&self, certs: &[RevokedCert]) -> Result<(), StoreError>;
+    /// Every revocation.
+    fn list_revoked_certs(&self) -> Result<Vec<RevokedCert>, StoreError>;
+    /// Records that `node` presented the certificate with `serial` (kept when the node is forgotten).
+    fn note_node_cert(&self, node: &str, serial: &str, at_ms: i64) -> Result<(), StoreError>;
+    /// Every (node, serial) noted.
+    fn node_certs(&self) -> Result<Vec<(String, String)>, StoreError>;
 }

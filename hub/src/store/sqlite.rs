@@ -6,7 +6,7 @@
 use super::runparts::RunWrite;
 use super::{
     EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord,
-    RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
+    RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeSet;
@@ -120,6 +120,20 @@ const MIGRATIONS: &[&str] = &[
     UPDATE runs SET state = '', status = COALESCE(json_extract(state, '$.run.status'), '')
         WHERE json_valid(state);
     UPDATE runs SET state = '';",
+    // 7: revoked certificates, and the serials each node presented (so that forgetting a node revokes them).
+    "CREATE TABLE revoked_certs (
+        serial TEXT PRIMARY KEY,
+        subject TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        revoked_by TEXT NOT NULL,
+        revoked_ms INTEGER NOT NULL
+    );
+    CREATE TABLE node_certs (
+        node TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        PRIMARY KEY (node, serial)
+    );",
 ];
 
 /// The schema version this hub's migrations lead to (`PRAGMA user_version`).
@@ -995,6 +1009,62 @@ impl Store for SqliteStore {
             )
             .map(drop)
             .map_err(db(format!("clearing the channel switch of member {member}")))
+    }
+
+    fn revoke_certs(&self, certs: &[RevokedCert]) -> Result<(), StoreError> {
+        let ctx = "recording revoked certificates";
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx))?;
+        for c in certs {
+            tx.execute(
+                "INSERT OR IGNORE INTO revoked_certs (serial, subject, reason, revoked_by, revoked_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![c.serial, c.subject, c.reason, c.revoked_by, c.revoked_ms],
+            )
+            .map_err(db(ctx))?;
+        }
+        tx.commit().map_err(db(ctx))
+    }
+
+    fn list_revoked_certs(&self) -> Result<Vec<RevokedCert>, StoreError> {
+        let ctx = "listing revoked certificates";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT serial, subject, reason, revoked_by, revoked_ms FROM revoked_certs ORDER BY revoked_ms, serial",
+            )
+            .map_err(db(ctx))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(RevokedCert {
+                    serial: r.get(0)?,
+                    subject: r.get(1)?,
+                    reason: r.get(2)?,
+                    revoked_by: r.get(3)?,
+                    revoked_ms: r.get(4)?,
+                })
+            })
+            .map_err(db(ctx))?;
+        rows.collect::<Result<_, _>>().map_err(db(ctx))
+    }
+
+    fn note_node_cert(&self, node: &str, serial: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT OR IGNORE INTO node_certs (node, serial, first_seen_ms) VALUES (?1, ?2, ?3)",
+                params![node, serial, at_ms],
+            )
+            .map(drop)
+            .map_err(db(format!("noting the certificate of node {node}")))
+    }
+
+    fn node_certs(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let ctx = "listing node certificates";
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT node, serial FROM node_certs ORDER BY node, serial").map_err(db(ctx))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db(ctx))?;
+        rows.collect::<Result<_, _>>().map_err(db(ctx))
     }
 }
 

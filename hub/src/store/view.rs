@@ -13,7 +13,7 @@
 use super::runparts::RunWrite;
 use super::{
     EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord,
-    Regions, RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
+    Regions, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
 };
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -459,6 +459,18 @@ impl Store for Viewed {
     }
     fn clear_channel_switch(&self, member: &str, generation: u64) -> Result<(), StoreError> {
         self.inner.clear_channel_switch(member, generation)
+    }
+    fn revoke_certs(&self, certs: &[RevokedCert]) -> Result<(), StoreError> {
+        self.inner.revoke_certs(certs)
+    }
+    fn list_revoked_certs(&self) -> Result<Vec<RevokedCert>, StoreError> {
+        self.inner.list_revoked_certs()
+    }
+    fn note_node_cert(&self, node: &str, serial: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.inner.note_node_cert(node, serial, at_ms)
+    }
+    fn node_certs(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.inner.node_certs()
     }
 }
 
