@@ -163,7 +163,9 @@ impl Checkpointer {
     fn start(path: &Path) -> Result<Checkpointer, StoreError> {
         let ctx = format!("opening {} for checkpoints", path.display());
         let conn = Connection::open(path).map_err(db(ctx.clone()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db(ctx))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db(ctx.clone()))?;
+        // One checkpoint now: the connection opens the log files it keeps, at start rather than mid-run.
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).map_err(db(ctx))?;
         let stop = std::sync::Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
