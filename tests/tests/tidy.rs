@@ -63,3 +63,92 @@ fn tidy_check_can_fail() {
     let hits = offenders(dir.path(), &["std::fs", "std::net"], |_| false);
     assert_eq!(hits.len(), 1, "{hits:?}");
 }
+
+/// The RPCs of `service NAME { ... }` in a proto file, as the snake_case names of their handlers.
+fn rpcs(proto: &str, service: &str) -> Vec<String> {
+    let start = proto.find(&format!("service {service} {{")).unwrap_or_else(|| panic!("service {service}"));
+    let body = &proto[start..start + proto[start..].find("\n}").expect("service end")];
+    body.lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .map(|l| {
+            let name = l.split('(').next().expect("rpc name").trim();
+            let mut snake = String::new();
+            for (i, c) in name.chars().enumerate() {
+                if c.is_ascii_uppercase() && i > 0 {
+                    snake.push('_');
+                }
+                snake.push(c.to_ascii_lowercase());
+            }
+            snake
+        })
+        .collect()
+}
+
+/// Handlers in `impl ... for` block `header` of `source` that do not start with the principal check: their first
+/// statement must read the principal from the client certificate (`principal_of`) and the check of its role
+/// (`require`) must follow at once. Returns (handlers found, offenders).
+fn unchecked_handlers(source: &str, header: &str) -> (Vec<String>, Vec<String>) {
+    let start = source.find(header).unwrap_or_else(|| panic!("{header}"));
+    let block = &source[start..];
+    // The impl block ends at the first line that is exactly "}".
+    let block = &block[..block.find("\n}\n").map_or(block.len(), |e| e + 1)];
+    let mut found = Vec::new();
+    let mut bad = Vec::new();
+    let mut rest = block;
+    while let Some(at) = rest.find("    async fn ") {
+        let sig = &rest[at + "    async fn ".len()..];
+        let name = sig.split(['(', '<']).next().expect("fn name").trim().to_string();
+        // The body starts after the signature's `{` at the end of a line.
+        let open = sig.find("{\n").expect("fn body");
+        let body = &sig[open + 2..];
+        let statements: Vec<&str> =
+            body.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("//")).take(2).collect();
+        let first = statements.first().copied().unwrap_or("");
+        let checked = first.contains("principal_of(")
+            && (first.contains("require(") || statements.get(1).is_some_and(|s| s.starts_with("require(")));
+        if !checked {
+            bad.push(format!("{name}: starts with {statements:?}"));
+        }
+        found.push(name);
+        rest = &sig[open..];
+    }
+    (found, bad)
+}
+
+#[test]
+fn every_handler_starts_with_the_principal_check() {
+    let root = workspace();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
+    for (proto, service, source, header) in [
+        (
+            "proto/proto/upkeep/v1/operator.proto",
+            "OperatorService",
+            "hub/src/grpc/operator.rs",
+            "impl v1::operator_service_server::OperatorService for OperatorApi {",
+        ),
+        (
+            "proto/proto/upkeep/v1/agent.proto",
+            "AgentService",
+            "hub/src/grpc/agent.rs",
+            "impl v1::agent_service_server::AgentService for AgentApi {",
+        ),
+    ] {
+        let (mut found, bad) = unchecked_handlers(&read(source), header);
+        assert!(bad.is_empty(), "{source}: handlers without the principal check first:\n{}", bad.join("\n"));
+        let mut want = rpcs(&read(proto), service);
+        found.sort();
+        want.sort();
+        assert_eq!(found, want, "{source}: every {service} RPC has a handler, and the check saw each one");
+    }
+}
+
+#[test]
+fn the_principal_check_finds_a_handler_without_it() {
+    let source = "impl S for A {\n    async fn ok(&self, req: R) -> X {\n        let p = principal_of(&req)?;\n        \
+                  require(&p, W, \"x\")?;\n    }\n\n    async fn open(&self, req: R) -> X {\n        // none\n        \
+                  Ok(x)\n    }\n}\n";
+    let (found, bad) = unchecked_handlers(source, "impl S for A {");
+    assert_eq!(found, vec!["ok", "open"]);
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(bad[0].starts_with("open"), "{bad:?}");
+}
