@@ -7,6 +7,7 @@
 //! Decisions live in upkeep-core; this crate persists, then acts.
 
 pub mod artifacts;
+pub mod certstatus;
 pub mod cli;
 pub mod client_verifier;
 pub mod config;

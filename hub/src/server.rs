@@ -109,6 +109,17 @@ pub async fn serve_fleet_with_local_agents(
             }
         })
     };
+    // The hub's own certificate and the fleet CA: warned about 14 days ahead, at start and once a day.
+    let expiry = {
+        let (ca, cert) = (config.ca.clone(), config.cert.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+            loop {
+                tick.tick().await;
+                crate::certstatus::warn_if_expiring(&[("tls.cert", &cert), ("tls.ca", &ca)]);
+            }
+        })
+    };
     let addr = listener.local_addr().context("reading the listen address")?;
     // The front door: TLS with a handshake deadline, connections capped below the descriptor limit, a share kept
     // for operators (Nagle is off on every accepted socket: with it on, mTLS handshakes stall ~40 ms).
@@ -156,6 +167,7 @@ pub async fn serve_fleet_with_local_agents(
         .await
         .context("serving gRPC");
     flusher.abort();
+    expiry.abort();
     engine_task.abort();
     maintenance_task.abort();
     if let Err(e) = fleet.flush_seen() {

@@ -141,3 +141,29 @@ async fn forgetting_a_node_revokes_the_certificate_it_used_and_ends_its_session(
     agent.stop().await;
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pki_status_marks_an_expired_certificate_and_warns_about_it() {
+    let pki = TestPki::new();
+    pki.expired_cert("operator-old", "upkeep://operator/old");
+    let dir = pki.path().to_string_lossy().to_string();
+    // No hub needed: the files are read locally.
+    let out = upkeepctl(&pki, "https://127.0.0.1:1", "operator", &["pki", "status", "--dir", &dir, "-o", "json"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let all = all.as_array().expect("array");
+    let by_file = |name: &str| all.iter().find(|s| s["file"].as_str().is_some_and(|f| f.ends_with(name))).cloned();
+    let old = by_file("operator-old.pem").expect("operator-old");
+    assert_eq!(old["state"], "expired");
+    assert_eq!(old["subject"], "upkeep://operator/old");
+    assert_eq!(by_file("operator.pem").expect("operator")["state"], "ok");
+    assert_eq!(by_file("ca.pem").expect("ca")["state"], "ok");
+    let warnings = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(warnings.lines().count(), 1, "{warnings}");
+    assert!(warnings.contains("operator-old.pem") && warnings.contains("expired"), "{warnings}");
+
+    // Without --dir: this client's own files.
+    let out = upkeepctl(&pki, "https://127.0.0.1:1", "operator-old", &["pki", "status"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("upkeep://operator/old") && table.contains("expired"), "{table}");
+}

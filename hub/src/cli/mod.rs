@@ -138,6 +138,13 @@ pub enum PkiCommand {
     },
     /// List the certificates the hub refuses.
     Revoked,
+    /// How long certificates have left: every certificate in DIR, or without --dir the ones this upkeepctl is
+    /// configured with (--ca, --cert). Those within 14 days of expiry (or past it) are marked and warned about.
+    Status {
+        /// A PKI directory (e.g. the one `pki init` wrote).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 impl PkiCommand {
@@ -345,6 +352,7 @@ impl std::error::Error for ConnectionLost {}
 
 async fn run_command(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match &cli.command {
+        Command::Pki(PkiCommand::Status { dir }) => pki_status(cli, dir.as_deref(), out),
         Command::Pki(cmd) if cmd.is_local() => run_pki(cmd, cli.output, out),
         Command::Pki(cmd) => revocations(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Completions { shell } => {
@@ -487,9 +495,59 @@ async fn revocations(
     output::print_revoked(format, &list, out)
 }
 
+/// `pki status`.
+fn pki_status(cli: &Cli, dir: Option<&std::path::Path>, out: &mut dyn Write) -> anyhow::Result<()> {
+    use crate::certstatus::{WARN_DAYS, status_of_dir, status_of_pem};
+    let now = chrono::Utc::now().timestamp();
+    let all = match dir {
+        Some(d) => status_of_dir(d, now, WARN_DAYS).map_err(|e| anyhow!(e))?,
+        None => {
+            let files: Vec<(&str, &PathBuf)> = [("--ca", cli.ca.as_ref()), ("--cert", cli.cert.as_ref())]
+                .into_iter()
+                .filter_map(|(f, p)| Some((f, p?)))
+                .collect();
+            if files.is_empty() {
+                bail!(
+                    "pki status: give --dir DIR, or --ca/--cert (UPKEEP_CA, UPKEEP_CERT) to check this client's files"
+                );
+            }
+            files
+                .iter()
+                .map(|(flag, p)| {
+                    let pem = std::fs::read(p).map_err(|e| anyhow!("{flag} {}: {e}", p.display()))?;
+                    status_of_pem(p, &pem, now, WARN_DAYS).map_err(|e| anyhow!("{flag} {e}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?
+        }
+    };
+    for s in all.iter().filter(|s| s.state != "ok") {
+        eprintln!("warning: {} ({}) {} {}", s.file.display(), s.subject, s.state, s.not_after);
+    }
+    if cli.output.is_structured() {
+        return output::emit(cli.output, out, &all);
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|s| {
+            vec![
+                s.file.display().to_string(),
+                s.subject.clone(),
+                s.not_after.clone(),
+                s.days_left.to_string(),
+                s.state.to_string(),
+                s.serial.clone(),
+            ]
+        })
+        .collect();
+    output::table(out, &["FILE", "SUBJECT", "NOT AFTER", "DAYS LEFT", "STATE", "SERIAL"], &rows)?;
+    Ok(())
+}
+
 fn run_pki(cmd: &PkiCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
     let report = match cmd {
-        PkiCommand::Revoke { .. } | PkiCommand::Revoked => bail!("pki revoke/revoked ask the hub (internal error)"),
+        PkiCommand::Revoke { .. } | PkiCommand::Revoked | PkiCommand::Status { .. } => {
+            bail!("pki revoke/revoked/status are not PKI-directory writes (internal error)")
+        }
         PkiCommand::Init { dir, hub_names } => pki::init(dir, hub_names).context("pki init")?,
         PkiCommand::IssueNode(a) => pki::issue(&a.dir, Role::Node, &a.name).context("pki issue-node")?,
         PkiCommand::IssueOperator(a) => pki::issue(&a.dir, Role::Operator, &a.name).context("pki issue-operator")?,
