@@ -934,7 +934,7 @@ impl Engine {
             return Self::fail(e, format!("reimage.image.sha256: {sha256:?} is not 64 lower-case hex characters"));
         }
         let marker = self.rolled_back_file(&label);
-        if let Ok(reason) = std::fs::read_to_string(&marker) {
+        if let Some(reason) = crate::state::read_mark(&marker) {
             return Self::fail(
                 e,
                 format!(

@@ -67,6 +67,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// The text of a mark the agent left for itself (a rolled-back image, a pending Kubernetes upgrade), if there is one
+/// and it can be read.
+pub fn read_mark(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// Removes a mark; one already gone is fine.
+pub fn clear_mark(path: &Path) -> Result<(), StateError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(StateError::Io { path: path.to_path_buf(), source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Saves the state.
 pub fn save(dir: &Path, state: &AgentState) -> Result<(), StateError> {
     let path = dir.join(STATE_FILE);

@@ -54,6 +54,43 @@ fn agent_commands_only_in_os() {
     assert!(hits.is_empty(), "agent side effects go through NodeOs (agent/src/os):\n{}", hits.join("\n"));
 }
 
+/// Like `offenders`, but a file's test module (from its `#[cfg(test)]` line on) is not looked at.
+fn offenders_outside_tests(dir: &Path, needles: &[&str], allow: impl Fn(&Path) -> bool) -> Vec<String> {
+    let mut files = Vec::new();
+    rust_files(dir, &mut files);
+    let mut hits = Vec::new();
+    for f in files.iter().filter(|f| !allow(f)) {
+        let text = std::fs::read_to_string(f).expect("read");
+        for (i, line) in text.lines().enumerate().take_while(|(_, l)| l.trim() != "#[cfg(test)]") {
+            let code = line.split("//").next().unwrap_or("");
+            for n in needles.iter().filter(|n| code.contains(**n)) {
+                hits.push(format!("{}:{}: {n}", f.display(), i + 1));
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn the_agent_touches_the_machine_only_through_node_os() {
+    let src = workspace().join("agent/src");
+    // The agent's own plumbing, which is not the node: its configuration file, its state and journal (atomic
+    // writes under its state directory), its connection to the hub, and `man --dir` writing man pages. Test
+    // files are test code.
+    let own =
+        ["config.rs", "state.rs", "journal.rs", "hub_socket.rs", "main.rs", "engine/tests.rs", "engine/kube_tests.rs"];
+    let os_dir = src.join("os");
+    let hits =
+        offenders_outside_tests(&src, &["std::fs", "tokio::fs", "std::net", "tokio::net", "Command::new"], |p| {
+            p.starts_with(&os_dir) || own.iter().any(|o| p.ends_with(o))
+        });
+    assert!(
+        hits.is_empty(),
+        "the agent reads and changes the node through NodeOs (agent/src/os) only:\n{}",
+        hits.join("\n")
+    );
+}
+
 #[test]
 fn tidy_check_can_fail() {
     // The checker itself must find a planted offender, or the two checks above prove nothing.
@@ -62,6 +99,13 @@ fn tidy_check_can_fail() {
         .expect("write");
     let hits = offenders(dir.path(), &["std::fs", "std::net"], |_| false);
     assert_eq!(hits.len(), 1, "{hits:?}");
+    std::fs::write(
+        dir.path().join("y.rs"),
+        "fn g() { let _ = std::net::TcpStream::connect(\"x\"); }\n#[cfg(test)]\nmod tests { fn t() { std::fs::read(\"x\"); } }\n",
+    )
+    .expect("write");
+    let hits = offenders_outside_tests(dir.path(), &["std::fs", "std::net"], |p| p.ends_with("x.rs"));
+    assert_eq!(hits.len(), 1, "the connect, not the test module's read: {hits:?}");
 }
 
 /// The RPCs of `service NAME { ... }` in a proto file, as the snake_case names of their handlers.

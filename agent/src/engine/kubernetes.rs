@@ -64,9 +64,7 @@ impl Engine {
                     }
                 }
                 let pending = self.state_dir.join(KUBERNETES_PENDING_FILE);
-                if let Err(err) = std::fs::remove_file(&pending)
-                    && err.kind() != std::io::ErrorKind::NotFound
-                {
+                if let Err(err) = crate::state::clear_mark(&pending) {
                     // The upgrade is done; a stale mark only makes a later order for this version run again.
                     tracing::warn!(path = %pending.display(), error = %err, "could not clear the pending Kubernetes upgrade mark");
                 }
@@ -93,8 +91,7 @@ impl Engine {
             Err(err) => return Self::fail(e, format!("Kubernetes {target} refused: {err}")),
         };
         let pending_file = self.state_dir.join(KUBERNETES_PENDING_FILE);
-        let pending =
-            std::fs::read_to_string(&pending_file).ok().and_then(|s| s.trim().parse::<KubernetesVersion>().ok());
+        let pending = crate::state::read_mark(&pending_file).and_then(|s| s.trim().parse::<KubernetesVersion>().ok());
         if let Some(cur) = running {
             if cur == target && pending != Some(target) {
                 tracing::info!(op = %e.operation_id, version = %target, "already at the ordered Kubernetes version");
