@@ -88,6 +88,12 @@ for k in range(switches):
 result = {"benchmark": "channel-switch", "nodes": nodes, "switches": switches,
           "median_ms": statistics.median(samples), "p90_ms": sorted(samples)[int(0.9 * (len(samples) - 1))],
           "max_ms": max(samples)}
+# What every results JSON records (issue 14): the commit, the machine and its load.
+commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+result.update({"commit": commit + ("-dirty" if dirty.strip() else ""),
+               "machine": {"cpu": cpu, "cpus": os.cpu_count(), "loadavg": open("/proc/loadavg").read().split()[:3]}})
 print(json.dumps(result))
 os.makedirs("bench/results", exist_ok=True)
 json.dump(result, open("bench/results/channel-switch.json", "w"), indent=2)
