@@ -8,7 +8,7 @@
 //! restarts.
 
 use crate::store::{RevokedCert, Store, StoreError};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -17,7 +17,16 @@ pub struct Revocations {
     /// None: a hub configuration being checked, with nothing stored (`upkeep-hub check-config`).
     store: Option<Arc<dyn Store>>,
     revoked: RwLock<HashMap<String, RevokedCert>>,
-    node_certs: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// Hashes of the (node, serial) pairs already noted in the store, so a session start writes nothing for a
+    /// pair the store has (16 bytes a node in memory, not the names; the store answers the lookups).
+    noted: Mutex<HashSet<u64>>,
+}
+
+fn pair_key(node: &str, serial: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (node, serial).hash(&mut h);
+    h.finish()
 }
 
 impl std::fmt::Debug for Revocations {
@@ -60,24 +69,21 @@ impl Revocations {
     /// Loads the revoked serials and the nodes' serials from `store`.
     pub fn load(store: Arc<dyn Store>) -> Result<Revocations, StoreError> {
         let revoked = store.list_revoked_certs()?.into_iter().map(|r| (r.serial.clone(), r)).collect();
-        let mut node_certs: HashMap<String, BTreeSet<String>> = HashMap::new();
-        for (node, serial) in store.node_certs()? {
-            node_certs.entry(node).or_default().insert(serial);
-        }
-        Ok(Revocations { store: Some(store), revoked: RwLock::new(revoked), node_certs: Mutex::new(node_certs) })
+        let noted = store.node_certs()?.iter().map(|(node, serial)| pair_key(node, serial)).collect();
+        Ok(Revocations { store: Some(store), revoked: RwLock::new(revoked), noted: Mutex::new(noted) })
     }
 
     /// Nothing revoked and nothing stored: for checking a configuration without opening the hub's state.
     pub fn none() -> Revocations {
-        Revocations { store: None, revoked: RwLock::new(HashMap::new()), node_certs: Mutex::new(HashMap::new()) }
+        Revocations { store: None, revoked: RwLock::new(HashMap::new()), noted: Mutex::new(HashSet::new()) }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, RevokedCert>> {
         self.revoked.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn node_certs(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<String>>> {
-        self.node_certs.lock().unwrap_or_else(|e| e.into_inner())
+    fn noted(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.noted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The revocation of `serial` (normalised), if it is revoked.
@@ -106,12 +112,10 @@ impl Revocations {
         if let Some(r) = self.revoked(serial) {
             return Ok(r);
         }
-        let subject = self
-            .node_certs()
-            .iter()
-            .find(|(_, serials)| serials.contains(serial))
-            .map(|(node, _)| format!("node {node}"))
-            .unwrap_or_default();
+        let subject = match &self.store {
+            Some(store) => store.node_of_cert(serial)?.map(|node| format!("node {node}")).unwrap_or_default(),
+            None => String::new(),
+        };
         let r = RevokedCert {
             serial: serial.to_string(),
             subject,
@@ -129,19 +133,23 @@ impl Revocations {
 
     /// Revokes every certificate `node` has been seen with. Returns the revocations (already revoked ones too).
     pub fn revoke_node(&self, node: &str, reason: &str, by: &str) -> Result<Vec<RevokedCert>, StoreError> {
-        let serials: Vec<String> = self.node_certs().get(node).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        let serials = match &self.store {
+            Some(store) => store.node_cert_serials(node)?,
+            None => Vec::new(),
+        };
         serials.iter().map(|s| self.revoke(s, reason, by)).collect()
     }
 
     /// Notes that `node` presented the certificate with `serial` (stored once per node and serial).
     pub fn note_node_cert(&self, node: &str, serial: &str) -> Result<(), StoreError> {
-        if self.node_certs().get(node).is_some_and(|s| s.contains(serial)) {
+        let key = pair_key(node, serial);
+        if self.noted().contains(&key) {
             return Ok(());
         }
         if let Some(store) = &self.store {
             store.note_node_cert(node, serial, now_ms())?;
         }
-        self.node_certs().entry(node.to_string()).or_default().insert(serial.to_string());
+        self.noted().insert(key);
         Ok(())
     }
 }
@@ -183,6 +191,9 @@ mod tests {
         assert_eq!(r.revoke("dd", "again", "x").expect("again").revoked_by, "operator alice");
         drop(r);
         let r = Revocations::load(open()).expect("reload");
-        assert_eq!(r.list().iter().map(|x| x.serial.as_str()).collect::<BTreeSet<_>>(), ["aa", "bb", "dd"].into());
+        assert_eq!(
+            r.list().iter().map(|x| x.serial.as_str()).collect::<std::collections::BTreeSet<_>>(),
+            ["aa", "bb", "dd"].into()
+        );
     }
 }

@@ -474,4 +474,8 @@ pub trait Store: Send + Sync {
     fn note_node_cert(&self, node: &str, serial: &str, at_ms: i64) -> Result<(), StoreError>;
     /// Every (node, serial) noted.
     fn node_certs(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// The serials noted for `node`, in order.
+    fn node_cert_serials(&self, node: &str) -> Result<Vec<String>, StoreError>;
+    /// The node that presented the certificate with `serial`, if one did.
+    fn node_of_cert(&self, serial: &str) -> Result<Option<String>, StoreError>;
 }

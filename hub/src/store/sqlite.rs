@@ -133,7 +133,8 @@ const MIGRATIONS: &[&str] = &[
         serial TEXT NOT NULL,
         first_seen_ms INTEGER NOT NULL,
         PRIMARY KEY (node, serial)
-    );",
+    );
+    CREATE INDEX node_certs_by_serial ON node_certs(serial);",
 ];
 
 /// The schema version this hub's migrations lead to (`PRAGMA user_version`).
@@ -1058,6 +1059,23 @@ impl Store for SqliteStore {
             )
             .map(drop)
             .map_err(db(format!("noting the certificate of node {node}")))
+    }
+
+    fn node_cert_serials(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        let ctx = format!("listing the certificates of node {node}");
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT serial FROM node_certs WHERE node = ?1 ORDER BY serial")
+            .map_err(db(ctx.clone()))?;
+        let rows = stmt.query_map(params![node], |r| r.get(0)).map_err(db(ctx.clone()))?;
+        rows.collect::<Result<_, _>>().map_err(db(ctx))
+    }
+
+    fn node_of_cert(&self, serial: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row("SELECT node FROM node_certs WHERE serial = ?1 LIMIT 1", params![serial], |r| r.get(0))
+            .optional()
+            .map_err(db(format!("finding the node of certificate {serial}")))
     }
 
     fn node_certs(&self) -> Result<Vec<(String, String)>, StoreError> {

@@ -472,6 +472,12 @@ impl Store for Viewed {
     fn node_certs(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.inner.node_certs()
     }
+    fn node_cert_serials(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.node_cert_serials(node)
+    }
+    fn node_of_cert(&self, serial: &str) -> Result<Option<String>, StoreError> {
+        self.inner.node_of_cert(serial)
+    }
 }
 
 #[cfg(test)]
