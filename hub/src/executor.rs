@@ -428,12 +428,11 @@ impl Executor {
             NodeOutcome::Failed(why) => ("Failed", "failed".to_string(), why.clone()),
         };
         self.event(spec, &w.node, "Running", to, message, error);
-        if takes_lease && !keep {
-            self.ledger.release(&w.node, &spec.id)?;
-        }
         if matches!(w.steps.as_slice(), [Step::Uncordon]) && outcome == NodeOutcome::Done {
-            // The node is back in service: whatever left it out gives its lease back.
+            // The node is back in service: whatever left it out gives its lease back (this work's own included).
             self.ledger.release_node(&w.node)?;
+        } else if takes_lease && !keep {
+            self.ledger.release(&w.node, &spec.id)?;
         }
         let snapshot = {
             let mut s = lock(&shared);
