@@ -172,18 +172,28 @@ pub struct Conn {
     idle: Option<Idle>,
 }
 
-/// Closes a connection nothing was read from for `limit`. One timer per connection, pushed back on every read
-/// (tokio only moves a timer in its wheel when it fires before its new deadline, so a push is a store).
+/// Closes a connection nothing was read from for `limit` (node connections), or `limit` after it opened whatever it
+/// does (connections without a client certificate: `fixed`). One timer per connection, pushed back on every read
+/// unless fixed (tokio only moves a timer in its wheel when it fires before its new deadline, so a push is a store).
 struct Idle {
     limit: Duration,
+    fixed: bool,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Idle {
     fn new(limit: Duration) -> Idle {
-        Idle { limit, timer: Box::pin(tokio::time::sleep(limit)) }
+        Idle { limit, fixed: false, timer: Box::pin(tokio::time::sleep(limit)) }
+    }
+
+    fn lifetime(limit: Duration) -> Idle {
+        Idle { limit, fixed: true, timer: Box::pin(tokio::time::sleep(limit)) }
     }
 }
+
+/// How long a connection without a client certificate may stay open: it can only join (one call), and it must not
+/// hold one of the door's slots, kept for nodes and operators, for longer.
+pub const CERTLESS_LIFETIME: Duration = Duration::from_secs(30);
 
 impl Connected for Conn {
     type ConnectInfo = TlsConnectInfo<TcpConnectInfo>;
@@ -200,14 +210,21 @@ impl AsyncRead for Conn {
         let read = Pin::new(&mut this.tls).poll_read(cx, buf);
         let Some(idle) = &mut this.idle else { return read };
         match read {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+            Poll::Ready(Ok(())) if buf.filled().len() > before && !idle.fixed => {
                 idle.timer.as_mut().reset(tokio::time::Instant::now() + idle.limit);
                 Poll::Ready(Ok(()))
             }
+            Poll::Ready(Ok(())) if idle.fixed && idle.timer.as_mut().poll(cx).is_ready() => Poll::Ready(Err(
+                io::Error::new(io::ErrorKind::TimedOut, "connection without a client certificate past its lifetime"),
+            )),
             // Nothing to read: the connection lives on only until the deadline (this registers the waker).
             Poll::Pending if idle.timer.as_mut().poll(cx).is_ready() => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("node connection silent for {} s; closed", idle.limit.as_secs()),
+                if idle.fixed {
+                    format!("connection without a client certificate open for {} s; closed", idle.limit.as_secs())
+                } else {
+                    format!("node connection silent for {} s; closed", idle.limit.as_secs())
+                },
             ))),
             other => other,
         }
@@ -299,7 +316,10 @@ pub fn incoming(
                 };
                 let mut slot = slot;
                 let mut idle = None;
-                if role_of(&tls) == Some(Role::Node) {
+                if tls.get_ref().1.peer_certificates().is_none_or(|c| c.is_empty()) {
+                    // No certificate: only a join can be served on it (every other handler refuses such a caller).
+                    idle = Some(Idle::lifetime(CERTLESS_LIFETIME));
+                } else if role_of(&tls) == Some(Role::Node) {
                     let cap = limits.max_connections.saturating_sub(limits.operator_reserve);
                     if occupancy.nodes.fetch_add(1, Ordering::Relaxed) >= cap {
                         occupancy.nodes.fetch_sub(1, Ordering::Relaxed);
