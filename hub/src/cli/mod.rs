@@ -112,7 +112,10 @@ pub enum Command {
 /// `upkeepctl pki ...`
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
-    /// Write a fleet CA, a hub certificate, one operator and one viewer certificate into DIR.
+    /// Write a fleet root CA (ca.pem, ca.key), an issuing intermediate CA under it (issuer.pem, issuer.key), a hub
+    /// certificate, one operator and one viewer certificate into DIR, and print the root's SHA-256 fingerprint
+    /// (for `upkeep-agent join --ca-fingerprint`). Leaves are signed by the intermediate: after init, move ca.key
+    /// offline (the hub needs only issuer.pem/issuer.key to sign certificates for joining nodes).
     Init {
         /// Directory to write into (created if missing; an existing CA is never overwritten).
         #[arg(long)]
@@ -121,7 +124,7 @@ pub enum PkiCommand {
         #[arg(long = "hub-name")]
         hub_names: Vec<String>,
     },
-    /// Issue a node certificate (node-NAME.pem, node-NAME.key) with the CA in DIR.
+    /// Issue a node certificate (node-NAME.pem, node-NAME.key) with the CA in DIR (the intermediate if DIR has one).
     IssueNode(IssueArgs),
     /// Issue an operator certificate (read and write).
     IssueOperator(IssueArgs),
@@ -138,6 +141,13 @@ pub enum PkiCommand {
     },
     /// List the certificates the hub refuses.
     Revoked,
+    /// Print the SHA-256 fingerprint of the fleet CA in DIR (ca.pem): what `upkeep-agent join --ca-fingerprint`
+    /// wants.
+    Fingerprint {
+        /// Directory holding ca.pem.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 impl PkiCommand {
@@ -150,7 +160,7 @@ impl PkiCommand {
 /// Arguments of the issue commands.
 #[derive(Debug, Args)]
 pub struct IssueArgs {
-    /// Directory holding ca.pem and ca.key; the new files are written there.
+    /// Directory holding the CA (issuer.pem/issuer.key, or ca.pem/ca.key); the new files are written there.
     #[arg(long)]
     pub dir: PathBuf,
     /// Name carried in the certificate (node name for nodes).
@@ -490,6 +500,16 @@ async fn revocations(
 fn run_pki(cmd: &PkiCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
     let report = match cmd {
         PkiCommand::Revoke { .. } | PkiCommand::Revoked => bail!("pki revoke/revoked ask the hub (internal error)"),
+        PkiCommand::Fingerprint { dir } => {
+            let path = dir.join(pki::files::CA_CERT);
+            let pem = std::fs::read_to_string(&path).with_context(|| format!("--dir: {}", path.display()))?;
+            let fp = pki::fingerprint_pem(&pem).map_err(|e| anyhow!("--dir: {}: {e}", path.display()))?;
+            if format.is_structured() {
+                return output::emit(format, out, &serde_json::json!({ "ca_fingerprint": fp }));
+            }
+            writeln!(out, "{fp}")?;
+            return Ok(());
+        }
         PkiCommand::Init { dir, hub_names } => pki::init(dir, hub_names).context("pki init")?,
         PkiCommand::IssueNode(a) => pki::issue(&a.dir, Role::Node, &a.name).context("pki issue-node")?,
         PkiCommand::IssueOperator(a) => pki::issue(&a.dir, Role::Operator, &a.name).context("pki issue-operator")?,
@@ -500,6 +520,10 @@ fn run_pki(cmd: &PkiCommand, format: Format, out: &mut dyn Write) -> anyhow::Res
         Format::Table => {
             for f in &report.files {
                 writeln!(out, "wrote {}", f.display())?;
+            }
+            if let Some(fp) = &report.ca_fingerprint {
+                writeln!(out, "CA fingerprint (SHA-256, for upkeep-agent join --ca-fingerprint): {fp}")?;
+                writeln!(out, "move ca.key offline: the hub issues with issuer.pem and issuer.key")?;
             }
         }
     }
