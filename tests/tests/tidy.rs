@@ -142,6 +142,32 @@ fn every_handler_starts_with_the_principal_check() {
     }
 }
 
+/// The one service served without a client certificate: `Join` must start with the token check and
+/// `CaCertificate` serves only the public CA; every RPC of join.proto is one of those two.
+#[test]
+fn the_join_service_authenticates_by_token() {
+    let root = workspace();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
+    let source = read("hub/src/grpc/join.rs");
+    let header = "impl v1::join_service_server::JoinService for JoinApi {";
+    let start = source.find(header).expect("JoinService impl");
+    let block = &source[start..];
+    let block = &block[..block.find("\n}\n").map_or(block.len(), |e| e + 1)];
+    let first_statement = |name: &str| -> String {
+        let at = block.find(&format!("    async fn {name}(")).unwrap_or_else(|| panic!("handler {name}"));
+        let body = &block[at..];
+        let body = &body[body.find("{\n").expect("body") + 2..];
+        body.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with("//")).unwrap_or("").to_string()
+    };
+    let join = first_statement("join");
+    assert!(join.contains("self.check_token(&req)?"), "join must start with the token check: {join:?}");
+    let ca = first_statement("ca_certificate");
+    assert!(ca.starts_with("public_ca_only(&req)"), "ca_certificate must serve the public CA only: {ca:?}");
+    let mut want = rpcs(&read("proto/proto/upkeep/v1/join.proto"), "JoinService");
+    want.sort();
+    assert_eq!(want, vec!["ca_certificate", "join"], "a new JoinService RPC needs its own check here");
+}
+
 #[test]
 fn the_principal_check_finds_a_handler_without_it() {
     let source = "impl S for A {\n    async fn ok(&self, req: R) -> X {\n        let p = principal_of(&req)?;\n        \
