@@ -1,7 +1,12 @@
 //! Compiles proto/upkeep/v1/*.proto with protox (pure Rust), so no `protoc` is needed on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/upkeep/v1/common.proto", "proto/upkeep/v1/agent.proto", "proto/upkeep/v1/operator.proto"];
+    let files = [
+        "proto/upkeep/v1/common.proto",
+        "proto/upkeep/v1/agent.proto",
+        "proto/upkeep/v1/operator.proto",
+        "proto/upkeep/v1/join.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

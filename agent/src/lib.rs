@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod hub_link;
 pub mod hub_socket;
+pub mod join;
 pub mod journal;
 pub mod os;
 pub mod state;

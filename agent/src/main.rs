@@ -25,6 +25,31 @@ struct Args {
 enum Cmd {
     /// Validate the configuration (and the certificate's identity) and exit.
     CheckConfig,
+    /// Enroll this node: make its key here, send a certificate request with a join token
+    /// (`upkeepctl pki token create`), write ca.pem, node.pem, node.key and the configuration (if missing).
+    Join {
+        /// Hub address, e.g. https://hub.example:7443.
+        #[arg(long)]
+        hub: String,
+        /// The join token (upkeep-join-...).
+        #[arg(long)]
+        token: String,
+        /// SHA-256 fingerprint of the fleet CA (`upkeepctl pki fingerprint --dir DIR`; colons allowed).
+        #[arg(long)]
+        ca_fingerprint: String,
+        /// The node's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to write the key and certificates.
+        #[arg(long, default_value = "/etc/upkeep/pki")]
+        pki_dir: PathBuf,
+        /// Region written into a new configuration.
+        #[arg(long, default_value = "default")]
+        region: String,
+        /// State directory written into a new configuration.
+        #[arg(long, default_value = "/var/lib/upkeep/agent")]
+        state_dir: PathBuf,
+    },
     /// Write this command's man pages into DIR (for packaging; needs no configuration).
     #[command(hide = true)]
     Man {
@@ -50,6 +75,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("--dir {}: cannot create", dir.display()))?;
         clap_mangen::generate_to(<Args as clap::CommandFactory>::command(), dir)
             .with_context(|| format!("--dir {}: writing man pages", dir.display()))?;
+        return Ok(());
+    }
+    if let Some(Cmd::Join { hub, token, ca_fingerprint, name, pki_dir, region, state_dir }) = &args.command {
+        let join = upkeep_agent::join::JoinArgs {
+            hub: hub.clone(),
+            token: token.clone(),
+            ca_fingerprint: ca_fingerprint.clone(),
+            name: name.clone(),
+            config: args.config.clone(),
+            pki_dir: pki_dir.clone(),
+            region: region.clone(),
+            state_dir: state_dir.clone(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+        for line in rt.block_on(upkeep_agent::join::join(&join))? {
+            println!("{line}");
+        }
         return Ok(());
     }
     let cfg = upkeep_agent::config::load(&args.config)?;

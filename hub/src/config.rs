@@ -23,6 +23,9 @@ pub struct HubConfig {
     pub cert: PathBuf,
     /// The hub's key.
     pub key: PathBuf,
+    /// `tls.issuer_cert` and `tls.issuer_key`: the online issuing CA that signs certificates for joining nodes;
+    /// None: `upkeep-agent join` is refused.
+    pub issuer: Option<IssuerFiles>,
     /// Heartbeat interval handed to agents.
     pub heartbeat_interval_seconds: u32,
     /// A node silent for this many heartbeat intervals is shown `Unknown`.
@@ -34,6 +37,15 @@ pub struct HubConfig {
     /// `[images] trusted_keys`: when given, `image publish` refuses an uploaded image whose signature does not
     /// verify against one of these keys (nodes still verify against their own).
     pub trusted_image_keys: Vec<upkeep_core::signature::PublicKey>,
+}
+
+/// The issuing intermediate's files (`tls.issuer_cert`, `tls.issuer_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerFiles {
+    /// Its certificate (signed by `tls.ca`).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
 }
 
 /// `[limits]` in hub.toml.
@@ -90,6 +102,8 @@ struct RawTls {
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    issuer_cert: Option<PathBuf>,
+    issuer_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +170,25 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
         std::fs::metadata(&p).map_err(|e| err(path, key, format!("{}: {e}", p.display())))?;
         files.push(p);
     }
+    let issuer = match (tls.issuer_cert.map(resolve), tls.issuer_key.map(resolve)) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            for (k, p) in [("tls.issuer_cert", &cert), ("tls.issuer_key", &key)] {
+                std::fs::metadata(p).map_err(|e| err(path, k, format!("{}: {e}", p.display())))?;
+            }
+            Some(IssuerFiles { cert, key })
+        }
+        (Some(_), None) => {
+            return Err(err(path, "tls.issuer_key", "missing: tls.issuer_cert is set, give its key too (issuer.key)"));
+        }
+        (None, Some(_)) => {
+            return Err(err(
+                path,
+                "tls.issuer_cert",
+                "missing: tls.issuer_key is set, give its certificate too (issuer.pem)",
+            ));
+        }
+    };
     let agents = raw.agents.unwrap_or(RawAgents { heartbeat_interval_seconds: None, silent_after_heartbeats: None });
     let heartbeat_interval_seconds = agents.heartbeat_interval_seconds.unwrap_or(DEFAULT_HEARTBEAT_SECONDS);
     if !(1..=3600).contains(&heartbeat_interval_seconds) {
@@ -221,6 +254,7 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
         ca,
         cert,
         key,
+        issuer,
         heartbeat_interval_seconds,
         silent_after_heartbeats,
         auto_upgrade,
@@ -289,6 +323,23 @@ mod tests {
         std::fs::remove_file(dir.path().join("hub.key")).expect("rm");
         let missing = parse(&path, &base, &Overrides::default()).expect_err("missing");
         assert!(missing.to_string().contains("tls.key:"), "{missing}");
+    }
+
+    #[test]
+    fn the_issuer_is_optional_but_comes_as_a_pair() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        let base = with_tls(dir.path());
+        assert_eq!(parse(&path, &base, &Overrides::default()).expect("valid").issuer, None);
+        for f in ["issuer.pem", "issuer.key"] {
+            std::fs::write(dir.path().join(f), "x").expect("write");
+        }
+        let both = base.replace("[tls]\n", "[tls]\nissuer_cert = \"issuer.pem\"\nissuer_key = \"issuer.key\"\n");
+        let c = parse(&path, &both, &Overrides::default()).expect("valid");
+        assert_eq!(c.issuer.expect("issuer").key, dir.path().join("issuer.key"));
+        let half = base.replace("[tls]\n", "[tls]\nissuer_cert = \"issuer.pem\"\n");
+        let e = parse(&path, &half, &Overrides::default()).expect_err("half").to_string();
+        assert!(e.contains("hub.toml: tls.issuer_key: missing"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The hub's front door: TCP accept, the TLS handshake with a deadline, and a bounded number of connections.
 //!
-//! Nothing reaches gRPC before a client certificate from the fleet CA was presented, and nothing may exhaust the
-//! hub on the way there:
+//! A client certificate is optional at the TLS layer (so that `upkeep-agent join`, which has none yet, can reach
+//! `JoinService`), but one that is presented must chain to the fleet CA, or the handshake fails. Every handler but
+//! the join refuses a caller without a certificate (`grpc::principal_of`; the tidy test checks they all call it).
+//! Nothing may exhaust the hub on the way there:
 //! - every TLS handshake must finish within `handshake_timeout`, or the connection is closed (a client that opens
 //!   a socket and says nothing holds it for that long, not forever);
 //! - at most `max_connections` connections (handshaking or established) are open at once, set below the
@@ -95,8 +97,8 @@ impl DoorLimits {
     }
 }
 
-/// Builds the rustls server configuration: the hub's identity, client certificates required from the fleet CA,
-/// HTTP/2 only.
+/// Builds the rustls server configuration: the hub's identity, client certificates from the fleet CA (optional at
+/// this layer: handlers refuse callers without one, but for the token-authenticated join), HTTP/2 only.
 /// Client certificates are checked by [`FleetClientVerifier`]: the chain, path lengths, and `revocations`.
 pub fn server_config(
     ca_pem: &[u8],
@@ -113,6 +115,9 @@ pub fn server_config(
         root_ders.push(c);
     }
     let chain = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        // Optional here: `JoinService` serves nodes that have no certificate yet; every other handler starts with
+        // `principal_of`, which refuses a caller that presented none.
+        .allow_unauthenticated()
         .build()
         .map_err(|e| format!("tls.ca: {e}"))?;
     let verifier = Arc::new(FleetClientVerifier::new(chain, root_ders, revocations));

@@ -17,6 +17,7 @@ pub mod executor;
 pub mod fleet;
 pub mod grpc;
 pub mod image_tools;
+pub mod join;
 pub mod ledger;
 pub mod maintenance;
 pub mod pki;

@@ -1,4 +1,11 @@
-//! The fleet PKI for newcomers: a fleet CA, the hub's server certificate, operator, viewer and node certificates.
+//! The fleet PKI for newcomers: a root CA, an online issuing CA under it, the hub's server certificate, operator,
+//! viewer and node certificates.
+//!
+//! `pki init` writes the root (`ca.pem`/`ca.key`, path length 1) and the issuing intermediate
+//! (`issuer.pem`/`issuer.key`, path length 0) signed by it. Every leaf is signed by the intermediate and its `.pem`
+//! holds the leaf followed by the intermediate (the chain a client or the hub presents); everyone trusts `ca.pem`
+//! only, so the root key can be moved offline after init while the hub keeps issuing for joins. A PKI directory
+//! without an intermediate (written before it existed) keeps working: its leaves are signed by the root.
 //!
 //! The role and name of every client certificate live in one SAN URI `upkeep://<role>/<name>` (see
 //! docs/identity.md). Keys are ECDSA P-256 generated with ring. Files are written with mode 0600 for keys.
@@ -61,8 +68,12 @@ pub enum PkiError {
 pub mod files {
     /// The fleet CA certificate (distribute to every node and operator).
     pub const CA_CERT: &str = "ca.pem";
-    /// The fleet CA key (keep offline in production).
+    /// The fleet CA key (move offline after `pki init`: only the intermediate is needed to issue).
     pub const CA_KEY: &str = "ca.key";
+    /// The issuing intermediate CA, signed by the root (appended to every leaf's `.pem`).
+    pub const ISSUER_CERT: &str = "issuer.pem";
+    /// Its key: the hub's `tls.issuer_key`, used to sign certificates for joining nodes.
+    pub const ISSUER_KEY: &str = "issuer.key";
     /// The hub's server certificate.
     pub const HUB_CERT: &str = "hub.pem";
     /// The hub's key.
@@ -81,21 +92,28 @@ pub mod files {
 pub const LEAF_VALIDITY_DAYS: i64 = 397;
 /// Default validity of the CA, days.
 pub const CA_VALIDITY_DAYS: i64 = 3650;
+/// Validity of the issuing intermediate, days (less than the root's: it is the key kept online).
+pub const ISSUER_VALIDITY_DAYS: i64 = 1825;
+/// Validity of a node certificate issued to a joining node, days (short: a node joins again to renew).
+pub const JOIN_VALIDITY_DAYS: i64 = 30;
 
 /// A certificate and its key in PEM.
 #[derive(Debug, Clone)]
 pub struct Pem {
-    /// Certificate chain (leaf only).
+    /// Certificate chain: the leaf, then the issuing intermediate when there is one.
     pub cert: String,
     /// PKCS#8 private key.
     pub key: String,
 }
 
-/// A loaded CA able to issue certificates.
+/// A loaded CA able to issue certificates: the root, or the issuing intermediate under it.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate in PEM.
     pub cert_pem: String,
+    /// Certificates appended to every leaf this CA issues: empty for the root, the intermediate itself for the
+    /// intermediate (the root is never sent: every peer has it).
+    chain_pem: String,
 }
 
 fn validity(params: &mut CertificateParams, days: i64) {
@@ -115,25 +133,60 @@ impl Ca {
         dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationName, "upkeep fleet");
         params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        // One intermediate (the online issuing CA) may sit below the root.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         validity(&mut params, CA_VALIDITY_DAYS);
         let cert = params.self_signed(&key).map_err(gen_err)?;
-        Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+        Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key), chain_pem: String::new() })
     }
 
-    /// Loads a CA from `ca.pem` and `ca.key` in `dir`.
+    /// Generates the issuing intermediate under this (root) CA: path length 0, so it signs leaves only.
+    pub fn generate_intermediate(&self, common_name: &str) -> Result<Ca, PkiError> {
+        let gen_err = |source| PkiError::Generate { what: "issuing CA".into(), source };
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "upkeep fleet");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, ISSUER_VALIDITY_DAYS);
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        let pem = cert.pem();
+        Ok(Ca { cert_pem: pem.clone(), issuer: Issuer::new(params, key), chain_pem: pem })
+    }
+
+    /// Loads the root CA from `ca.pem` and `ca.key` in `dir`.
     pub fn load(dir: &Path) -> Result<Ca, PkiError> {
-        let cert_path = dir.join(files::CA_CERT);
-        let key_path = dir.join(files::CA_KEY);
-        let cert_pem = read(&cert_path)?;
-        let key_pem = read(&key_path)?;
+        Ca::load_files(&dir.join(files::CA_CERT), &dir.join(files::CA_KEY), false)
+    }
+
+    /// Loads the CA that issues leaves in `dir`: the intermediate (`issuer.pem`, `issuer.key`) when the directory
+    /// has one, else the root (a PKI written before intermediates existed).
+    pub fn load_issuing(dir: &Path) -> Result<Ca, PkiError> {
+        let (cert, key) = (dir.join(files::ISSUER_CERT), dir.join(files::ISSUER_KEY));
+        if fs::symlink_metadata(&cert).is_ok() || fs::symlink_metadata(&key).is_ok() {
+            Ca::load_files(&cert, &key, true)
+        } else {
+            Ca::load(dir)
+        }
+    }
+
+    /// Loads a CA from a certificate and a key file. `intermediate`: its certificate is appended to every leaf.
+    pub fn load_files(cert_path: &Path, key_path: &Path, intermediate: bool) -> Result<Ca, PkiError> {
+        let cert_pem = read(cert_path)?;
+        let key_pem = read(key_path)?;
         let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| PkiError::BadCa { path: key_path.clone(), reason: e.to_string() })?;
+            .map_err(|e| PkiError::BadCa { path: key_path.to_path_buf(), reason: e.to_string() })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|e| PkiError::BadCa { path: cert_path.clone(), reason: e.to_string() })?;
-        Ok(Ca { issuer, cert_pem })
+            .map_err(|e| PkiError::BadCa { path: cert_path.to_path_buf(), reason: e.to_string() })?;
+        let chain_pem = if intermediate { cert_pem.clone() } else { String::new() };
+        Ok(Ca { issuer, cert_pem, chain_pem })
     }
 
     /// The CA key in PEM.
@@ -181,8 +234,50 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, LEAF_VALIDITY_DAYS);
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
-        Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
+        Ok(Pem { cert: self.with_chain(&cert.pem()), key: key.serialize_pem() })
     }
+
+    /// `leaf_pem` followed by the certificates above it that a peer needs (the intermediate, if any).
+    fn with_chain(&self, leaf_pem: &str) -> String {
+        let mut out = leaf_pem.to_string();
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&self.chain_pem);
+        out
+    }
+
+    /// Issues a node certificate for `upkeep://node/<name>` to a public key the node generated (from its CSR),
+    /// valid [`JOIN_VALIDITY_DAYS`]. Returns the chain in PEM (leaf, then intermediate).
+    pub fn issue_node_for_key(&self, name: &str, public_key: &impl rcgen::PublicKeyData) -> Result<String, PkiError> {
+        validate_name("node name", name)?;
+        let principal = Principal { role: Role::Node, name: name.to_string() };
+        let what = principal.uri();
+        let gen_err = |source| PkiError::Generate { what: what.clone(), source };
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationalUnitName, Role::Node.as_str());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(principal.uri().try_into().map_err(gen_err)?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, JOIN_VALIDITY_DAYS);
+        let cert = params.signed_by(public_key, &self.issuer).map_err(gen_err)?;
+        Ok(self.with_chain(&cert.pem()))
+    }
+}
+
+/// The SHA-256 fingerprint of the first certificate in `pem`, lower-case hex pairs joined by colons (what
+/// `upkeep-agent join --ca-fingerprint` wants).
+pub fn fingerprint_pem(pem: &str) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or_else(|| "no PEM certificate".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(upkeep_proto::tls::fingerprint(der.as_ref()))
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -207,12 +302,17 @@ pub fn write_new(path: &Path, contents: &str, secret: bool) -> Result<(), PkiErr
 pub struct InitReport {
     /// Every file written.
     pub files: Vec<PathBuf>,
+    /// `pki init` only: the SHA-256 fingerprint of the root CA (`upkeep-agent join --ca-fingerprint`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
 }
 
 /// Every file `pki init` writes: name, and whether it is a secret (mode 0600).
-const INIT_FILES: [(&str, bool); 8] = [
+const INIT_FILES: [(&str, bool); 10] = [
     (files::CA_KEY, true),
     (files::CA_CERT, false),
+    (files::ISSUER_CERT, false),
+    (files::ISSUER_KEY, true),
     (files::HUB_CERT, false),
     (files::HUB_KEY, true),
     (files::OPERATOR_CERT, false),
@@ -244,6 +344,7 @@ pub fn init(dir: &Path, hub_names: &[String]) -> Result<InitReport, PkiError> {
         }
     }
     let ca = Ca::generate("upkeep fleet CA")?;
+    let issuing = ca.generate_intermediate("upkeep issuing CA")?;
     let (mut dns, mut ips) = (Vec::new(), Vec::new());
     let names: Vec<String> =
         if hub_names.is_empty() { vec!["localhost".into(), "127.0.0.1".into()] } else { hub_names.to_vec() };
@@ -253,11 +354,23 @@ pub fn init(dir: &Path, hub_names: &[String]) -> Result<InitReport, PkiError> {
             Err(_) => dns.push(n.clone()),
         }
     }
-    let hub = ca.issue_hub("hub", &dns, &ips)?;
-    let operator = ca.issue_client(&Principal { role: Role::Operator, name: "admin".into() })?;
-    let viewer = ca.issue_client(&Principal { role: Role::Viewer, name: "viewer".into() })?;
-    let contents =
-        [ca.key_pem(), ca.cert_pem.clone(), hub.cert, hub.key, operator.cert, operator.key, viewer.cert, viewer.key];
+    let hub = issuing.issue_hub("hub", &dns, &ips)?;
+    let operator = issuing.issue_client(&Principal { role: Role::Operator, name: "admin".into() })?;
+    let viewer = issuing.issue_client(&Principal { role: Role::Viewer, name: "viewer".into() })?;
+    let fingerprint =
+        fingerprint_pem(&ca.cert_pem).map_err(|reason| PkiError::BadCa { path: dir.join(files::CA_CERT), reason })?;
+    let contents = [
+        ca.key_pem(),
+        ca.cert_pem.clone(),
+        issuing.cert_pem.clone(),
+        issuing.key_pem(),
+        hub.cert,
+        hub.key,
+        operator.cert,
+        operator.key,
+        viewer.cert,
+        viewer.key,
+    ];
 
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -274,10 +387,13 @@ pub fn init(dir: &Path, hub_names: &[String]) -> Result<InitReport, PkiError> {
     // only copies. Either way it goes.
     let _ = fs::remove_dir_all(&tmp);
     result?;
-    Ok(InitReport { files: INIT_FILES.iter().map(|(name, _)| dir.join(name)).collect() })
+    Ok(InitReport {
+        files: INIT_FILES.iter().map(|(name, _)| dir.join(name)).collect(),
+        ca_fingerprint: Some(fingerprint),
+    })
 }
 
-fn write_all(tmp: &Path, contents: &[String; 8]) -> Result<(), PkiError> {
+fn write_all(tmp: &Path, contents: &[String; 10]) -> Result<(), PkiError> {
     for ((name, secret), text) in INIT_FILES.iter().zip(contents) {
         write_new(&tmp.join(name), text, *secret)?;
     }
@@ -324,16 +440,17 @@ fn move_into_place(tmp: &Path, dir: &Path, parent: &Path) -> Result<(), PkiError
     sync_dir(dir)
 }
 
-/// `upkeepctl pki issue-node` (and `issue-operator`, `issue-viewer`): writes `<name>.pem` and `<name>.key` in `dir`.
+/// `upkeepctl pki issue-node` (and `issue-operator`, `issue-viewer`): writes `<name>.pem` and `<name>.key` in `dir`,
+/// signed by the intermediate when `dir` has one (else by the root).
 pub fn issue(dir: &Path, role: Role, name: &str) -> Result<InitReport, PkiError> {
     validate_name("certificate name", name)?;
-    let ca = Ca::load(dir)?;
+    let ca = Ca::load_issuing(dir)?;
     let pem = ca.issue_client(&Principal { role, name: name.to_string() })?;
     let cert_path = dir.join(format!("{role}-{name}.pem"));
     let key_path = dir.join(format!("{role}-{name}.key"));
     write_new(&cert_path, &pem.cert, false)?;
     write_new(&key_path, &pem.key, true)?;
-    Ok(InitReport { files: vec![cert_path, key_path] })
+    Ok(InitReport { files: vec![cert_path, key_path], ca_fingerprint: None })
 }
 
 #[cfg(test)]
@@ -360,7 +477,7 @@ mod tests {
         let base = tempfile::tempdir().expect("tempdir");
         let dir = base.path().join("pki");
         let report = init(&dir, &["hub.example".into(), "10.0.0.1".into()]).expect("init");
-        assert_eq!(report.files.len(), 8);
+        assert_eq!(report.files.len(), 10);
         assert_eq!(listing(&dir), all_files());
         assert_eq!(listing(base.path()), vec!["pki".to_string()], "no temporary directory left behind");
         Ca::load(&dir).expect("the CA written is usable");
@@ -409,5 +526,78 @@ mod tests {
             assert!(err.to_string().starts_with("--hub-name: invalid hub name"), "{err}");
             assert!(!dir.exists(), "nothing written for {bad:?}");
         }
+    }
+
+    fn verify_client(root_pem: &str, chain_pem: &str) -> Result<(), String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let root = CertificateDer::from_pem_slice(root_pem.as_bytes()).expect("root");
+        roots.add(root.clone()).expect("add root");
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>().expect("chain");
+        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+            .build()
+            .expect("verifier");
+        v.verify_client_cert(&chain[0], &chain[1..], rustls::pki_types::UnixTime::now()).map_err(|e| e.to_string())?;
+        crate::client_verifier::check_path_length(chain[0].as_ref(), &chain[1..], &[root])
+    }
+
+    #[test]
+    fn leaves_are_signed_by_the_intermediate_and_carry_it_and_chain_to_the_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let report = init(dir.path(), &[]).expect("init");
+        let fp = report.ca_fingerprint.expect("fingerprint");
+        assert_eq!(fp.len(), 32 * 3 - 1, "{fp}");
+        let root = fs::read_to_string(dir.path().join(files::CA_CERT)).expect("ca");
+        assert_eq!(fingerprint_pem(&root).expect("fp"), fp);
+        for f in [files::HUB_CERT, files::OPERATOR_CERT, files::VIEWER_CERT] {
+            let chain = fs::read_to_string(dir.path().join(f)).expect("chain");
+            assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2, "{f}: leaf and intermediate");
+        }
+        verify_client(&root, &fs::read_to_string(dir.path().join(files::OPERATOR_CERT)).expect("op"))
+            .expect("operator chains to the root through the intermediate");
+        issue(dir.path(), Role::Node, "n1").expect("issue-node");
+        verify_client(&root, &fs::read_to_string(dir.path().join("node-n1.pem")).expect("node")).expect("node");
+        // The intermediate may not sign another CA: a chain with two intermediates is refused by path length.
+        let issuing = Ca::load_issuing(dir.path()).expect("issuer");
+        let second = issuing.generate_intermediate("rogue").expect("rogue");
+        let leaf = second.issue_client(&Principal { role: Role::Node, name: "n2".into() }).expect("leaf");
+        let chain = format!("{}{}", leaf.cert, issuing.cert_pem);
+        let why = verify_client(&root, &chain).expect_err("too deep");
+        assert!(why.contains("PathLen") || why.contains("allows 0 intermediate"), "{why}");
+    }
+
+    #[test]
+    fn a_pki_dir_without_an_intermediate_still_issues_with_the_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), &[]).expect("init");
+        fs::remove_file(dir.path().join(files::ISSUER_CERT)).expect("rm");
+        fs::remove_file(dir.path().join(files::ISSUER_KEY)).expect("rm");
+        issue(dir.path(), Role::Node, "old").expect("issue with the root");
+        let chain = fs::read_to_string(dir.path().join("node-old.pem")).expect("node");
+        assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 1, "the leaf alone");
+        let root = fs::read_to_string(dir.path().join(files::CA_CERT)).expect("ca");
+        verify_client(&root, &chain).expect("chains to the root directly");
+    }
+
+    #[test]
+    fn a_node_certificate_for_a_foreign_key_names_the_node_and_lasts_30_days() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), &[]).expect("init");
+        let issuing = Ca::load_issuing(dir.path()).expect("issuer");
+        let node_key = KeyPair::generate().expect("key");
+        let chain = issuing.issue_node_for_key("web-1", &node_key).expect("issue");
+        let root = fs::read_to_string(dir.path().join(files::CA_CERT)).expect("ca");
+        verify_client(&root, &chain).expect("chains");
+        let (_, block) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).expect("pem");
+        let p = upkeep_proto::tls::principal_from_der(&block.contents).expect("identity");
+        assert_eq!(p.uri(), "upkeep://node/web-1");
+        let cert = block.parse_x509().expect("x509");
+        let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / 86_400;
+        assert_eq!(days, JOIN_VALIDITY_DAYS);
+        assert_eq!(cert.public_key().subject_public_key.data.as_ref(), rcgen::PublicKeyData::der_bytes(&node_key));
+        assert!(issuing.issue_node_for_key("bad name", &node_key).is_err());
     }
 }

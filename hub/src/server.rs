@@ -1,7 +1,8 @@
 //! The hub's server shell: mTLS-only gRPC on a listener, until a shutdown signal.
 //!
-//! There is no plaintext listener and no unauthenticated RPC: the TLS layer requires a client certificate that
-//! chains to the fleet CA before any request reaches a handler, and handlers then check the role.
+//! There is no plaintext listener. A client certificate, when presented, must chain to the fleet CA at the TLS
+//! layer; every handler then requires one and checks its role, except the join service, which serves the public
+//! CA and redeems join tokens (`grpc::join`).
 
 use crate::artifacts::Artifacts;
 use crate::config::HubConfig;
@@ -9,7 +10,7 @@ use crate::door::{DoorLimits, Occupancy};
 use crate::engine::Engine;
 use crate::executor::{Executor, StepLimits};
 use crate::fleet::{Fleet, Timing};
-use crate::grpc::{agent::AgentApi, operator::OperatorApi};
+use crate::grpc::{agent::AgentApi, join::JoinApi, operator::OperatorApi};
 use crate::ledger::Ledger;
 use crate::maintenance::Maintenance;
 use crate::revocation::Revocations;
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use upkeep_proto::tls::{PemKind, read_pem};
 use upkeep_proto::v1::agent_service_server::AgentServiceServer;
+use upkeep_proto::v1::join_service_server::JoinServiceServer;
 use upkeep_proto::v1::operator_service_server::OperatorServiceServer;
 
 /// How often batched last-seen times are written to the store.
@@ -35,6 +37,19 @@ pub fn server_tls(config: &HubConfig, revocations: Arc<Revocations>) -> anyhow::
     let cert = read_pem("tls.cert", &config.cert, PemKind::Certificate)?;
     let key = read_pem("tls.key", &config.key, PemKind::PrivateKey)?;
     crate::door::server_config(&ca, &cert, &key, revocations).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The join service for `config`: the fleet CA it hands out, and the issuing CA when `tls.issuer_cert` and
+/// `tls.issuer_key` are set (without them joins are refused with a line naming those settings).
+pub fn join_api(config: &HubConfig, fleet: Arc<Fleet>) -> anyhow::Result<JoinApi> {
+    let ca = read_pem("tls.ca", &config.ca, PemKind::Certificate)?;
+    let issuer = match &config.issuer {
+        Some(f) => {
+            Some(Arc::new(crate::pki::Ca::load_files(&f.cert, &f.key, true).context("tls.issuer_cert/tls.issuer_key")?))
+        }
+        None => None,
+    };
+    Ok(JoinApi::new(fleet, issuer, String::from_utf8_lossy(&ca).into_owned()))
 }
 
 /// Largest message an agent may send (reports, results; image bytes flow the other way).
@@ -147,12 +162,14 @@ pub async fn serve_fleet_with_local_agents(
     if let Some(local) = local {
         let _ = local.send(agents.clone());
     }
+    let join = join_api(&config, fleet.clone())?;
     // No HTTP/2 keep-alive pings: they cost a timer and a wakeup per connection, and liveness is proven
     // otherwise (agents heartbeat and the door closes silent node connections). Window sizes are left at hyper's
     // defaults: they bound what a peer may send ahead, they do not allocate.
     let result = Server::builder()
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
         .add_service(AgentServiceServer::from_arc(agents).max_decoding_message_size(AGENT_MESSAGE_LIMIT))
+        .add_service(JoinServiceServer::new(join).max_decoding_message_size(crate::grpc::join::JOIN_MESSAGE_LIMIT))
         .add_service(
             OperatorServiceServer::new(OperatorApi::new(
                 fleet.clone(),

@@ -89,6 +89,26 @@ pub fn principal_from_pem_file(setting: &str, path: &Path) -> Result<Principal, 
     principal_from_der(&block.contents).map_err(|e| bad(e.to_string()))
 }
 
+/// The SHA-256 fingerprint of a DER certificate: lower-case hex pairs joined by colons.
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Normalises a SHA-256 fingerprint as people copy it (hex, colons or none, any case) to the form
+/// [`fingerprint`] returns; the error says what is wrong.
+pub fn parse_fingerprint(text: &str) -> Result<String, String> {
+    let hex: String = text.trim().chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    let hex = hex.strip_prefix("sha256").map(|h| h.trim_start_matches('=')).unwrap_or(&hex).to_string();
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{text:?} is not a SHA-256 fingerprint: expected 64 hex digits (colons allowed), as `upkeepctl pki fingerprint` prints"
+        ));
+    }
+    let bytes: Vec<&str> = (0..32).map(|i| &hex[2 * i..2 * i + 2]).collect();
+    Ok(bytes.join(":"))
+}
+
 /// Paths of the three files a client needs, with the names of the settings they came from (for errors).
 #[derive(Debug, Clone)]
 pub struct ClientFiles {

@@ -121,8 +121,18 @@ pub fn write_hub_config_with(pki: &TestPki, state_dir: &Path, extra: &str) -> Pa
 pub fn write_hub_config_silent(pki: &TestPki, state_dir: &Path, silent_after: u32, extra: &str) -> PathBuf {
     let path = state_dir.join("hub.toml");
     std::fs::create_dir_all(state_dir).expect("mkdir");
+    // The issuing CA, when the PKI has one (every `pki init` since intermediates): joins are then possible.
+    let issuer = if pki.file(pki::files::ISSUER_KEY).exists() {
+        format!(
+            "issuer_cert = {:?}\nissuer_key = {:?}\n",
+            pki.file(pki::files::ISSUER_CERT),
+            pki.file(pki::files::ISSUER_KEY)
+        )
+    } else {
+        String::new()
+    };
     let text = format!(
-        "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = {silent_after}\n{extra}",
+        "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{issuer}[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = {silent_after}\n{extra}",
         state_dir.join("db"),
         pki.file(pki::files::CA_CERT),
         pki.file(pki::files::HUB_CERT),

@@ -75,10 +75,18 @@ fn offenders_outside_tests(dir: &Path, needles: &[&str], allow: impl Fn(&Path) -
 fn the_agent_touches_the_machine_only_through_node_os() {
     let src = workspace().join("agent/src");
     // The agent's own plumbing, which is not the node: its configuration file, its state and journal (atomic
-    // writes under its state directory), its connection to the hub, and `man --dir` writing man pages. Test
-    // files are test code.
-    let own =
-        ["config.rs", "state.rs", "journal.rs", "hub_socket.rs", "main.rs", "engine/tests.rs", "engine/kube_tests.rs"];
+    // writes under its state directory), its connection to the hub, `join` (enrollment: its key, certificate and
+    // configuration, before the agent runs) and `man --dir` writing man pages. Test files are test code.
+    let own = [
+        "config.rs",
+        "state.rs",
+        "journal.rs",
+        "hub_socket.rs",
+        "join.rs",
+        "main.rs",
+        "engine/tests.rs",
+        "engine/kube_tests.rs",
+    ];
     let os_dir = src.join("os");
     let hits =
         offenders_outside_tests(&src, &["std::fs", "tokio::fs", "std::net", "tokio::net", "Command::new"], |p| {
@@ -184,6 +192,32 @@ fn every_handler_starts_with_the_principal_check() {
         want.sort();
         assert_eq!(found, want, "{source}: every {service} RPC has a handler, and the check saw each one");
     }
+}
+
+/// The one service served without a client certificate: `Join` must start with the token check and
+/// `CaCertificate` serves only the public CA; every RPC of join.proto is one of those two.
+#[test]
+fn the_join_service_authenticates_by_token() {
+    let root = workspace();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
+    let source = read("hub/src/grpc/join.rs");
+    let header = "impl v1::join_service_server::JoinService for JoinApi {";
+    let start = source.find(header).expect("JoinService impl");
+    let block = &source[start..];
+    let block = &block[..block.find("\n}\n").map_or(block.len(), |e| e + 1)];
+    let first_statement = |name: &str| -> String {
+        let at = block.find(&format!("    async fn {name}(")).unwrap_or_else(|| panic!("handler {name}"));
+        let body = &block[at..];
+        let body = &body[body.find("{\n").expect("body") + 2..];
+        body.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with("//")).unwrap_or("").to_string()
+    };
+    let join = first_statement("join");
+    assert!(join.contains("self.check_token(&req)?"), "join must start with the token check: {join:?}");
+    let ca = first_statement("ca_certificate");
+    assert!(ca.starts_with("public_ca_only(&req)"), "ca_certificate must serve the public CA only: {ca:?}");
+    let mut want = rpcs(&read("proto/proto/upkeep/v1/join.proto"), "JoinService");
+    want.sort();
+    assert_eq!(want, vec!["ca_certificate", "join"], "a new JoinService RPC needs its own check here");
 }
 
 #[test]

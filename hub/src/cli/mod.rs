@@ -112,7 +112,10 @@ pub enum Command {
 /// `upkeepctl pki ...`
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
-    /// Write a fleet CA, a hub certificate, one operator and one viewer certificate into DIR.
+    /// Write a fleet root CA (ca.pem, ca.key), an issuing intermediate CA under it (issuer.pem, issuer.key), a hub
+    /// certificate, one operator and one viewer certificate into DIR, and print the root's SHA-256 fingerprint
+    /// (for `upkeep-agent join --ca-fingerprint`). Leaves are signed by the intermediate: after init, move ca.key
+    /// offline (the hub needs only issuer.pem/issuer.key to sign certificates for joining nodes).
     Init {
         /// Directory to write into (created if missing; an existing CA is never overwritten).
         #[arg(long)]
@@ -121,7 +124,7 @@ pub enum PkiCommand {
         #[arg(long = "hub-name")]
         hub_names: Vec<String>,
     },
-    /// Issue a node certificate (node-NAME.pem, node-NAME.key) with the CA in DIR.
+    /// Issue a node certificate (node-NAME.pem, node-NAME.key) with the CA in DIR (the intermediate if DIR has one).
     IssueNode(IssueArgs),
     /// Issue an operator certificate (read and write).
     IssueOperator(IssueArgs),
@@ -145,19 +148,78 @@ pub enum PkiCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Join tokens for `upkeep-agent join` (ask the hub; operator role).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print the SHA-256 fingerprint of the fleet CA in DIR (ca.pem): what `upkeep-agent join --ca-fingerprint`
+    /// wants.
+    Fingerprint {
+        /// Directory holding ca.pem.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 impl PkiCommand {
     /// Whether the command works on local files only (the others ask the hub).
     pub fn is_local(&self) -> bool {
-        !matches!(self, PkiCommand::Revoke { .. } | PkiCommand::Revoked)
+        !matches!(self, PkiCommand::Revoke { .. } | PkiCommand::Revoked | PkiCommand::Token(_))
     }
+}
+
+/// `upkeepctl pki token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token and print it (once: the hub keeps only a hash). On the node:
+    /// `upkeep-agent join --hub URL --token TOKEN --ca-fingerprint FP` (`upkeepctl pki fingerprint --dir DIR`).
+    Create {
+        /// The member joining nodes belong to.
+        #[arg(long)]
+        member: String,
+        /// Their node pool (default: default).
+        #[arg(long, default_value = "")]
+        pool: String,
+        /// How long the token is accepted: seconds, or with a unit (90s, 30m, 1h, 2d); at most 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// List join tokens (never their secrets).
+    List,
+    /// Revoke a join token by id: it is refused from now on.
+    Revoke {
+        /// The token's id (the part after upkeep-join- and before the dot).
+        id: String,
+    },
+}
+
+/// Parses `--ttl`: seconds, or a number with s, m, h or d.
+pub fn parse_ttl(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (num, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("--ttl {text:?}: unknown unit: give seconds or a number with s, m, h or d, e.g. --ttl 1h"),
+    };
+    let n: u64 = num.parse().map_err(|_| anyhow!("--ttl {text:?}: not a duration: give e.g. --ttl 1h or --ttl 90s"))?;
+    if n == 0 {
+        bail!("--ttl {text:?}: must be more than zero, e.g. --ttl 1h");
+    }
+    Ok(n.saturating_mul(per))
 }
 
 /// Arguments of the issue commands.
 #[derive(Debug, Args)]
 pub struct IssueArgs {
-    /// Directory holding ca.pem and ca.key; the new files are written there.
+    /// Directory holding the CA (issuer.pem/issuer.key, or ca.pem/ca.key); the new files are written there.
     #[arg(long)]
     pub dir: PathBuf,
     /// Name carried in the certificate (node name for nodes).
@@ -354,6 +416,7 @@ async fn run_command(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match &cli.command {
         Command::Pki(PkiCommand::Status { dir }) => pki_status(cli, dir.as_deref(), out),
         Command::Pki(cmd) if cmd.is_local() => run_pki(cmd, cli.output, out),
+        Command::Pki(PkiCommand::Token(cmd)) => tokens(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Pki(cmd) => revocations(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -543,10 +606,69 @@ fn pki_status(cli: &Cli, dir: Option<&std::path::Path>, out: &mut dyn Write) -> 
     Ok(())
 }
 
+/// `pki token create|list|revoke`.
+async fn tokens(
+    c: &mut OperatorServiceClient<tonic::transport::Channel>,
+    cmd: &TokenCommand,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create { member, pool, ttl, uses } => {
+            let ttl_seconds = parse_ttl(ttl)?;
+            if *uses == 0 {
+                bail!("--uses 0: a token must allow at least one join, e.g. --uses 1");
+            }
+            let req =
+                v1::CreateJoinTokenRequest { member: member.clone(), pool: pool.clone(), ttl_seconds, uses: *uses };
+            let r = c.create_join_token(req).await.map_err(status_line)?.into_inner();
+            let t = r.token.unwrap_or_default();
+            if format.is_structured() {
+                let mut v = output::token_json(&t);
+                v["token"] = serde_json::Value::String(r.secret_token);
+                return output::emit(format, out, &v);
+            }
+            writeln!(out, "{}", r.secret_token)?;
+            writeln!(
+                out,
+                "join token {} for member {} pool {}: {} use(s), expires {} (shown once; the hub keeps only a hash)",
+                t.id,
+                t.member,
+                t.pool,
+                t.uses_left,
+                output::time_text(t.expires_unix_ms)
+            )?;
+            Ok(())
+        }
+        TokenCommand::List => {
+            let list = c.list_join_tokens(v1::ListJoinTokensRequest {}).await.map_err(status_line)?.into_inner();
+            output::print_tokens(format, &list.tokens, chrono::Utc::now(), out)
+        }
+        TokenCommand::Revoke { id } => {
+            let r = c.revoke_join_token(v1::RevokeJoinTokenRequest { id: id.clone() }).await.map_err(status_line)?;
+            if !r.into_inner().existed {
+                bail!("join token {id:?} not found; see `upkeepctl pki token list`");
+            }
+            writeln!(out, "join token {id} revoked")?;
+            Ok(())
+        }
+    }
+}
+
 fn run_pki(cmd: &PkiCommand, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
     let report = match cmd {
-        PkiCommand::Revoke { .. } | PkiCommand::Revoked | PkiCommand::Status { .. } => {
-            bail!("pki revoke/revoked/status are not PKI-directory writes (internal error)")
+        PkiCommand::Revoke { .. } | PkiCommand::Revoked | PkiCommand::Status { .. } | PkiCommand::Token(_) => {
+            bail!("pki revoke/revoked/status/token are not PKI-directory writes (internal error)")
+        }
+        PkiCommand::Fingerprint { dir } => {
+            let path = dir.join(pki::files::CA_CERT);
+            let pem = std::fs::read_to_string(&path).with_context(|| format!("--dir: {}", path.display()))?;
+            let fp = pki::fingerprint_pem(&pem).map_err(|e| anyhow!("--dir: {}: {e}", path.display()))?;
+            if format.is_structured() {
+                return output::emit(format, out, &serde_json::json!({ "ca_fingerprint": fp }));
+            }
+            writeln!(out, "{fp}")?;
+            return Ok(());
         }
         PkiCommand::Init { dir, hub_names } => pki::init(dir, hub_names).context("pki init")?,
         PkiCommand::IssueNode(a) => pki::issue(&a.dir, Role::Node, &a.name).context("pki issue-node")?,
@@ -558,6 +680,10 @@ fn run_pki(cmd: &PkiCommand, format: Format, out: &mut dyn Write) -> anyhow::Res
         Format::Table => {
             for f in &report.files {
                 writeln!(out, "wrote {}", f.display())?;
+            }
+            if let Some(fp) = &report.ca_fingerprint {
+                writeln!(out, "CA fingerprint (SHA-256, for upkeep-agent join --ca-fingerprint): {fp}")?;
+                writeln!(out, "move ca.key offline: the hub issues with issuer.pem and issuer.key")?;
             }
         }
     }

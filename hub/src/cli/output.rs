@@ -408,6 +408,60 @@ pub fn print_whoami(format: Format, me: &v1::WhoAmIResponse, out: &mut dyn Write
     Ok(())
 }
 
+/// A join token as `-o json` shows it (docs/cli-json.md); never its secret.
+pub fn token_json(t: &v1::JoinToken) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id,
+        "member": t.member,
+        "pool": t.pool,
+        "expires_at": rfc3339(t.expires_unix_ms),
+        "uses_left": t.uses_left,
+        "created_by": t.created_by,
+        "created_at": rfc3339(t.created_unix_ms),
+    })
+}
+
+/// A time for people (RFC 3339, UTC).
+pub fn time_text(ms: i64) -> String {
+    rfc3339(ms).unwrap_or_else(|| "-".into())
+}
+
+/// `upkeepctl pki token list`.
+pub fn print_tokens(
+    format: Format,
+    list: &[v1::JoinToken],
+    now: DateTime<Utc>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    if format.is_structured() {
+        let rows: Vec<serde_json::Value> = list.iter().map(token_json).collect();
+        return emit(format, out, &rows);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            let state = if t.expires_unix_ms <= now.timestamp_millis() {
+                "expired".to_string()
+            } else if t.uses_left == 0 {
+                "used up".to_string()
+            } else {
+                "valid".to_string()
+            };
+            vec![
+                t.id.clone(),
+                t.member.clone(),
+                t.pool.clone(),
+                t.uses_left.to_string(),
+                time_text(t.expires_unix_ms),
+                state,
+                t.created_by.clone(),
+            ]
+        })
+        .collect();
+    table(out, &["ID", "MEMBER", "POOL", "USES LEFT", "EXPIRES", "STATE", "CREATED BY"], &rows)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

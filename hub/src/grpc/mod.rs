@@ -2,6 +2,7 @@
 //! `Hub`, map the error to a Status through the one `ApiError` -> `Status` mapping below.
 
 pub mod agent;
+pub mod join;
 pub mod operator;
 pub mod runs;
 

@@ -46,6 +46,18 @@ fn event_to_wire(e: &EventRecord) -> v1::RunEvent {
     }
 }
 
+fn token_to_wire(t: &crate::store::JoinTokenRecord) -> v1::JoinToken {
+    v1::JoinToken {
+        id: t.id.clone(),
+        member: t.member.clone(),
+        pool: t.node_pool.clone(),
+        expires_unix_ms: t.expires_ms,
+        uses_left: t.uses_left,
+        created_by: t.created_by.clone(),
+        created_unix_ms: t.created_ms,
+    }
+}
+
 /// A run status after which `watch` ends: nothing more happens unless an operator acts.
 fn watch_ends(status: &str) -> bool {
     matches!(status, "Completed" | "Skipped" | "Failed" | "Stopped")
@@ -219,6 +231,45 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             self.fleet.end_session(node, "this node's certificate was revoked");
         }
         Ok(Response::new(revoked_to_wire(&revoked)))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<v1::CreateJoinTokenResponse>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "create join tokens")?;
+        let r = req.get_ref();
+        let t = crate::join::new_token(&r.member, &r.pool, r.ttl_seconds, r.uses, &p.uri(), now_ms())
+            .map_err(ApiError::InvalidArgument)?;
+        self.fleet.store().create_join_token(&t.record).map_err(ApiError::from)?;
+        tracing::info!(token = %t.record.id, member = %t.record.member, pool = %t.record.node_pool,
+            uses = t.record.uses_left, by = %p.uri(), "join token created");
+        Ok(Response::new(v1::CreateJoinTokenResponse { token: Some(token_to_wire(&t.record)), secret_token: t.text }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<v1::ListJoinTokensRequest>,
+    ) -> Result<Response<v1::ListJoinTokensResponse>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "list join tokens")?;
+        let tokens = self.fleet.store().list_join_tokens().map_err(ApiError::from)?;
+        Ok(Response::new(v1::ListJoinTokensResponse { tokens: tokens.iter().map(token_to_wire).collect() }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<v1::RevokeJoinTokenRequest>,
+    ) -> Result<Response<v1::RevokeJoinTokenResponse>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "revoke join tokens")?;
+        let id = req.get_ref().id.trim().to_ascii_lowercase();
+        let existed = self.fleet.store().revoke_join_token(&id).map_err(ApiError::from)?;
+        if existed {
+            tracing::info!(token = %id, by = %p.uri(), "join token revoked");
+        }
+        Ok(Response::new(v1::RevokeJoinTokenResponse { existed }))
     }
 
     async fn list_revoked_certificates(

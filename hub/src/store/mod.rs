@@ -316,6 +316,38 @@ pub struct RevokedCert {
     pub revoked_ms: i64,
 }
 
+/// A join token (`upkeepctl pki token create`): only the SHA-256 of its secret is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// Public id (the part of the token before the dot), how the hub finds the row.
+    pub id: String,
+    /// Lower-case hex SHA-256 of the secret.
+    pub secret_sha256: String,
+    /// The member a node joining with it belongs to.
+    pub member: String,
+    /// Its node pool.
+    pub node_pool: String,
+    /// Refused from then on (Unix ms).
+    pub expires_ms: i64,
+    /// Joins left.
+    pub uses_left: u32,
+    /// The operator who created it.
+    pub created_by: String,
+    /// When (Unix ms).
+    pub created_ms: i64,
+}
+
+/// Why a join token was not accepted (nothing was changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No token with that id and secret (never made, mistyped, or revoked).
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// Every use was taken.
+    UsedUp,
+}
+
 /// A disruption lease: a node out of service with the hub's permission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRecord {
@@ -478,4 +510,26 @@ pub trait Store: Send + Sync {
     fn node_cert_serials(&self, node: &str) -> Result<Vec<String>, StoreError>;
     /// The node that presented the certificate with `serial`, if one did.
     fn node_of_cert(&self, serial: &str) -> Result<Option<String>, StoreError>;
+    /// Stores a new join token (its id must be new).
+    fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
+    /// Every join token, oldest first.
+    fn list_join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError>;
+    /// Deletes a join token; false if there was none with that id.
+    fn revoke_join_token(&self, id: &str) -> Result<bool, StoreError>;
+    /// Checks a join token without using it: the record, or why it is refused at `now_ms`.
+    fn check_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now_ms: i64,
+    ) -> Result<Result<JoinTokenRecord, TokenRefusal>, StoreError>;
+    /// Uses a join token for `node` at `now_ms`: in one transaction, checks it as [`Store::check_join_token`],
+    /// takes one use and records which node used it. A refused token changes nothing.
+    fn use_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        node: &str,
+        now_ms: i64,
+    ) -> Result<Result<JoinTokenRecord, TokenRefusal>, StoreError>;
 }

@@ -5,8 +5,8 @@
 
 use super::runparts::RunWrite;
 use super::{
-    EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord,
-    RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
+    EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent,
+    NodeFacts, NodeRecord, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError, TokenRefusal, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeSet;
@@ -135,6 +135,22 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (node, serial)
     );
     CREATE INDEX node_certs_by_serial ON node_certs(serial);",
+    // Join tokens: the secret is kept only as its SHA-256; every use is recorded with the node that joined.
+    "CREATE TABLE join_tokens (
+        id TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL,
+        member TEXT NOT NULL,
+        node_pool TEXT NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE join_token_uses (
+        token_id TEXT NOT NULL,
+        node TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this hub's migrations lead to (`PRAGMA user_version`).
@@ -1086,6 +1102,115 @@ impl Store for SqliteStore {
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db(ctx))?;
         rows.collect::<Result<_, _>>().map_err(db(ctx))
     }
+
+    fn create_join_token(&self, t: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                &format!("INSERT INTO join_tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                params![
+                    t.id,
+                    t.secret_sha256,
+                    t.member,
+                    t.node_pool,
+                    t.expires_ms,
+                    t.uses_left,
+                    t.created_by,
+                    t.created_ms
+                ],
+            )
+            .map(drop)
+            .map_err(db("storing a join token"))
+    }
+
+    fn list_join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        let ctx = "listing join tokens";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM join_tokens ORDER BY created_ms, id"))
+            .map_err(db(ctx))?;
+        let rows = stmt.query_map([], token_from_row).map_err(db(ctx))?;
+        rows.collect::<Result<_, _>>().map_err(db(ctx))
+    }
+
+    fn revoke_join_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.conn()
+            .execute("DELETE FROM join_tokens WHERE id = ?1", params![id])
+            .map(|n| n > 0)
+            .map_err(db(format!("revoking join token {id}")))
+    }
+
+    fn check_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now_ms: i64,
+    ) -> Result<Result<JoinTokenRecord, TokenRefusal>, StoreError> {
+        checked_token(&self.conn(), id, secret_sha256, now_ms).map_err(db(format!("reading join token {id}")))
+    }
+
+    fn use_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        node: &str,
+        now_ms: i64,
+    ) -> Result<Result<JoinTokenRecord, TokenRefusal>, StoreError> {
+        let ctx = format!("using join token {id}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        let mut token = match checked_token(&tx, id, secret_sha256, now_ms).map_err(db(ctx.clone()))? {
+            Ok(t) => t,
+            // Nothing written: the transaction is rolled back on drop.
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        tx.execute("UPDATE join_tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left > 0", params![id])
+            .map_err(db(ctx.clone()))?;
+        tx.execute(
+            "INSERT INTO join_token_uses (token_id, node, at_ms) VALUES (?1, ?2, ?3)",
+            params![id, node, now_ms],
+        )
+        .map_err(db(ctx.clone()))?;
+        tx.commit().map_err(db(ctx))?;
+        token.uses_left -= 1;
+        Ok(Ok(token))
+    }
+}
+
+const TOKEN_COLUMNS: &str = "id, secret_sha256, member, node_pool, expires_ms, uses_left, created_by, created_ms";
+
+fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JoinTokenRecord> {
+    Ok(JoinTokenRecord {
+        id: r.get(0)?,
+        secret_sha256: r.get(1)?,
+        member: r.get(2)?,
+        node_pool: r.get(3)?,
+        expires_ms: r.get(4)?,
+        uses_left: r.get(5)?,
+        created_by: r.get(6)?,
+        created_ms: r.get(7)?,
+    })
+}
+
+/// The token `id` with this secret hash, or why it is refused at `now_ms` (read inside the caller's transaction).
+fn checked_token(
+    conn: &Connection,
+    id: &str,
+    secret_sha256: &str,
+    now_ms: i64,
+) -> rusqlite::Result<Result<JoinTokenRecord, TokenRefusal>> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {TOKEN_COLUMNS} FROM join_tokens WHERE id = ?1 AND secret_sha256 = ?2"),
+            params![id, secret_sha256],
+            token_from_row,
+        )
+        .optional()?;
+    Ok(match row {
+        None => Err(TokenRefusal::Unknown),
+        Some(t) if t.expires_ms <= now_ms => Err(TokenRefusal::Expired),
+        Some(t) if t.uses_left == 0 => Err(TokenRefusal::UsedUp),
+        Some(t) => Ok(t),
+    })
 }
 
 fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRecord> {
@@ -1490,5 +1615,43 @@ mod tests {
         Connection::open(&path).expect("open").pragma_update(None, "user_version", 99).expect("set");
         let err = SqliteStore::open(&path).err().expect("refused");
         assert!(err.to_string().contains("upgrade the hub"), "{err}");
+    }
+
+    #[test]
+    fn join_tokens_are_checked_used_once_per_use_and_refusals_change_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        let t = JoinTokenRecord {
+            id: "abc".into(),
+            secret_sha256: "h1".into(),
+            member: "m1".into(),
+            node_pool: "p".into(),
+            expires_ms: 1_000,
+            uses_left: 2,
+            created_by: "upkeep://operator/admin".into(),
+            created_ms: 10,
+        };
+        s.create_join_token(&t).expect("create");
+        assert!(s.create_join_token(&t).is_err(), "an id is used once");
+        assert_eq!(s.check_join_token("abc", "h1", 500).expect("check"), Ok(t.clone()));
+        assert_eq!(s.check_join_token("abc", "wrong", 500).expect("check"), Err(TokenRefusal::Unknown));
+        assert_eq!(s.use_join_token("abc", "wrong", "n0", 500).expect("use"), Err(TokenRefusal::Unknown));
+        assert_eq!(s.use_join_token("abc", "h1", "n0", 1_000).expect("use"), Err(TokenRefusal::Expired));
+        assert_eq!(s.list_join_tokens().expect("list")[0].uses_left, 2, "refusals took no use");
+        assert_eq!(s.use_join_token("abc", "h1", "n1", 500).expect("use").expect("ok").uses_left, 1);
+        assert_eq!(s.use_join_token("abc", "h1", "n2", 500).expect("use").expect("ok").uses_left, 0);
+        assert_eq!(s.use_join_token("abc", "h1", "n3", 500).expect("use"), Err(TokenRefusal::UsedUp));
+        let uses: Vec<String> = s
+            .conn()
+            .prepare("SELECT node FROM join_token_uses ORDER BY at_ms, node")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(uses, vec!["n1", "n2"], "each use recorded with its node, refusals not");
+        assert!(s.revoke_join_token("abc").expect("revoke"));
+        assert!(!s.revoke_join_token("abc").expect("revoke again"));
+        assert_eq!(s.check_join_token("abc", "h1", 500).expect("check"), Err(TokenRefusal::Unknown));
     }
 }

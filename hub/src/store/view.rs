@@ -12,8 +12,9 @@
 
 use super::runparts::RunWrite;
 use super::{
-    EventRecord, ImageRecord, JobRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent, NodeFacts, NodeRecord,
-    Regions, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError, WindowKind,
+    EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent,
+    NodeFacts, NodeRecord, Regions, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError, TokenRefusal,
+    WindowKind,
 };
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -477,6 +478,37 @@ impl Store for Viewed {
     }
     fn node_of_cert(&self, serial: &str) -> Result<Option<String>, StoreError> {
         self.inner.node_of_cert(serial)
+    }
+
+    fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.inner.create_join_token(token)
+    }
+
+    fn list_join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        self.inner.list_join_tokens()
+    }
+
+    fn revoke_join_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.inner.revoke_join_token(id)
+    }
+
+    fn check_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now_ms: i64,
+    ) -> Result<Result<JoinTokenRecord, TokenRefusal>, StoreError> {
+        self.inner.check_join_token(id, secret_sha256, now_ms)
+    }
+
+    fn use_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        node: &str,
+        now_ms: i64,
+    ) -> Result<Result<JoinTokenRecord, TokenRefusal>, StoreError> {
+        self.inner.use_join_token(id, secret_sha256, node, now_ms)
     }
 }
 
