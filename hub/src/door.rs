@@ -58,6 +58,8 @@ pub struct DoorLimits {
     pub handshake_timeout: Duration,
     /// A node connection from which nothing was read for this long is closed (None: never).
     pub node_idle: Option<Duration>,
+    /// A connection without a client certificate is closed this long after its handshake.
+    pub certless_lifetime: Duration,
 }
 
 impl DoorLimits {
@@ -87,7 +89,13 @@ impl DoorLimits {
     pub fn within(nofile: usize, handshake_timeout: Duration) -> DoorLimits {
         let max_connections = nofile.saturating_sub(FD_RESERVE).max(16);
         let operator_reserve = OPERATOR_RESERVE.min(max_connections / 4);
-        DoorLimits { max_connections, operator_reserve, handshake_timeout, node_idle: None }
+        DoorLimits {
+            max_connections,
+            operator_reserve,
+            handshake_timeout,
+            node_idle: None,
+            certless_lifetime: CERTLESS_LIFETIME,
+        }
     }
 
     /// These limits, closing node connections silent past `silence_deadline` (when the hub calls a node Unknown)
@@ -323,7 +331,7 @@ pub fn incoming(
                 let mut idle = None;
                 if tls.get_ref().1.peer_certificates().is_none_or(|c| c.is_empty()) {
                     // No certificate: only a join can be served on it (every other handler refuses such a caller).
-                    idle = Some(Idle::lifetime(CERTLESS_LIFETIME));
+                    idle = Some(Idle::lifetime(limits.certless_lifetime));
                 } else if role_of(&tls) == Some(Role::Node) {
                     let cap = limits.max_connections.saturating_sub(limits.operator_reserve);
                     if occupancy.nodes.fetch_add(1, Ordering::Relaxed) >= cap {
@@ -344,6 +352,64 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_connection_without_a_client_certificate_is_closed_after_its_lifetime_whatever_it_sends() {
+        let dir = tempfile::tempdir().expect("tmp");
+        crate::pki::init(dir.path(), &[]).expect("pki");
+        let read = |f: &str| std::fs::read(dir.path().join(f)).expect(f);
+        let server = server_config(&read("ca.pem"), &read("hub.pem"), &read("hub.key"), Arc::new(Revocations::none()))
+            .expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = DoorLimits {
+            certless_lifetime: Duration::from_secs(1),
+            ..DoorLimits::within(1000, DEFAULT_HANDSHAKE_TIMEOUT)
+        };
+        let occupancy = Arc::new(Occupancy::default());
+        let mut conns = incoming(listener, Arc::new(server), limits, occupancy.clone());
+
+        // A client with the fleet CA but no certificate of its own (what `upkeep-agent join` is).
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&read("ca.pem")) {
+            roots.add(c.expect("ca")).expect("root");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp).await.expect("handshake");
+        let mut conn = conns.recv().await.expect("a connection").expect("accepted");
+        assert_eq!(occupancy.open(), 1);
+        let opened = tokio::time::Instant::now();
+        // The client keeps talking; the hub side still ends the connection at its lifetime.
+        let talker = tokio::spawn(async move {
+            loop {
+                if tokio::io::AsyncWriteExt::write_all(&mut tls, b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let mut buf = [0u8; 64];
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await.expect("closed in time") {
+                Ok(0) => panic!("the client closed first"),
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(ended.kind(), io::ErrorKind::TimedOut, "{ended}");
+        assert!(opened.elapsed() >= Duration::from_millis(900), "closed after {:?}", opened.elapsed());
+        drop(conn);
+        assert_eq!(occupancy.open(), 0, "its slot is given back");
+        talker.abort();
+    }
 
     #[test]
     fn limits_stay_below_the_descriptor_limit_and_keep_a_share_for_operators() {
