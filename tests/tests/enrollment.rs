@@ -104,6 +104,16 @@ async fn a_node_joins_with_a_token_and_runs_with_what_join_wrote() {
     .await;
     agent.stop().await;
 
+    // A token for another member cannot take over a known node's name, and is not used up by trying.
+    let out = upkeepctl_ok(&pki, &url, &["pki", "token", "create", "--member", "m2"]).await;
+    let m2 = out.lines().next().expect("token line").to_string();
+    let taken = work.path().join("taken");
+    let err = one_line_error(&join(&taken, &url, &m2, &fp, "n-join").await);
+    assert!(err.contains("exists in member m1") && err.contains("node forget"), "{err}");
+    assert!(!taken.join("pki/node.pem").exists());
+    let ok = join(&work.path().join("m2-node"), &url, &m2, &fp, "n-m2").await;
+    assert!(ok.status.success(), "the refused attempt took no use: {}", String::from_utf8_lossy(&ok.stderr));
+
     // The same token again: used up, one line, nothing written.
     let again = work.path().join("again");
     let err = one_line_error(&join(&again, &url, &t, &fp, "n-two").await);
@@ -150,8 +160,8 @@ async fn a_node_joins_with_a_token_and_runs_with_what_join_wrote() {
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
-    assert_eq!(rows.len(), 3, "{rows:?}");
-    for t in [&t, &short, &fresh] {
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for t in [&t, &m2, &short, &fresh] {
         let secret = t.rsplit('.').next().expect("secret");
         assert!(rows.iter().all(|r| !r.contains(secret)), "a secret is stored in clear: {rows:?}");
         let bytes = std::fs::read(&db).expect("db bytes");

@@ -68,6 +68,19 @@ impl v1::join_service_server::JoinService for JoinApi {
             )
         })?;
         validate_name("node name", &r.node_name).map_err(|e| ApiError::InvalidArgument(format!("--name: {e}")))?;
+        // A token for one member must not hand out another member's node identity: a name the hub knows in
+        // another member is refused (an operator moves a node by forgetting it first).
+        if let Some(known) = self.fleet.store().get_node(&r.node_name).map_err(ApiError::from)?
+            && known.facts.member != token.member
+        {
+            tracing::warn!(token = %token.id, node = %r.node_name, member = %known.facts.member,
+                token_member = %token.member, "join refused: the node exists in another member");
+            return Err(ApiError::PermissionDenied(format!(
+                "--name: node {} exists in member {}, and this token is for member {}: use a token for member {},                  or `upkeepctl node forget {}` first",
+                r.node_name, known.facts.member, token.member, known.facts.member, r.node_name
+            ))
+            .into());
+        }
         let public_key = check_csr(&r.csr_pem).map_err(ApiError::InvalidArgument)?;
         // Everything is known to be good: take the use (the store checks the token again in the same
         // transaction, so two joins racing for the last use cannot both have it).
