@@ -756,7 +756,9 @@ fn grub_snippet_checks_and_matches_the_variables_the_agent_writes() {
     run_ok(Command::new("grub-editenv").arg(&env).args(["set", "saved_entry=rescue"]));
     assert_eq!(boot().default, "0", "GRUB_DEFAULT stays in force");
 
-    // Both packages install it as /etc/grub.d/09_upkeep, executable, as a configuration file.
+    // Both packages install it as /etc/grub.d/09_upkeep, executable. The .deb marks it a conffile (Debian policy:
+    // everything under /etc); the .rpm does not mark it %config (rpmlint: an executable is program code, and its
+    // settings live in /etc/default/upkeep-grub), so an upgrade replaces it.
     let dist = work.path().join("dist");
     let deb = pick(&build_packages("upkeep-agent", "deb", &dist, None), ".deb");
     let listing = String::from_utf8_lossy(&run_ok(Command::new("dpkg-deb").arg("-c").arg(&deb)).stdout).into_owned();
@@ -768,5 +770,5 @@ fn grub_snippet_checks_and_matches_the_variables_the_agent_writes() {
         String::from_utf8_lossy(&run_ok(Command::new("rpm").args(["-qp", "--dump"]).arg(&rpm)).stdout).into_owned();
     let line = dump.lines().find(|l| l.starts_with("/etc/grub.d/09_upkeep ")).unwrap_or_else(|| panic!("{dump}"));
     let fields: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!((fields[4], fields[7]), ("0100755", "1"), "mode and config flag: {line}");
+    assert_eq!((fields[4], fields[7]), ("0100755", "0"), "mode and config flag: {line}");
 }
