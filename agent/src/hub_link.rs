@@ -35,6 +35,8 @@ pub use crate::hub_socket::DEFAULT_HEARTBEAT;
 pub const CHANNEL_REASSERT_EVERY: Duration = Duration::from_secs(3600);
 /// Outbound queue depth of one session.
 const OUTBOUND_QUEUE: usize = 16;
+/// After a failed certificate renewal, the next attempt (seconds): the certificate still has a third of its life.
+const RENEW_RETRY_S: i64 = 3600;
 /// After a leased reboot failed on this boot, the node waits this long before it asks for the next lease (a
 /// drain that cannot finish is not retried, with its cordon and uncordon, at every wakeup).
 pub const LEASED_REBOOT_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30 * 60);
@@ -475,6 +477,16 @@ impl Agent {
     /// Runs until `shutdown` completes, reconnecting as needed.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
+        // A certificate rotation a crash interrupted is completed before the first connection.
+        match crate::renew::finish_rotation(&self.cfg.tls.cert, &self.cfg.tls.key) {
+            Ok(true) => {
+                tracing::info!(cert = %self.cfg.tls.cert.display(), "finished an interrupted certificate rotation")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(cert = %self.cfg.tls.cert.display(), error = %e, "finishing a certificate rotation")
+            }
+        }
         // Whatever the node's updaters were switched to while we were not running, the channel is put back.
         self.apply_channel().await;
         // Operations interrupted by a restart or a reboot carry on from their journalled step.
@@ -530,6 +542,10 @@ impl Agent {
             .await
             .context("connecting to the hub")?;
         *self.link.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel.clone());
+        // Certificate rotation (see `renew`): due at 2/3 of the certificate's life, asked on this connection.
+        let renew_channel = channel.clone();
+        let mut renew_at = crate::renew::due_at(&self.cfg.tls.cert).ok();
+        let mut renewing: Option<tokio::task::JoinHandle<anyhow::Result<i64>>> = None;
         let mut results = self.results.lock().await;
         let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<v1::AgentMessage>(OUTBOUND_QUEUE);
@@ -605,6 +621,25 @@ impl Agent {
                     r.context("heartbeat timer")?;
                     if let Some(w) = &self.watchdog {
                         w.ping();
+                    }
+                    let now_s = chrono::Utc::now().timestamp();
+                    if let Some(done) = renewing.take_if(|h| h.is_finished()) {
+                        match done.await.map_err(anyhow::Error::from).and_then(|r| r) {
+                            Ok(until) => {
+                                tracing::info!(node = %self.cfg.node_name, not_after = until,
+                                    "node certificate renewed; the next connection presents it");
+                                renew_at = crate::renew::due_at(&self.cfg.tls.cert).ok();
+                            }
+                            Err(e) => {
+                                tracing::warn!(node = %self.cfg.node_name, error = %format!("{e:#}"),
+                                    retry_in_s = RENEW_RETRY_S, "renewing the node certificate");
+                                renew_at = Some(now_s + RENEW_RETRY_S);
+                            }
+                        }
+                    }
+                    if renewing.is_none() && renew_at.is_some_and(|t| now_s >= t) {
+                        let (ch, cert, key) = (renew_channel.clone(), self.cfg.tls.cert.clone(), self.cfg.tls.key.clone());
+                        renewing = Some(tokio::spawn(async move { crate::renew::renew(ch, &cert, &key).await }));
                     }
                     if self.channel_reassert_due() {
                         self.apply_channel().await;

@@ -14,6 +14,7 @@ pub mod hub_socket;
 pub mod join;
 pub mod journal;
 pub mod os;
+pub mod renew;
 pub mod state;
 pub mod ticker;
 pub mod watchdog;

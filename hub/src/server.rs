@@ -41,15 +41,20 @@ pub fn server_tls(config: &HubConfig, revocations: Arc<Revocations>) -> anyhow::
 
 /// The join service for `config`: the fleet CA it hands out, and the issuing CA when `tls.issuer_cert` and
 /// `tls.issuer_key` are set (without them joins are refused with a line naming those settings).
-pub fn join_api(config: &HubConfig, fleet: Arc<Fleet>) -> anyhow::Result<JoinApi> {
+pub fn join_api(config: &HubConfig, fleet: Arc<Fleet>, issuer: Option<Arc<crate::pki::Ca>>) -> anyhow::Result<JoinApi> {
     let ca = read_pem("tls.ca", &config.ca, PemKind::Certificate)?;
-    let issuer = match &config.issuer {
-        Some(f) => {
-            Some(Arc::new(crate::pki::Ca::load_files(&f.cert, &f.key, true).context("tls.issuer_cert/tls.issuer_key")?))
-        }
-        None => None,
-    };
     Ok(JoinApi::new(fleet, issuer, String::from_utf8_lossy(&ca).into_owned()))
+}
+
+/// The issuing CA of `config` (`tls.issuer_cert`, `tls.issuer_key`), which signs joining nodes' certificates and
+/// renewals; None when not set.
+pub fn issuer(config: &HubConfig) -> anyhow::Result<Option<Arc<crate::pki::Ca>>> {
+    match &config.issuer {
+        Some(f) => Ok(Some(Arc::new(
+            crate::pki::Ca::load_files(&f.cert, &f.key, true).context("tls.issuer_cert/tls.issuer_key")?,
+        ))),
+        None => Ok(None),
+    }
 }
 
 /// Largest message an agent may send (reports, results; image bytes flow the other way).
@@ -153,16 +158,20 @@ pub async fn serve_fleet_with_local_agents(
         shutdown.await;
         closing_fleet.close_all_sessions();
     };
-    let agents = Arc::new(AgentApi::new(
-        fleet.clone(),
-        maintenance.clone(),
-        Artifacts::new(&config.state_dir),
-        config.limits.fetches_per_node,
-    ));
+    let issuer = issuer(&config)?;
+    let agents = Arc::new(
+        AgentApi::new(
+            fleet.clone(),
+            maintenance.clone(),
+            Artifacts::new(&config.state_dir),
+            config.limits.fetches_per_node,
+        )
+        .with_issuer(issuer.clone()),
+    );
     if let Some(local) = local {
         let _ = local.send(agents.clone());
     }
-    let join = join_api(&config, fleet.clone())?;
+    let join = join_api(&config, fleet.clone(), issuer)?;
     // No HTTP/2 keep-alive pings: they cost a timer and a wakeup per connection, and liveness is proven
     // otherwise (agents heartbeat and the door closes silent node connections). Window sizes are left at hyper's
     // defaults: they bound what a peer may send ahead, they do not allocate.

@@ -167,3 +167,50 @@ async fn pki_status_marks_an_expired_certificate_and_warns_about_it() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("upkeep://operator/old") && table.contains("expired"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_renews_its_certificate_at_two_thirds_of_its_life_without_dropping_its_session() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut hub = start_hub(&pki, dir.path()).await;
+    let url = hub.url();
+    let node = make_node(&pki, dir.path(), &url, "n1", "m1", "pool", "eu", "Ubuntu-202401.01.0");
+    // Its certificate: 30 days long, 25 of them gone (past 2/3), signed by the fleet CA.
+    let now = time::OffsetDateTime::now_utc();
+    pki.client_cert("node-n1", "upkeep://node/n1", now - time::Duration::days(25), now + time::Duration::days(5));
+    let (cert, key) = (pki.file("node-n1.pem"), pki.file("node-n1.key"));
+    let old_serial = cert_serial(&cert);
+    let old_key = std::fs::read(&key).expect("key");
+    let agent = TestAgent::start(&node);
+    wait_for("n1 connected", WAIT, || {
+        let fleet = hub.fleet();
+        async move { fleet.is_connected("n1").then_some(()) }
+    })
+    .await;
+    let new_serial = wait_for("the certificate renewed on disk", WAIT, || {
+        let (cert, old) = (cert.clone(), old_serial.clone());
+        async move { Some(cert_serial(&cert)).filter(|s| *s != old) }
+    })
+    .await;
+    assert_ne!(std::fs::read(&key).expect("key"), old_key, "a fresh key");
+    let pem = std::fs::read(&cert).expect("cert");
+    let status =
+        upkeep_hub::certstatus::status_of_pem(&cert, &pem, chrono::Utc::now().timestamp(), 14).expect("status");
+    assert_eq!(status.subject, "upkeep://node/n1");
+    assert!(status.days_left >= 29, "a new 30-day certificate: {status:?}");
+    assert!(hub.fleet().is_connected("n1"), "the session went on while renewing");
+
+    // The old certificate revoked and the hub restarted: the agent comes back with the new one.
+    upkeepctl_ok(&pki, &url, &["pki", "revoke", &old_serial]).await;
+    hub.restart().await;
+    wait_for("n1 back with its renewed certificate", WAIT, || {
+        let fleet = hub.fleet();
+        async move { fleet.is_connected("n1").then_some(()) }
+    })
+    .await;
+    // The hub noted the new serial when it signed it: forgetting the node revokes it too.
+    let said = upkeepctl_ok(&pki, &hub.url(), &["node", "forget", "n1"]).await;
+    assert!(said.contains(&format!("certificate {new_serial} revoked")), "{said}");
+    agent.stop().await;
+    hub.stop().await;
+}

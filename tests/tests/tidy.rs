@@ -76,13 +76,15 @@ fn the_agent_touches_the_machine_only_through_node_os() {
     let src = workspace().join("agent/src");
     // The agent's own plumbing, which is not the node: its configuration file, its state and journal (atomic
     // writes under its state directory), its connection to the hub, `join` (enrollment: its key, certificate and
-    // configuration, before the agent runs) and `man --dir` writing man pages. Test files are test code.
+    // configuration, before the agent runs), `renew` (rotating its own key and certificate) and `man --dir` writing
+    // man pages. Test files are test code.
     let own = [
         "config.rs",
         "state.rs",
         "journal.rs",
         "hub_socket.rs",
         "join.rs",
+        "renew.rs",
         "main.rs",
         "engine/tests.rs",
         "engine/kube_tests.rs",

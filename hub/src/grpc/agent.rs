@@ -7,6 +7,8 @@ use super::{ApiError, principal_of, require};
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::fleet::{Fleet, SessionTx, desired_config};
 use crate::maintenance::{LeaseError, Maintenance};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use std::collections::HashMap;
 use std::io::SeekFrom;
 use std::pin::Pin;
@@ -37,6 +39,8 @@ pub struct AgentApi {
     /// Image downloads open per node, and how many one node may have.
     fetches: Arc<std::sync::Mutex<HashMap<String, usize>>>,
     fetches_per_node: usize,
+    /// Signs renewed node certificates (None: renewals are refused, naming the settings).
+    issuer: Option<Arc<crate::pki::Ca>>,
 }
 
 impl AgentApi {
@@ -47,7 +51,13 @@ impl AgentApi {
         artifacts: Artifacts,
         fetches_per_node: usize,
     ) -> Self {
-        AgentApi { fleet, maintenance, artifacts, fetches: Arc::default(), fetches_per_node }
+        AgentApi { fleet, maintenance, artifacts, fetches: Arc::default(), fetches_per_node, issuer: None }
+    }
+
+    /// Renews node certificates with `issuer` (`tls.issuer_cert`/`tls.issuer_key`; None: renewals are refused).
+    pub fn with_issuer(mut self, issuer: Option<Arc<crate::pki::Ca>>) -> Self {
+        self.issuer = issuer;
+        self
     }
 }
 
@@ -147,6 +157,34 @@ impl v1::agent_service_server::AgentService for AgentApi {
             }
         });
         Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<v1::RenewCertificateRequest>,
+    ) -> Result<Response<v1::RenewCertificateResponse>, Status> {
+        let principal = principal_of(&request)?;
+        require(&principal, &[Role::Node], "renew a node certificate")?;
+        let issuer = self.issuer.as_ref().ok_or_else(|| {
+            ApiError::FailedPrecondition(
+                "this hub signs no certificates: set tls.issuer_cert and tls.issuer_key in hub.toml (issuer.pem and                  issuer.key from `upkeepctl pki init`), or renew the node's certificate by hand"
+                    .into(),
+            )
+        })?;
+        let public_key = crate::join::check_csr(&request.get_ref().csr_pem).map_err(ApiError::InvalidArgument)?;
+        let chain = issuer.issue_node_for_key(&principal.name, &public_key).map_err(|e| {
+            tracing::error!(node = %principal.name, error = %e, "signing a renewed node certificate");
+            ApiError::Internal(e.to_string())
+        })?;
+        // Noted now, so that forgetting the node revokes the new certificate too (even before it is used).
+        let serial = CertificateDer::pem_slice_iter(chain.as_bytes())
+            .next()
+            .and_then(|c| c.ok())
+            .and_then(|c| crate::revocation::serial_of_der(c.as_ref()).ok())
+            .ok_or_else(|| ApiError::Internal("the renewed certificate cannot be read back".into()))?;
+        self.fleet.revocations().note_node_cert(&principal.name, &serial).map_err(ApiError::from)?;
+        tracing::info!(node = %principal.name, serial = %serial, "node certificate renewed");
+        Ok(Response::new(v1::RenewCertificateResponse { certificate_chain_pem: chain }))
     }
 
     async fn session(
