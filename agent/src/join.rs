@@ -89,7 +89,7 @@ pub async fn join(args: &JoinArgs) -> anyhow::Result<Vec<String>> {
         .connect_timeout(CONNECT_TIMEOUT)
         .connect_with_connector(UnverifiedTls::new(&host)?)
         .await
-        .map_err(|e| anyhow!("--hub {}: cannot reach the hub: {}", args.hub, chain(&e)))?;
+        .map_err(|e| anyhow!("--hub {}: cannot reach the hub: {}", args.hub, upkeep_proto::error_chain(&e)))?;
     let ca_pem = v1::join_service_client::JoinServiceClient::new(unverified)
         .ca_certificate(v1::CaCertificateRequest {})
         .await
@@ -117,7 +117,7 @@ pub async fn join(args: &JoinArgs) -> anyhow::Result<Vec<String>> {
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await
-        .map_err(|e| anyhow!("--hub {}: {}", args.hub, chain(&e)))?;
+        .map_err(|e| anyhow!("--hub {}: {}", args.hub, upkeep_proto::error_chain(&e)))?;
     let r = v1::join_service_client::JoinServiceClient::new(channel)
         .join(v1::JoinRequest { token: args.token.trim().to_string(), node_name: name.clone(), csr_pem: csr })
         .await
@@ -211,20 +211,6 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> std::io::Result<()> 
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s.replace('\n', " ")
 }
 
 /// A TLS connector that accepts any server certificate: only for fetching the public CA, which is then checked

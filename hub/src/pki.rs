@@ -123,21 +123,26 @@ fn validity(params: &mut CertificateParams, days: i64) {
     params.not_after = start + time::Duration::days(days);
 }
 
+/// A CA certificate's parameters: `path_len` CAs may sit below it, valid `days`.
+fn ca_params(common_name: &str, path_len: u8, days: i64) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "upkeep fleet");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    validity(&mut params, days);
+    params
+}
+
 impl Ca {
     /// Generates a new fleet CA.
     pub fn generate(common_name: &str) -> Result<Ca, PkiError> {
         let gen_err = |source| PkiError::Generate { what: "fleet CA".into(), source };
         let key = KeyPair::generate().map_err(gen_err)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        dn.push(DnType::OrganizationName, "upkeep fleet");
-        params.distinguished_name = dn;
         // One intermediate (the online issuing CA) may sit below the root.
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        validity(&mut params, CA_VALIDITY_DAYS);
+        let params = ca_params(common_name, 1, CA_VALIDITY_DAYS);
         let cert = params.self_signed(&key).map_err(gen_err)?;
         Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key), chain_pem: String::new() })
     }
@@ -146,16 +151,8 @@ impl Ca {
     pub fn generate_intermediate(&self, common_name: &str) -> Result<Ca, PkiError> {
         let gen_err = |source| PkiError::Generate { what: "issuing CA".into(), source };
         let key = KeyPair::generate().map_err(gen_err)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        dn.push(DnType::OrganizationName, "upkeep fleet");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let mut params = ca_params(common_name, 0, ISSUER_VALIDITY_DAYS);
         params.use_authority_key_identifier_extension = true;
-        validity(&mut params, ISSUER_VALIDITY_DAYS);
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         let pem = cert.pem();
         Ok(Ca { cert_pem: pem.clone(), issuer: Issuer::new(params, key), chain_pem: pem })

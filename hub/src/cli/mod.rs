@@ -357,19 +357,7 @@ pub fn hub_url(hub: &str) -> anyhow::Result<(String, String)> {
 }
 
 /// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s.replace('\n', " ")
-}
+pub use upkeep_proto::error_chain;
 
 /// Turns a gRPC status into one line.
 pub fn status_line(s: tonic::Status) -> anyhow::Error {
