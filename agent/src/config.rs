@@ -41,7 +41,23 @@ pub struct AgentConfig {
     /// Kubernetes: the API server for cordon/drain/labels and the packages and hooks of the Kubernetes version
     /// operation (`[kubernetes]`); None without the section.
     pub kubernetes: Option<KubernetesSettings>,
+    /// Privilege separation (`[executor]`): with it, the agent's network half does every node operation
+    /// through the privileged executor on this socket; without it, one process does both (simulated nodes,
+    /// tests, the demo).
+    pub executor: Option<ExecutorSettings>,
 }
+
+/// `[executor]`: where the privileged half listens and whom it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutorSettings {
+    /// The executor's Unix socket.
+    pub socket: PathBuf,
+    /// The only user whose processes the executor serves (checked with SO_PEERCRED).
+    pub client_user: String,
+}
+
+/// Default `[executor] client_user`: the system user the packaged network half runs as.
+pub const DEFAULT_EXECUTOR_USER: &str = "upkeep-agent";
 
 /// Which boot-control and slot backend the agent drives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +231,14 @@ struct Raw {
     image: Option<RawImage>,
     cordon: Option<RawCordon>,
     kubernetes: Option<RawKubernetes>,
+    executor: Option<RawExecutor>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExecutor {
+    socket: Option<PathBuf>,
+    client_user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -369,10 +393,29 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         Some(k) => Some(parse_kubernetes(k, &principal.name, &resolve).map_err(|(key, reason)| err(&key, reason))?),
     };
     check_one_cordon_backend(&cordon, kubernetes.as_ref()).map_err(|(key, reason)| err(&key, reason))?;
+    let executor = match raw.executor {
+        None => None,
+        Some(x) => {
+            let socket = x.socket.map(resolve).ok_or_else(|| {
+                err(
+                    "executor.socket",
+                    "missing: give the executor's Unix socket, e.g. \"/run/upkeep-agent/executor.sock\", or \
+                     remove the [executor] section to run as one process"
+                        .into(),
+                )
+            })?;
+            let client_user = x.client_user.unwrap_or_else(|| DEFAULT_EXECUTOR_USER.into());
+            if client_user.trim().is_empty() {
+                return Err(err("executor.client_user", "empty: name the user the network half runs as".into()));
+            }
+            Some(ExecutorSettings { socket, client_user })
+        }
+    };
     Ok(AgentConfig {
         image,
         cordon,
         kubernetes,
+        executor,
         source: path.to_path_buf(),
         hub,
         hub_host,

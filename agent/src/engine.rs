@@ -32,7 +32,7 @@
 
 use crate::journal::{Entry, Journal, Op, Outcome, Step};
 use crate::os::image::{Download, TrustError, clean_staging, discard, parse_trusted_keys, verify};
-use crate::os::{NodeOs, OsError, Rebooted, Slot};
+use crate::os::{NodeOs, OsError, Rebooted, Slot, SlotImage};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -630,11 +630,15 @@ impl Engine {
             (Op::Reimage { sha256, signature, size_bytes, url, .. }, Step::Fetch) => {
                 Ok(self.fetch_and_verify(e, sha256, url, *size_bytes, signature).await)
             }
-            (Op::Reimage { sha256, .. }, Step::Write) => {
+            (Op::Reimage { sha256, signature, size_bytes, .. }, Step::Write) => {
                 let target = e.target.ok_or("journal: write step without a target slot")?;
-                let image = crate::os::image::staged_path(&self.state_dir, sha256);
-                let sha = sha256.clone();
-                match self.os(move |os| os.write_slot(target, &image, &sha)).await {
+                let image = SlotImage {
+                    path: crate::os::image::staged_path(&self.state_dir, sha256),
+                    sha256: sha256.clone(),
+                    size: *size_bytes,
+                    signature: signature.clone(),
+                };
+                match self.os(move |os| os.write_slot(target, &image)).await {
                     Ok(bytes) => {
                         tracing::info!(op = %e.operation_id, slot = %target, bytes, "slot written");
                         e.step = Step::Mark;

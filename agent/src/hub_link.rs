@@ -732,6 +732,7 @@ mod tests {
             image: ImageSettings::defaults(dir),
             cordon: CordonSettings::default(),
             kubernetes: None,
+            executor: None,
         };
         Agent::new(cfg, os).expect("agent")
     }

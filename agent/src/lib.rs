@@ -33,7 +33,14 @@ pub async fn run_with_watchdog(
     watchdog: Option<Arc<watchdog::Watchdog>>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let os = Arc::new(os::host::HostOs::from_config(&cfg));
+    // With `[executor]`, this process is the unprivileged network half and the executor does the node's work.
+    let os: Arc<dyn os::NodeOs> = match &cfg.executor {
+        Some(x) => {
+            tracing::info!(socket = %x.socket.display(), "node operations go through the executor");
+            Arc::new(os::remote::RemoteOs::new(&x.socket))
+        }
+        None => Arc::new(os::host::HostOs::from_config(&cfg)),
+    };
     let agent = Arc::new(hub_link::Agent::new(cfg, os)?.with_watchdog(watchdog));
     agent.run(shutdown).await
 }

@@ -50,6 +50,10 @@ enum Cmd {
         #[arg(long, default_value = "/var/lib/upkeep/agent")]
         state_dir: PathBuf,
     },
+    /// Run the privileged executor: serve the node operations of `[executor] socket` to the unprivileged
+    /// network half (the user `[executor] client_user`), re-checking every request (run by
+    /// upkeep-agent-executor.service).
+    Executor,
     /// Write this command's man pages into DIR (for packaging; needs no configuration).
     #[command(hide = true)]
     Man {
@@ -100,6 +104,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     service::init_logging();
+    if matches!(args.command, Some(Cmd::Executor)) {
+        return upkeep_agent::os::executor::run(&cfg).map_err(anyhow::Error::msg);
+    }
     // One thread is plenty for one session and keeps the footprint small.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {

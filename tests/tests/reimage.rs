@@ -300,3 +300,75 @@ async fn a_failed_image_leaves_no_staging_and_no_partial_slot_write() {
     assert!(leftovers(node).is_empty(), "after a roll back: {:?}", leftovers(node));
     agent.stop().await;
 }
+
+/// The privileged executor as its own process (`upkeep-agent executor`), serving the agent's node operations.
+struct ExecutorProcess {
+    child: std::process::Child,
+}
+
+impl ExecutorProcess {
+    fn start(node: &TestNode, socket: &Path) -> ExecutorProcess {
+        let child = std::process::Command::new(upkeep_tests::bin("upkeep-agent"))
+            .arg("--config")
+            .arg(&node.config)
+            .arg("executor")
+            .spawn()
+            .expect("spawn the executor");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the executor did not listen on {}", socket.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ExecutorProcess { child }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_executor_every_node_operation_goes_through_it_and_its_loss_fails_only_the_operation() {
+    let s = setup().await;
+    let (hub, node) = (&s.hub, &s.node);
+    let socket = node.config.parent().expect("node dir").join("executor.sock");
+    let mut cfg = std::fs::read_to_string(&node.config).expect("agent.toml");
+    cfg.push_str(&format!("[executor]\nsocket = {socket:?}\nclient_user = \"{}\"\n", nix::unistd::getuid()));
+    std::fs::write(&node.config, cfg).expect("write agent.toml");
+    let good = publish(hub, &s.work, &s.key, "202302.01.0", &[]);
+    let executor = ExecutorProcess::start(node, &socket);
+    let agent = TestAgent::start(node);
+    let fleet = hub.fleet();
+    wait_for("node-1 connected", Duration::from_secs(20), || async { fleet.is_connected("node-1").then_some(()) })
+        .await;
+    // Its facts came through the executor.
+    assert_eq!(reported_image(hub, "node-1").await, format!("{FAMILY}-202301.01.0"));
+    let cmd = |id: &'static str, kind: v1::command::Kind| {
+        let fleet = fleet.clone();
+        async move { fleet.command("node-1", id, kind, REIMAGE_WITHIN).await.expect("a result") }
+    };
+    let r = cmd("x/cordon", v1::command::Kind::Cordon(v1::Cordon {})).await;
+    assert!(r.ok && node.root.join("var/lib/upkeep/cordoned").exists(), "{r:?}");
+    let r = cmd("x/reimage", reimage("202302.01.0", &good)).await;
+    assert!(r.ok, "{r:?}");
+    let live = std::fs::read_to_string(node.root.join("etc/upkeep/node-image")).expect("live metadata");
+    assert!(live.contains("VERSION=202302.01.0"), "the executor wrote and booted the slot: {live}");
+
+    // Without its executor the agent stays connected; an operation fails and says what is missing.
+    executor.kill();
+    let r = cmd("x/uncordon", v1::command::Kind::Uncordon(v1::Uncordon {})).await;
+    assert!(!r.ok && r.error.contains("is upkeep-agent-executor running?"), "{r:?}");
+    assert!(node.root.join("var/lib/upkeep/cordoned").exists(), "nothing was done");
+    assert!(fleet.is_connected("node-1"));
+    // Back, it serves the same agent (no restart): the hub's next attempt (a new id) goes through.
+    let executor = ExecutorProcess::start(node, &socket);
+    let r = cmd("x/uncordon-2", v1::command::Kind::Uncordon(v1::Uncordon {})).await;
+    assert!(r.ok && !node.root.join("var/lib/upkeep/cordoned").exists(), "{r:?}");
+    wait_for("node-1 reports the new image", Duration::from_secs(20), || async {
+        (reported_image(hub, "node-1").await == format!("{FAMILY}-202302.01.0")).then_some(())
+    })
+    .await;
+    agent.stop().await;
+    executor.kill();
+}

@@ -2,7 +2,7 @@
 //! control in memory, records every side effect in `calls`, and can be told to fail health checks, to keep
 //! a boot-once slot from booting, or to make reboots "real" (Pending: the test then restarts the engine).
 
-use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot};
+use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, SlotImage};
 use crate::channel::{ChannelPlan, OsKind, PackagePin};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -151,7 +151,8 @@ impl NodeOs for FakeOs {
         }))
     }
 
-    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
+    fn write_slot(&self, slot: Slot, image: &SlotImage) -> Result<u64, OsError> {
+        let (sha256, image) = (image.sha256.as_str(), image.path.as_path());
         if let Some(why) = self.with(|s| {
             s.incoming.push(slot);
             s.write_fails.clone()

@@ -8,7 +8,7 @@ use super::cordon::Cordon;
 use super::kube::KubeNode;
 use super::slots::{self, Backend, DirSlots, GrubEnv, HookSlots};
 use super::{
-    BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, apt, autoupdate, command, dnf, parse_env_file,
+    BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, SlotImage, apt, autoupdate, command, dnf, parse_env_file,
     parse_node_image,
 };
 use crate::channel::{ChannelPlan, OsKind, PackagePin, classify};
@@ -262,8 +262,8 @@ impl NodeOs for HostOs {
         self.backend.boot_state()
     }
 
-    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
-        self.backend.write_slot(slot, image, sha256)
+    fn write_slot(&self, slot: Slot, image: &SlotImage) -> Result<u64, OsError> {
+        self.backend.write_slot(slot, &image.path, &image.sha256)
     }
 
     fn remove_slot_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {

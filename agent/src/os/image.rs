@@ -56,16 +56,7 @@ impl Download {
         let mut pre = Prehasher::new();
         let mut len = 0u64;
         if let Ok(mut f) = std::fs::File::open(&part) {
-            let mut buf = vec![0u8; 1024 * 1024];
-            loop {
-                let n = f.read(&mut buf).map_err(OsError::io(&part))?;
-                if n == 0 {
-                    break;
-                }
-                sha.update(&buf[..n]);
-                pre.update(&buf[..n]);
-                len += n as u64;
-            }
+            len = hash_into(&part, &mut f, &mut sha, &mut pre, None)?;
         }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&part).map_err(OsError::io(&part))?;
         Ok(Download { part, file, sha, pre, len })
@@ -120,6 +111,48 @@ impl Download {
             size: self.len,
         })
     }
+}
+
+/// Feeds everything `r` yields to both digests (and to `keep`, when given); returns the byte count.
+fn hash_into(
+    path: &Path,
+    r: &mut impl Read,
+    sha: &mut Context,
+    pre: &mut Prehasher,
+    mut keep: Option<&mut Vec<u8>>,
+) -> Result<u64, OsError> {
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut len = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(len),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(OsError::io(path)(e)),
+        };
+        sha.update(&buf[..n]);
+        pre.update(&buf[..n]);
+        if let Some(k) = keep.as_deref_mut() {
+            k.extend_from_slice(&buf[..n]);
+        }
+        len += n as u64;
+    }
+}
+
+/// Reads an image once from `r`: both digests and its size, as a `Staged` at `path`; with `keep`, also the
+/// bytes themselves (a legacy signature covers the whole message, and must be checked on the very bytes that
+/// were hashed, not on a second read a writer could have changed in between).
+pub fn hash_image(path: &Path, r: &mut impl Read, keep: bool) -> Result<(Staged, Option<Vec<u8>>), OsError> {
+    let (mut sha, mut pre) = (Context::new(&SHA256), Prehasher::new());
+    let mut held = keep.then(Vec::new);
+    let size = hash_into(path, r, &mut sha, &mut pre, held.as_mut())?;
+    let staged = Staged {
+        path: path.to_path_buf(),
+        sha256: super::slots::hex(sha.finish().as_ref()),
+        prehash: pre.finish(),
+        size,
+    };
+    Ok((staged, held))
 }
 
 /// Removes the staged download of `sha256`, if any.
@@ -196,6 +229,19 @@ pub fn verify(
     signature: &str,
     keys: &[PublicKey],
 ) -> Result<String, TrustError> {
+    verify_held(staged, None, expected_sha256, expected_size, signature, keys)
+}
+
+/// `verify`, where a legacy (whole-message) signature is checked on `held` (the bytes `staged` was hashed
+/// from) when given, instead of reading the file again.
+pub fn verify_held(
+    staged: &Staged,
+    held: Option<&[u8]>,
+    expected_sha256: &str,
+    expected_size: u64,
+    signature: &str,
+    keys: &[PublicKey],
+) -> Result<String, TrustError> {
     if expected_size != 0 && staged.size != expected_size {
         return Err(TrustError::Truncated { got: staged.size, expected: expected_size });
     }
@@ -203,7 +249,9 @@ pub fn verify(
         return Err(TrustError::Digest { expected: expected_sha256.into(), actual: staged.sha256.clone() });
     }
     let sig = Signature::parse(signature)?;
-    let key = if sig.needs_whole_message() {
+    let key = if let (true, Some(bytes)) = (sig.needs_whole_message(), held) {
+        sig.verify(keys, Signed::Message(bytes))?
+    } else if sig.needs_whole_message() {
         let bytes = std::fs::read(&staged.path).map_err(OsError::io(&staged.path))?;
         sig.verify(keys, Signed::Message(&bytes))?
     } else {

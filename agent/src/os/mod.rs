@@ -17,11 +17,13 @@ pub mod command;
 pub mod copy;
 pub mod cordon;
 pub mod dnf;
+pub mod executor;
 pub mod fake;
 pub mod host;
 pub mod https;
 pub mod image;
 pub mod kube;
+pub mod remote;
 pub mod slots;
 
 use serde::{Deserialize, Serialize};
@@ -31,7 +33,7 @@ use crate::channel::{ChannelPlan, OsKind, PackagePin};
 use upkeep_core::version::{KubernetesVersion, NodeImageVersion};
 
 /// What the agent reads off the node to report.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OsFacts {
     /// os-release ID (debian, ubuntu, rhel, ...), or "unknown".
     pub os_family: String,
@@ -40,6 +42,7 @@ pub struct OsFacts {
     /// Kernel release.
     pub kernel: String,
     /// The booted image, from its own metadata.
+    #[serde(with = "label")]
     pub node_image: Option<NodeImageVersion>,
     /// The security patch applied on top of the image, `YYYYMM.DD.N`.
     pub security_patch_version: String,
@@ -115,6 +118,9 @@ pub enum OsError {
     /// Something this node's configuration does not provide was asked for (names the section or key to add).
     #[error("{0}")]
     NotConfigured(String),
+    /// The privileged executor refused a request of the agent's network half (or could not be reached).
+    #[error("executor: {0}")]
+    Executor(String),
 }
 
 impl OsError {
@@ -122,6 +128,19 @@ impl OsError {
     pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OsError + '_ {
         move |source| OsError::Io { path: path.to_path_buf(), source }
     }
+}
+
+/// A staged image the engine verified, handed to `NodeOs::write_slot` with what it was verified against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotImage {
+    /// The staged file.
+    pub path: std::path::PathBuf,
+    /// Its SHA-256 (lower-case hex): what the written bytes must hash to.
+    pub sha256: String,
+    /// Its size in bytes as the command gave it (0: not given).
+    pub size: u64,
+    /// The minisign signature text the command carried.
+    pub signature: String,
 }
 
 /// One of the two A/B slots.
@@ -168,7 +187,7 @@ impl std::fmt::Display for Slot {
 }
 
 /// The boot-control state of the node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootState {
     /// The slot the node runs now.
     pub booted: Slot,
@@ -183,7 +202,7 @@ pub struct BootState {
 }
 
 /// What a reboot request did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Rebooted {
     /// The (simulated, in-process) boot has completed; the node runs whatever the bootloader chose.
     Done,
@@ -199,9 +218,10 @@ pub trait NodeOs: Send + Sync {
     fn trusted_keys(&self) -> Result<Vec<(std::path::PathBuf, String)>, OsError>;
     /// The boot-control state.
     fn boot_state(&self) -> Result<BootState, OsError>;
-    /// Writes the verified image file `image` into `slot`, hashing what it streams and refusing (before the slot
-    /// is made visible) if it does not hash to `sha256`; fsyncs. Returns the bytes written.
-    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError>;
+    /// Writes the verified image `image.path` into `slot`, hashing what it streams and refusing (before the slot
+    /// is made visible) if it does not hash to `image.sha256`; fsyncs. Returns the bytes written. (The
+    /// privileged executor checks the signature and size of the bytes it is handed again before it writes.)
+    fn write_slot(&self, slot: Slot, image: &SlotImage) -> Result<u64, OsError>;
     /// Removes what an interrupted or failed slot write left outside the slots (the directory backend's
     /// `<slot>.incoming` trees); never touches a slot itself. Returns what it removed. The engine calls it only
     /// when no slot write is under way.
@@ -245,6 +265,25 @@ pub trait NodeOs: Send + Sync {
     /// Keeps the Node's `upkeep.io/node-image-version` and `upkeep.io/security-patch-version` labels at these
     /// values (empty: no label). Never blocks on the network; a no-op without `[kubernetes] api_server`.
     fn publish_node_labels(&self, image: &str, patch: &str) -> Result<(), OsError>;
+}
+
+/// `OsFacts::node_image` as its label (`<family>-<version>`) on the executor's wire.
+mod label {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use upkeep_core::version::NodeImageVersion;
+
+    pub fn serialize<S: Serializer>(v: &Option<NodeImageVersion>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_some(&n.label()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NodeImageVersion>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|l| l.parse::<NodeImageVersion>().map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// Publishes the node labels of a report through `os`, logging (not failing) when the values are refused.

@@ -1,0 +1,400 @@
+//! The privileged half of a privilege-separated agent (`upkeep-agent executor`): it serves the closed set of
+//! `NodeOs` operations to the network half (`os::remote::RemoteOs`) over a Unix socket and does them with the
+//! real `HostOs`. It runs as root; the network half runs as an unprivileged user without capabilities.
+//!
+//! It trusts nothing it is sent:
+//! - a peer is served only when its SO_PEERCRED uid is `[executor] client_user`'s;
+//! - a slot write takes an image only from the executor's own staging path for the named digest, opened
+//!   without following links, reads it once to hash it (SHA-256 and the signature prehash) and checks the
+//!   signature against the node's trusted keys and the size on those bytes; the slot write then refuses bytes
+//!   that do not hash to that verified digest, so a file changed after the check is never made bootable;
+//! - a channel is re-planned from the executor's own view of the node: the request names a channel, never a
+//!   file or its contents;
+//! - package pins must be well-formed and name packages the node already has: a security patch upgrades what
+//!   is installed and never adds a package; Kubernetes packages are the configured ones;
+//! - versions are parsed, drain timeouts bounded, requests size- and time-limited.
+//!
+//! Each connection carries one request (`os::remote`'s wire) and is served on its own thread, at most
+//! `MAX_CONNECTIONS` at a time. On SIGTERM it stops accepting and lets the operations under way finish (a
+//! package transaction is never cut short by a restart of the agent).
+
+use super::host::HostOs;
+use super::image::{hash_image, parse_trusted_keys, staged_path, verify_held};
+use super::remote::{MAX_REQUEST_BYTES, Pin, Reply, Request, WireError, read_document};
+use super::{NodeOs, OsError, SlotImage, apt, dnf};
+use crate::channel::{NodeKind, OsKind, PackagePin, classify, parse_package_pins, plan_channel};
+use crate::config::{AgentConfig, ExecutorSettings};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use upkeep_core::signature::Signature;
+use upkeep_core::version::{ImageVersion, KubernetesVersion};
+
+/// Connections served at once; more are answered "busy".
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a peer may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest drain the executor carries out.
+const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
+
+/// The executor: the node's `HostOs` and what it checks requests against.
+pub struct Executor {
+    os: Arc<dyn NodeOs>,
+    root: PathBuf,
+    state_dir: PathBuf,
+    node_pool: String,
+    hardware_class: String,
+    client_uid: u32,
+    active: AtomicUsize,
+}
+
+/// The uid of `user` (a name, or a number).
+pub fn uid_of(user: &str) -> Result<u32, String> {
+    if let Ok(n) = user.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::User::from_name(user) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!(
+            "executor.client_user: no user {user:?} on this node; create it (the packages do) or name the user the \
+             network half runs as"
+        )),
+        Err(e) => Err(format!("executor.client_user: looking up {user:?}: {e}")),
+    }
+}
+
+impl Executor {
+    /// The executor of `cfg`'s node (`[executor]` must be set).
+    pub fn from_config(cfg: &AgentConfig) -> Result<Executor, String> {
+        let x = executor_settings(cfg)?;
+        Ok(Executor::new(Arc::new(HostOs::from_config(cfg)), cfg, uid_of(&x.client_user)?))
+    }
+
+    /// An executor doing its work through `os`, serving only `client_uid`.
+    pub fn new(os: Arc<dyn NodeOs>, cfg: &AgentConfig, client_uid: u32) -> Executor {
+        Executor {
+            os,
+            root: cfg.root.clone(),
+            state_dir: cfg.state_dir.clone(),
+            node_pool: cfg.node_pool.clone(),
+            hardware_class: cfg.hardware_class.clone(),
+            client_uid,
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// Accepts and serves connections until `listener` is shut down (`stop`), then waits for the requests
+    /// under way to finish.
+    pub fn serve(self: &Arc<Self>, listener: &UnixListener) {
+        std::thread::scope(|scope| {
+            for conn in listener.incoming() {
+                let conn = match conn {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::info!(error = %e, "executor stops accepting");
+                        break;
+                    }
+                };
+                if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    self.active.fetch_sub(1, Ordering::SeqCst);
+                    answer(conn, &Reply::Err(refusal("busy: too many requests under way; retry")));
+                    continue;
+                }
+                let me = self.clone();
+                scope.spawn(move || {
+                    me.serve_one(conn);
+                    me.active.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+    }
+
+    /// Serves one connection: checks the peer, reads its request, does it, answers.
+    pub fn serve_one(&self, mut conn: UnixStream) {
+        let peer = match nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "executor: cannot read the peer's credentials; refused");
+                return;
+            }
+        };
+        let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+        if peer.uid() != self.client_uid {
+            // The request is read (and dropped) first: closing on unread bytes would reset the connection
+            // before the peer could read why.
+            let _ = std::io::copy(&mut (&mut conn).take(MAX_REQUEST_BYTES), &mut std::io::sink());
+            tracing::warn!(uid = peer.uid(), pid = peer.pid(), expected = self.client_uid, "executor: peer refused");
+            answer(
+                conn,
+                &Reply::Err(refusal(&format!(
+                    "refused: uid {} is not executor.client_user (uid {})",
+                    peer.uid(),
+                    self.client_uid
+                ))),
+            );
+            return;
+        }
+        let req = match read_document::<Request>(&mut conn, MAX_REQUEST_BYTES, "request") {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::warn!(pid = peer.pid(), why = %why, "executor: bad request refused");
+                answer(conn, &Reply::Err(refusal(&why)));
+                return;
+            }
+        };
+        let name = req.name();
+        let reply = match self.handle(req) {
+            Ok(v) => {
+                tracing::debug!(op = name, pid = peer.pid(), "executor: done");
+                Reply::Ok(v)
+            }
+            Err(e) => {
+                tracing::warn!(op = name, pid = peer.pid(), error = %e, "executor: failed or refused");
+                Reply::Err(e.into())
+            }
+        };
+        answer(conn, &reply);
+    }
+
+    /// Checks `req` and does it.
+    pub fn handle(&self, req: Request) -> Result<serde_json::Value, OsError> {
+        let os = self.os.as_ref();
+        match req {
+            Request::Facts => value(os.facts()?),
+            Request::TrustedKeys => value(os.trusted_keys()?),
+            Request::BootState => value(os.boot_state()?),
+            Request::WriteSlot { slot, sha256, size, signature } => {
+                value(self.write_slot(slot, &sha256, size, &signature)?)
+            }
+            Request::RemoveSlotLeftovers => value(os.remove_slot_leftovers()?),
+            Request::MarkBootOnce { slot } => value(os.mark_boot_once(slot)?),
+            Request::Reboot => {
+                tracing::info!("executor: reboot");
+                value(os.reboot()?)
+            }
+            Request::Commit { slot } => value(os.commit(slot)?),
+            Request::FallBack { to } => value(os.fall_back(to)?),
+            Request::HealthCheck => value(os.health_check()?),
+            Request::Cordon => value(os.cordon()?),
+            Request::Uncordon => value(os.uncordon()?),
+            Request::Drain { timeout_seconds, force } => {
+                let timeout = Duration::from_secs(timeout_seconds);
+                if timeout > MAX_DRAIN {
+                    return Err(OsError::Executor(format!(
+                        "drain timeout {timeout_seconds}s is longer than {}s",
+                        MAX_DRAIN.as_secs()
+                    )));
+                }
+                value(os.drain(timeout, force)?)
+            }
+            Request::OsRelease => value(os.os_release()?),
+            Request::ApplyChannel { channel } => {
+                let plan = plan_channel(channel, &self.node_kind()?);
+                tracing::info!(requested = %channel, effective = %plan.effective, "executor: channel");
+                value(os.apply_channel(&plan)?)
+            }
+            Request::InstallPackages { pins } => {
+                let kind = self.node_kind()?.os;
+                let pins = check_pins(&pins)?;
+                check_installed(&self.root, &kind, &pins)?;
+                tracing::info!(pins = ?pins, "executor: installing packages");
+                value(os.install_packages(&kind, &pins)?)
+            }
+            Request::RecordSecurityPatch { version } => {
+                version
+                    .parse::<ImageVersion>()
+                    .map_err(|e| OsError::Executor(format!("security patch version {version:?}: {e}")))?;
+                value(os.record_security_patch(&version)?)
+            }
+            Request::KubernetesVersion => value(os.kubernetes_version()?.map(|v| v.to_string())),
+            Request::InstallKubernetes { version } => {
+                let v = kubernetes_version(&version)?;
+                value(os.install_kubernetes(&self.node_kind()?.os, &v)?)
+            }
+            Request::UpgradeKubernetesHook { version, first_control_plane } => {
+                value(os.upgrade_kubernetes_hook(&kubernetes_version(&version)?, first_control_plane)?)
+            }
+            Request::PublishNodeLabels { image, patch } => value(os.publish_node_labels(&image, &patch)?),
+        }
+    }
+
+    fn node_kind(&self) -> Result<NodeKind, OsError> {
+        Ok(NodeKind {
+            os: classify(&self.os.os_release()?),
+            node_pool: self.node_pool.clone(),
+            hardware_class: self.hardware_class.clone(),
+        })
+    }
+
+    /// Writes the staged image of `sha256` into `slot` after checking its signature and size on the bytes read
+    /// from the file the write then copies (held open, so a renamed or replaced path cannot swap it).
+    fn write_slot(&self, slot: super::Slot, sha256: &str, size: u64, signature: &str) -> Result<u64, OsError> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(OsError::Executor(format!("sha256 {sha256:?}: expected 64 lower-case hex digits")));
+        }
+        let sig = Signature::parse(signature)
+            .map_err(|e| OsError::Executor(format!("image refused, nothing written: signature: {e}")))?;
+        let path = staged_path(&self.state_dir, sha256);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&path)
+            .map_err(OsError::io(&path))?;
+        let meta = file.metadata().map_err(OsError::io(&path))?;
+        if !meta.is_file() {
+            return Err(OsError::Executor(format!("{}: not a regular file; nothing written", path.display())));
+        }
+        let (staged, held) = hash_image(&path, &mut file, sig.needs_whole_message())?;
+        let keys = parse_trusted_keys(&self.os.trusted_keys()?).map_err(OsError::Executor)?;
+        let key = verify_held(&staged, held.as_deref(), sha256, size, signature, &keys)
+            .map_err(|e| OsError::Executor(format!("image refused, nothing written: {e}")))?;
+        drop(held);
+        tracing::info!(slot = %slot, sha256, key = %key, bytes = staged.size, "executor: image verified; writing");
+        // The slot backend (and a hook's `{image}`) reads the same open file through its /proc path.
+        let image = SlotImage {
+            path: PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd())),
+            sha256: staged.sha256,
+            size: staged.size,
+            signature: signature.to_string(),
+        };
+        let written = self.os.write_slot(slot, &image);
+        drop(file);
+        written
+    }
+}
+
+fn executor_settings(cfg: &AgentConfig) -> Result<&ExecutorSettings, String> {
+    cfg.executor.as_ref().ok_or_else(|| {
+        format!(
+            "{}: no [executor] section; set executor.socket (e.g. \"/run/upkeep-agent/executor.sock\") to run the \
+             privileged half",
+            cfg.source.display()
+        )
+    })
+}
+
+fn refusal(why: &str) -> WireError {
+    WireError::Executor { message: why.to_string() }
+}
+
+fn value<T: serde::Serialize>(v: T) -> Result<serde_json::Value, OsError> {
+    serde_json::to_value(v).map_err(|e| OsError::Executor(format!("encoding the answer: {e}")))
+}
+
+fn answer(mut conn: UnixStream, reply: &Reply) {
+    match serde_json::to_vec(reply) {
+        Ok(body) => {
+            if let Err(e) = conn.write_all(&body) {
+                tracing::warn!(error = %e, "executor: the peer left before the answer");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "executor: cannot encode an answer"),
+    }
+}
+
+fn kubernetes_version(v: &str) -> Result<KubernetesVersion, OsError> {
+    v.parse::<KubernetesVersion>().map_err(|e| OsError::Executor(format!("kubernetes version {v:?}: {e}")))
+}
+
+/// The pins, well-formed (the same rules as a security patch command's `packages`).
+pub fn check_pins(pins: &[Pin]) -> Result<Vec<PackagePin>, OsError> {
+    let entries: Vec<String> = pins.iter().map(|p| format!("{}={}", p.name, p.version)).collect();
+    if pins.iter().any(|p| p.name.contains('=')) {
+        return Err(OsError::Executor("package names must not contain '='".into()));
+    }
+    parse_package_pins(&entries).map_err(OsError::Executor)
+}
+
+/// Every pinned package is installed on the node under `root` (a security patch upgrades what is there).
+pub fn check_installed(root: &Path, kind: &OsKind, pins: &[PackagePin]) -> Result<(), OsError> {
+    for p in pins {
+        let installed = match kind {
+            OsKind::Debian { .. } => apt::installed_version(root, &p.name)?,
+            OsKind::Rpm { .. } => dnf::installed_version(root, &p.name)?,
+            OsKind::WindowsLike { id } | OsKind::Unknown { id } => {
+                return Err(OsError::Executor(format!(
+                    "no package manager known for os-release ID {id:?}; nothing installed"
+                )));
+            }
+        };
+        if installed.is_none() {
+            return Err(OsError::Executor(format!(
+                "package {} is not installed on this node; a security patch upgrades installed packages only, \
+                 nothing installed",
+                p.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The executor's listening socket: the one systemd passed (socket activation), else `socket` bound here
+/// (a stale socket file is replaced) with mode 0660 and group of `client_user`.
+pub fn listener(x: &ExecutorSettings) -> Result<UnixListener, String> {
+    let fds: Vec<_> = sd_notify::listen_fds().map(|f| f.collect()).unwrap_or_default();
+    if let [fd] = fds[..] {
+        // SAFETY: systemd passed exactly this one descriptor (LISTEN_FDS=1, LISTEN_PID = us); nothing else in
+        // the process owns it, and it is a listening AF_UNIX stream socket by the socket unit's definition.
+        #[allow(unsafe_code)]
+        let l = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        return Ok(l);
+    }
+    if !fds.is_empty() {
+        return Err(format!("systemd passed {} sockets; the executor takes exactly one", fds.len()));
+    }
+    let path = &x.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("executor.socket: {}: {e}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("executor.socket: {}: removing the old socket: {e}", path.display())),
+    }
+    let l = UnixListener::bind(path).map_err(|e| format!("executor.socket: {}: {e}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("executor.socket: {}: {e}", path.display()))?;
+    if let Ok(Some(u)) = nix::unistd::User::from_name(&x.client_user) {
+        // Best effort: the peer check, not the file mode, is what admits a client.
+        let _ = nix::unistd::chown(path, None, Some(u.gid));
+    }
+    Ok(l)
+}
+
+/// `upkeep-agent executor`: serves until SIGTERM or SIGINT, then finishes the requests under way.
+pub fn run(cfg: &AgentConfig) -> Result<(), String> {
+    use nix::sys::signal::{SigSet, Signal};
+    let x = executor_settings(cfg)?;
+    let exec = Arc::new(Executor::from_config(cfg)?);
+    // Blocked here, before any thread starts, so that every thread inherits the mask and only the waiter
+    // below takes the signals.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().map_err(|e| format!("blocking SIGTERM: {e}"))?;
+    let l = listener(x)?;
+    let fd = l.as_raw_fd();
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            tracing::info!(signal = %sig, "executor stopping; operations under way finish first");
+            upkeep_proto::service::stopping("finishing operations under way");
+            // Wakes `accept` with an error, which ends the accept loop.
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        }
+    });
+    tracing::info!(socket = %x.socket.display(), client_user = %x.client_user, node = %cfg.node_name, "upkeep-agent executor started");
+    upkeep_proto::service::ready(&format!("serving {} on {}", x.client_user, x.socket.display()));
+    exec.serve(&l);
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "executor_tests.rs"]
+mod tests;

@@ -1,0 +1,413 @@
+//! The agent's network half's `NodeOs`: every call becomes one request to the privileged executor
+//! (`os::executor`) over its Unix socket, and the executor's answer comes back as the call's result.
+//!
+//! The wire is deliberately small: one connection per call; the request is one JSON document the client ends
+//! by shutting down its write side; the answer is one JSON document the executor ends by closing. Requests
+//! carry only what the executor cannot decide itself (which slot, which digest and signature, which channel,
+//! which pins); paths, package sets, os-release and hooks come from the executor's own configuration and node.
+
+use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, SlotImage};
+use crate::channel::{ChannelPlan, OsKind, PackagePin};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use upkeep_core::channel::NodeOsChannel;
+use upkeep_core::version::KubernetesVersion;
+
+/// Largest request the executor reads (a request is a few hundred bytes; pins lists stay far below this).
+pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
+/// Largest answer the client reads (facts, trusted keys, notes).
+pub const MAX_REPLY_BYTES: u64 = 16 * 1024 * 1024;
+
+/// One node operation asked of the executor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// `NodeOs::facts`.
+    Facts,
+    /// `NodeOs::trusted_keys`.
+    TrustedKeys,
+    /// `NodeOs::boot_state`.
+    BootState,
+    /// `NodeOs::write_slot` of the staged image of `sha256` (the executor finds it in its own state directory).
+    WriteSlot {
+        /// Target slot.
+        slot: Slot,
+        /// The image's SHA-256 (names the staged file; the written bytes must hash to it).
+        sha256: String,
+        /// Its size (0: not given).
+        size: u64,
+        /// Its minisign signature, checked against the node's trusted keys on the bytes the executor reads.
+        signature: String,
+    },
+    /// `NodeOs::remove_slot_leftovers`.
+    RemoveSlotLeftovers,
+    /// `NodeOs::mark_boot_once`.
+    MarkBootOnce {
+        /// The slot.
+        slot: Slot,
+    },
+    /// `NodeOs::reboot`.
+    Reboot,
+    /// `NodeOs::commit`.
+    Commit {
+        /// The slot.
+        slot: Slot,
+    },
+    /// `NodeOs::fall_back`.
+    FallBack {
+        /// The slot to make the default again.
+        to: Slot,
+    },
+    /// `NodeOs::health_check`.
+    HealthCheck,
+    /// `NodeOs::cordon`.
+    Cordon,
+    /// `NodeOs::uncordon`.
+    Uncordon,
+    /// `NodeOs::drain`.
+    Drain {
+        /// Timeout.
+        timeout_seconds: u64,
+        /// Ignore disruption budgets.
+        force: bool,
+    },
+    /// `NodeOs::os_release`.
+    OsRelease,
+    /// `NodeOs::apply_channel`: the executor plans `channel` for its own node (os-release, pool) and applies
+    /// that plan; the files it writes never come from the request.
+    ApplyChannel {
+        /// The requested channel.
+        channel: NodeOsChannel,
+    },
+    /// `NodeOs::install_packages`, with the package manager of the executor's own node.
+    InstallPackages {
+        /// The pins.
+        pins: Vec<Pin>,
+    },
+    /// `NodeOs::record_security_patch`.
+    RecordSecurityPatch {
+        /// `YYYYMM.DD.N`.
+        version: String,
+    },
+    /// `NodeOs::kubernetes_version`.
+    KubernetesVersion,
+    /// `NodeOs::install_kubernetes` of the configured packages.
+    InstallKubernetes {
+        /// The version.
+        version: String,
+    },
+    /// `NodeOs::upgrade_kubernetes_hook`.
+    UpgradeKubernetesHook {
+        /// The version.
+        version: String,
+        /// Run the first control plane's hook.
+        first_control_plane: bool,
+    },
+    /// `NodeOs::publish_node_labels`.
+    PublishNodeLabels {
+        /// node-image-version label.
+        image: String,
+        /// security-patch-version label.
+        patch: String,
+    },
+}
+
+impl Request {
+    /// The operation's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Facts => "facts",
+            Request::TrustedKeys => "trusted_keys",
+            Request::BootState => "boot_state",
+            Request::WriteSlot { .. } => "write_slot",
+            Request::RemoveSlotLeftovers => "remove_slot_leftovers",
+            Request::MarkBootOnce { .. } => "mark_boot_once",
+            Request::Reboot => "reboot",
+            Request::Commit { .. } => "commit",
+            Request::FallBack { .. } => "fall_back",
+            Request::HealthCheck => "health_check",
+            Request::Cordon => "cordon",
+            Request::Uncordon => "uncordon",
+            Request::Drain { .. } => "drain",
+            Request::OsRelease => "os_release",
+            Request::ApplyChannel { .. } => "apply_channel",
+            Request::InstallPackages { .. } => "install_packages",
+            Request::RecordSecurityPatch { .. } => "record_security_patch",
+            Request::KubernetesVersion => "kubernetes_version",
+            Request::InstallKubernetes { .. } => "install_kubernetes",
+            Request::UpgradeKubernetesHook { .. } => "upgrade_kubernetes_hook",
+            Request::PublishNodeLabels { .. } => "publish_node_labels",
+        }
+    }
+}
+
+/// A package pin on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// Package name.
+    pub name: String,
+    /// Exact version.
+    pub version: String,
+}
+
+/// The executor's answer: the call's value, or its error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// The value the `NodeOs` call returned.
+    Ok(serde_json::Value),
+    /// The error it returned.
+    Err(WireError),
+}
+
+/// `OsError` on the wire (an I/O error travels as its text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WireError {
+    /// `OsError::Io`.
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error's text.
+        message: String,
+    },
+    /// `OsError::Malformed`.
+    Malformed {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `OsError::Command`.
+    Command {
+        /// The argv.
+        argv: Vec<String>,
+        /// How it ended.
+        status: String,
+        /// Last lines of stderr.
+        stderr_tail: String,
+    },
+    /// `OsError::Digest`.
+    Digest {
+        /// The image.
+        path: PathBuf,
+        /// Expected.
+        expected: String,
+        /// Actual.
+        actual: String,
+        /// What the slot holds now.
+        slot_state: String,
+    },
+    /// `OsError::Unhealthy`.
+    Unhealthy {
+        /// Why.
+        message: String,
+    },
+    /// `OsError::Kube`.
+    Kube {
+        /// The API server.
+        api_server: String,
+        /// What was being done.
+        action: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// `OsError::DrainTimedOut`.
+    DrainTimedOut {
+        /// The timeout.
+        after_seconds: u64,
+        /// What blocks.
+        blocking: String,
+    },
+    /// `OsError::NotConfigured`.
+    NotConfigured {
+        /// What to add.
+        message: String,
+    },
+    /// `OsError::Executor`.
+    Executor {
+        /// Why it refused.
+        message: String,
+    },
+}
+
+impl From<OsError> for WireError {
+    fn from(e: OsError) -> WireError {
+        match e {
+            OsError::Io { path, source } => WireError::Io { path, message: source.to_string() },
+            OsError::Malformed { path, reason } => WireError::Malformed { path, reason },
+            OsError::Command { argv, status, stderr_tail } => WireError::Command { argv, status, stderr_tail },
+            OsError::Digest { path, expected, actual, slot_state } => {
+                WireError::Digest { path, expected, actual, slot_state }
+            }
+            OsError::Unhealthy(message) => WireError::Unhealthy { message },
+            OsError::Kube { api_server, action, reason } => WireError::Kube { api_server, action, reason },
+            OsError::DrainTimedOut { after_seconds, blocking } => WireError::DrainTimedOut { after_seconds, blocking },
+            OsError::NotConfigured(message) => WireError::NotConfigured { message },
+            OsError::Executor(message) => WireError::Executor { message },
+        }
+    }
+}
+
+impl From<WireError> for OsError {
+    fn from(e: WireError) -> OsError {
+        match e {
+            WireError::Io { path, message } => OsError::Io { path, source: std::io::Error::other(message) },
+            WireError::Malformed { path, reason } => OsError::Malformed { path, reason },
+            WireError::Command { argv, status, stderr_tail } => OsError::Command { argv, status, stderr_tail },
+            WireError::Digest { path, expected, actual, slot_state } => {
+                OsError::Digest { path, expected, actual, slot_state }
+            }
+            WireError::Unhealthy { message } => OsError::Unhealthy(message),
+            WireError::Kube { api_server, action, reason } => OsError::Kube { api_server, action, reason },
+            WireError::DrainTimedOut { after_seconds, blocking } => OsError::DrainTimedOut { after_seconds, blocking },
+            WireError::NotConfigured { message } => OsError::NotConfigured(message),
+            WireError::Executor { message } => OsError::Executor(message),
+        }
+    }
+}
+
+/// Reads one JSON document from `r` until end of stream, refusing more than `limit` bytes.
+pub fn read_document<T: DeserializeOwned>(r: &mut impl Read, limit: u64, what: &str) -> Result<T, String> {
+    let mut buf = Vec::new();
+    r.take(limit + 1).read_to_end(&mut buf).map_err(|e| format!("reading the {what}: {e}"))?;
+    if buf.len() as u64 > limit {
+        return Err(format!("{what} larger than {limit} bytes"));
+    }
+    serde_json::from_slice(&buf).map_err(|e| format!("{what} is not valid: {e}"))
+}
+
+/// The network half's `NodeOs`: every call is a request to the executor at `socket`.
+#[derive(Debug, Clone)]
+pub struct RemoteOs {
+    socket: PathBuf,
+}
+
+impl RemoteOs {
+    /// Talks to the executor listening on `socket` (`[executor] socket`).
+    pub fn new(socket: impl Into<PathBuf>) -> RemoteOs {
+        RemoteOs { socket: socket.into() }
+    }
+
+    /// Sends `req` and waits for the answer (as long as the operation takes: a drain or a package transaction
+    /// may take many minutes; the executor bounds each).
+    pub fn call<T: DeserializeOwned>(&self, req: &Request) -> Result<T, OsError> {
+        let lost = |why: String| {
+            OsError::Executor(format!(
+                "{} ({}): {why}; is upkeep-agent-executor running?",
+                self.socket.display(),
+                req.name()
+            ))
+        };
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| lost(format!("cannot connect: {e}")))?;
+        let body = serde_json::to_vec(req).map_err(|e| lost(format!("encoding the request: {e}")))?;
+        s.write_all(&body).and_then(|()| s.shutdown(std::net::Shutdown::Write)).map_err(|e| lost(e.to_string()))?;
+        match read_document::<Reply>(&mut s, MAX_REPLY_BYTES, "answer").map_err(lost)? {
+            Reply::Ok(v) => serde_json::from_value(v).map_err(|e| lost(format!("unexpected answer: {e}"))),
+            Reply::Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn pins(pins: &[PackagePin]) -> Vec<Pin> {
+    pins.iter().map(|p| Pin { name: p.name.clone(), version: p.version.clone() }).collect()
+}
+
+impl NodeOs for RemoteOs {
+    fn facts(&self) -> Result<OsFacts, OsError> {
+        self.call(&Request::Facts)
+    }
+
+    fn trusted_keys(&self) -> Result<Vec<(PathBuf, String)>, OsError> {
+        self.call(&Request::TrustedKeys)
+    }
+
+    fn boot_state(&self) -> Result<BootState, OsError> {
+        self.call(&Request::BootState)
+    }
+
+    fn write_slot(&self, slot: Slot, image: &SlotImage) -> Result<u64, OsError> {
+        self.call(&Request::WriteSlot {
+            slot,
+            sha256: image.sha256.clone(),
+            size: image.size,
+            signature: image.signature.clone(),
+        })
+    }
+
+    fn remove_slot_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {
+        self.call(&Request::RemoveSlotLeftovers)
+    }
+
+    fn mark_boot_once(&self, slot: Slot) -> Result<(), OsError> {
+        self.call(&Request::MarkBootOnce { slot })
+    }
+
+    fn reboot(&self) -> Result<Rebooted, OsError> {
+        self.call(&Request::Reboot)
+    }
+
+    fn commit(&self, slot: Slot) -> Result<(), OsError> {
+        self.call(&Request::Commit { slot })
+    }
+
+    fn fall_back(&self, to: Slot) -> Result<Rebooted, OsError> {
+        self.call(&Request::FallBack { to })
+    }
+
+    fn health_check(&self) -> Result<(), OsError> {
+        self.call(&Request::HealthCheck)
+    }
+
+    fn cordon(&self) -> Result<(), OsError> {
+        self.call(&Request::Cordon)
+    }
+
+    fn uncordon(&self) -> Result<(), OsError> {
+        self.call(&Request::Uncordon)
+    }
+
+    fn drain(&self, timeout: std::time::Duration, force: bool) -> Result<(), OsError> {
+        self.call(&Request::Drain { timeout_seconds: timeout.as_secs(), force })
+    }
+
+    fn os_release(&self) -> Result<Vec<(String, String)>, OsError> {
+        self.call(&Request::OsRelease)
+    }
+
+    fn apply_channel(&self, plan: &ChannelPlan) -> Result<Vec<String>, OsError> {
+        self.call(&Request::ApplyChannel { channel: plan.requested })
+    }
+
+    fn install_packages(&self, _os: &OsKind, p: &[PackagePin]) -> Result<(), OsError> {
+        self.call(&Request::InstallPackages { pins: pins(p) })
+    }
+
+    fn record_security_patch(&self, version: &str) -> Result<(), OsError> {
+        self.call(&Request::RecordSecurityPatch { version: version.into() })
+    }
+
+    fn kubernetes_version(&self) -> Result<Option<KubernetesVersion>, OsError> {
+        let v: Option<String> = self.call(&Request::KubernetesVersion)?;
+        v.map(|v| {
+            v.parse::<KubernetesVersion>().map_err(|e| OsError::Executor(format!("kubernetes version {v:?}: {e}")))
+        })
+        .transpose()
+    }
+
+    fn install_kubernetes(&self, _os: &OsKind, version: &KubernetesVersion) -> Result<(), OsError> {
+        self.call(&Request::InstallKubernetes { version: version.to_string() })
+    }
+
+    fn upgrade_kubernetes_hook(&self, version: &KubernetesVersion, first_control_plane: bool) -> Result<(), OsError> {
+        self.call(&Request::UpgradeKubernetesHook { version: version.to_string(), first_control_plane })
+    }
+
+    fn publish_node_labels(&self, image: &str, patch: &str) -> Result<(), OsError> {
+        self.call(&Request::PublishNodeLabels { image: image.into(), patch: patch.into() })
+    }
+}
