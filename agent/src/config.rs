@@ -393,24 +393,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         Some(k) => Some(parse_kubernetes(k, &principal.name, &resolve).map_err(|(key, reason)| err(&key, reason))?),
     };
     check_one_cordon_backend(&cordon, kubernetes.as_ref()).map_err(|(key, reason)| err(&key, reason))?;
-    let executor = match raw.executor {
-        None => None,
-        Some(x) => {
-            let socket = x.socket.map(resolve).ok_or_else(|| {
-                err(
-                    "executor.socket",
-                    "missing: give the executor's Unix socket, e.g. \"/run/upkeep-agent/executor.sock\", or \
-                     remove the [executor] section to run as one process"
-                        .into(),
-                )
-            })?;
-            let client_user = x.client_user.unwrap_or_else(|| DEFAULT_EXECUTOR_USER.into());
-            if client_user.trim().is_empty() {
-                return Err(err("executor.client_user", "empty: name the user the network half runs as".into()));
-            }
-            Some(ExecutorSettings { socket, client_user })
-        }
-    };
+    let executor = parse_executor(raw.executor, &resolve).map_err(|(key, reason)| err(&key, reason))?;
     Ok(AgentConfig {
         image,
         cordon,
@@ -429,6 +412,26 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         root,
         tls: files,
     })
+}
+
+fn parse_executor(
+    raw: Option<RawExecutor>,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<Option<ExecutorSettings>, (String, String)> {
+    let Some(x) = raw else { return Ok(None) };
+    let socket = x.socket.map(resolve).ok_or_else(|| {
+        (
+            "executor.socket".to_string(),
+            "missing: give the executor's Unix socket, e.g. \"/run/upkeep-agent/executor.sock\", or remove the \
+             [executor] section to run as one process"
+                .to_string(),
+        )
+    })?;
+    let client_user = x.client_user.unwrap_or_else(|| DEFAULT_EXECUTOR_USER.into());
+    if client_user.trim().is_empty() {
+        return Err(("executor.client_user".into(), "empty: name the user the network half runs as".into()));
+    }
+    Ok(Some(ExecutorSettings { socket, client_user }))
 }
 
 fn check_argv(v: &[String]) -> Result<(), String> {
@@ -659,6 +662,20 @@ fn parse_image(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_executor_section_names_its_socket_and_defaults_its_user() {
+        let resolve = |p: PathBuf| if p.is_relative() { Path::new("/etc/upkeep").join(p) } else { p };
+        let x = |text: &str| parse_executor(Some(toml::from_str(text).expect("toml")), &resolve);
+        assert_eq!(parse_executor(None, &resolve).expect("none"), None);
+        let s = x("socket = \"run/x.sock\"").expect("ok").expect("some");
+        assert_eq!((s.socket.as_path(), s.client_user.as_str()), (Path::new("/etc/upkeep/run/x.sock"), "upkeep-agent"));
+        let (k, r) = x("client_user = \"svc\"").expect_err("no socket");
+        assert_eq!(k, "executor.socket");
+        assert!(r.contains("remove the [executor] section"), "{r}");
+        assert_eq!(x("socket = \"/s\"\nclient_user = \" \"").expect_err("empty user").0, "executor.client_user");
+        assert!(toml::from_str::<RawExecutor>("sock = \"/s\"").is_err(), "unknown keys are refused");
+    }
 
     #[test]
     fn hub_addresses() {

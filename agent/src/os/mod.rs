@@ -9,6 +9,8 @@
 //! `autoupdate` carries out a node OS channel plan (the agent's own drop-ins and the OS's update timers), `apt`
 //! and `dnf` install security patches and Kubernetes packages and read dnf's reboot-required answer. `kube`
 //! talks to the Kubernetes API server (cordon, drain, node labels) when `[kubernetes] api_server` is set.
+//! `remote::RemoteOs` is the `NodeOs` of a privilege-separated agent's network half: each call is a request to
+//! `executor`, the privileged half, which checks it again and does it with `HostOs`.
 //! `fake::FakeOs` exists only for unit tests of the engine.
 
 pub mod apt;
