@@ -54,6 +54,9 @@ pub enum PkiError {
     /// and a source would repeat it in the error chain.
     #[error("--hub-name: {0}")]
     BadHubName(upkeep_core::ids::BadHubName),
+    /// A flag's value is out of range (the message names the flag and the range).
+    #[error("{0}")]
+    Invalid(String),
     /// The CA files could not be loaded for issuing.
     #[error("{path}: not a usable CA ({reason}); create one with `upkeepctl pki init --dir DIR`")]
     BadCa {
@@ -88,13 +91,16 @@ pub mod files {
     pub const VIEWER_KEY: &str = "viewer.key";
 }
 
-/// Default validity of leaf certificates, days.
+/// Default validity of hub, operator and viewer certificates, days.
 pub const LEAF_VALIDITY_DAYS: i64 = 397;
+/// Longest validity `pki issue-* --days` accepts.
+pub const MAX_LEAF_VALIDITY_DAYS: i64 = 825;
 /// Default validity of the CA, days.
 pub const CA_VALIDITY_DAYS: i64 = 3650;
 /// Validity of the issuing intermediate, days (less than the root's: it is the key kept online).
 pub const ISSUER_VALIDITY_DAYS: i64 = 1825;
-/// Validity of a node certificate issued to a joining node, days (short: a node joins again to renew).
+/// Validity of a node certificate, days, whether issued to a joining node or by `pki issue-node`: short, since
+/// the agent renews its certificate over its session at 2/3 of its life.
 pub const JOIN_VALIDITY_DAYS: i64 = 30;
 
 /// A certificate and its key in PEM.
@@ -192,14 +198,20 @@ impl Ca {
     }
 
     /// Issues a client certificate for `principal` (role and name in the SAN URI, name also as CN).
+    /// Valid `JOIN_VALIDITY_DAYS` for a node, `LEAF_VALIDITY_DAYS` otherwise.
     pub fn issue_client(&self, principal: &Principal) -> Result<Pem, PkiError> {
-        self.issue(principal, &[], &[], ExtendedKeyUsagePurpose::ClientAuth)
+        self.issue_client_for(principal, default_days(principal.role))
+    }
+
+    /// `issue_client`, valid `days`.
+    pub fn issue_client_for(&self, principal: &Principal, days: i64) -> Result<Pem, PkiError> {
+        self.issue(principal, &[], &[], ExtendedKeyUsagePurpose::ClientAuth, days)
     }
 
     /// Issues the hub's server certificate for the given DNS names and IP addresses.
     pub fn issue_hub(&self, name: &str, dns: &[String], ips: &[IpAddr]) -> Result<Pem, PkiError> {
         let principal = Principal { role: Role::Hub, name: name.to_string() };
-        self.issue(&principal, dns, ips, ExtendedKeyUsagePurpose::ServerAuth)
+        self.issue(&principal, dns, ips, ExtendedKeyUsagePurpose::ServerAuth, LEAF_VALIDITY_DAYS)
     }
 
     fn issue(
@@ -208,6 +220,7 @@ impl Ca {
         dns: &[String],
         ips: &[IpAddr],
         usage: ExtendedKeyUsagePurpose,
+        days: i64,
     ) -> Result<Pem, PkiError> {
         validate_name("certificate name", &principal.name)?;
         let what = principal.uri();
@@ -229,7 +242,7 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
         params.use_authority_key_identifier_extension = true;
-        validity(&mut params, LEAF_VALIDITY_DAYS);
+        validity(&mut params, days);
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         Ok(Pem { cert: self.with_chain(&cert.pem()), key: key.serialize_pem() })
     }
@@ -440,9 +453,26 @@ fn move_into_place(tmp: &Path, dir: &Path, parent: &Path) -> Result<(), PkiError
 /// `upkeepctl pki issue-node` (and `issue-operator`, `issue-viewer`): writes `<name>.pem` and `<name>.key` in `dir`,
 /// signed by the intermediate when `dir` has one (else by the root).
 pub fn issue(dir: &Path, role: Role, name: &str) -> Result<InitReport, PkiError> {
+    issue_for(dir, role, name, None)
+}
+
+/// The default validity of a client certificate of `role`, days: nodes renew theirs, people do not.
+pub fn default_days(role: Role) -> i64 {
+    if role == Role::Node { JOIN_VALIDITY_DAYS } else { LEAF_VALIDITY_DAYS }
+}
+
+/// `issue`, valid `days` (default: `default_days(role)`); more than `MAX_LEAF_VALIDITY_DAYS` is refused.
+pub fn issue_for(dir: &Path, role: Role, name: &str, days: Option<i64>) -> Result<InitReport, PkiError> {
     validate_name("certificate name", name)?;
+    let days = days.unwrap_or_else(|| default_days(role));
+    if !(1..=MAX_LEAF_VALIDITY_DAYS).contains(&days) {
+        return Err(PkiError::Invalid(format!(
+            "--days {days}: give 1 to {MAX_LEAF_VALIDITY_DAYS} days (default {} for a {role} certificate)",
+            default_days(role)
+        )));
+    }
     let ca = Ca::load_issuing(dir)?;
-    let pem = ca.issue_client(&Principal { role, name: name.to_string() })?;
+    let pem = ca.issue_client_for(&Principal { role, name: name.to_string() }, days)?;
     let cert_path = dir.join(format!("{role}-{name}.pem"));
     let key_path = dir.join(format!("{role}-{name}.key"));
     write_new(&cert_path, &pem.cert, false)?;
@@ -577,6 +607,30 @@ mod tests {
         assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 1, "the leaf alone");
         let root = fs::read_to_string(dir.path().join(files::CA_CERT)).expect("ca");
         verify_client(&root, &chain).expect("chains to the root directly");
+    }
+
+    #[test]
+    fn issued_node_certificates_last_30_days_people_397_and_days_out_of_range_write_nothing() {
+        let d = tempfile::tempdir().expect("tempdir");
+        init(d.path(), &["hub.example".into()]).expect("init");
+        let days_of = |file: &str| {
+            let pem = fs::read(d.path().join(file)).expect("read");
+            let (_, p) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+            let cert = p.parse_x509().expect("x509");
+            (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / 86_400
+        };
+        issue(d.path(), Role::Node, "n1").expect("node");
+        assert_eq!(days_of("node-n1.pem"), JOIN_VALIDITY_DAYS);
+        issue(d.path(), Role::Operator, "alice").expect("operator");
+        assert_eq!(days_of("operator-alice.pem"), LEAF_VALIDITY_DAYS);
+        issue_for(d.path(), Role::Node, "n2", Some(7)).expect("a week");
+        assert_eq!(days_of("node-n2.pem"), 7);
+        let before = listing(d.path());
+        for bad in [0, MAX_LEAF_VALIDITY_DAYS + 1] {
+            let e = issue_for(d.path(), Role::Viewer, "v", Some(bad)).expect_err("out of range");
+            assert!(e.to_string().starts_with(&format!("--days {bad}: give 1 to")), "{e}");
+        }
+        assert_eq!(listing(d.path()), before, "nothing written");
     }
 
     #[test]
