@@ -19,11 +19,18 @@
 //! Apply security patch: checks (the pool may take security patches, the node's OS has a known package manager,
 //! the patch is for the node's image family; already applied = done) -> install exactly the pinned packages from
 //! the configured repositories (apt or dnf; safe to repeat) -> record the patch version. Reboot-required is then
-//! reported with the node's facts; the reboot itself is a separate, leased operation. The engine makes no system calls itself:
-//! everything on the node goes through `NodeOs`, downloads through a `Fetcher`, the hub session through `Link`.
+//! reported with the node's facts; the reboot itself is a separate, leased operation.
 //!
-//! Upgrade Kubernetes (`engine/kubernetes.rs`): checks (format, already there, no downgrade or skipped minor) ->
-//! install the configured packages at the version -> run the configured upgrade hook and check the version.
+//! Decisions and effects are apart: `engine/transition.rs` is a pure function (operation + step + the outcome
+//! of the last effect -> the next effect, or the next step, or the result) tested without I/O, and
+//! `Engine::step` here is the thin runner that performs each effect it names: on the node through `NodeOs`,
+//! downloads through a `Fetcher`, the hub session through `Link`, marks and staging in the state directory.
+//!
+//! Upgrade Kubernetes: checks (format, already there, no downgrade or skipped minor) -> a pending mark (persist,
+//! then act) -> install the configured packages at the version -> run the configured upgrade hook (`kubeadm
+//! upgrade apply V` on the member's first control plane, `kubeadm upgrade node` elsewhere; both safe to repeat)
+//! and check the version -> clear the mark. The mark keeps a failed hook from being taken for a finished upgrade:
+//! after the install the packages are at the new version, so a retry would otherwise find "already there".
 //!
 //! Leased reboot (SPEC §4 "reboot: coordinated"): a lease the hub granted becomes a local operation
 //! `lease/<lease_id>`: cordon -> drain -> reboot (fenced by the boot id) -> health -> uncordon -> give the lease
@@ -32,7 +39,7 @@
 
 use crate::journal::{Entry, Journal, Op, Outcome, Step};
 use crate::os::image::{Download, TrustError, clean_staging, discard, parse_trusted_keys, verify};
-use crate::os::{NodeOs, OsError, Rebooted, Slot, SlotImage};
+use crate::os::{NodeOs, OsError, Rebooted};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -41,15 +48,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use upkeep_core::signature::Signature;
-use upkeep_core::version::{ImageVersion, NodeImageVersion};
+use upkeep_core::version::ImageVersion;
 use upkeep_proto::v1;
 
-/// Directory of images that were rolled back on this node, inside the state directory. A file named
-/// `<family>-<version>` holds the reason; delete it to allow that image again.
-pub const ROLLED_BACK_DIR: &str = "rolled-back";
-/// Reboots the reboot step asks for before it gives up on seeing a new boot id.
-const MAX_REBOOTS: u32 = 3;
 /// Download attempts (each resumes where the last one broke) before a reimage fails.
 const FETCH_ATTEMPTS: u32 = 6;
 /// First pause between download attempts; doubles per attempt.
@@ -96,8 +97,6 @@ pub trait Link: Send + Sync {
 
 /// Operation ids of leased reboots: `lease/<lease_id>`.
 pub const LEASE_OP_PREFIX: &str = "lease/";
-/// Drain timeout of a leased reboot (no agent.toml key: a node that cannot drain in 15 minutes is not rebooted).
-pub const LEASED_REBOOT_DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The operation id of the leased reboot under `lease_id`.
 pub fn lease_operation_id(lease_id: &str) -> String {
@@ -241,11 +240,6 @@ fn clean_leftovers(state_dir: &Path, os: &dyn NodeOs, keep: Option<&str>, when: 
 }
 
 /// The image a reimage names, checked.
-fn target_image(family: &str, version: &str) -> Result<NodeImageVersion, String> {
-    let v: ImageVersion = version.parse().map_err(|e| format!("reimage.image.version: {e}"))?;
-    NodeImageVersion::new(family, v).map_err(|e| format!("reimage.image.family: {e}"))
-}
-
 /// Where a step goes next.
 #[allow(clippy::large_enum_variant)] // one short-lived value per step; boxing buys nothing
 enum Next {
@@ -512,7 +506,7 @@ impl Engine {
                         && !matches!(entry.step, Step::Uncordon | Step::Release) =>
                 {
                     // A leased reboot still uncordons and gives its lease back.
-                    Self::unwound(entry, why)
+                    unwound(entry, why)
                 }
                 Err(why) => {
                     // A step that cannot even be attempted (journal or node unreadable): a definite failure.
@@ -564,474 +558,128 @@ impl Engine {
         }
     }
 
-    fn finish(mut e: Entry, outcome: Outcome) -> Next {
-        e.step = Step::Done;
-        e.result = Some(outcome);
-        Next::Go(e)
+    fn ctx(&self) -> Ctx {
+        Ctx { state_dir: self.state_dir.clone(), now_ms: now_ms(), has_url_fetcher: self.url_fetcher().is_some() }
     }
 
-    fn ok(e: Entry) -> Next {
-        Self::finish(e, Outcome { ok: true, error: String::new(), finished_at_unix_ms: now_ms() })
-    }
-
-    fn fail(e: Entry, why: String) -> Next {
-        Self::finish(e, failed(why))
-    }
-
-    /// Unwinds a leased reboot after a failed step: uncordon (best effort), give the lease back, fail with `why`.
-    fn unwind(e: Entry, why: String) -> Next {
-        Next::Go(Self::unwound(e, why))
-    }
-
-    fn unwound(mut e: Entry, why: String) -> Entry {
-        e.failure = Some(why);
-        e.step = Step::Uncordon;
-        e
-    }
-
-    fn rolled_back_file(&self, label: &str) -> PathBuf {
-        self.state_dir.join(ROLLED_BACK_DIR).join(label)
-    }
-
-    /// Performs the entry's step; returns the entry with its next step (or its result).
-    async fn step(&self, mut e: Entry) -> Result<Next, String> {
-        let op = e.op.clone();
-        match (&op, e.step) {
-            (Op::Cordon | Op::Uncordon | Op::Drain { .. }, Step::Accepted) => {
-                e.step = Step::Act;
-                Ok(Next::Go(e))
-            }
-            (Op::Cordon | Op::Uncordon | Op::Drain { .. }, Step::Act) => {
-                let op2 = op.clone();
-                let r = self
-                    .os(move |os| match op2 {
-                        Op::Cordon => os.cordon(),
-                        Op::Uncordon => os.uncordon(),
-                        Op::Drain { timeout_seconds, force } => {
-                            os.drain(Duration::from_secs(u64::from(timeout_seconds)), force)
-                        }
-                        _ => Ok(()),
-                    })
-                    .await;
-                Ok(match r {
-                    Ok(()) => Self::ok(e),
-                    Err(err) => Self::fail(e, format!("{} failed: {err}", op.kind())),
-                })
-            }
-            (Op::Reboot { .. }, Step::Accepted) => {
-                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
-                e.boot_id = Some(bs.boot_id);
-                e.step = Step::Reboot;
-                Ok(Next::Go(e))
-            }
-            (Op::Reimage { family, version, sha256, signature, url, allow_downgrade, .. }, Step::Accepted) => {
-                Ok(self.reimage_checks(e, family, version, sha256, signature, url, *allow_downgrade).await)
-            }
-            (Op::Reimage { sha256, signature, size_bytes, url, .. }, Step::Fetch) => {
-                Ok(self.fetch_and_verify(e, sha256, url, *size_bytes, signature).await)
-            }
-            (Op::Reimage { sha256, signature, size_bytes, .. }, Step::Write) => {
-                let target = e.target.ok_or("journal: write step without a target slot")?;
-                let image = SlotImage {
-                    path: crate::os::image::staged_path(&self.state_dir, sha256),
-                    sha256: sha256.clone(),
-                    size: *size_bytes,
-                    signature: signature.clone(),
-                };
-                match self.os(move |os| os.write_slot(target, &image)).await {
-                    Ok(bytes) => {
-                        tracing::info!(op = %e.operation_id, slot = %target, bytes, "slot written");
-                        e.step = Step::Mark;
-                        Ok(Next::Go(e))
+    /// Runs the entry's step: asks `transition` what to do, performs each effect it names, and feeds the
+    /// outcome back until the step is over. Returns the entry with its next step (or its result).
+    async fn step(&self, e: Entry) -> Result<Next, String> {
+        let mut t = transition(e, 0, Event::Enter, &self.ctx());
+        loop {
+            match t {
+                Transition::Next(e) => return Ok(Next::Go(e)),
+                Transition::Park => return Ok(Next::Park),
+                Transition::Stuck(why) => return Err(why),
+                Transition::Do { entry, cursor, effect, persist_first } => {
+                    if persist_first {
+                        self.journal().put(entry.clone()).map_err(|err| format!("cannot journal the step: {err}"))?;
                     }
-                    Err(err) => Ok(Self::fail(e, format!("writing slot {target}: {err}"))),
+                    let outcome = self.perform(&entry, effect).await;
+                    t = transition(entry, cursor, Event::Done(outcome), &self.ctx());
                 }
             }
-            (Op::Reimage { sha256, .. }, Step::Mark) => {
-                let target = e.target.ok_or("journal: mark step without a target slot")?;
-                // The slot holds the image now (its write is journalled): the staged copy is not needed again.
-                discard(&self.state_dir, sha256);
-                if let Err(err) = self.os(move |os| os.mark_boot_once(target)).await {
-                    return Ok(Self::fail(e, format!("marking slot {target} boot-once: {err}")));
-                }
-                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
-                e.boot_id = Some(bs.boot_id);
-                e.step = Step::Reboot;
-                Ok(Next::Go(e))
+        }
+    }
+
+    /// Performs one effect for operation `e`.
+    async fn perform(&self, e: &Entry, effect: Effect) -> Result<Value, String> {
+        let unit = |r: Result<(), OsError>| r.map(|()| Value::Unit).map_err(|err| err.to_string());
+        match effect {
+            Effect::Cordon => unit(self.os(|os| os.cordon()).await),
+            Effect::Uncordon => unit(self.os(|os| os.uncordon()).await),
+            Effect::Drain { timeout, force } => unit(self.os(move |os| os.drain(timeout, force)).await),
+            Effect::BootState => self.os(|os| os.boot_state()).await.map(Value::Boot).map_err(|err| err.to_string()),
+            Effect::Facts => self.os(|os| os.facts()).await.map(Value::Facts).map_err(|err| err.to_string()),
+            Effect::NodeKind => self.node_kind().await.map(Value::Kind).map_err(|err| err.to_string()),
+            Effect::TrustedKeys => self.trusted_keys().await.map(Value::Keys),
+            Effect::ReadMark(path) => Ok(Value::Mark(crate::state::read_mark(&path))),
+            Effect::WriteMark(path, text) => {
+                crate::state::write_atomic(&path, text.as_bytes()).map(|()| Value::Unit).map_err(|err| err.to_string())
             }
-            (Op::Reimage { .. } | Op::Reboot { .. } | Op::LeasedReboot { .. }, Step::Reboot) => {
-                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
-                if e.boot_id.as_deref() != Some(bs.boot_id.as_str()) {
-                    e.step = Step::Health; // the boot happened (we were restarted by it)
-                    return Ok(Next::Go(e));
+            Effect::ClearMark(path) => {
+                if let Err(err) = crate::state::clear_mark(&path) {
+                    // What it marked is done; a stale mark only makes a later order run again.
+                    tracing::warn!(path = %path.display(), error = %err, "could not clear a mark");
                 }
-                if e.reboots >= MAX_REBOOTS {
-                    let why = format!(
-                        "asked for {} reboots but the boot id never changed (still {}); the node cannot tell a boot \
-                         happened, so it stops rebooting",
-                        e.reboots, bs.boot_id
-                    );
-                    return Ok(match op {
-                        Op::LeasedReboot { .. } => Self::unwind(e, why),
-                        Op::Reimage { .. } => Self::fail(
-                            e,
-                            format!("{why}; the boot-once mark stays and the boot counter falls back on its own"),
-                        ),
-                        _ => Self::fail(e, why),
-                    });
+                Ok(Value::Unit)
+            }
+            Effect::CleanLeftovers { keep } => {
+                self.clean_leftovers_off_thread(keep, "before a download").await;
+                Ok(Value::Unit)
+            }
+            Effect::Fetch { sha256, url, size, signature } => {
+                let staged = self.download(&sha256, &url, size).await?;
+                let keys = self.trusted_keys().await?;
+                match verify(&staged, &sha256, size, &signature, &keys) {
+                    Ok(key) => {
+                        tracing::info!(op = %e.operation_id, key = %key, bytes = staged.size, "image verified");
+                        Ok(Value::Unit)
+                    }
+                    Err(err) => Err(format!("image refused, nothing written: {err}")),
                 }
-                // Persist, then act: the attempt is journalled before the reboot.
-                e.reboots += 1;
-                self.journal().put(e.clone()).map_err(|err| format!("cannot journal the reboot: {err}"))?;
+            }
+            Effect::WriteSlot(slot, image) => {
+                let bytes = self.os(move |os| os.write_slot(slot, &image)).await.map_err(|err| err.to_string())?;
+                tracing::info!(op = %e.operation_id, slot = %slot, bytes, "slot written");
+                Ok(Value::Unit)
+            }
+            Effect::DiscardStaged(sha256) => {
+                discard(&self.state_dir, &sha256);
+                Ok(Value::Unit)
+            }
+            Effect::MarkBootOnce(slot) => unit(self.os(move |os| os.mark_boot_once(slot)).await),
+            Effect::Reboot => {
                 let before = self.link.epoch();
-                match self.os(|os| os.reboot()).await {
-                    Ok(Rebooted::Done) => {
-                        // In-process boot: the session goes down and comes back as after a real boot.
-                        self.reboot_epoch
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(e.operation_id.clone(), before);
-                        self.link.restart_session();
-                        e.step = Step::Health;
-                        Ok(Next::Go(e))
-                    }
-                    Ok(Rebooted::Pending) => Ok(Next::Park),
-                    Err(err) if matches!(op, Op::Reboot { .. }) => Ok(Self::fail(e, format!("reboot: {err}"))),
-                    Err(err) if matches!(op, Op::LeasedReboot { .. }) => {
-                        Ok(Self::unwind(e, format!("reboot failed: {err}")))
-                    }
-                    Err(err) => {
-                        e.failure = Some(format!("reboot into slot {}: {err}", e.target.map_or("?", Slot::as_str)));
-                        e.step = Step::FallBack;
-                        Ok(Next::Go(e))
-                    }
+                let r = self.os(|os| os.reboot()).await.map_err(|err| err.to_string())?;
+                if r == Rebooted::Done {
+                    // In-process boot: the session goes down and comes back as after a real boot.
+                    self.reboot_epoch.lock().unwrap_or_else(|p| p.into_inner()).insert(e.operation_id.clone(), before);
+                    self.link.restart_session();
                 }
+                Ok(Value::Rebooted(r))
             }
-            (Op::Reboot { .. }, Step::Health) => match self.health(&e.operation_id).await {
-                Ok(()) => Ok(Self::ok(e)),
-                Err(why) => Ok(Self::fail(e, format!("after reboot: {why}"))),
-            },
-            (Op::Reimage { family, version, .. }, Step::Health) => {
-                let target = e.target.ok_or("journal: health step without a target slot")?;
-                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
-                let verdict = if bs.booted != target {
-                    Err(format!(
-                        "slot {target} did not boot (boot-once entry not taken or boot counter exhausted); the node came back on slot {}",
-                        bs.booted
-                    ))
+            Effect::AwaitSession => {
+                // After an in-process boot: a session newer than the one before it. After a real boot (the agent
+                // started afresh): any session.
+                let above = self
+                    .reboot_epoch
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&e.operation_id)
+                    .copied()
+                    .unwrap_or(0);
+                if self.link.wait_epoch_above(above, self.health_timeout).await {
+                    Ok(Value::Unit)
                 } else {
-                    match self.health(&e.operation_id).await {
-                        Err(why) => Err(why),
-                        Ok(()) => {
-                            let want = target_image(family, version)?;
-                            match self.os(|os| os.facts()).await.map(|f| f.node_image) {
-                                Ok(Some(got)) if got == want => Ok(()),
-                                Ok(got) => Err(format!(
-                                    "the booted image reports {} but {} was ordered",
-                                    got.map_or("no image metadata".to_string(), |g| g.label()),
-                                    want.label()
-                                )),
-                                Err(err) => Err(format!("reading the booted image's metadata: {err}")),
-                            }
-                        }
-                    }
-                };
-                match verdict {
-                    Ok(()) => e.step = Step::Commit,
-                    Err(why) => {
-                        e.failure = Some(why);
-                        e.step = Step::FallBack;
-                    }
-                }
-                Ok(Next::Go(e))
-            }
-            (Op::Reimage { .. }, Step::Commit) => {
-                let target = e.target.ok_or("journal: commit step without a target slot")?;
-                // The node may have lost power between health and commit and come back on the old slot: commit
-                // only the slot that is running.
-                let bs = self.os(|os| os.boot_state()).await.map_err(|e| e.to_string())?;
-                if bs.booted != target {
-                    return Ok(Self::fail(
-                        e,
-                        format!(
-                            "slot {target} passed its health check but the node now runs slot {} (a boot between \
-                             health and commit); nothing committed, the node stays on slot {}",
-                            bs.booted, bs.booted
-                        ),
-                    ));
-                }
-                if let Err(err) = self.os(move |os| os.commit(target)).await {
-                    e.failure = Some(format!("committing slot {target}: {err}"));
-                    e.step = Step::FallBack;
-                    return Ok(Next::Go(e));
-                }
-                Ok(Self::ok(e))
-            }
-            (Op::Reimage { family, version, .. }, Step::FallBack) => {
-                let previous = e.previous.ok_or("journal: fall-back step without a previous slot")?;
-                let why = e.failure.clone().unwrap_or_else(|| "unknown failure".into());
-                let label = format!("{family}-{version}");
-                // Persist, then act: the image is remembered as rolled back before the node leaves it.
-                let marker = self.rolled_back_file(&label);
-                crate::state::write_atomic(&marker, format!("{why}\n").as_bytes()).map_err(|e| e.to_string())?;
-                match self.os(move |os| os.fall_back(previous)).await {
-                    Ok(Rebooted::Done) => {
-                        Ok(Self::fail(e, format!("reimage to {label} rolled back to slot {previous}: {why}")))
-                    }
-                    Ok(Rebooted::Pending) => Ok(Next::Park),
-                    Err(err) => Ok(Self::fail(
-                        e,
-                        format!("reimage to {label} failed ({why}) and falling back to slot {previous} failed: {err}"),
-                    )),
+                    Err(format!("hub not reachable within {}s after the boot", self.health_timeout.as_secs()))
                 }
             }
-            (Op::LeasedReboot { .. }, Step::Accepted) => {
-                e.step = Step::Cordon;
-                Ok(Next::Go(e))
+            Effect::HealthCheck => unit(self.os(|os| os.health_check()).await),
+            Effect::Commit(slot) => unit(self.os(move |os| os.commit(slot)).await),
+            Effect::FallBack(slot) => {
+                self.os(move |os| os.fall_back(slot)).await.map(Value::Rebooted).map_err(|err| err.to_string())
             }
-            (Op::LeasedReboot { .. }, Step::Cordon) => match self.os(|os| os.cordon()).await {
-                Ok(()) => {
-                    e.step = Step::Drain;
-                    Ok(Next::Go(e))
-                }
-                Err(err) => Ok(Self::unwind(e, format!("cordon failed: {err}"))),
-            },
-            (Op::LeasedReboot { .. }, Step::Drain) => {
-                if let Err(err) = self.os(|os| os.drain(LEASED_REBOOT_DRAIN_TIMEOUT, false)).await {
-                    return Ok(Self::unwind(e, format!("drain failed: {err}")));
-                }
-                // Fencing for the reboot step: a different boot id later means the reboot happened.
-                match self.os(|os| os.boot_state()).await {
-                    Ok(bs) => {
-                        e.boot_id = Some(bs.boot_id);
-                        e.step = Step::Reboot;
-                        Ok(Next::Go(e))
-                    }
-                    Err(err) => Ok(Self::unwind(e, format!("reading the boot id before the reboot: {err}"))),
-                }
+            Effect::ReleaseLease(lease_id) => {
+                self.link.release_lease(&lease_id);
+                Ok(Value::Unit)
             }
-            (Op::LeasedReboot { .. }, Step::Health) => match self.health(&e.operation_id).await {
-                Ok(()) => {
-                    e.step = Step::Uncordon;
-                    Ok(Next::Go(e))
-                }
-                Err(why) => Ok(Self::unwind(e, format!("after the reboot: {why}"))),
-            },
-            (Op::LeasedReboot { .. }, Step::Uncordon) => {
-                // Best effort after a failure: the failure stays the reason, the uncordon error is added to it.
-                if let Err(err) = self.os(|os| os.uncordon()).await {
-                    e.failure = Some(match e.failure.take() {
-                        Some(why) => format!("{why}; uncordon afterwards failed too: {err}"),
-                        None => format!("uncordon failed: {err}"),
-                    });
-                }
-                e.step = Step::Release;
-                Ok(Next::Go(e))
+            Effect::InstallPackages(kind, pins) => unit(self.os(move |os| os.install_packages(&kind, &pins)).await),
+            Effect::RecordSecurityPatch(version) => unit(self.os(move |os| os.record_security_patch(&version)).await),
+            Effect::KubernetesVersion => {
+                self.os(|os| os.kubernetes_version()).await.map(Value::Kubernetes).map_err(|err| err.to_string())
             }
-            (Op::LeasedReboot { lease_id, .. }, Step::Release) => {
-                // Safe to repeat after a crash: releasing a lease the hub no longer holds changes nothing.
-                self.link.release_lease(lease_id);
-                Ok(match e.failure.clone() {
-                    None => Self::ok(e),
-                    Some(why) => Self::fail(
-                        e,
-                        format!("leased reboot under lease {lease_id}: {why} (node uncordoned, lease given back)"),
-                    ),
-                })
+            Effect::InstallKubernetes(kind, version) => {
+                unit(self.os(move |os| os.install_kubernetes(&kind, &version)).await)
             }
-            (Op::ApplySecurityPatch { family, version, .. }, Step::Accepted) => {
-                Ok(self.security_patch_checks(e, family, version).await)
+            Effect::KubernetesHook(version, first) => {
+                unit(self.os(move |os| os.upgrade_kubernetes_hook(&version, first)).await)
             }
-            (Op::ApplySecurityPatch { version, packages, .. }, Step::Act) => {
-                let pins = crate::channel::parse_package_pins(packages)?;
-                let kind = self.node_kind().await.map_err(|e| format!("reading os-release: {e}"))?;
-                let os = kind.os.clone();
-                match self.os(move |n| n.install_packages(&os, &pins)).await {
-                    Ok(()) => {
-                        e.step = Step::Commit;
-                        Ok(Next::Go(e))
-                    }
-                    Err(err) => Ok(Self::fail(e, format!("installing security patch {version}: {err}"))),
-                }
-            }
-            (Op::ApplySecurityPatch { version, .. }, Step::Commit) => {
-                let v = version.clone();
-                match self.os(move |n| n.record_security_patch(&v)).await {
-                    Ok(()) => Ok(Self::ok(e)),
-                    Err(err) => {
-                        Ok(Self::fail(e, format!("security patch {version} installed but not recorded: {err}")))
-                    }
-                }
-            }
-            (Op::UpgradeKubernetes { version, first_control_plane }, _) => {
-                self.upgrade_kubernetes_step(e, version, *first_control_plane).await
-            }
-            (_, step) => Err(format!("journal: {} operation at step {} cannot continue", op.kind(), step.as_str())),
         }
     }
 
-    /// The node is healthy after a boot: the hub reachable again, then the configured commands.
-    async fn health(&self, id: &str) -> Result<(), String> {
-        // After an in-process boot: a session newer than the one before it. After a real boot (the agent started
-        // afresh): any session.
-        let above = self.reboot_epoch.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied().unwrap_or(0);
-        if !self.link.wait_epoch_above(above, self.health_timeout).await {
-            return Err(format!("hub not reachable within {}s after the boot", self.health_timeout.as_secs()));
-        }
-        self.os(|os| os.health_check()).await.map_err(|e| e.to_string())
-    }
-
-    async fn security_patch_checks(&self, mut e: Entry, family: &str, version: &str) -> Next {
-        let kind = match self.node_kind().await {
-            Ok(k) => k,
-            Err(err) => return Self::fail(e, format!("reading os-release: {err}")),
-        };
-        if let Some(why) = kind.security_patch_refusal() {
-            return Self::fail(e, why);
-        }
-        if let crate::channel::OsKind::WindowsLike { id } | crate::channel::OsKind::Unknown { id } = &kind.os {
-            return Self::fail(
-                e,
-                format!("security patch {version} refused: no package manager known for os-release ID {id:?}"),
-            );
-        }
-        let facts = match self.os(|os| os.facts()).await {
-            Ok(f) => f,
-            Err(err) => return Self::fail(e, format!("reading the node's facts: {err}")),
-        };
-        if let Some(img) = &facts.node_image
-            && img.family != family
-        {
-            return Self::fail(
-                e,
-                format!(
-                    "apply_security_patch.family: the patch is for {family:?} but the node runs image {}",
-                    img.label()
-                ),
-            );
-        }
-        if facts.security_patch_version == version {
-            tracing::info!(op = %e.operation_id, version, "security patch already applied");
-            return Self::ok(e);
-        }
-        e.step = Step::Act;
-        Next::Go(e)
-    }
-
-    #[allow(clippy::too_many_arguments)] // the reimage's fields, destructured once by the caller
-    async fn reimage_checks(
-        &self,
-        mut e: Entry,
-        family: &str,
-        version: &str,
-        sha256: &str,
-        signature: &str,
-        url: &str,
-        allow_downgrade: bool,
-    ) -> Next {
-        let want = match target_image(family, version) {
-            Ok(w) => w,
-            Err(why) => return Self::fail(e, why),
-        };
-        let label = want.label();
-        if !(sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
-            return Self::fail(e, format!("reimage.image.sha256: {sha256:?} is not 64 lower-case hex characters"));
-        }
-        let marker = self.rolled_back_file(&label);
-        if let Some(reason) = crate::state::read_mark(&marker) {
-            return Self::fail(
-                e,
-                format!(
-                    "image {label} was rolled back on this node ({}); not trying it again until an operator deletes {}",
-                    reason.trim(),
-                    marker.display()
-                ),
-            );
-        }
-        let current = match self.os(|os| os.facts()).await {
-            Ok(f) => f.node_image,
-            Err(err) => return Self::fail(e, format!("reading the node's image: {err}")),
-        };
-        let reinstall = matches!(&e.op, Op::Reimage { reinstall: true, .. });
-        if let Some(cur) = &current {
-            if *cur == want && !reinstall {
-                tracing::info!(op = %e.operation_id, image = %label, "already running the ordered image");
-                return Self::ok(e);
-            }
-            if cur.family == want.family && want.version < cur.version && !allow_downgrade {
-                return Self::fail(
-                    e,
-                    format!(
-                        "downgrade refused: the node runs {} and {label} is older; set allow_downgrade",
-                        cur.label()
-                    ),
-                );
-            }
-        }
-        if !url.is_empty() {
-            if let Err(why) = crate::os::https::check_image_url(url) {
-                return Self::fail(e, why);
-            }
-            if self.url_fetcher().is_none() {
-                return Self::fail(
-                    e,
-                    format!("reimage.image.url: {url:?}: this agent has no https downloader; leave url empty"),
-                );
-            }
-        }
-        let sig = match Signature::parse(signature) {
-            Ok(s) => s,
-            Err(err) => return Self::fail(e, format!("image {label} refused: {err}")),
-        };
-        let keys =
-            match self.os(|os| os.trusted_keys()).await.map_err(|e| e.to_string()).and_then(|k| parse_trusted_keys(&k))
-            {
-                Ok(k) => k,
-                Err(why) => return Self::fail(e, format!("reading trusted keys: {why}")),
-            };
-        if !keys.iter().any(|k| k.key_id == sig.key_id) {
-            return Self::fail(
-                e,
-                format!(
-                    "image {label} refused: signature by unknown key {} (the node trusts {})",
-                    sig.key_id_string(),
-                    if keys.is_empty() {
-                        "no keys".to_string()
-                    } else {
-                        keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
-                    }
-                ),
-            );
-        }
-        e.step = Step::Fetch;
-        Next::Go(e)
-    }
-
-    async fn fetch_and_verify(&self, mut e: Entry, sha256: &str, url: &str, size_bytes: u64, signature: &str) -> Next {
-        // Only this operation is in flight: whatever else is staged or half-written is a leftover.
-        self.clean_leftovers_off_thread(Some(sha256.to_string()), "before a download").await;
-        let staged = match self.download(sha256, url, size_bytes).await {
-            Ok(s) => s,
-            Err(why) => return Self::fail(e, why),
-        };
-        let keys =
-            match self.os(|os| os.trusted_keys()).await.map_err(|e| e.to_string()).and_then(|k| parse_trusted_keys(&k))
-            {
-                Ok(k) => k,
-                Err(why) => return Self::fail(e, format!("reading trusted keys: {why}")),
-            };
-        match verify(&staged, sha256, size_bytes, signature, &keys) {
-            Ok(key) => tracing::info!(op = %e.operation_id, key = %key, bytes = staged.size, "image verified"),
-            Err(err) => return Self::fail(e, format!("image refused, nothing written: {err}")),
-        }
-        let bs = match self.os(|os| os.boot_state()).await {
-            Ok(b) => b,
-            Err(err) => return Self::fail(e, format!("reading boot state: {err}")),
-        };
-        e.previous = Some(bs.booted);
-        e.target = Some(bs.booted.other());
-        e.step = Step::Write;
-        Next::Go(e)
+    async fn trusted_keys(&self) -> Result<Vec<upkeep_core::signature::PublicKey>, String> {
+        self.os(|os| os.trusted_keys()).await.map_err(|e| e.to_string()).and_then(|k| parse_trusted_keys(&k))
     }
 
     /// Downloads `sha256` into staging (from the hub, or from `url` when the image names one), resuming after
@@ -1147,4 +795,7 @@ mod tests;
 
 #[cfg(test)]
 mod kube_tests;
-mod kubernetes;
+pub mod transition;
+
+use transition::{Ctx, Effect, Event, Transition, Value, transition, unwound};
+pub use transition::{KUBERNETES_PENDING_FILE, LEASED_REBOOT_DRAIN_TIMEOUT, ROLLED_BACK_DIR};

@@ -2,7 +2,7 @@
 //! (format, downgrade, skipped minor, no `[kubernetes]`, unknown OS), a failed hook that a retry does not skip,
 //! a version that does not arrive, and a restart at each journalled step.
 
-use super::kubernetes::KUBERNETES_PENDING_FILE;
+use super::transition::KUBERNETES_PENDING_FILE;
 use super::*;
 use crate::journal::{Entry, Journal};
 use crate::os::OsFacts;

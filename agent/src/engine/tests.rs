@@ -3,9 +3,10 @@
 //! (order of steps, a crash after each step, unwinding after a failure, idempotent grants, the start release).
 
 use super::*;
-use crate::os::OsFacts;
 use crate::os::fake::FakeOs;
+use crate::os::{OsFacts, Slot};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use transition::target_image;
 use upkeep_core::signature::{SecretKey, blake2b_512};
 
 const FAMILY: &str = "Test-1";
