@@ -120,6 +120,9 @@ enum Scenario {
         /// Also time the old single-threaded copy loop (SHA-256 inline) for a side-by-side ratio.
         #[arg(long)]
         inline_hash: bool,
+        /// Also time the privileged executor's slot write (a verify pass over the staged file, then the write).
+        #[arg(long)]
+        executor: bool,
         /// Buffer size of the upkeep copy, KiB (the agent's default).
         #[arg(long, default_value_t = upkeep_agent::os::copy::CHUNK_BYTES / 1024)]
         chunk_kib: usize,
@@ -214,9 +217,10 @@ fn run() -> anyhow::Result<()> {
             Scenario::Store { secs, state_bytes, events_per_commit } => {
                 scenarios::store(&ctx, Duration::from_secs(secs), &state_bytes, events_per_commit)
             }
-            Scenario::SlotWrite { size_mib, rounds, dir, inline_hash, chunk_kib, chunks } => {
+            Scenario::SlotWrite { size_mib, rounds, dir, inline_hash, executor, chunk_kib, chunks } => {
                 let buffers = upkeep_agent::os::copy::Buffers { chunk_bytes: chunk_kib.max(1) * 1024, chunks };
-                let args = upkeep_bench::slotwrite::SlotWriteArgs { size_mib, rounds, dir, inline_hash, buffers };
+                let args =
+                    upkeep_bench::slotwrite::SlotWriteArgs { size_mib, rounds, dir, inline_hash, executor, buffers };
                 upkeep_bench::slotwrite::slot_write(&ctx, &args)
             }
             Scenario::Certs { count } => {

@@ -8,7 +8,9 @@
 //!
 //! Contenders: `dd` as a process; `upkeep`, the agent's own `write_raw` (the raw slot backend's whole write:
 //! open, copy with the hash on another thread, fsync, digest check; `--chunk-kib`/`--chunks` try other buffers); and with `--inline-hash`, the copy loop the agent had
-//! before (1 MiB buffer, SHA-256 inline on the one thread), kept here as the baseline.
+//! before (1 MiB buffer, SHA-256 inline on the one thread), kept here as the baseline; and with `--executor`,
+//! what the privileged executor of a privilege-separated agent does for a slot write: one read of the staged
+//! file for both digests, the signature check on those bytes, then the same raw write from the open file.
 
 use crate::report::{Outcome, Row, row};
 use crate::scenarios::Ctx;
@@ -20,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use upkeep_agent::os::Slot;
 use upkeep_agent::os::copy::Buffers;
+use upkeep_agent::os::image::{hash_image, verify_held};
 use upkeep_agent::os::slots::{hex, write_raw_with};
+use upkeep_core::signature::{PublicKey, SecretKey};
 
 /// The goal of issue 14: the agent writes a slot at ≥ 0.9 × dd's speed on the same disk.
 pub const GOAL_RATIO: f64 = 0.9;
@@ -40,6 +44,8 @@ pub struct SlotWriteArgs {
     pub dir: PathBuf,
     /// Also time the old single-threaded inline-hash loop.
     pub inline_hash: bool,
+    /// Also time the executor's slot write (verify pass, then the write).
+    pub executor: bool,
     /// The copy buffers of the upkeep contender (the agent's own by default).
     pub buffers: Buffers,
 }
@@ -50,6 +56,7 @@ enum Contender {
     Dd,
     Upkeep,
     Inline,
+    Executor,
 }
 
 impl Contender {
@@ -58,6 +65,7 @@ impl Contender {
             Contender::Dd => "dd",
             Contender::Upkeep => "upkeep",
             Contender::Inline => "inline-hash",
+            Contender::Executor => "executor",
         }
     }
 }
@@ -84,6 +92,12 @@ pub fn slot_write(ctx: &Ctx, args: &SlotWriteArgs) -> anyhow::Result<Outcome> {
     if args.inline_hash {
         contenders.push(Contender::Inline);
     }
+    let signed = if args.executor {
+        contenders.push(Contender::Executor);
+        Some(sign(&image)?)
+    } else {
+        None
+    };
     let mut runs: Vec<(Contender, Vec<Timing>)> = contenders.iter().map(|c| (*c, Vec::new())).collect();
     for round in 0..args.rounds {
         let mut order = contenders.clone();
@@ -97,6 +111,10 @@ pub fn slot_write(ctx: &Ctx, args: &SlotWriteArgs) -> anyhow::Result<Outcome> {
                     write_raw_with(&image, &out, Slot::B, &sha, args.buffers).map(drop).context("upkeep slot write")
                 })?,
                 Contender::Inline => in_process(|| inline_hash_write(&image, &out, &sha))?,
+                Contender::Executor => {
+                    let (key, signature) = signed.as_ref().context("signed image")?;
+                    in_process(|| executor_write(&image, &out, &sha, key, signature, args.buffers))?
+                }
             };
             let written = std::fs::metadata(&out).with_context(|| format!("reading {}", out.display()))?.len();
             if written != bytes {
@@ -203,6 +221,32 @@ fn make_image(path: &Path, bytes: u64) -> anyhow::Result<String> {
 }
 
 /// `dd if=image of=out bs=4M conv=fsync`, timed around the process; CPU from the children's rusage.
+/// A key and the image's signature by it (the prehashed minisign form the catalog uses).
+fn sign(image: &Path) -> anyhow::Result<(PublicKey, String)> {
+    let mut f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let (staged, _) = hash_image(image, &mut f, false)?;
+    let sk = SecretKey::from_seed([42; 32], [7; 8]);
+    Ok((sk.public_key(), sk.sign_prehashed(&staged.prehash, "bench image").to_file_text()))
+}
+
+/// What `os::executor` does for a slot write, without the socket: the staged file opened once, read once for
+/// both digests, its signature and digest checked, then written from the same open file.
+fn executor_write(
+    image: &Path,
+    out: &Path,
+    sha256: &str,
+    key: &PublicKey,
+    signature: &str,
+    buffers: Buffers,
+) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let (staged, held) = hash_image(image, &mut f, false)?;
+    verify_held(&staged, held.as_deref(), sha256, 0, signature, std::slice::from_ref(key))
+        .map_err(|e| anyhow::anyhow!("verify: {e}"))?;
+    let via = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)));
+    write_raw_with(&via, out, Slot::B, &staged.sha256, buffers).map(drop).context("executor slot write")
+}
+
 fn run_dd(image: &Path, out: &Path) -> anyhow::Result<Timing> {
     let cpu_before = cpu_of(nix::sys::resource::UsageWho::RUSAGE_CHILDREN);
     let began = Instant::now();
