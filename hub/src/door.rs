@@ -178,11 +178,51 @@ impl Drop for Slot {
     }
 }
 
-/// An established connection: the TLS stream, its slot, and for node connections the idle deadline.
+/// An established connection: the TLS stream, its slot, for node connections the idle deadline, and for
+/// connections with a client certificate the watch that ends them when that certificate is revoked.
 pub struct Conn {
     tls: TlsStream<TcpStream>,
     _slot: Slot,
     idle: Option<Idle>,
+    watch: Option<RevocationWatch>,
+}
+
+/// A connection's client certificate, watched for revocation: before each read the connection compares the
+/// revocations' generation with the one it saw, and looks its serial up only when it moved. A certificate revoked
+/// while its connection is open (`pki revoke`, `node forget`) thus ends the connection at the next thing its peer
+/// sends, before that is served.
+struct RevocationWatch {
+    revocations: Arc<Revocations>,
+    serial: String,
+    seen: u64,
+}
+
+impl RevocationWatch {
+    fn new(revocations: Arc<Revocations>, tls: &TlsStream<TcpStream>) -> Option<RevocationWatch> {
+        let leaf = tls.get_ref().1.peer_certificates()?.first()?;
+        let serial = crate::revocation::serial_of_der(leaf.as_ref()).ok()?;
+        let seen = revocations.generation();
+        Some(RevocationWatch { revocations, serial, seen })
+    }
+
+    /// Err when the certificate has been revoked since the connection opened.
+    fn check(&mut self) -> io::Result<()> {
+        let now = self.revocations.generation();
+        if now == self.seen {
+            return Ok(());
+        }
+        self.seen = now;
+        match self.revocations.revoked(&self.serial) {
+            None => Ok(()),
+            Some(r) => {
+                tracing::warn!(serial = %r.serial, subject = %r.subject, "closing a connection: its certificate was revoked");
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("certificate serial {} revoked; connection closed", r.serial),
+                ))
+            }
+        }
+    }
 }
 
 /// Closes a connection nothing was read from for `limit` (node connections), or `limit` after it opened whatever it
@@ -220,6 +260,9 @@ impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
+        if let Some(w) = &mut this.watch {
+            w.check()?;
+        }
         let read = Pin::new(&mut this.tls).poll_read(cx, buf);
         let Some(idle) = &mut this.idle else { return read };
         match read {
@@ -284,6 +327,7 @@ pub fn incoming(
     tls: Arc<rustls::ServerConfig>,
     limits: DoorLimits,
     occupancy: Arc<Occupancy>,
+    revocations: Arc<Revocations>,
 ) -> mpsc::Receiver<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
@@ -313,7 +357,8 @@ pub fn incoming(
             }
             occupancy.all.fetch_add(1, Ordering::Relaxed);
             let slot = Slot { occupancy: occupancy.clone(), node: false };
-            let (acceptor, tx, occupancy) = (acceptor.clone(), tx.clone(), occupancy.clone());
+            let (acceptor, tx, occupancy, revocations) =
+                (acceptor.clone(), tx.clone(), occupancy.clone(), revocations.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
@@ -342,7 +387,8 @@ pub fn incoming(
                     slot.node = true;
                     idle = limits.node_idle.map(Idle::new);
                 }
-                let _ = tx.send(Ok(Conn { tls, _slot: slot, idle })).await;
+                let watch = RevocationWatch::new(revocations, &tls);
+                let _ = tx.send(Ok(Conn { tls, _slot: slot, idle, watch })).await;
             });
         }
     });
@@ -368,7 +414,7 @@ mod tests {
             ..DoorLimits::within(1000, DEFAULT_HANDSHAKE_TIMEOUT)
         };
         let occupancy = Arc::new(Occupancy::default());
-        let mut conns = incoming(listener, Arc::new(server), limits, occupancy.clone());
+        let mut conns = incoming(listener, Arc::new(server), limits, occupancy.clone(), Arc::new(Revocations::none()));
 
         // A client with the fleet CA but no certificate of its own (what `upkeep-agent join` is).
         let mut roots = rustls::RootCertStore::empty();

@@ -1,14 +1,15 @@
 //! Revoked certificates: the serials the hub refuses, kept in the store and in memory.
 //!
 //! The door's certificate check ([`crate::door::server_config`]) consults [`Revocations::revoked`] on every TLS
-//! handshake, and an agent session re-checks its certificate when it starts (a connection made before the
-//! revocation may carry a new session). `upkeepctl pki revoke SERIAL` revokes one serial; `upkeepctl node forget`
+//! handshake, an agent session re-checks its certificate when it starts, and every open connection watches its
+//! own certificate (`door::Conn`): a revocation ends it before the next thing its peer sends is served. `upkeepctl pki revoke SERIAL` revokes one serial; `upkeepctl node forget`
 //! revokes every certificate the hub has seen the node use, which is why each node certificate's serial is noted
 //! (once per node and serial) when a session starts. The list is read from the store at start, so it survives
 //! restarts.
 
 use crate::store::{RevokedCert, Store, StoreError};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -20,6 +21,9 @@ pub struct Revocations {
     /// Hashes of the (node, serial) pairs already noted in the store, so a session start writes nothing for a
     /// pair the store has (16 bytes a node in memory, not the names; the store answers the lookups).
     noted: Mutex<HashSet<u64>>,
+    /// Bumped by every revocation: an open connection compares it with the value it last saw before it reads, and
+    /// looks its own serial up only when it moved.
+    generation: AtomicU64,
 }
 
 fn pair_key(node: &str, serial: &str) -> u64 {
@@ -70,12 +74,22 @@ impl Revocations {
     pub fn load(store: Arc<dyn Store>) -> Result<Revocations, StoreError> {
         let revoked = store.list_revoked_certs()?.into_iter().map(|r| (r.serial.clone(), r)).collect();
         let noted = store.node_certs()?.iter().map(|(node, serial)| pair_key(node, serial)).collect();
-        Ok(Revocations { store: Some(store), revoked: RwLock::new(revoked), noted: Mutex::new(noted) })
+        Ok(Revocations {
+            store: Some(store),
+            revoked: RwLock::new(revoked),
+            noted: Mutex::new(noted),
+            generation: AtomicU64::new(0),
+        })
     }
 
     /// Nothing revoked and nothing stored: for checking a configuration without opening the hub's state.
     pub fn none() -> Revocations {
-        Revocations { store: None, revoked: RwLock::new(HashMap::new()), noted: Mutex::new(HashSet::new()) }
+        Revocations {
+            store: None,
+            revoked: RwLock::new(HashMap::new()),
+            noted: Mutex::new(HashSet::new()),
+            generation: AtomicU64::new(0),
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, RevokedCert>> {
@@ -84,6 +98,11 @@ impl Revocations {
 
     fn noted(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
         self.noted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves with every revocation (see `door::Conn`).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The revocation of `serial` (normalised), if it is revoked.
@@ -127,6 +146,7 @@ impl Revocations {
             store.revoke_certs(std::slice::from_ref(&r))?;
         }
         self.revoked.write().unwrap_or_else(|e| e.into_inner()).insert(r.serial.clone(), r.clone());
+        self.generation.fetch_add(1, Ordering::Release);
         tracing::warn!(serial = %r.serial, subject = %r.subject, by, reason, "certificate revoked");
         Ok(r)
     }

@@ -148,7 +148,13 @@ pub async fn serve_fleet_with_local_agents(
         Duration::from_secs(u64::from(config.heartbeat_interval_seconds)),
         Duration::from_millis(u64::try_from(fleet.silence_deadline_ms()).unwrap_or(0)),
     );
-    let conns = crate::door::incoming(listener, Arc::new(tls), limits, Arc::new(Occupancy::default()));
+    let conns = crate::door::incoming(
+        listener,
+        Arc::new(tls),
+        limits,
+        Arc::new(Occupancy::default()),
+        fleet.revocations().clone(),
+    );
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conns);
     tracing::info!(%addr, max_connections = limits.max_connections, operator_reserve = limits.operator_reserve,
         handshake_timeout_s = limits.handshake_timeout.as_secs(),
