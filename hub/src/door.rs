@@ -321,17 +321,19 @@ fn role_of(tls: &TlsStream<TcpStream>) -> Option<Role> {
 }
 
 /// Accepts connections on `listener` within `limits` and hands established ones to the returned receiver (for
-/// `Server::serve_with_incoming_shutdown` through a `ReceiverStream`). Runs until the receiver is dropped.
+/// `Server::serve_with_incoming_shutdown` through a `ReceiverStream`). Runs until the receiver is dropped; the
+/// returned task ends then, and the listening socket is closed when it has (await it before binding the address
+/// again).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: DoorLimits,
     occupancy: Arc<Occupancy>,
     revocations: Arc<Revocations>,
-) -> mpsc::Receiver<io::Result<Conn>> {
+) -> (mpsc::Receiver<io::Result<Conn>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
-    tokio::spawn(async move {
+    let door = tokio::spawn(async move {
         let mut refused: u64 = 0;
         loop {
             let (tcp, peer) = tokio::select! {
@@ -392,7 +394,7 @@ pub fn incoming(
             });
         }
     });
-    rx
+    (rx, door)
 }
 
 #[cfg(test)]
@@ -414,7 +416,8 @@ mod tests {
             ..DoorLimits::within(1000, DEFAULT_HANDSHAKE_TIMEOUT)
         };
         let occupancy = Arc::new(Occupancy::default());
-        let mut conns = incoming(listener, Arc::new(server), limits, occupancy.clone(), Arc::new(Revocations::none()));
+        let (mut conns, _door) =
+            incoming(listener, Arc::new(server), limits, occupancy.clone(), Arc::new(Revocations::none()));
 
         // A client with the fleet CA but no certificate of its own (what `upkeep-agent join` is).
         let mut roots = rustls::RootCertStore::empty();
