@@ -79,6 +79,32 @@ pub fn check_path_length(
     Ok(())
 }
 
+/// Whether a node certificate `issuer` signs would pass the hub's own client check against the fleet CA
+/// `ca_pem`: a throwaway node certificate is issued and verified as a handshake would (chain, path length).
+/// The hub runs this at start, so an issuing CA from another fleet is a configuration error, not a stream of
+/// joins and renewals that fail later.
+pub fn check_issuer(ca_pem: &[u8], issuer: &crate::pki::Ca) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let mut root_ders = Vec::new();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        let c = c.map_err(|e| format!("tls.ca: {e}"))?;
+        roots.add(c.clone()).map_err(|e| format!("tls.ca: {e}"))?;
+        root_ders.push(c);
+    }
+    let chain = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| format!("tls.ca: {e}"))?;
+    let probe = upkeep_core::ids::Principal { role: upkeep_core::ids::Role::Node, name: "issuer-check".into() };
+    let pem = issuer.issue_client_for(&probe, 1).map_err(|e| e.to_string())?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pem.cert.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let (leaf, intermediates) = certs.split_first().ok_or("the issuing CA produced no certificate")?;
+    let verifier = FleetClientVerifier::new(chain, root_ders, Arc::new(Revocations::none()));
+    verifier.verify_client_cert(leaf, intermediates, UnixTime::now()).map(drop).map_err(|e| e.to_string())
+}
+
 impl ClientCertVerifier for FleetClientVerifier {
     fn offer_client_auth(&self) -> bool {
         self.chain.offer_client_auth()
@@ -227,5 +253,20 @@ mod tests {
         revocations.revoke(&serial, "test", "upkeep://operator/t").expect("revoke");
         assert_eq!(verify(&v, &a, &[]), Err(Error::InvalidCertificate(CertificateError::Revoked)));
         assert_eq!(verify(&v, &b, &[]), Ok(()));
+    }
+
+    #[test]
+    fn an_issuing_ca_from_another_fleet_is_found_before_it_signs_anything() {
+        let ours = tempfile::tempdir().expect("tmp");
+        let theirs = tempfile::tempdir().expect("tmp");
+        crate::pki::init(ours.path(), &[]).expect("pki");
+        crate::pki::init(theirs.path(), &[]).expect("pki");
+        let load = |d: &std::path::Path| {
+            crate::pki::Ca::load_files(&d.join("issuer.pem"), &d.join("issuer.key"), true).expect("issuer")
+        };
+        let ca_pem = std::fs::read(ours.path().join("ca.pem")).expect("ca");
+        check_issuer(&ca_pem, &load(ours.path())).expect("our issuer");
+        let why = check_issuer(&ca_pem, &load(theirs.path())).expect_err("another fleet's issuer");
+        assert!(why.contains("invalid peer certificate"), "{why}");
     }
 }

@@ -50,9 +50,19 @@ pub fn join_api(config: &HubConfig, fleet: Arc<Fleet>, issuer: Option<Arc<crate:
 /// renewals; None when not set.
 pub fn issuer(config: &HubConfig) -> anyhow::Result<Option<Arc<crate::pki::Ca>>> {
     match &config.issuer {
-        Some(f) => Ok(Some(Arc::new(
-            crate::pki::Ca::load_files(&f.cert, &f.key, true).context("tls.issuer_cert/tls.issuer_key")?,
-        ))),
+        Some(f) => {
+            let ca = crate::pki::Ca::load_files(&f.cert, &f.key, true).context("tls.issuer_cert/tls.issuer_key")?;
+            let ca_pem = std::fs::read(&config.ca).with_context(|| format!("tls.ca: {}", config.ca.display()))?;
+            crate::client_verifier::check_issuer(&ca_pem, &ca).map_err(|why| {
+                anyhow::anyhow!(
+                    "tls.issuer_cert: {} does not issue certificates this hub accepts under tls.ca {} ({why}); give \
+                     the issuer.pem and issuer.key that `upkeepctl pki init` wrote next to that ca.pem",
+                    f.cert.display(),
+                    config.ca.display()
+                )
+            })?;
+            Ok(Some(Arc::new(ca)))
+        }
         None => Ok(None),
     }
 }
@@ -148,7 +158,7 @@ pub async fn serve_fleet_with_local_agents(
         Duration::from_secs(u64::from(config.heartbeat_interval_seconds)),
         Duration::from_millis(u64::try_from(fleet.silence_deadline_ms()).unwrap_or(0)),
     );
-    let conns = crate::door::incoming(
+    let (conns, door) = crate::door::incoming(
         listener,
         Arc::new(tls),
         limits,
@@ -198,6 +208,11 @@ pub async fn serve_fleet_with_local_agents(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC");
+    // The server dropped the stream of connections: the door stops and closes the listening socket. Waited for,
+    // so that the address is free when this returns (a hub started again in the same process binds it at once).
+    if tokio::time::timeout(Duration::from_secs(5), door).await.is_err() {
+        tracing::warn!("the door did not stop within 5 s");
+    }
     flusher.abort();
     expiry.abort();
     engine_task.abort();
