@@ -218,7 +218,8 @@ fn run() -> anyhow::Result<()> {
                 scenarios::store(&ctx, Duration::from_secs(secs), &state_bytes, events_per_commit)
             }
             Scenario::SlotWrite { size_mib, rounds, dir, inline_hash, executor, chunk_kib, chunks } => {
-                let buffers = upkeep_agent::os::copy::Buffers { chunk_bytes: chunk_kib.max(1) * 1024, chunks };
+                let buffers =
+                    upkeep_agent::os::copy::Buffers { chunk_bytes: chunk_kib.max(1) * 1024, chunks, prehash: false };
                 let args =
                     upkeep_bench::slotwrite::SlotWriteArgs { size_mib, rounds, dir, inline_hash, executor, buffers };
                 upkeep_bench::slotwrite::slot_write(&ctx, &args)

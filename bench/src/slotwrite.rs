@@ -9,8 +9,8 @@
 //! Contenders: `dd` as a process; `upkeep`, the agent's own `write_raw` (the raw slot backend's whole write:
 //! open, copy with the hash on another thread, fsync, digest check; `--chunk-kib`/`--chunks` try other buffers); and with `--inline-hash`, the copy loop the agent had
 //! before (1 MiB buffer, SHA-256 inline on the one thread), kept here as the baseline; and with `--executor`,
-//! what the privileged executor of a privilege-separated agent does for a slot write: one read of the staged
-//! file for both digests, the signature check on those bytes, then the same raw write from the open file.
+//! what the privileged executor of a privilege-separated agent does for a slot write: the same raw write, also
+//! computing the signature prehash on a third thread and checking the signature on it.
 
 use crate::report::{Outcome, Row, row};
 use crate::scenarios::Ctx;
@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use upkeep_agent::os::Slot;
 use upkeep_agent::os::copy::Buffers;
-use upkeep_agent::os::image::{hash_image, verify_held};
-use upkeep_agent::os::slots::{hex, write_raw_with};
+use upkeep_agent::os::image::{hash_image, prehash_check};
+use upkeep_agent::os::slots::{Expect, hex, write_raw_with};
 use upkeep_core::signature::{PublicKey, SecretKey};
 
 /// The goal of issue 14: the agent writes a slot at ≥ 0.9 × dd's speed on the same disk.
@@ -108,7 +108,9 @@ pub fn slot_write(ctx: &Ctx, args: &SlotWriteArgs) -> anyhow::Result<Outcome> {
             let t = match c {
                 Contender::Dd => run_dd(&image, &out)?,
                 Contender::Upkeep => in_process(|| {
-                    write_raw_with(&image, &out, Slot::B, &sha, args.buffers).map(drop).context("upkeep slot write")
+                    write_raw_with(&image, &out, Slot::B, &Expect::digest(&sha), args.buffers)
+                        .map(drop)
+                        .context("upkeep slot write")
                 })?,
                 Contender::Inline => in_process(|| inline_hash_write(&image, &out, &sha))?,
                 Contender::Executor => {
@@ -229,8 +231,9 @@ fn sign(image: &Path) -> anyhow::Result<(PublicKey, String)> {
     Ok((sk.public_key(), sk.sign_prehashed(&staged.prehash, "bench image").to_file_text()))
 }
 
-/// What `os::executor` does for a slot write, without the socket: the staged file opened once, read once for
-/// both digests, its signature and digest checked, then written from the same open file.
+/// What `os::executor` does for a slot write, without the socket: the staged file opened and held, streamed
+/// into the slot once while SHA-256 and the signature prehash are computed (on two threads beside the copy),
+/// and the signature checked on that prehash before the write counts.
 fn executor_write(
     image: &Path,
     out: &Path,
@@ -239,12 +242,11 @@ fn executor_write(
     signature: &str,
     buffers: Buffers,
 ) -> anyhow::Result<()> {
-    let mut f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    let (staged, held) = hash_image(image, &mut f, false)?;
-    verify_held(&staged, held.as_deref(), sha256, 0, signature, std::slice::from_ref(key))
-        .map_err(|e| anyhow::anyhow!("verify: {e}"))?;
+    let f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let check = prehash_check(signature, 0, vec![key.clone()])?;
     let via = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)));
-    write_raw_with(&via, out, Slot::B, &staged.sha256, buffers).map(drop).context("executor slot write")
+    let expect = Expect { sha256, signed: Some(&check) };
+    write_raw_with(&via, out, Slot::B, &expect, buffers).map(drop).context("executor slot write")
 }
 
 fn run_dd(image: &Path, out: &Path) -> anyhow::Result<Timing> {

@@ -332,6 +332,8 @@ pub fn transition(e: Entry, cursor: u8, ev: Event, ctx: &Ctx) -> Transition {
                         sha256: sha256.clone(),
                         size: *size_bytes,
                         signature: signature.clone(),
+                        // Verified when it was staged, by this process.
+                        check_signature: false,
                     };
                     go(e, 1, Effect::WriteSlot(target, image))
                 }

@@ -116,6 +116,7 @@ fn a_reimage_asks_for_each_effect_in_order_and_commits_the_slot_that_booted() {
                 Op::Reimage { signature, .. } => signature.clone(),
                 _ => unreachable!(),
             },
+            check_signature: false,
         }
     )));
     let r = end.result.expect("result");

@@ -35,18 +35,26 @@ pub const CHUNK_BYTES: usize = 512 * 1024;
 /// Buffers in circulation at most: one copy holds `CHUNK_BYTES * CHUNKS_IN_FLIGHT` (4 MiB) of memory.
 pub const CHUNKS_IN_FLIGHT: usize = 8;
 
-/// The buffers a copy uses.
+/// The buffers a copy uses, and whether it also computes the signature prehash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Buffers {
     /// Bytes in each buffer (at least 1).
     pub chunk_bytes: usize,
     /// Buffers in circulation (at least 1).
     pub chunks: usize,
+    /// Also compute the BLAKE2b-512 prehash a minisign signature covers, on a third thread after the SHA-256
+    /// one (the privileged executor checks the signature on the bytes it writes).
+    pub prehash: bool,
 }
 
 impl Buffers {
-    /// What the agent uses: 8 buffers of 512 KiB.
-    pub const DEFAULT: Buffers = Buffers { chunk_bytes: CHUNK_BYTES, chunks: CHUNKS_IN_FLIGHT };
+    /// What the agent uses: 8 buffers of 512 KiB, SHA-256 only.
+    pub const DEFAULT: Buffers = Buffers { chunk_bytes: CHUNK_BYTES, chunks: CHUNKS_IN_FLIGHT, prehash: false };
+
+    /// The same buffers, also computing the signature prehash.
+    pub fn with_prehash(self) -> Buffers {
+        Buffers { prehash: true, ..self }
+    }
 }
 
 /// What a copy read, hashed and handed on (the three are the same bytes).
@@ -56,6 +64,8 @@ pub struct Copied {
     pub sha256: String,
     /// Bytes read.
     pub bytes: u64,
+    /// Their BLAKE2b-512 (the signature prehash), when the copy was asked for it (`Buffers::prehash`).
+    pub prehash: Option<[u8; 64]>,
 }
 
 /// Why a copy failed. The caller knows the paths and names them.
@@ -128,7 +138,15 @@ fn pipeline<R: Read, T>(
     let (to_hash, hash_in) = sync_channel::<Msg>(chunks);
     let (back, returned) = sync_channel::<Arc<Vec<u8>>>(chunks);
     std::thread::scope(|s| {
-        let hash = s.spawn(move || hash_stage(&hash_in, &back));
+        // SHA-256, then (when asked) the prehash on a thread of its own: each buffer goes from one to the next,
+        // and the last hands it back.
+        let (hash, pre) = if buffers.prehash {
+            let (to_pre, pre_in) = sync_channel::<Msg>(chunks);
+            let pre = s.spawn(move || prehash_stage(&pre_in, &back));
+            (s.spawn(move || hash_stage(&hash_in, &Next::Stage(to_pre))), Some(pre))
+        } else {
+            (s.spawn(move || hash_stage(&hash_in, &Next::Back(back))), None)
+        };
         let mut source = Chunks {
             reader,
             chunk_bytes: buffers.chunk_bytes.max(1),
@@ -146,12 +164,19 @@ fn pipeline<R: Read, T>(
         // Hanging up tells the hash thread the copy stopped, if it did not reach `End`.
         drop(source);
         let hashed = hash.join().map_err(|_| CopyError::Panicked("hashing"))?;
+        let prehashed = match pre {
+            Some(p) => Some(p.join().map_err(|_| CopyError::Panicked("prehashing"))?),
+            None => None,
+        };
         if let Some(e) = failure {
             return Err(e);
         }
         let t = consumed?;
-        // The source reached `End`, which the hash thread answers with the digest of every byte before it.
-        let copied = hashed.ok_or(CopyError::Panicked("hashing"))?;
+        // The source reached `End`, which the hash threads answer with the digests of every byte before it.
+        let mut copied = hashed.ok_or(CopyError::Panicked("hashing"))?;
+        if let Some(p) = prehashed {
+            copied.prehash = Some(p.ok_or(CopyError::Panicked("prehashing"))?);
+        }
         Ok((copied, t))
     })
 }
@@ -170,8 +195,16 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Hashes every buffer and hands it back; `Some` once it saw `End`, `None` if the copy stopped before.
-fn hash_stage(input: &Receiver<Msg>, back: &SyncSender<Arc<Vec<u8>>>) -> Option<Copied> {
+/// Where a hash stage sends a buffer it is done with.
+enum Next {
+    /// Back to the reader.
+    Back(SyncSender<Arc<Vec<u8>>>),
+    /// On to the next stage (which hands it back).
+    Stage(SyncSender<Msg>),
+}
+
+/// Hashes every buffer and passes it on; `Some` once it saw `End`, `None` if the copy stopped before.
+fn hash_stage(input: &Receiver<Msg>, next: &Next) -> Option<Copied> {
     let mut ctx = Context::new(&SHA256);
     let mut bytes = 0u64;
     loop {
@@ -180,9 +213,31 @@ fn hash_stage(input: &Receiver<Msg>, back: &SyncSender<Arc<Vec<u8>>>) -> Option<
                 ctx.update(&buf[..n]);
                 bytes += n as u64;
                 // The copy may have stopped already; then nobody needs the buffer back.
+                let _ = match next {
+                    Next::Back(back) => back.send(buf).is_ok(),
+                    Next::Stage(stage) => stage.send(Msg::Data(buf, n)).is_ok(),
+                };
+            }
+            Msg::End => {
+                if let Next::Stage(stage) = next {
+                    let _ = stage.send(Msg::End);
+                }
+                return Some(Copied { sha256: hex(ctx.finish().as_ref()), bytes, prehash: None });
+            }
+        }
+    }
+}
+
+/// The prehash stage: BLAKE2b-512 of every buffer, each handed back after; `Some` once it saw `End`.
+fn prehash_stage(input: &Receiver<Msg>, back: &SyncSender<Arc<Vec<u8>>>) -> Option<[u8; 64]> {
+    let mut pre = upkeep_core::signature::Prehasher::new();
+    loop {
+        match input.recv().ok()? {
+            Msg::Data(buf, n) => {
+                pre.update(&buf[..n]);
                 let _ = back.send(buf);
             }
-            Msg::End => return Some(Copied { sha256: hex(ctx.finish().as_ref()), bytes }),
+            Msg::End => return Some(pre.finish()),
         }
     }
 }
@@ -364,7 +419,7 @@ mod tests {
         }
     }
 
-    const SMALL: Buffers = Buffers { chunk_bytes: 1000, chunks: 3 };
+    const SMALL: Buffers = Buffers { chunk_bytes: 1000, chunks: 3, prehash: false };
 
     #[test]
     fn copies_and_hashes_every_size_around_the_buffer_size() {
@@ -374,7 +429,7 @@ mod tests {
             for step in [usize::MAX, 333] {
                 let mut out = Vec::new();
                 let c = copy_and_hash_with(Trickle { data: &src, step }, &mut out, SMALL).expect("copy");
-                assert_eq!(c, Copied { sha256: sha(&src), bytes: len as u64 }, "len {len} step {step}");
+                assert_eq!(c, Copied { sha256: sha(&src), bytes: len as u64, prehash: None }, "len {len} step {step}");
                 assert!(out == src, "len {len} step {step}: the bytes written differ from the source");
             }
         }
@@ -392,10 +447,26 @@ mod tests {
     }
 
     #[test]
+    fn the_prehash_stage_covers_the_same_bytes_whatever_the_buffers() {
+        for (buffers, len) in [(SMALL, 0), (SMALL, 40 * SMALL.chunk_bytes + 999), (Buffers::DEFAULT, CHUNK_BYTES + 1)] {
+            for chunks in [1, buffers.chunks] {
+                let src = data(len);
+                let mut out = Vec::new();
+                let b = Buffers { chunks, ..buffers }.with_prehash();
+                let c = copy_and_hash_with(Trickle { data: &src, step: 333 }, &mut out, b).expect("copy");
+                assert_eq!(c.sha256, sha(&src), "len {len} chunks {chunks}");
+                assert_eq!(c.prehash, Some(upkeep_core::signature::blake2b_512(&src)), "len {len} chunks {chunks}");
+                assert!(out == src, "len {len} chunks {chunks}");
+            }
+        }
+    }
+
+    #[test]
     fn one_buffer_in_circulation_still_copies() {
         let src = data(10 * 64 + 5);
         let mut out = Vec::new();
-        let c = copy_and_hash_with(&src[..], &mut out, Buffers { chunk_bytes: 64, chunks: 1 }).expect("copy");
+        let c = copy_and_hash_with(&src[..], &mut out, Buffers { chunk_bytes: 64, chunks: 1, prehash: false })
+            .expect("copy");
         assert_eq!((c.sha256, out), (sha(&src), src));
     }
 

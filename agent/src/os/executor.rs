@@ -5,9 +5,10 @@
 //! It trusts nothing it is sent:
 //! - a peer is served only when its SO_PEERCRED uid is `[executor] client_user`'s;
 //! - a slot write takes an image only from the executor's own staging path for the named digest, opened
-//!   without following links, reads it once to hash it (SHA-256 and the signature prehash) and checks the
-//!   signature against the node's trusted keys and the size on those bytes; the slot write then refuses bytes
-//!   that do not hash to that verified digest, so a file changed after the check is never made bootable;
+//!   without following links and held open; it streams into the slot once while the SHA-256 and the signature
+//!   prehash are computed, and the slot holds the bytes as an image only when their digest, size and signature
+//!   (by a key the node trusts) check out, so bytes changed under the executor are never an image; only a slot
+//!   the executor wrote and verified can be marked bootable, and only the booted slot can be committed;
 //! - a channel is re-planned from the executor's own view of the node: the request names a channel, never a
 //!   file or its contents;
 //! - package pins must be well-formed and name packages the node already has: a security patch upgrades what
@@ -19,9 +20,9 @@
 //! package transaction is never cut short by a restart of the agent).
 
 use super::host::HostOs;
-use super::image::{hash_image, parse_trusted_keys, staged_path, verify_held};
+use super::image::{parse_trusted_keys, staged_path};
 use super::remote::{MAX_REQUEST_BYTES, Pin, Reply, Request, WireError, read_document};
-use super::{NodeOs, OsError, SlotImage, apt, dnf};
+use super::{NodeOs, OsError, Slot, SlotImage, apt, dnf};
 use crate::channel::{NodeKind, OsKind, PackagePin, classify, parse_package_pins, plan_channel};
 use crate::config::{AgentConfig, ExecutorSettings};
 use std::io::{Read, Write};
@@ -32,7 +33,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use upkeep_core::signature::Signature;
 use upkeep_core::version::{ImageVersion, KubernetesVersion};
 
 /// Connections served at once; more are answered "busy".
@@ -51,6 +51,53 @@ pub struct Executor {
     hardware_class: String,
     client_uid: u32,
     active: AtomicUsize,
+    slots: VerifiedSlots,
+}
+
+/// Which slot holds which image this executor wrote and verified, kept in a file only root may change
+/// (`VERIFIED_SLOTS_FILE` under the node's root) so that it outlives a restart of the executor.
+pub struct VerifiedSlots {
+    file: PathBuf,
+    held: std::sync::Mutex<std::collections::BTreeMap<Slot, String>>,
+}
+
+/// Where the executor keeps its verified slots, relative to the node's root.
+pub const VERIFIED_SLOTS_FILE: &str = "var/lib/upkeep/executor/verified-slots.json";
+
+impl VerifiedSlots {
+    /// Reads the record under `root` (none yet: nothing verified).
+    pub fn load(root: &Path) -> VerifiedSlots {
+        let file = root.join(VERIFIED_SLOTS_FILE);
+        let held = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        VerifiedSlots { file, held: std::sync::Mutex::new(held) }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut std::collections::BTreeMap<Slot, String>)) -> Result<(), OsError> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut held);
+        let bytes = serde_json::to_vec(&*held).map_err(|e| OsError::Executor(format!("encoding: {e}")))?;
+        crate::state::write_atomic(&self.file, &bytes)
+            .map_err(|e| OsError::Malformed { path: self.file.clone(), reason: e.to_string() })
+    }
+
+    /// `slot` is being written: it holds no verified image.
+    pub fn forget(&self, slot: Slot) -> Result<(), OsError> {
+        self.update(|h| {
+            h.remove(&slot);
+        })
+    }
+
+    /// `slot` holds the verified image `sha256`.
+    pub fn verified(&self, slot: Slot, sha256: &str) -> Result<(), OsError> {
+        self.update(|h| {
+            h.insert(slot, sha256.to_string());
+        })
+    }
+
+    /// Whether `slot` holds an image this executor verified.
+    pub fn holds_verified(&self, slot: Slot) -> bool {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&slot)
+    }
 }
 
 /// The uid of `user` (a name, or a number).
@@ -85,6 +132,7 @@ impl Executor {
             hardware_class: cfg.hardware_class.clone(),
             client_uid,
             active: AtomicUsize::new(0),
+            slots: VerifiedSlots::load(&cfg.root),
         }
     }
 
@@ -173,12 +221,27 @@ impl Executor {
                 value(self.write_slot(slot, &sha256, size, &signature)?)
             }
             Request::RemoveSlotLeftovers => value(os.remove_slot_leftovers()?),
-            Request::MarkBootOnce { slot } => value(os.mark_boot_once(slot)?),
+            Request::MarkBootOnce { slot } => {
+                if !self.slots.holds_verified(slot) {
+                    return Err(OsError::Executor(format!(
+                        "slot {slot} holds no image this executor wrote and verified; not marked bootable"
+                    )));
+                }
+                value(os.mark_boot_once(slot)?)
+            }
             Request::Reboot => {
                 tracing::info!("executor: reboot");
                 value(os.reboot()?)
             }
-            Request::Commit { slot } => value(os.commit(slot)?),
+            Request::Commit { slot } => {
+                let booted = os.boot_state()?.booted;
+                if booted != slot {
+                    return Err(OsError::Executor(format!(
+                        "slot {slot} is not the booted slot ({booted}); only the running slot is made the default"
+                    )));
+                }
+                value(os.commit(slot)?)
+            }
             Request::FallBack { to } => value(os.fall_back(to)?),
             Request::HealthCheck => value(os.health_check()?),
             Request::Cordon => value(os.cordon()?),
@@ -232,16 +295,19 @@ impl Executor {
         })
     }
 
-    /// Writes the staged image of `sha256` into `slot` after checking its signature and size on the bytes read
-    /// from the file the write then copies (held open, so a renamed or replaced path cannot swap it).
-    fn write_slot(&self, slot: super::Slot, sha256: &str, size: u64, signature: &str) -> Result<u64, OsError> {
+    /// Writes the staged image of `sha256` into `slot`, in one pass: the file (opened here without following
+    /// links, and held open) streams into the slot while its SHA-256 and signature prehash are computed, and the
+    /// slot holds the bytes as an image only when they hash to `sha256`, are `size` bytes and carry a signature
+    /// by a key the node trusts. The slot is recorded as verified only then; `mark_boot_once` takes no other.
+    fn write_slot(&self, slot: Slot, sha256: &str, size: u64, signature: &str) -> Result<u64, OsError> {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(OsError::Executor(format!("sha256 {sha256:?}: expected 64 lower-case hex digits")));
         }
-        let sig = Signature::parse(signature)
-            .map_err(|e| OsError::Executor(format!("image refused, nothing written: signature: {e}")))?;
+        // Refused before a byte moves: a signature that does not parse, a legacy one, or an unknown key.
+        let keys = parse_trusted_keys(&self.os.trusted_keys()?).map_err(OsError::Executor)?;
+        super::image::prehash_check(signature, size, keys).map(drop)?;
         let path = staged_path(&self.state_dir, sha256);
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&path)
@@ -250,22 +316,21 @@ impl Executor {
         if !meta.is_file() {
             return Err(OsError::Executor(format!("{}: not a regular file; nothing written", path.display())));
         }
-        let (staged, held) = hash_image(&path, &mut file, sig.needs_whole_message())?;
-        let keys = parse_trusted_keys(&self.os.trusted_keys()?).map_err(OsError::Executor)?;
-        let key = verify_held(&staged, held.as_deref(), sha256, size, signature, &keys)
-            .map_err(|e| OsError::Executor(format!("image refused, nothing written: {e}")))?;
-        drop(held);
-        tracing::info!(slot = %slot, sha256, key = %key, bytes = staged.size, "executor: image verified; writing");
+        // Whatever the slot held is not a verified image any more from here on.
+        self.slots.forget(slot)?;
         // The slot backend (and a hook's `{image}`) reads the same open file through its /proc path.
         let image = SlotImage {
             path: PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd())),
-            sha256: staged.sha256,
-            size: staged.size,
+            sha256: sha256.to_string(),
+            size,
             signature: signature.to_string(),
+            check_signature: true,
         };
-        let written = self.os.write_slot(slot, &image);
+        let written = self.os.write_slot(slot, &image)?;
         drop(file);
-        written
+        self.slots.verified(slot, sha256)?;
+        tracing::info!(slot = %slot, sha256, bytes = written, "executor: slot written and verified");
+        Ok(written)
     }
 }
 

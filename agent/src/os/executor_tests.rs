@@ -95,7 +95,7 @@ fn write(exec: &Executor, sha: &str, size: u64, signature: &str) -> Result<serde
 }
 
 #[test]
-fn a_slot_write_is_checked_on_the_bytes_the_executor_reads_from_its_own_staging_path() {
+fn a_slot_write_is_checked_on_the_bytes_it_streams_from_the_executors_own_staging_path() {
     let n = Node::new();
     let exec = n.executor(me());
     let image: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
@@ -109,16 +109,16 @@ fn a_slot_write_is_checked_on_the_bytes_the_executor_reads_from_its_own_staging_
     assert!(e.to_string().contains("image refused, nothing written"), "{e}");
     // A size that is not the file's.
     let e = write(&exec, &sha, 69_999, &good).expect_err("size");
-    assert!(e.to_string().contains("image refused"), "{e}");
+    assert!(matches!(e, OsError::Unverified { .. }), "{e}");
     // The staged file is not what its name says: the network half changed it after its own check.
     let mut changed = image.clone();
     changed[100] ^= 1;
     n.stage(&sha, &changed);
     let e = write(&exec, &sha, 0, &good).expect_err("changed bytes");
-    assert!(e.to_string().contains("image refused"), "{e}");
-    // ... or signed the changed bytes with a key it made up: still not a trusted key.
-    let e = write(&exec, &sha_hex(&changed), 0, &stranger).expect_err("no staged file of that digest");
-    assert!(matches!(e, OsError::Io { .. }), "{e}");
+    assert!(matches!(e, OsError::Unverified { .. } | OsError::Digest { .. }), "{e}");
+    // ... or signed the changed bytes with a key it made up: not a trusted key, refused before a byte moves.
+    let e = write(&exec, &sha_hex(&changed), 0, &stranger).expect_err("untrusted key");
+    assert!(e.to_string().contains("unknown key"), "{e}");
     // A digest that is a path.
     let e = write(&exec, "../../../../etc/shadow", 0, &good).expect_err("path");
     assert!(e.to_string().contains("64 lower-case hex digits"), "{e}");
@@ -142,16 +142,50 @@ fn a_slot_write_is_checked_on_the_bytes_the_executor_reads_from_its_own_staging_
 }
 
 #[test]
-fn a_legacy_signature_is_checked_on_the_same_bytes_that_were_hashed() {
+fn a_legacy_signature_is_refused_before_anything_is_written() {
     let n = Node::new();
     let exec = n.executor(me());
     let image = b"a small legacy-signed image".repeat(100);
     let sha = sha_hex(&image);
     n.stage(&sha, &image);
     let legacy = n.sk.sign_legacy(&image, "t").to_file_text();
-    write(&exec, &sha, 0, &legacy).expect("legacy signature over the held bytes");
-    let other = n.sk.sign_legacy(b"something else", "t").to_file_text();
-    assert!(write(&exec, &sha, 0, &other).is_err());
+    let e = write(&exec, &sha, 0, &legacy).expect_err("legacy");
+    assert!(e.to_string().contains("legacy (whole-message) signature"), "{e}");
+    assert!(n.writes().is_empty());
+}
+
+#[test]
+fn only_a_slot_the_executor_wrote_and_verified_is_marked_bootable_and_only_the_booted_slot_committed() {
+    let n = Node::new();
+    n.os.with(|s| s.booted = Some(Slot::A));
+    let exec = n.executor(me());
+    let mark = |slot| exec.handle(Request::MarkBootOnce { slot });
+    let e = mark(Slot::B).expect_err("nothing verified in b");
+    assert!(e.to_string().contains("holds no image this executor wrote and verified"), "{e}");
+    let image: Vec<u8> = (0..4000u32).map(|i| (i % 7) as u8).collect();
+    let sha = sha_hex(&image);
+    n.stage(&sha, &image);
+    write(&exec, &sha, 0, &n.sign(&image)).expect("write");
+    mark(Slot::B).expect("b was written and verified");
+    // The record outlives the executor.
+    let again = n.executor(me());
+    again.handle(Request::MarkBootOnce { slot: Slot::B }).expect("after a restart too");
+    // A write that fails its check forgets what the slot held.
+    let other = b"other bytes".repeat(10);
+    let other_sha = sha_hex(&other);
+    n.stage(&other_sha, &other);
+    let stranger = SecretKey::from_seed([9; 32], [9; 8]);
+    let forged = stranger.sign_prehashed(&blake2b_512(&other), "x").to_file_text();
+    assert!(write(&again, &other_sha, 0, &forged).is_err(), "an untrusted key is refused up front");
+    n.stage(&other_sha, &image); // the staged bytes are not the ones signed
+    let e = write(&again, &other_sha, 0, &n.sign(&other)).expect_err("bytes do not match the signature");
+    assert!(matches!(e, OsError::Unverified { .. }), "{e}");
+    let e = again.handle(Request::MarkBootOnce { slot: Slot::B }).expect_err("b no longer verified");
+    assert!(e.to_string().contains("not marked bootable"), "{e}");
+    // Commit: the booted slot only.
+    let e = again.handle(Request::Commit { slot: Slot::B }).expect_err("b is not running");
+    assert!(e.to_string().contains("not the booted slot"), "{e}");
+    again.handle(Request::Commit { slot: Slot::A }).expect("a is running");
 }
 
 #[test]

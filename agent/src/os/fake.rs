@@ -152,6 +152,18 @@ impl NodeOs for FakeOs {
     }
 
     fn write_slot(&self, slot: Slot, image: &SlotImage) -> Result<u64, OsError> {
+        if image.check_signature {
+            let keys = super::image::parse_trusted_keys(&self.with(|s| s.keys.clone())).map_err(OsError::Executor)?;
+            let check = super::image::prehash_check(&image.signature, image.size, keys)?;
+            let bytes = std::fs::read(&image.path).map_err(OsError::io(&image.path))?;
+            if let Err(reason) = check(&upkeep_core::signature::blake2b_512(&bytes), bytes.len() as u64) {
+                return Err(OsError::Unverified {
+                    path: image.path.clone(),
+                    reason,
+                    slot_state: format!("slot {slot} left unchanged"),
+                });
+            }
+        }
         let (sha256, image) = (image.sha256.as_str(), image.path.as_path());
         if let Some(why) = self.with(|s| {
             s.incoming.push(slot);

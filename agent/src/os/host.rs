@@ -263,7 +263,13 @@ impl NodeOs for HostOs {
     }
 
     fn write_slot(&self, slot: Slot, image: &SlotImage) -> Result<u64, OsError> {
-        self.backend.write_slot(slot, &image.path, &image.sha256)
+        if !image.check_signature {
+            return self.backend.write_slot(slot, &image.path, &slots::Expect::digest(&image.sha256));
+        }
+        let keys = super::image::parse_trusted_keys(&self.trusted_keys()?)
+            .map_err(|why| OsError::Executor(format!("reading trusted keys: {why}")))?;
+        let check = super::image::prehash_check(&image.signature, image.size, keys)?;
+        self.backend.write_slot(slot, &image.path, &slots::Expect { sha256: &image.sha256, signed: Some(&check) })
     }
 
     fn remove_slot_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {

@@ -260,6 +260,42 @@ pub fn verify_held(
     Ok(key.id())
 }
 
+/// The check a signature-checking slot write runs on the streamed bytes' prehash and size: `signature` (a
+/// prehashed minisign signature) by one of `keys`, and `size` bytes when `size` is not 0. A legacy signature
+/// covers the whole message, which a streaming write does not hold: it is refused before anything is written.
+pub fn prehash_check(
+    signature: &str,
+    size: u64,
+    keys: Vec<PublicKey>,
+) -> Result<impl Fn(&[u8; 64], u64) -> Result<(), String> + Sync, OsError> {
+    let sig =
+        Signature::parse(signature).map_err(|e| OsError::Executor(format!("image refused, nothing written: {e}")))?;
+    if sig.needs_whole_message() {
+        return Err(OsError::Executor(
+            "image refused, nothing written: a legacy (whole-message) signature cannot be checked while the image \
+             streams into the slot; sign it prehashed (minisign's default since 0.9)"
+                .into(),
+        ));
+    }
+    if !keys.iter().any(|k| k.key_id == sig.key_id) {
+        return Err(OsError::Executor(format!(
+            "image refused, nothing written: signature by unknown key {} (the node trusts {})",
+            sig.key_id_string(),
+            if keys.is_empty() {
+                "no keys".to_string()
+            } else {
+                keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
+            }
+        )));
+    }
+    Ok(move |prehash: &[u8; 64], got: u64| {
+        if size != 0 && got != size {
+            return Err(TrustError::Truncated { got, expected: size }.to_string());
+        }
+        sig.verify(&keys, Signed::Prehash(prehash)).map(drop).map_err(|e| format!("image refused: {e}"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

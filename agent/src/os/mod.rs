@@ -96,6 +96,16 @@ pub enum OsError {
         /// What the slot holds now, as the backend knows it (untouched, or overwritten and not marked to boot).
         slot_state: String,
     },
+    /// The bytes a slot write streamed are not signed by a trusted key (or not of the size ordered).
+    #[error("{path}: {reason}; {slot_state}")]
+    Unverified {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+        /// What the slot holds now.
+        slot_state: String,
+    },
     /// A configured health check failed.
     #[error("health check failed: {0}")]
     Unhealthy(String),
@@ -143,10 +153,14 @@ pub struct SlotImage {
     pub size: u64,
     /// The minisign signature text the command carried.
     pub signature: String,
+    /// Check the signature (against the node's trusted keys) and the size on the bytes as they are written,
+    /// before the slot holds them as an image: the privileged executor does; an agent in one process verified
+    /// the staged file it downloaded itself.
+    pub check_signature: bool,
 }
 
 /// One of the two A/B slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Slot {
     /// Slot A (the node's original image lives here).

@@ -202,6 +202,15 @@ pub enum WireError {
         /// What the slot holds now.
         slot_state: String,
     },
+    /// `OsError::Unverified`.
+    Unverified {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+        /// What the slot holds now.
+        slot_state: String,
+    },
     /// `OsError::Unhealthy`.
     Unhealthy {
         /// Why.
@@ -244,6 +253,7 @@ impl From<OsError> for WireError {
             OsError::Digest { path, expected, actual, slot_state } => {
                 WireError::Digest { path, expected, actual, slot_state }
             }
+            OsError::Unverified { path, reason, slot_state } => WireError::Unverified { path, reason, slot_state },
             OsError::Unhealthy(message) => WireError::Unhealthy { message },
             OsError::Kube { api_server, action, reason } => WireError::Kube { api_server, action, reason },
             OsError::DrainTimedOut { after_seconds, blocking } => WireError::DrainTimedOut { after_seconds, blocking },
@@ -262,6 +272,7 @@ impl From<WireError> for OsError {
             WireError::Digest { path, expected, actual, slot_state } => {
                 OsError::Digest { path, expected, actual, slot_state }
             }
+            WireError::Unverified { path, reason, slot_state } => OsError::Unverified { path, reason, slot_state },
             WireError::Unhealthy { message } => OsError::Unhealthy(message),
             WireError::Kube { api_server, action, reason } => OsError::Kube { api_server, action, reason },
             WireError::DrainTimedOut { after_seconds, blocking } => OsError::DrainTimedOut { after_seconds, blocking },

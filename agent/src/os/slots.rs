@@ -13,7 +13,7 @@
 //! renamed into place once verified); it removes that copy when the write fails, and `remove_leftovers`
 //! removes one a crash left.
 
-use super::copy::{Buffers, CopyError, consume_and_hash, copy_and_hash, copy_and_hash_with};
+use super::copy::{Buffers, CopyError, consume_and_hash, copy_and_hash_with};
 use super::{BootState, OsError, Rebooted, Slot, command, parse_node_image};
 use crate::config::HookCommands;
 use crate::state::write_atomic;
@@ -31,8 +31,9 @@ pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
 pub trait Backend: Send + Sync {
     /// The boot state.
     fn boot_state(&self) -> Result<BootState, OsError>;
-    /// Writes `image` (already verified) into `slot`, hashing what it streams; returns bytes written.
-    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError>;
+    /// Writes `image` into `slot`, hashing what it streams, and makes it visible only when the bytes are what
+    /// `expect` says; returns bytes written.
+    fn write_slot(&self, slot: Slot, image: &Path, expect: &Expect<'_>) -> Result<u64, OsError>;
     /// Removes what an interrupted or failed `write_slot` left outside the slots; returns what it removed.
     fn remove_leftovers(&self) -> Result<Vec<PathBuf>, OsError>;
     /// Marks `slot` to be booted once.
@@ -49,6 +50,65 @@ pub trait Backend: Send + Sync {
 
 /// Lower-case hex (digests are written and compared in it).
 pub use super::copy::hex;
+
+/// A check of the signature prehash and size of the bytes a slot write streamed; Err says why they are refused.
+pub type SignedCheck<'a> = dyn Fn(&[u8; 64], u64) -> Result<(), String> + Sync + 'a;
+
+/// What the bytes of a slot write must be before the slot holds them as an image: their SHA-256, and when a
+/// signature check is given (the privileged executor), a signature by a trusted key over those very bytes.
+pub struct Expect<'a> {
+    /// SHA-256, lower-case hex.
+    pub sha256: &'a str,
+    /// The signature check, computed on the prehash of the bytes as they streamed by (one pass, no re-read).
+    pub signed: Option<&'a SignedCheck<'a>>,
+}
+
+/// Why the streamed bytes are refused.
+pub enum Mismatch {
+    /// They hash to another digest.
+    Digest {
+        /// Expected.
+        expected: String,
+        /// Actual.
+        actual: String,
+    },
+    /// Their signature (or size) does not check out.
+    Signature(String),
+}
+
+impl Expect<'_> {
+    /// Only the digest.
+    pub fn digest(sha256: &str) -> Expect<'_> {
+        Expect { sha256, signed: None }
+    }
+
+    /// The copy buffers that compute what this check needs.
+    pub fn buffers(&self, base: Buffers) -> Buffers {
+        if self.signed.is_some() { base.with_prehash() } else { base }
+    }
+
+    /// Checks what a copy computed.
+    pub fn check(&self, c: &super::copy::Copied) -> Result<(), Mismatch> {
+        if c.sha256 != self.sha256 {
+            return Err(Mismatch::Digest { expected: self.sha256.to_string(), actual: c.sha256.clone() });
+        }
+        if let Some(check) = self.signed {
+            let pre = c.prehash.ok_or_else(|| Mismatch::Signature("no prehash computed".into()))?;
+            check(&pre, c.bytes).map_err(Mismatch::Signature)?;
+        }
+        Ok(())
+    }
+}
+
+/// The error of a refused slot write, saying what the slot holds now.
+pub fn refused(image: &Path, m: Mismatch, slot_state: String) -> OsError {
+    match m {
+        Mismatch::Digest { expected, actual } => {
+            OsError::Digest { path: image.to_path_buf(), expected, actual, slot_state }
+        }
+        Mismatch::Signature(why) => OsError::Unverified { path: image.to_path_buf(), reason: why, slot_state },
+    }
+}
 
 /// Where the per-boot token lives under the node's root: /run is a tmpfs emptied at every boot.
 pub const BOOT_TOKEN_FILE: &str = "run/upkeep/boot-token";
@@ -159,18 +219,18 @@ impl DirSlots {
         self.dir().join(format!("{slot}.incoming"))
     }
 
-    /// Unpacks `image` into `incoming` while hashing it on another thread; returns (hex sha256, bytes).
-    fn unpack(image: &Path, incoming: &Path) -> Result<(String, u64), OsError> {
+    /// Unpacks `image` into `incoming` while hashing it on other threads; returns what the copy computed.
+    fn unpack(image: &Path, incoming: &Path, buffers: Buffers) -> Result<super::copy::Copied, OsError> {
         std::fs::create_dir_all(incoming).map_err(OsError::io(incoming))?;
         let f = std::fs::File::open(image).map_err(OsError::io(image))?;
-        let unpacked = consume_and_hash(f, Buffers::DEFAULT, |reader| {
+        let unpacked = consume_and_hash(f, buffers, |reader| {
             let mut ar = tar::Archive::new(reader);
             ar.set_preserve_permissions(true);
             ar.set_overwrite(true);
             ar.unpack(incoming)
         });
         match unpacked {
-            Ok((c, ())) => Ok((c.sha256, c.bytes)),
+            Ok((c, ())) => Ok(c),
             Err(CopyError::Write(e)) => {
                 Err(OsError::Malformed { path: image.to_path_buf(), reason: format!("unpacking tar: {e}") })
             }
@@ -245,7 +305,7 @@ impl Backend for DirSlots {
         })
     }
 
-    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
+    fn write_slot(&self, slot: Slot, image: &Path, expect: &Expect<'_>) -> Result<u64, OsError> {
         let b = self.load()?;
         if slot == b.booted {
             return Err(OsError::Malformed {
@@ -256,7 +316,7 @@ impl Backend for DirSlots {
         self.snapshot_booted(b.booted)?;
         let incoming = self.incoming_dir(slot);
         remove_any(&incoming)?;
-        let (actual, bytes) = match Self::unpack(image, &incoming) {
+        let copied = match Self::unpack(image, &incoming, expect.buffers(Buffers::DEFAULT)) {
             Ok(r) => r,
             Err(e) => {
                 // A half-unpacked tree is of no use to anyone: the slot itself was not touched.
@@ -266,17 +326,15 @@ impl Backend for DirSlots {
                 return Err(e);
             }
         };
-        if actual != sha256 {
+        if let Err(m) = expect.check(&copied) {
             remove_any(&incoming)?;
-            return Err(OsError::Digest {
-                path: image.to_path_buf(),
-                expected: sha256.into(),
-                actual,
-                slot_state: format!(
-                    "slot {slot} left unchanged and not marked bootable (the unpacked copy was removed)"
-                ),
-            });
+            return Err(refused(
+                image,
+                m,
+                format!("slot {slot} left unchanged and not marked bootable (the unpacked copy was removed)"),
+            ));
         }
+        let bytes = copied.bytes;
         sync_tree(&incoming)?;
         let dst = self.slot_dir(slot);
         remove_any(&dst)?;
@@ -379,12 +437,19 @@ impl Backend for DirSlots {
 /// `copy`), then fsyncs; returns the bytes written, or an error when they do not hash to `sha256`. The copy
 /// goes straight to `dest` (there is no room for a second copy of a raw image), so after a mismatch `dest`
 /// holds the bytes written, and the error says so; the caller marks nothing bootable after an error.
-pub fn write_raw(image: &Path, dest: &Path, slot: Slot, sha256: &str) -> Result<u64, OsError> {
-    write_raw_with(image, dest, slot, sha256, Buffers::DEFAULT)
+pub fn write_raw(image: &Path, dest: &Path, slot: Slot, expect: &Expect<'_>) -> Result<u64, OsError> {
+    write_raw_with(image, dest, slot, expect, Buffers::DEFAULT)
 }
 
 /// `write_raw` with the given copy buffers (the agent uses `Buffers::DEFAULT`; the benchmark tries others).
-pub fn write_raw_with(image: &Path, dest: &Path, slot: Slot, sha256: &str, buffers: Buffers) -> Result<u64, OsError> {
+pub fn write_raw_with(
+    image: &Path,
+    dest: &Path,
+    slot: Slot,
+    expect: &Expect<'_>,
+    buffers: Buffers,
+) -> Result<u64, OsError> {
+    let buffers = expect.buffers(buffers);
     let src = std::fs::File::open(image).map_err(OsError::io(image))?;
     let is_file = std::fs::metadata(dest).map(|m| m.is_file()).unwrap_or(true);
     let mut out = std::fs::OpenOptions::new()
@@ -398,18 +463,17 @@ pub fn write_raw_with(image: &Path, dest: &Path, slot: Slot, sha256: &str, buffe
         e => OsError::Io { path: image.to_path_buf(), source: e.into_io() },
     })?;
     out.sync_all().map_err(OsError::io(dest))?;
-    if copied.sha256 != sha256 {
-        return Err(OsError::Digest {
-            path: image.to_path_buf(),
-            expected: sha256.into(),
-            actual: copied.sha256,
-            slot_state: format!(
+    if let Err(m) = expect.check(&copied) {
+        return Err(refused(
+            image,
+            m,
+            format!(
                 "slot {slot} ({}) was written with these {} bytes and does not hold a verified image; it is not \
                  marked bootable, and the next image written replaces them",
                 dest.display(),
                 copied.bytes
             ),
-        });
+        ));
     }
     Ok(copied.bytes)
 }
@@ -498,14 +562,14 @@ impl Backend for GrubEnv {
         })
     }
 
-    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
+    fn write_slot(&self, slot: Slot, image: &Path, expect: &Expect<'_>) -> Result<u64, OsError> {
         if slot == self.booted()? {
             return Err(OsError::Malformed {
                 path: self.path(slot).to_path_buf(),
                 reason: "refusing to write the booted slot".into(),
             });
         }
-        write_raw(image, self.path(slot), slot, sha256)
+        write_raw(image, self.path(slot), slot, expect)
     }
 
     fn remove_leftovers(&self) -> Result<Vec<PathBuf>, OsError> {
@@ -607,22 +671,21 @@ impl Backend for HookSlots {
         })
     }
 
-    fn write_slot(&self, slot: Slot, image: &Path, sha256: &str) -> Result<u64, OsError> {
+    fn write_slot(&self, slot: Slot, image: &Path, expect: &Expect<'_>) -> Result<u64, OsError> {
         // Only hashed here (the write hook does the copy); the helper still reads ahead of the hash.
         let f = std::fs::File::open(image).map_err(OsError::io(image))?;
-        let c = copy_and_hash(f, &mut std::io::sink())
+        let c = copy_and_hash_with(f, &mut std::io::sink(), expect.buffers(Buffers::DEFAULT))
             .map_err(|e| OsError::Io { path: image.to_path_buf(), source: e.into_io() })?;
-        let (actual, bytes) = (c.sha256, c.bytes);
-        if actual != sha256 {
-            return Err(OsError::Digest {
-                path: image.to_path_buf(),
-                expected: sha256.into(),
-                actual,
-                slot_state: format!(
+        let bytes = c.bytes;
+        if let Err(m) = expect.check(&c) {
+            return Err(refused(
+                image,
+                m,
+                format!(
                     "nothing written (checked before the write hook ran), slot {slot} left unchanged and not marked \
                      bootable"
                 ),
-            });
+            ));
         }
         self.run(&self.hooks.write, slot, Some(image))?;
         Ok(bytes)
@@ -702,10 +765,10 @@ mod tests {
     fn dir_slots_boot_once_commit_and_fall_back() {
         let (d, root, s) = dir_slots_on_202301();
         let (img, sha) = tar_image(d.path(), "202302.01.0", true);
-        assert!(matches!(s.write_slot(Slot::B, &img, &"0".repeat(64)), Err(OsError::Digest { .. })));
+        assert!(matches!(s.write_slot(Slot::B, &img, &Expect::digest(&"0".repeat(64))), Err(OsError::Digest { .. })));
         assert!(!s.slot_dir(Slot::B).exists(), "a digest mismatch leaves the slot absent");
-        assert!(s.write_slot(Slot::A, &img, &sha).is_err(), "the booted slot is never written");
-        s.write_slot(Slot::B, &img, &sha).expect("write");
+        assert!(s.write_slot(Slot::A, &img, &Expect::digest(&sha)).is_err(), "the booted slot is never written");
+        s.write_slot(Slot::B, &img, &Expect::digest(&sha)).expect("write");
         s.mark_boot_once(Slot::B).expect("mark");
         assert_eq!(s.boot_state().expect("state").next_once, Some(Slot::B));
         s.reboot().expect("boot");
@@ -718,7 +781,7 @@ mod tests {
         assert!(live.contains("202301.01.0"), "the original image's metadata is restored: {live}");
         // An image without metadata does not boot: the one try is used up and the committed slot comes back.
         let (bad, bad_sha) = tar_image(d.path(), "x", false);
-        s.write_slot(Slot::B, &bad, &bad_sha).expect("write");
+        s.write_slot(Slot::B, &bad, &Expect::digest(&bad_sha)).expect("write");
         s.mark_boot_once(Slot::B).expect("mark");
         s.reboot().expect("boot");
         let st = s.boot_state().expect("state");
@@ -729,7 +792,7 @@ mod tests {
     fn dir_slots_leave_no_incoming_copy_behind_and_remove_one_a_crash_left() {
         let (d, _root, s) = dir_slots_on_202301();
         let (img, sha) = tar_image(d.path(), "202302.01.0", true);
-        s.write_slot(Slot::B, &img, &sha).expect("write");
+        s.write_slot(Slot::B, &img, &Expect::digest(&sha)).expect("write");
         let slot_b = std::fs::read_to_string(s.slot_dir(Slot::B).join("etc/upkeep/node-image")).expect("b");
         // A crash in the middle of a write leaves an unpacked copy beside the slots.
         for slot in [Slot::A, Slot::B] {
@@ -745,10 +808,10 @@ mod tests {
         let junk = d.path().join("junk");
         std::fs::write(&junk, vec![0x5a; 2048]).expect("w");
         let junk_sha = hex(ring::digest::digest(&SHA256, &[0x5a; 2048]).as_ref());
-        let e = s.write_slot(Slot::B, &junk, &junk_sha).expect_err("not a tar");
+        let e = s.write_slot(Slot::B, &junk, &Expect::digest(&junk_sha)).expect_err("not a tar");
         assert!(e.to_string().contains("unpacking tar"), "{e}");
         assert!(!s.incoming_dir(Slot::B).exists(), "no partly unpacked copy after a failed write");
-        let e = s.write_slot(Slot::B, &img, &"0".repeat(64)).expect_err("digest");
+        let e = s.write_slot(Slot::B, &img, &Expect::digest(&"0".repeat(64))).expect_err("digest");
         assert!(
             e.to_string().ends_with("slot b left unchanged and not marked bootable (the unpacked copy was removed)"),
             "{e}"
@@ -765,12 +828,35 @@ mod tests {
         std::fs::write(&img, b"new bytes").expect("w");
         let dest = d.path().join("slot-b.img");
         std::fs::write(&dest, b"old").expect("w");
-        let e = write_raw(&img, &dest, Slot::B, &"0".repeat(64)).expect_err("digest");
+        let e = write_raw(&img, &dest, Slot::B, &Expect::digest(&"0".repeat(64))).expect_err("digest");
         let text = e.to_string();
         assert!(!text.contains("unchanged"), "{text}");
         assert!(text.contains("slot b") && text.contains("was written with these 9 bytes"), "{text}");
         assert!(text.contains("does not hold a verified image; it is not marked bootable"), "{text}");
         assert_eq!(std::fs::read(&dest).expect("slot"), b"new bytes", "the message says what the slot holds");
+    }
+
+    #[test]
+    fn a_raw_slot_write_with_a_signature_check_hands_it_the_prehash_of_the_bytes_written() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let img = d.path().join("img.raw");
+        let bytes = b"signed bytes".repeat(1000);
+        std::fs::write(&img, &bytes).expect("w");
+        let sha = hex(ring::digest::digest(&SHA256, &bytes).as_ref());
+        let dest = d.path().join("slot-b.img");
+        let want = upkeep_core::signature::blake2b_512(&bytes);
+        let seen = std::sync::Mutex::new(None);
+        let check = |pre: &[u8; 64], n: u64| {
+            *seen.lock().expect("lock") = Some((*pre, n));
+            if *pre == want { Ok(()) } else { Err("not the signed bytes".to_string()) }
+        };
+        let n = write_raw(&img, &dest, Slot::B, &Expect { sha256: &sha, signed: Some(&check) }).expect("signed");
+        assert_eq!(n, bytes.len() as u64);
+        assert_eq!(*seen.lock().expect("lock"), Some((want, bytes.len() as u64)));
+        let refuse = |_: &[u8; 64], _: u64| Err("signature by nobody".to_string());
+        let e = write_raw(&img, &dest, Slot::B, &Expect { sha256: &sha, signed: Some(&refuse) }).expect_err("refused");
+        assert!(matches!(&e, OsError::Unverified { reason, .. } if reason == "signature by nobody"), "{e}");
+        assert!(e.to_string().contains("not marked bootable"), "{e}");
     }
 
     #[test]
@@ -781,11 +867,12 @@ mod tests {
         // A destination that cannot take bytes (a directory opened for writing fails at open; /dev/full at write).
         let full = Path::new("/dev/full");
         if full.exists() {
-            let e = write_raw(&img, full, Slot::B, &"0".repeat(64)).expect_err("write fails");
+            let e = write_raw(&img, full, Slot::B, &Expect::digest(&"0".repeat(64))).expect_err("write fails");
             assert!(matches!(&e, OsError::Io { path, .. } if path == full), "{e}");
         }
         // A source that cannot be read as a file (a directory): the error names the image.
-        let e = write_raw(d.path(), &d.path().join("out"), Slot::B, &"0".repeat(64)).expect_err("read fails");
+        let e = write_raw(d.path(), &d.path().join("out"), Slot::B, &Expect::digest(&"0".repeat(64)))
+            .expect_err("read fails");
         assert!(matches!(&e, OsError::Io { path, .. } if path == d.path()), "{e}");
     }
 
@@ -805,7 +892,7 @@ mod tests {
         };
         let img = d.path().join("img.raw");
         std::fs::write(&img, vec![3u8; CHUNK_BYTES + 1]).expect("w");
-        let e = g.write_slot(Slot::B, &img, &"0".repeat(64)).expect_err("digest");
+        let e = g.write_slot(Slot::B, &img, &Expect::digest(&"0".repeat(64))).expect_err("digest");
         assert!(matches!(e, OsError::Digest { .. }), "{e}");
         let text = e.to_string();
         assert!(
@@ -839,8 +926,8 @@ mod tests {
         let img = d.path().join("img.raw");
         std::fs::write(&img, vec![7u8; 3 * CHUNK_BYTES + 5]).expect("w");
         let sha = hex(ring::digest::digest(&SHA256, &std::fs::read(&img).expect("r")).as_ref());
-        assert!(g.write_slot(Slot::A, &img, &sha).is_err(), "the booted slot is never written");
-        assert_eq!(g.write_slot(Slot::B, &img, &sha).expect("write"), 3 * CHUNK_BYTES as u64 + 5);
+        assert!(g.write_slot(Slot::A, &img, &Expect::digest(&sha)).is_err(), "the booted slot is never written");
+        assert_eq!(g.write_slot(Slot::B, &img, &Expect::digest(&sha)).expect("write"), 3 * CHUNK_BYTES as u64 + 5);
         assert_eq!(std::fs::read(&g.slots[1]).expect("slot"), std::fs::read(&img).expect("img"));
         g.mark_boot_once(Slot::B).expect("mark");
         let env = g.list().expect("list");
@@ -896,8 +983,8 @@ mod tests {
         let img = d.path().join("img");
         std::fs::write(&img, b"bytes").expect("w");
         let sha = hex(ring::digest::digest(&SHA256, b"bytes").as_ref());
-        assert!(matches!(h.write_slot(Slot::B, &img, &"1".repeat(64)), Err(OsError::Digest { .. })));
-        h.write_slot(Slot::B, &img, &sha).expect("write");
+        assert!(matches!(h.write_slot(Slot::B, &img, &Expect::digest(&"1".repeat(64))), Err(OsError::Digest { .. })));
+        h.write_slot(Slot::B, &img, &Expect::digest(&sha)).expect("write");
         h.mark_boot_once(Slot::B).expect("mark");
         assert_eq!(h.boot_state().expect("st").next_once, Some(Slot::B));
         assert_eq!(h.reboot().expect("reboot"), Rebooted::Pending);
