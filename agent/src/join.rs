@@ -6,6 +6,11 @@
 //! The first connection's lack of verification is harmless: nothing secret is sent on it, and what it returns is
 //! checked against the fingerprint. This is a one-shot command run before the agent serves; its file writes are
 //! the enrollment's own, not the running agent's side effects (those go through `NodeOs`).
+//!
+//! Where the packages created the system user [`AGENT_USER`] (the agent's network half runs as it, without
+//! privileges), the key and the certificate are handed to it and the PKI directory gets its group with the sticky
+//! bit, so that the agent can read the pair and later replace it when it renews its certificate, and nothing
+//! else in that directory.
 
 use anyhow::{Context, anyhow, bail};
 use hyper_util::rt::TokioIo;
@@ -15,7 +20,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::future::Future;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -52,6 +57,9 @@ pub const CA_FILE: &str = "ca.pem";
 pub const CERT_FILE: &str = "node.pem";
 /// The node's key.
 pub const KEY_FILE: &str = "node.key";
+/// The system user the packaged agent's network half runs as (`systemd/upkeep-agent.sysusers`); when the host has
+/// it, `join` gives it the node's key and certificate.
+pub const AGENT_USER: &str = "upkeep-agent";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -136,6 +144,51 @@ pub async fn join(args: &JoinArgs) -> anyhow::Result<Vec<String>> {
         format!("wrote {}", cert_path.display()),
     ];
     lines.extend(write_config(args, &url, &r.member, &r.pool, [&ca_path, &cert_path, &key_path])?);
+    let agent =
+        nix::unistd::User::from_name(AGENT_USER).with_context(|| format!("looking up the user {AGENT_USER}"))?;
+    match agent {
+        Some(user) => lines.extend(
+            hand_over(&args.pki_dir, &[&key_path, &cert_path], AGENT_USER, user.uid.as_raw(), user.gid.as_raw())
+                .with_context(|| {
+                    format!("--pki-dir {}: giving the node's key pair to {AGENT_USER}", args.pki_dir.display())
+                })?,
+        ),
+        None => lines.push(format!("no user {AGENT_USER} on this host: the files stay with {}", whoami())),
+    }
+    Ok(lines)
+}
+
+/// The user running `join` (for the line saying who keeps the files).
+fn whoami() -> String {
+    match std::fs::metadata("/proc/self") {
+        Ok(m) if m.uid() == 0 => "root".to_string(),
+        Ok(m) => format!("uid {}", m.uid()),
+        Err(_) => "the user running join".to_string(),
+    }
+}
+
+/// The PKI directory's mode once the agent's group may write in it: its owner's bits as they are, the group's
+/// `rwx` with the sticky bit (a member may rename or delete only files it owns), and for others at most the
+/// right to pass through (a hub on the same host opens its own key by name), never to list or write.
+pub fn pki_dir_mode(current: u32) -> u32 {
+    (current & 0o701) | 0o1070
+}
+
+/// Gives `files` (the node's key and certificate) to `user` (`uid`, `gid`) and `pki_dir` to its group with
+/// [`pki_dir_mode`]; the directory's owner stays. Returns the lines to print.
+fn hand_over(pki_dir: &Path, files: &[&Path], user: &str, uid: u32, gid: u32) -> std::io::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for f in files {
+        std::os::unix::fs::chown(f, Some(uid), Some(gid))?;
+        lines.push(format!("gave {} to {user} (the agent reads it, and replaces it when it renews)", f.display()));
+    }
+    let mode = pki_dir_mode(std::fs::metadata(pki_dir)?.mode());
+    std::os::unix::fs::chown(pki_dir, None, Some(gid))?;
+    std::fs::set_permissions(pki_dir, std::fs::Permissions::from_mode(mode))?;
+    lines.push(format!(
+        "{}: group {user}, mode {mode:o} (the agent may replace the files it owns there, nothing else)",
+        pki_dir.display()
+    ));
     Ok(lines)
 }
 
@@ -295,5 +348,48 @@ impl ServerCertVerifier for AnyServerCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pki_directory_lets_the_group_replace_only_its_own_files() {
+        // A directory `join` created (umask 022), the package's, and one already handed over.
+        assert_eq!(pki_dir_mode(0o40755), 0o1771);
+        assert_eq!(pki_dir_mode(0o40750), 0o1770);
+        assert_eq!(pki_dir_mode(0o41770), 0o1770);
+        // Others never list or write, the owner keeps what it had.
+        assert_eq!(pki_dir_mode(0o40777), 0o1771);
+        assert_eq!(pki_dir_mode(0o40500), 0o1570);
+    }
+
+    #[test]
+    fn hand_over_gives_the_pair_to_the_user_and_the_directory_to_its_group() {
+        // Without root, the only user files can be given to is the one running the test: the calls and the
+        // modes are what is checked here; the system test checks the real `upkeep-agent` user.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        std::fs::create_dir(&pki).expect("mkdir");
+        std::fs::set_permissions(&pki, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (key, cert) = (pki.join(KEY_FILE), pki.join(CERT_FILE));
+        write_file(&key, "key", true).expect("key");
+        write_file(&cert, "cert", false).expect("cert");
+        let me = std::fs::metadata(&key).expect("stat");
+        let lines = hand_over(&pki, &[&key, &cert], "someone", me.uid(), me.gid()).expect("hand over");
+        assert_eq!(std::fs::metadata(&pki).expect("stat").mode() & 0o7777, 0o1771);
+        assert_eq!(std::fs::metadata(&key).expect("stat").mode() & 0o777, 0o600, "the key stays private");
+        for f in [&key, &cert] {
+            let m = std::fs::metadata(f).expect("stat");
+            assert_eq!((m.uid(), m.gid()), (me.uid(), me.gid()));
+            assert!(lines.iter().any(|l| l.starts_with(&format!("gave {} to someone", f.display()))), "{lines:?}");
+        }
+        assert!(lines.last().expect("a line").contains("group someone, mode 1771"), "{lines:?}");
+
+        // A missing file is an error, not a silent skip.
+        let gone = pki.join("missing.pem");
+        assert!(hand_over(&pki, &[&gone], "someone", me.uid(), me.gid()).is_err());
     }
 }
