@@ -3,6 +3,11 @@
 //! removed and purged; `systemd-analyze verify` and `security` on the installed units; the .rpm packages
 //! installed with `dnf --installroot` from a local repository.
 //!
+//! The agent runs privilege-separated (issue 15): the network half as the user upkeep-agent without
+//! capabilities, the executor as root behind a socket; the agent test checks both processes, what the
+//! network half can write, that the hub's channel change is carried out by the executor, and the upgrade from
+//! the single-process agent's root-owned state and key pair.
+//!
 //! They need root and the tools `scripts/deps` installs; a missing prerequisite fails the test with the fix.
 //! Packages come from the debug build (`scripts/package --profile dev --no-build`), so these tests add no
 //! compile of their own; `scripts/test` builds the binaries first.
@@ -14,9 +19,13 @@ use upkeep_hub::pki::files;
 use upkeep_tests::system::{
     Container, build_packages, free_port, pick, poll, require_prerequisites, run_ok, workspace,
 };
-use upkeep_tests::{TestHub, TestPki, upkeepctl_json};
+use upkeep_tests::{TestHub, TestPki, upkeepctl, upkeepctl_json};
 
 const AGENT: &str = "upkeep-agent.service";
+const EXECUTOR: &str = "upkeep-agent-executor.service";
+const EXECUTOR_SOCKET: &str = "upkeep-agent-executor.socket";
+/// Every unit the agent package ships: the network half, the executor and the executor's socket.
+const AGENT_UNITS: [&str; 3] = [AGENT, EXECUTOR, EXECUTOR_SOCKET];
 const HUB: &str = "upkeep-hub.service";
 
 fn deb_version(deb: &Path) -> String {
@@ -58,6 +67,35 @@ fn stop_cleanly(c: &Container, unit: &str) {
     assert!(said_goodbye, "{unit} stopped without logging its shutdown:\n{}", c.journal_text(unit));
 }
 
+/// `stat -c FORMAT path` inside the container.
+fn stat(c: &Container, format: &str, path: &str) -> String {
+    c.ok(&["stat", "-c", format, path]).trim().to_string()
+}
+
+/// The value of a `Name:` line of `/proc/<pid>/status` inside the container (first field for Uid/Gid: the
+/// real id).
+fn proc_status(c: &Container, pid: &str, field: &str) -> String {
+    let status = c.ok(&["cat", &format!("/proc/{pid}/status")]);
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{status}"))
+        .to_string()
+}
+
+/// Runs `script` with `sh -c` in the mount namespace of process `pid`, as `uid`:`gid` (what that service could
+/// do to the file system); true if it succeeded.
+fn as_service(c: &Container, pid: &str, uid: &str, gid: &str, script: &str) -> bool {
+    let out = c.exec(&["nsenter", "-t", pid, "-m", "-S", uid, "-G", gid, "--", "sh", "-c", script]);
+    println!(
+        "as uid {uid} in the mount namespace of {pid}: {script}: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out.status.success()
+}
+
 #[test]
 fn agent_deb_installs_runs_under_systemd_upgrades_and_purges() {
     require_prerequisites();
@@ -74,30 +112,58 @@ fn agent_deb_installs_runs_under_systemd_upgrades_and_purges() {
 
     let c = Container::boot("upkeep-agent-sys");
 
-    // Install (an older version first, to upgrade from it later): enabled, skipped until configured.
+    // Install (an older version first, to upgrade from it later): the user, three units enabled, all skipped
+    // until configured.
     let old_in = c.push_package(&old);
     c.ok(&["dpkg", "-i", &old_in]);
     assert_eq!(installed_version(&c, "upkeep-agent"), "0.0.9-1");
-    assert_eq!(c.unit_property(AGENT, "UnitFileState"), "enabled");
-    assert_eq!(c.unit_property(AGENT, "ConditionResult"), "no", "unconfigured agent must be skipped, not failed");
     let owned = c.ok(&["dpkg", "-L", "upkeep-agent"]);
-    assert!(owned.lines().any(|l| l == "/usr/lib/systemd/system/upkeep-agent.service"), "{owned}");
+    for unit in AGENT_UNITS {
+        assert!(owned.lines().any(|l| l == format!("/usr/lib/systemd/system/{unit}")), "{unit} not shipped:\n{owned}");
+        assert_eq!(c.unit_property(unit, "UnitFileState"), "enabled", "{unit}");
+    }
+    assert!(owned.lines().any(|l| l == "/usr/lib/sysusers.d/upkeep-agent.conf"), "{owned}");
+    assert_eq!(c.unit_property(AGENT, "ConditionResult"), "no", "unconfigured agent must be skipped, not failed");
+    let uid = c.ok(&["id", "-u", "upkeep-agent"]).trim().to_string();
+    let gid = c.ok(&["id", "-g", "upkeep-agent"]).trim().to_string();
+    assert_ne!(uid, "0");
     assert!(c.path("/usr/lib/upkeep/agent.d/10-defaults.toml").is_file());
-    assert!(c.path("/var/lib/upkeep/agent").is_dir(), "postinst creates the state directory");
+    assert_eq!(stat(&c, "%a %U %G", "/var/lib/upkeep/agent"), "700 upkeep-agent upkeep-agent", "postinst");
+    assert_eq!(stat(&c, "%a %U %G", "/etc/upkeep/pki"), "1770 root upkeep-agent", "postinst");
 
-    // Configure as an operator would, then start.
+    // Configure as an operator would (packaging/README.md: the key pair, copied by hand, is given to the agent's
+    // user; `upkeep-agent join` does that itself), then start.
     let config = format!(
         "hub = \"{}\"\nmember = \"prod-eu-1\"\nnode_pool = \"system\"\nregion = \"eu-west\"\n\
          state_dir = \"/var/lib/upkeep/agent\"\n[tls]\nca = \"/etc/upkeep/pki/ca.pem\"\n\
          cert = \"/etc/upkeep/pki/node.pem\"\nkey = \"/etc/upkeep/pki/node.key\"\n",
         hub.url()
     );
+    let ca_text = std::fs::read_to_string(pki.file(files::CA_CERT)).expect("ca");
     write(&c.path("/etc/upkeep/agent.toml"), &config, 0o644);
-    write(&c.path("/etc/upkeep/pki/ca.pem"), &std::fs::read_to_string(pki.file(files::CA_CERT)).expect("ca"), 0o644);
+    write(&c.path("/etc/upkeep/pki/ca.pem"), &ca_text, 0o644);
     write(&c.path("/etc/upkeep/pki/node.pem"), &std::fs::read_to_string(&cert).expect("cert"), 0o644);
     write(&c.path("/etc/upkeep/pki/node.key"), &std::fs::read_to_string(&key).expect("key"), 0o600);
+    c.ok(&["chown", "upkeep-agent:upkeep-agent", "/etc/upkeep/pki/node.pem", "/etc/upkeep/pki/node.key"]);
     c.ok(&["systemctl", "restart", AGENT]);
     c.wait_active(AGENT);
+    // The network half's first request starts the executor through its socket.
+    c.wait_active(EXECUTOR);
+
+    // Two processes: the network half as upkeep-agent without any capability, the executor as root, and the
+    // socket between them reachable by root and the upkeep-agent group only.
+    let agent_pid = c.unit_property(AGENT, "MainPID");
+    assert_eq!(proc_status(&c, &agent_pid, "Uid"), uid, "the network half must not run as root");
+    assert_eq!(proc_status(&c, &agent_pid, "Gid"), gid);
+    for caps in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+        assert_eq!(proc_status(&c, &agent_pid, caps), "0000000000000000", "{caps} of the network half");
+    }
+    let executor_pid = c.unit_property(EXECUTOR, "MainPID");
+    assert_ne!(executor_pid, agent_pid);
+    assert_eq!(proc_status(&c, &executor_pid, "Uid"), "0", "the executor runs as root");
+    let cmdline = c.ok(&["cat", &format!("/proc/{executor_pid}/cmdline")]).replace('\0', " ");
+    assert!(cmdline.trim_end().ends_with(" executor"), "{cmdline}");
+    assert_eq!(stat(&c, "%F %a %U %G", "/run/upkeep-agent/executor.sock"), "socket 660 root upkeep-agent");
 
     // READY came with a STATUS, and the watchdog is being pinged.
     assert!(c.unit_property(AGENT, "StatusText").contains("node node-01"), "STATUS= not sent");
@@ -122,10 +188,74 @@ fn agent_deb_installs_runs_under_systemd_upgrades_and_purges() {
     });
     assert!(nodes.to_string().contains("prod-eu-1"), "{nodes}");
 
-    // Upgrade: configuration and state survive, the daemon is restarted once on the new binary.
+    // A channel change from the hub is put in force on the node: apt's drop-in, which only root can write, is
+    // written by the executor (NodeImage, the default: apt's own upgrades off; Unmanaged: on).
+    let apt_conf = "/etc/apt/apt.conf.d/52upkeep-channel";
+    let apt_conf_says = |want: &str| {
+        poll(&format!("{apt_conf} to hold {want}"), Duration::from_secs(60), || {
+            std::fs::read_to_string(c.path(apt_conf)).ok().filter(|t| t.contains(want))
+        })
+    };
+    apt_conf_says("APT::Periodic::Unattended-Upgrade \"0\";");
+    let out =
+        rt.block_on(upkeepctl(&pki, &hub.url(), "operator", &["member", "set-channel", "prod-eu-1", "Unmanaged"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    apt_conf_says("APT::Periodic::Unattended-Upgrade \"1\";");
+    assert_eq!(stat(&c, "%U", apt_conf), "root");
+    rt.block_on(async {
+        upkeep_tests::wait_for("node-01 to report Unmanaged", Duration::from_secs(30), || async {
+            let n = upkeepctl_json(&pki, &hub.url(), &["node", "show", "node-01"]).await.ok()?;
+            (n["channel"] == "Unmanaged").then_some(())
+        })
+        .await
+    });
+
+    // What the network half can write: its state directory (so the probe below can write at all), not the
+    // system, and in /etc/upkeep/pki nothing it does not own.
+    assert!(as_service(&c, &agent_pid, &uid, &gid, "echo x > /var/lib/upkeep/agent/probe"), "state dir not writable");
+    assert_eq!(stat(&c, "%U", "/var/lib/upkeep/agent/probe"), "upkeep-agent");
+    std::fs::remove_file(c.path("/var/lib/upkeep/agent/probe")).expect("remove probe");
+    for probe in ["/usr/upkeep-probe", "/etc/upkeep-probe", "/etc/upkeep/agent.d/upkeep-probe.toml"] {
+        assert!(
+            !as_service(&c, &agent_pid, &uid, &gid, &format!("echo x > {probe}")),
+            "the network half wrote {probe}"
+        );
+        assert!(!c.path(probe).exists(), "{probe} exists");
+    }
+    // Those are closed to the user anyway; a directory the user owns is closed only by the sandbox
+    // (ProtectSystem=strict): writable from the container's own mount namespace, not from the service's.
+    c.ok(&["install", "-d", "-o", "upkeep-agent", "-g", "upkeep-agent", "/srv/agent-owned"]);
+    assert!(as_service(&c, "1", &uid, &gid, "echo x > /srv/agent-owned/outside"), "control write failed");
+    assert!(!as_service(&c, &agent_pid, &uid, &gid, "echo x > /srv/agent-owned/inside"), "sandbox let it write");
+    assert!(!c.path("/srv/agent-owned/inside").exists());
+    let replaced = as_service(
+        &c,
+        &agent_pid,
+        &uid,
+        &gid,
+        "echo x > /etc/upkeep/pki/probe.tmp && mv -f /etc/upkeep/pki/probe.tmp /etc/upkeep/pki/ca.pem",
+    );
+    assert!(!replaced, "the network half replaced ca.pem");
+    assert_eq!(std::fs::read_to_string(c.path("/etc/upkeep/pki/ca.pem")).expect("ca.pem"), ca_text);
+    let _ = std::fs::remove_file(c.path("/etc/upkeep/pki/probe.tmp"));
+    // ... but it may replace its own key, as renewal does (written aside, renamed over).
+    assert!(as_service(
+        &c,
+        &agent_pid,
+        &uid,
+        &gid,
+        "cp /etc/upkeep/pki/node.key /etc/upkeep/pki/node.key.next && mv -f /etc/upkeep/pki/node.key.next /etc/upkeep/pki/node.key"
+    ));
+
+    // Upgrade from what the single-process agent left: its state, key pair and PKI directory all root's. The
+    // package scripts and StateDirectory= give them to upkeep-agent; configuration and state survive, and the
+    // units run again on the new binary.
     write(&c.path("/var/lib/upkeep/agent/operator-marker"), "keep me\n", 0o600);
     let state_before: Vec<String> = list(&c.path("/var/lib/upkeep/agent"));
     assert!(state_before.len() > 1, "the agent persisted nothing: {state_before:?}");
+    c.ok(&["systemctl", "stop", AGENT, EXECUTOR]);
+    c.ok(&["chown", "-R", "root:root", "/var/lib/upkeep/agent", "/etc/upkeep/pki"]);
+    c.ok(&["chmod", "0750", "/etc/upkeep/pki"]);
     let invocation_before = c.unit_property(AGENT, "InvocationID");
     let new_in = c.push_package(&new);
     c.ok(&["dpkg", "-i", &new_in]);
@@ -134,16 +264,44 @@ fn agent_deb_installs_runs_under_systemd_upgrades_and_purges() {
     assert_eq!(list(&c.path("/var/lib/upkeep/agent")), state_before, "upgrade touched the state");
     c.wait_active(AGENT);
     assert_ne!(c.unit_property(AGENT, "InvocationID"), invocation_before, "upgrade did not restart the agent");
+    c.wait_active(EXECUTOR);
+    let not_its = c.ok(&[
+        "find",
+        "/var/lib/upkeep/agent",
+        "(",
+        "!",
+        "-user",
+        "upkeep-agent",
+        "-o",
+        "!",
+        "-group",
+        "upkeep-agent",
+        ")",
+    ]);
+    assert!(not_its.trim().is_empty(), "state not given to upkeep-agent:\n{not_its}");
+    assert_eq!(stat(&c, "%a %U %G", "/etc/upkeep/pki"), "1770 root upkeep-agent");
+    assert_eq!(stat(&c, "%U %G", "/etc/upkeep/pki/node.key"), "upkeep-agent upkeep-agent");
+    assert_eq!(stat(&c, "%U %G", "/etc/upkeep/pki/node.pem"), "upkeep-agent upkeep-agent");
+    assert_eq!(stat(&c, "%U", "/etc/upkeep/pki/ca.pem"), "root", "ca.pem stays root's");
+    let _ = c.wait_journal_message(AGENT, "registered with hub");
 
-    verify_unit(&c, AGENT);
+    for unit in AGENT_UNITS {
+        verify_unit(&c, unit);
+    }
     let exposure = c.exposure(AGENT);
     println!("systemd-analyze security {AGENT}: {exposure}");
     let score: f64 = exposure.parse().expect("exposure is a number");
-    assert!(score <= 6.5, "agent unit exposure regressed to {score}");
+    assert!(score <= 2.0, "network half unit exposure regressed to {score}");
+    let exposure = c.exposure(EXECUTOR);
+    println!("systemd-analyze security {EXECUTOR}: {exposure}");
+    let score: f64 = exposure.parse().expect("exposure is a number");
+    assert!(score <= 6.5, "executor unit exposure regressed to {score}");
 
     stop_cleanly(&c, AGENT);
+    c.ok(&["systemctl", "stop", EXECUTOR]);
+    assert_eq!(c.unit_property(EXECUTOR, "Result"), "success", "{}", c.journal_text(EXECUTOR));
 
-    // Remove keeps state and configuration; purge deletes the state.
+    // Remove keeps state and configuration; purge deletes the state and every unit, with its enablement.
     c.ok(&["dpkg", "-r", "upkeep-agent"]);
     assert!(!c.path("/usr/bin/upkeep-agent").exists());
     assert!(c.path("/var/lib/upkeep/agent/operator-marker").is_file(), "dpkg -r deleted state");
@@ -151,6 +309,12 @@ fn agent_deb_installs_runs_under_systemd_upgrades_and_purges() {
     c.ok(&["dpkg", "--purge", "upkeep-agent"]);
     assert!(!c.path("/var/lib/upkeep").exists(), "dpkg --purge left /var/lib/upkeep");
     assert!(c.path("/etc/upkeep/agent.toml").is_file(), "purge must not delete files the operator wrote");
+    for unit in AGENT_UNITS {
+        assert!(!c.path(&format!("/usr/lib/systemd/system/{unit}")).exists(), "purge left {unit}");
+        assert_eq!(c.unit_property(unit, "LoadState"), "not-found", "{unit} still known to systemd");
+    }
+    let links = c.ok(&["find", "/etc/systemd/system", "-name", "upkeep-agent*"]);
+    assert!(links.trim().is_empty(), "purge left unit links:\n{links}");
     drop(c);
     rt.block_on(async move {
         let mut hub = hub;
@@ -314,7 +478,10 @@ fn rpms_install_with_dnf_installroot_from_a_local_repo() {
         "usr/bin/upkeep-hub",
         "usr/bin/upkeepctl",
         "usr/lib/systemd/system/upkeep-agent.service",
+        "usr/lib/systemd/system/upkeep-agent-executor.service",
+        "usr/lib/systemd/system/upkeep-agent-executor.socket",
         "usr/lib/systemd/system/upkeep-hub.service",
+        "usr/lib/sysusers.d/upkeep-agent.conf",
         "usr/lib/sysusers.d/upkeep-hub.conf",
         "usr/lib/upkeep/agent.d/10-defaults.toml",
         "usr/lib/upkeep/hub.d/10-defaults.toml",
@@ -330,10 +497,31 @@ fn rpms_install_with_dnf_installroot_from_a_local_repo() {
     }
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).expect("passwd");
     assert!(passwd.lines().any(|l| l.starts_with("upkeep:")), "hub %pre did not create the upkeep user");
+    let agent_user =
+        passwd.lines().find(|l| l.starts_with("upkeep-agent:")).expect("agent %pre did not create upkeep-agent");
+    let agent_uid: u32 = agent_user.split(':').nth(2).and_then(|u| u.parse().ok()).expect("uid");
+    assert_ne!(agent_uid, 0);
     assert!(root.join("var/lib/upkeep/agent").is_dir());
     assert!(root.join("var/lib/upkeep/hub").is_dir());
-    for unit in [AGENT, HUB] {
-        let link = root.join("etc/systemd/system/multi-user.target.wants").join(unit);
+    {
+        use std::os::unix::fs::MetadataExt;
+        let state = std::fs::metadata(root.join("var/lib/upkeep/agent")).expect("state dir");
+        assert_eq!(state.uid(), agent_uid, "the agent's state directory belongs to upkeep-agent");
+        // Both packages' scripts ran over one PKI directory, in whatever order: the agent's group may write
+        // (sticky), the hub may pass through to its key.
+        let pki_dir = std::fs::metadata(root.join("etc/upkeep/pki")).expect("pki dir");
+        assert_eq!((pki_dir.uid(), pki_dir.mode() & 0o7777), (0, 0o1771), "/etc/upkeep/pki");
+        let group = std::fs::read_to_string(root.join("etc/group")).expect("group");
+        let agent_gid = group.lines().find(|l| l.starts_with("upkeep-agent:")).and_then(|l| l.split(':').nth(2));
+        assert_eq!(Some(pki_dir.gid().to_string()).as_deref(), agent_gid, "/etc/upkeep/pki group");
+    }
+    for (target, unit) in [
+        ("multi-user.target.wants", AGENT),
+        ("multi-user.target.wants", EXECUTOR),
+        ("sockets.target.wants", EXECUTOR_SOCKET),
+        ("multi-user.target.wants", HUB),
+    ] {
+        let link = root.join("etc/systemd/system").join(target).join(unit);
         assert!(link.is_symlink(), "%post did not enable {unit}");
     }
 
@@ -341,7 +529,13 @@ fn rpms_install_with_dnf_installroot_from_a_local_repo() {
     std::fs::write(root.join("var/lib/upkeep/agent/marker"), "keep").expect("marker");
     dnf(&["remove", "upkeep-agent"]);
     assert!(!root.join("usr/bin/upkeep-agent").exists());
-    assert!(!root.join("etc/systemd/system/multi-user.target.wants").join(AGENT).exists());
+    for (target, unit) in [
+        ("multi-user.target.wants", AGENT),
+        ("multi-user.target.wants", EXECUTOR),
+        ("sockets.target.wants", EXECUTOR_SOCKET),
+    ] {
+        assert!(!root.join("etc/systemd/system").join(target).join(unit).exists(), "rpm -e left {unit} enabled");
+    }
     assert!(root.join("var/lib/upkeep/agent/marker").is_file(), "rpm -e deleted the agent's state");
 }
 
@@ -378,7 +572,7 @@ fn units_pass_offline_verification_against_the_built_binaries() {
     let mut checked = 0;
     for entry in std::fs::read_dir(workspace().join("systemd")).expect("systemd/") {
         let path = entry.expect("entry").path();
-        if path.extension().is_none_or(|e| e != "service") {
+        if path.extension().is_none_or(|e| e != "service" && e != "socket") {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("unit");
@@ -389,5 +583,5 @@ fn units_pass_offline_verification_against_the_built_binaries() {
         assert!(out.status.success() && stderr.trim().is_empty(), "{}: {stderr}", path.display());
         checked += 1;
     }
-    assert_eq!(checked, 2, "expected the agent and hub units in systemd/");
+    assert_eq!(checked, 4, "expected the agent's three units and the hub's in systemd/");
 }
