@@ -283,7 +283,43 @@ fn agent_deb_installs_runs_under_systemd_upgrades_and_purges() {
     assert_eq!(stat(&c, "%U %G", "/etc/upkeep/pki/node.key"), "upkeep-agent upkeep-agent");
     assert_eq!(stat(&c, "%U %G", "/etc/upkeep/pki/node.pem"), "upkeep-agent upkeep-agent");
     assert_eq!(stat(&c, "%U", "/etc/upkeep/pki/ca.pem"), "root", "ca.pem stays root's");
-    let _ = c.wait_journal_message(AGENT, "registered with hub");
+    let registrations =
+        || c.journal(AGENT).iter().filter(|e| e["MESSAGE"].as_str() == Some("registered with hub")).count();
+    poll("the upgraded agent to register", Duration::from_secs(60), || (registrations() >= 2).then_some(()));
+
+    // `upkeep-agent join`, run by root on a node that has the user: it gives the new key pair to upkeep-agent
+    // and says so, and the network half runs with it.
+    let token = rt.block_on(upkeep_tests::upkeepctl_ok(
+        &pki,
+        &hub.url(),
+        &["pki", "token", "create", "--member", "prod-eu-1", "--pool", "system"],
+    ));
+    let token = token.lines().next().expect("token line").to_string();
+    let fingerprint = upkeep_hub::pki::fingerprint_pem(&ca_text).expect("fingerprint");
+    c.ok(&["rm", "/etc/upkeep/pki/node.key", "/etc/upkeep/pki/node.pem"]);
+    let said = c.ok(&[
+        "upkeep-agent",
+        "join",
+        "--hub",
+        &hub.url(),
+        "--token",
+        &token,
+        "--ca-fingerprint",
+        &fingerprint,
+        "--name",
+        "node-01",
+    ]);
+    assert!(said.contains("gave /etc/upkeep/pki/node.key to upkeep-agent"), "{said}");
+    assert!(said.contains("gave /etc/upkeep/pki/node.pem to upkeep-agent"), "{said}");
+    assert_eq!(stat(&c, "%a %U %G", "/etc/upkeep/pki/node.key"), "600 upkeep-agent upkeep-agent");
+    assert_eq!(stat(&c, "%U %G", "/etc/upkeep/pki/node.pem"), "upkeep-agent upkeep-agent");
+    assert_eq!(stat(&c, "%a %U %G", "/etc/upkeep/pki"), "1770 root upkeep-agent");
+    let before = registrations();
+    c.ok(&["systemctl", "restart", AGENT]);
+    c.wait_active(AGENT);
+    poll("the agent to register with the joined key", Duration::from_secs(60), || {
+        (registrations() > before).then_some(())
+    });
 
     for unit in AGENT_UNITS {
         verify_unit(&c, unit);
@@ -565,11 +601,12 @@ fn build_base_rpm(work: &Path, repo: &Path, capabilities: &[String]) {
 #[test]
 fn units_pass_offline_verification_against_the_built_binaries() {
     // Host-side check of every unit in systemd/ (no container): ExecStart paths rewritten to the built
-    // binaries, since `systemd-analyze verify` insists they exist.
+    // binaries, since `systemd-analyze verify` insists they exist. All units are copied first: verify loads the
+    // units one names (upkeep-agent.service requires the executor's socket) from the same directory.
     require_prerequisites();
     let dir = tempfile::tempdir().expect("tempdir");
     let bin_dir = upkeep_tests::bin("upkeep-agent").parent().expect("bin dir").to_path_buf();
-    let mut checked = 0;
+    let mut units = Vec::new();
     for entry in std::fs::read_dir(workspace().join("systemd")).expect("systemd/") {
         let path = entry.expect("entry").path();
         if path.extension().is_none_or(|e| e != "service" && e != "socket") {
@@ -578,7 +615,11 @@ fn units_pass_offline_verification_against_the_built_binaries() {
         let text = std::fs::read_to_string(&path).expect("unit");
         let unit = dir.path().join(path.file_name().expect("name"));
         std::fs::write(&unit, text.replace("/usr/bin/", &format!("{}/", bin_dir.display()))).expect("write");
-        let out = Command::new("systemd-analyze").arg("verify").arg(&unit).output().expect("systemd-analyze");
+        units.push((path, unit));
+    }
+    let mut checked = 0;
+    for (path, unit) in &units {
+        let out = Command::new("systemd-analyze").arg("verify").arg(unit).output().expect("systemd-analyze");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success() && stderr.trim().is_empty(), "{}: {stderr}", path.display());
         checked += 1;
