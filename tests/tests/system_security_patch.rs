@@ -34,8 +34,9 @@
 //! The nodes run the packaged defaults for images (the `dir` backend; on a root of `/` its reboots run the
 //! default `reboot_command`, `systemctl reboot`), so every reboot here is real. The hub runs as an `upkeep-hub` process with the harness's settings
 //! (heartbeat 1 s, silent after 5, `[auto_upgrade] enabled`), started here rather than by `HubProcess` so that
-//! its log is kept: the test reads the lease grants from it and shows it when a wait fails. The agent's unit gets
-//! one drop-in so that the hooks it runs log the container's boot id (see `HOOK_BOOT_ID_DROP_IN`).
+//! its log is kept: the test reads the lease grants from it and shows it when a wait fails. The agent's executor
+//! unit (which runs the hooks) gets one drop-in so that they log the container's boot id (see
+//! `HOOK_BOOT_ID_DROP_IN`).
 //! The agent's own operation journal (read from the host) confirms what the agent did: one leased reboot per
 //! node under `Unmanaged`; under `SecurityPatch` the hub's cordon, drain, patch (exactly the published pins),
 //! reboot and uncordon steps, in that order, the patch installed while the node was cordoned.
@@ -56,6 +57,8 @@ use upkeep_tests::system::{
 use upkeep_tests::{TestPki, upkeepctl};
 
 const AGENT: &str = "upkeep-agent.service";
+/// The agent's privileged half, which runs the cordon hooks.
+const EXECUTOR: &str = "upkeep-agent-executor.service";
 const MEMBER: &str = "m1";
 const FAMILY: &str = "Debian-12";
 const IMAGE_VERSION: &str = "202311.07.0";
@@ -84,7 +87,8 @@ if [ "$1" = drain ]; then
 fi
 "#;
 
-/// A drop-in for the agent's unit on the test nodes, for the test's own bookkeeping only: the cordon hooks log
+/// A drop-in for the agent's executor unit on the test nodes (it runs the hooks), for the test's own bookkeeping
+/// only: the cordon hooks log
 /// the boot id they see, and under the packaged ProtectControlGroups=yes systemd 252 gives the unit (and its
 /// hooks) a fresh /proc where the host's boot id shows, the same on every container boot. The agent itself does
 /// not need this (it tells boots apart by its token in /run; tests/tests/system_reimage.rs runs it without).
@@ -249,7 +253,7 @@ impl Site {
         write(&m.path("/etc/upkeep/node-image"), format!("FAMILY={FAMILY}\nVERSION={IMAGE_VERSION}\n"), 0o644);
         write(&m.path(&format!("{TOOLS}/cordon-hook")), CORDON_HOOK_SH, 0o755);
         write(
-            &m.path(&format!("/etc/systemd/system/{AGENT}.d/50-hooks-see-the-boot-id.conf")),
+            &m.path(&format!("/etc/systemd/system/{EXECUTOR}.d/50-hooks-see-the-boot-id.conf")),
             HOOK_BOOT_ID_DROP_IN,
             0o644,
         );
