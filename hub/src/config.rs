@@ -37,6 +37,8 @@ pub struct HubConfig {
     /// `[images] trusted_keys`: when given, `image publish` refuses an uploaded image whose signature does not
     /// verify against one of these keys (nodes still verify against their own).
     pub trusted_image_keys: Vec<upkeep_core::signature::PublicKey>,
+    /// `[metrics] listen`: where Prometheus metrics are served (plain HTTP); None: not served.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The issuing intermediate's files (`tls.issuer_cert`, `tls.issuer_key`).
@@ -73,6 +75,14 @@ struct RawConfig {
     auto_upgrade: Option<RawAutoUpgrade>,
     limits: Option<RawLimits>,
     images: Option<RawImages>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +121,31 @@ struct RawTls {
 struct RawAgents {
     heartbeat_interval_seconds: Option<u32>,
     silent_after_heartbeats: Option<u32>,
+}
+
+/// `[metrics]`: the listen address, loopback unless `allow_remote = true` (the endpoint is plain HTTP without
+/// authentication: off the loopback it needs a firewall or a scraping proxy in front, and the operator saying so).
+fn parse_metrics(raw: Option<RawMetrics>) -> Result<Option<SocketAddr>, (String, String)> {
+    let Some(m) = raw else { return Ok(None) };
+    let listen = m.listen.ok_or_else(|| {
+        (
+            "metrics.listen".to_string(),
+            "missing: give an address, e.g. \"127.0.0.1:9464\", or remove [metrics]".to_string(),
+        )
+    })?;
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|e| ("metrics.listen".to_string(), format!("{listen:?}: {e}; give IP:PORT, e.g. 127.0.0.1:9464")))?;
+    if !addr.ip().is_loopback() && !m.allow_remote.unwrap_or(false) {
+        return Err((
+            "metrics.listen".into(),
+            format!(
+                "{addr} is not a loopback address; metrics are plain HTTP without authentication: keep them on \
+                 127.0.0.1 (scrape through a proxy), or set metrics.allow_remote = true behind a firewall"
+            ),
+        ));
+    }
+    Ok(Some(addr))
 }
 
 /// Flag overrides (from the command line).
@@ -246,7 +281,9 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
         })?;
         trusted_image_keys.push(parsed);
     }
+    let metrics = parse_metrics(raw.metrics).map_err(|(key, reason)| err(path, &key, reason))?;
     Ok(HubConfig {
+        metrics,
         limits,
         trusted_image_keys,
         listen,
@@ -270,6 +307,22 @@ mod tests {
             std::fs::write(dir.join(f), "x").expect("write");
         }
         "state_dir = \"state\"\n[tls]\nca = \"ca.pem\"\ncert = \"hub.pem\"\nkey = \"hub.key\"\n".to_string()
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_unless_the_operator_allows_more() {
+        let m = |text: &str| parse_metrics(Some(toml::from_str(text).expect("toml")));
+        assert_eq!(parse_metrics(None).expect("none"), None);
+        assert_eq!(m("listen = \"127.0.0.1:9464\"").expect("ok"), Some("127.0.0.1:9464".parse().expect("addr")));
+        assert_eq!(m("listen = \"[::1]:9464\"").expect("ok"), Some("[::1]:9464".parse().expect("addr")));
+        let (k, r) = m("listen = \"0.0.0.0:9464\"").expect_err("not loopback");
+        assert_eq!(k, "metrics.listen");
+        assert!(r.contains("metrics.allow_remote = true"), "{r}");
+        assert!(m("listen = \"0.0.0.0:9464\"\nallow_remote = true").expect("allowed").is_some());
+        let (k, r) = m("listen = \"localhost\"").expect_err("not IP:PORT");
+        assert_eq!(k, "metrics.listen");
+        assert!(r.contains("IP:PORT"), "{r}");
+        assert_eq!(m("allow_remote = false").expect_err("no address").0, "metrics.listen");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod image_tools;
 pub mod join;
 pub mod ledger;
 pub mod maintenance;
+pub mod metrics;
 pub mod pki;
 pub mod revocation;
 pub mod server;

@@ -150,6 +150,20 @@ pub async fn serve_fleet_with_local_agents(
             }
         })
     };
+    // Prometheus metrics on their own listener, when configured; bound here so that a taken port fails the start.
+    let metrics = match config.metrics {
+        None => None,
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("metrics.listen = {addr}: cannot bind"))?;
+            let mut certs = vec![("tls.cert", config.cert.clone()), ("tls.ca", config.ca.clone())];
+            if let Some(i) = &config.issuer {
+                certs.push(("tls.issuer_cert", i.cert.clone()));
+            }
+            tracing::info!(addr = %l.local_addr().unwrap_or(addr), "metrics served (GET /metrics, plain HTTP)");
+            let source = Arc::new(crate::metrics::Source::new(fleet.clone(), certs));
+            Some(tokio::spawn(crate::metrics::serve(l, source)))
+        }
+    };
     let addr = listener.local_addr().context("reading the listen address")?;
     // The front door: TLS with a handshake deadline, connections capped below the descriptor limit, a share kept
     // for operators (Nagle is off on every accepted socket: with it on, mTLS handshakes stall ~40 ms).
@@ -215,6 +229,9 @@ pub async fn serve_fleet_with_local_agents(
     }
     flusher.abort();
     expiry.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     engine_task.abort();
     maintenance_task.abort();
     if let Err(e) = fleet.flush_seen() {
