@@ -21,7 +21,7 @@
 
 use super::host::HostOs;
 use super::image::{parse_trusted_keys, staged_path};
-use super::remote::{MAX_REQUEST_BYTES, Pin, Reply, Request, WireError, read_document};
+use super::remote::{MAX_REQUEST_BYTES, Pin, Request, WireError, encode_reply, read_document};
 use super::{NodeOs, OsError, Slot, SlotImage, apt, dnf};
 use crate::channel::{NodeKind, OsKind, PackagePin, classify, parse_package_pins, plan_channel};
 use crate::config::{AgentConfig, ExecutorSettings};
@@ -151,7 +151,7 @@ impl Executor {
                 };
                 if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                     self.active.fetch_sub(1, Ordering::SeqCst);
-                    answer(conn, &Reply::Err(refusal("busy: too many requests under way; retry")));
+                    answer(conn, Err(refusal("busy: too many requests under way; retry")));
                     continue;
                 }
                 let me = self.clone();
@@ -180,7 +180,7 @@ impl Executor {
             tracing::warn!(uid = peer.uid(), pid = peer.pid(), expected = self.client_uid, "executor: peer refused");
             answer(
                 conn,
-                &Reply::Err(refusal(&format!(
+                Err(refusal(&format!(
                     "refused: uid {} is not executor.client_user (uid {})",
                     peer.uid(),
                     self.client_uid
@@ -192,7 +192,7 @@ impl Executor {
             Ok(r) => r,
             Err(why) => {
                 tracing::warn!(pid = peer.pid(), why = %why, "executor: bad request refused");
-                answer(conn, &Reply::Err(refusal(&why)));
+                answer(conn, Err(refusal(&why)));
                 return;
             }
         };
@@ -200,18 +200,19 @@ impl Executor {
         let reply = match self.handle(req) {
             Ok(v) => {
                 tracing::debug!(op = name, pid = peer.pid(), "executor: done");
-                Reply::Ok(v)
+                Ok(v)
             }
             Err(e) => {
                 tracing::warn!(op = name, pid = peer.pid(), error = %e, "executor: failed or refused");
-                Reply::Err(e.into())
+                Err(e.into())
             }
         };
-        answer(conn, &reply);
+        answer(conn, reply);
     }
 
     /// Checks `req` and does it.
-    pub fn handle(&self, req: Request) -> Result<serde_json::Value, OsError> {
+    /// The value comes back as its JSON text.
+    pub fn handle(&self, req: Request) -> Result<String, OsError> {
         let os = self.os.as_ref();
         match req {
             Request::Facts => value(os.facts()?),
@@ -348,18 +349,13 @@ fn refusal(why: &str) -> WireError {
     WireError::Executor { message: why.to_string() }
 }
 
-fn value<T: serde::Serialize>(v: T) -> Result<serde_json::Value, OsError> {
-    serde_json::to_value(v).map_err(|e| OsError::Executor(format!("encoding the answer: {e}")))
+fn value<T: serde::Serialize>(v: T) -> Result<String, OsError> {
+    serde_json::to_string(&v).map_err(|e| OsError::Executor(format!("encoding the answer: {e}")))
 }
 
-fn answer(mut conn: UnixStream, reply: &Reply) {
-    match serde_json::to_vec(reply) {
-        Ok(body) => {
-            if let Err(e) = conn.write_all(&body) {
-                tracing::warn!(error = %e, "executor: the peer left before the answer");
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "executor: cannot encode an answer"),
+fn answer(mut conn: UnixStream, reply: Result<String, WireError>) {
+    if let Err(e) = conn.write_all(&encode_reply(reply)) {
+        tracing::warn!(error = %e, "executor: the peer left before the answer");
     }
 }
 

@@ -23,7 +23,7 @@ pub const MAX_REPLY_BYTES: u64 = 16 * 1024 * 1024;
 
 /// One node operation asked of the executor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// `NodeOs::facts`.
     Facts,
@@ -154,19 +154,27 @@ pub struct Pin {
     pub version: String,
 }
 
-/// The executor's answer: the call's value, or its error.
+/// The executor's answer: `{"ok": <the value the NodeOs call returned>}` or `{"err": <its error>}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Reply {
-    /// The value the `NodeOs` call returned.
-    Ok(serde_json::Value),
-    /// The error it returned.
+pub enum Reply<T> {
+    /// The value.
+    Ok(T),
+    /// The error.
     Err(WireError),
+}
+
+/// Encodes an answer whose value is already JSON text (the executor encodes each call's value once, typed).
+pub fn encode_reply(r: Result<String, WireError>) -> Vec<u8> {
+    match r {
+        Ok(json) => format!("{{\"ok\":{json}}}").into_bytes(),
+        Err(e) => serde_json::to_vec(&Reply::<()>::Err(e)).unwrap_or_else(|_| b"{\"err\":null}".to_vec()),
+    }
 }
 
 /// `OsError` on the wire (an I/O error travels as its text).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum WireError {
     /// `OsError::Io`.
     Io {
@@ -317,8 +325,8 @@ impl RemoteOs {
         let mut s = UnixStream::connect(&self.socket).map_err(|e| lost(format!("cannot connect: {e}")))?;
         let body = serde_json::to_vec(req).map_err(|e| lost(format!("encoding the request: {e}")))?;
         s.write_all(&body).and_then(|()| s.shutdown(std::net::Shutdown::Write)).map_err(|e| lost(e.to_string()))?;
-        match read_document::<Reply>(&mut s, MAX_REPLY_BYTES, "answer").map_err(lost)? {
-            Reply::Ok(v) => serde_json::from_value(v).map_err(|e| lost(format!("unexpected answer: {e}"))),
+        match read_document::<Reply<T>>(&mut s, MAX_REPLY_BYTES, "answer").map_err(lost)? {
+            Reply::Ok(v) => Ok(v),
             Reply::Err(e) => Err(e.into()),
         }
     }
