@@ -806,7 +806,7 @@ fn security_patch_checks(
     }
 }
 
-/// The Kubernetes version operation (`engine/kubernetes.rs` documents the steps).
+/// The Kubernetes version operation (the steps are described at the top of engine.rs).
 fn upgrade_kubernetes(
     e: Entry,
     cursor: u8,
