@@ -664,10 +664,29 @@ impl Executor {
                 self.note_node(node, Some(format!("{}: {step}", spec.purpose)));
             }
         };
+        let started = std::time::Instant::now();
+        let r = self.send_until(spec, node, step, &op, kind, within, limit_ms, &on_silence).await;
+        self.fleet.counters().node_step(step, r.is_ok(), started.elapsed());
+        r
+    }
+
+    /// `send`'s loop: the command again while the node is busy with an earlier one, until `within`.
+    #[allow(clippy::too_many_arguments)] // `send`'s own values, handed down once
+    async fn send_until(
+        &self,
+        spec: &JobSpec,
+        node: &str,
+        step: &str,
+        op: &str,
+        kind: v1::command::Kind,
+        within: Duration,
+        limit_ms: i64,
+        on_silence: &(dyn Fn(Option<i64>) + Send + Sync),
+    ) -> Result<u64, String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let r = self.fleet.command_marked(node, &op, kind.clone(), left, &on_silence).await;
+            let r = self.fleet.command_marked(node, op, kind.clone(), left, on_silence).await;
             match r {
                 // The node is still busy with an earlier operation (one the hub gave up waiting for, say): it
                 // recorded nothing, so the same command goes again once that one is done.

@@ -125,6 +125,8 @@ pub struct Fleet {
     report_tick: tokio::sync::watch::Sender<u64>,
     /// Timing settings.
     pub timing: Timing,
+    /// What the metrics count as it happens (`metrics::Counters`).
+    counters: crate::metrics::Counters,
 }
 
 /// The current time in Unix milliseconds (the shells read the clock; core never does).
@@ -179,6 +181,7 @@ impl Fleet {
             reports: Mutex::new(HashMap::new()),
             report_tick: tokio::sync::watch::channel(0).0,
             timing,
+            counters: crate::metrics::Counters::default(),
         })
     }
 
@@ -309,7 +312,12 @@ impl Fleet {
         }
     }
 
-    /// The certificates this hub refuses.
+    /// What the metrics count as it happens.
+    pub fn counters(&self) -> &crate::metrics::Counters {
+        &self.counters
+    }
+
+    /// The certificates revoked and the serials nodes used.
     pub fn revocations(&self) -> &Arc<Revocations> {
         &self.revocations
     }

@@ -1,10 +1,14 @@
 //! Prometheus metrics on a listener of their own (`[metrics] listen`), apart from the mTLS port: plain HTTP,
 //! loopback unless the operator says otherwise, `GET /metrics` only, in the OpenMetrics text format.
 //!
-//! Values are read when scraped (nothing is counted on the hot paths for this): agents connected, certificates
-//! revoked, and the expiry time of the hub's own certificates (`tls.cert`, `tls.ca`, `tls.issuer_cert`), so
-//! that an alert can fire two weeks ahead (`upkeep_certificate_expiry_timestamp_seconds - time() < 14 * 86400`;
-//! packaging/hub/upkeep-alerts.yml). The one listener serves at most `MAX_SCRAPES` connections at once.
+//! Most values are read when scraped: agents connected, certificates revoked, the expiry time of the hub's own
+//! certificates (`tls.cert`, `tls.ca`, `tls.issuer_cert`; an alert fires two weeks ahead,
+//! packaging/hub/upkeep-alerts.yml), nodes by member/status/channel, each node's image identity (an info
+//! metric), runs by status, leases by kind of holder. Those read the store, so a scrape of a 100k-node hub reads
+//! every node row: scrape it every 30 s or more. A few things are counted as they happen (`Counters`, kept in
+//! the `Fleet`): steps of node work by step and result with their durations, and the lease desk's decisions.
+//! No series has a per-node label except the info metric. The one listener serves at most `MAX_SCRAPES`
+//! connections at once.
 
 use crate::fleet::Fleet;
 use http_body_util::Full;
@@ -12,8 +16,10 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -34,6 +40,111 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 struct CertLabels {
     certificate: String,
 }
+
+/// The step of a node's work (`cordon`, `drain`, `reimage`, ...) and how it ended (`ok`, `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+    result: String,
+}
+
+/// A step of a node's work.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepName {
+    step: String,
+}
+
+/// A lease decision (`granted`, `already_held`, `denied`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: String,
+}
+
+/// Buckets of a step's duration, seconds: a cordon takes milliseconds, a reimage with its reboot minutes.
+const STEP_BUCKETS: [f64; 12] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
+
+/// What is counted as it happens (the rest is read when scraped). Cheap to clone: every metric is shared.
+#[derive(Clone)]
+pub struct Counters {
+    node_steps: Family<StepLabels, Counter>,
+    step_seconds: Family<StepName, Histogram>,
+    lease_decisions: Family<DecisionLabels, Counter>,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            node_steps: Family::default(),
+            step_seconds: Family::new_with_constructor(|| Histogram::new(STEP_BUCKETS)),
+            lease_decisions: Family::default(),
+        }
+    }
+}
+
+impl Counters {
+    /// One step of a node's work ended: `step` is the executor's step name (a bounded set), `ok` its result.
+    pub fn node_step(&self, step: &str, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "failed" };
+        self.node_steps.get_or_create(&StepLabels { step: step.to_string(), result: result.to_string() }).inc();
+        self.step_seconds.get_or_create(&StepName { step: step.to_string() }).observe(took.as_secs_f64());
+    }
+
+    /// The lease desk decided: `granted`, `already_held` or `denied`.
+    pub fn lease_decision(&self, decision: &'static str) {
+        self.lease_decisions.get_or_create(&DecisionLabels { decision: decision.to_string() }).inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "upkeep_node_steps",
+            "Steps of node work carried out, by step and result",
+            self.node_steps.clone(),
+        );
+        registry.register(
+            "upkeep_node_step_duration_seconds",
+            "How long a step of node work took, command sent to result",
+            self.step_seconds.clone(),
+        );
+        registry.register(
+            "upkeep_lease_decisions",
+            "Lease decisions of the desk, by decision",
+            self.lease_decisions.clone(),
+        );
+    }
+}
+
+/// Node labels of the fleet gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    member: String,
+    status: String,
+    channel: String,
+}
+
+/// One node's image identity (an info metric: value 1).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeImageLabels {
+    node: String,
+    member: String,
+    node_image_version: String,
+    security_patch_version: String,
+}
+
+/// A run's status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    status: String,
+}
+
+/// Who holds leases (`run`, `rollout`, `reboot`, `operator`, `node`: the holder's kind, not its name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HolderLabels {
+    holder: String,
+}
+
+/// The kinds of lease holder (`run/<run>/<member>`, `rollout/<member>`, `reboot/<node>`, `operator/<name>`, and
+/// `node` for leases agents took from hubs before the one executor).
+const HOLDER_KINDS: [&str; 5] = ["run", "rollout", "reboot", "operator", "node"];
 
 /// What the metrics are read from.
 pub struct Source {
@@ -73,11 +184,68 @@ impl Source {
             "When each certificate the hub uses expires (Unix time), by its setting",
             expiry,
         );
+        self.fleet.counters().register(&mut registry);
+        if let Err(e) = self.register_fleet(&mut registry) {
+            tracing::warn!(error = %e, "metrics: reading the fleet's state");
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
             tracing::error!(error = %e, "metrics: encoding failed");
         }
         out
+    }
+}
+
+impl Source {
+    /// Gauges read from the store at scrape time: nodes by member, status and channel; each node's image
+    /// identity; runs by status; leases held by holder kind.
+    fn register_fleet(&self, registry: &mut Registry) -> Result<(), crate::store::StoreError> {
+        let store = self.fleet.store();
+        let now = crate::fleet::now_ms();
+        let nodes = Family::<NodeLabels, Gauge<i64>>::default();
+        let images = Family::<NodeImageLabels, Gauge<i64>>::default();
+        for n in store.list_nodes(None)? {
+            let labels = NodeLabels {
+                member: n.facts.member.clone(),
+                status: self.fleet.status_of(&n, now).as_str().to_string(),
+                channel: n.facts.channel.clone(),
+            };
+            nodes.get_or_create(&labels).inc();
+            images
+                .get_or_create(&NodeImageLabels {
+                    node: n.name.clone(),
+                    member: n.facts.member.clone(),
+                    node_image_version: n.facts.node_image_version.clone(),
+                    security_patch_version: n.facts.security_patch_version.clone(),
+                })
+                .set(1);
+        }
+        registry.register("upkeep_nodes", "Nodes by member, status and node OS channel", nodes);
+        registry.register(
+            "upkeep_node_image",
+            "Each node's node-image-version label and security patch (value 1), as `node list` shows them",
+            images,
+        );
+        // Every known status and holder kind is present, at 0 when none: a dashboard or an alert sees 0, not
+        // an absent series.
+        let runs = Family::<RunLabels, Gauge<i64>>::default();
+        for st in upkeep_core::run::Status::ALL {
+            runs.get_or_create(&RunLabels { status: st.as_str().to_string() }).set(0);
+        }
+        for r in store.list_runs()? {
+            runs.get_or_create(&RunLabels { status: r.status.clone() }).inc();
+        }
+        registry.register("upkeep_runs", "Update runs by status", runs);
+        let leases = Family::<HolderLabels, Gauge<i64>>::default();
+        for kind in HOLDER_KINDS {
+            leases.get_or_create(&HolderLabels { holder: kind.to_string() }).set(0);
+        }
+        for l in store.list_leases()? {
+            let kind = l.holder.split('/').next().unwrap_or_default().to_string();
+            leases.get_or_create(&HolderLabels { holder: kind }).inc();
+        }
+        registry.register("upkeep_leases_held", "Nodes out of service under a lease, by the kind of holder", leases);
+        Ok(())
     }
 }
 

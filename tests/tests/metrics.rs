@@ -1,5 +1,6 @@
 //! The hub's Prometheus endpoint (`[metrics] listen`), scraped over plain HTTP while real agents hold mTLS
-//! sessions: the values match the fleet and the hub's certificates; only `GET /metrics` is served.
+//! sessions: the values match the fleet (nodes, their images, a reboot's steps and lease) and the hub's
+//! certificates; only `GET /metrics` is served.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -23,8 +24,21 @@ fn value(body: &str, series: &str) -> Option<i64> {
     body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The `upkeep_*` metric names a rules or dashboard file refers to.
+fn series_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("upkeep_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scrape_reports_the_connected_agents_revocations_and_certificate_expiry() {
+async fn a_scrape_reports_the_fleet_a_reboots_steps_revocations_and_certificate_expiry() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().expect("tmp");
     let port = free_port();
@@ -58,6 +72,52 @@ async fn a_scrape_reports_the_connected_agents_revocations_and_certificate_expir
         assert_eq!(value(&body, &series), Some(want), "{setting}: {body}");
     }
     assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics text: {body}");
+
+    // The fleet as `node list` has it: both Ready in m1, each with its node-image-version.
+    let ready: i64 = body
+        .lines()
+        .filter(|l| l.starts_with("upkeep_nodes{member=\"m1\",status=\"Ready\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum();
+    assert_eq!(ready, 2, "{body}");
+    for n in ["n1", "n2"] {
+        let info = format!("upkeep_node_image{{node=\"{n}\",member=\"m1\",node_image_version=\"Test-1-202301.01.0\"");
+        assert!(body.lines().any(|l| l.starts_with(&info) && l.ends_with(" 1")), "{n}: {body}");
+    }
+
+    // A reboot the operator orders: one lease granted, four steps, each counted with its duration.
+    upkeepctl_ok(&pki, &hub.url(), &["node", "reboot", "n1"]).await;
+    let body = wait_for("the reboot's steps counted", Duration::from_secs(60), || async {
+        let (_, body) = http(port, "GET", "/metrics");
+        (value(&body, "upkeep_node_steps_total{step=\"uncordon\",result=\"ok\"}") == Some(1)).then_some(body)
+    })
+    .await;
+    for step in ["cordon", "drain", "reboot"] {
+        assert_eq!(
+            value(&body, &format!("upkeep_node_steps_total{{step=\"{step}\",result=\"ok\"}}")),
+            Some(1),
+            "{body}"
+        );
+        let count = format!("upkeep_node_step_duration_seconds_count{{step=\"{step}\"}}");
+        assert_eq!(value(&body, &count), Some(1), "{body}");
+    }
+    assert!(!body.contains("result=\"failed\""), "{body}");
+    assert_eq!(value(&body, "upkeep_lease_decisions_total{decision=\"granted\"}"), Some(1), "{body}");
+
+    // Every series the shipped alert rules and dashboard use is one this hub serves.
+    for file in ["packaging/hub/upkeep-alerts.yml", "packaging/hub/upkeep-grafana.json"] {
+        let text = std::fs::read_to_string(upkeep_tests::system::workspace().join(file)).expect(file);
+        let names = series_names(&text);
+        assert!(names.len() >= 5, "{file}: {names:?}");
+        for name in names {
+            let served = body.lines().any(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    || l.starts_with(&format!("{name} "))
+                    || l.contains(&format!(" {name} "))
+            });
+            assert!(served, "{file} uses {name}, which the hub does not serve:\n{body}");
+        }
+    }
 
     let serial = cert_serial(&pki.file("node-n1.pem"));
     upkeepctl_ok(&pki, &hub.url(), &["pki", "revoke", &serial]).await;
