@@ -72,7 +72,8 @@ pub struct Engine {
     /// Each run's state as last committed or read: planning starts from it, not from the store.
     runs: Mutex<HashMap<String, CachedRun>>,
     /// Member outcomes not recorded yet, by run: whoever takes the commit lock next records them all at once.
-    completions: Mutex<HashMap<String, Vec<Completion>>>,
+    /// With each batch, when its first outcome arrived (the start of the run's handoff, for the metrics).
+    completions: Mutex<HashMap<String, (std::time::Instant, Vec<Completion>)>>,
     /// Runs whose stored version was planned in full (a plan or a member's result, which plans the rest) and
     /// when that plan asked to be woken: a pass skips them until one of the two moves, or something outside the
     /// run changed (`poke`).
@@ -311,7 +312,7 @@ impl Engine {
     /// Records the member outcomes queued for `run`, all in one commit (none if another task took them).
     async fn record_completions(self: &Arc<Self>, run_name: &str) {
         let _guard = self.commit_lock.lock().await;
-        let queued = lock(&self.completions).remove(run_name).unwrap_or_default();
+        let Some((first_at, queued)) = lock(&self.completions).remove(run_name) else { return };
         if queued.is_empty() {
             return;
         }
@@ -324,6 +325,12 @@ impl Engine {
             Ok((p, next))
         });
         drop(_guard);
+        // Handoff: a member's result arrived, and the members it let go started (in this one commit).
+        if let Ok((_, plan)) = &outcome
+            && plan.actions.iter().any(|a| matches!(a, Action::StartMember { .. }))
+        {
+            self.fleet.counters().handoff(first_at.elapsed());
+        }
         let failures: Vec<(String, EngineError)> = match outcome {
             Ok(_) => queued
                 .iter()
@@ -399,7 +406,10 @@ impl Engine {
                 runparts::changes(&cached.state, &new_state)
             };
             // Persist, then act.
-            let stored = match self.store().commit_run(name, cached.version, &run_status, &write, &events) {
+            let writing = std::time::Instant::now();
+            let committed = self.store().commit_run(name, cached.version, &run_status, &write, &events);
+            self.fleet.counters().run_commit(writing.elapsed());
+            let stored = match committed {
                 Ok(stored) => stored,
                 Err(StoreError::Conflict(_)) if attempt < COMMIT_ATTEMPTS => {
                     lock(&self.runs).remove(name);
@@ -465,7 +475,11 @@ impl Engine {
                 Ok(()) => tracing::info!(run = %run, member = %member, "member upgrade done"),
                 Err(e) => tracing::warn!(run = %run, member = %member, error = %e, "member upgrade failed"),
             }
-            lock(&engine.completions).entry(run.clone()).or_default().push((member.clone(), outcome));
+            lock(&engine.completions)
+                .entry(run.clone())
+                .or_insert_with(|| (std::time::Instant::now(), Vec::new()))
+                .1
+                .push((member.clone(), outcome));
             engine.record_completions(&run).await;
             engine.executing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(run.clone(), member.clone()));
             // The result was planned with; a pass resumes a member started again while this task still ran.

@@ -69,7 +69,12 @@ pub struct Counters {
     node_steps: Family<StepLabels, Counter>,
     step_seconds: Family<StepName, Histogram>,
     lease_decisions: Family<DecisionLabels, Counter>,
+    handoff_seconds: Histogram,
+    run_commit_seconds: Histogram,
 }
+
+/// Buckets of a run's handoff and of a run commit, seconds: milliseconds when all is well (BENCHMARKS.md).
+const FAST_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 impl Default for Counters {
     fn default() -> Counters {
@@ -77,6 +82,8 @@ impl Default for Counters {
             node_steps: Family::default(),
             step_seconds: Family::new_with_constructor(|| Histogram::new(STEP_BUCKETS)),
             lease_decisions: Family::default(),
+            handoff_seconds: Histogram::new(FAST_BUCKETS),
+            run_commit_seconds: Histogram::new(FAST_BUCKETS),
         }
     }
 }
@@ -94,7 +101,27 @@ impl Counters {
         self.lease_decisions.get_or_create(&DecisionLabels { decision: decision.to_string() }).inc();
     }
 
+    /// A member's result arrived `took` before the members it let go started.
+    pub fn handoff(&self, took: Duration) {
+        self.handoff_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A run transition's store commit took `took`.
+    pub fn run_commit(&self, took: Duration) {
+        self.run_commit_seconds.observe(took.as_secs_f64());
+    }
+
     fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "upkeep_run_handoff_seconds",
+            "From a member's result to the start of the members it let go",
+            self.handoff_seconds.clone(),
+        );
+        registry.register(
+            "upkeep_store_run_commit_seconds",
+            "How long the store took to commit a run transition (its parts and events)",
+            self.run_commit_seconds.clone(),
+        );
         registry.register(
             "upkeep_node_steps",
             "Steps of node work carried out, by step and result",
@@ -134,6 +161,12 @@ struct NodeImageLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RunLabels {
     status: String,
+}
+
+/// An image family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    family: String,
 }
 
 /// Who holds leases (`run`, `rollout`, `reboot`, `operator`, `node`: the holder's kind, not its name).
@@ -245,6 +278,11 @@ impl Source {
             leases.get_or_create(&HolderLabels { holder: kind }).inc();
         }
         registry.register("upkeep_leases_held", "Nodes out of service under a lease, by the kind of holder", leases);
+        let releases = Family::<FamilyLabels, Gauge<i64>>::default();
+        for image in store.list_images(None)? {
+            releases.get_or_create(&FamilyLabels { family: image.family.clone() }).inc();
+        }
+        registry.register("upkeep_catalog_releases", "Node image releases in the catalog, by image family", releases);
         Ok(())
     }
 }

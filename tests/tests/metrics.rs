@@ -104,6 +104,20 @@ async fn a_scrape_reports_the_fleet_a_reboots_steps_revocations_and_certificate_
     assert!(!body.contains("result=\"failed\""), "{body}");
     assert_eq!(value(&body, "upkeep_lease_decisions_total{decision=\"granted\"}"), Some(1), "{body}");
 
+    // A release in the catalog, counted by family.
+    let work = dir.path().join("work");
+    let (keys, img) = (work.join("keys"), work.join("test-1.tar").to_string_lossy().into_owned());
+    let url = hub.url();
+    upkeepctl_ok(&pki, &url, &["image", "keygen", "--dir", &keys.to_string_lossy()]).await;
+    upkeepctl_ok(&pki, &url, &["image", "build", "--out", &img, "--family", "Test-1", "--version", "202302.01.0"])
+        .await;
+    upkeepctl_ok(&pki, &url, &["image", "sign", "--key", &keys.join("upkeep-image.key").to_string_lossy(), &img]).await;
+    let publish =
+        ["image", "publish", "--family", "Test-1", "--version", "202302.01.0", "--regions", "r1", "--file", &img];
+    upkeepctl_ok(&pki, &url, &publish).await;
+    let (_, body) = http(port, "GET", "/metrics");
+    assert_eq!(value(&body, "upkeep_catalog_releases{family=\"Test-1\"}"), Some(1), "{body}");
+
     // Every series the shipped alert rules and dashboard use is one this hub serves.
     for file in ["packaging/hub/upkeep-alerts.yml", "packaging/hub/upkeep-grafana.json"] {
         let text = std::fs::read_to_string(upkeep_tests::system::workspace().join(file)).expect(file);

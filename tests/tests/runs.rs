@@ -450,6 +450,17 @@ async fn sec5_staged_node_image_run_reimages_every_member_in_stage_order() {
     assert!(wait_done < seq_of("stage \"prod\"", "Running"), "prod starts after the canary's wait");
     assert!(seq_of("member \"m2\"", "Completed") < seq_of("member \"m3\"", "Running"), "members of a group one by one");
     assert!(events.iter().any(|e| e["kind"] == "node" && e["to"] == "Completed"), "node events are kept too");
+    // The hub's metrics saw it: one handoff from a member's result (m2 -> m3: m1's result starts the canary's
+    // wait, and the wait's end, not a result, starts prod), the transitions committed, a reimage step per node.
+    let metrics = upkeep_hub::metrics::Source::new(f.hub.fleet(), Vec::new()).render();
+    let count = |series: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    assert_eq!(count("upkeep_run_handoff_seconds_count"), 1, "{metrics}");
+    assert!(count("upkeep_store_run_commit_seconds_count") >= 4, "{metrics}");
+    assert_eq!(count("upkeep_node_steps_total{step=\"reimage\",result=\"ok\"}"), 4, "{metrics}");
+    assert_eq!(count("upkeep_runs{status=\"Completed\"}"), 1, "{metrics}");
+    assert_eq!(count("upkeep_catalog_releases{family=\"Debian-12\"}"), 1, "{metrics}");
     // On a terminal, watch draws a live tree and ends with the final tree (run under a pty with script(1)).
     let cmd = format!("{} run watch r1", bin("upkeepctl").display());
     let tty = tokio::process::Command::new("script")
