@@ -561,3 +561,21 @@ fn client_certificates_authenticate_the_agent() {
     assert!(err.contains(&server.url), "{err}");
     assert_eq!(unschedulable(&server), Some(true));
 }
+
+#[test]
+fn the_network_half_cordons_and_drains_through_the_api_itself_and_sends_the_rest_to_the_executor() {
+    let ca = TestCa::new("fake kube CA");
+    let server = FakeKubeApiServer::start(token_cluster(node(None)), &ca, None);
+    let agent = Agent::new(&ca);
+    // No executor listens on this socket: whatever reaches it fails, saying so.
+    let socket = agent.dir.path().join("executor.sock");
+    let kube = std::sync::Arc::new(upkeep_agent::os::kube::KubeNode::new(agent.settings(&server), &agent.state()));
+    let os = upkeep_agent::os::remote::RemoteOs::new(&socket).with_kube(kube);
+    os.cordon().expect("cordon through the API");
+    assert_eq!(unschedulable(&server), Some(true));
+    os.drain(Duration::from_secs(5), false).expect("drain through the API");
+    os.uncordon().expect("uncordon through the API");
+    assert_eq!(unschedulable(&server), Some(false));
+    let e = os.facts().expect_err("facts are the executor's");
+    assert!(e.to_string().contains("is upkeep-agent-executor running?"), "{e}");
+}

@@ -52,6 +52,9 @@ pub struct Executor {
     client_uid: u32,
     active: AtomicUsize,
     slots: VerifiedSlots,
+    /// `[kubernetes] api_server` is set: cordon, drain and labels are the network half's (it talks to the API
+    /// server); the executor refuses them and holds no API client.
+    kube_api: bool,
 }
 
 /// Which slot holds which image this executor wrote and verified, kept in a file only root may change
@@ -119,7 +122,12 @@ impl Executor {
     /// The executor of `cfg`'s node (`[executor]` must be set).
     pub fn from_config(cfg: &AgentConfig) -> Result<Executor, String> {
         let x = executor_settings(cfg)?;
-        Ok(Executor::new(Arc::new(HostOs::from_config(cfg)), cfg, uid_of(&x.client_user)?))
+        // The node's work as configured, without the Kubernetes API client (packages and hooks stay).
+        let mut own = cfg.clone();
+        if let Some(k) = own.kubernetes.as_mut() {
+            k.api = None;
+        }
+        Ok(Executor::new(Arc::new(HostOs::from_config(&own)), cfg, uid_of(&x.client_user)?))
     }
 
     /// An executor doing its work through `os`, serving only `client_uid`.
@@ -133,6 +141,7 @@ impl Executor {
             client_uid,
             active: AtomicUsize::new(0),
             slots: VerifiedSlots::load(&cfg.root),
+            kube_api: cfg.kubernetes.as_ref().is_some_and(|k| k.api.is_some()),
         }
     }
 
@@ -214,6 +223,17 @@ impl Executor {
     /// The value comes back as its JSON text.
     pub fn handle(&self, req: Request) -> Result<String, OsError> {
         let os = self.os.as_ref();
+        if self.kube_api
+            && matches!(
+                req,
+                Request::Cordon | Request::Uncordon | Request::Drain { .. } | Request::PublishNodeLabels { .. }
+            )
+        {
+            return Err(OsError::Executor(format!(
+                "{}: with [kubernetes] api_server the network half talks to the API server; the executor does not",
+                req.name()
+            )));
+        }
         match req {
             Request::Facts => value(os.facts()?),
             Request::TrustedKeys => value(os.trusted_keys()?),

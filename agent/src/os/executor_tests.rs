@@ -260,3 +260,33 @@ fn versions_and_drain_timeouts_are_checked_before_anything_runs() {
     assert!(n.os.with(|s| s.calls.is_empty()), "{:?}", n.os.with(|s| s.calls.clone()));
     exec.handle(Request::RecordSecurityPatch { version: "202402.01.1".into() }).expect("a real version");
 }
+
+#[test]
+fn with_the_kubernetes_api_configured_cordon_drain_and_labels_are_refused_by_the_executor() {
+    let mut n = Node::new();
+    let api = crate::config::KubeApiSettings {
+        api_server: "https://127.0.0.1:6443".into(),
+        host: "127.0.0.1".into(),
+        port: 6443,
+        ca_file: n.dir.path().join("kube-ca.pem"),
+        credentials: crate::config::KubeCredentials::Token(n.dir.path().join("token")),
+        node_name: "n1".into(),
+        drain_timeout: Duration::from_secs(60),
+        eviction_retry: Duration::from_secs(1),
+    };
+    n.cfg.kubernetes =
+        Some(crate::config::KubernetesSettings { api: Some(api), ..crate::config::KubernetesSettings::defaults() });
+    let exec = n.executor(me());
+    for req in [
+        Request::Cordon,
+        Request::Uncordon,
+        Request::Drain { timeout_seconds: 10, force: false },
+        Request::PublishNodeLabels { image: "x".into(), patch: String::new() },
+    ] {
+        let name = req.name();
+        let e = exec.handle(req).expect_err("the network half's");
+        assert!(e.to_string().contains("the network half talks to the API server"), "{name}: {e}");
+    }
+    assert!(n.os.with(|s| s.calls.is_empty()), "{:?}", n.os.with(|s| s.calls.clone()));
+    exec.handle(Request::HealthCheck).expect("the rest is served");
+}

@@ -300,16 +300,25 @@ pub fn read_document<T: DeserializeOwned>(r: &mut impl Read, limit: u64, what: &
     serde_json::from_slice(&buf).map_err(|e| format!("{what} is not valid: {e}"))
 }
 
-/// The network half's `NodeOs`: every call is a request to the executor at `socket`.
-#[derive(Debug, Clone)]
+/// The network half's `NodeOs`: every call is a request to the executor at `socket`, except cordon, drain
+/// and node labels when `[kubernetes] api_server` is set: those are calls to the Kubernetes API server, made
+/// here, so that the root executor never talks to the network.
+#[derive(Clone)]
 pub struct RemoteOs {
     socket: PathBuf,
+    kube: Option<std::sync::Arc<super::kube::KubeNode>>,
 }
 
 impl RemoteOs {
     /// Talks to the executor listening on `socket` (`[executor] socket`).
     pub fn new(socket: impl Into<PathBuf>) -> RemoteOs {
-        RemoteOs { socket: socket.into() }
+        RemoteOs { socket: socket.into(), kube: None }
+    }
+
+    /// Cordons, drains and labels the node through the Kubernetes API itself (`[kubernetes] api_server`).
+    pub fn with_kube(mut self, kube: std::sync::Arc<super::kube::KubeNode>) -> RemoteOs {
+        self.kube = Some(kube);
+        self
     }
 
     /// Sends `req` and waits for the answer (as long as the operation takes: a drain or a package transaction
@@ -383,15 +392,24 @@ impl NodeOs for RemoteOs {
     }
 
     fn cordon(&self) -> Result<(), OsError> {
-        self.call(&Request::Cordon)
+        match &self.kube {
+            Some(k) => k.cordon(),
+            None => self.call(&Request::Cordon),
+        }
     }
 
     fn uncordon(&self) -> Result<(), OsError> {
-        self.call(&Request::Uncordon)
+        match &self.kube {
+            Some(k) => k.uncordon(),
+            None => self.call(&Request::Uncordon),
+        }
     }
 
     fn drain(&self, timeout: std::time::Duration, force: bool) -> Result<(), OsError> {
-        self.call(&Request::Drain { timeout_seconds: timeout.as_secs(), force })
+        match &self.kube {
+            Some(k) => k.drain(timeout, force),
+            None => self.call(&Request::Drain { timeout_seconds: timeout.as_secs(), force }),
+        }
     }
 
     fn os_release(&self) -> Result<Vec<(String, String)>, OsError> {
@@ -427,6 +445,10 @@ impl NodeOs for RemoteOs {
     }
 
     fn publish_node_labels(&self, image: &str, patch: &str) -> Result<(), OsError> {
-        self.call(&Request::PublishNodeLabels { image: image.into(), patch: patch.into() })
+        match &self.kube {
+            Some(k) => k.publish_labels(image, patch),
+            // Without the API there are no labels to keep: nothing to ask the executor.
+            None => Ok(()),
+        }
     }
 }
