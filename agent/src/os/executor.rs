@@ -160,7 +160,8 @@ impl Executor {
                 };
                 if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                     self.active.fetch_sub(1, Ordering::SeqCst);
-                    answer(conn, Err(refusal("busy: too many requests under way; retry")));
+                    // Read on the accepting thread: briefly, so that a slow peer cannot hold the door.
+                    refuse(conn, Duration::from_secs(1), "busy: too many requests under way; retry");
                     continue;
                 }
                 let me = self.clone();
@@ -183,18 +184,9 @@ impl Executor {
         };
         let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
         if peer.uid() != self.client_uid {
-            // The request is read (and dropped) first: closing on unread bytes would reset the connection
-            // before the peer could read why.
-            let _ = std::io::copy(&mut (&mut conn).take(MAX_REQUEST_BYTES), &mut std::io::sink());
             tracing::warn!(uid = peer.uid(), pid = peer.pid(), expected = self.client_uid, "executor: peer refused");
-            answer(
-                conn,
-                Err(refusal(&format!(
-                    "refused: uid {} is not executor.client_user (uid {})",
-                    peer.uid(),
-                    self.client_uid
-                ))),
-            );
+            let why = format!("refused: uid {} is not executor.client_user (uid {})", peer.uid(), self.client_uid);
+            refuse(conn, REQUEST_TIMEOUT, &why);
             return;
         }
         let req = match read_document::<Request>(&mut conn, MAX_REQUEST_BYTES, "request") {
@@ -363,6 +355,14 @@ fn executor_settings(cfg: &AgentConfig) -> Result<&ExecutorSettings, String> {
             cfg.source.display()
         )
     })
+}
+
+/// Answers `why` without serving: the request is read (and dropped) first, since closing on unread bytes would
+/// reset the connection before the peer could read the answer.
+fn refuse(mut conn: UnixStream, within: Duration, why: &str) {
+    let _ = conn.set_read_timeout(Some(within));
+    let _ = std::io::copy(&mut (&mut conn).take(MAX_REQUEST_BYTES), &mut std::io::sink());
+    answer(conn, Err(refusal(why)));
 }
 
 fn refusal(why: &str) -> WireError {
