@@ -14,14 +14,15 @@ use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel};
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database refused or failed an operation.
+    /// The database refused or failed an operation. The cause is the backend's own error, kept as such (the
+    /// trait names no backend's types, so that SQLite and a server database answer alike).
     #[error("{context}: {source}")]
     Db {
         /// What was being done.
         context: String,
         /// The cause.
         #[source]
-        source: rusqlite::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A stored value could not be decoded (corruption or a newer schema).
     #[error("{context}: stored value is unreadable: {reason}")]

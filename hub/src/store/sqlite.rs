@@ -218,7 +218,7 @@ impl Drop for Checkpointer {
 
 fn db(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> StoreError {
     let context = context.into();
-    move |source| StoreError::Db { context, source }
+    move |source| StoreError::Db { context, source: Box::new(source) }
 }
 
 impl SqliteStore {
