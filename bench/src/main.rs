@@ -93,6 +93,10 @@ enum Scenario {
         secs: u64,
         #[arg(long, default_value_t = 10)]
         heartbeat_secs: u32,
+        /// Run the agent privilege-separated (its executor as a second process, as the packages do) and
+        /// measure both.
+        #[arg(long)]
+        executor: bool,
     },
     /// Stripped release binary sizes only.
     Sizes,
@@ -210,8 +214,8 @@ fn run() -> anyhow::Result<()> {
             Scenario::Heartbeats { agents, secs } => {
                 scenarios::heartbeats(&ctx, agents, Duration::from_secs(secs)).await
             }
-            Scenario::AgentIdle { secs, heartbeat_secs } => {
-                scenarios::agent_idle(&ctx, Duration::from_secs(secs), heartbeat_secs).await
+            Scenario::AgentIdle { secs, heartbeat_secs, executor } => {
+                scenarios::agent_idle(&ctx, Duration::from_secs(secs), heartbeat_secs, executor).await
             }
             Scenario::Sizes => Ok(scenarios::sizes(&ctx)),
             Scenario::Store { secs, state_bytes, events_per_commit } => {

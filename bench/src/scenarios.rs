@@ -767,7 +767,14 @@ fn size_rows(sizes: &[(String, Option<u64>)]) -> Vec<Row> {
 }
 
 /// Scenario 4: an idle real upkeep-agent against a real hub for `window`.
-pub async fn agent_idle(ctx: &Ctx, window: Duration, heartbeat_seconds: u32) -> anyhow::Result<Outcome> {
+/// With `executor`, the agent runs privilege-separated as the packages run it: the executor as its own process
+/// (`upkeep-agent executor`, serving this user), the agent's node operations going to it; both are measured.
+pub async fn agent_idle(
+    ctx: &Ctx,
+    window: Duration,
+    heartbeat_seconds: u32,
+    executor: bool,
+) -> anyhow::Result<Outcome> {
     let cache = CertCache::open(&ctx.cache)?;
     let run_dir = fresh_run_dir(&ctx.cache, "agent-idle")?;
     let setup = ctx.hub_setup(&cache, run_dir.clone(), heartbeat_seconds)?;
@@ -796,6 +803,31 @@ pub async fn agent_idle(ctx: &Ctx, window: Duration, heartbeat_seconds: u32) -> 
         ),
     )
     .context("agent.toml")?;
+    let socket = node.join("executor.sock");
+    let mut executor_proc = None;
+    if executor {
+        let mut text = std::fs::read_to_string(&config).context("agent.toml")?;
+        text.push_str(&format!("[executor]\nsocket = {socket:?}\nclient_user = \"{}\"\n", nix::unistd::getuid()));
+        std::fs::write(&config, text).context("agent.toml")?;
+        let elog = std::fs::File::create(node.join("executor.log")).context("executor.log")?;
+        let child = tokio::process::Command::new(&ctx.agent_bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("executor")
+            .stdout(std::process::Stdio::null())
+            .stderr(elog)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting upkeep-agent executor")?;
+        let began = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if began.elapsed() > Duration::from_secs(30) {
+                bail!("the executor did not listen on {} within 30 s", socket.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        executor_proc = Some(child);
+    }
     let log_path = node.join("agent.log");
     let log = std::fs::File::create(&log_path).context("agent.log")?;
     if !ctx.agent_bin.exists() {
@@ -829,6 +861,15 @@ pub async fn agent_idle(ctx: &Ctx, window: Duration, heartbeat_seconds: u32) -> 
     let mut tally = measure::SwitchTally::default();
     tally.record(&measure::thread_switches(pid));
     let mut max_rss = a.rss_kib;
+    let xpid = executor_proc.as_ref().and_then(|c| c.id());
+    let mut xtally = measure::SwitchTally::default();
+    let xa = match xpid {
+        Some(x) => {
+            xtally.record(&measure::thread_switches(x));
+            Some(measure::sample(x)?)
+        }
+        None => None,
+    };
     let end = Instant::now() + window;
     while Instant::now() < end {
         // Every second: reading /proc does not wake the agent, and a thread that exits loses at most 1 s.
@@ -837,11 +878,27 @@ pub async fn agent_idle(ctx: &Ctx, window: Duration, heartbeat_seconds: u32) -> 
         if let Ok(s) = measure::sample(pid) {
             max_rss = max_rss.max(s.rss_kib);
         }
+        if let Some(x) = xpid {
+            xtally.record(&measure::thread_switches(x));
+        }
     }
     let b = measure::sample(pid)?;
     tally.record(&measure::thread_switches(pid));
+    let xb = match xpid {
+        Some(x) => {
+            xtally.record(&measure::thread_switches(x));
+            Some(measure::sample(x)?)
+        }
+        None => None,
+    };
+    // RSS counts the binary's pages in both processes; PSS shares them out (what the two cost together).
+    let (pss, xpss) = (pss_kib(pid), xpid.map(pss_kib).unwrap_or(0));
     let _ = agent.start_kill();
     let _ = agent.wait().await;
+    if let Some(mut x) = executor_proc {
+        let _ = x.start_kill();
+        let _ = x.wait().await;
+    }
     let _ = hub.stop().await;
     let secs_f = b.at.duration_since(a.at).as_secs_f64();
     let (vol, invol) = tally.totals();
@@ -865,8 +922,22 @@ pub async fn agent_idle(ctx: &Ctx, window: Duration, heartbeat_seconds: u32) -> 
         ),
         row("involuntary ctxt switches/s", format!("{invol:.3}"), ""),
     ];
+    let mut executor_figures = serde_json::Value::Null;
+    if let (Some(xa), Some(xb)) = (&xa, &xb) {
+        let xs = xb.at.duration_since(xa.at).as_secs_f64();
+        let (xvol, _) = xtally.totals();
+        let xvol = xvol as f64 / xs;
+        table.push(row("executor RSS at end", mib(xb.rss_kib), ""));
+        table.push(row("agent + executor RSS at end (binary pages counted twice)", mib(b.rss_kib + xb.rss_kib), ""));
+        table.push(row("agent + executor PSS at end (shared pages shared out)", mib(pss + xpss), "<= 8 MiB"));
+        table.push(row("executor wakeups/s", format!("{xvol:.3}"), "0: it waits for a request"));
+        executor_figures = json!({"rss_end_kib": xb.rss_kib, "rss_hwm_kib": xb.hwm_kib, "voluntary_ctxt_per_second": xvol,
+            "threads": xb.threads, "agent_plus_executor_rss_kib": b.rss_kib + xb.rss_kib,
+            "agent_pss_kib": pss, "executor_pss_kib": xpss, "agent_plus_executor_pss_kib": pss + xpss});
+    }
     table.extend(size_rows(&sizes));
     let figures = json!({
+        "executor": executor_figures,
         "window_seconds": secs_f, "heartbeat_interval_seconds": heartbeat_seconds,
         "rss_end_kib": b.rss_kib, "rss_max_sampled_kib": max_rss, "rss_hwm_kib": b.hwm_kib,
         "cpu_percent": cpu_percent(&a, &b, tck), "cpu_seconds": cpu_seconds(&a, &b, tck),
@@ -876,6 +947,18 @@ pub async fn agent_idle(ctx: &Ctx, window: Duration, heartbeat_seconds: u32) -> 
         "binary_bytes": sizes.iter().map(|(n, s)| (n.clone(), json!(s))).collect::<serde_json::Map<_, _>>(),
     });
     Ok(ctx.outcome("agent-idle".into(), table, figures))
+}
+
+/// Proportional set size of `pid` (`/proc/PID/smaps_rollup`), KiB; 0 when unreadable.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Stripped binary sizes only.
