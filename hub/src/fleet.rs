@@ -126,7 +126,7 @@ pub struct Fleet {
     /// Timing settings.
     pub timing: Timing,
     /// What the metrics count as it happens (`metrics::Counters`).
-    counters: crate::metrics::Counters,
+    counters: crate::counters::Counters,
 }
 
 /// The current time in Unix milliseconds (the shells read the clock; core never does).
@@ -181,7 +181,7 @@ impl Fleet {
             reports: Mutex::new(HashMap::new()),
             report_tick: tokio::sync::watch::channel(0).0,
             timing,
-            counters: crate::metrics::Counters::default(),
+            counters: crate::counters::Counters::default(),
         })
     }
 
@@ -313,7 +313,7 @@ impl Fleet {
     }
 
     /// What the metrics count as it happens.
-    pub fn counters(&self) -> &crate::metrics::Counters {
+    pub fn counters(&self) -> &crate::counters::Counters {
         &self.counters
     }
 

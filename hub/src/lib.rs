@@ -11,6 +11,7 @@ pub mod certstatus;
 pub mod cli;
 pub mod client_verifier;
 pub mod config;
+pub mod counters;
 pub mod door;
 pub mod engine;
 pub mod executor;
