@@ -23,6 +23,26 @@ pub struct FleetClientVerifier {
 }
 
 impl FleetClientVerifier {
+    /// The hub's verifier of client certificates under the fleet CA(s) in `ca_pem` (errors name `tls.ca`). A
+    /// certificate is optional at the TLS layer: `JoinService` serves nodes that have none yet, and every other
+    /// handler starts with `principal_of`, which refuses a caller that presented none.
+    pub fn from_ca_pem(ca_pem: &[u8], revocations: Arc<Revocations>) -> Result<FleetClientVerifier, String> {
+        use rustls::pki_types::pem::PemObject;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let mut root_ders = Vec::new();
+        for c in CertificateDer::pem_slice_iter(ca_pem) {
+            let c = c.map_err(|e| format!("tls.ca: {e}"))?;
+            roots.add(c.clone()).map_err(|e| format!("tls.ca: {e}"))?;
+            root_ders.push(c);
+        }
+        let chain = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| format!("tls.ca: {e}"))?;
+        Ok(FleetClientVerifier::new(chain, root_ders, revocations))
+    }
+
     /// `chain` verifies the chain to `roots` (the fleet CA certificates); `revocations` is consulted after it.
     pub fn new(
         chain: Arc<dyn ClientCertVerifier>,
@@ -85,23 +105,12 @@ pub fn check_path_length(
 /// joins and renewals that fail later.
 pub fn check_issuer(ca_pem: &[u8], issuer: &crate::pki::Ca) -> Result<(), String> {
     use rustls::pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    let mut root_ders = Vec::new();
-    for c in CertificateDer::pem_slice_iter(ca_pem) {
-        let c = c.map_err(|e| format!("tls.ca: {e}"))?;
-        roots.add(c.clone()).map_err(|e| format!("tls.ca: {e}"))?;
-        root_ders.push(c);
-    }
-    let chain = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-        .build()
-        .map_err(|e| format!("tls.ca: {e}"))?;
+    let verifier = FleetClientVerifier::from_ca_pem(ca_pem, Arc::new(Revocations::none()))?;
     let probe = upkeep_core::ids::Principal { role: upkeep_core::ids::Role::Node, name: "issuer-check".into() };
     let pem = issuer.issue_client_for(&probe, 1).map_err(|e| e.to_string())?;
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(pem.cert.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
     let (leaf, intermediates) = certs.split_first().ok_or("the issuing CA produced no certificate")?;
-    let verifier = FleetClientVerifier::new(chain, root_ders, Arc::new(Revocations::none()));
     verifier.verify_client_cert(leaf, intermediates, UnixTime::now()).map(drop).map_err(|e| e.to_string())
 }
 

@@ -115,20 +115,7 @@ pub fn server_config(
     revocations: Arc<Revocations>,
 ) -> Result<rustls::ServerConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    let mut root_ders = Vec::new();
-    for c in CertificateDer::pem_slice_iter(ca_pem) {
-        let c = c.map_err(|e| format!("tls.ca: {e}"))?;
-        roots.add(c.clone()).map_err(|e| format!("tls.ca: {e}"))?;
-        root_ders.push(c);
-    }
-    let chain = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        // Optional here: `JoinService` serves nodes that have no certificate yet; every other handler starts with
-        // `principal_of`, which refuses a caller that presented none.
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| format!("tls.ca: {e}"))?;
-    let verifier = Arc::new(FleetClientVerifier::new(chain, root_ders, revocations));
+    let verifier = Arc::new(FleetClientVerifier::from_ca_pem(ca_pem, revocations)?);
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| format!("tls.cert: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("tls.key: {e}"))?;
