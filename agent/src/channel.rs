@@ -82,6 +82,16 @@ impl OsKind {
             OsKind::Debian { id } | OsKind::Rpm { id } | OsKind::WindowsLike { id } | OsKind::Unknown { id } => id,
         }
     }
+
+    /// Why nothing can be installed on this OS (no package manager upkeep knows), or None for apt and dnf.
+    pub fn no_package_manager(&self) -> Option<String> {
+        match self {
+            OsKind::Debian { .. } | OsKind::Rpm { .. } => None,
+            OsKind::WindowsLike { id } | OsKind::Unknown { id } => {
+                Some(format!("no package manager known for os-release ID {id:?}"))
+            }
+        }
+    }
 }
 
 /// os-release IDs (or ID_LIKE words) of dnf-based distributions. SUSE (zypper) is not one of them.

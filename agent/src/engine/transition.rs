@@ -771,12 +771,8 @@ fn security_patch_checks(
             if let Some(why) = kind.security_patch_refusal() {
                 return fail(e, why, ctx);
             }
-            if let OsKind::WindowsLike { id } | OsKind::Unknown { id } = &kind.os {
-                return fail(
-                    e,
-                    format!("security patch {version} refused: no package manager known for os-release ID {id:?}"),
-                    ctx,
-                );
+            if let Some(why) = kind.os.no_package_manager() {
+                return fail(e, format!("security patch {version} refused: {why}"), ctx);
             }
             go(e, 2, Effect::Facts)
         }
@@ -824,10 +820,10 @@ fn upgrade_kubernetes(
         (Step::Accepted, 0) => go(e, 1, Effect::NodeKind),
         (Step::Accepted, 1) => match value!(r, Value::Kind(k) => k) {
             Err(err) => fail(e, format!("reading os-release: {err}"), ctx),
-            Ok(NodeKind { os: OsKind::WindowsLike { id } | OsKind::Unknown { id }, .. }) => {
-                fail(e, format!("Kubernetes {target} refused: no package manager known for os-release ID {id:?}"), ctx)
-            }
-            Ok(_) => go(e, 2, Effect::ReadMark(pending_file)),
+            Ok(kind) => match kind.os.no_package_manager() {
+                Some(why) => fail(e, format!("Kubernetes {target} refused: {why}"), ctx),
+                None => go(e, 2, Effect::ReadMark(pending_file)),
+            },
         },
         (Step::Accepted, 2) => match value!(r, Value::Mark(m) => m) {
             // The pending mark travels in the next effect's cursor: 3 = no upgrade to `target` left unfinished,

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::journal::Entry;
-use upkeep_core::signature::SecretKey;
+use upkeep_core::signature::{PublicKey, SecretKey};
 
 fn ctx() -> Ctx {
     Ctx { state_dir: PathBuf::from("/state"), now_ms: 1_700_000_000_000, has_url_fetcher: false }
@@ -63,26 +63,33 @@ fn reimage() -> (Entry, SecretKey) {
     (Entry::accepted("op1", 1, op), sk)
 }
 
-#[test]
-fn a_reimage_asks_for_each_effect_in_order_and_commits_the_slot_that_booted() {
-    let (e, sk) = reimage();
+/// A node booted from slot A (image 202301.01.0) that trusts `sk`; a reboot boots slot B, which then reports
+/// `b_reports` as its image. Every other effect succeeds.
+fn node(trusted: PublicKey, b_reports: &'static str) -> impl FnMut(&Effect) -> Result<Value, String> {
     let mut booted = Slot::A;
     let mut boot_id = "boot-1".to_string();
-    let (effects, end) = run_all(e, &mut |eff| match eff {
+    move |eff| match eff {
         Effect::ReadMark(_) => Ok(Value::Mark(None)),
         Effect::Facts => Ok(Value::Facts(OsFacts {
-            node_image: Some(target_image("Test-1", if booted == Slot::B { "202302.01.0" } else { "202301.01.0" })?),
+            node_image: Some(target_image("Test-1", if booted == Slot::B { b_reports } else { "202301.01.0" })?),
             ..Default::default()
         })),
-        Effect::TrustedKeys => Ok(Value::Keys(vec![sk.public_key()])),
+        Effect::TrustedKeys => Ok(Value::Keys(vec![trusted.clone()])),
         Effect::BootState => Ok(boot(booted, &boot_id)),
         Effect::Reboot => {
             booted = Slot::B;
             boot_id = "boot-2".into();
             Ok(Value::Rebooted(Rebooted::Done))
         }
+        Effect::FallBack(_) => Ok(Value::Rebooted(Rebooted::Done)),
         _ => Ok(Value::Unit),
-    });
+    }
+}
+
+#[test]
+fn a_reimage_asks_for_each_effect_in_order_and_commits_the_slot_that_booted() {
+    let (e, sk) = reimage();
+    let (effects, end) = run_all(e, &mut node(sk.public_key(), "202302.01.0"));
     assert_eq!(
         kinds(&effects),
         [
@@ -127,23 +134,7 @@ fn a_reimage_asks_for_each_effect_in_order_and_commits_the_slot_that_booted() {
 #[test]
 fn a_reimage_that_boots_the_wrong_image_falls_back_remembering_it_first() {
     let (e, sk) = reimage();
-    let mut booted = Slot::A;
-    let mut boot_id = "boot-1".to_string();
-    let (effects, end) = run_all(e, &mut |eff| match eff {
-        Effect::ReadMark(_) => Ok(Value::Mark(None)),
-        Effect::Facts => {
-            Ok(Value::Facts(OsFacts { node_image: Some(target_image("Test-1", "202301.01.0")?), ..Default::default() }))
-        }
-        Effect::TrustedKeys => Ok(Value::Keys(vec![sk.public_key()])),
-        Effect::BootState => Ok(boot(booted, &boot_id)),
-        Effect::Reboot => {
-            booted = Slot::B;
-            boot_id = "boot-2".into();
-            Ok(Value::Rebooted(Rebooted::Done))
-        }
-        Effect::FallBack(_) => Ok(Value::Rebooted(Rebooted::Done)),
-        _ => Ok(Value::Unit),
-    });
+    let (effects, end) = run_all(e, &mut node(sk.public_key(), "202301.01.0"));
     let mark = effects
         .iter()
         .position(|e| matches!(e, Effect::WriteMark(p, _) if p.ends_with("rolled-back/Test-1-202302.01.0")));
