@@ -387,6 +387,23 @@ impl TestAgent {
     }
 }
 
+/// A gRPC channel to `hub` over mutual TLS with the certificate and key files given, trusting the PKI's CA.
+pub async fn mtls_channel(pki: &TestPki, hub: &str, cert: &Path, key: &Path) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&pki.file(pki::files::CA_CERT))))
+        .identity(Identity::from_pem(read(cert), read(key)))
+        .domain_name("127.0.0.1");
+    Endpoint::from_shared(hub.to_string())
+        .expect("hub url")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect to the hub")
+}
+
 /// Path of a workspace binary (built by `cargo build --workspace --bins` or by the test run).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

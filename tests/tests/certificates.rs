@@ -217,25 +217,13 @@ async fn a_node_renews_its_certificate_at_two_thirds_of_its_life_without_droppin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_open_when_its_certificate_is_revoked_is_closed_before_its_next_call_is_served() {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     use upkeep_proto::v1;
     let pki = TestPki::new();
     let dir = tempfile::tempdir().expect("tmp");
     let mut hub = start_hub(&pki, dir.path()).await;
     let url = hub.url();
     upkeep_hub::pki::issue(pki.path(), upkeep_core::ids::Role::Operator, "laptop").expect("issue");
-    let read = |f: &str| std::fs::read(pki.file(f)).expect(f);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(files::CA_CERT)))
-        .domain_name("127.0.0.1")
-        .identity(Identity::from_pem(read("operator-laptop.pem"), read("operator-laptop.key")));
-    let ch = Endpoint::from_shared(url.clone())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect");
+    let ch = mtls_channel(&pki, &url, &pki.file("operator-laptop.pem"), &pki.file("operator-laptop.key")).await;
     let mut laptop = v1::operator_service_client::OperatorServiceClient::new(ch);
     let me = laptop.who_am_i(v1::WhoAmIRequest {}).await.expect("served before the revocation").into_inner();
     assert!(format!("{me:?}").contains("laptop"), "{me:?}");

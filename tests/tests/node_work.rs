@@ -7,8 +7,6 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use upkeep_hub::pki::files;
 use upkeep_proto::v1;
 use upkeep_tests::*;
 
@@ -258,19 +256,8 @@ async fn a_node_answering_another_nodes_command_is_refused_and_the_run_does_not_
     .await;
 
     // node-x holds a valid node certificate and answers n1's drain with ok.
-    let ca = std::fs::read(f.pki.file(files::CA_CERT)).expect("ca");
     let (cert, key) = f.pki.node("node-x");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(Identity::from_pem(std::fs::read(&cert).expect("c"), std::fs::read(&key).expect("k")))
-        .domain_name("127.0.0.1");
-    let ch = Endpoint::from_shared(f.hub.url())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect");
+    let ch = mtls_channel(&f.pki, &f.hub.url(), &cert, &key).await;
     let mut impostor = v1::agent_service_client::AgentServiceClient::new(ch);
     let register = v1::NodeReport {
         node_name: "node-x".into(),
