@@ -731,20 +731,8 @@ fn reimage_checks(e: Entry, cursor: u8, r: Result<Value, String>, ctx: &Ctx, o: 
                 Ok(s) => s,
                 Err(err) => return fail(e, format!("image {label} refused: {err}"), ctx),
             };
-            if !keys.iter().any(|k| k.key_id == sig.key_id) {
-                return fail(
-                    e,
-                    format!(
-                        "image {label} refused: signature by unknown key {} (the node trusts {})",
-                        sig.key_id_string(),
-                        if keys.is_empty() {
-                            "no keys".to_string()
-                        } else {
-                            keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
-                        }
-                    ),
-                    ctx,
-                );
+            if let Err(why) = crate::os::image::signed_by_a_trusted_key(&sig, &keys) {
+                return fail(e, format!("image {label} refused: {why}"), ctx);
             }
             to(e, Step::Fetch)
         }

@@ -56,7 +56,7 @@ impl Download {
         let mut pre = Prehasher::new();
         let mut len = 0u64;
         if let Ok(mut f) = std::fs::File::open(&part) {
-            len = hash_into(&part, &mut f, &mut sha, &mut pre, None)?;
+            len = hash_into(&part, &mut f, &mut sha, &mut pre)?;
         }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&part).map_err(OsError::io(&part))?;
         Ok(Download { part, file, sha, pre, len })
@@ -113,14 +113,8 @@ impl Download {
     }
 }
 
-/// Feeds everything `r` yields to both digests (and to `keep`, when given); returns the byte count.
-fn hash_into(
-    path: &Path,
-    r: &mut impl Read,
-    sha: &mut Context,
-    pre: &mut Prehasher,
-    mut keep: Option<&mut Vec<u8>>,
-) -> Result<u64, OsError> {
+/// Feeds everything `r` yields to both digests; returns the byte count.
+fn hash_into(path: &Path, r: &mut impl Read, sha: &mut Context, pre: &mut Prehasher) -> Result<u64, OsError> {
     let mut buf = vec![0u8; 1024 * 1024];
     let mut len = 0u64;
     loop {
@@ -132,27 +126,20 @@ fn hash_into(
         };
         sha.update(&buf[..n]);
         pre.update(&buf[..n]);
-        if let Some(k) = keep.as_deref_mut() {
-            k.extend_from_slice(&buf[..n]);
-        }
         len += n as u64;
     }
 }
 
-/// Reads an image once from `r`: both digests and its size, as a `Staged` at `path`; with `keep`, also the
-/// bytes themselves (a legacy signature covers the whole message, and must be checked on the very bytes that
-/// were hashed, not on a second read a writer could have changed in between).
-pub fn hash_image(path: &Path, r: &mut impl Read, keep: bool) -> Result<(Staged, Option<Vec<u8>>), OsError> {
+/// Reads an image from `r` once: both digests and its size, as a `Staged` at `path`.
+pub fn hash_image(path: &Path, r: &mut impl Read) -> Result<Staged, OsError> {
     let (mut sha, mut pre) = (Context::new(&SHA256), Prehasher::new());
-    let mut held = keep.then(Vec::new);
-    let size = hash_into(path, r, &mut sha, &mut pre, held.as_mut())?;
-    let staged = Staged {
+    let size = hash_into(path, r, &mut sha, &mut pre)?;
+    Ok(Staged {
         path: path.to_path_buf(),
         sha256: super::slots::hex(sha.finish().as_ref()),
         prehash: pre.finish(),
         size,
-    };
-    Ok((staged, held))
+    })
 }
 
 /// Removes the staged download of `sha256`, if any.
@@ -229,19 +216,6 @@ pub fn verify(
     signature: &str,
     keys: &[PublicKey],
 ) -> Result<String, TrustError> {
-    verify_held(staged, None, expected_sha256, expected_size, signature, keys)
-}
-
-/// `verify`, where a legacy (whole-message) signature is checked on `held` (the bytes `staged` was hashed
-/// from) when given, instead of reading the file again.
-pub fn verify_held(
-    staged: &Staged,
-    held: Option<&[u8]>,
-    expected_sha256: &str,
-    expected_size: u64,
-    signature: &str,
-    keys: &[PublicKey],
-) -> Result<String, TrustError> {
     if expected_size != 0 && staged.size != expected_size {
         return Err(TrustError::Truncated { got: staged.size, expected: expected_size });
     }
@@ -249,15 +223,27 @@ pub fn verify_held(
         return Err(TrustError::Digest { expected: expected_sha256.into(), actual: staged.sha256.clone() });
     }
     let sig = Signature::parse(signature)?;
-    let key = if let (true, Some(bytes)) = (sig.needs_whole_message(), held) {
-        sig.verify(keys, Signed::Message(bytes))?
-    } else if sig.needs_whole_message() {
+    let key = if sig.needs_whole_message() {
         let bytes = std::fs::read(&staged.path).map_err(OsError::io(&staged.path))?;
         sig.verify(keys, Signed::Message(&bytes))?
     } else {
         sig.verify(keys, Signed::Prehash(&staged.prehash))?
     };
     Ok(key.id())
+}
+
+/// Whether `sig` names one of `keys` (checked before any byte is fetched or written); Err says whose it is and
+/// whom the node trusts.
+pub fn signed_by_a_trusted_key(sig: &Signature, keys: &[PublicKey]) -> Result<(), String> {
+    if keys.iter().any(|k| k.key_id == sig.key_id) {
+        return Ok(());
+    }
+    let trusted = if keys.is_empty() {
+        "no keys".to_string()
+    } else {
+        keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
+    };
+    Err(format!("signature by unknown key {} (the node trusts {trusted})", sig.key_id_string()))
 }
 
 /// The check a signature-checking slot write runs on the streamed bytes' prehash and size: `signature` (a
@@ -277,17 +263,8 @@ pub fn prehash_check(
                 .into(),
         ));
     }
-    if !keys.iter().any(|k| k.key_id == sig.key_id) {
-        return Err(OsError::Executor(format!(
-            "image refused, nothing written: signature by unknown key {} (the node trusts {})",
-            sig.key_id_string(),
-            if keys.is_empty() {
-                "no keys".to_string()
-            } else {
-                keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
-            }
-        )));
-    }
+    signed_by_a_trusted_key(&sig, &keys)
+        .map_err(|why| OsError::Executor(format!("image refused, nothing written: {why}")))?;
     Ok(move |prehash: &[u8; 64], got: u64| {
         if size != 0 && got != size {
             return Err(TrustError::Truncated { got, expected: size }.to_string());
