@@ -19,6 +19,9 @@ pub struct CertStatus {
     pub serial: String,
     /// Not after, RFC 3339.
     pub not_after: String,
+    /// Not after, Unix seconds (the metrics' value; not in `pki status` output).
+    #[serde(skip)]
+    pub not_after_unix: i64,
     /// Whole days left (negative: expired that many days ago).
     pub days_left: i64,
     /// `ok`, `expiring` (within [`WARN_DAYS`]) or `expired`.
@@ -43,10 +46,11 @@ pub fn status_of_pem(file: &Path, pem: &[u8], now_unix: i64, warn_days: i64) -> 
     } else {
         "ok"
     };
+    let not_after_unix = not_after;
     let not_after = chrono::DateTime::from_timestamp(not_after, 0)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default();
-    Ok(CertStatus { file: file.to_path_buf(), subject, serial, not_after, days_left, state })
+    Ok(CertStatus { file: file.to_path_buf(), subject, serial, not_after, not_after_unix, days_left, state })
 }
 
 /// The status of every certificate (`*.pem`) in `dir`, by file name.

@@ -103,9 +103,12 @@ impl Source {
         registry.register("upkeep_certificates_revoked", "Certificate serials this hub refuses", revoked);
         let expiry = Family::<CertLabels, Gauge<i64>>::default();
         for (setting, file) in &self.certs {
-            match std::fs::read(file).map_err(|e| e.to_string()).and_then(|pem| not_after_unix(&pem)) {
-                Ok(t) => {
-                    expiry.get_or_create(&CertLabels { certificate: (*setting).to_string() }).set(t);
+            let status = std::fs::read(file)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| crate::certstatus::status_of_pem(file, &pem, 0, crate::certstatus::WARN_DAYS));
+            match status {
+                Ok(s) => {
+                    expiry.get_or_create(&CertLabels { certificate: (*setting).to_string() }).set(s.not_after_unix);
                 }
                 Err(e) => {
                     tracing::warn!(setting, file = %file.display(), error = %e, "metrics: cannot read a certificate")
@@ -185,14 +188,6 @@ impl Source {
         registry.register("upkeep_catalog_releases", "Node image releases in the catalog, by image family", releases);
         Ok(())
     }
-}
-
-/// Not-after of the first certificate in `pem`, Unix seconds.
-pub fn not_after_unix(pem: &[u8]) -> Result<i64, String> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, block) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("bad PEM: {e}"))?;
-    let (_, cert) = X509Certificate::from_der(&block.contents).map_err(|e| format!("bad certificate: {e}"))?;
-    Ok(cert.validity().not_after.timestamp())
 }
 
 fn respond(source: &Source, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {

@@ -67,7 +67,8 @@ async fn a_scrape_reports_the_fleet_a_reboots_steps_revocations_and_certificate_
     assert_eq!(value(&body, "upkeep_agents_connected"), Some(2), "{body}");
     assert_eq!(value(&body, "upkeep_certificates_revoked"), Some(0), "{body}");
     for (setting, file) in [("tls.cert", files::HUB_CERT), ("tls.ca", files::CA_CERT)] {
-        let want = upkeep_hub::metrics::not_after_unix(&std::fs::read(pki.file(file)).expect("pem")).expect("cert");
+        let pem = std::fs::read(pki.file(file)).expect("pem");
+        let want = upkeep_hub::certstatus::status_of_pem(&pki.file(file), &pem, 0, 14).expect("cert").not_after_unix;
         let series = format!("upkeep_certificate_expiry_timestamp_seconds{{certificate=\"{setting}\"}}");
         assert_eq!(value(&body, &series), Some(want), "{setting}: {body}");
     }
