@@ -524,7 +524,7 @@ fn parse_kubernetes(
         }
         return Ok(s);
     };
-    let (host, port) = crate::os::kube::parse_api_server(&api_server).map_err(|r| e("api_server", r))?;
+    let (host, port) = parse_api_server(&api_server).map_err(|r| e("api_server", r))?;
     let existing = |key: &str, v: Option<PathBuf>| -> Result<Option<PathBuf>, (String, String)> {
         match v.map(resolve) {
             None => Ok(None),
@@ -657,6 +657,36 @@ fn parse_image(
         other => return Err(e("backend", format!("{other:?} is not one of dir, grub, hook"))),
     };
     Ok(s)
+}
+
+/// Splits `https://HOST[:PORT][/]` into host and port (443 by default). Plain http is refused: the agent sends
+/// credentials. IPv6 literals are written in brackets.
+pub fn parse_api_server(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?}: only https:// is supported, e.g. https://10.0.0.1:6443"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let bad = || format!("malformed address {url:?}: expected https://HOST[:PORT], e.g. https://10.0.0.1:6443");
+    if authority.contains(['/', '?', '#', '@']) {
+        return Err(bad());
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').ok_or_else(bad)?;
+        (h, p.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    let port = match port {
+        None => 443,
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+    };
+    Ok((host.to_string(), port))
 }
 
 #[cfg(test)]

@@ -68,16 +68,8 @@ pub trait Fetcher: Send + Sync {
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<v1::ImageChunk, String>>, String>>;
 }
 
-/// Streams an artifact from an https URL (a reimage's `image.url`), from `offset`. The first chunk is at
-/// `offset`, or at 0 when the source restarts from the beginning (the engine then discards what it staged).
-pub trait UrlFetcher: Send + Sync {
-    /// Opens `url` at `offset`.
-    fn open_url(
-        &self,
-        url: &str,
-        offset: u64,
-    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<v1::ImageChunk, String>>, String>>;
-}
+/// Streams an artifact from an https URL; defined beside its implementation, `os::https::HttpsFetcher`.
+pub use crate::os::https::UrlFetcher;
 
 /// What the engine needs from the hub session.
 pub trait Link: Send + Sync {

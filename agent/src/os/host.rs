@@ -8,8 +8,8 @@ use super::cordon::Cordon;
 use super::kube::KubeNode;
 use super::slots::{self, Backend, DirSlots, GrubEnv, HookSlots};
 use super::{
-    BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, SlotImage, apt, autoupdate, command, dnf, parse_env_file,
-    parse_node_image,
+    BootState, NODE_IMAGE_FILE, NodeOs, OsError, OsFacts, REBOOT_REQUIRED_FILE, RUN_REBOOT_REQUIRED_FILE, Rebooted,
+    Slot, SlotImage, apt, autoupdate, command, dnf, parse_env_file, parse_node_image,
 };
 use crate::channel::{ChannelPlan, OsKind, PackagePin, classify};
 use crate::config::{AgentConfig, CordonSettings, ImageSettings, KubernetesSettings, SlotBackend};
@@ -18,14 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use upkeep_core::version::KubernetesVersion;
 
-/// Image metadata, relative to the root.
-pub const NODE_IMAGE_FILE: &str = "etc/upkeep/node-image";
 /// Security patch marker written when a patch is applied, relative to the root.
 pub const SECURITY_PATCH_FILE: &str = "etc/upkeep/security-patch";
-/// Debian's reboot-required flag, relative to the root.
-pub const REBOOT_REQUIRED_FILE: &str = "var/run/reboot-required";
-/// The same flag where `/var/run` points on current systems, relative to the root.
-pub const RUN_REBOOT_REQUIRED_FILE: &str = "run/reboot-required";
 /// Kubernetes version marker, relative to the root.
 pub const KUBERNETES_VERSION_FILE: &str = "etc/upkeep/kubernetes-version";
 

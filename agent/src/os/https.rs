@@ -8,7 +8,6 @@
 //! size and signature against node-local keys before any byte reaches a slot. It spawns no process and writes
 //! no file; it reads the CA files only.
 
-use crate::engine::UrlFetcher;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -31,6 +30,17 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Redirects followed before a download fails.
 pub const MAX_REDIRECTS: usize = 5;
+
+/// Streams an artifact from an https URL (a reimage's `image.url`), from `offset`. The first chunk is at
+/// `offset`, or at 0 when the source restarts from the beginning (the engine then discards what it staged).
+pub trait UrlFetcher: Send + Sync {
+    /// Opens `url` at `offset`.
+    fn open_url(
+        &self,
+        url: &str,
+        offset: u64,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<v1::ImageChunk, String>>, String>>;
+}
 
 /// Downloads images from https URLs.
 #[derive(Debug, Clone, Default)]

@@ -74,7 +74,7 @@ impl Download {
 
     /// SHA-256 of the bytes staged so far, lower-case hex (the download goes on).
     pub fn sha256_so_far(&self) -> String {
-        super::slots::hex(self.sha.clone().finish().as_ref())
+        super::copy::hex(self.sha.clone().finish().as_ref())
     }
 
     /// Throws away what is staged and starts again from 0 (same file, truncated and fsynced).
@@ -106,7 +106,7 @@ impl Download {
         self.file.sync_all().map_err(OsError::io(&self.part))?;
         Ok(Staged {
             path: self.part,
-            sha256: super::slots::hex(self.sha.finish().as_ref()),
+            sha256: super::copy::hex(self.sha.finish().as_ref()),
             prehash: self.pre.finish(),
             size: self.len,
         })
@@ -136,7 +136,7 @@ pub fn hash_image(path: &Path, r: &mut impl Read) -> Result<Staged, OsError> {
     let size = hash_into(path, r, &mut sha, &mut pre)?;
     Ok(Staged {
         path: path.to_path_buf(),
-        sha256: super::slots::hex(sha.finish().as_ref()),
+        sha256: super::copy::hex(sha.finish().as_ref()),
         prehash: pre.finish(),
         size,
     })
@@ -282,7 +282,7 @@ mod tests {
     fn resumes_after_a_break_and_verifies() {
         let d = tempfile::tempdir().expect("tempdir");
         let data = b"0123456789abcdef".repeat(100);
-        let sha = super::super::slots::hex(ring::digest::digest(&SHA256, &data).as_ref());
+        let sha = super::super::copy::hex(ring::digest::digest(&SHA256, &data).as_ref());
         let mut dl = Download::open(d.path(), &sha).expect("open");
         dl.append(0, &data[..700]).expect("append");
         assert!(dl.append(5, b"x").is_err(), "a chunk at the wrong offset is refused");
@@ -307,7 +307,7 @@ mod tests {
     fn a_restarted_part_holds_only_what_follows_and_clean_staging_keeps_one_image() {
         let d = tempfile::tempdir().expect("tempdir");
         let data = b"the image".repeat(50);
-        let sha = super::super::slots::hex(ring::digest::digest(&SHA256, &data).as_ref());
+        let sha = super::super::copy::hex(ring::digest::digest(&SHA256, &data).as_ref());
         std::fs::create_dir_all(d.path().join(STAGING_DIR)).expect("mkdir");
         std::fs::write(staged_path(d.path(), &sha), vec![0xa5; 1000]).expect("garbage longer than the image");
         let mut dl = Download::open(d.path(), &sha).expect("open");

@@ -34,6 +34,13 @@ use std::path::Path;
 use crate::channel::{ChannelPlan, OsKind, PackagePin};
 use upkeep_core::version::{KubernetesVersion, NodeImageVersion};
 
+/// Image metadata, relative to the node's root (the booted image's own; slot backends restore it).
+pub const NODE_IMAGE_FILE: &str = "etc/upkeep/node-image";
+/// Debian's reboot-required flag, relative to the root.
+pub const REBOOT_REQUIRED_FILE: &str = "var/run/reboot-required";
+/// The same flag where `/var/run` points on current systems, relative to the root.
+pub const RUN_REBOOT_REQUIRED_FILE: &str = "run/reboot-required";
+
 /// What the agent reads off the node to report.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OsFacts {

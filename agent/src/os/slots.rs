@@ -255,7 +255,7 @@ impl DirSlots {
     }
 
     fn meta_rel() -> &'static str {
-        super::host::NODE_IMAGE_FILE
+        super::NODE_IMAGE_FILE
     }
 
     /// A slot boots if its tree carries valid image metadata.
@@ -383,7 +383,7 @@ impl Backend for DirSlots {
         // Activate before recording: a crash in between leaves the boot not taken, and the engine boots again.
         self.activate(chosen)?;
         // A boot empties /run (a tmpfs), and with it the OS's reboot-required flags.
-        for flag in [super::host::RUN_REBOOT_REQUIRED_FILE, super::host::REBOOT_REQUIRED_FILE] {
+        for flag in [super::RUN_REBOOT_REQUIRED_FILE, super::REBOOT_REQUIRED_FILE] {
             let p = self.root.join(flag);
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
