@@ -71,7 +71,7 @@ pub fn status_of_dir(dir: &Path, now_unix: i64, warn_days: i64) -> Result<Vec<Ce
 }
 
 /// Logs a warning for each of `files` (setting name, path) that expires within [`WARN_DAYS`] or has expired.
-pub fn warn_if_expiring(files: &[(&str, &Path)]) {
+pub fn warn_if_expiring(files: &[(&'static str, PathBuf)]) {
     let now = chrono::Utc::now().timestamp();
     for (setting, path) in files {
         let status =

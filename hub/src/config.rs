@@ -41,6 +41,18 @@ pub struct HubConfig {
     pub metrics: Option<SocketAddr>,
 }
 
+impl HubConfig {
+    /// The certificates the hub itself uses, by setting: `tls.cert`, `tls.ca` and, when set, `tls.issuer_cert`
+    /// (what its expiry warning and metrics watch).
+    pub fn certificates(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut certs = vec![("tls.cert", self.cert.clone()), ("tls.ca", self.ca.clone())];
+        if let Some(i) = &self.issuer {
+            certs.push(("tls.issuer_cert", i.cert.clone()));
+        }
+        certs
+    }
+}
+
 /// The issuing intermediate's files (`tls.issuer_cert`, `tls.issuer_key`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuerFiles {

@@ -139,14 +139,15 @@ pub async fn serve_fleet_with_local_agents(
             }
         })
     };
-    // The hub's own certificate and the fleet CA: warned about 14 days ahead, at start and once a day.
+    // The hub's own certificates (its own, the fleet CA, the issuing CA): warned about 14 days ahead, at start and
+    // once a day.
     let expiry = {
-        let (ca, cert) = (config.ca.clone(), config.cert.clone());
+        let certs = config.certificates();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
             loop {
                 tick.tick().await;
-                crate::certstatus::warn_if_expiring(&[("tls.cert", &cert), ("tls.ca", &ca)]);
+                crate::certstatus::warn_if_expiring(&certs);
             }
         })
     };
@@ -155,10 +156,7 @@ pub async fn serve_fleet_with_local_agents(
         None => None,
         Some(addr) => {
             let l = TcpListener::bind(addr).await.with_context(|| format!("metrics.listen = {addr}: cannot bind"))?;
-            let mut certs = vec![("tls.cert", config.cert.clone()), ("tls.ca", config.ca.clone())];
-            if let Some(i) = &config.issuer {
-                certs.push(("tls.issuer_cert", i.cert.clone()));
-            }
+            let certs = config.certificates();
             tracing::info!(addr = %l.local_addr().unwrap_or(addr), "metrics served (GET /metrics, plain HTTP)");
             let source = Arc::new(crate::metrics::Source::new(fleet.clone(), certs));
             Some(tokio::spawn(crate::metrics::serve(l, source)))
