@@ -24,5 +24,6 @@ pub mod maintenance;
 pub mod metrics;
 pub mod pki;
 pub mod revocation;
+pub mod schedule;
 pub mod server;
 pub mod store;

@@ -484,6 +484,34 @@ impl Maintenance {
         Ok(c)
     }
 
+    /// What a pass (and the schedule's forecast) reads: the fleet, settings, catalog and rollouts, once.
+    pub(crate) fn inputs(&self) -> Result<Inputs, StoreError> {
+        Ok(Inputs {
+            nodes: self.store().list_nodes(None)?,
+            members: self.store().list_members()?,
+            settings: self.store().all_member_settings()?.into_iter().map(|s| (s.member.clone(), s)).collect(),
+            catalog: self.catalog()?,
+            switches: self.store().list_channel_switches()?.into_iter().map(|(m, g, _)| (m, g)).collect(),
+            rollouts: self
+                .store()
+                .list_rollouts()?
+                .into_iter()
+                .filter_map(|(m, j)| serde_json::from_str(&j).ok().map(|s| (m, s)))
+                .collect(),
+            runs: self.ledger().upgrading(),
+        })
+    }
+
+    /// The rollout cadence, the auto-upgrade switch and the rest of `[auto_upgrade]`.
+    pub fn settings(&self) -> AutoUpgradeSettings {
+        self.settings
+    }
+
+    /// Why each node's reboot waits (the nodes that asked for one and were not granted it yet).
+    pub(crate) fn reboot_whys(&self) -> HashMap<String, NodeWhy> {
+        lock(&self.reboot_whys).clone()
+    }
+
     /// One pass: expire leases, then start or resume what each member's channel wants.
     pub async fn tick(self: &Arc<Self>) -> Option<DateTime<Utc>> {
         match self.pass() {
@@ -508,38 +536,22 @@ impl Maintenance {
             }
             return Ok(None);
         }
-        let nodes = self.store().list_nodes(None)?;
+        let inp = self.inputs()?;
         // A node that no longer needs a reboot no longer waits for one.
         let rebooting: HashSet<&str> =
-            nodes.iter().filter(|r| r.facts.reboot_required).map(|r| r.name.as_str()).collect();
+            inp.nodes.iter().filter(|r| r.facts.reboot_required).map(|r| r.name.as_str()).collect();
         lock(&self.reboot_whys).retain(|n, _| rebooting.contains(n.as_str()));
         let now = Utc::now();
-        let mut by_member: BTreeMap<&str, Vec<&NodeRecord>> = BTreeMap::new();
-        for n in &nodes {
-            by_member.entry(n.facts.member.as_str()).or_default().push(n);
-        }
-        let settings: HashMap<String, crate::store::MemberSettings> =
-            self.store().all_member_settings()?.into_iter().map(|s| (s.member.clone(), s)).collect();
-        let catalog = self.catalog()?;
-        let switches: HashMap<String, u64> =
-            self.store().list_channel_switches()?.into_iter().map(|(m, g, _)| (m, g)).collect();
-        let rollouts: HashMap<String, RolloutState> = self
-            .store()
-            .list_rollouts()?
-            .into_iter()
-            .filter_map(|(m, j)| serde_json::from_str(&j).ok().map(|s| (m, s)))
-            .collect();
-        let runs = self.ledger().upgrading();
+        let by_member = inp.by_member();
         let mut next: Option<DateTime<Utc>> = None;
         let mut notes = HashMap::new();
         let mut whys: HashMap<String, NodeWhy> = HashMap::new();
-        for member in self.store().list_members()? {
+        for member in &inp.members {
             let name = member.name.clone();
-            let existing = rollouts.get(&name);
+            let existing = inp.rollouts.get(&name);
             let member_nodes = by_member.get(name.as_str()).cloned().unwrap_or_default();
-            let views: Vec<NodeView> = member_nodes.iter().map(|n| node_view(n)).collect();
-            let switched = switches.get(&name).copied();
-            let desired = desired_rollout(member.node_os_channel, switched, &views, &catalog, now);
+            let switched = inp.switches.get(&name).copied();
+            let desired = inp.desired(member, &member_nodes, now);
             // Every node behind its channel says so, whatever happens next.
             if let Some(d) = &desired {
                 for (node, task) in &d.tasks {
@@ -574,22 +586,14 @@ impl Maintenance {
                 self.spawn_rollout(&name, r.clone());
                 continue;
             }
-            let Some(mut rollout) = desired else {
+            let Some(desired) = desired else {
                 if let Some(g) = switched {
                     // Nothing to reimage (no node has an image in the catalog): the switch is settled.
                     self.store().clear_channel_switch(&name, g)?;
                 }
                 continue;
             };
-            // A node that failed a target is not given the same target again (a rolled-back image is not retried).
-            if let Some(prev) = existing {
-                rollout.tasks.retain(|node, task| {
-                    prev.failed.get(node).is_none_or(|f| !f.starts_with(&format!("{}:", target_of(task))))
-                });
-            }
-            if rollout.tasks.is_empty() {
-                continue;
-            }
+            let Some(rollout) = owed(desired, existing) else { continue };
             let mut wait = |why: String, until: Option<DateTime<Utc>>, whys: &mut HashMap<String, NodeWhy>| {
                 for node in rollout.tasks.keys() {
                     if let Some(w) = whys.get_mut(node) {
@@ -599,17 +603,14 @@ impl Maintenance {
                 }
                 notes.insert(name.clone(), why);
             };
-            if let Some(run) = runs.get(&name) {
+            if let Some(run) = inp.runs.get(&name) {
                 wait(format!("waiting: update run {run:?} is upgrading the member"), None, &mut whys);
                 continue;
             }
-            let window = settings.get(&name).and_then(|s| schedule_of(&s.node_os_schedule));
-            // Catching up to a release the member already rolled (nodes that joined later, a run that took the
-            // member to it) waits for the window only; a new release also follows the cadence.
-            let catch_up = existing.is_some_and(|r| rollout.tasks.values().all(|t| r.rolled.contains(&target_of(t))));
-            let last = existing.and_then(|r| r.release_started_ms).map(ms_to_time);
+            let window = inp.window(&name);
+            let catch_up = catches_up(&rollout, existing);
             if let Err(w) =
-                may_start(rollout.kind, window.as_ref(), if catch_up { None } else { last }, self.settings.cadence, now)
+                may_start(rollout.kind, window.as_ref(), cadence_from(&rollout, existing), self.settings.cadence, now)
             {
                 wait(format!("{} {}", rollout.id, w.why), w.until, &mut whys);
                 if let Some(t) = w.until {
@@ -722,6 +723,76 @@ impl Maintenance {
         tracing::info!(member, %from, %to, generation, "channel switched: rolling reimage to the current image owed");
         self.poke();
     }
+}
+
+/// Everything one maintenance pass decides from, read once.
+pub(crate) struct Inputs {
+    /// Every node.
+    pub nodes: Vec<NodeRecord>,
+    /// Every member.
+    pub members: Vec<crate::store::MemberRecord>,
+    /// Member -> settings (windows, budget, drain).
+    pub settings: HashMap<String, crate::store::MemberSettings>,
+    /// Images and patches.
+    pub catalog: ChannelCatalog,
+    /// Member -> generation of a channel switch not rolled out yet.
+    pub switches: HashMap<String, u64>,
+    /// Member -> its last or current rollout.
+    pub rollouts: HashMap<String, RolloutState>,
+    /// Member -> the update run upgrading it now.
+    pub runs: HashMap<String, String>,
+}
+
+impl Inputs {
+    /// Nodes grouped by member.
+    pub fn by_member(&self) -> BTreeMap<&str, Vec<&NodeRecord>> {
+        let mut by_member: BTreeMap<&str, Vec<&NodeRecord>> = BTreeMap::new();
+        for n in &self.nodes {
+            by_member.entry(n.facts.member.as_str()).or_default().push(n);
+        }
+        by_member
+    }
+
+    /// What the member's channel wants of these nodes at `now` (before failed targets are taken out).
+    pub fn desired(
+        &self,
+        member: &crate::store::MemberRecord,
+        nodes: &[&NodeRecord],
+        now: DateTime<Utc>,
+    ) -> Option<Rollout> {
+        let views: Vec<NodeView> = nodes.iter().map(|n| node_view(n)).collect();
+        desired_rollout(member.node_os_channel, self.switches.get(&member.name).copied(), &views, &self.catalog, now)
+    }
+
+    /// The member's node OS window.
+    pub fn window(&self, member: &str) -> Option<MaintenanceSchedule> {
+        self.settings.get(member).and_then(|s| schedule_of(&s.node_os_schedule))
+    }
+}
+
+/// The part of `desired` still owed: a node that failed a target is not given the same target again (a
+/// rolled-back image is not retried). None when nothing is left.
+pub(crate) fn owed(mut desired: Rollout, existing: Option<&RolloutState>) -> Option<Rollout> {
+    if let Some(prev) = existing {
+        desired.tasks.retain(|node, task| {
+            prev.failed.get(node).is_none_or(|f| !f.starts_with(&format!("{}:", target_of(task))))
+        });
+    }
+    (!desired.tasks.is_empty()).then_some(desired)
+}
+
+/// Whether the rollout only catches nodes up to releases the member already rolled (nodes that joined later, a
+/// run that took the member to it): such a rollout waits for the window only, not the cadence.
+pub(crate) fn catches_up(rollout: &Rollout, existing: Option<&RolloutState>) -> bool {
+    existing.is_some_and(|r| rollout.tasks.values().all(|t| r.rolled.contains(&target_of(t))))
+}
+
+/// The start the weekly cadence counts from for this rollout (None: the cadence does not apply).
+pub(crate) fn cadence_from(rollout: &Rollout, existing: Option<&RolloutState>) -> Option<DateTime<Utc>> {
+    if catches_up(rollout, existing) {
+        return None;
+    }
+    existing.and_then(|r| r.release_started_ms).map(ms_to_time)
 }
 
 fn node_view(n: &NodeRecord) -> NodeView {

@@ -261,3 +261,93 @@ async fn sec2_node_image_channel_rolls_new_images_and_a_channel_switch_reimages_
     assert!(f.hub.fleet().store().list_channel_switches().expect("switches").is_empty());
     f.stop().await;
 }
+
+/// `upkeepctl schedule -o json`'s operations.
+async fn schedule(f: &Fleet, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["schedule"];
+    all.extend_from_slice(args);
+    f.json(&all).await["operations"].as_array().expect("operations").clone()
+}
+
+fn at(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    v["earliest"].as_str().map(|s| chrono::DateTime::parse_from_rfc3339(s).expect("rfc3339").to_utc())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_predicts_a_windowed_rollout_and_the_rollout_then_keeps_to_it() {
+    let f = fleet(&["n1", "n2", "n3"], "[auto_upgrade]\nenabled = true\n").await;
+    // A daily one-hour window opening at the next whole minute at least 20 s away (windows start on a minute).
+    let now = chrono::Utc::now();
+    let next_minute = |t: chrono::DateTime<chrono::Utc>| {
+        use chrono::{SubsecRound, Timelike};
+        t.trunc_subsecs(0) - chrono::TimeDelta::seconds(i64::from(t.second())) + chrono::TimeDelta::minutes(1)
+    };
+    let mut opens = next_minute(now);
+    if opens - now < chrono::TimeDelta::seconds(20) {
+        opens += chrono::TimeDelta::minutes(1);
+    }
+    let window = f.work.path().join("window.json");
+    std::fs::write(
+        &window,
+        format!(
+            r#"{{"frequency":{{"type":"Daily","interval_days":1}},"start_time":"{}","duration_hours":1}}"#,
+            opens.format("%H:%M")
+        ),
+    )
+    .expect("window");
+    f.ok(&["member", "set-window", "m1", "--kind", "node-os", "-f", &window.to_string_lossy()]).await;
+    f.ok(&["member", "set-max-unavailable", "m1", "1"]).await;
+    publish_trusted(&f, "202312.01.0").await;
+
+    // Before the window: every node is predicted, one per batch (max_unavailable 1), the first at the opening.
+    let ops = wait_for("the rollout appears in the schedule", WAIT, || async {
+        let ops = schedule(&f, &["--node-seconds", "5"]).await;
+        (ops.iter().filter(|o| o["source"] == "rollout").count() == 3).then_some(ops)
+    })
+    .await;
+    let predicted: Vec<(String, u64, Option<chrono::DateTime<chrono::Utc>>)> = ops
+        .iter()
+        .map(|o| (o["node"].as_str().expect("node").to_string(), o["batch"].as_u64().expect("batch"), at(o)))
+        .collect();
+    let s = |k: i64| Some(opens + chrono::TimeDelta::seconds(k));
+    assert_eq!(
+        predicted,
+        [("n1".to_string(), 1, s(0)), ("n2".to_string(), 2, s(5)), ("n3".to_string(), 3, s(10))],
+        "{ops:?}"
+    );
+    for o in &ops {
+        assert_eq!(o["member"], "m1");
+        assert_eq!(o["operation"], "reimage to Debian-12-202312.01.0", "{o}");
+        assert_eq!(o["batches"], 3, "{o}");
+    }
+    assert!(ops[0]["why"].as_str().expect("why").contains("window"), "{:?}", ops[0]);
+    // --member filters; the table form says the same.
+    assert!(schedule(&f, &["--member", "other"]).await.is_empty());
+    let table = f.ok(&["schedule"]).await;
+    assert!(table.contains("reimage to Debian-12-202312.01.0") && table.contains("1/3"), "{table}");
+
+    // Then it happens as predicted: nothing before the opening, the nodes in the predicted order.
+    let touched_early = std::sync::Mutex::new(Vec::new());
+    wait_for("the rollout completed", WAIT + Duration::from_secs(120), || async {
+        let log = f.log();
+        if chrono::Utc::now() < opens && !log.is_empty() {
+            touched_early.lock().expect("lock").push(log.clone());
+        }
+        let m = upkeepctl_json(&f.pki, &f.hub.url(), &["member", "show", "m1"]).await.ok()?;
+        m["auto_upgrade_status"].as_str()?.contains("node-image:Debian-12-202312.01.0 Completed").then_some(())
+    })
+    .await;
+    let touched_early = touched_early.into_inner().expect("lock");
+    assert!(touched_early.is_empty(), "nodes were touched before the predicted start {opens}: {touched_early:?}");
+    let order: Vec<String> = f.log().iter().filter_map(|l| l.strip_prefix("cordon ").map(str::to_string)).collect();
+    assert_eq!(order, ["n1", "n2", "n3"], "the predicted batch order");
+    one_at_a_time(&f.log());
+    // Nothing is owed any more.
+    assert!(schedule(&f, &[]).await.is_empty());
+    // Bad input names the flag.
+    let err = f.refused(&["schedule", "--days", "0"]).await;
+    assert!(err.contains("--days"), "{err}");
+    let err = f.refused(&["schedule", "--days", "91"]).await;
+    assert!(err.contains("days") && err.contains("90"), "{err}");
+    f.stop().await;
+}

@@ -46,6 +46,23 @@ pub enum LeaseCommand {
     },
 }
 
+/// `upkeepctl schedule`
+#[derive(Debug, clap::Args)]
+pub struct ScheduleArgs {
+    /// How far ahead, days (1..=90).
+    #[arg(long, default_value_t = 7)]
+    pub days: u32,
+    /// Only this member.
+    #[arg(long)]
+    pub member: Option<String>,
+    /// How long one node's operation is assumed to take, seconds (spaces a rollout's batches).
+    #[arg(long, default_value_t = 600)]
+    pub node_seconds: u32,
+    /// How long one update-run member is assumed to take, seconds (as `run plan --member-seconds`).
+    #[arg(long, default_value_t = 600)]
+    pub member_seconds: u32,
+}
+
 fn time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -175,5 +192,60 @@ pub async fn uncordon(c: &mut Client, node: &str, out: &mut dyn Write) -> anyhow
         format!("it was out under {}", r.out_of_service)
     };
     writeln!(out, "node {node} is uncordoned by work {} and its leases given back ({was})", r.work)?;
+    Ok(())
+}
+
+fn upcoming_json(o: &v1::UpcomingOperation) -> serde_json::Value {
+    serde_json::json!({
+        "member": o.member,
+        "node": o.node,
+        "source": o.source,
+        "operation": o.operation,
+        "earliest": (o.earliest_unix_ms != 0).then(|| time(o.earliest_unix_ms)),
+        "why": o.why,
+        "reference": o.reference,
+        "batch": o.batch,
+        "batches": o.batches,
+    })
+}
+
+/// `upkeepctl schedule`.
+pub async fn schedule(c: &mut Client, a: &ScheduleArgs, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
+    if a.days == 0 {
+        bail!("--days: 0; give how many days ahead to look (1..=90)");
+    }
+    if a.node_seconds == 0 || a.member_seconds == 0 {
+        bail!("--node-seconds/--member-seconds: 0; give how long one operation takes, in seconds");
+    }
+    let req = v1::GetScheduleRequest {
+        days: a.days,
+        member: a.member.clone().unwrap_or_default(),
+        assumed_node_seconds: a.node_seconds,
+        assumed_member_seconds: a.member_seconds,
+    };
+    let s = c.get_schedule(req).await.map_err(status_line)?.into_inner();
+    if format.is_structured() {
+        let v = serde_json::json!({
+            "generated": time(s.generated_unix_ms),
+            "until": time(s.horizon_unix_ms),
+            "operations": s.operations.iter().map(upcoming_json).collect::<Vec<_>>(),
+        });
+        return emit(format, out, &v);
+    }
+    if s.operations.is_empty() {
+        writeln!(out, "nothing scheduled until {}", time(s.horizon_unix_ms))?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = s
+        .operations
+        .iter()
+        .map(|o| {
+            let batch = if o.batches > 0 { format!("{}/{}", o.batch, o.batches) } else { "-".into() };
+            let when = if o.earliest_unix_ms == 0 { "unknown".into() } else { time(o.earliest_unix_ms) };
+            let node = if o.node.is_empty() { "-".into() } else { o.node.clone() };
+            vec![when, o.member.clone(), node, o.source.clone(), o.operation.clone(), batch, o.why.clone()]
+        })
+        .collect();
+    table(out, &["EARLIEST (UTC)", "MEMBER", "NODE", "SOURCE", "OPERATION", "BATCH", "WHY"], &rows)?;
     Ok(())
 }

@@ -94,6 +94,9 @@ pub enum Command {
     /// Disruption leases (nodes out of service with the hub's permission).
     #[command(subcommand)]
     Lease(maintenance::LeaseCommand),
+    /// Advance notice: what will happen in the fleet (update run members, channel rollouts, reboots) and the
+    /// earliest each can start, taking windows, freeze dates, the cadence and budgets into account.
+    Schedule(maintenance::ScheduleArgs),
     /// Show who the hub thinks you are.
     Whoami,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -463,6 +466,7 @@ async fn run_command(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Strategy(cmd) => runs::strategy(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Patch(cmd) => maintenance::patch(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Lease(cmd) => maintenance::lease(&mut connect(cli).await?, cmd, cli.output, out).await,
+        Command::Schedule(args) => maintenance::schedule(&mut connect(cli).await?, args, cli.output, out).await,
         Command::Run(cmd) => {
             if runs::run(&mut connect(cli).await?, cmd, cli.output, out).await? {
                 Ok(())

@@ -481,6 +481,15 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(runs::plan_run(&self.engine, self.fleet.store(), req.get_ref())?))
     }
 
+    async fn get_schedule(&self, req: Request<v1::GetScheduleRequest>) -> Result<Response<v1::Schedule>, Status> {
+        require(&principal_of(&req)?, READERS, "read the schedule")?;
+        let ask =
+            crate::schedule::Ask::from_request(req.get_ref(), chrono::Utc::now()).map_err(Status::invalid_argument)?;
+        let s = crate::schedule::forecast(&self.engine, &self.maintenance, self.fleet.store(), &ask)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(s))
+    }
+
     type WatchRunStream = EventStream;
 
     async fn watch_run(&self, req: Request<v1::WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
