@@ -5,17 +5,16 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use upkeep_core::ids::{Role, validate_name};
-use upkeep_proto::tls::{ClientFiles, principal_from_pem_file};
+use upkeep_proto::tls::{ClientFiles, HubAddress, principal_from_pem_file};
 
 /// Validated agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// The file this came from (for messages).
     pub source: PathBuf,
-    /// Hub URL (https only).
-    pub hub: String,
-    /// Host name the hub's certificate must carry.
-    pub hub_host: String,
+    /// The hub's replicas, in the order they are tried (https only; at least one). The session fails over to
+    /// the next when one cannot be reached.
+    pub hubs: Vec<HubAddress>,
     /// Node name, from the certificate.
     pub node_name: String,
     /// Member.
@@ -216,10 +215,18 @@ impl ImageSettings {
     }
 }
 
+/// `hub = "https://a:7443"` or `hub = ["https://a:7443", "https://b:7443"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawHubs {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
-    hub: Option<String>,
+    hub: Option<RawHubs>,
     member: Option<String>,
     node_pool: Option<String>,
     region: Option<String>,
@@ -324,9 +331,12 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
 
-    let hub =
-        raw.hub.ok_or_else(|| err("hub", "missing: set the hub address, e.g. https://hub.example:7443".into()))?;
-    let (hub, hub_host) = upkeep_proto::tls::hub_endpoint(&hub).map_err(|reason| err("hub", reason))?;
+    let hubs = match raw.hub {
+        None => return Err(err("hub", "missing: set the hub address, e.g. https://hub.example:7443".into())),
+        Some(RawHubs::One(h)) => vec![h],
+        Some(RawHubs::Many(hs)) => hs,
+    };
+    let hubs = upkeep_proto::tls::hub_endpoints(&hubs).map_err(|reason| err("hub", reason))?;
     let name_field = |key: &str, field: &'static str, v: Option<String>| -> Result<String, ConfigError> {
         let v = v.ok_or_else(|| err(key, format!("missing: set the {field} this node belongs to")))?;
         validate_name(field, &v).map_err(|e| err(key, e.to_string()))?;
@@ -400,8 +410,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         kubernetes,
         executor,
         source: path.to_path_buf(),
-        hub,
-        hub_host,
+        hubs,
         node_name: principal.name,
         member,
         node_pool,
@@ -713,6 +722,33 @@ mod tests {
         assert!(upkeep_proto::tls::hub_endpoint("http://x:1").expect_err("plain").contains("only https://"));
         assert!(upkeep_proto::tls::hub_endpoint("https://x:notaport").expect_err("bad").contains("malformed address"));
         assert!(upkeep_proto::tls::hub_endpoint("https://:7443").is_err());
+        // Several replicas: each checked, named by position; no repeats; not none.
+        let two = upkeep_proto::tls::hub_endpoints(&["a:7443", "https://b:7443"]).expect("two");
+        assert_eq!(
+            two.iter().map(|h| (h.url.as_str(), h.host.as_str())).collect::<Vec<_>>(),
+            [("https://a:7443", "a"), ("https://b:7443", "b")]
+        );
+        let e = upkeep_proto::tls::hub_endpoints(&["a:7443", "http://b:1"]).expect_err("plain");
+        assert!(e.starts_with("[1]: ") && e.contains("only https://"), "{e}");
+        let e = upkeep_proto::tls::hub_endpoints(&["a:7443", "https://a:7443"]).expect_err("twice");
+        assert!(e.contains("listed twice"), "{e}");
+        assert!(upkeep_proto::tls::hub_endpoints::<&str>(&[]).is_err());
+    }
+
+    #[test]
+    fn hub_is_one_address_or_a_list_of_replicas() {
+        let parse_hub = |hub: &str| -> Result<Vec<String>, String> {
+            let raw: Raw = toml::from_str(&format!("hub = {hub}")).map_err(|e| e.to_string())?;
+            let hubs = match raw.hub.expect("hub") {
+                RawHubs::One(h) => vec![h],
+                RawHubs::Many(hs) => hs,
+            };
+            upkeep_proto::tls::hub_endpoints(&hubs).map(|v| v.into_iter().map(|h| h.url).collect())
+        };
+        assert_eq!(parse_hub("\"h:1\"").expect("one"), ["https://h:1"]);
+        assert_eq!(parse_hub("[\"h:1\", \"g:2\"]").expect("list"), ["https://h:1", "https://g:2"]);
+        assert!(parse_hub("[]").expect_err("empty").contains("at least one"));
+        assert!(parse_hub("7").is_err(), "a number is not an address");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use upkeep_core::version::{ImageVersion, NodeImageVersion};
-use upkeep_proto::tls::client_tls;
+use upkeep_proto::tls::{HubAddress, client_tls};
 use upkeep_proto::v1::{self, agent_message, hub_message};
 
 /// Heartbeat interval used until the hub's Welcome says otherwise (kept with the socket timeout that follows it).
@@ -492,28 +492,48 @@ impl Agent {
         // Operations interrupted by a restart or a reboot carry on from their journalled step.
         self.engine.resume();
         let mut attempt: u32 = 0;
+        // Fail-over between hub replicas: after every end the next address is tried; a connection that never got
+        // to the hub's Welcome moves on to the next replica at once, and only a whole round of such failures (or
+        // the end of a welcomed session) waits the jittered backoff. With one address this is the plain backoff.
+        let replicas = self.cfg.hubs.len().max(1);
+        let mut current = 0usize;
+        let mut failed_in_round = 0usize;
         loop {
+            let Some(hub) = self.cfg.hubs.get(current % replicas) else {
+                return Err(anyhow!("no hub address configured"));
+            };
             let end = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                end = self.session() => end,
+                end = self.session(hub) => end,
             };
             let (err, before_welcome) = match end {
                 SessionEnd::AfterWelcome(e) => {
                     attempt = 0;
+                    failed_in_round = 0;
                     (e, false)
                 }
-                SessionEnd::BeforeWelcome(e) => (e, true),
+                SessionEnd::BeforeWelcome(e) => {
+                    failed_in_round += 1;
+                    (e, true)
+                }
             };
-            let wait = backoff::delay(attempt, fastrand::f64());
-            attempt = attempt.saturating_add(1);
             // A refused certificate is said as such (which one, why, and the fix), not as a transport error.
             let mut refusal = upkeep_proto::tls::explain_refusal(err.as_ref(), "tls.cert", "tls.ca");
             if refusal.is_none() && before_welcome {
                 // Refused after the handshake (TLS 1.3), the session only saw its stream cancelled: ask directly.
-                refusal = upkeep_proto::tls::probe_refusal(&self.cfg.hub, &self.cfg.tls).await;
+                refusal = upkeep_proto::tls::probe_refusal(&hub.url, &self.cfg.tls).await;
             }
             let error = refusal.unwrap_or_else(|| format!("{err:#}").replace('\n', " "));
-            tracing::warn!(node = %self.cfg.node_name, hub = %self.cfg.hub, %error, retry_in_ms = wait.as_millis() as u64, "hub session ended");
+            current = (current + 1) % replicas;
+            if before_welcome && failed_in_round < replicas {
+                let next = self.cfg.hubs.get(current).map_or("", |h| h.url.as_str());
+                tracing::warn!(node = %self.cfg.node_name, hub = %hub.url, %error, next = %next, "hub replica unreachable; trying the next");
+                continue;
+            }
+            failed_in_round = 0;
+            let wait = backoff::delay(attempt, fastrand::f64());
+            attempt = attempt.saturating_add(1);
+            tracing::warn!(node = %self.cfg.node_name, hub = %hub.url, %error, retry_in_ms = wait.as_millis() as u64, "hub session ended");
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = tokio::time::sleep(wait) => {}
@@ -521,19 +541,19 @@ impl Agent {
         }
     }
 
-    async fn session(&self) -> SessionEnd {
+    async fn session(&self, hub: &HubAddress) -> SessionEnd {
         let mut welcomed = false;
-        let r = self.session_inner(&mut welcomed).await;
+        let r = self.session_inner(hub, &mut welcomed).await;
         let e = r.err().unwrap_or_else(|| anyhow!("hub closed the session"));
         if welcomed { SessionEnd::AfterWelcome(e) } else { SessionEnd::BeforeWelcome(e) }
     }
 
-    async fn session_inner(&self, welcomed: &mut bool) -> anyhow::Result<()> {
-        let tls = client_tls(&self.cfg.tls, &self.cfg.hub_host)?;
+    async fn session_inner(&self, hub: &HubAddress, welcomed: &mut bool) -> anyhow::Result<()> {
+        let tls = client_tls(&self.cfg.tls, &hub.host)?;
         // No HTTP/2 keep-alive pings (each is a wakeup on both sides): the heartbeat crosses the connection every
         // interval, and the socket's TCP_USER_TIMEOUT ends the session when the hub stops acknowledging it
         // (`hub_socket`). The connect timeout covers TCP and TLS.
-        let channel = Endpoint::from_shared(self.cfg.hub.clone())
+        let channel = Endpoint::from_shared(hub.url.clone())
             .context("hub address")?
             .tls_config(tls)
             .context("tls")?
@@ -713,8 +733,7 @@ mod tests {
     fn agent(dir: &std::path::Path, os: Arc<FakeOs>, pool: &str, hw: &str) -> Agent {
         let cfg = AgentConfig {
             source: dir.join("agent.toml"),
-            hub: "https://127.0.0.1:1".into(),
-            hub_host: "127.0.0.1".into(),
+            hubs: vec![upkeep_proto::tls::HubAddress { url: "https://127.0.0.1:1".into(), host: "127.0.0.1".into() }],
             node_name: "n1".into(),
             member: "m1".into(),
             node_pool: pool.into(),

@@ -114,8 +114,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         // when none comes in time, from its own timer.
         let watchdog = upkeep_agent::watchdog::Watchdog::from_env().context("watchdog timer")?.map(Arc::new);
         let serving = watchdog.clone().map(|w| tokio::spawn(async move { w.serve(|| {}).await }));
-        tracing::info!(node = %cfg.node_name, hub = %cfg.hub, member = %cfg.member, "upkeep-agent started");
-        service::ready(&format!("node {} of member {}, hub {}", cfg.node_name, cfg.member, cfg.hub));
+        let hubs = cfg.hubs.iter().map(|h| h.url.as_str()).collect::<Vec<_>>().join(", ");
+        tracing::info!(node = %cfg.node_name, hub = %hubs, member = %cfg.member, "upkeep-agent started");
+        service::ready(&format!("node {} of member {}, hub {hubs}", cfg.node_name, cfg.member));
         let result = upkeep_agent::run_with_watchdog(cfg, watchdog, shutdown_signal()).await;
         if let Some(s) = serving {
             s.abort();

@@ -157,6 +157,34 @@ pub fn hub_endpoint(hub: &str) -> Result<(String, String), String> {
     Ok((url, host))
 }
 
+/// One hub address: the https URL to connect to and the host name its certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubAddress {
+    /// `https://host:port`.
+    pub url: String,
+    /// Host name (or IP) the hub's certificate must carry.
+    pub host: String,
+}
+
+/// Several hub replicas (`hub = ["https://a:7443", "https://b:7443"]`, `--hub a:7443,b:7443`): each address
+/// checked as [`hub_endpoint`] does, at least one, no repeats. A bad entry is named by its position (`[1]`).
+/// (One DNS name with several addresses needs no list: every resolved address is tried in turn at connect.)
+pub fn hub_endpoints<S: AsRef<str>>(hubs: &[S]) -> Result<Vec<HubAddress>, String> {
+    if hubs.is_empty() {
+        return Err("no hub address: give at least one, e.g. https://hub.example:7443".into());
+    }
+    let mut out: Vec<HubAddress> = Vec::with_capacity(hubs.len());
+    for (i, h) in hubs.iter().enumerate() {
+        let at = |reason: String| if hubs.len() == 1 { reason } else { format!("[{i}]: {reason}") };
+        let (url, host) = hub_endpoint(h.as_ref().trim()).map_err(at)?;
+        if out.iter().any(|a| a.url == url) {
+            return Err(at(format!("{url} is listed twice; list each hub replica once")));
+        }
+        out.push(HubAddress { url, host });
+    }
+    Ok(out)
+}
+
 /// Why a TLS connection to the hub failed, in one line naming the certificate at fault and the fix, when the
 /// cause is a certificate: `cert_setting` and `ca_setting` name the settings that hold the client certificate and
 /// the fleet CA (`--cert`/`--ca` for upkeepctl, `tls.cert`/`tls.ca` for the agent). None for other failures.

@@ -35,8 +35,7 @@ impl Node {
         });
         let cfg = AgentConfig {
             source: dir.path().join("agent.toml"),
-            hub: "https://127.0.0.1:1".into(),
-            hub_host: "127.0.0.1".into(),
+            hubs: vec![upkeep_proto::tls::HubAddress { url: "https://127.0.0.1:1".into(), host: "127.0.0.1".into() }],
             node_name: "n1".into(),
             member: "m1".into(),
             node_pool: "p1".into(),

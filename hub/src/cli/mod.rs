@@ -26,7 +26,8 @@ pub const DEFAULT_HUB: &str = "https://localhost:7443";
 #[derive(Debug, Parser)]
 #[command(name = "upkeepctl", version, about = "Operate an upkeep fleet: nodes, members, update runs, PKI")]
 pub struct Cli {
-    /// Hub address, e.g. https://hub.example:7443.
+    /// Hub address, e.g. https://hub.example:7443; several replicas comma-separated (tried in order until one
+    /// answers).
     #[arg(long, global = true, env = "UPKEEP_HUB", default_value = DEFAULT_HUB)]
     pub hub: String,
     /// Fleet CA certificate (PEM).
@@ -342,20 +343,28 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>
         key: cli.key.clone().ok_or_else(|| missing("key", "UPKEEP_KEY"))?,
         settings: ["--ca".into(), "--cert".into(), "--key".into()],
     };
-    let (url, host) = hub_url(&cli.hub)?;
-    let tls = client_tls(&files, &host)?;
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| anyhow!("--hub {}: {e}", cli.hub))?
-        .tls_config(tls)
-        .map_err(|e| anyhow!("--hub {}: {e}", cli.hub))?
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .tcp_nodelay(true);
-    let channel =
-        endpoint.connect().await.map_err(|e| match upkeep_proto::tls::explain_refusal(&e, "--cert", "--ca") {
-            Some(why) => anyhow!("{url}: {why}"),
-            None => anyhow::Error::new(ConnectionLost(format!("cannot reach hub at {url}: {}", error_chain(&e)))),
-        })?;
-    Ok(OperatorServiceClient::new(channel))
+    let hubs: Vec<&str> = cli.hub.split(',').filter(|h| !h.trim().is_empty()).collect();
+    let hubs = upkeep_proto::tls::hub_endpoints(&hubs).map_err(|e| anyhow!("--hub {e}"))?;
+    // Replicas are tried in order; a certificate refusal is final (another replica would refuse it too), an
+    // unreachable replica moves on to the next.
+    let mut unreachable = Vec::new();
+    for hub in &hubs {
+        let tls = client_tls(&files, &hub.host)?;
+        let endpoint = Endpoint::from_shared(hub.url.clone())
+            .map_err(|e| anyhow!("--hub {}: {e}", hub.url))?
+            .tls_config(tls)
+            .map_err(|e| anyhow!("--hub {}: {e}", hub.url))?
+            .connect_timeout(std::time::Duration::from_secs(if hubs.len() > 1 { 5 } else { 10 }))
+            .tcp_nodelay(true);
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(OperatorServiceClient::new(channel)),
+            Err(e) => match upkeep_proto::tls::explain_refusal(&e, "--cert", "--ca") {
+                Some(why) => bail!("{}: {why}", hub.url),
+                None => unreachable.push(format!("{}: {}", hub.url, error_chain(&e))),
+            },
+        }
+    }
+    Err(anyhow::Error::new(ConnectionLost(format!("cannot reach hub at {}", unreachable.join("; ")))))
 }
 
 /// Normalises a hub address to an https URL and the host name its certificate must carry.
