@@ -26,3 +26,4 @@ pub mod pki;
 pub mod revocation;
 pub mod server;
 pub mod store;
+pub mod webhooks;

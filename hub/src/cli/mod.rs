@@ -6,6 +6,7 @@
 pub mod maintenance;
 pub mod output;
 pub mod runs;
+pub mod webhooks;
 pub mod yaml;
 
 use crate::pki;
@@ -94,6 +95,9 @@ pub enum Command {
     /// Disruption leases (nodes out of service with the hub's permission).
     #[command(subcommand)]
     Lease(maintenance::LeaseCommand),
+    /// CloudEvents webhooks: fleet events POSTed to receivers (docs/webhooks.md).
+    #[command(subcommand)]
+    Webhook(webhooks::WebhookCommand),
     /// Show who the hub thinks you are.
     Whoami,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -463,6 +467,7 @@ async fn run_command(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Strategy(cmd) => runs::strategy(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Patch(cmd) => maintenance::patch(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Lease(cmd) => maintenance::lease(&mut connect(cli).await?, cmd, cli.output, out).await,
+        Command::Webhook(cmd) => webhooks::webhook(|| connect(cli), cmd, cli.output, out).await,
         Command::Run(cmd) => {
             if runs::run(&mut connect(cli).await?, cmd, cli.output, out).await? {
                 Ok(())
