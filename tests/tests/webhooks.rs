@@ -112,8 +112,9 @@ async fn every_run_event_arrives_in_order_per_subject_signed_with_stable_ids_acr
     let pki = TestPki::new();
     let work = tempfile::tempdir().expect("tempdir");
     let (port, got) = receiver(REFUSED).await;
-    let mut hub =
-        HubProcess::start_logged(&pki, &work.path().join("hub"), 5, "[auto_upgrade]\nenabled = false\n").await;
+    let metrics = upkeep_tests::system::free_port();
+    let extra = format!("[auto_upgrade]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n");
+    let mut hub = HubProcess::start_logged(&pki, &work.path().join("hub"), 5, &extra).await;
     let url = hub.url();
     let secret = work.path().join("secret");
     std::fs::write(&secret, format!("{SECRET}\n")).expect("secret file");
@@ -189,6 +190,12 @@ async fn every_run_event_arrives_in_order_per_subject_signed_with_stable_ids_acr
         stored.keys().all(|s| have.contains(s)).then_some(())
     })
     .await;
+    // Then nothing is owed any more (the events refused first included); `webhook list` shows the progress.
+    let list = wait_for("nothing pending", WAIT, || async {
+        let l = upkeepctl_json(&pki, &url, &["webhook", "list"]).await.ok()?;
+        (l["webhooks"][0]["pending"] == 0).then_some(l)
+    })
+    .await;
     let got: Vec<Got> = got.lock().expect("log").clone();
     assert!(got.len() > before_kill, "deliveries went on after the restart");
     assert_eq!(got.iter().filter(|g| !g.accepted).count(), REFUSED);
@@ -261,12 +268,6 @@ async fn every_run_event_arrives_in_order_per_subject_signed_with_stable_ids_acr
     let sources: BTreeSet<&str> = events.iter().filter_map(|e| e["source"].as_str()).collect();
     assert_eq!(sources.len(), 1, "one source: {sources:?}");
 
-    // `webhook list` shows the progress; the secret is nowhere in it.
-    let list = wait_for("nothing pending", WAIT, || async {
-        let l = upkeepctl_json(&pki, &url, &["webhook", "list"]).await.ok()?;
-        (l["webhooks"][0]["pending"] == 0).then_some(l)
-    })
-    .await;
     let w = &list["webhooks"][0];
     assert_eq!(w["name"], "pager", "{list}");
     assert_eq!(w["signed"], true, "{list}");
@@ -276,6 +277,20 @@ async fn every_run_event_arrives_in_order_per_subject_signed_with_stable_ids_acr
     assert!(!list.to_string().contains(SECRET), "{list}");
     let table = upkeepctl_ok(&pki, &url, &["webhook", "list"]).await;
     assert!(table.contains("pager") && !table.contains(SECRET), "{table}");
+    // The restarted hub counted its deliveries.
+    let scrape = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).expect("metrics listener");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("request");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).expect("response");
+        raw
+    };
+    let ok = scrape.lines().find_map(|l| {
+        l.strip_prefix("upkeep_webhook_deliveries_total{webhook=\"pager\",result=\"ok\"} ")?.trim().parse::<u64>().ok()
+    });
+    assert!(ok.is_some_and(|n| n >= 1), "{scrape}");
     upkeepctl_ok(&pki, &url, &["webhook", "delete", "pager"]).await;
     let list = upkeepctl_json(&pki, &url, &["webhook", "list"]).await.expect("list");
     assert_eq!(list["webhooks"].as_array().map(Vec::len), Some(0), "{list}");
