@@ -39,6 +39,8 @@ pub struct HubConfig {
     pub trusted_image_keys: Vec<upkeep_core::signature::PublicKey>,
     /// `[metrics] listen`: where Prometheus metrics are served (plain HTTP); None: not served.
     pub metrics: Option<SocketAddr>,
+    /// `[webhooks]`: the CloudEvents source and the extra CA of https receivers (`crate::webhooks`).
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 impl HubConfig {
@@ -88,6 +90,14 @@ struct RawConfig {
     limits: Option<RawLimits>,
     images: Option<RawImages>,
     metrics: Option<RawMetrics>,
+    webhooks: Option<RawWebhooks>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhooks {
+    source: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,7 +304,25 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
         trusted_image_keys.push(parsed);
     }
     let metrics = parse_metrics(raw.metrics).map_err(|(key, reason)| err(path, &key, reason))?;
+    let mut webhooks = crate::webhooks::WebhookSettings::default();
+    if let Some(w) = raw.webhooks {
+        if let Some(source) = w.source {
+            if source.trim().is_empty() || !source.contains(':') {
+                return Err(err(
+                    path,
+                    "webhooks.source",
+                    format!("{source:?} is not a URI; give one such as \"upkeep://hub/prod-eu\" or leave it out"),
+                ));
+            }
+            webhooks.source = source;
+        }
+        if let Some(ca) = w.ca_file.map(resolve) {
+            std::fs::metadata(&ca).map_err(|e| err(path, "webhooks.ca_file", format!("{}: {e}", ca.display())))?;
+            webhooks.ca_file = Some(ca);
+        }
+    }
     Ok(HubConfig {
+        webhooks,
         metrics,
         limits,
         trusted_image_keys,

@@ -28,6 +28,13 @@ struct DecisionLabels {
     decision: String,
 }
 
+/// A webhook delivery attempt: the webhook's name (operators create a handful) and `ok` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    webhook: String,
+    result: String,
+}
+
 /// Buckets of a step's duration, seconds: a cordon takes milliseconds, a reimage with its reboot minutes.
 const STEP_BUCKETS: [f64; 12] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
 
@@ -39,6 +46,7 @@ pub struct Counters {
     lease_decisions: Family<DecisionLabels, Counter>,
     handoff_seconds: Histogram,
     run_commit_seconds: Histogram,
+    webhook_deliveries: Family<WebhookLabels, Counter>,
 }
 
 /// Buckets of a run's handoff and of a run commit, seconds: milliseconds when all is well (BENCHMARKS.md).
@@ -52,6 +60,7 @@ impl Default for Counters {
             lease_decisions: Family::default(),
             handoff_seconds: Histogram::new(FAST_BUCKETS),
             run_commit_seconds: Histogram::new(FAST_BUCKETS),
+            webhook_deliveries: Family::default(),
         }
     }
 }
@@ -77,6 +86,14 @@ impl Counters {
     /// A run transition's store commit took `took`.
     pub fn run_commit(&self, took: Duration) {
         self.run_commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A webhook delivery attempt ended (`ok`: the receiver answered 2xx).
+    pub fn webhook_delivery(&self, webhook: &str, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.webhook_deliveries
+            .get_or_create(&WebhookLabels { webhook: webhook.to_string(), result: result.to_string() })
+            .inc();
     }
 
     /// Adds every counter and histogram to `registry` (shared: the registry reads the live values).
@@ -105,6 +122,11 @@ impl Counters {
             "upkeep_lease_decisions",
             "Lease decisions of the desk, by decision",
             self.lease_decisions.clone(),
+        );
+        registry.register(
+            "upkeep_webhook_deliveries",
+            "Webhook delivery attempts, by webhook and result (ok: answered 2xx; failed: retried later)",
+            self.webhook_deliveries.clone(),
         );
     }
 }

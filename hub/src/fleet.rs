@@ -127,6 +127,8 @@ pub struct Fleet {
     pub timing: Timing,
     /// What the metrics count as it happens (`metrics::Counters`).
     counters: crate::counters::Counters,
+    /// Some webhook exists: node events are worth working out (`crate::webhooks`).
+    webhooks_active: std::sync::atomic::AtomicBool,
 }
 
 /// The current time in Unix milliseconds (the shells read the clock; core never does).
@@ -165,7 +167,9 @@ impl Fleet {
         let view = Arc::new(Viewed::open(store)?);
         let store: Arc<dyn Store> = view.clone();
         let revocations = Arc::new(Revocations::load(store.clone())?);
+        let webhooks_active = std::sync::atomic::AtomicBool::new(!store.list_webhooks()?.is_empty());
         Ok(Fleet {
+            webhooks_active,
             view,
             revocations,
             epoch,
@@ -226,7 +230,13 @@ impl Fleet {
     /// Records a report and returns the member's configuration.
     pub fn record_report(&self, node: &str, report: &v1::NodeReport) -> Result<MemberRecord, StoreError> {
         let now = now_ms();
-        let member = self.store.record_report(node, &facts_from_wire(report), now)?;
+        let facts = facts_from_wire(report);
+        // The node as it was, for its webhook events (only looked up when some webhook may want them).
+        let old = if self.webhooks_active() { Some(self.store.get_node(node)?.map(|n| n.facts)) } else { None };
+        let member = self.store.record_report(node, &facts, now)?;
+        if let Some(old) = old {
+            crate::webhooks::emit(self.store(), &crate::webhooks::report_events(node, old.as_ref(), &facts, now));
+        }
         // The report's row carries the time: stored now.
         self.heard().insert(node.to_string(), Heard { at: now, queued: now });
         *self.reports.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_string()).or_default() += 1;
@@ -533,6 +543,30 @@ impl Fleet {
                 tracing::warn!(node = %node, "session queue full or closed; the node gets its config on reconnect");
             }
         }
+    }
+
+    /// Whether some webhook exists (kept by `crate::webhooks::run` and the webhook RPCs).
+    pub fn webhooks_active(&self) -> bool {
+        self.webhooks_active.load(Ordering::Relaxed)
+    }
+
+    /// Notes whether some webhook exists.
+    pub fn set_webhooks_active(&self, active: bool) {
+        self.webhooks_active.store(active, Ordering::Relaxed);
+    }
+
+    /// The status now of every node this hub process heard from (what `upkeep.node.ready`/`unknown` compare),
+    /// from memory only.
+    pub fn heard_statuses(&self, now: i64) -> Vec<(String, NodeStatus)> {
+        let deadline_ms = self.silence_deadline_ms();
+        let heard: Vec<(String, i64)> = self.heard().iter().map(|(n, h)| (n.clone(), h.at)).collect();
+        heard
+            .into_iter()
+            .map(|(n, at)| {
+                let ready = now - at <= deadline_ms && self.is_connected(&n);
+                (n, if ready { NodeStatus::Ready } else { NodeStatus::Unknown })
+            })
+            .collect()
     }
 
     /// The status of a node now.

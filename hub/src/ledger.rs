@@ -149,7 +149,10 @@ impl Ledger {
 
     /// Drops leases past their expiry.
     pub fn expire(&self) -> Result<(), StoreError> {
-        let expired = self.store().expire_leases(now_ms())?;
+        let now = now_ms();
+        let expired = self.store().expire_leases(now)?;
+        let events: Vec<_> = expired.iter().map(|l| crate::webhooks::lease_event("expired", l, now)).collect();
+        crate::webhooks::emit(self.store(), &events);
         for l in &expired {
             tracing::warn!(node = %l.node, lease = %l.lease_id, holder = %l.holder, "lease expired (holder silent)");
             lock(&self.holders).remove(&l.node);
@@ -219,8 +222,9 @@ impl Ledger {
             LeaseDecision::Deny { .. } => "denied",
         });
         if matches!(decision, LeaseDecision::Grant | LeaseDecision::AlreadyHeld) {
-            self.record(node, member, ask)?;
+            let lease = self.record(node, member, ask)?;
             if decision == LeaseDecision::Grant {
+                crate::webhooks::emit(self.store(), &[crate::webhooks::lease_event("granted", &lease, now_ms())]);
                 tracing::info!(node = %node.name, member, lease = ask.lease_id, holder = ask.holder, forced = ask.forced,
                     purpose = ask.purpose, "lease granted");
             }
@@ -228,7 +232,7 @@ impl Ledger {
         Ok(decision)
     }
 
-    fn record(&self, node: &NodeRecord, member: &str, ask: &LeaseAsk<'_>) -> Result<(), StoreError> {
+    fn record(&self, node: &NodeRecord, member: &str, ask: &LeaseAsk<'_>) -> Result<LeaseRecord, StoreError> {
         let now = now_ms();
         let granted_ms = self
             .store()
@@ -236,7 +240,7 @@ impl Ledger {
             .into_iter()
             .find(|l| l.node == node.name && l.lease_id == ask.lease_id)
             .map_or(now, |l| l.granted_ms);
-        self.store().put_lease(&LeaseRecord {
+        let lease = LeaseRecord {
             node: node.name.clone(),
             lease_id: ask.lease_id.to_string(),
             member: member.to_string(),
@@ -245,9 +249,10 @@ impl Ledger {
             granted_ms,
             expires_ms: now + self.lease_ttl.as_millis() as i64,
             forced: ask.forced,
-        })?;
+        };
+        self.store().put_lease(&lease)?;
         lock(&self.holders).insert(node.name.clone(), now);
-        Ok(())
+        Ok(lease)
     }
 
     /// Gives a lease back.
@@ -281,6 +286,9 @@ impl Ledger {
     }
 
     fn after_release(&self, node: &str, released: &[LeaseRecord]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let events: Vec<_> = released.iter().map(|l| crate::webhooks::lease_event("released", l, now)).collect();
+        crate::webhooks::emit(self.store(), &events);
         for l in released {
             tracing::info!(node, lease = %l.lease_id, holder = %l.holder, "lease released");
         }

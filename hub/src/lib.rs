@@ -27,3 +27,4 @@ pub mod revocation;
 pub mod schedule;
 pub mod server;
 pub mod store;
+pub mod webhooks;

@@ -652,7 +652,13 @@ impl Maintenance {
     fn save(&self, member: &str, state: &RolloutState) -> Result<(), StoreError> {
         let json = serde_json::to_string(state)
             .map_err(|e| StoreError::Corrupt { context: format!("rollout of {member}"), reason: e.to_string() })?;
-        self.store().put_rollout(member, &json)
+        self.store().put_rollout(member, &json)?;
+        // Saved when a rollout starts and when it ends: each is a webhook event.
+        let failed = state.failed.keys().filter(|n| state.rollout.tasks.contains_key(*n)).cloned().collect();
+        let e =
+            crate::webhooks::rollout_event(member, &state.rollout.id, &state.status, state.rollout.tasks.len(), failed);
+        crate::webhooks::emit(self.store(), &[e]);
+        Ok(())
     }
 
     /// Hands a rollout to the executor (or joins/resumes it under its work id) and records how it ended.

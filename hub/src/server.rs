@@ -126,6 +126,7 @@ pub async fn serve_fleet_with_local_agents(
     let engine_task = tokio::spawn(engine.clone().run());
     let maintenance = Maintenance::new(fleet.clone(), config.auto_upgrade, executor);
     let maintenance_task = tokio::spawn(maintenance.clone().run());
+    let webhooks_task = tokio::spawn(crate::webhooks::run(fleet.clone(), config.webhooks.clone()));
     let flusher = {
         let fleet = fleet.clone();
         tokio::spawn(async move {
@@ -232,6 +233,7 @@ pub async fn serve_fleet_with_local_agents(
     }
     engine_task.abort();
     maintenance_task.abort();
+    webhooks_task.abort();
     if let Err(e) = fleet.flush_seen() {
         tracing::error!(error = %e, "flushing last-seen times at shutdown");
     }

@@ -6,6 +6,7 @@
 pub mod maintenance;
 pub mod output;
 pub mod runs;
+pub mod webhooks;
 pub mod yaml;
 
 use crate::pki;
@@ -98,6 +99,9 @@ pub enum Command {
     /// Advance notice: what will happen in the fleet (update run members, channel rollouts, reboots) and the
     /// earliest each can start, taking windows, freeze dates, the cadence and budgets into account.
     Schedule(maintenance::ScheduleArgs),
+    /// CloudEvents webhooks: fleet events POSTed to receivers (docs/webhooks.md).
+    #[command(subcommand)]
+    Webhook(webhooks::WebhookCommand),
     /// Show who the hub thinks you are.
     Whoami,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -476,6 +480,7 @@ async fn run_command(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Patch(cmd) => maintenance::patch(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Lease(cmd) => maintenance::lease(&mut connect(cli).await?, cmd, cli.output, out).await,
         Command::Schedule(args) => maintenance::schedule(&mut connect(cli).await?, args, cli.output, out).await,
+        Command::Webhook(cmd) => webhooks::webhook(|| connect(cli), cmd, cli.output, out).await,
         Command::Run(cmd) => {
             if runs::run(&mut connect(cli).await?, cmd, cli.output, out).await? {
                 Ok(())

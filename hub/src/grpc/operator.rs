@@ -657,6 +657,29 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         tracing::info!(operator = %p.name, node = %node, work = %work, "uncordon ordered");
         Ok(Response::new(v1::UncordonNodeResponse { work, out_of_service: released }))
     }
+
+    async fn create_webhook(&self, req: Request<v1::CreateWebhookRequest>) -> Result<Response<v1::Webhook>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "create webhooks")?;
+        Ok(Response::new(super::webhooks::create(&self.fleet, req.get_ref(), &p.uri())?))
+    }
+
+    async fn list_webhooks(
+        &self,
+        req: Request<v1::ListWebhooksRequest>,
+    ) -> Result<Response<v1::ListWebhooksResponse>, Status> {
+        require(&principal_of(&req)?, READERS, "list webhooks")?;
+        Ok(Response::new(super::webhooks::list(&self.fleet)?))
+    }
+
+    async fn delete_webhook(
+        &self,
+        req: Request<v1::DeleteWebhookRequest>,
+    ) -> Result<Response<v1::DeleteResponse>, Status> {
+        let p = principal_of(&req)?;
+        require(&p, WRITERS, "delete webhooks")?;
+        Ok(Response::new(super::webhooks::delete(&self.fleet, &req.get_ref().name, &p.uri())?))
+    }
 }
 
 fn lease_error(e: LeaseError) -> ApiError {

@@ -370,6 +370,78 @@ pub struct LeaseRecord {
     pub forced: bool,
 }
 
+/// A webhook (`upkeepctl webhook create`): where events whose type matches one of its patterns are delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRecord {
+    /// Unique name.
+    pub name: String,
+    /// `https://` URL (or `http://` to a loopback address), checked by `crate::webhooks::check_url`.
+    pub url: String,
+    /// Event type patterns (`run.*`, `node.ready`; `crate::webhooks::type_matches`).
+    pub events: Vec<String>,
+    /// HMAC-SHA256 key of the signature header; empty: deliveries are not signed. Never shown.
+    pub secret: String,
+    /// Created (Unix ms).
+    pub created_ms: i64,
+}
+
+/// A webhook with its delivery progress (`upkeepctl webhook list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookStatus {
+    /// The webhook.
+    pub hook: WebhookRecord,
+    /// Events waiting for delivery to it.
+    pub pending: u64,
+    /// Failed delivery attempts since it was created.
+    pub failures: u64,
+    /// Last attempt (Unix ms), 0 if none.
+    pub last_attempt_ms: i64,
+    /// The error of the last attempt, empty if it succeeded (or there was none).
+    pub last_error: String,
+    /// Last successful delivery (Unix ms), 0 if none.
+    pub last_delivered_ms: i64,
+}
+
+/// An event for the webhook outbox: CloudEvents attributes and data; the store assigns the sequence number (the
+/// CloudEvents `id`). Kept only when a webhook's patterns match its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// `upkeep.<area>.<what>`, e.g. `upkeep.run.member.completed`.
+    pub event_type: String,
+    /// What it is about: `runs/<run>`, `nodes/<node>`, `members/<member>`; deliveries keep order per subject.
+    pub subject: String,
+    /// When it happened (Unix ms).
+    pub time_ms: i64,
+    /// The event's data (a JSON object).
+    pub data: String,
+}
+
+/// One outbox event owed to one webhook: the oldest undelivered of its subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Outbox sequence number (the CloudEvents `id`).
+    pub seq: u64,
+    /// The event.
+    pub event: OutboxEvent,
+    /// Attempts so far.
+    pub attempts: u32,
+}
+
+/// The outbox event of a stored run event (what `commit_run` and `append_events` enqueue in their transaction).
+pub fn run_event_outbox(e: &EventRecord) -> OutboxEvent {
+    let to = crate::webhooks::snake(&e.event.to);
+    OutboxEvent {
+        event_type: format!("upkeep.run.{}.{to}", crate::webhooks::snake(&e.event.kind)),
+        subject: format!("runs/{}", e.run),
+        time_ms: e.event.at_ms,
+        data: serde_json::json!({
+            "run": e.run, "seq": e.seq, "kind": e.event.kind, "level": e.event.level, "from": e.event.from,
+            "to": e.event.to, "message": e.event.message, "error": e.event.error, "run_status": e.event.run_status,
+        })
+        .to_string(),
+    }
+}
+
 /// The hub's persistent state. Implementations must be safe to call from many tasks.
 pub trait Store: Send + Sync {
     /// Records a node's report (creating the node, and its member with the default channel, if new).
@@ -533,4 +605,32 @@ pub trait Store: Send + Sync {
         node: &str,
         now_ms: i64,
     ) -> Result<Result<JoinTokenRecord, TokenRefusal>, StoreError>;
+
+    // Webhooks (`crate::webhooks`). The outbox holds each event once; a delivery row per matching webhook tracks
+    // its progress. `commit_run` and `append_events` enqueue their run events ([`run_event_outbox`]) in their own
+    // transaction, for the webhooks that exist then.
+    /// Creates a webhook; a taken name is a Conflict. It receives events enqueued from then on.
+    fn create_webhook(&self, hook: &WebhookRecord) -> Result<(), StoreError>;
+    /// Every webhook with its delivery progress, by name.
+    fn list_webhooks(&self) -> Result<Vec<WebhookStatus>, StoreError>;
+    /// Deletes a webhook and what it was still owed; true if it existed.
+    fn delete_webhook(&self, name: &str) -> Result<bool, StoreError>;
+    /// Enqueues events for every webhook whose patterns match their type, in one transaction (none match: nothing
+    /// is written).
+    fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError>;
+    /// What `webhook` is owed and may be attempted at `now_ms`: per subject only its oldest undelivered event, and
+    /// only if its retry time has come; oldest first, at most `limit`.
+    fn due_deliveries(&self, webhook: &str, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError>;
+    /// Records an attempt: delivered (`error` None) or failed, then retried not before `retry_at_ms`.
+    fn record_delivery(
+        &self,
+        webhook: &str,
+        seq: u64,
+        at_ms: i64,
+        error: Option<&str>,
+        retry_at_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Deletes deliveries done before `before_ms`, and outbox events no webhook is owed any more; returns how
+    /// many events were deleted.
+    fn prune_outbox(&self, before_ms: i64) -> Result<u64, StoreError>;
 }

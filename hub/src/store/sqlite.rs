@@ -5,8 +5,9 @@
 
 use super::runparts::RunWrite;
 use super::{
-    EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent,
-    NodeFacts, NodeRecord, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError, TokenRefusal, WindowKind,
+    Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
+    NewEvent, NodeFacts, NodeRecord, OutboxEvent, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError,
+    TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeSet;
@@ -151,6 +152,37 @@ const MIGRATIONS: &[&str] = &[
         node TEXT NOT NULL,
         at_ms INTEGER NOT NULL
     );",
+    // 9: webhooks, the outbox of events for them, and each webhook's progress through it (`crate::webhooks`).
+    "CREATE TABLE webhooks (
+        name TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        last_attempt_ms INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        last_delivered_ms INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        type TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        time_ms INTEGER NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE TABLE webhook_deliveries (
+        webhook TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        subject TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+        delivered_ms INTEGER,
+        PRIMARY KEY (webhook, seq)
+    );
+    CREATE INDEX deliveries_pending ON webhook_deliveries(webhook, subject, seq) WHERE delivered_ms IS NULL;
+    CREATE INDEX deliveries_by_seq ON webhook_deliveries(seq);
+    CREATE INDEX deliveries_done ON webhook_deliveries(delivered_ms) WHERE delivered_ms IS NOT NULL;",
 ];
 
 /// The schema version this hub's migrations lead to (`PRAGMA user_version`).
@@ -805,6 +837,7 @@ impl Store for SqliteStore {
         }
         write_parts(&tx, name, write.parts()).map_err(db(ctx.clone()))?;
         let out = insert_events(&tx, name, events)?;
+        enqueue(&tx, &out.iter().map(super::run_event_outbox).collect::<Vec<_>>())?;
         tx.commit().map_err(db(ctx))?;
         Ok(out)
     }
@@ -813,6 +846,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db("appending events"))?;
         let out = insert_events(&tx, run, events)?;
+        enqueue(&tx, &out.iter().map(super::run_event_outbox).collect::<Vec<_>>())?;
         tx.commit().map_err(db("appending events"))?;
         Ok(out)
     }
@@ -1174,6 +1208,173 @@ impl Store for SqliteStore {
         token.uses_left -= 1;
         Ok(Ok(token))
     }
+    fn create_webhook(&self, h: &WebhookRecord) -> Result<(), StoreError> {
+        let ctx = format!("creating webhook {}", h.name);
+        let events = serde_json::to_string(&h.events)
+            .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
+        let n = self
+            .conn()
+            .execute(
+                "INSERT INTO webhooks (name, url, events, secret, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(name) DO NOTHING",
+                params![h.name, h.url, events, h.secret, h.created_ms],
+            )
+            .map_err(db(ctx))?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!(
+                "webhook {:?} exists; pick another name, or `upkeepctl webhook delete {}` first",
+                h.name, h.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn list_webhooks(&self) -> Result<Vec<WebhookStatus>, StoreError> {
+        let ctx = "listing webhooks";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT name, url, events, secret, created_ms, failures, last_attempt_ms, last_error,
+                    last_delivered_ms,
+                    (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook = w.name AND d.delivered_ms IS NULL)
+                 FROM webhooks w ORDER BY name",
+            )
+            .map_err(db(ctx))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    WebhookStatus {
+                        hook: WebhookRecord {
+                            name: r.get(0)?,
+                            url: r.get(1)?,
+                            events: Vec::new(),
+                            secret: r.get(3)?,
+                            created_ms: r.get(4)?,
+                        },
+                        failures: r.get::<_, i64>(5)? as u64,
+                        last_attempt_ms: r.get(6)?,
+                        last_error: r.get(7)?,
+                        last_delivered_ms: r.get(8)?,
+                        pending: r.get::<_, i64>(9)? as u64,
+                    },
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(db(ctx))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db(ctx))?;
+        rows.into_iter()
+            .map(|(mut w, events)| {
+                w.hook.events = serde_json::from_str(&events)
+                    .map_err(|e| StoreError::Corrupt { context: ctx.into(), reason: e.to_string() })?;
+                Ok(w)
+            })
+            .collect()
+    }
+
+    fn delete_webhook(&self, name: &str) -> Result<bool, StoreError> {
+        let ctx = format!("deleting webhook {name}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        tx.execute("DELETE FROM webhook_deliveries WHERE webhook = ?1", params![name]).map_err(db(ctx.clone()))?;
+        let n = tx.execute("DELETE FROM webhooks WHERE name = ?1", params![name]).map_err(db(ctx.clone()))?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(n > 0)
+    }
+
+    fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db("enqueueing webhook events"))?;
+        enqueue(&tx, events)?;
+        tx.commit().map_err(db("enqueueing webhook events"))
+    }
+
+    fn due_deliveries(&self, webhook: &str, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        let ctx = format!("reading the deliveries owed to webhook {webhook}");
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT d.seq, o.type, o.subject, o.time_ms, o.data, d.attempts
+                 FROM webhook_deliveries d JOIN outbox o ON o.seq = d.seq
+                 WHERE d.webhook = ?1 AND d.delivered_ms IS NULL AND d.next_attempt_ms <= ?2
+                   AND d.seq = (SELECT MIN(h.seq) FROM webhook_deliveries h
+                                WHERE h.webhook = d.webhook AND h.subject = d.subject AND h.delivered_ms IS NULL)
+                 ORDER BY d.seq LIMIT ?3",
+            )
+            .map_err(db(ctx.clone()))?;
+        stmt.query_map(params![webhook, now_ms, limit as i64], |r| {
+            Ok(Delivery {
+                seq: r.get::<_, i64>(0)? as u64,
+                event: OutboxEvent { event_type: r.get(1)?, subject: r.get(2)?, time_ms: r.get(3)?, data: r.get(4)? },
+                attempts: r.get::<_, i64>(5)? as u32,
+            })
+        })
+        .map_err(db(ctx.clone()))?
+        .collect::<Result<_, _>>()
+        .map_err(db(ctx))
+    }
+
+    fn record_delivery(
+        &self,
+        webhook: &str,
+        seq: u64,
+        at_ms: i64,
+        error: Option<&str>,
+        retry_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let ctx = format!("recording a delivery to webhook {webhook}");
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+        match error {
+            None => {
+                tx.execute(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, delivered_ms = ?3
+                     WHERE webhook = ?1 AND seq = ?2",
+                    params![webhook, seq as i64, at_ms],
+                )
+                .map_err(db(ctx.clone()))?;
+                tx.execute(
+                    "UPDATE webhooks SET last_attempt_ms = ?2, last_error = '', last_delivered_ms = ?2 WHERE name = ?1",
+                    params![webhook, at_ms],
+                )
+                .map_err(db(ctx.clone()))?;
+            }
+            Some(e) => {
+                tx.execute(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_ms = ?3
+                     WHERE webhook = ?1 AND seq = ?2",
+                    params![webhook, seq as i64, retry_at_ms],
+                )
+                .map_err(db(ctx.clone()))?;
+                tx.execute(
+                    "UPDATE webhooks SET last_attempt_ms = ?2, last_error = ?3, failures = failures + 1
+                     WHERE name = ?1",
+                    params![webhook, at_ms, e],
+                )
+                .map_err(db(ctx.clone()))?;
+            }
+        }
+        tx.commit().map_err(db(ctx))
+    }
+
+    fn prune_outbox(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let ctx = "pruning the webhook outbox";
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx))?;
+        tx.execute(
+            "DELETE FROM webhook_deliveries WHERE delivered_ms IS NOT NULL AND delivered_ms < ?1",
+            params![before_ms],
+        )
+        .map_err(db(ctx))?;
+        let n = tx
+            .execute(
+                "DELETE FROM outbox WHERE NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.seq = outbox.seq)",
+                [],
+            )
+            .map_err(db(ctx))?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(n as u64)
+    }
 }
 
 const TOKEN_COLUMNS: &str = "id, secret_sha256, member, node_pool, expires_ms, uses_left, created_by, created_ms";
@@ -1375,6 +1576,54 @@ fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ImageRecord, Strin
         },
         regions,
     ))
+}
+
+/// Enqueues `events` for the webhooks whose patterns match, inside the caller's transaction.
+fn enqueue(tx: &Connection, events: &[OutboxEvent]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ctx = "enqueueing webhook events";
+    let hooks: Vec<(String, Vec<String>)> = {
+        let mut stmt = tx.prepare_cached("SELECT name, events FROM webhooks").map_err(db(ctx))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(db(ctx))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db(ctx))?;
+        rows.into_iter()
+            .map(|(name, events)| {
+                let patterns: Vec<String> = serde_json::from_str(&events)
+                    .map_err(|e| StoreError::Corrupt { context: format!("webhook {name}"), reason: e.to_string() })?;
+                Ok((name, patterns))
+            })
+            .collect::<Result<_, StoreError>>()?
+    };
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let mut outbox = tx
+        .prepare_cached("INSERT INTO outbox (type, subject, time_ms, data) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(db(ctx))?;
+    let mut delivery = tx
+        .prepare_cached("INSERT INTO webhook_deliveries (webhook, seq, subject) VALUES (?1, ?2, ?3)")
+        .map_err(db(ctx))?;
+    for e in events {
+        let to: Vec<&String> = hooks
+            .iter()
+            .filter(|(_, patterns)| crate::webhooks::type_matches(patterns, &e.event_type))
+            .map(|(name, _)| name)
+            .collect();
+        if to.is_empty() {
+            continue;
+        }
+        outbox.execute(params![e.event_type, e.subject, e.time_ms, e.data]).map_err(db(ctx))?;
+        let seq = tx.last_insert_rowid();
+        for name in to {
+            delivery.execute(params![name, seq, e.subject]).map_err(db(ctx))?;
+        }
+    }
+    Ok(())
 }
 
 fn insert_events(tx: &Connection, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError> {
@@ -1653,5 +1902,77 @@ mod tests {
         assert!(s.revoke_join_token("abc").expect("revoke"));
         assert!(!s.revoke_join_token("abc").expect("revoke again"));
         assert_eq!(s.check_join_token("abc", "h1", 500).expect("check"), Err(TokenRefusal::Unknown));
+    }
+
+    #[test]
+    fn the_outbox_keeps_matching_events_delivers_oldest_per_subject_first_and_prunes_what_was_delivered() {
+        use crate::store::{OutboxEvent, WebhookRecord};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
+        let ev = |t: &str, subject: &str| OutboxEvent {
+            event_type: t.into(),
+            subject: subject.into(),
+            time_ms: 1,
+            data: "{}".into(),
+        };
+        s.enqueue_events(&[ev("upkeep.node.ready", "nodes/a")]).expect("no webhook: nothing kept");
+        let hook = |name: &str, events: &[&str]| WebhookRecord {
+            name: name.into(),
+            url: "http://127.0.0.1:1/".into(),
+            events: events.iter().map(|e| e.to_string()).collect(),
+            secret: "s".into(),
+            created_ms: 1,
+        };
+        s.create_webhook(&hook("runs", &["run.*"])).expect("create");
+        s.create_webhook(&hook("nodes", &["node.*"])).expect("create");
+        assert!(matches!(s.create_webhook(&hook("runs", &["*"])), Err(StoreError::Conflict(_))), "name taken");
+        s.enqueue_events(&[ev("upkeep.node.ready", "nodes/a"), ev("upkeep.node.unknown", "nodes/a")]).expect("nodes");
+        s.enqueue_events(&[ev("upkeep.node.ready", "nodes/b"), ev("upkeep.lease.granted", "nodes/a")]).expect("more");
+        // Run events enter the outbox with the run commit.
+        s.create_run(&RunRecord {
+            name: "r1".into(),
+            parts: vec![],
+            version: 1,
+            status: "NotStarted".into(),
+            strategy_name: None,
+            created_ms: 1,
+        })
+        .expect("run");
+        let e = NewEvent {
+            at_ms: 5,
+            kind: "run".into(),
+            level: "run".into(),
+            from: "NotStarted".into(),
+            to: "Running".into(),
+            message: String::new(),
+            error: String::new(),
+            run_status: "Running".into(),
+        };
+        s.commit_run("r1", 1, "Running", &RunWrite::Update(vec![]), std::slice::from_ref(&e)).expect("commit");
+        let runs = s.due_deliveries("runs", 10, 10).expect("due");
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].event.event_type, "upkeep.run.run.running");
+        let due = s.due_deliveries("nodes", 10, 10).expect("due");
+        let seen: Vec<(&str, &str)> =
+            due.iter().map(|d| (d.event.subject.as_str(), d.event.event_type.as_str())).collect();
+        assert_eq!(seen, [("nodes/a", "upkeep.node.ready"), ("nodes/b", "upkeep.node.ready")], "heads per subject");
+        // The head of nodes/a fails: its next event waits behind it, and it is not due before its retry time.
+        s.record_delivery("nodes", due[0].seq, 10, Some("HTTP 500"), 1_000).expect("failed");
+        s.record_delivery("nodes", due[1].seq, 10, None, 0).expect("ok");
+        assert!(s.due_deliveries("nodes", 500, 10).expect("due").is_empty(), "nodes/a waits, nodes/b is done");
+        let again = s.due_deliveries("nodes", 1_000, 10).expect("due");
+        assert_eq!((again.len(), again[0].seq, again[0].attempts), (1, due[0].seq, 1), "the same event, same id");
+        s.record_delivery("nodes", again[0].seq, 1_001, None, 0).expect("ok");
+        let next = s.due_deliveries("nodes", 1_001, 10).expect("due");
+        assert_eq!(next[0].event.event_type, "upkeep.node.unknown", "then the next of the subject");
+        let st = s.list_webhooks().expect("list");
+        let nodes = st.iter().find(|w| w.hook.name == "nodes").expect("nodes");
+        assert_eq!((nodes.pending, nodes.failures, nodes.last_error.as_str()), (1, 1, ""));
+        assert_eq!(nodes.hook.events, ["node.*"]);
+        // Pruning drops delivered rows before the cut, and outbox rows nobody is owed any more.
+        assert_eq!(s.prune_outbox(2_000).expect("prune"), 2, "the two node.ready events");
+        assert!(s.delete_webhook("runs").expect("delete"));
+        assert_eq!(s.prune_outbox(2_000).expect("prune"), 1, "the run event, owed to nobody now");
+        assert_eq!(s.due_deliveries("nodes", 2_000, 10).expect("due").len(), 1, "the pending one stays");
     }
 }

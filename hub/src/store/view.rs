@@ -12,9 +12,9 @@
 
 use super::runparts::RunWrite;
 use super::{
-    EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings, NewEvent,
-    NodeFacts, NodeRecord, Regions, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError, TokenRefusal,
-    WindowKind,
+    Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
+    NewEvent, NodeFacts, NodeRecord, OutboxEvent, Regions, RevokedCert, RunRecord, SecurityPatchRecord, Store,
+    StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
 };
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -509,6 +509,35 @@ impl Store for Viewed {
         now_ms: i64,
     ) -> Result<Result<JoinTokenRecord, TokenRefusal>, StoreError> {
         self.inner.use_join_token(id, secret_sha256, node, now_ms)
+    }
+
+    fn create_webhook(&self, hook: &WebhookRecord) -> Result<(), StoreError> {
+        self.inner.create_webhook(hook)
+    }
+    fn list_webhooks(&self) -> Result<Vec<WebhookStatus>, StoreError> {
+        self.inner.list_webhooks()
+    }
+    fn delete_webhook(&self, name: &str) -> Result<bool, StoreError> {
+        self.inner.delete_webhook(name)
+    }
+    fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        self.inner.enqueue_events(events)
+    }
+    fn due_deliveries(&self, webhook: &str, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        self.inner.due_deliveries(webhook, now_ms, limit)
+    }
+    fn record_delivery(
+        &self,
+        webhook: &str,
+        seq: u64,
+        at_ms: i64,
+        error: Option<&str>,
+        retry_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.record_delivery(webhook, seq, at_ms, error, retry_at_ms)
+    }
+    fn prune_outbox(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.inner.prune_outbox(before_ms)
     }
 }
 
