@@ -18,22 +18,41 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const OLD: &str = "Debian-12-202311.07.0";
 const NEW: &str = "Debian-12-202312.01.0";
 
-/// One HTTP/1.0 exchange (no chunked answers): the status code and the body.
+/// One HTTP/1.1 exchange on its own connection (`Connection: close`): the status code and the body. Both servers
+/// asked here answer with a Content-Length.
 fn http(port: u16, method: &str, path: &str, host: &str, body: Option<&str>) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
     let body = body.unwrap_or("");
     let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).expect("send");
+    // Read by Content-Length: chromedriver says `Connection: close` but keeps the socket open.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, body.to_string())
+    let mut buf = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&raw).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok()).flatten()
+            });
+            if length.is_some_and(|n| body.len() >= n) {
+                let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                return (code, body.to_string());
+            }
+        }
+        let n = s.read(&mut buf).expect("read");
+        if n == 0 {
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            return (code, body.to_string());
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
 }
 
 fn free_port() -> u16 {
@@ -310,16 +329,19 @@ async fn dashboard_in_chromium_shows_the_fleet_and_follows_a_run_live_without_a_
     f.stop().await;
 }
 
-/// `chromium --headless --dump-dom` with scripts disabled: the DOM as a browser without JavaScript builds it.
+/// `chromium --headless --dump-dom` with JavaScript blocked for every site (the profile's content setting, as a
+/// user who turned it off has it): the DOM as a browser without JavaScript builds it.
 async fn dump_dom_without_js(url: &str) -> String {
     let profile = tempfile::tempdir().expect("profile");
+    std::fs::create_dir_all(profile.path().join("Default")).expect("mkdir");
+    let prefs = json!({"profile": {"default_content_setting_values": {"javascript": 2}}});
+    std::fs::write(profile.path().join("Default/Preferences"), prefs.to_string()).expect("prefs");
     let out = tokio::process::Command::new(CHROMIUM)
         .args([
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
             "--disable-dev-shm-usage",
-            "--blink-settings=scriptEnabled=false",
             &format!("--user-data-dir={}", profile.path().display()),
             "--dump-dom",
             url,
