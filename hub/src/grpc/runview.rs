@@ -64,10 +64,13 @@ pub fn node_progress(job: &JobState) -> v1::RunNodeProgress {
     p
 }
 
+/// Finds a member's stored work by its id.
+pub type WorkLookup<'a> = dyn Fn(&str) -> Option<JobState> + 'a;
+
 /// The typed run. `work` looks up a member's work by id (GetRun passes the executor's store; ListRuns passes
 /// nothing, leaving `nodes` unset). Completed and Skipped members are not looked up: at fleet scale a run's
 /// finished members would cost one store read each.
-pub fn run_tree(rec: &RunRecord, s: &RunState, work: Option<&dyn Fn(&str) -> Option<JobState>>) -> v1::Run {
+pub fn run_tree(rec: &RunRecord, s: &RunState, work: Option<&WorkLookup<'_>>) -> v1::Run {
     let selection = match &s.spec.node_image_selection {
         NodeImageSelection::Latest => v1::RunImageSelection { mode: "Latest".into(), pins: Vec::new() },
         NodeImageSelection::Consistent => v1::RunImageSelection { mode: "Consistent".into(), pins: Vec::new() },
