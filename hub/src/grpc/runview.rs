@@ -162,3 +162,41 @@ pub fn event_to_wire(e: &EventRecord) -> v1::RunEvent {
     }
     w
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewEvent;
+
+    fn event(kind: &str, level: &str) -> v1::RunEvent {
+        event_to_wire(&EventRecord {
+            seq: 7,
+            run: "r1".into(),
+            event: NewEvent {
+                at_ms: 1,
+                kind: kind.into(),
+                level: level.into(),
+                from: "Running".into(),
+                to: "Completed".into(),
+                message: String::new(),
+                error: String::new(),
+                run_status: "Running".into(),
+            },
+        })
+    }
+
+    /// Each level the engine writes gets its names on the wire, so no reader parses the human level text.
+    #[test]
+    fn events_carry_the_names_of_their_level() {
+        let names = |e: v1::RunEvent| (e.stage, e.group, e.member, e.node);
+        let s = |x: &str| x.to_string();
+        assert_eq!(names(event("run", "run")), (s(""), s(""), s(""), s("")));
+        assert_eq!(names(event("stage", "stage \"canary\"")), (s("canary"), s(""), s(""), s("")));
+        assert_eq!(names(event("wait", "wait after stage \"canary\"")), (s("canary"), s(""), s(""), s("")));
+        assert_eq!(names(event("group", "group \"east\" of stage \"prod\"")), (s("prod"), s("east"), s(""), s("")));
+        assert_eq!(names(event("member", "member \"m1\"")), (s(""), s(""), s("m1"), s("")));
+        assert_eq!(names(event("node", "node \"n1\" of member \"m1\"")), (s(""), s(""), s("m1"), s("n1")));
+        let e = event("member", "member \"m1\"");
+        assert_eq!((e.seq, e.run.as_str(), e.to.as_str()), (7, "r1", "Completed"));
+    }
+}
