@@ -418,9 +418,8 @@ pub async fn orchestrate(
     let total = started.elapsed();
     let h1 = hub.sample()?;
     let run = op.get_run(v1::RunNameRequest { name: "bench".into() }).await.context("GetRun")?.into_inner();
-    let state_bytes = run.state_json.len();
-    let v: serde_json::Value = serde_json::from_str(&run.state_json).context("run state JSON")?;
-    status = v["run"]["status"].as_str().unwrap_or("?").to_string();
+    let state_bytes = prost::Message::encoded_len(&run);
+    status = run.level.as_ref().map(|l| l.status.clone()).unwrap_or_else(|| "?".into());
     let ops: Vec<sim::OpRecord> = shared.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
     fleet.stop().await;
     let _ = hub.stop().await;
@@ -529,7 +528,7 @@ pub async fn orchestrate(
         "commands": kinds,
         "hub_cpu_seconds": cpu_seconds(&h0, &h1, tck),
         "hub_rss_peak_kib": peak_rss,
-        "run_state_json_bytes": state_bytes,
+        "run_message_bytes": state_bytes,
         "registered_seconds": t_reg.map(|t| t.as_secs_f64()),
     });
     Ok(ctx.outcome(format!("orchestrate-{nodes}"), table, figures))
@@ -617,12 +616,12 @@ pub async fn window_open(ctx: &Ctx, members: u32, per_member: usize) -> anyhow::
     let deadline = Instant::now() + Duration::from_millis((open_ms - now_ms).max(0) as u64) + Duration::from_secs(120);
     loop {
         let run = op.get_run(v1::RunNameRequest { name: "window".into() }).await.context("GetRun")?.into_inner();
-        let v: serde_json::Value = serde_json::from_str(&run.state_json).context("run state JSON")?;
-        if v["run"]["status"] == "Completed" {
+        let status = run.level.map(|l| l.status).unwrap_or_default();
+        if status == "Completed" {
             break;
         }
         if Instant::now() > deadline {
-            bail!("run not completed 2 minutes after the windows opened: {}", v["run"]["status"]);
+            bail!("run not completed 2 minutes after the windows opened: {status}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

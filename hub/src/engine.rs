@@ -551,6 +551,11 @@ impl Engine {
         end.result()
     }
 
+    /// The executor member upgrades go to (its stored work shows a member's node progress).
+    pub fn executor(&self) -> &Arc<Executor> {
+        &self.executor
+    }
+
     /// Writes a node event of run work into its run's event log (the executor's event sink).
     pub fn node_event(&self, e: &NodeEvent) {
         let Some(run) = &e.run else { return };

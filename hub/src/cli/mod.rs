@@ -3,6 +3,7 @@
 //! Every read command renders as a table or, with `-o json`, as JSON with the stable field names documented in
 //! docs/cli-json.md. Every failure becomes one readable line and a non-zero exit (see the binary).
 
+pub mod dashboard;
 pub mod maintenance;
 pub mod output;
 pub mod runs;
@@ -102,6 +103,8 @@ pub enum Command {
     /// CloudEvents webhooks: fleet events POSTed to receivers (docs/webhooks.md).
     #[command(subcommand)]
     Webhook(webhooks::WebhookCommand),
+    /// Serve a read-only web dashboard of the fleet on this machine (loopback), asking the hub as you.
+    Dashboard(dashboard::DashboardArgs),
     /// Show who the hub thinks you are.
     Whoami,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -441,6 +444,7 @@ async fn run_command(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             writeln!(out, "man pages written to {}", dir.display())?;
             Ok(())
         }
+        Command::Dashboard(args) => dashboard::serve(cli, args, out).await,
         Command::Whoami => {
             let me = connect(cli).await?.who_am_i(v1::WhoAmIRequest {}).await.map_err(status_line)?.into_inner();
             output::print_whoami(cli.output, &me, out)

@@ -9,7 +9,6 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
-use upkeep_core::run::{LevelState, RunState};
 use upkeep_proto::v1;
 use upkeep_proto::v1::operator_service_client::OperatorServiceClient;
 
@@ -570,8 +569,13 @@ pub async fn strategy(
     Ok(())
 }
 
-fn state_of(run: &v1::Run) -> anyhow::Result<RunState> {
-    serde_json::from_str(&run.state_json).with_context(|| format!("run {}: unreadable state from the hub", run.name))
+/// A run's own level (every hub answer carries it; an empty one reads as NotStarted).
+pub fn run_level(run: &v1::Run) -> v1::RunLevel {
+    run.level.clone().unwrap_or_else(|| v1::RunLevel { status: "NotStarted".into(), ..Default::default() })
+}
+
+fn member_count(run: &v1::Run) -> usize {
+    run.stages.iter().flat_map(|s| &s.groups).map(|g| g.members.len()).sum()
 }
 
 /// Runs a run command. Returns the exit status to use (watch: non-zero if the run Failed).
@@ -594,15 +598,15 @@ pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn
             } else {
                 (c.create_run(req).await.map_err(status_line)?.into_inner(), "created")
             };
-            writeln!(out, "run {} {verb} ({} members)", r.name, state_of(&r)?.members().count())?;
+            writeln!(out, "run {} {verb} ({} members)", r.name, member_count(&r))?;
         }
         RunCommand::Start { name } => {
             let r = c.start_run(name_req(name)).await.map_err(status_line)?.into_inner();
-            writeln!(out, "run {} is {}", r.name, state_of(&r)?.run.status)?;
+            writeln!(out, "run {} is {}", r.name, run_level(&r).status)?;
         }
         RunCommand::Stop { name } => {
             let r = c.stop_run(name_req(name)).await.map_err(status_line)?.into_inner();
-            writeln!(out, "run {} is {}", r.name, state_of(&r)?.run.status)?;
+            writeln!(out, "run {} is {}", r.name, run_level(&r).status)?;
         }
         RunCommand::Delete { name } => {
             let r = c.delete_run(name_req(name)).await.map_err(status_line)?.into_inner();
@@ -620,35 +624,33 @@ pub async fn run(c: &mut Client, cmd: &RunCommand, format: Format, out: &mut dyn
                 after_stage_wait: a.after_stage_wait.clone().unwrap_or_default(),
             };
             let r = c.skip_run(req).await.map_err(status_line)?.into_inner();
-            writeln!(out, "run {} is {}", r.name, state_of(&r)?.run.status)?;
+            writeln!(out, "run {} is {}", r.name, run_level(&r).status)?;
         }
         RunCommand::Show { name } => {
             let r = c.get_run(name_req(name)).await.map_err(status_line)?.into_inner();
-            let state = state_of(&r)?;
             if format.is_structured() {
-                return emit(format, out, &run_json(&r, &state)).map(|_| true);
+                return emit(format, out, &run_json(&r)).map(|_| true);
             }
-            print_tree(&r, &state, out)?;
+            print_tree(&r, out)?;
         }
         RunCommand::List => {
             let all = c.list_runs(v1::ListRunsRequest {}).await.map_err(status_line)?.into_inner().runs;
-            let states: Vec<(v1::Run, RunState)> =
-                all.into_iter().map(|r| state_of(&r).map(|s| (r, s))).collect::<anyhow::Result<_>>()?;
             if format.is_structured() {
-                let v: Vec<serde_json::Value> = states.iter().map(|(r, s)| run_json(r, s)).collect();
+                let v: Vec<serde_json::Value> = all.iter().map(run_json).collect();
                 return emit(format, out, &serde_json::json!({"runs": v})).map(|_| true);
             }
-            let rows: Vec<Vec<String>> = states
+            let rows: Vec<Vec<String>> = all
                 .iter()
-                .map(|(r, s)| {
+                .map(|r| {
+                    let l = run_level(r);
                     vec![
                         r.name.clone(),
-                        s.run.status.to_string(),
-                        s.spec.upgrade_type.to_string(),
-                        s.stages.len().to_string(),
-                        s.members().count().to_string(),
-                        fmt_time(s.run.started_at),
-                        fmt_time(s.run.ended_at),
+                        l.status.clone(),
+                        r.upgrade_type.clone(),
+                        r.stages.len().to_string(),
+                        member_count(r).to_string(),
+                        fmt_level_ms(l.started_unix_ms),
+                        fmt_level_ms(l.ended_unix_ms),
                     ]
                 })
                 .collect();
@@ -721,7 +723,7 @@ async fn watch(c: &mut Client, name: &str, format: Format, out: &mut dyn Write) 
         out.flush()?;
     }
     let r = c.get_run(v1::RunNameRequest { name: name.to_string() }).await.map_err(status_line)?.into_inner();
-    let status = state_of(&r)?.run.status.to_string();
+    let status = run_level(&r).status;
     if format == Format::Table {
         writeln!(out, "run {name} is {status}")?;
     }
@@ -734,7 +736,6 @@ async fn watch(c: &mut Client, name: &str, format: Format, out: &mut dyn Write) 
 async fn watch_live(c: &mut Client, name: &str, out: &mut dyn Write) -> anyhow::Result<bool> {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let run = c.get_run(v1::RunNameRequest { name: name.to_string() }).await.map_err(status_line)?.into_inner();
-    let state = state_of(&run)?;
     let nodes = c.list_nodes(v1::ListNodesRequest::default()).await.map_err(status_line)?.into_inner().nodes;
     let count = |m: &str| nodes.iter().filter(|n| n.report.as_ref().is_some_and(|r| r.member == m)).count() as u64;
     let multi = MultiProgress::new();
@@ -742,15 +743,19 @@ async fn watch_live(c: &mut Client, name: &str, out: &mut dyn Write) -> anyhow::
         .map_err(|e| anyhow!("progress style: {e}"))?
         .progress_chars("=> ");
     let top = multi.add(ProgressBar::new_spinner());
-    top.set_message(format!("run {name}: {}", state.run.status));
+    top.set_message(format!("run {name}: {}", run_level(&run).status));
     let mut bars = std::collections::HashMap::new();
-    for st in &state.stages {
+    for st in &run.stages {
         for g in &st.groups {
             for m in &g.members {
-                let bar = multi.add(ProgressBar::new(count(&m.name).max(1)));
+                let total = m.nodes.as_ref().map(|p| u64::from(p.total)).unwrap_or_else(|| count(&m.name));
+                let bar = multi.add(ProgressBar::new(total.max(1)));
                 bar.set_style(style.clone());
                 bar.set_prefix(format!("{}/{}/{}", st.name, g.name, m.name));
-                bar.set_message(m.level.status.to_string());
+                if let Some(p) = &m.nodes {
+                    bar.set_position(u64::from(p.done + p.skipped + p.failed));
+                }
+                bar.set_message(m.level.as_ref().map(|l| l.status.clone()).unwrap_or_default());
                 bars.insert(m.name.clone(), bar);
             }
         }
@@ -763,9 +768,7 @@ async fn watch_live(c: &mut Client, name: &str, out: &mut dyn Write) -> anyhow::
     while let Some(e) = stream.message().await.map_err(status_line)? {
         top.set_message(format!("run {name}: {}", e.run_status));
         top.tick();
-        // Levels are named like `member "m1"` and `node "n1" of member "m1"`: the member is the last quoted name.
-        let member = e.level.rsplit('"').nth(1).unwrap_or_default().to_string();
-        let Some(bar) = bars.get(&member) else { continue };
+        let Some(bar) = bars.get(&e.member) else { continue };
         match e.kind.as_str() {
             "member" => {
                 let err = if e.error.is_empty() { String::new() } else { format!(" error: {}", e.error) };
@@ -781,66 +784,91 @@ async fn watch_live(c: &mut Client, name: &str, out: &mut dyn Write) -> anyhow::
     top.finish();
     let _ = multi.clear();
     let r = c.get_run(v1::RunNameRequest { name: name.to_string() }).await.map_err(status_line)?.into_inner();
-    let state = state_of(&r)?;
-    print_tree(&r, &state, out)?;
-    Ok(state.run.status != upkeep_core::run::Status::Failed)
+    print_tree(&r, out)?;
+    Ok(run_level(&r).status != "Failed")
 }
 
-fn level_json(l: &LevelState) -> serde_json::Value {
+fn ms_time(ms: i64) -> Option<DateTime<Utc>> {
+    if ms == 0 { None } else { Utc.timestamp_millis_opt(ms).single() }
+}
+
+fn fmt_level_ms(ms: i64) -> String {
+    fmt_time(ms_time(ms))
+}
+
+fn json_time(ms: i64) -> serde_json::Value {
+    ms_time(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).into()
+}
+
+/// The five fields every level carries in `-o json` (docs/cli-json.md).
+pub fn level_json(l: Option<&v1::RunLevel>) -> serde_json::Value {
+    let d = v1::RunLevel { status: "NotStarted".into(), ..Default::default() };
+    let l = l.unwrap_or(&d);
     serde_json::json!({
-        "status": l.status.as_str(),
-        "started_at": l.started_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-        "ended_at": l.ended_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        "status": l.status,
+        "started_at": json_time(l.started_unix_ms),
+        "ended_at": json_time(l.ended_unix_ms),
         "message": l.message,
         "error": l.error,
     })
 }
 
-/// The JSON tree of a run (docs/cli-json.md).
-pub fn run_json(r: &v1::Run, s: &RunState) -> serde_json::Value {
-    let mut v = level_json(&s.run);
+fn empty_null(s: &str) -> serde_json::Value {
+    if s.is_empty() { serde_json::Value::Null } else { s.into() }
+}
+
+/// The JSON tree of a run (docs/cli-json.md), from the hub's typed run.
+pub fn run_json(r: &v1::Run) -> serde_json::Value {
+    let mut v = level_json(r.level.as_ref());
     v["name"] = r.name.clone().into();
-    v["strategy"] = if r.strategy_name.is_empty() { serde_json::Value::Null } else { r.strategy_name.clone().into() };
-    v["upgrade_type"] = s.spec.upgrade_type.as_str().into();
-    v["kubernetes_version"] = s.spec.kubernetes_version.map(|k| k.to_string()).into();
-    v["node_image_selection"] = serde_json::to_value(&s.spec.node_image_selection).unwrap_or_default();
-    v["selected_images"] = s
-        .image_selection
-        .as_ref()
-        .map(|m| {
-            serde_json::to_value(
-                m.iter().map(|(f, v)| (f.clone(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
-            )
-            .unwrap_or_default()
-        })
-        .unwrap_or(serde_json::Value::Null);
-    v["stages"] = s
+    v["strategy"] = empty_null(&r.strategy_name);
+    v["upgrade_type"] = r.upgrade_type.clone().into();
+    v["kubernetes_version"] = empty_null(&r.kubernetes_version);
+    v["node_image_selection"] = match &r.node_image_selection {
+        Some(s) if s.mode == "Custom" => serde_json::json!({
+            "mode": s.mode,
+            "pins": s.pins.iter().map(|p| serde_json::json!({"family": p.family, "version": p.version})).collect::<Vec<_>>(),
+        }),
+        Some(s) => serde_json::json!({"mode": s.mode}),
+        None => serde_json::json!({"mode": "Latest"}),
+    };
+    v["selected_images"] = if r.selected_images.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::to_value(r.selected_images.iter().collect::<std::collections::BTreeMap<_, _>>()).unwrap_or_default()
+    };
+    v["stages"] = r
         .stages
         .iter()
         .map(|st| {
-            let mut sv = level_json(&st.level);
+            let mut sv = level_json(st.level.as_ref());
             sv["name"] = st.name.clone().into();
-            sv["after_stage_wait_seconds"] = st.wait_seconds.into();
-            sv["after_stage_wait"] = st.wait.as_ref().map(level_json).unwrap_or(serde_json::Value::Null);
+            sv["after_stage_wait_seconds"] = st.after_stage_wait_seconds.into();
+            sv["after_stage_wait"] =
+                st.after_stage_wait.as_ref().map(|w| level_json(Some(w))).unwrap_or(serde_json::Value::Null);
             sv["groups"] = st
                 .groups
                 .iter()
                 .map(|g| {
-                    let mut gv = level_json(&g.level);
+                    let mut gv = level_json(g.level.as_ref());
                     gv["name"] = g.name.clone().into();
                     gv["members"] = g
                         .members
                         .iter()
                         .map(|m| {
-                            let mut mv = level_json(&m.level);
+                            let mut mv = level_json(m.level.as_ref());
                             mv["name"] = m.name.clone().into();
                             mv["attempts"] = m.attempts.into();
-                            mv["target"] = m.target.as_ref().map(|t| {
-                                serde_json::json!({
-                                    "kubernetes_version": t.kubernetes_version.map(|k| k.to_string()),
-                                    "images": t.images.iter().map(|(p, i)| (p.clone(), i.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+                            mv["target"] = m
+                                .target
+                                .as_ref()
+                                .map(|t| {
+                                    serde_json::json!({
+                                        "kubernetes_version": empty_null(&t.kubernetes_version),
+                                        "images": t.images.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                                    })
                                 })
-                            }).unwrap_or(serde_json::Value::Null);
+                                .unwrap_or(serde_json::Value::Null);
                             mv
                         })
                         .collect::<Vec<_>>()
@@ -856,15 +884,17 @@ pub fn run_json(r: &v1::Run, s: &RunState) -> serde_json::Value {
     v
 }
 
-fn line(out: &mut dyn Write, indent: usize, what: &str, l: &LevelState) -> std::io::Result<()> {
+fn line(out: &mut dyn Write, indent: usize, what: &str, l: Option<&v1::RunLevel>) -> std::io::Result<()> {
+    let d = v1::RunLevel { status: "NotStarted".into(), ..Default::default() };
+    let l = l.unwrap_or(&d);
     let pad = "  ".repeat(indent);
-    let times = match (l.started_at, l.ended_at) {
+    let times = match (ms_time(l.started_unix_ms), ms_time(l.ended_unix_ms)) {
         (Some(s), Some(e)) => format!("{} .. {}", fmt_time(Some(s)), fmt_time(Some(e))),
         (Some(s), None) => format!("since {}", fmt_time(Some(s))),
         _ => String::new(),
     };
     let msg = if l.message.is_empty() { String::new() } else { format!("  {}", l.message) };
-    let text = format!("{pad}{what:<w$} {:<11}{times}{msg}", l.status.as_str(), w = 34usize.saturating_sub(pad.len()));
+    let text = format!("{pad}{what:<w$} {:<11}{times}{msg}", l.status, w = 34usize.saturating_sub(pad.len()));
     writeln!(out, "{}", text.trim_end())?;
     if let Some(e) = &l.error {
         writeln!(out, "{pad}  error: {e}")?;
@@ -873,34 +903,45 @@ fn line(out: &mut dyn Write, indent: usize, what: &str, l: &LevelState) -> std::
 }
 
 /// The run tree for people.
-pub fn print_tree(r: &v1::Run, s: &RunState, out: &mut dyn Write) -> anyhow::Result<()> {
-    let target = match s.spec.kubernetes_version {
-        Some(k) => format!("{} to Kubernetes {k}", s.spec.upgrade_type),
-        None => s.spec.upgrade_type.to_string(),
+pub fn print_tree(r: &v1::Run, out: &mut dyn Write) -> anyhow::Result<()> {
+    let target = if r.kubernetes_version.is_empty() {
+        r.upgrade_type.clone()
+    } else {
+        format!("{} to Kubernetes {}", r.upgrade_type, r.kubernetes_version)
     };
-    writeln!(out, "Run {} ({target}, node images {:?})", r.name, s.spec.node_image_selection)?;
-    if let Some(sel) = &s.image_selection {
-        for (f, v) in sel {
-            writeln!(out, "  selected image: {NODE_IMAGE_LABEL}={f}-{v}")?;
-        }
+    let sel = r.node_image_selection.clone().unwrap_or_default();
+    let mode = if sel.mode == "Custom" {
+        let pins: Vec<String> = sel.pins.iter().map(|p| format!("{}={}", p.family, p.version)).collect();
+        format!("Custom {}", pins.join(","))
+    } else if sel.mode.is_empty() {
+        "Latest".into()
+    } else {
+        sel.mode.clone()
+    };
+    writeln!(out, "Run {} ({target}, node images {mode})", r.name)?;
+    for (f, v) in &r.selected_images.iter().collect::<std::collections::BTreeMap<_, _>>() {
+        writeln!(out, "  selected image: {NODE_IMAGE_LABEL}={f}-{v}")?;
     }
-    line(out, 0, "run", &s.run)?;
-    for st in &s.stages {
-        line(out, 1, &format!("stage {}", st.name), &st.level)?;
+    line(out, 0, "run", r.level.as_ref())?;
+    for st in &r.stages {
+        line(out, 1, &format!("stage {}", st.name), st.level.as_ref())?;
         for g in &st.groups {
-            line(out, 2, &format!("group {}", g.name), &g.level)?;
+            line(out, 2, &format!("group {}", g.name), g.level.as_ref())?;
             for m in &g.members {
-                line(out, 3, &format!("member {}", m.name), &m.level)?;
+                let what = match &m.nodes {
+                    Some(p) if p.total > 0 => format!("member {} {}/{}", m.name, p.done + p.skipped, p.total),
+                    _ => format!("member {}", m.name),
+                };
+                line(out, 3, &what, m.level.as_ref())?;
             }
         }
-        if let Some(w) = &st.wait {
-            line(out, 2, &format!("wait {}s", st.wait_seconds), w)?;
+        if st.after_stage_wait_seconds > 0 {
+            line(out, 2, &format!("wait {}s", st.after_stage_wait_seconds), st.after_stage_wait.as_ref())?;
         }
     }
     Ok(())
 }
 
-/// Runs a member-settings command.
 pub async fn member_settings(
     c: &mut Client,
     member: &str,
@@ -985,7 +1026,21 @@ pub async fn member_drain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use upkeep_core::run::{GroupSpec, NodeImageSelection, StageSpec, StrategySpec, UpdateRunSpec, UpgradeType};
+    use upkeep_core::run::{
+        GroupSpec, NodeImageSelection, RunState, StageSpec, StrategySpec, UpdateRunSpec, UpgradeType,
+    };
+
+    fn wire(state: &RunState, strategy: &str) -> v1::Run {
+        let rec = crate::store::RunRecord {
+            name: state.spec.name.clone(),
+            parts: Vec::new(),
+            version: 1,
+            status: String::new(),
+            strategy_name: Some(strategy.into()),
+            created_ms: 0,
+        };
+        crate::grpc::runview::run_tree(&rec, state, None)
+    }
 
     fn run() -> (v1::Run, RunState) {
         let spec = UpdateRunSpec {
@@ -1015,20 +1070,14 @@ mod tests {
             node_image_selection: NodeImageSelection::Latest,
         };
         let state = RunState::new(&spec, &["m1".into(), "m2".into(), "m3".into()]).expect("valid");
-        let wire = v1::Run {
-            name: "r1".into(),
-            state_json: serde_json::to_string(&state).expect("json"),
-            created_at_unix_ms: 0,
-            strategy_name: "rollout".into(),
-        };
-        (wire, state)
+        (wire(&state, "rollout"), state)
     }
 
     #[test]
     fn run_tree_golden() {
-        let (r, s) = run();
+        let (r, _) = run();
         let mut out = Vec::new();
-        print_tree(&r, &s, &mut out).expect("render");
+        print_tree(&r, &mut out).expect("render");
         let expected = "\
 Run r1 (NodeImageOnly, node images Latest)
 run                                NotStarted
@@ -1046,8 +1095,8 @@ run                                NotStarted
 
     #[test]
     fn run_json_has_stable_names() {
-        let (r, s) = run();
-        let v = run_json(&r, &s);
+        let (r, _) = run();
+        let v = run_json(&r);
         assert_eq!(v["name"], "r1");
         assert_eq!(v["strategy"], "rollout");
         assert_eq!(v["status"], "NotStarted");
@@ -1056,5 +1105,45 @@ run                                NotStarted
         assert_eq!(v["stages"][0]["after_stage_wait"]["status"], "NotStarted");
         assert_eq!(v["stages"][1]["groups"][0]["members"][1]["name"], "m3");
         assert!(v["stages"][1]["groups"][0]["members"][1]["started_at"].is_null());
+    }
+
+    /// The typed tree carries everything the JSON shows: times, errors, targets, pins, the chosen images.
+    #[test]
+    fn run_json_from_the_typed_tree_keeps_every_field() {
+        let (_, mut s) = run();
+        s.spec.node_image_selection = NodeImageSelection::Custom {
+            pins: vec![upkeep_core::run::ImagePin { family: "F".into(), version: "202401.02.3".parse().expect("v") }],
+        };
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-11-23T18:00:00Z").expect("t").with_timezone(&Utc);
+        s.run.status = upkeep_core::run::Status::Failed;
+        s.run.started_at = Some(t0);
+        s.run.ended_at = Some(t0 + chrono::TimeDelta::seconds(90));
+        s.run.error = Some("member m1 failed".into());
+        let m = std::sync::Arc::make_mut(&mut s.stages[0].groups[0].members[0]);
+        m.attempts = 2;
+        m.level.message = "drain n1".into();
+        m.target = Some(upkeep_core::run::MemberTarget {
+            kubernetes_version: None,
+            images: [("pool1".to_string(), "F-202401.02.3".parse().expect("niv"))].into(),
+        });
+        s.image_selection = Some([("F".to_string(), "202401.02.3".parse().expect("v"))].into());
+        let v = run_json(&wire(&s, ""));
+        assert_eq!(v["status"], "Failed");
+        assert_eq!(v["started_at"], "2026-11-23T18:00:00Z");
+        assert_eq!(v["ended_at"], "2026-11-23T18:01:30Z");
+        assert_eq!(v["error"], "member m1 failed");
+        assert!(v["strategy"].is_null() && v["kubernetes_version"].is_null(), "{v}");
+        assert_eq!(
+            v["node_image_selection"],
+            serde_json::json!({"mode": "Custom", "pins": [{"family": "F", "version": "202401.02.3"}]})
+        );
+        assert_eq!(v["selected_images"], serde_json::json!({"F": "202401.02.3"}));
+        let m1 = &v["stages"][0]["groups"][0]["members"][0];
+        assert_eq!(m1["attempts"], 2);
+        assert_eq!(m1["message"], "drain n1");
+        assert!(m1["error"].is_null());
+        assert_eq!(m1["target"], serde_json::json!({"kubernetes_version": null, "images": {"pool1": "F-202401.02.3"}}));
+        assert!(v["stages"][1]["after_stage_wait"].is_null());
+        assert_eq!(v["stages"][1]["after_stage_wait_seconds"], 0);
     }
 }

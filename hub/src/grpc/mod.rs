@@ -5,6 +5,7 @@ pub mod agent;
 pub mod join;
 pub mod operator;
 pub mod runs;
+pub mod runview;
 pub mod webhooks;
 
 use tonic::{Request, Status};

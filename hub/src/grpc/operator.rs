@@ -1,5 +1,6 @@
 //! The operator service: reads for viewers and operators, writes for operators only.
 
+use super::runview::event_to_wire;
 use super::{ApiError, principal_of, require, runs};
 use crate::artifacts::Artifacts;
 use crate::engine::Engine;
@@ -30,21 +31,6 @@ pub struct OperatorApi {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
-
-fn event_to_wire(e: &EventRecord) -> v1::RunEvent {
-    v1::RunEvent {
-        seq: e.seq,
-        run: e.run.clone(),
-        at_unix_ms: e.event.at_ms,
-        kind: e.event.kind.clone(),
-        level: e.event.level.clone(),
-        from: e.event.from.clone(),
-        to: e.event.to.clone(),
-        message: e.event.message.clone(),
-        error: e.event.error.clone(),
-        run_status: e.event.run_status.clone(),
-    }
-}
 
 fn token_to_wire(t: &crate::store::JoinTokenRecord) -> v1::JoinToken {
     v1::JoinToken {
@@ -86,7 +72,7 @@ impl OperatorApi {
     {
         self.engine.transact(name, f).await?;
         self.engine.poke();
-        runs::run_to_wire(&runs::get_run(self.fleet.store(), name)?)
+        runs::run_with_progress(&runs::get_run(self.fleet.store(), name)?, self.engine.executor())
     }
 
     fn member(&self, name: &str) -> Result<crate::store::MemberRecord, ApiError> {
@@ -433,7 +419,8 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
 
     async fn get_run(&self, req: Request<v1::RunNameRequest>) -> Result<Response<v1::Run>, Status> {
         require(&principal_of(&req)?, READERS, "read update runs")?;
-        Ok(Response::new(runs::run_to_wire(&runs::get_run(self.fleet.store(), &req.get_ref().name)?)?))
+        let rec = runs::get_run(self.fleet.store(), &req.get_ref().name)?;
+        Ok(Response::new(runs::run_with_progress(&rec, self.engine.executor())?))
     }
 
     async fn list_runs(&self, req: Request<v1::ListRunsRequest>) -> Result<Response<v1::ListRunsResponse>, Status> {

@@ -3,7 +3,7 @@
 
 use super::ApiError;
 use crate::artifacts::{ArtifactError, Artifacts, check_digest};
-use crate::engine::{Engine, EngineError, parse_state, state_json};
+use crate::engine::{Engine, EngineError, parse_state};
 use crate::fleet::now_ms;
 use crate::store::runparts::{self, RunWrite};
 use crate::store::{ImageRecord, MemberSettings, RunRecord, Store, StoreError, WindowKind};
@@ -336,14 +336,15 @@ pub fn put_strategy(store: &dyn Store, r: &v1::PutStrategyRequest) -> Result<v1:
     Ok(v1::Strategy { name: r.name.clone(), spec_json: json })
 }
 
-/// Wire form of a run.
+/// Wire form of a run, without its members' node progress (`run_with_progress` adds it).
 pub fn run_to_wire(rec: &RunRecord) -> Result<v1::Run, ApiError> {
-    Ok(v1::Run {
-        name: rec.name.clone(),
-        state_json: state_json(&parse_state(rec)?),
-        created_at_unix_ms: rec.created_ms,
-        strategy_name: rec.strategy_name.clone().unwrap_or_default(),
-    })
+    Ok(super::runview::run_tree(rec, &parse_state(rec)?, None))
+}
+
+/// Wire form of a run with each member's node progress, read from its latest attempt's stored work.
+pub fn run_with_progress(rec: &RunRecord, executor: &crate::executor::Executor) -> Result<v1::Run, ApiError> {
+    let work = |id: &str| executor.stored(id).ok().flatten();
+    Ok(super::runview::run_tree(rec, &parse_state(rec)?, Some(&work)))
 }
 
 /// `CreateRun`: the strategy is copied into the run, so later edits of the strategy never reach it.
