@@ -98,6 +98,7 @@ struct RawConfig {
 struct RawWebhooks {
     source: Option<String>,
     ca_file: Option<PathBuf>,
+    upcoming_notice_minutes: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,6 +316,18 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
                 ));
             }
             webhooks.source = source;
+        }
+        if let Some(m) = w.upcoming_notice_minutes {
+            if m > 30 * 24 * 60 {
+                return Err(err(
+                    path,
+                    "webhooks.upcoming_notice_minutes",
+                    format!(
+                        "{m} is more than 30 days (43200); give how long before an operation to announce it, or 0 for never"
+                    ),
+                ));
+            }
+            webhooks.upcoming_notice = std::time::Duration::from_secs(u64::from(m) * 60);
         }
         if let Some(ca) = w.ca_file.map(resolve) {
             std::fs::metadata(&ca).map_err(|e| err(path, "webhooks.ca_file", format!("{}: {e}", ca.display())))?;

@@ -156,6 +156,8 @@ pub struct Maintenance {
     settings: AutoUpgradeSettings,
     executor: Arc<Executor>,
     wake: Notify,
+    /// Told on every poke: what the schedule predicts may have changed (`crate::schedule::notices`).
+    changed: Notify,
     /// Members whose rollout has a task in this process.
     executing: Mutex<HashSet<String>>,
     /// Why a member's channel waits (shown by `member show`), refreshed every pass.
@@ -188,6 +190,7 @@ impl Maintenance {
             settings,
             executor,
             wake: Notify::new(),
+            changed: Notify::new(),
             executing: Mutex::new(HashSet::new()),
             notes: Mutex::new(HashMap::new()),
             whys: Mutex::new(HashMap::new()),
@@ -195,7 +198,7 @@ impl Maintenance {
         })
     }
 
-    fn store(&self) -> &dyn Store {
+    pub(crate) fn store(&self) -> &dyn Store {
         self.fleet.store()
     }
 
@@ -206,6 +209,7 @@ impl Maintenance {
     /// Asks for a pass now (catalog, channel or window changed, a lease was released).
     pub fn poke(&self) {
         self.wake.notify_one();
+        self.changed.notify_one();
         self.ledger().poke();
     }
 
@@ -500,6 +504,12 @@ impl Maintenance {
                 .collect(),
             runs: self.ledger().upgrading(),
         })
+    }
+
+    /// Completes after the next poke (a catalog, channel, window or lease change), or at once if one came since
+    /// the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 
     /// The rollout cadence, the auto-upgrade switch and the rest of `[auto_upgrade]`.

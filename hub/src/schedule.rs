@@ -8,11 +8,17 @@
 //!   at the first instant `may_start` allows (window, freeze dates, cadence), then batch after batch as the
 //!   member's budget cuts them, each batch inside a window.
 //! - **Reboots** the OS asks for: at once when the window is open, else at its next opening.
+//!
+//! [`notices`] sends each predicted operation once as a webhook event, `upkeep.maintenance.upcoming`, when its
+//! earliest time comes within `[webhooks] upcoming_notice_minutes`.
 
 use crate::engine::{Engine, work_node};
+use crate::fleet::now_ms;
 use crate::maintenance::{Maintenance, cadence_from, owed};
-use crate::store::{Store, StoreError};
+use crate::store::{OutboxEvent, Store, StoreError};
 use chrono::{DateTime, TimeDelta, Utc};
+use std::sync::Arc;
+use std::time::Duration;
 use upkeep_core::forecast::{RolloutOutlook, rollout_forecast};
 use upkeep_core::maintenance::window_allows;
 use upkeep_core::run;
@@ -215,4 +221,132 @@ fn channels(maintenance: &Maintenance, ask: &Ask) -> Result<Vec<v1::UpcomingOper
         }
     }
     Ok(out)
+}
+
+/// The CloudEvents type of an advance notice.
+pub const UPCOMING_TYPE: &str = "upkeep.maintenance.upcoming";
+
+/// The once-ever key of an operation's notice, None for what is not a notice (under way, or no time known).
+/// Run members and rollout nodes are keyed by what they are (the run or rollout and the member or node, which
+/// never repeat: a rollout's id names its target release), so a prediction that moves does not send a second
+/// notice; a reboot, which a node may need again, is keyed by its time too.
+fn notice_key(o: &v1::UpcomingOperation, now_ms: i64) -> Option<String> {
+    if o.earliest_unix_ms == 0 || o.why == "under way" {
+        return None;
+    }
+    match o.source.as_str() {
+        "reboot" if o.earliest_unix_ms > now_ms => Some(format!("upcoming/reboot/{}/{}", o.node, o.earliest_unix_ms)),
+        "reboot" => None,
+        _ => Some(format!("upcoming/{}/{}/{}/{}", o.source, o.reference, o.member, o.node)),
+    }
+}
+
+/// The notice event of one predicted operation.
+fn notice_event(o: &v1::UpcomingOperation, now_ms: i64) -> OutboxEvent {
+    let subject = if o.node.is_empty() { format!("members/{}", o.member) } else { format!("nodes/{}", o.node) };
+    let earliest = upkeep_core::limits::time_from_ms(o.earliest_unix_ms).map(upkeep_core::schedule::rfc3339);
+    let data = serde_json::json!({
+        "member": o.member,
+        "node": o.node,
+        "source": o.source,
+        "operation": o.operation,
+        "earliest": earliest,
+        "why": o.why,
+        "reference": o.reference,
+        "batch": o.batch,
+        "batches": o.batches,
+    });
+    OutboxEvent { event_type: UPCOMING_TYPE.into(), subject, time_ms: now_ms, data: data.to_string() }
+}
+
+/// Sends advance notices: every pass, each predicted operation whose earliest time is within `lead` is enqueued
+/// once (`Store::enqueue_once`) for the webhooks that subscribe to [`UPCOMING_TYPE`]. Nothing is predicted while
+/// no webhook wants notices. A pass runs at start, after every change the maintenance loop is poked for (a
+/// release, a channel, a window), and every tenth of the lead (10 s to 5 min).
+pub async fn notices(engine: Arc<Engine>, maintenance: Arc<Maintenance>, lead: Duration) {
+    let period = (lead / 10).clamp(Duration::from_secs(10), Duration::from_secs(300));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = maintenance.changed() => {}
+        }
+        if let Err(e) = notice_pass(&engine, &maintenance, lead) {
+            tracing::error!(error = %e, "advance notices");
+        }
+    }
+}
+
+/// One pass of [`notices`]; returns how many notices were enqueued.
+pub fn notice_pass(engine: &Engine, maintenance: &Maintenance, lead: Duration) -> Result<usize, StoreError> {
+    let store = maintenance.store();
+    let wanted = store.list_webhooks()?.iter().any(|h| crate::webhooks::type_matches(&h.hook.events, UPCOMING_TYPE));
+    if !wanted {
+        return Ok(0);
+    }
+    let now = Utc::now();
+    let ask = Ask {
+        now,
+        horizon: now + TimeDelta::from_std(lead).unwrap_or(TimeDelta::days(1)),
+        member: None,
+        assumed_node: TimeDelta::seconds(i64::from(DEFAULT_ASSUMED_SECONDS)),
+        assumed_member: TimeDelta::seconds(i64::from(DEFAULT_ASSUMED_SECONDS)),
+    };
+    let now_ms = now_ms();
+    let mut sent = 0;
+    for o in forecast(engine, maintenance, store, &ask)?.operations {
+        let Some(key) = notice_key(&o, now_ms) else { continue };
+        if store.enqueue_once(&key, now_ms, &[notice_event(&o, now_ms)])? {
+            tracing::info!(member = %o.member, node = %o.node, operation = %o.operation, "advance notice sent");
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(source: &str, node: &str, earliest: i64, why: &str) -> v1::UpcomingOperation {
+        v1::UpcomingOperation {
+            member: "m1".into(),
+            node: node.into(),
+            source: source.into(),
+            operation: "reimage to F-202312.01.0".into(),
+            earliest_unix_ms: earliest,
+            why: why.into(),
+            reference: "node-image:F-202312.01.0".into(),
+            batch: 1,
+            batches: 2,
+        }
+    }
+
+    #[test]
+    fn a_notice_is_keyed_by_what_will_happen_not_by_a_prediction_that_moves() {
+        let now = 1_000_000;
+        let a = notice_key(&op("rollout", "n1", now + 60_000, "window"), now).expect("key");
+        let moved = notice_key(&op("rollout", "n1", now + 90_000, "after batch 1"), now).expect("key");
+        assert_eq!(a, moved, "a moved estimate is the same operation");
+        assert_ne!(a, notice_key(&op("rollout", "n2", now + 60_000, "window"), now).expect("key"));
+        assert_eq!(notice_key(&op("rollout", "n1", now, "under way"), now), None, "happening, not upcoming");
+        assert_eq!(notice_key(&op("rollout", "n1", 0, "after update run"), now), None, "no time known");
+        // A reboot may come again: its time is part of the key, and one due now is no notice.
+        let r1 = notice_key(&op("reboot", "n1", now + 60_000, "window"), now).expect("key");
+        let r2 = notice_key(&op("reboot", "n1", now + 86_400_000, "window"), now).expect("key");
+        assert_ne!(r1, r2);
+        assert_eq!(notice_key(&op("reboot", "n1", now, "window open"), now), None);
+    }
+
+    #[test]
+    fn the_notice_event_names_the_node_or_the_member_and_carries_the_prediction() {
+        let e = notice_event(&op("rollout", "n1", 1_800_000_000_000, "window"), 5);
+        assert_eq!((e.event_type.as_str(), e.subject.as_str(), e.time_ms), (UPCOMING_TYPE, "nodes/n1", 5));
+        let d: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+        assert_eq!(d["earliest"], "2027-01-15T08:00:00Z");
+        assert_eq!(d["operation"], "reimage to F-202312.01.0");
+        let e = notice_event(&op("run", "", 1_800_000_000_000, "stage order"), 5);
+        assert_eq!(e.subject, "members/m1");
+    }
 }

@@ -127,6 +127,9 @@ pub async fn serve_fleet_with_local_agents(
     let maintenance = Maintenance::new(fleet.clone(), config.auto_upgrade, executor);
     let maintenance_task = tokio::spawn(maintenance.clone().run());
     let webhooks_task = tokio::spawn(crate::webhooks::run(fleet.clone(), config.webhooks.clone()));
+    let notices_task = (!config.webhooks.upcoming_notice.is_zero()).then(|| {
+        tokio::spawn(crate::schedule::notices(engine.clone(), maintenance.clone(), config.webhooks.upcoming_notice))
+    });
     let flusher = {
         let fleet = fleet.clone();
         tokio::spawn(async move {
@@ -234,6 +237,9 @@ pub async fn serve_fleet_with_local_agents(
     engine_task.abort();
     maintenance_task.abort();
     webhooks_task.abort();
+    if let Some(t) = notices_task {
+        t.abort();
+    }
     if let Err(e) = fleet.flush_seen() {
         tracing::error!(error = %e, "flushing last-seen times at shutdown");
     }

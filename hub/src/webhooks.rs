@@ -58,6 +58,9 @@ pub struct WebhookSettings {
     pub source: String,
     /// A CA file trusted besides the system roots for https receivers.
     pub ca_file: Option<PathBuf>,
+    /// How long before a predicted operation its `upkeep.maintenance.upcoming` notice is sent (zero: never;
+    /// `crate::schedule::notices`).
+    pub upcoming_notice: std::time::Duration,
 }
 
 impl Default for WebhookSettings {
@@ -67,6 +70,7 @@ impl Default for WebhookSettings {
         WebhookSettings {
             source: format!("upkeep://hub/{}", if host.is_empty() { "localhost" } else { host }),
             ca_file: None,
+            upcoming_notice: std::time::Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -365,3 +365,94 @@ async fn bad_webhook_flags_are_one_clear_line_naming_the_flag_and_create_nothing
     assert!(err.contains("not found"), "{err}");
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advance_notices_announce_each_node_once_with_the_schedules_time_and_survive_a_hub_sigkill() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (port, got) = receiver(0).await;
+    let extra = "[auto_upgrade]\nenabled = true\n[webhooks]\nupcoming_notice_minutes = 120\n";
+    let mut hub = HubProcess::start_logged(&pki, &work.path().join("hub"), 5, extra).await;
+    let url = hub.url();
+    let receiver_url = format!("http://127.0.0.1:{port}/events");
+    upkeepctl_ok(&pki, &url, &["webhook", "create", "notices", "--url", &receiver_url, "--events", "maintenance.*"])
+        .await;
+    let mut nodes = Vec::new();
+    let mut agents = Vec::new();
+    for n in ["n1", "n2"] {
+        let node = make_node(&pki, work.path(), &url, n, "m1", "pool1", "eu", "Debian-12-202311.07.0");
+        agents.push(TestAgent::start(&node));
+        nodes.push(node);
+    }
+    wait_for("two nodes Ready", WAIT, || async {
+        let l = upkeepctl_json(&pki, &url, &["node", "list"]).await.ok()?;
+        (l["nodes"].as_array()?.iter().filter(|n| n["status"] == "Ready").count() == 2).then_some(())
+    })
+    .await;
+    // A daily one-hour window opening at a whole minute at least 40 s away: time to publish and to restart the
+    // hub before it opens.
+    let now = chrono::Utc::now();
+    let mut opens = {
+        use chrono::{SubsecRound, Timelike};
+        now.trunc_subsecs(0) - chrono::TimeDelta::seconds(i64::from(now.second())) + chrono::TimeDelta::minutes(1)
+    };
+    if opens - now < chrono::TimeDelta::seconds(40) {
+        opens += chrono::TimeDelta::minutes(1);
+    }
+    let window = work.path().join("window.json");
+    std::fs::write(
+        &window,
+        format!(
+            r#"{{"frequency":{{"type":"Daily","interval_days":1}},"start_time":"{}","duration_hours":1}}"#,
+            opens.format("%H:%M")
+        ),
+    )
+    .expect("window");
+    upkeepctl_ok(&pki, &url, &["member", "set-window", "m1", "--kind", "node-os", "-f", &window.to_string_lossy()])
+        .await;
+    publish_trusted(&pki, &url, work.path(), &nodes, "202312.01.0").await;
+
+    // A notice per node arrives before anything happens, with the time `schedule` predicts.
+    let notices = |got: &[Got]| -> Vec<Value> {
+        accepted_events(got).into_iter().filter(|e| e["type"] == "upkeep.maintenance.upcoming").collect()
+    };
+    let first = wait_for("a notice for each node", WAIT, || async {
+        let n = notices(&got.lock().expect("log"));
+        (n.len() >= 2).then_some(n)
+    })
+    .await;
+    assert!(chrono::Utc::now() < opens, "the notices came before the window opened");
+    let schedule = upkeepctl_json(&pki, &url, &["schedule"]).await.expect("schedule");
+    for node in ["n1", "n2"] {
+        let notice = first.iter().find(|e| e["data"]["node"] == node).unwrap_or_else(|| panic!("{node}: {first:?}"));
+        assert_eq!(notice["subject"], format!("nodes/{node}"));
+        assert_eq!(notice["data"]["operation"], "reimage to Debian-12-202312.01.0", "{notice}");
+        let predicted = schedule["operations"]
+            .as_array()
+            .expect("operations")
+            .iter()
+            .find(|o| o["node"] == node)
+            .unwrap_or_else(|| panic!("{node} in {schedule}"));
+        assert_eq!(notice["data"]["earliest"], predicted["earliest"], "{notice} vs {predicted}");
+    }
+    let n1 = first.iter().find(|e| e["data"]["node"] == "n1").expect("n1");
+    assert_eq!(n1["data"]["earliest"], opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+
+    // A hub killed and started again before the window does not announce the same operations again.
+    hub.restart(&pki).await;
+    wait_for("the rollout completed", WAIT + Duration::from_secs(120), || async {
+        let m = upkeepctl_json(&pki, &url, &["member", "show", "m1"]).await.ok()?;
+        m["auto_upgrade_status"].as_str()?.contains("node-image:Debian-12-202312.01.0 Completed").then_some(())
+    })
+    .await;
+    let all = notices(&got.lock().expect("log"));
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &all {
+        *per_node.entry(e["data"]["node"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+    }
+    assert_eq!(per_node, BTreeMap::from([("n1".to_string(), 1), ("n2".to_string(), 1)]), "{all:?}\n{}", hub.tail(30));
+    for a in agents {
+        a.stop().await;
+    }
+    hub.kill().await;
+}

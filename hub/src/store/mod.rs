@@ -618,6 +618,11 @@ pub trait Store: Send + Sync {
     /// Enqueues events for every webhook whose patterns match their type, in one transaction (none match: nothing
     /// is written).
     fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError>;
+    /// Enqueues `events` as [`Self::enqueue_events`] does, once per `key` ever (a notice such as "this node is
+    /// reimaged at T"), in one transaction: false when the key was sent before or no webhook wants the events (then
+    /// nothing is recorded, so a webhook created later still gets it). Keys sent before `before_ms` are forgotten
+    /// by [`Self::prune_outbox`].
+    fn enqueue_once(&self, key: &str, at_ms: i64, events: &[OutboxEvent]) -> Result<bool, StoreError>;
     /// What `webhook` is owed and may be attempted at `now_ms`: per subject only its oldest undelivered event, and
     /// only if its retry time has come; oldest first, at most `limit`.
     fn due_deliveries(&self, webhook: &str, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError>;
@@ -630,7 +635,7 @@ pub trait Store: Send + Sync {
         error: Option<&str>,
         retry_at_ms: i64,
     ) -> Result<(), StoreError>;
-    /// Deletes deliveries done before `before_ms`, and outbox events no webhook is owed any more; returns how
-    /// many events were deleted.
+    /// Deletes deliveries done before `before_ms`, outbox events no webhook is owed any more and notice keys
+    /// recorded before `before_ms`; returns how many events were deleted.
     fn prune_outbox(&self, before_ms: i64) -> Result<u64, StoreError>;
 }

@@ -183,6 +183,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX deliveries_pending ON webhook_deliveries(webhook, subject, seq) WHERE delivered_ms IS NULL;
     CREATE INDEX deliveries_by_seq ON webhook_deliveries(seq);
     CREATE INDEX deliveries_done ON webhook_deliveries(delivered_ms) WHERE delivered_ms IS NOT NULL;",
+    // 10: notices sent once (`upkeep.maintenance.upcoming`, `crate::schedule::notices`), by key.
+    "CREATE TABLE notices (
+        key TEXT PRIMARY KEY,
+        at_ms INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this hub's migrations lead to (`PRAGMA user_version`).
@@ -1289,6 +1294,21 @@ impl Store for SqliteStore {
         tx.commit().map_err(db("enqueueing webhook events"))
     }
 
+    fn enqueue_once(&self, key: &str, at_ms: i64, events: &[OutboxEvent]) -> Result<bool, StoreError> {
+        let ctx = "enqueueing a notice";
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().map_err(db(ctx))?;
+        let sent: bool = tx
+            .query_row("SELECT EXISTS (SELECT 1 FROM notices WHERE key = ?1)", params![key], |r| r.get(0))
+            .map_err(db(ctx))?;
+        if sent || enqueue(&tx, events)? == 0 {
+            return Ok(false);
+        }
+        tx.execute("INSERT INTO notices (key, at_ms) VALUES (?1, ?2)", params![key, at_ms]).map_err(db(ctx))?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(true)
+    }
+
     fn due_deliveries(&self, webhook: &str, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
         let ctx = format!("reading the deliveries owed to webhook {webhook}");
         let conn = self.conn();
@@ -1372,6 +1392,7 @@ impl Store for SqliteStore {
                 [],
             )
             .map_err(db(ctx))?;
+        tx.execute("DELETE FROM notices WHERE at_ms < ?1", params![before_ms]).map_err(db(ctx))?;
         tx.commit().map_err(db(ctx))?;
         Ok(n as u64)
     }
@@ -1578,10 +1599,11 @@ fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ImageRecord, Strin
     ))
 }
 
-/// Enqueues `events` for the webhooks whose patterns match, inside the caller's transaction.
-fn enqueue(tx: &Connection, events: &[OutboxEvent]) -> Result<(), StoreError> {
+/// Enqueues `events` for the webhooks whose patterns match, inside the caller's transaction; returns how many
+/// events some webhook was owed.
+fn enqueue(tx: &Connection, events: &[OutboxEvent]) -> Result<usize, StoreError> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let ctx = "enqueueing webhook events";
     let hooks: Vec<(String, Vec<String>)> = {
@@ -1600,8 +1622,9 @@ fn enqueue(tx: &Connection, events: &[OutboxEvent]) -> Result<(), StoreError> {
             .collect::<Result<_, StoreError>>()?
     };
     if hooks.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let mut written = 0;
     let mut outbox = tx
         .prepare_cached("INSERT INTO outbox (type, subject, time_ms, data) VALUES (?1, ?2, ?3, ?4)")
         .map_err(db(ctx))?;
@@ -1622,8 +1645,9 @@ fn enqueue(tx: &Connection, events: &[OutboxEvent]) -> Result<(), StoreError> {
         for name in to {
             delivery.execute(params![name, seq, e.subject]).map_err(db(ctx))?;
         }
+        written += 1;
     }
-    Ok(())
+    Ok(written)
 }
 
 fn insert_events(tx: &Connection, run: &str, events: &[NewEvent]) -> Result<Vec<EventRecord>, StoreError> {

@@ -523,6 +523,9 @@ impl Store for Viewed {
     fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
         self.inner.enqueue_events(events)
     }
+    fn enqueue_once(&self, key: &str, at_ms: i64, events: &[OutboxEvent]) -> Result<bool, StoreError> {
+        self.inner.enqueue_once(key, at_ms, events)
+    }
     fn due_deliveries(&self, webhook: &str, now_ms: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
         self.inner.due_deliveries(webhook, now_ms, limit)
     }
