@@ -39,7 +39,21 @@ pub struct HubConfig {
     pub trusted_image_keys: Vec<upkeep_core::signature::PublicKey>,
     /// `[metrics] listen`: where Prometheus metrics are served (plain HTTP); None: not served.
     pub metrics: Option<SocketAddr>,
+    /// `[store]`: where the fleet's state is kept.
+    pub store: StoreBackend,
 }
+
+/// Where the hub keeps its state (`[store]` in hub.toml).
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// The embedded default: `hub.db` under `state_dir` (no `[store] url`).
+    Sqlite,
+    /// A PostgreSQL database (`[store] url`).
+    Postgres(crate::store::postgres::PostgresSettings),
+}
+
+/// The environment variable the PostgreSQL password may come from (when `store.password_file` is not set).
+pub const STORE_PASSWORD_ENV: &str = "UPKEEP_STORE_PASSWORD";
 
 impl HubConfig {
     /// The certificates the hub itself uses, by setting: `tls.cert`, `tls.ca` and, when set, `tls.issuer_cert`
@@ -88,6 +102,67 @@ struct RawConfig {
     limits: Option<RawLimits>,
     images: Option<RawImages>,
     metrics: Option<RawMetrics>,
+    store: Option<RawStore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    connections: Option<usize>,
+}
+
+/// `[store]`: SQLite unless `url` is given; the password from `password_file`, else from the environment
+/// ([`STORE_PASSWORD_ENV`]), never from the URL. Errors never repeat the URL (it might hold a secret).
+fn parse_store(
+    raw: Option<RawStore>,
+    resolve: impl Fn(PathBuf) -> PathBuf,
+    env_password: Option<String>,
+) -> Result<StoreBackend, (String, String)> {
+    let Some(raw) = raw else { return Ok(StoreBackend::Sqlite) };
+    let Some(url) = raw.url else {
+        if raw.password_file.is_some() || raw.connections.is_some() {
+            return Err((
+                "store.url".into(),
+                "missing: [store] settings need a url (postgres://USER@HOST:PORT/DBNAME); remove [store] to keep \
+                 the SQLite database under state_dir"
+                    .into(),
+            ));
+        }
+        return Ok(StoreBackend::Sqlite);
+    };
+    let mut settings =
+        crate::store::postgres::PostgresSettings::parse(&url).map_err(|reason| ("store.url".to_string(), reason))?;
+    if let Some(n) = raw.connections {
+        if !(1..=64).contains(&n) {
+            return Err(("store.connections".into(), "must be between 1 and 64".into()));
+        }
+        settings.connections = n;
+    }
+    let password = match raw.password_file.map(resolve) {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                (
+                    "store.password_file".to_string(),
+                    format!("{}: {e}; give a file the hub can read holding the database password", p.display()),
+                )
+            })?;
+            let pw = text.trim_end_matches(['\n', '\r']).to_string();
+            if pw.is_empty() {
+                return Err((
+                    "store.password_file".into(),
+                    format!("{} is empty; write the password in it", p.display()),
+                ));
+            }
+            Some(pw)
+        }
+        None => env_password.filter(|p| !p.is_empty()),
+    };
+    Ok(StoreBackend::Postgres(match password {
+        Some(pw) => settings.with_password(&pw),
+        None => settings,
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,7 +369,10 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
         trusted_image_keys.push(parsed);
     }
     let metrics = parse_metrics(raw.metrics).map_err(|(key, reason)| err(path, &key, reason))?;
+    let store = parse_store(raw.store, resolve, std::env::var(STORE_PASSWORD_ENV).ok())
+        .map_err(|(key, reason)| err(path, &key, reason))?;
     Ok(HubConfig {
+        store,
         metrics,
         limits,
         trusted_image_keys,
