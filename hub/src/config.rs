@@ -500,4 +500,55 @@ mod tests {
         assert!(e.contains("images.trusted_keys[0]") && e.contains("upkeepctl image keygen"), "{e}");
         assert!(parse(&path, &base, &Overrides::default()).expect("valid").trusted_image_keys.is_empty());
     }
+
+    #[test]
+    fn a_store_url_selects_postgres_and_the_password_never_comes_from_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        let base = with_tls(dir.path());
+        let store = |raw: &str, env: Option<&str>| {
+            parse_store(Some(toml::from_str(raw).expect("toml")), |p| dir.path().join(p), env.map(str::to_string))
+        };
+        assert!(matches!(parse_store(None, |p| p, None), Ok(StoreBackend::Sqlite)));
+        assert!(matches!(parse(&path, &base, &Overrides::default()).expect("valid").store, StoreBackend::Sqlite));
+        let Ok(StoreBackend::Postgres(pg)) = store("url = \"postgres://upkeep@db.example:5433/fleet\"", None) else {
+            panic!("postgres")
+        };
+        assert_eq!(pg.describe(), "upkeep@db.example:5433/fleet");
+        assert_eq!((pg.config.get_password(), pg.connections), (None, crate::store::postgres::DEFAULT_CONNECTIONS));
+        let Ok(StoreBackend::Postgres(pg)) = store("url = \"host=/run/postgresql dbname=fleet user=u\"", Some("s3"))
+        else {
+            panic!("postgres")
+        };
+        assert_eq!(pg.config.get_password(), Some(&b"s3"[..]), "from UPKEEP_STORE_PASSWORD");
+        std::fs::write(dir.path().join("pw"), "from-file\n").expect("write");
+        let Ok(StoreBackend::Postgres(pg)) =
+            store("url = \"postgres://u@h/fleet\"\npassword_file = \"pw\"\nconnections = 9", Some("env"))
+        else {
+            panic!("postgres")
+        };
+        assert_eq!((pg.config.get_password(), pg.connections), (Some(&b"from-file"[..]), 9), "the file wins");
+        assert!(!format!("{pg:?}").contains("from-file"), "never printed");
+
+        let (key, why) = store("url = \"postgres://u:hunter2@h/fleet\"", None).expect_err("password in the url");
+        assert_eq!(key, "store.url");
+        assert!(why.contains("store.password_file") && why.contains("UPKEEP_STORE_PASSWORD"), "{why}");
+        assert!(!why.contains("hunter2"), "{why}");
+        let (key, why) = store("url = \"mysql://h/x\"", None).expect_err("not postgres");
+        assert_eq!(key, "store.url");
+        assert!(why.contains("postgres://"), "{why}");
+        assert_eq!(store("url = \"postgres://u@h\"", None).expect_err("no database").0, "store.url");
+        let (key, why) = store("url = \"postgres://u@h/f\"\npassword_file = \"missing\"", None).expect_err("file");
+        assert_eq!(key, "store.password_file");
+        assert!(why.contains("missing"), "{why}");
+        assert_eq!(store("password_file = \"pw\"", None).expect_err("no url").0, "store.url");
+        assert_eq!(
+            store("url = \"postgres://u@h/f\"\nconnections = 0", None).expect_err("range").0,
+            "store.connections"
+        );
+        let e = parse(&path, &format!("{base}[store]\nurl = \"postgres://u:pw@h/f\"\n"), &Overrides::default())
+            .expect_err("named with the file")
+            .to_string();
+        assert!(e.contains("hub.toml: store.url:"), "{e}");
+    }
 }

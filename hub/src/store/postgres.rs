@@ -1743,6 +1743,13 @@ pub mod testing {
 
     /// A new database on the test cluster, migrated to the current schema: its connection string and settings.
     pub fn fresh_database() -> Result<(String, PostgresSettings), String> {
+        let (url, settings) = empty_database()?;
+        super::migrate(&settings).map_err(|e| e.to_string())?;
+        Ok((url, settings))
+    }
+
+    /// A new, empty database on the test cluster (no schema): its connection string and settings.
+    pub fn empty_database() -> Result<(String, PostgresSettings), String> {
         static N: AtomicU64 = AtomicU64::new(0);
         let cluster = cluster()?;
         let nanos = std::time::SystemTime::now()
@@ -1759,7 +1766,6 @@ pub mod testing {
         .map_err(|e| format!("{e} (cluster {cluster})"))?;
         let url = format!("{cluster} dbname={name}");
         let settings = PostgresSettings::parse(&url)?;
-        super::migrate(&settings).map_err(|e| e.to_string())?;
         Ok((url, settings))
     }
 
