@@ -49,7 +49,7 @@ pub enum StoreBackend {
     /// The embedded default: `hub.db` under `state_dir` (no `[store] url`).
     Sqlite,
     /// A PostgreSQL database (`[store] url`).
-    Postgres(crate::store::postgres::PostgresSettings),
+    Postgres(Box<crate::store::postgres::PostgresSettings>),
 }
 
 /// The environment variable the PostgreSQL password may come from (when `store.password_file` is not set).
@@ -159,10 +159,10 @@ fn parse_store(
         }
         None => env_password.filter(|p| !p.is_empty()),
     };
-    Ok(StoreBackend::Postgres(match password {
+    Ok(StoreBackend::Postgres(Box::new(match password {
         Some(pw) => settings.with_password(&pw),
         None => settings,
-    }))
+    })))
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// Keeps what a store lives on (a temporary directory, a test database) until the test ends.
 enum Home {
     Dir(#[allow(dead_code)] tempfile::TempDir),
-    Database(super::postgres::PostgresSettings),
+    Database(Box<super::postgres::PostgresSettings>),
 }
 
 impl Drop for Home {
@@ -32,7 +32,7 @@ fn sqlite() -> (Arc<dyn Store>, Home) {
 fn postgres() -> (Arc<dyn Store>, Home) {
     let (_, settings) = testing::fresh_database().unwrap_or_else(|e| panic!("PostgreSQL store tests: {e}"));
     let s = PostgresStore::open(&settings).expect("open postgres");
-    (Arc::new(s), Home::Database(settings))
+    (Arc::new(s), Home::Database(Box::new(settings)))
 }
 
 /// Every check, once per store.
@@ -557,7 +557,7 @@ fn postgres_survives_its_sessions_ending() {
 #[test]
 fn postgres_schema_is_migrated_by_the_migrate_command_only() {
     let (_, settings) = testing::fresh_database().unwrap_or_else(|e| panic!("PostgreSQL store tests: {e}"));
-    let home = Home::Database(settings.clone());
+    let home = Home::Database(Box::new(settings.clone()));
     assert!(super::postgres::migrate(&settings).expect("again").is_empty(), "idempotent");
     let mut bare = settings.clone();
     let name = format!("{}_bare", settings.config.get_dbname().expect("dbname"));
@@ -569,7 +569,7 @@ fn postgres_schema_is_migrated_by_the_migrate_command_only() {
         client.batch_execute(&format!("CREATE DATABASE {name}")).expect("create");
     }
     bare.config.dbname(&name);
-    let bare_home = Home::Database(bare.clone());
+    let bare_home = Home::Database(Box::new(bare.clone()));
     let err = PostgresStore::open(&bare).err().expect("refused").to_string();
     assert!(err.contains("upkeep-hub migrate") && err.contains("version 0"), "{err}");
     assert!(!err.contains('\n'), "one line: {err}");

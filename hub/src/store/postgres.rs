@@ -350,7 +350,7 @@ pub fn migrate(settings: &PostgresSettings) -> Result<Vec<(u32, &'static str)>, 
 
 /// The database's schema version (0: never migrated).
 pub fn current_version(settings: &PostgresSettings) -> Result<u32, StoreError> {
-    with_connection(settings, "reading the schema version".into(), |c| schema_version(c))
+    with_connection(settings, "reading the schema version".into(), schema_version)
 }
 
 type Job = Box<dyn FnOnce(&mut Worker) + Send>;
@@ -1758,7 +1758,8 @@ pub mod testing {
             .unwrap_or_default();
         let name = format!("upkeep_t{}_{}_{nanos}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let admin = PostgresSettings::parse(&format!("{cluster} dbname=postgres"))?;
-        let create = format!("CREATE DATABASE {name}");
+        // FILE_COPY: a small database copied as files, not written through the log (the log stays small).
+        let create = format!("CREATE DATABASE {name} STRATEGY FILE_COPY");
         with_connection(&admin, format!("creating database {name}"), move |c| {
             c.batch_execute(&create)
                 .map_err(|e| StoreError::Db { context: "creating a test database".into(), source: Box::new(e) })
