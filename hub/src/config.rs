@@ -41,7 +41,21 @@ pub struct HubConfig {
     pub metrics: Option<SocketAddr>,
     /// `[webhooks]`: the CloudEvents source and the extra CA of https receivers (`crate::webhooks`).
     pub webhooks: crate::webhooks::WebhookSettings,
+    /// `[store]`: where the fleet's state is kept.
+    pub store: StoreBackend,
 }
+
+/// Where the hub keeps its state (`[store]` in hub.toml).
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// The embedded default: `hub.db` under `state_dir` (no `[store] url`).
+    Sqlite,
+    /// A PostgreSQL database (`[store] url`).
+    Postgres(Box<crate::store::postgres::PostgresSettings>),
+}
+
+/// The environment variable the PostgreSQL password may come from (when `store.password_file` is not set).
+pub const STORE_PASSWORD_ENV: &str = "UPKEEP_STORE_PASSWORD";
 
 impl HubConfig {
     /// The certificates the hub itself uses, by setting: `tls.cert`, `tls.ca` and, when set, `tls.issuer_cert`
@@ -91,6 +105,7 @@ struct RawConfig {
     images: Option<RawImages>,
     metrics: Option<RawMetrics>,
     webhooks: Option<RawWebhooks>,
+    store: Option<RawStore>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +114,66 @@ struct RawWebhooks {
     source: Option<String>,
     ca_file: Option<PathBuf>,
     upcoming_notice_minutes: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    connections: Option<usize>,
+}
+
+/// `[store]`: SQLite unless `url` is given; the password from `password_file`, else from the environment
+/// ([`STORE_PASSWORD_ENV`]), never from the URL. Errors never repeat the URL (it might hold a secret).
+fn parse_store(
+    raw: Option<RawStore>,
+    resolve: impl Fn(PathBuf) -> PathBuf,
+    env_password: Option<String>,
+) -> Result<StoreBackend, (String, String)> {
+    let Some(raw) = raw else { return Ok(StoreBackend::Sqlite) };
+    let Some(url) = raw.url else {
+        if raw.password_file.is_some() || raw.connections.is_some() {
+            return Err((
+                "store.url".into(),
+                "missing: [store] settings need a url (postgres://USER@HOST:PORT/DBNAME); remove [store] to keep \
+                 the SQLite database under state_dir"
+                    .into(),
+            ));
+        }
+        return Ok(StoreBackend::Sqlite);
+    };
+    let mut settings =
+        crate::store::postgres::PostgresSettings::parse(&url).map_err(|reason| ("store.url".to_string(), reason))?;
+    if let Some(n) = raw.connections {
+        if !(1..=64).contains(&n) {
+            return Err(("store.connections".into(), "must be between 1 and 64".into()));
+        }
+        settings.connections = n;
+    }
+    let password = match raw.password_file.map(resolve) {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                (
+                    "store.password_file".to_string(),
+                    format!("{}: {e}; give a file the hub can read holding the database password", p.display()),
+                )
+            })?;
+            let pw = text.trim_end_matches(['\n', '\r']).to_string();
+            if pw.is_empty() {
+                return Err((
+                    "store.password_file".into(),
+                    format!("{} is empty; write the password in it", p.display()),
+                ));
+            }
+            Some(pw)
+        }
+        None => env_password.filter(|p| !p.is_empty()),
+    };
+    Ok(StoreBackend::Postgres(Box::new(match password {
+        Some(pw) => settings.with_password(&pw),
+        None => settings,
+    })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,8 +409,11 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
             webhooks.ca_file = Some(ca);
         }
     }
+    let store = parse_store(raw.store, resolve, std::env::var(STORE_PASSWORD_ENV).ok())
+        .map_err(|(key, reason)| err(path, &key, reason))?;
     Ok(HubConfig {
         webhooks,
+        store,
         metrics,
         limits,
         trusted_image_keys,
@@ -462,5 +540,56 @@ mod tests {
         let e = parse(&path, &bad, &Overrides::default()).expect_err("bad key").to_string();
         assert!(e.contains("images.trusted_keys[0]") && e.contains("upkeepctl image keygen"), "{e}");
         assert!(parse(&path, &base, &Overrides::default()).expect("valid").trusted_image_keys.is_empty());
+    }
+
+    #[test]
+    fn a_store_url_selects_postgres_and_the_password_never_comes_from_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        let base = with_tls(dir.path());
+        let store = |raw: &str, env: Option<&str>| {
+            parse_store(Some(toml::from_str(raw).expect("toml")), |p| dir.path().join(p), env.map(str::to_string))
+        };
+        assert!(matches!(parse_store(None, |p| p, None), Ok(StoreBackend::Sqlite)));
+        assert!(matches!(parse(&path, &base, &Overrides::default()).expect("valid").store, StoreBackend::Sqlite));
+        let Ok(StoreBackend::Postgres(pg)) = store("url = \"postgres://upkeep@db.example:5433/fleet\"", None) else {
+            panic!("postgres")
+        };
+        assert_eq!(pg.describe(), "upkeep@db.example:5433/fleet");
+        assert_eq!((pg.config.get_password(), pg.connections), (None, crate::store::postgres::DEFAULT_CONNECTIONS));
+        let Ok(StoreBackend::Postgres(pg)) = store("url = \"host=/run/postgresql dbname=fleet user=u\"", Some("s3"))
+        else {
+            panic!("postgres")
+        };
+        assert_eq!(pg.config.get_password(), Some(&b"s3"[..]), "from UPKEEP_STORE_PASSWORD");
+        std::fs::write(dir.path().join("pw"), "from-file\n").expect("write");
+        let Ok(StoreBackend::Postgres(pg)) =
+            store("url = \"postgres://u@h/fleet\"\npassword_file = \"pw\"\nconnections = 9", Some("env"))
+        else {
+            panic!("postgres")
+        };
+        assert_eq!((pg.config.get_password(), pg.connections), (Some(&b"from-file"[..]), 9), "the file wins");
+        assert!(!format!("{pg:?}").contains("from-file"), "never printed");
+
+        let (key, why) = store("url = \"postgres://u:hunter2@h/fleet\"", None).expect_err("password in the url");
+        assert_eq!(key, "store.url");
+        assert!(why.contains("store.password_file") && why.contains("UPKEEP_STORE_PASSWORD"), "{why}");
+        assert!(!why.contains("hunter2"), "{why}");
+        let (key, why) = store("url = \"mysql://h/x\"", None).expect_err("not postgres");
+        assert_eq!(key, "store.url");
+        assert!(why.contains("postgres://"), "{why}");
+        assert_eq!(store("url = \"postgres://u@h\"", None).expect_err("no database").0, "store.url");
+        let (key, why) = store("url = \"postgres://u@h/f\"\npassword_file = \"missing\"", None).expect_err("file");
+        assert_eq!(key, "store.password_file");
+        assert!(why.contains("missing"), "{why}");
+        assert_eq!(store("password_file = \"pw\"", None).expect_err("no url").0, "store.url");
+        assert_eq!(
+            store("url = \"postgres://u@h/f\"\nconnections = 0", None).expect_err("range").0,
+            "store.connections"
+        );
+        let e = parse(&path, &format!("{base}[store]\nurl = \"postgres://u:pw@h/f\"\n"), &Overrides::default())
+            .expect_err("named with the file")
+            .to_string();
+        assert!(e.contains("hub.toml: store.url:"), "{e}");
     }
 }

@@ -14,7 +14,6 @@ use crate::grpc::{agent::AgentApi, join::JoinApi, operator::OperatorApi};
 use crate::ledger::Ledger;
 use crate::maintenance::Maintenance;
 use crate::revocation::Revocations;
-use crate::store::safety::open_state;
 use anyhow::Context;
 use std::future::Future;
 use std::sync::Arc;
@@ -75,13 +74,14 @@ pub const OPERATOR_MESSAGE_LIMIT: usize = 4 * 1024 * 1024;
 pub const STREAMS_PER_CONNECTION: u32 = 32;
 
 /// Opens the store and builds the fleet for `config`. A state directory whose database is lost or damaged is
-/// refused (`store::safety::open_state`), never served as an empty fleet.
+/// refused (`store::safety::open_state`), never served as an empty fleet; a PostgreSQL database whose schema is
+/// not current is refused with a line naming `upkeep-hub migrate`.
 pub fn open_fleet(config: &HubConfig) -> anyhow::Result<Arc<Fleet>> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir = {}: cannot create", config.state_dir.display()))?;
-    let store = open_state(&config.state_dir)?;
+    let store = crate::store::open(config)?;
     Ok(Arc::new(Fleet::new(
-        Arc::new(store),
+        store,
         Timing {
             heartbeat_interval_seconds: config.heartbeat_interval_seconds,
             silent_after_heartbeats: config.silent_after_heartbeats,

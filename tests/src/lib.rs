@@ -1,5 +1,5 @@
 //! Test harness for scenario tests: a fleet PKI generated per test, an in-process hub on 127.0.0.1:0 with real
-//! mutual TLS and a real SQLite file, real agents (in-process, each over its own root tree), and the real
+//! mutual TLS and a real SQLite file (or, with `UPKEEP_TEST_STORE=postgres`, a PostgreSQL database of its own), real agents (in-process, each over its own root tree), and the real
 //! upkeepctl / upkeep-agent / upkeep-hub binaries for CLI behaviour.
 
 use anyhow::{Context, anyhow};
@@ -131,8 +131,9 @@ pub fn write_hub_config_silent(pki: &TestPki, state_dir: &Path, silent_after: u3
     } else {
         String::new()
     };
+    let store = test_store_section(state_dir);
     let text = format!(
-        "state_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{issuer}[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = {silent_after}\n{extra}",
+        "state_dir = {:?}\n{store}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{issuer}[agents]\nheartbeat_interval_seconds = 1\nsilent_after_heartbeats = {silent_after}\n{extra}",
         state_dir.join("db"),
         pki.file(pki::files::CA_CERT),
         pki.file(pki::files::HUB_CERT),
@@ -140,6 +141,39 @@ pub fn write_hub_config_silent(pki: &TestPki, state_dir: &Path, silent_after: u3
     );
     std::fs::write(&path, text).expect("write hub.toml");
     path
+}
+
+/// The variable that runs the scenario tests against PostgreSQL: `UPKEEP_TEST_STORE=postgres`.
+pub const TEST_STORE_ENV: &str = "UPKEEP_TEST_STORE";
+
+/// Whether this test run keeps hub state in PostgreSQL (`UPKEEP_TEST_STORE=postgres`) rather than SQLite.
+pub fn postgres_store() -> bool {
+    match std::env::var(TEST_STORE_ENV) {
+        Ok(v) if v == "postgres" => true,
+        Ok(v) if v.is_empty() || v == "sqlite" => false,
+        Ok(v) => panic!("{TEST_STORE_ENV}={v:?}: give postgres or sqlite"),
+        Err(_) => false,
+    }
+}
+
+/// The `[store]` section of a hub.toml under `state_dir`: empty for SQLite; with `UPKEEP_TEST_STORE=postgres`, a
+/// database of its own on the shared test cluster (`UPKEEP_TEST_PG`, or one `scripts/pg-cluster` starts), created
+/// and migrated the first time and kept for the state directory's later configurations (restarts keep the fleet).
+pub fn test_store_section(state_dir: &Path) -> String {
+    if !postgres_store() {
+        return String::new();
+    }
+    let marker = state_dir.join("postgres-url");
+    let url = match std::fs::read_to_string(&marker) {
+        Ok(url) => url,
+        Err(_) => {
+            let (url, _) = upkeep_hub::store::postgres::testing::fresh_database()
+                .unwrap_or_else(|e| panic!("{TEST_STORE_ENV}=postgres: {e}"));
+            std::fs::write(&marker, &url).expect("write postgres-url");
+            url
+        }
+    };
+    format!("[store]\nurl = {url:?}\n")
 }
 
 impl TestHub {
@@ -194,6 +228,13 @@ impl TestHub {
                 .expect("hub task")
                 .expect("hub served cleanly");
         }
+    }
+
+    /// Opens the hub's store as its configuration names it (SQLite under the state directory, or its PostgreSQL
+    /// database): for tests that look at the stored state while the hub is stopped.
+    pub fn open_store(&self) -> std::sync::Arc<dyn upkeep_hub::store::Store> {
+        let cfg = upkeep_hub::config::load(&self.config_path, &Default::default()).expect("hub config");
+        upkeep_hub::store::open(&cfg).expect("open the hub's store")
     }
 
     /// Stops and starts again on the same address with the same state.

@@ -254,9 +254,8 @@ async fn hub_restart_agents_reconnect_and_inventory_survives() {
     .await;
 
     hub.stop().await;
-    // While the hub is down, the inventory is still on disk: reopen the database directly.
-    let store = upkeep_hub::store::sqlite::SqliteStore::open(&hub.state_dir.join("db").join("hub.db")).expect("db");
-    use upkeep_hub::store::Store;
+    // While the hub is down, the inventory is still stored: reopen the store directly.
+    let store = hub.open_store();
     assert_eq!(store.list_nodes(None).expect("nodes").len(), 3);
     drop(store);
 

@@ -1,5 +1,6 @@
 //! upkeep-hub: thin main. `upkeep-hub [--config FILE]` serves; `upkeep-hub check-config` validates and exits;
 //! `upkeep-hub backup FILE` copies a running hub's database; `upkeep-hub restore FILE` puts one back (hub stopped);
+//! `upkeep-hub migrate` brings a PostgreSQL store's schema up to date (SQLite migrates itself at start);
 //! `upkeep-hub man --dir DIR` (hidden) writes the man pages the packages ship.
 
 use upkeep_proto::service;
@@ -45,6 +46,9 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Bring the PostgreSQL store's schema ([store] url) up to this hub's version; prints what it applied.
+    /// Safe to run again, and while other hubs run. A SQLite store needs nothing: it migrates itself at start.
+    Migrate,
     /// Write this command's man pages into DIR (for packaging; needs no configuration).
     #[command(hide = true)]
     Man {
@@ -74,7 +78,37 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let overrides = Overrides { listen: args.listen.clone(), state_dir: args.state_dir.clone() };
     let cfg = config::load(&args.config, &overrides)?;
+    if let config::StoreBackend::Postgres(pg) = &cfg.store {
+        match &args.command {
+            Some(Cmd::Backup { .. } | Cmd::Restore { .. }) => anyhow::bail!(
+                "store.url: this hub keeps its state in PostgreSQL ({}); back it up and restore it with pg_dump and \
+                 pg_restore (upkeep-hub backup and restore copy the SQLite database only)",
+                pg.describe()
+            ),
+            Some(Cmd::Migrate) => {
+                let applied = upkeep_hub::store::postgres::migrate(pg).context("migrate")?;
+                for (version, what) in &applied {
+                    println!("applied schema migration {version}: {what}");
+                }
+                println!(
+                    "{}: schema at version {}{}",
+                    pg.describe(),
+                    upkeep_hub::store::postgres::SCHEMA_VERSION,
+                    if applied.is_empty() { " (nothing to apply)" } else { "" }
+                );
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
     match &args.command {
+        Some(Cmd::Migrate) => {
+            println!(
+                "the store is SQLite ({}): it migrates itself when the hub starts; nothing to do",
+                cfg.state_dir.join(safety::DB_FILE).display()
+            );
+            return Ok(());
+        }
         Some(Cmd::Backup { file }) => {
             let c = safety::backup(&cfg.state_dir, file).context("backup")?;
             println!(
@@ -120,7 +154,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         // The watchdog pings from this same runtime: if it stalls, systemd restarts us.
         let watchdog = tokio::spawn(service::watchdog());
         // Ready once the port is bound and the database is open: from here on, agents and upkeepctl can connect.
-        service::ready(&format!("listening on {} (mTLS only), state in {}", cfg.listen, cfg.state_dir.display()));
+        let state = match &cfg.store {
+            config::StoreBackend::Sqlite => cfg.state_dir.display().to_string(),
+            config::StoreBackend::Postgres(pg) => format!("PostgreSQL {}", pg.describe()),
+        };
+        service::ready(&format!("listening on {} (mTLS only), state in {state}", cfg.listen));
         let result = upkeep_hub::server::serve_fleet(cfg, fleet, listener, shutdown_signal()).await;
         watchdog.abort();
         result

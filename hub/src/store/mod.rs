@@ -1,8 +1,11 @@
 //! The hub's persistent state behind one trait, `Store`.
 //!
-//! `sqlite` is the embedded default (one file, WAL). PostgreSQL for several hubs is the planned second
-//! implementation of the same trait. The store holds facts; it makes no decisions.
+//! `sqlite` is the embedded default (one file, WAL); `postgres` is the server store (`[store] url` in hub.toml),
+//! for fleets that outgrow one machine. The store holds facts; it makes no decisions.
 
+#[cfg(test)]
+mod contract;
+pub mod postgres;
 pub mod runparts;
 pub mod safety;
 pub mod sqlite;
@@ -10,6 +13,15 @@ pub mod view;
 
 use serde::{Deserialize, Serialize};
 use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel};
+
+/// Opens the store `config` names: PostgreSQL when `[store] url` is set (its schema must be current: `upkeep-hub
+/// migrate`), else the SQLite database under `state_dir` (checked, and migrated in place).
+pub fn open(config: &crate::config::HubConfig) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    Ok(match &config.store {
+        crate::config::StoreBackend::Sqlite => std::sync::Arc::new(safety::open_state(&config.state_dir)?),
+        crate::config::StoreBackend::Postgres(s) => std::sync::Arc::new(self::postgres::PostgresStore::open(s)?),
+    })
+}
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
