@@ -392,6 +392,29 @@ async fn dashboard_pages_render_their_data_without_javascript_and_refuse_writes_
     assert!(node.contains(OLD) && node.contains("Operations in flight") && node.contains("Leases"), "{node}");
     let compliance = dump_dom_without_js(&format!("{base}/compliance")).await;
     assert!(compliance.contains("data-member=\"m1\"") && compliance.contains("data-member=\"m2\""), "{compliance}");
+    // The schedule page: n2's OS asks for a reboot, and m2's node OS window (daily, opening 12 h from now) is shut,
+    // so the reboot is predicted at that opening.
+    let opens = chrono::Utc::now() + chrono::TimeDelta::hours(12);
+    let m2_window = f.work.path().join("m2-window.json");
+    std::fs::write(
+        &m2_window,
+        format!(
+            r#"{{"frequency":{{"type":"Daily","interval_days":1}},"start_time":"{}","duration_hours":4}}"#,
+            opens.format("%H:%M")
+        ),
+    )
+    .expect("write");
+    f.ok(&["member", "set-window", "m2", "-f", &m2_window.to_string_lossy()]).await;
+    let flag = f.work.path().join("n2/root/run/reboot-required");
+    std::fs::create_dir_all(flag.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&flag, "*** System restart required ***\n").expect("flag");
+    let at = opens.format("%Y-%m-%d %H:%M").to_string();
+    let schedule = wait_for("the schedule page predicts n2's reboot", WAIT, || async {
+        let page = dump_dom_without_js(&format!("{base}/schedule")).await;
+        page.contains("data-node=\"n2\"").then_some(page)
+    })
+    .await;
+    assert!(schedule.contains("reboot") && schedule.contains(&at), "reboot at {at}: {schedule}");
 
     // Plain HTTP: the same data in the served HTML, read-only, only for its own Host, 404 for what is not there.
     let host = format!("127.0.0.1:{port}");

@@ -160,6 +160,7 @@ async fn handle(dash: &Dash, req: Request<hyper::body::Incoming>) -> Response<Bo
         ["runs", name] => run_page(&mut c, name).await,
         ["nodes", name] => node_page(&mut c, name).await,
         ["compliance"] => compliance_page(&mut c).await,
+        ["schedule"] => schedule_page(&mut c).await,
         _ => Err(PageError(StatusCode::NOT_FOUND, format!("no page at {path}"))),
     };
     match page {
@@ -250,11 +251,17 @@ fn ago(ms: i64, now: DateTime<Utc>) -> String {
 }
 
 fn layout(title: &str, who: &str, body: &str) -> String {
-    let nav = [("/", "Fleet"), ("/members", "Members"), ("/runs", "Runs"), ("/compliance", "Compliance")]
-        .iter()
-        .map(|(href, text)| format!("<a href=\"{href}\">{text}</a>"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let nav = [
+        ("/", "Fleet"),
+        ("/members", "Members"),
+        ("/runs", "Runs"),
+        ("/compliance", "Compliance"),
+        ("/schedule", "Schedule"),
+    ]
+    .iter()
+    .map(|(href, text)| format!("<a href=\"{href}\">{text}</a>"))
+    .collect::<Vec<_>>()
+    .join(" ");
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
@@ -772,6 +779,44 @@ async fn compliance_page(c: &mut Client) -> Page {
     body.push_str(&table(&["Member", "Node OS channel", "Nodes", "Current", "Behind"], &summary));
     body.push_str(&details);
     Ok(("Compliance".into(), body))
+}
+
+/// Advance notice: what the hub predicts for the next seven days (`upkeepctl schedule`, docs/schedules.md).
+async fn schedule_page(c: &mut Client) -> Page {
+    let s =
+        c.get_schedule(v1::GetScheduleRequest { days: 7, ..Default::default() }).await.map_err(hub_err)?.into_inner();
+    let mut body = format!(
+        "<h1>Schedule</h1><p>What will happen until {} (UTC), at the earliest: update-run members, channel \
+         rollouts (one batch per <code>max_unavailable</code>, 600 s a batch assumed), reboots the OS asks for.</p>",
+        esc(&time(s.horizon_unix_ms))
+    );
+    let rows: Vec<(String, Vec<String>)> = s
+        .operations
+        .iter()
+        .map(|o| {
+            let node = if o.node.is_empty() {
+                td("node muted", "whole member")
+            } else {
+                format!("<td class=\"node\">{}</td>", link(&format!("/nodes/{}", enc(&o.node)), &o.node))
+            };
+            let when = if o.earliest_unix_ms == 0 { "unknown".to_string() } else { time(o.earliest_unix_ms) };
+            let batch = if o.batches > 0 { format!("{}/{}", o.batch, o.batches) } else { "-".into() };
+            (
+                format!(" data-member=\"{}\" data-node=\"{}\"", esc(&o.member), esc(&o.node)),
+                vec![
+                    td("earliest", &when),
+                    td("member", &o.member),
+                    node,
+                    td("source", &o.source),
+                    td("operation", &o.operation),
+                    td("batch", &batch),
+                    td("why", &o.why),
+                ],
+            )
+        })
+        .collect();
+    body.push_str(&table(&["Earliest (UTC)", "Member", "Node", "Source", "Operation", "Batch", "Why"], &rows));
+    Ok(("Schedule".into(), body))
 }
 
 #[cfg(test)]
