@@ -68,11 +68,38 @@ pub enum LeaseDecision {
     AlreadyHeld,
     /// Not now.
     Deny {
+        /// Why, in a word (a bounded set: metrics count denials by it).
+        cause: DenyCause,
         /// Why, for the node's report and the operator.
         reason: String,
         /// When to ask again, seconds.
         retry_after_seconds: u32,
     },
+}
+
+/// Why a lease was denied, in a word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyCause {
+    /// An update run is upgrading the member.
+    RunUpgrading,
+    /// The node is already out of service under another lease.
+    NodeOut,
+    /// The node OS window is closed.
+    WindowClosed,
+    /// The member's disruption budget is in use.
+    Budget,
+}
+
+impl DenyCause {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyCause::RunUpgrading => "run_upgrading",
+            DenyCause::NodeOut => "node_out_of_service",
+            DenyCause::WindowClosed => "window_closed",
+            DenyCause::Budget => "budget",
+        }
+    }
 }
 
 /// Longest pause a denied node is told to wait before asking again.
@@ -101,12 +128,14 @@ pub fn decide_lease(
     }
     if let Some(run) = b.upgrading_run {
         return LeaseDecision::Deny {
+            cause: DenyCause::RunUpgrading,
             reason: format!("update run {run:?} is upgrading member {:?}; reboots wait until it is done", b.member),
             retry_after_seconds: 15,
         };
     }
     if let Some(other) = b.held.iter().find(|l| l.node == node) {
         return LeaseDecision::Deny {
+            cause: DenyCause::NodeOut,
             reason: format!(
                 "node {node:?} is already out of service under lease {:?} ({})",
                 other.lease_id, other.purpose
@@ -117,12 +146,14 @@ pub fn decide_lease(
     if !forced && let Err(next) = window_allows(b.window, now) {
         return match next {
             Some(t) => LeaseDecision::Deny {
+                cause: DenyCause::WindowClosed,
                 reason: format!("the node OS window of member {:?} is closed; it opens {}", b.member, rfc3339(t)),
                 retry_after_seconds: u32::try_from((t - now).num_seconds().max(5))
                     .unwrap_or(MAX_RETRY_SECONDS)
                     .min(MAX_RETRY_SECONDS),
             },
             None => LeaseDecision::Deny {
+                cause: DenyCause::WindowClosed,
                 reason: format!(
                     "the node OS window of member {:?} has no opening in the next year; fix the schedule or force the reboot",
                     b.member
@@ -135,6 +166,7 @@ pub fn decide_lease(
     let slots = b.slots();
     if out.len() as u64 >= u64::from(slots) {
         return LeaseDecision::Deny {
+            cause: DenyCause::Budget,
             reason: format!(
                 "the disruption budget of member {:?} is in use: max_unavailable {} allows {slots} of {} nodes out of \
                  service and {} {} out",
@@ -403,7 +435,8 @@ mod tests {
         let held = [lease("n1", "reboot/a")];
         assert_eq!(decide_lease(&budget(&held, None), "n1", "reboot/a", false, now), LeaseDecision::AlreadyHeld);
         match decide_lease(&budget(&held, None), "n2", "reboot/b", false, now) {
-            LeaseDecision::Deny { reason, .. } => {
+            LeaseDecision::Deny { cause, reason, .. } => {
+                assert_eq!(cause, DenyCause::Budget);
                 assert!(reason.contains("\"n1\""), "{reason}");
                 assert!(reason.contains("max_unavailable 1"), "{reason}");
             }
@@ -422,7 +455,8 @@ mod tests {
         let w = weekly_monday_10_utc();
         let closed = at("2026-11-24T09:00:00Z");
         match decide_lease(&budget(&[], Some(&w)), "n1", "r", false, closed) {
-            LeaseDecision::Deny { reason, retry_after_seconds } => {
+            LeaseDecision::Deny { cause, reason, retry_after_seconds } => {
+                assert_eq!(cause, DenyCause::WindowClosed);
                 assert!(reason.contains("opens 2026-11-30T10:00:00Z"), "{reason}");
                 assert_eq!(retry_after_seconds, MAX_RETRY_SECONDS);
             }

@@ -26,6 +26,7 @@ struct StepName {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     decision: String,
+    reason: String,
 }
 
 /// A webhook delivery attempt: the webhook's name (operators create a handful) and `ok` or `failed`.
@@ -73,9 +74,11 @@ impl Counters {
         self.step_seconds.get_or_create(&StepName { step: step.to_string() }).observe(took.as_secs_f64());
     }
 
-    /// The lease desk decided: `granted`, `already_held` or `denied`.
-    pub fn lease_decision(&self, decision: &'static str) {
-        self.lease_decisions.get_or_create(&DecisionLabels { decision: decision.to_string() }).inc();
+    /// The lease desk decided: `granted`, `already_held` or `denied` with its cause (empty for the others).
+    pub fn lease_decision(&self, decision: &'static str, reason: &'static str) {
+        self.lease_decisions
+            .get_or_create(&DecisionLabels { decision: decision.to_string(), reason: reason.to_string() })
+            .inc();
     }
 
     /// A member's result arrived `took` before the members it let go started.
@@ -120,7 +123,8 @@ impl Counters {
         );
         registry.register(
             "upkeep_lease_decisions",
-            "Lease decisions of the desk, by decision",
+            "Lease decisions of the desk, by decision and, for denials, reason (window_closed, budget, run_upgrading, \
+             node_out_of_service)",
             self.lease_decisions.clone(),
         );
         registry.register(

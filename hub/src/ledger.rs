@@ -190,7 +190,7 @@ impl Ledger {
             tracing::info!(node = %node.name, from = %prev.lease_id, to = ask.lease_id, "lease adopted by the owner's next work");
             prev.lease_id = ask.lease_id.to_string();
             self.record(node, member, ask)?;
-            self.fleet.counters().lease_decision("already_held");
+            self.fleet.counters().lease_decision("already_held", "");
             return Ok(LeaseDecision::AlreadyHeld);
         }
         let node_count = self.fleet.view().member_node_count(member) as u32;
@@ -216,11 +216,11 @@ impl Ledger {
             held: &held,
         };
         let decision = decide_lease(&budget, &node.name, ask.lease_id, ask.outside_window, Utc::now());
-        self.fleet.counters().lease_decision(match decision {
-            LeaseDecision::Grant => "granted",
-            LeaseDecision::AlreadyHeld => "already_held",
-            LeaseDecision::Deny { .. } => "denied",
-        });
+        match &decision {
+            LeaseDecision::Grant => self.fleet.counters().lease_decision("granted", ""),
+            LeaseDecision::AlreadyHeld => self.fleet.counters().lease_decision("already_held", ""),
+            LeaseDecision::Deny { cause, .. } => self.fleet.counters().lease_decision("denied", cause.as_str()),
+        }
         if matches!(decision, LeaseDecision::Grant | LeaseDecision::AlreadyHeld) {
             let lease = self.record(node, member, ask)?;
             if decision == LeaseDecision::Grant {

@@ -292,7 +292,7 @@ impl Maintenance {
         let holder = format!("reboot/{node}");
         let ask = LeaseAsk { lease_id: &id, holder: &holder, purpose: &purpose, outside_window: false, forced: false };
         match self.ledger().take(&rec, &ask)? {
-            LeaseDecision::Deny { reason, retry_after_seconds } => {
+            LeaseDecision::Deny { reason, retry_after_seconds, .. } => {
                 tracing::info!(node, lease = %req.lease_id, %reason, "reboot not now");
                 let why = NodeWhy {
                     behind: String::new(),

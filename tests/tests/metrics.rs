@@ -103,7 +103,23 @@ async fn a_scrape_reports_the_fleet_a_reboots_steps_revocations_and_certificate_
         assert_eq!(value(&body, &count), Some(1), "{body}");
     }
     assert!(!body.contains("result=\"failed\""), "{body}");
-    assert_eq!(value(&body, "upkeep_lease_decisions_total{decision=\"granted\"}"), Some(1), "{body}");
+    assert_eq!(value(&body, "upkeep_lease_decisions_total{decision=\"granted\",reason=\"\"}"), Some(1), "{body}");
+    // A reboot the window refuses: counted as denied, by its reason.
+    let window = dir.path().join("window.json");
+    let opens = chrono::Utc::now() + chrono::TimeDelta::hours(12);
+    std::fs::write(
+        &window,
+        format!(
+            r#"{{"frequency":{{"type":"Daily","interval_days":1}},"start_time":"{}","duration_hours":4}}"#,
+            opens.format("%H:%M")
+        ),
+    )
+    .expect("window");
+    upkeepctl_ok(&pki, &hub.url(), &["member", "set-window", "m1", "-f", &window.to_string_lossy()]).await;
+    upkeepctl_refused(&pki, &hub.url(), &["node", "reboot", "n2"]).await;
+    let (_, body) = http(port, "GET", "/metrics");
+    let denied = "upkeep_lease_decisions_total{decision=\"denied\",reason=\"window_closed\"}";
+    assert_eq!(value(&body, denied), Some(1), "{body}");
 
     // A release in the catalog, counted by family.
     let work = dir.path().join("work");
