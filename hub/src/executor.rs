@@ -80,6 +80,54 @@ pub enum NodeOutcome {
     Failed(String),
 }
 
+/// One piece of work that included a node, for its history (`node show`, the dashboard's node page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHistory {
+    /// Work id.
+    pub work_id: String,
+    /// What it was for.
+    pub purpose: String,
+    /// Done, Skipped, Failed, or Running.
+    pub outcome: String,
+    /// Why skipped or failed.
+    pub detail: String,
+    /// Started (Unix ms).
+    pub started_ms: i64,
+    /// Finished (Unix ms), if the job has.
+    pub finished_ms: Option<i64>,
+}
+
+/// The stored jobs that included `node`, newest first, at most `limit`. A job whose state cannot be read is left
+/// out (the executor reports it where it resumes jobs).
+pub fn node_history(store: &dyn Store, node: &str, limit: usize) -> Result<Vec<NodeHistory>, StoreError> {
+    let mut out: Vec<NodeHistory> = store
+        .list_jobs(None)?
+        .into_iter()
+        .filter_map(|j| serde_json::from_str::<JobState>(&j.state).ok().map(|s| (j, s)))
+        .filter(|(_, s)| s.spec.plan.nodes().any(|w| w.node == node))
+        .map(|(j, s)| {
+            let (outcome, detail) = match s.nodes.get(node) {
+                Some(NodeOutcome::Done) => ("Done", String::new()),
+                Some(NodeOutcome::Skipped(why)) => ("Skipped", why.clone()),
+                Some(NodeOutcome::Failed(why)) => ("Failed", why.clone()),
+                None if s.status == JobStatus::Running => ("Running", String::new()),
+                None => ("NotReached", format!("the work ended {}", j.status)),
+            };
+            NodeHistory {
+                work_id: j.id,
+                purpose: s.spec.purpose.clone(),
+                outcome: outcome.to_string(),
+                detail,
+                started_ms: s.started_ms,
+                finished_ms: s.finished_ms,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (b.started_ms, &b.work_id).cmp(&(a.started_ms, &a.work_id)));
+    out.truncate(limit);
+    Ok(out)
+}
+
 /// A job's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobStatus {

@@ -324,6 +324,11 @@ async fn dashboard_in_chromium_shows_the_fleet_and_follows_a_run_live_without_a_
     })
     .await;
     browser.screenshot(&output_dir().join("fleet-page.png")).await;
+    // A node's page shows the run's work in its history.
+    browser.go(&format!("{base}/nodes/n1")).await;
+    let history = browser.js("return [...document.querySelectorAll('tr[data-work]')].map(r => r.textContent);").await;
+    let history = history.as_array().expect("rows").iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join("\n");
+    assert!(history.contains("run/r1/") && history.contains("Done"), "node page history: {history}");
     browser.quit().await;
     let _ = dash.kill().await;
     f.stop().await;

@@ -342,6 +342,18 @@ async fn the_schedule_predicts_a_windowed_rollout_and_the_rollout_then_keeps_to_
     let order: Vec<String> = f.log().iter().filter_map(|l| l.strip_prefix("cordon ").map(str::to_string)).collect();
     assert_eq!(order, ["n1", "n2", "n3"], "the predicted batch order");
     one_at_a_time(&f.log());
+    // Each node's history shows the rollout that reimaged it.
+    for n in ["n1", "n2", "n3"] {
+        let node = f.json(&["node", "show", n]).await;
+        let history = node["history"].as_array().expect("history");
+        assert_eq!(history.len(), 1, "{n}: {history:?}");
+        assert_eq!(history[0]["outcome"], "Done", "{n}: {history:?}");
+        assert!(history[0]["work_id"].as_str().expect("id").starts_with("rollout/m1/"), "{n}: {history:?}");
+        assert!(history[0]["purpose"].as_str().expect("purpose").contains("node-image:Debian-12-202312.01.0"));
+        assert!(history[0]["finished"].is_string(), "{n}: {history:?}");
+    }
+    let list = f.json(&["node", "list"]).await;
+    assert!(list["nodes"][0].get("history").is_none(), "node list stays as it was");
     // Nothing is owed any more.
     assert!(schedule(&f, &[]).await.is_empty());
     // Bad input names the flag.

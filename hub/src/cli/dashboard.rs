@@ -720,11 +720,29 @@ async fn node_page(c: &mut Client, name: &str) -> Page {
             )
         })
         .collect();
+    let history: Vec<(String, Vec<String>)> = n
+        .history
+        .iter()
+        .map(|h| {
+            (
+                format!(" data-work=\"{}\"", esc(&h.work_id)),
+                vec![
+                    td("started", &time(h.started_unix_ms)),
+                    td("finished", &time(h.finished_unix_ms)),
+                    td("work", &h.work_id),
+                    td("purpose", &h.purpose),
+                    status_td(&h.outcome),
+                    td("detail", &h.detail),
+                ],
+            )
+        })
+        .collect();
     let body = format!(
-        "<h1>Node {}</h1>{dl}<h2>Operations in flight</h2>{}<h2>Leases</h2>{}",
+        "<h1>Node {}</h1>{dl}<h2>Operations in flight</h2>{}<h2>Leases</h2>{}<h2>History</h2>{}",
         esc(&r.node_name),
         table(&["Operation", "Kind", "Step", "State"], &ops),
-        table(&["Holder", "Purpose", "Lease", "Granted (UTC)", "Expires (UTC)", "Forced"], &lease_rows)
+        table(&["Holder", "Purpose", "Lease", "Granted (UTC)", "Expires (UTC)", "Forced"], &lease_rows),
+        table(&["Started (UTC)", "Finished (UTC)", "Work", "Purpose", "Outcome", "Detail"], &history)
     );
     Ok((format!("Node {}", r.node_name), body))
 }

@@ -73,6 +73,26 @@ pub struct NodeJson {
     pub next_eligible: Option<String>,
     /// The lease that keeps it out of service, with holder and since when (empty: in service).
     pub out_of_service: String,
+    /// The work done to it, newest first (`node show` only; absent from `node list`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<HistoryJson>>,
+}
+
+/// JSON form of one entry of a node's history.
+#[derive(Debug, Serialize)]
+pub struct HistoryJson {
+    /// Work id.
+    pub work_id: String,
+    /// What it was for.
+    pub purpose: String,
+    /// Done, Skipped, Failed, NotReached or Running.
+    pub outcome: String,
+    /// Why skipped or failed.
+    pub detail: String,
+    /// Started (RFC 3339 UTC).
+    pub started: Option<String>,
+    /// Finished (RFC 3339 UTC), null while running.
+    pub finished: Option<String>,
 }
 
 /// JSON form of an operation in flight.
@@ -162,7 +182,27 @@ pub fn node_json(n: &v1::Node) -> NodeJson {
         waiting: n.waiting.clone(),
         next_eligible: rfc3339(n.next_eligible_unix_ms),
         out_of_service: n.out_of_service.clone(),
+        history: None,
     }
+}
+
+/// `node show`'s JSON: the node with its history.
+pub fn node_show_json(n: &v1::Node) -> NodeJson {
+    let mut j = node_json(n);
+    j.history = Some(
+        n.history
+            .iter()
+            .map(|h| HistoryJson {
+                work_id: h.work_id.clone(),
+                purpose: h.purpose.clone(),
+                outcome: h.outcome.clone(),
+                detail: h.detail.clone(),
+                started: rfc3339(h.started_unix_ms),
+                finished: rfc3339(h.finished_unix_ms),
+            })
+            .collect(),
+    );
+    j
 }
 
 /// One cell for `node list`: out of service (and who holds it), behind its channel, or "-".
@@ -282,7 +322,7 @@ pub fn print_nodes(format: Format, nodes: &[v1::Node], now: DateTime<Utc>, out: 
 
 /// `node show`.
 pub fn print_node(format: Format, n: &v1::Node, now: DateTime<Utc>, out: &mut dyn Write) -> anyhow::Result<()> {
-    let j = node_json(n);
+    let j = node_show_json(n);
     if format.is_structured() {
         return emit(format, out, &j);
     }
@@ -333,6 +373,14 @@ pub fn print_node(format: Format, n: &v1::Node, now: DateTime<Utc>, out: &mut dy
         writeln!(out, "Operations:")?;
         for o in &j.operations {
             writeln!(out, "  {} {} step={} state={}", o.operation_id, o.kind, o.step, o.state)?;
+        }
+    }
+    if let Some(history) = j.history.as_ref().filter(|h| !h.is_empty()) {
+        writeln!(out, "History:")?;
+        for h in history {
+            let when = h.started.clone().unwrap_or_else(|| "-".into());
+            let detail = if h.detail.is_empty() { String::new() } else { format!(": {}", h.detail) };
+            writeln!(out, "  {when} {} {} ({}){detail}", h.outcome, h.work_id, h.purpose)?;
         }
     }
     Ok(())

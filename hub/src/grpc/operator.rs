@@ -109,7 +109,20 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             .get_node(name)
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("node {name:?} not found; see `upkeepctl node list`")))?;
-        Ok(Response::new(self.node_wire(&node, now_ms())))
+        let mut wire = self.node_wire(&node, now_ms());
+        wire.history = crate::executor::node_history(self.fleet.store(), name, 20)
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|h| v1::NodeHistoryEntry {
+                work_id: h.work_id,
+                purpose: h.purpose,
+                outcome: h.outcome,
+                detail: h.detail,
+                started_unix_ms: h.started_ms,
+                finished_unix_ms: h.finished_ms.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(wire))
     }
 
     async fn list_members(
