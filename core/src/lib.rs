@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod concurrency;
+pub mod events;
 pub mod forecast;
 pub mod ids;
 pub mod limits;

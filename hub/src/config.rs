@@ -45,14 +45,7 @@ pub struct HubConfig {
     pub store: StoreBackend,
 }
 
-/// Where the hub keeps its state (`[store]` in hub.toml).
-#[derive(Debug, Clone)]
-pub enum StoreBackend {
-    /// The embedded default: `hub.db` under `state_dir` (no `[store] url`).
-    Sqlite,
-    /// A PostgreSQL database (`[store] url`).
-    Postgres(Box<crate::store::postgres::PostgresSettings>),
-}
+pub use crate::store::StoreBackend;
 
 /// The environment variable the PostgreSQL password may come from (when `store.password_file` is not set).
 pub const STORE_PASSWORD_ENV: &str = "UPKEEP_STORE_PASSWORD";

@@ -235,7 +235,7 @@ impl Fleet {
         let old = if self.webhooks_active() { Some(self.store.get_node(node)?.map(|n| n.facts)) } else { None };
         let member = self.store.record_report(node, &facts, now)?;
         if let Some(old) = old {
-            crate::webhooks::emit(self.store(), &crate::webhooks::report_events(node, old.as_ref(), &facts, now));
+            crate::outbox::emit(self.store(), &crate::outbox::report_events(node, old.as_ref(), &facts, now));
         }
         // The report's row carries the time: stored now.
         self.heard().insert(node.to_string(), Heard { at: now, queued: now });

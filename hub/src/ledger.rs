@@ -151,8 +151,8 @@ impl Ledger {
     pub fn expire(&self) -> Result<(), StoreError> {
         let now = now_ms();
         let expired = self.store().expire_leases(now)?;
-        let events: Vec<_> = expired.iter().map(|l| crate::webhooks::lease_event("expired", l, now)).collect();
-        crate::webhooks::emit(self.store(), &events);
+        let events: Vec<_> = expired.iter().map(|l| crate::outbox::lease_event("expired", l, now)).collect();
+        crate::outbox::emit(self.store(), &events);
         for l in &expired {
             tracing::warn!(node = %l.node, lease = %l.lease_id, holder = %l.holder, "lease expired (holder silent)");
             lock(&self.holders).remove(&l.node);
@@ -224,7 +224,7 @@ impl Ledger {
         if matches!(decision, LeaseDecision::Grant | LeaseDecision::AlreadyHeld) {
             let lease = self.record(node, member, ask)?;
             if decision == LeaseDecision::Grant {
-                crate::webhooks::emit(self.store(), &[crate::webhooks::lease_event("granted", &lease, now_ms())]);
+                crate::outbox::emit(self.store(), &[crate::outbox::lease_event("granted", &lease, now_ms())]);
                 tracing::info!(node = %node.name, member, lease = ask.lease_id, holder = ask.holder, forced = ask.forced,
                     purpose = ask.purpose, "lease granted");
             }
@@ -287,8 +287,8 @@ impl Ledger {
 
     fn after_release(&self, node: &str, released: &[LeaseRecord]) -> Result<(), StoreError> {
         let now = now_ms();
-        let events: Vec<_> = released.iter().map(|l| crate::webhooks::lease_event("released", l, now)).collect();
-        crate::webhooks::emit(self.store(), &events);
+        let events: Vec<_> = released.iter().map(|l| crate::outbox::lease_event("released", l, now)).collect();
+        crate::outbox::emit(self.store(), &events);
         for l in released {
             tracing::info!(node, lease = %l.lease_id, holder = %l.holder, "lease released");
         }

@@ -22,6 +22,7 @@ pub mod join;
 pub mod ledger;
 pub mod maintenance;
 pub mod metrics;
+pub mod outbox;
 pub mod pki;
 pub mod revocation;
 pub mod schedule;

@@ -665,9 +665,15 @@ impl Maintenance {
         self.store().put_rollout(member, &json)?;
         // Saved when a rollout starts and when it ends: each is a webhook event.
         let failed = state.failed.keys().filter(|n| state.rollout.tasks.contains_key(*n)).cloned().collect();
-        let e =
-            crate::webhooks::rollout_event(member, &state.rollout.id, &state.status, state.rollout.tasks.len(), failed);
-        crate::webhooks::emit(self.store(), &[e]);
+        let e = crate::outbox::rollout_event(
+            member,
+            &state.rollout.id,
+            &state.status,
+            state.rollout.tasks.len(),
+            failed,
+            now_ms(),
+        );
+        crate::outbox::emit(self.store(), &[e]);
         Ok(())
     }
 

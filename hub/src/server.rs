@@ -79,7 +79,7 @@ pub const STREAMS_PER_CONNECTION: u32 = 32;
 pub fn open_fleet(config: &HubConfig) -> anyhow::Result<Arc<Fleet>> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir = {}: cannot create", config.state_dir.display()))?;
-    let store = crate::store::open(config)?;
+    let store = crate::store::open(&config.store, &config.state_dir)?;
     Ok(Arc::new(Fleet::new(
         store,
         Timing {

@@ -17,7 +17,7 @@
 //! Delivered events are pruned after [`RETENTION`].
 
 use crate::fleet::{Fleet, NodeStatus, now_ms};
-use crate::store::{Delivery, LeaseRecord, NodeFacts, OutboxEvent, Store};
+use crate::store::{Delivery, OutboxEvent};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Request, Uri};
@@ -45,7 +45,6 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// How often node statuses are compared for `upkeep.node.ready` / `upkeep.node.unknown`.
 const STATUS_POLL: Duration = Duration::from_secs(1);
 /// The prefix of every event type.
-pub const TYPE_PREFIX: &str = "upkeep.";
 /// The signature header.
 pub const SIGNATURE_HEADER: &str = "upkeep-signature";
 /// The content type of a structured-mode CloudEvent.
@@ -75,66 +74,7 @@ impl Default for WebhookSettings {
     }
 }
 
-/// `NotStarted` -> `not_started`: a status or kind as a segment of an event type.
-pub fn snake(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 4);
-    for (i, c) in s.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else if c.is_ascii_alphanumeric() || c == '_' {
-            out.push(c);
-        } else {
-            out.push('_');
-        }
-    }
-    out
-}
-
-/// Checks an event pattern: dot-separated segments of `[a-z0-9_]`, or `*`; the `upkeep.` prefix may be left out.
-/// `label` names the field or flag in the error.
-pub fn check_pattern(label: &str, p: &str) -> Result<(), String> {
-    let bare = p.strip_prefix(TYPE_PREFIX).unwrap_or(p);
-    let ok = !bare.is_empty()
-        && bare.split('.').all(|seg| {
-            seg == "*"
-                || (!seg.is_empty() && seg.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{label}: {p:?} is not an event pattern; give dot-separated names or *, e.g. run.*,node.ready,lease.* \
-             (docs/webhooks.md lists the types)"
-        ))
-    }
-}
-
-/// Whether `event_type` (`upkeep.run.member.completed`) matches one of `patterns`. A pattern is matched against
-/// the type without its `upkeep.` prefix (given with it, the prefix is dropped first), segment by segment: `*`
-/// matches any one segment, and a last `*` any number of remaining segments (at least one). `*` alone matches
-/// everything.
-pub fn type_matches(patterns: &[String], event_type: &str) -> bool {
-    let t = event_type.strip_prefix(TYPE_PREFIX).unwrap_or(event_type);
-    let segs: Vec<&str> = t.split('.').collect();
-    patterns.iter().any(|p| {
-        let p = p.strip_prefix(TYPE_PREFIX).unwrap_or(p);
-        let ps: Vec<&str> = p.split('.').collect();
-        for (i, pat) in ps.iter().enumerate() {
-            let last = i + 1 == ps.len();
-            if last && *pat == "*" {
-                return segs.len() > i;
-            }
-            match segs.get(i) {
-                Some(s) if *pat == "*" || pat == s => {}
-                _ => return false,
-            }
-        }
-        ps.len() == segs.len()
-    })
-}
+pub use upkeep_core::events::{TYPE_PREFIX, check_pattern, snake, type_matches};
 
 /// Checks a receiver URL: `https://host[:port]/path`, or `http://` to a loopback address (127.0.0.0/8, ::1). No
 /// credentials in it. `label` names the field or flag in the error.
@@ -211,75 +151,14 @@ pub fn cloudevent(source: &str, seq: u64, e: &OutboxEvent) -> serde_json::Value 
     })
 }
 
-fn event(event_type: &str, subject: String, time_ms: i64, data: serde_json::Value) -> OutboxEvent {
-    OutboxEvent { event_type: format!("{TYPE_PREFIX}{event_type}"), subject, time_ms, data: data.to_string() }
-}
-
-/// Node events of a report: `node.registered` for a node the hub did not know, `node.image_changed` when its
-/// node-image-version label changed.
-pub fn report_events(node: &str, old: Option<&NodeFacts>, new: &NodeFacts, now: i64) -> Vec<OutboxEvent> {
-    let subject = format!("nodes/{node}");
-    match old {
-        None => vec![event(
-            "node.registered",
-            subject,
-            now,
-            serde_json::json!({"node": node, "member": new.member, "node_pool": new.node_pool,
-                "region": new.region, "node_image_version": new.node_image_version}),
-        )],
-        Some(o) if o.node_image_version != new.node_image_version => vec![event(
-            "node.image_changed",
-            subject,
-            now,
-            serde_json::json!({"node": node, "member": new.member, "from": o.node_image_version,
-                "to": new.node_image_version, "security_patch_version": new.security_patch_version}),
-        )],
-        Some(_) => Vec::new(),
-    }
-}
-
 /// `node.ready` / `node.unknown`.
 pub fn status_event(node: &str, from: NodeStatus, to: NodeStatus, now: i64) -> OutboxEvent {
-    event(
+    crate::outbox::event(
         &format!("node.{}", snake(to.as_str())),
         format!("nodes/{node}"),
         now,
         serde_json::json!({"node": node, "from": from.as_str(), "to": to.as_str()}),
     )
-}
-
-/// `lease.granted`, `lease.released`, `lease.expired` (subject: the node).
-pub fn lease_event(what: &str, l: &LeaseRecord, now: i64) -> OutboxEvent {
-    event(
-        &format!("lease.{what}"),
-        format!("nodes/{}", l.node),
-        now,
-        serde_json::json!({"node": l.node, "lease_id": l.lease_id, "member": l.member, "holder": l.holder,
-            "purpose": l.purpose, "forced": l.forced, "expires_ms": l.expires_ms}),
-    )
-}
-
-/// `rollout.started`, `rollout.completed`, `rollout.failed` (subject: the member).
-pub fn rollout_event(member: &str, rollout: &str, status: &str, nodes: usize, failed: Vec<String>) -> OutboxEvent {
-    let what = if status == "Running" { "started".to_string() } else { snake(status) };
-    event(
-        &format!("rollout.{what}"),
-        format!("members/{member}"),
-        now_ms(),
-        serde_json::json!({"member": member, "rollout": rollout, "status": status, "nodes": nodes,
-            "failed": failed}),
-    )
-}
-
-/// Puts events in the outbox (for the webhooks that want them). A store failure is logged: the state change that
-/// caused them is already committed.
-pub fn emit(store: &dyn Store, events: &[OutboxEvent]) {
-    if events.is_empty() {
-        return;
-    }
-    if let Err(e) = store.enqueue_events(events) {
-        tracing::error!(error = %e, first = %events[0].event_type, "enqueueing webhook events");
-    }
 }
 
 /// The delay before attempt `attempts + 1` after `attempts` failed ones: 1 s doubled per failure, at most 5 min,
@@ -363,7 +242,7 @@ async fn watch_statuses(fleet: Arc<Fleet>) {
             }
         }
         first = false;
-        emit(fleet.store(), &events);
+        crate::outbox::emit(fleet.store(), &events);
     }
 }
 

@@ -234,7 +234,7 @@ impl TestHub {
     /// database): for tests that look at the stored state while the hub is stopped.
     pub fn open_store(&self) -> std::sync::Arc<dyn upkeep_hub::store::Store> {
         let cfg = upkeep_hub::config::load(&self.config_path, &Default::default()).expect("hub config");
-        upkeep_hub::store::open(&cfg).expect("open the hub's store")
+        upkeep_hub::store::open(&cfg.store, &cfg.state_dir).expect("open the hub's store")
     }
 
     /// Stops and starts again on the same address with the same state.

@@ -14,12 +14,21 @@ pub mod view;
 use serde::{Deserialize, Serialize};
 use upkeep_core::channel::{AutoUpgradeChannel, NodeOsChannel};
 
-/// Opens the store `config` names: PostgreSQL when `[store] url` is set (its schema must be current: `upkeep-hub
-/// migrate`), else the SQLite database under `state_dir` (checked, and migrated in place).
-pub fn open(config: &crate::config::HubConfig) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    Ok(match &config.store {
-        crate::config::StoreBackend::Sqlite => std::sync::Arc::new(safety::open_state(&config.state_dir)?),
-        crate::config::StoreBackend::Postgres(s) => std::sync::Arc::new(self::postgres::PostgresStore::open(s)?),
+/// Where the hub keeps its state (`[store]` in hub.toml).
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// The embedded default: `hub.db` under `state_dir` (no `[store] url`).
+    Sqlite,
+    /// A PostgreSQL database (`[store] url`).
+    Postgres(Box<postgres::PostgresSettings>),
+}
+
+/// Opens the store `backend` names (hub.toml's `store`): PostgreSQL when `[store] url` is set (its schema must be
+/// current: `upkeep-hub migrate`), else the SQLite database under `state_dir` (checked, and migrated in place).
+pub fn open(backend: &StoreBackend, state_dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    Ok(match backend {
+        StoreBackend::Sqlite => std::sync::Arc::new(safety::open_state(state_dir)?),
+        StoreBackend::Postgres(s) => std::sync::Arc::new(self::postgres::PostgresStore::open(s)?),
     })
 }
 
@@ -389,7 +398,7 @@ pub struct WebhookRecord {
     pub name: String,
     /// `https://` URL (or `http://` to a loopback address), checked by `crate::webhooks::check_url`.
     pub url: String,
-    /// Event type patterns (`run.*`, `node.ready`; `crate::webhooks::type_matches`).
+    /// Event type patterns (`run.*`, `node.ready`; `upkeep_core::events::type_matches`).
     pub events: Vec<String>,
     /// HMAC-SHA256 key of the signature header; empty: deliveries are not signed. Never shown.
     pub secret: String,
@@ -441,9 +450,9 @@ pub struct Delivery {
 
 /// The outbox event of a stored run event (what `commit_run` and `append_events` enqueue in their transaction).
 pub fn run_event_outbox(e: &EventRecord) -> OutboxEvent {
-    let to = crate::webhooks::snake(&e.event.to);
+    let to = upkeep_core::events::snake(&e.event.to);
     OutboxEvent {
-        event_type: format!("upkeep.run.{}.{to}", crate::webhooks::snake(&e.event.kind)),
+        event_type: format!("upkeep.run.{}.{to}", upkeep_core::events::snake(&e.event.kind)),
         subject: format!("runs/{}", e.run),
         time_ms: e.event.at_ms,
         data: serde_json::json!({

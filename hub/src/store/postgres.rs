@@ -743,7 +743,7 @@ fn enqueue(c: &mut impl GenericClient, events: &[OutboxEvent]) -> Result<usize, 
         .map(|e| {
             let to = hooks
                 .iter()
-                .filter(|(_, patterns)| crate::webhooks::type_matches(patterns, &e.event_type))
+                .filter(|(_, patterns)| upkeep_core::events::type_matches(patterns, &e.event_type))
                 .map(|(name, _)| name)
                 .collect::<Vec<_>>();
             (e, to)

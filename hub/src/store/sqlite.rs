@@ -1634,7 +1634,7 @@ fn enqueue(tx: &Connection, events: &[OutboxEvent]) -> Result<usize, StoreError>
     for e in events {
         let to: Vec<&String> = hooks
             .iter()
-            .filter(|(_, patterns)| crate::webhooks::type_matches(patterns, &e.event_type))
+            .filter(|(_, patterns)| upkeep_core::events::type_matches(patterns, &e.event_type))
             .map(|(name, _)| name)
             .collect();
         if to.is_empty() {
