@@ -43,6 +43,9 @@ pub struct HubConfig {
     pub webhooks: crate::webhooks::WebhookSettings,
     /// `[store]`: where the fleet's state is kept.
     pub store: StoreBackend,
+    /// `[store] artifacts_dir`: where image files are kept (content-addressed under `sha256/`); default
+    /// `<state_dir>/artifacts`. Hubs sharing one database share this directory too (docs/postgres.md).
+    pub artifacts_dir: PathBuf,
 }
 
 /// Where the hub keeps its state (`[store]` in hub.toml).
@@ -120,6 +123,7 @@ struct RawWebhooks {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     url: Option<String>,
+    artifacts_dir: Option<PathBuf>,
     password_file: Option<PathBuf>,
     connections: Option<usize>,
 }
@@ -132,6 +136,7 @@ fn parse_store(
     env_password: Option<String>,
 ) -> Result<StoreBackend, (String, String)> {
     let Some(raw) = raw else { return Ok(StoreBackend::Sqlite) };
+    // `artifacts_dir` is the same for either store (read by `load`).
     let Some(url) = raw.url else {
         if raw.password_file.is_some() || raw.connections.is_some() {
             return Err((
@@ -277,7 +282,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<HubConfig, ConfigError
 
 /// Parses the text of `path` (see `load`).
 pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    let mut raw: RawConfig = toml::from_str(text).map_err(|e| {
         let key = e.span().map(|s| text.get(s).unwrap_or("?").to_string()).unwrap_or_else(|| "(syntax)".into());
         err(path, key.trim(), e.message().to_string())
     })?;
@@ -409,9 +414,21 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
             webhooks.ca_file = Some(ca);
         }
     }
+    let artifacts_dir = match raw.store.as_mut().and_then(|s| s.artifacts_dir.take()).map(&resolve) {
+        Some(dir) if dir.as_os_str().is_empty() => {
+            return Err(err(
+                path,
+                "store.artifacts_dir",
+                "is empty; give a directory, or leave it out for STATE_DIR/artifacts",
+            ));
+        }
+        Some(dir) => dir,
+        None => state_dir.join("artifacts"),
+    };
     let store = parse_store(raw.store, resolve, std::env::var(STORE_PASSWORD_ENV).ok())
         .map_err(|(key, reason)| err(path, &key, reason))?;
     Ok(HubConfig {
+        artifacts_dir,
         webhooks,
         store,
         metrics,
