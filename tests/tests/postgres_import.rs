@@ -218,6 +218,7 @@ async fn a_sqlite_hub_moved_into_postgres_shows_the_same_fleet_and_serves_its_im
     let from = format!("sqlite:{}", old_state.join("db/hub.db").display());
     let (ok, out, err) = migrate(&new, &["--from", &from]).await;
     assert!(ok, "migrate --from: {err}");
+    eprintln!("upkeep-hub migrate --from {from}:\n{out}");
     for table in ["members", "nodes", "runs", "run_parts", "events", "images", "leases", "join_tokens", "webhooks"] {
         assert!(
             out.lines().any(|l| l.starts_with(&format!("copied {table}: ")) && !l.ends_with(": 0 rows")),
@@ -239,6 +240,9 @@ async fn a_sqlite_hub_moved_into_postgres_shows_the_same_fleet_and_serves_its_im
         assert_eq!(before[i], after[i], "upkeepctl {args:?} -o json differs after the move");
     }
     // The moved image is served from the shared directory: a run after the move reimages n2 with it.
+    let sha = before[2]["images"][0]["sha256"].as_str().expect("image sha256").to_string();
+    assert!(shared.join("sha256").join(&sha).is_file(), "the image file is in the shared directory");
+    assert!(!new_state.join("db/artifacts").exists(), "the new hub keeps no image files under its state_dir");
     let r2 = run_on(&pki, &url, work.path(), "r2", "m2").await;
     assert_eq!(run_member(&r2, "m2")["status"], "Completed", "{r2}");
     let list = upkeepctl_json(&pki, &url, &["node", "list"]).await.expect("node list");
@@ -333,6 +337,11 @@ async fn a_move_into_a_database_holding_a_fleet_or_from_another_schema_version_i
         assert!(err.contains(&format!("SQLite schema version {v}")) && err.contains(fix), "{err}");
     }
     assert_eq!(upkeep_hub::store::postgres::current_version(&empty.settings).expect("version"), 0, "untouched");
+    // A SQLite hub still running (holding its state directory's lock) is not read.
+    let lock = upkeep_hub::store::safety::lock_state_dir(b.parent().expect("state dir")).expect("lock");
+    let (ok, _, err) = migrate(&config2, &["--from", &format!("sqlite:{}", b.display())]).await;
+    assert!(!ok && err.contains("a hub is running") && err.contains("stop it first"), "{err}");
+    drop(lock);
     // Bad input names the flag.
     let (ok, _, err) = migrate(&config2, &["--from", "mysql://x"]).await;
     assert!(!ok && err.contains("--from mysql://x: give sqlite:PATH"), "{err}");

@@ -121,7 +121,7 @@ pub fn import_sqlite(
     // cannot start while its state is being read.
     let _lock = match db.parent() {
         Some(dir) if dir.join(super::safety::LOCK_FILE).exists() => {
-            Some(super::safety::lock_state_dir(dir).map_err(|e| anyhow!("{flag}: {e}; stop that hub first"))?)
+            Some(super::safety::lock_state_dir(dir).map_err(|e| anyhow!("{flag}: {e}"))?)
         }
         _ => None,
     };
@@ -742,14 +742,17 @@ mod tests {
         s.use_join_token("t1", &"b".repeat(64), "n3", 5).expect("use").expect("accepted");
     }
 
+    /// A table's rows, every column as text.
+    type Rows = Vec<Vec<Option<String>>>;
+
     /// Every row of `table`, every column as text, sorted (the same in both databases when the copy is whole).
-    fn sqlite_rows(conn: &Connection, table: &str, cols: &[String]) -> Vec<Vec<Option<String>>> {
+    fn sqlite_rows(conn: &Connection, table: &str, cols: &[String]) -> Rows {
         let sql = format!(
             "SELECT {} FROM {table}",
             cols.iter().map(|c| format!("CAST({c} AS TEXT)")).collect::<Vec<_>>().join(", ")
         );
         let mut stmt = conn.prepare(&sql).expect("prepare");
-        let mut rows: Vec<Vec<Option<String>>> = stmt
+        let mut rows: Rows = stmt
             .query_map([], |r| (0..cols.len()).map(|i| r.get::<_, Option<String>>(i)).collect())
             .expect("query")
             .collect::<Result<_, _>>()
@@ -778,7 +781,7 @@ mod tests {
         let conn = Connection::open(&db).expect("open");
         let mut empty = Vec::new();
         let settings2 = settings.clone();
-        let pg_side: Vec<(String, Vec<String>, Vec<Vec<Option<String>>>)> = std::thread::spawn(move || {
+        let pg_side: Vec<(String, Vec<String>, Rows)> = std::thread::spawn(move || {
             let mut c = pg_client(&settings2);
             let mut out = Vec::new();
             for t in COPIED {
@@ -802,7 +805,7 @@ mod tests {
                     })
                     .collect::<Vec<_>>()
                     .join(", ");
-                let mut rows: Vec<Vec<Option<String>>> = c
+                let mut rows: Rows = c
                     .query(&format!("SELECT {select} FROM {t}"), &[])
                     .expect("rows")
                     .iter()
