@@ -57,12 +57,12 @@ impl Drop for Database {
     }
 }
 
-/// Runs `upkeep-hub --config CONFIG migrate ARGS`; (success, stdout, stderr).
+/// Runs `upkeep-hub migrate --config CONFIG ARGS` (the form docs/postgres.md gives); (success, stdout, stderr).
 async fn migrate(config: &Path, args: &[&str]) -> (bool, String, String) {
     let out = tokio::process::Command::new(bin("upkeep-hub"))
+        .arg("migrate")
         .arg("--config")
         .arg(config)
-        .arg("migrate")
         .args(args)
         .output()
         .await

@@ -16,8 +16,8 @@ use upkeep_hub::store::safety;
 #[derive(Debug, Parser)]
 #[command(name = "upkeep-hub", version)]
 struct Args {
-    /// Configuration file.
-    #[arg(long, env = "UPKEEP_HUB_CONFIG", default_value = "/etc/upkeep/hub.toml")]
+    /// Configuration file (before or after the subcommand: `upkeep-hub migrate --config FILE`).
+    #[arg(long, global = true, env = "UPKEEP_HUB_CONFIG", default_value = "/etc/upkeep/hub.toml")]
     config: PathBuf,
     /// Listen address (overrides `listen`).
     #[arg(long)]
