@@ -414,7 +414,7 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
             webhooks.ca_file = Some(ca);
         }
     }
-    let artifacts_dir = match raw.store.as_mut().and_then(|s| s.artifacts_dir.take()).map(&resolve) {
+    let artifacts_dir = match raw.store.as_mut().and_then(|s| s.artifacts_dir.take()) {
         Some(dir) if dir.as_os_str().is_empty() => {
             return Err(err(
                 path,
@@ -422,7 +422,7 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
                 "is empty; give a directory, or leave it out for STATE_DIR/artifacts",
             ));
         }
-        Some(dir) => dir,
+        Some(dir) => resolve(dir),
         None => state_dir.join("artifacts"),
     };
     let store = parse_store(raw.store, resolve, std::env::var(STORE_PASSWORD_ENV).ok())
@@ -541,6 +541,27 @@ mod tests {
         let half = base.replace("[tls]\n", "[tls]\nissuer_cert = \"issuer.pem\"\n");
         let e = parse(&path, &half, &Overrides::default()).expect_err("half").to_string();
         assert!(e.contains("hub.toml: tls.issuer_key: missing"), "{e}");
+    }
+
+    #[test]
+    fn artifacts_dir_defaults_under_state_dir_and_may_be_shared_with_either_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        let base = with_tls(dir.path());
+        let c = parse(&path, &base, &Overrides::default()).expect("valid");
+        assert_eq!(c.artifacts_dir, dir.path().join("state/artifacts"));
+        let sqlite = format!("{base}[store]\nartifacts_dir = \"/srv/shared\"\n");
+        let c = parse(&path, &sqlite, &Overrides::default()).expect("valid");
+        assert!(matches!(c.store, StoreBackend::Sqlite), "artifacts_dir alone keeps SQLite");
+        assert_eq!(c.artifacts_dir, PathBuf::from("/srv/shared"));
+        let pg = format!("{base}[store]\nurl = \"postgres://u@h/f\"\nartifacts_dir = \"shared\"\n");
+        let c = parse(&path, &pg, &Overrides::default()).expect("valid");
+        assert!(matches!(c.store, StoreBackend::Postgres(_)));
+        assert_eq!(c.artifacts_dir, dir.path().join("shared"), "relative to hub.toml");
+        let e = parse(&path, &format!("{base}[store]\nartifacts_dir = \"\"\n"), &Overrides::default())
+            .expect_err("empty")
+            .to_string();
+        assert!(e.contains("store.artifacts_dir: is empty"), "{e}");
     }
 
     #[test]
