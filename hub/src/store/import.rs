@@ -141,8 +141,15 @@ pub fn import_sqlite(
     };
     let digests = blob_digests(from.artifacts_from)?;
     let needed = local_images(&src).with_context(|| flag.clone())?;
-    imported.artifacts = move_artifacts(from.artifacts_from, &digests, artifacts_to, &needed)?;
-    // The copy itself: read every table into memory-bounded batches inside one SQLite read transaction.
+    // Files and directories the move creates get the owner of the SQLite hub's state directory: the move is often
+    // run as root for a hub that runs as its own user, which must still read them and write new uploads beside.
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        let dir = db.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::metadata(dir).map(|m| (m.uid(), m.gid())).with_context(|| format!("{flag}: {}", dir.display()))?
+    };
+    imported.artifacts = move_artifacts(from.artifacts_from, &digests, artifacts_to, &needed, owner)?;
+    // The copy itself: every table streamed from one SQLite read transaction into one PostgreSQL transaction.
     let db_path = db.to_path_buf();
     drop(src);
     let (tables, sequences) = on_thread(&pg, move |c| {
@@ -341,11 +348,19 @@ fn move_artifacts(
     digests: &[String],
     to: &Artifacts,
     needed: &[(String, String)],
+    owner: (u32, u32),
 ) -> anyhow::Result<ArtifactsMoved> {
     let mut moved = ArtifactsMoved::default();
     let src_dir = from.join("sha256");
+    let root = to.dir().parent().unwrap_or(to.dir()).to_path_buf();
+    let fresh = [!root.exists(), !to.dir().exists()];
     std::fs::create_dir_all(to.dir())
         .with_context(|| format!("store.artifacts_dir: creating {}", to.dir().display()))?;
+    for (dir, created) in [root.as_path(), to.dir()].into_iter().zip(fresh) {
+        if created {
+            give(dir, owner)?;
+        }
+    }
     for d in digests {
         let src = src_dir.join(d);
         let dest = to.path(d)?;
@@ -372,12 +387,14 @@ fn move_artifacts(
                 );
             }
             std::fs::rename(&tmp, &dest).with_context(|| dest.display().to_string())?;
+            give(&dest, owner)?;
             moved.linked += 1;
         } else {
             let f = std::fs::File::open(&src).with_context(|| src.display().to_string())?;
             to.put(f, Some(d)).map_err(|e| {
                 anyhow!("{}: {e}; the old hub's copy is damaged: publish that image again", src.display())
             })?;
+            give(&dest, owner)?;
             moved.copied += 1;
         }
     }
@@ -394,6 +411,23 @@ fn move_artifacts(
         }
     }
     Ok(moved)
+}
+
+/// Gives `path` to `owner` (uid, gid) when it belongs to someone else.
+fn give(path: &Path, owner: (u32, u32)) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).with_context(|| path.display().to_string())?;
+    if (m.uid(), m.gid()) == owner {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, Some(owner.0), Some(owner.1)).map_err(|e| {
+        anyhow!(
+            "{}: cannot give it to the hub's user (uid {}, the owner of the SQLite hub's state directory): {e}; run \
+             the move as root or as that user",
+            path.display(),
+            owner.0
+        )
+    })
 }
 
 /// One column of a copied table: its name and PostgreSQL type.
@@ -842,6 +876,40 @@ mod tests {
         assert!(e.contains("already holds hub state") && e.contains("createdb") && !e.contains('\n'), "{e}");
         let pg = PostgresStore::open(&settings).expect("open");
         assert_eq!(pg.events_since("r1", 0).expect("events").len(), 6, "nothing changed");
+    }
+
+    #[test]
+    fn image_files_are_verified_placed_once_and_given_to_the_hubs_user() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = Artifacts::at(&dir.path().join("old"));
+        let (good, _) = old.put(&b"an image"[..], None).expect("put");
+        let to = Artifacts::at(&dir.path().join("shared/artifacts"));
+        let me = std::fs::metadata(dir.path()).map(|m| (m.uid(), m.gid())).expect("meta");
+        // As root the files go to the hub's user; as anyone else they are already the caller's.
+        let owner = if me.0 == 0 { (65534, 65534) } else { me };
+        let from = dir.path().join("old");
+        let needed = vec![("Debian-12-1".to_string(), good.clone())];
+        let moved = move_artifacts(&from, &blob_digests(&from).expect("ls"), &to, &needed, owner).expect("move");
+        assert_eq!(moved.linked + moved.copied, 1, "{moved:?}");
+        let placed = to.path(&good).expect("path");
+        assert_eq!(std::fs::read(&placed).expect("read"), b"an image");
+        for p in [placed.as_path(), to.dir(), dir.path().join("shared/artifacts").as_path()] {
+            let m = std::fs::metadata(p).expect("meta");
+            assert_eq!((m.uid(), m.gid()), owner, "{}", p.display());
+        }
+        // Again: already there, checked, nothing placed twice.
+        let again = move_artifacts(&from, &blob_digests(&from).expect("ls"), &to, &needed, owner).expect("again");
+        assert_eq!(again, ArtifactsMoved { linked: 0, copied: 0, present: 1 });
+        // A file whose bytes do not hash to its name is refused, and so is an image whose file is nowhere.
+        let bad = "0".repeat(64);
+        std::fs::write(old.dir().join(&bad), b"tampered").expect("write");
+        let e = move_artifacts(&from, &[bad.clone()], &to, &[], owner).expect_err("tampered").to_string();
+        assert!(e.contains("hashes to") && e.contains("publish that image again"), "{e}");
+        assert!(!to.path(&bad).expect("path").exists(), "a refused file is not placed");
+        let missing = vec![("Debian-12-2".to_string(), "1".repeat(64))];
+        let e = move_artifacts(&from, &[], &to, &missing, owner).expect_err("missing").to_string();
+        assert!(e.contains("image Debian-12-2") && e.contains("--artifacts-from"), "{e}");
     }
 
     /// Enqueues more outbox events, delivers and prunes them, so that the largest seq left is below SQLite's mark.
