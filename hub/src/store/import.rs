@@ -904,7 +904,7 @@ mod tests {
         // A file whose bytes do not hash to its name is refused, and so is an image whose file is nowhere.
         let bad = "0".repeat(64);
         std::fs::write(old.dir().join(&bad), b"tampered").expect("write");
-        let e = move_artifacts(&from, &[bad.clone()], &to, &[], owner).expect_err("tampered").to_string();
+        let e = move_artifacts(&from, std::slice::from_ref(&bad), &to, &[], owner).expect_err("tampered").to_string();
         assert!(e.contains("hashes to") && e.contains("publish that image again"), "{e}");
         assert!(!to.path(&bad).expect("path").exists(), "a refused file is not placed");
         let missing = vec![("Debian-12-2".to_string(), "1".repeat(64))];
