@@ -9,9 +9,9 @@
 //! Order of work, so that a refusal changes nothing and a failure leaves nothing half done:
 //! 1. the SQLite file is checked: readable, `PRAGMA quick_check`, schema version exactly this hub's;
 //! 2. the PostgreSQL database must hold no fleet (every copied table that exists is empty);
-//! 3. its schema is migrated if needed (what `upkeep-hub migrate` does);
-//! 4. image files are copied (or hard-linked) into `artifacts_dir`, each verified against its digest; content
+//! 3. image files are copied (or hard-linked) into `artifacts_dir`, each verified against its digest; content
 //!    addressing makes this safe to repeat;
+//! 4. the database's schema is migrated if needed (what `upkeep-hub migrate` does);
 //! 5. one PostgreSQL transaction takes an exclusive lock on every copied table, checks again that they are
 //!    empty, copies every row (binary COPY), moves every serial sequence past the largest copied number (and
 //!    past SQLite's own AUTOINCREMENT high-water mark, so that numbers of pruned rows are not reused), compares
@@ -135,10 +135,6 @@ pub fn import_sqlite(
     if !holding.is_empty() {
         bail!("{}", holds_fleet(&database, &holding));
     }
-    let mut imported = Imported {
-        migrations: postgres::migrate(&pg).context("migrating the PostgreSQL schema")?,
-        ..Default::default()
-    };
     let digests = blob_digests(from.artifacts_from)?;
     let needed = local_images(&src).with_context(|| flag.clone())?;
     // Files and directories the move creates get the owner of the SQLite hub's state directory: the move is often
@@ -148,17 +144,11 @@ pub fn import_sqlite(
         let dir = db.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::metadata(dir).map(|m| (m.uid(), m.gid())).with_context(|| format!("{flag}: {}", dir.display()))?
     };
-    imported.artifacts = move_artifacts(from.artifacts_from, &digests, artifacts_to, &needed, owner)?;
+    let artifacts = move_artifacts(from.artifacts_from, &digests, artifacts_to, &needed, owner)?;
+    let migrations = postgres::migrate(&pg).context("migrating the PostgreSQL schema")?;
     // The copy itself: every table streamed from one SQLite read transaction into one PostgreSQL transaction.
-    let db_path = db.to_path_buf();
-    drop(src);
-    let (tables, sequences) = on_thread(&pg, move |c| {
-        let src = open_sqlite(&db_path, &format!("--from sqlite:{}", db_path.display())).map_err(CopyError::Other)?;
-        copy_all(&src, c, &database).map_err(CopyError::Other)
-    })?;
-    imported.tables = tables;
-    imported.sequences = sequences;
-    Ok(imported)
+    let (tables, sequences) = on_thread(&pg, move |c| copy_all(&src, c, &database).map_err(CopyError::Other))?;
+    Ok(Imported { migrations, tables, sequences, artifacts })
 }
 
 /// An error inside the PostgreSQL thread: the database's own, or ours.
