@@ -1,8 +1,13 @@
-//! Content-addressed artifact storage beside the hub database: `<state_dir>/artifacts/sha256/<hex>`.
+//! Content-addressed artifact storage: `<artifacts_dir>/sha256/<hex>`, `artifacts_dir` being `[store]
+//! artifacts_dir` (default `<state_dir>/artifacts`).
 //!
 //! An artifact is written to a temporary file while it is hashed, fsynced, then renamed to its digest, so a
 //! reader never sees a partial artifact and the same bytes are stored once. The hub only stores and serves
 //! bytes; nodes verify digest and signature against their own keys.
+//!
+//! Several hubs may share the directory (hub replicas on one database, on a shared file system): a temporary
+//! name is random, so two writers never write the same temporary file, and two hubs storing the same bytes
+//! rename identical files onto the same name, which is harmless.
 
 use ring::digest::{Context, SHA256};
 use std::io::{Read, Write};
@@ -65,9 +70,19 @@ pub struct Incoming {
 }
 
 impl Artifacts {
-    /// Under `state_dir`.
+    /// Under `state_dir` (the default `artifacts_dir`).
     pub fn new(state_dir: &Path) -> Artifacts {
-        Artifacts { dir: state_dir.join("artifacts").join("sha256") }
+        Artifacts::at(&state_dir.join("artifacts"))
+    }
+
+    /// Under `artifacts_dir` (`[store] artifacts_dir`): files at `<artifacts_dir>/sha256/<hex>`.
+    pub fn at(artifacts_dir: &Path) -> Artifacts {
+        Artifacts { dir: artifacts_dir.join("sha256") }
+    }
+
+    /// The directory holding the files (`<artifacts_dir>/sha256`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Where an artifact lives.
@@ -83,7 +98,7 @@ impl Artifacts {
             move |source| ArtifactError::Io { path: p, source }
         };
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let tmp = self.dir.join(format!(".incoming-{}-{}", std::process::id(), fastrand_suffix()));
+        let tmp = self.dir.join(format!(".incoming-{}-{:016x}", std::process::id(), random_suffix()));
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         Ok(Incoming { tmp, file, hasher: Context::new(&SHA256), size: 0 })
     }
@@ -113,10 +128,18 @@ impl Artifacts {
     }
 }
 
-fn fastrand_suffix() -> u64 {
+/// A temporary name's random part: unique across the hubs sharing the directory (process ids repeat across
+/// machines). Falls back to a process-local counter mixed with the clock if the system's generator fails.
+fn random_suffix() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_ok() {
+        return u64::from_le_bytes(bytes);
+    }
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64);
+    nanos.unwrap_or_default() ^ N.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Incoming {

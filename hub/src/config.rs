@@ -43,6 +43,9 @@ pub struct HubConfig {
     pub webhooks: crate::webhooks::WebhookSettings,
     /// `[store]`: where the fleet's state is kept.
     pub store: StoreBackend,
+    /// `[store] artifacts_dir`: where image files are kept (content-addressed under `sha256/`); default
+    /// `<state_dir>/artifacts`. Hubs sharing one database share this directory too (docs/postgres.md).
+    pub artifacts_dir: PathBuf,
 }
 
 pub use crate::store::StoreBackend;
@@ -113,6 +116,7 @@ struct RawWebhooks {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     url: Option<String>,
+    artifacts_dir: Option<PathBuf>,
     password_file: Option<PathBuf>,
     connections: Option<usize>,
 }
@@ -125,6 +129,7 @@ fn parse_store(
     env_password: Option<String>,
 ) -> Result<StoreBackend, (String, String)> {
     let Some(raw) = raw else { return Ok(StoreBackend::Sqlite) };
+    // `artifacts_dir` is the same for either store (read by `load`).
     let Some(url) = raw.url else {
         if raw.password_file.is_some() || raw.connections.is_some() {
             return Err((
@@ -270,7 +275,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<HubConfig, ConfigError
 
 /// Parses the text of `path` (see `load`).
 pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    let mut raw: RawConfig = toml::from_str(text).map_err(|e| {
         let key = e.span().map(|s| text.get(s).unwrap_or("?").to_string()).unwrap_or_else(|| "(syntax)".into());
         err(path, key.trim(), e.message().to_string())
     })?;
@@ -402,9 +407,21 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
             webhooks.ca_file = Some(ca);
         }
     }
+    let artifacts_dir = match raw.store.as_mut().and_then(|s| s.artifacts_dir.take()) {
+        Some(dir) if dir.as_os_str().is_empty() => {
+            return Err(err(
+                path,
+                "store.artifacts_dir",
+                "is empty; give a directory, or leave it out for STATE_DIR/artifacts",
+            ));
+        }
+        Some(dir) => resolve(dir),
+        None => state_dir.join("artifacts"),
+    };
     let store = parse_store(raw.store, resolve, std::env::var(STORE_PASSWORD_ENV).ok())
         .map_err(|(key, reason)| err(path, &key, reason))?;
     Ok(HubConfig {
+        artifacts_dir,
         webhooks,
         store,
         metrics,
@@ -517,6 +534,27 @@ mod tests {
         let half = base.replace("[tls]\n", "[tls]\nissuer_cert = \"issuer.pem\"\n");
         let e = parse(&path, &half, &Overrides::default()).expect_err("half").to_string();
         assert!(e.contains("hub.toml: tls.issuer_key: missing"), "{e}");
+    }
+
+    #[test]
+    fn artifacts_dir_defaults_under_state_dir_and_may_be_shared_with_either_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        let base = with_tls(dir.path());
+        let c = parse(&path, &base, &Overrides::default()).expect("valid");
+        assert_eq!(c.artifacts_dir, dir.path().join("state/artifacts"));
+        let sqlite = format!("{base}[store]\nartifacts_dir = \"/srv/shared\"\n");
+        let c = parse(&path, &sqlite, &Overrides::default()).expect("valid");
+        assert!(matches!(c.store, StoreBackend::Sqlite), "artifacts_dir alone keeps SQLite");
+        assert_eq!(c.artifacts_dir, PathBuf::from("/srv/shared"));
+        let pg = format!("{base}[store]\nurl = \"postgres://u@h/f\"\nartifacts_dir = \"shared\"\n");
+        let c = parse(&path, &pg, &Overrides::default()).expect("valid");
+        assert!(matches!(c.store, StoreBackend::Postgres(_)));
+        assert_eq!(c.artifacts_dir, dir.path().join("shared"), "relative to hub.toml");
+        let e = parse(&path, &format!("{base}[store]\nartifacts_dir = \"\"\n"), &Overrides::default())
+            .expect_err("empty")
+            .to_string();
+        assert!(e.contains("store.artifacts_dir: is empty"), "{e}");
     }
 
     #[test]

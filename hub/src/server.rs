@@ -195,7 +195,7 @@ pub async fn serve_fleet_with_local_agents(
         AgentApi::new(
             fleet.clone(),
             maintenance.clone(),
-            Artifacts::new(&config.state_dir),
+            Artifacts::at(&config.artifacts_dir),
             config.limits.fetches_per_node,
         )
         .with_issuer(issuer.clone()),
@@ -216,7 +216,7 @@ pub async fn serve_fleet_with_local_agents(
                 fleet.clone(),
                 engine.clone(),
                 maintenance.clone(),
-                Artifacts::new(&config.state_dir),
+                Artifacts::at(&config.artifacts_dir),
                 config.trusted_image_keys.clone(),
             ))
             .max_decoding_message_size(OPERATOR_MESSAGE_LIMIT),

@@ -191,6 +191,15 @@ impl TestHub {
         hub
     }
 
+    /// Starts a hub from a hub.toml the test wrote itself (its own `[store]`, whatever `UPKEEP_TEST_STORE` says),
+    /// on `addr` (port 0 = any).
+    pub async fn start_config(config_path: PathBuf, state_dir: &Path, addr: SocketAddr) -> TestHub {
+        let mut hub =
+            TestHub { addr, state_dir: state_dir.to_path_buf(), config_path, stop: None, task: None, fleet: None };
+        hub.launch().await;
+        hub
+    }
+
     async fn launch(&mut self) {
         let cfg = upkeep_hub::config::load(&self.config_path, &Default::default()).expect("hub config");
         let listener = TcpListener::bind(self.addr).await.expect("bind");

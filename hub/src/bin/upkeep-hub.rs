@@ -16,8 +16,8 @@ use upkeep_hub::store::safety;
 #[derive(Debug, Parser)]
 #[command(name = "upkeep-hub", version)]
 struct Args {
-    /// Configuration file.
-    #[arg(long, env = "UPKEEP_HUB_CONFIG", default_value = "/etc/upkeep/hub.toml")]
+    /// Configuration file (before or after the subcommand: `upkeep-hub migrate --config FILE`).
+    #[arg(long, global = true, env = "UPKEEP_HUB_CONFIG", default_value = "/etc/upkeep/hub.toml")]
     config: PathBuf,
     /// Listen address (overrides `listen`).
     #[arg(long)]
@@ -48,7 +48,16 @@ enum Cmd {
     },
     /// Bring the PostgreSQL store's schema ([store] url) up to this hub's version; prints what it applied.
     /// Safe to run again, and while other hubs run. A SQLite store needs nothing: it migrates itself at start.
-    Migrate,
+    /// With --from, also move a stopped SQLite hub's whole state (and its image files) into the PostgreSQL
+    /// database, which must hold no fleet yet (docs/postgres.md, "Moving from SQLite").
+    Migrate {
+        /// sqlite:PATH: the hub.db of the SQLite hub to move (stop that hub first).
+        #[arg(long)]
+        from: Option<String>,
+        /// The old hub's artifacts directory (default: `artifacts` beside the hub.db).
+        #[arg(long, requires = "from")]
+        artifacts_from: Option<PathBuf>,
+    },
     /// Write this command's man pages into DIR (for packaging; needs no configuration).
     #[command(hide = true)]
     Man {
@@ -85,7 +94,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                  pg_restore (upkeep-hub backup and restore copy the SQLite database only)",
                 pg.describe()
             ),
-            Some(Cmd::Migrate) => {
+            Some(Cmd::Migrate { from: Some(from), artifacts_from }) => {
+                return move_sqlite(pg, &cfg.artifacts_dir, from, artifacts_from.as_deref());
+            }
+            Some(Cmd::Migrate { from: None, .. }) => {
                 let applied = upkeep_hub::store::postgres::migrate(pg).context("migrate")?;
                 for (version, what) in &applied {
                     println!("applied schema migration {version}: {what}");
@@ -102,7 +114,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     match &args.command {
-        Some(Cmd::Migrate) => {
+        Some(Cmd::Migrate { from: Some(from), .. }) => anyhow::bail!(
+            "store.url: missing; to move {from} into PostgreSQL, set [store] url in {} to the (empty) database to \
+             move into",
+            args.config.display()
+        ),
+        Some(Cmd::Migrate { from: None, .. }) => {
             println!(
                 "the store is SQLite ({}): it migrates itself when the hub starts; nothing to do",
                 cfg.state_dir.join(safety::DB_FILE).display()
@@ -117,7 +134,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 file.display(),
                 c.pages,
                 c.schema_version,
-                cfg.state_dir.join("artifacts").display()
+                cfg.artifacts_dir.display()
             );
             return Ok(());
         }
@@ -163,6 +180,46 @@ fn run(args: Args) -> anyhow::Result<()> {
         watchdog.abort();
         result
     })
+}
+
+/// `upkeep-hub migrate --from sqlite:PATH`: prints what it did, table by table.
+fn move_sqlite(
+    pg: &upkeep_hub::store::postgres::PostgresSettings,
+    artifacts_dir: &std::path::Path,
+    from: &str,
+    artifacts_from: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use upkeep_hub::store::import;
+    let db = import::parse_from(from)?;
+    let beside = db.parent().unwrap_or(std::path::Path::new(".")).join("artifacts");
+    let source = import::ImportFrom { sqlite: &db, artifacts_from: artifacts_from.unwrap_or(&beside) };
+    let to = upkeep_hub::artifacts::Artifacts::at(artifacts_dir);
+    let done = import::import_sqlite(&source, pg, &to).context("migrate")?;
+    for (version, what) in &done.migrations {
+        println!("applied schema migration {version}: {what}");
+    }
+    let a = done.artifacts;
+    println!(
+        "image files in {}: {} hard-linked, {} copied, {} already there (each checked against its sha256)",
+        artifacts_dir.display(),
+        a.linked,
+        a.copied,
+        a.present
+    );
+    for (table, rows) in &done.tables {
+        println!("copied {table}: {rows} rows");
+    }
+    for (seq, at) in &done.sequences {
+        println!("sequence {seq} set to {at}");
+    }
+    let total: u64 = done.tables.iter().map(|(_, n)| n).sum();
+    println!(
+        "moved {} into {} ({total} rows in {} tables, counts verified); start the hub with this configuration",
+        db.display(),
+        pg.describe(),
+        done.tables.len()
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

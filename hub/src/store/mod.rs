@@ -5,6 +5,7 @@
 
 #[cfg(test)]
 mod contract;
+pub mod import;
 pub mod postgres;
 pub mod runparts;
 pub mod safety;

@@ -210,7 +210,7 @@ fn holds_files(dir: &Path, depth: u32) -> bool {
 }
 
 /// Runs `PRAGMA quick_check` and returns None when the database is fine, else its first lines.
-fn quick_check(conn: &Connection) -> Result<Option<String>, rusqlite::Error> {
+pub(crate) fn quick_check(conn: &Connection) -> Result<Option<String>, rusqlite::Error> {
     let mut stmt = conn.prepare("PRAGMA quick_check")?;
     let lines: Vec<String> = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
     if lines.len() == 1 && lines[0] == "ok" {
