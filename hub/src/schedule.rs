@@ -205,7 +205,9 @@ fn channels(maintenance: &Maintenance, ask: &Ask) -> Result<Vec<v1::UpcomingOper
             blocked_by_run: inp.runs.get(&member.name).map(String::as_str),
             under_way: running.is_some(),
         };
-        let reference = running.map_or_else(|| rollout.id.clone(), |r| r.job.clone());
+        // The rollout's id, not its work id: it names the same rollout before and after it starts (notices are
+        // keyed by it).
+        let reference = rollout.id.clone();
         for f in rollout_forecast(&outlook, ask.now, ask.horizon, ask.assumed_node) {
             out.push(v1::UpcomingOperation {
                 member: member.name.clone(),
