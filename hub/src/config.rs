@@ -43,6 +43,9 @@ pub struct HubConfig {
     pub webhooks: crate::webhooks::WebhookSettings,
     /// `[store]`: where the fleet's state is kept.
     pub store: StoreBackend,
+    /// `[cluster]`: this hub is one of several replicas on one PostgreSQL database (`crate::cluster`); None: the
+    /// only hub, always the leader.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// Where the hub keeps its state (`[store]` in hub.toml).
@@ -106,6 +109,46 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     webhooks: Option<RawWebhooks>,
     store: Option<RawStore>,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    replica: Option<String>,
+    lease_seconds: Option<u64>,
+}
+
+/// `[cluster]`: the replica's name (default: the host name) and the leader lease (default
+/// `crate::cluster::DEFAULT_LEASE`); only with a PostgreSQL store.
+fn parse_cluster(
+    raw: Option<RawCluster>,
+    store: &StoreBackend,
+) -> Result<Option<crate::cluster::ClusterSettings>, (String, String)> {
+    let Some(raw) = raw else { return Ok(None) };
+    if matches!(store, StoreBackend::Sqlite) {
+        return Err((
+            "cluster".into(),
+            "needs a PostgreSQL store: several replicas share one database ([store] url); remove [cluster] for a \
+             single hub on SQLite"
+                .into(),
+        ));
+    }
+    let replica = match raw.replica {
+        Some(r) => r,
+        None => crate::cluster::host_name(),
+    };
+    if replica.is_empty() || replica.len() > 128 || replica.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err((
+            "cluster.replica".into(),
+            "must be 1 to 128 characters without spaces (it names this replica in the leader lease)".into(),
+        ));
+    }
+    let lease_seconds = raw.lease_seconds.unwrap_or(crate::cluster::DEFAULT_LEASE.as_secs());
+    if !(2..=60).contains(&lease_seconds) {
+        return Err(("cluster.lease_seconds".into(), "must be between 2 and 60".into()));
+    }
+    Ok(Some(crate::cluster::ClusterSettings { replica, lease: std::time::Duration::from_secs(lease_seconds) }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -411,7 +454,9 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
     }
     let store = parse_store(raw.store, resolve, std::env::var(STORE_PASSWORD_ENV).ok())
         .map_err(|(key, reason)| err(path, &key, reason))?;
+    let cluster = parse_cluster(raw.cluster, &store).map_err(|(key, reason)| err(path, &key, reason))?;
     Ok(HubConfig {
+        cluster,
         webhooks,
         store,
         metrics,

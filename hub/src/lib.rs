@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod certstatus;
 pub mod cli;
 pub mod client_verifier;
+pub mod cluster;
 pub mod config;
 pub mod counters;
 pub mod door;

@@ -213,6 +213,12 @@ impl Maintenance {
         self.ledger().poke();
     }
 
+    /// Forgets the rollouts this process had under way (a replica that becomes the leader: they were stopped with
+    /// its previous term; their state is in the store).
+    pub fn forget_tasks(&self) {
+        lock(&self.executing).clear();
+    }
+
     /// Runs the loop until the task is dropped.
     pub async fn run(self: Arc<Self>) {
         self.resume_work();
