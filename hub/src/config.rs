@@ -588,6 +588,24 @@ mod tests {
     }
 
     #[test]
+    fn cluster_needs_postgres_and_names_the_bad_field() {
+        let pg = StoreBackend::Postgres(Box::new(
+            crate::store::postgres::PostgresSettings::parse("postgres://u@h/fleet").expect("url"),
+        ));
+        let cluster = |raw: &str, store: &StoreBackend| parse_cluster(Some(toml::from_str(raw).expect("toml")), store);
+        assert_eq!(parse_cluster(None, &pg), Ok(None), "no [cluster]: the only hub");
+        let c = cluster("replica = \"hub-a\"\nlease_seconds = 5", &pg).expect("valid").expect("cluster");
+        assert_eq!((c.replica.as_str(), c.lease), ("hub-a", std::time::Duration::from_secs(5)));
+        let c = cluster("", &pg).expect("valid").expect("cluster");
+        assert_eq!((c.replica, c.lease), (crate::cluster::host_name(), crate::cluster::DEFAULT_LEASE), "defaults");
+        let (key, why) = cluster("replica = \"a\"", &StoreBackend::Sqlite).expect_err("sqlite");
+        assert!(key == "cluster" && why.contains("[store] url"), "{key}: {why}");
+        assert_eq!(cluster("lease_seconds = 1", &pg).expect_err("too short").0, "cluster.lease_seconds");
+        assert_eq!(cluster("replica = \"a b\"", &pg).expect_err("space").0, "cluster.replica");
+        assert_eq!(cluster("replica = \"\"", &pg).expect_err("empty").0, "cluster.replica");
+    }
+
+    #[test]
     fn a_store_url_selects_postgres_and_the_password_never_comes_from_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hub.toml");

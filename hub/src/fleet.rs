@@ -47,6 +47,9 @@ pub enum CommandError {
     /// No result within the deadline.
     #[error("no result within {0:?}")]
     TimedOut(std::time::Duration),
+    /// Not sent: the leader term of the sending work is over (`store::fence`).
+    #[error("not sent: {0}")]
+    Fenced(String),
 }
 
 /// How long a node may stay disconnected during a step that reboots it (reimage, reboot, security patch,
@@ -503,6 +506,13 @@ impl Fleet {
             if let Some((id, tx)) = session
                 && sent_on != Some(id)
             {
+                // Leader work sends only while its term is the database's current one (a replica paused past
+                // its lease and resumed sends nothing more).
+                if crate::store::fence::current().is_some()
+                    && let Err(e) = self.store.check_fence()
+                {
+                    break Err(CommandError::Fenced(e.to_string()));
+                }
                 // Every send carries a fresh generation: a repeat of the same operation id is answered from the
                 // agent's journal before the generation is looked at, a new one must be the newest.
                 command.generation = generation.unwrap_or_else(|| self.next_generation());

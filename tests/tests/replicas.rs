@@ -76,6 +76,7 @@ fn a_deposed_leaders_writes_are_refused_by_the_database_and_the_new_leaders_go_t
     assert!(matches!(a.put_rollout("m1", "{}"), Err(StoreError::Fenced(_))));
     assert!(matches!(a.expire_leases(i64::MAX), Err(StoreError::Fenced(_))));
     assert!(matches!(a.release_leases("n1", &[], true), Err(StoreError::Fenced(_))));
+    assert!(matches!(a.check_fence(), Err(StoreError::Fenced(_))), "nor may it send a command");
     fence::set_for_this_thread(None);
     assert_eq!(a.get_job("j1").expect("read").expect("j1").status, "Running", "the refused write changed nothing");
     assert!(a.list_leases().expect("leases").is_empty() && a.list_rollouts().expect("rollouts").is_empty());
@@ -83,6 +84,7 @@ fn a_deposed_leaders_writes_are_refused_by_the_database_and_the_new_leaders_go_t
     fence::set_for_this_thread(Some(t2));
     b.put_job(&job("j1", "Completed")).expect("the leader writes");
     b.put_lease(&lease).expect("the leader grants");
+    b.check_fence().expect("the leader may send commands");
     fence::set_for_this_thread(None);
     let terms = b.written_terms().expect("terms");
     assert!(

@@ -512,6 +512,12 @@ pub trait Store: Send + Sync {
         let _ = (replica, lease_ms);
         Ok(Some(held.unwrap_or(1)))
     }
+    /// Checks that this thread's leader term (`store::fence`) is still the current one, as a fenced write does
+    /// (`StoreError::Fenced` if not; always Ok for a thread without a term, and for a store only one hub uses).
+    /// The leader's work calls it before every command it sends to a node.
+    fn check_fence(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Lets the lease lapse now if `replica` holds it at `term` (a clean shutdown: another replica takes over at
     /// its next attempt).
     fn resign(&self, replica: &str, term: u64) -> Result<(), StoreError> {

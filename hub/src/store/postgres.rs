@@ -1244,6 +1244,16 @@ impl Store for PostgresStore {
         })
     }
 
+    fn check_fence(&self) -> Result<(), StoreError> {
+        let Some(term) = super::fence::current() else { return Ok(()) };
+        let ctx = "checking the leader term";
+        self.run(ctx, move |c| {
+            let mut tx = c.transaction().map_err(db(ctx))?;
+            check_term(&mut tx, Some(term), ctx)?;
+            tx.commit().map_err(db(ctx))
+        })
+    }
+
     fn resign(&self, replica: &str, term: u64) -> Result<(), StoreError> {
         self.exec(
             "giving up the leader lease".to_string(),

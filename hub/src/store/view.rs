@@ -370,6 +370,9 @@ impl Store for Viewed {
     fn resign(&self, replica: &str, term: u64) -> Result<(), StoreError> {
         self.inner.resign(replica, term)
     }
+    fn check_fence(&self) -> Result<(), StoreError> {
+        self.inner.check_fence()
+    }
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.inner.put_job(job)
     }
