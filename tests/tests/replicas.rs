@@ -367,6 +367,10 @@ async fn a_paused_leader_is_fenced_and_steps_down_without_acting() {
     })
     .await;
     assert!(said.contains(&format!("term={t1}")), "a names the term it gave up: {said}");
+    assert!(
+        said.contains("could not be renewed in time") || said.contains("a write was refused"),
+        "a says why it stepped down: {said}"
+    );
     // a acted no further: nothing was written at its term since the pause, and it did not lead again while b's
     // lease runs.
     let after = rows_at(&store, t1);
