@@ -296,6 +296,11 @@ impl Engine {
         F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
         let _guard = self.commit_lock.lock().await;
+        // A hub replica that does not lead (`crate::cluster`) plans an operator's request from what every replica
+        // wrote: its own view holds only its own writes.
+        if !self.fleet.leads() {
+            self.fleet.view().reload()?;
+        }
         self.commit(name, false, |s, fl, c, now| applied(s, f(s, fl, c, now)))
     }
 

@@ -215,7 +215,7 @@ async fn publish_trusted(pki: &TestPki, hub: &str, work: &Path, nodes: &[&str], 
 }
 
 /// Two replicas (a starts first and leads), `names` agents on a (the leader; with `both`, listing b after it), a
-/// staged run of one member per node started. Returns the replicas and agents.
+/// staged run of one member per node published, created and started through b. Returns the replicas and agents.
 async fn run_on_two_replicas(
     pki: &TestPki,
     work: &Path,
@@ -243,7 +243,8 @@ async fn run_on_two_replicas(
             .then_some(())
     })
     .await;
-    publish_trusted(pki, &hubs[0], work, names, "202312.01.0").await;
+    // Every operator request goes to b, which does not lead: they reach the leader through the database.
+    publish_trusted(pki, &hubs[1], work, names, "202312.01.0").await;
     // Two stages: m1 first, then the others one by one.
     let rest: Vec<String> = (2..=names.len()).map(|i| format!("\"m{i}\"")).collect();
     let order = work.join("order.json");
@@ -257,10 +258,10 @@ async fn run_on_two_replicas(
     )
     .expect("order.json");
     let order = order.to_string_lossy().into_owned();
-    upkeepctl_ok(pki, &hubs[0], &["strategy", "create", "staged", "-f", &order]).await;
-    upkeepctl_ok(pki, &hubs[0], &["run", "create", "r1", "--strategy", "staged", "--upgrade-type", "NodeImageOnly"])
+    upkeepctl_ok(pki, &hubs[1], &["strategy", "create", "staged", "-f", &order]).await;
+    upkeepctl_ok(pki, &hubs[1], &["run", "create", "r1", "--strategy", "staged", "--upgrade-type", "NodeImageOnly"])
         .await;
-    upkeepctl_ok(pki, &hubs[0], &["run", "start", "r1"]).await;
+    upkeepctl_ok(pki, &hubs[1], &["run", "start", "r1"]).await;
     (a, b, agents)
 }
 
@@ -349,6 +350,15 @@ async fn a_paused_leader_is_fenced_and_steps_down_without_acting() {
     })
     .await;
     let (_, t1) = leader(&store).await.expect("a leads");
+    wait_for("m1's node work written at a's term", WAIT, || async {
+        store
+            .written_terms()
+            .ok()?
+            .iter()
+            .any(|(w, k, t)| w == "job" && k.starts_with("run/r1/m1/") && *t == t1)
+            .then_some(())
+    })
+    .await;
     // Pause the leader past its lease: b is elected.
     a.hub.signal(nix::sys::signal::Signal::SIGSTOP);
     let paused = Instant::now();
