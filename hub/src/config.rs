@@ -46,6 +46,9 @@ pub struct HubConfig {
     /// `[store] artifacts_dir`: where image files are kept (content-addressed under `sha256/`); default
     /// `<state_dir>/artifacts`. Hubs sharing one database share this directory too (docs/postgres.md).
     pub artifacts_dir: PathBuf,
+    /// `[cluster]`: this hub is one of several replicas on one PostgreSQL database (`crate::cluster`); None: the
+    /// only hub, always the leader.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 pub use crate::store::StoreBackend;
@@ -102,6 +105,46 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     webhooks: Option<RawWebhooks>,
     store: Option<RawStore>,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    replica: Option<String>,
+    lease_seconds: Option<u64>,
+}
+
+/// `[cluster]`: the replica's name (default: the host name) and the leader lease (default
+/// `crate::cluster::DEFAULT_LEASE`); only with a PostgreSQL store.
+fn parse_cluster(
+    raw: Option<RawCluster>,
+    store: &StoreBackend,
+) -> Result<Option<crate::cluster::ClusterSettings>, (String, String)> {
+    let Some(raw) = raw else { return Ok(None) };
+    if matches!(store, StoreBackend::Sqlite) {
+        return Err((
+            "cluster".into(),
+            "needs a PostgreSQL store: several replicas share one database ([store] url); remove [cluster] for a \
+             single hub on SQLite"
+                .into(),
+        ));
+    }
+    let replica = match raw.replica {
+        Some(r) => r,
+        None => crate::cluster::host_name(),
+    };
+    if replica.is_empty() || replica.len() > 128 || replica.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err((
+            "cluster.replica".into(),
+            "must be 1 to 128 characters without spaces (it names this replica in the leader lease)".into(),
+        ));
+    }
+    let lease_seconds = raw.lease_seconds.unwrap_or(crate::cluster::DEFAULT_LEASE.as_secs());
+    if !(2..=60).contains(&lease_seconds) {
+        return Err(("cluster.lease_seconds".into(), "must be between 2 and 60".into()));
+    }
+    Ok(Some(crate::cluster::ClusterSettings { replica, lease: std::time::Duration::from_secs(lease_seconds) }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -420,8 +463,10 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<HubConfig
     };
     let store = parse_store(raw.store, resolve, std::env::var(STORE_PASSWORD_ENV).ok())
         .map_err(|(key, reason)| err(path, &key, reason))?;
+    let cluster = parse_cluster(raw.cluster, &store).map_err(|(key, reason)| err(path, &key, reason))?;
     Ok(HubConfig {
         artifacts_dir,
+        cluster,
         webhooks,
         store,
         metrics,
@@ -571,6 +616,24 @@ mod tests {
         let e = parse(&path, &bad, &Overrides::default()).expect_err("bad key").to_string();
         assert!(e.contains("images.trusted_keys[0]") && e.contains("upkeepctl image keygen"), "{e}");
         assert!(parse(&path, &base, &Overrides::default()).expect("valid").trusted_image_keys.is_empty());
+    }
+
+    #[test]
+    fn cluster_needs_postgres_and_names_the_bad_field() {
+        let pg = StoreBackend::Postgres(Box::new(
+            crate::store::postgres::PostgresSettings::parse("postgres://u@h/fleet").expect("url"),
+        ));
+        let cluster = |raw: &str, store: &StoreBackend| parse_cluster(Some(toml::from_str(raw).expect("toml")), store);
+        assert_eq!(parse_cluster(None, &pg), Ok(None), "no [cluster]: the only hub");
+        let c = cluster("replica = \"hub-a\"\nlease_seconds = 5", &pg).expect("valid").expect("cluster");
+        assert_eq!((c.replica.as_str(), c.lease), ("hub-a", std::time::Duration::from_secs(5)));
+        let c = cluster("", &pg).expect("valid").expect("cluster");
+        assert_eq!((c.replica, c.lease), (crate::cluster::host_name(), crate::cluster::DEFAULT_LEASE), "defaults");
+        let (key, why) = cluster("replica = \"a\"", &StoreBackend::Sqlite).expect_err("sqlite");
+        assert!(key == "cluster" && why.contains("[store] url"), "{key}: {why}");
+        assert_eq!(cluster("lease_seconds = 1", &pg).expect_err("too short").0, "cluster.lease_seconds");
+        assert_eq!(cluster("replica = \"a b\"", &pg).expect_err("space").0, "cluster.replica");
+        assert_eq!(cluster("replica = \"\"", &pg).expect_err("empty").0, "cluster.replica");
     }
 
     #[test]

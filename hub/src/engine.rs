@@ -296,6 +296,11 @@ impl Engine {
         F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
         let _guard = self.commit_lock.lock().await;
+        // A hub replica that does not lead (`crate::cluster`) plans an operator's request from what every replica
+        // wrote: its own view holds only its own writes.
+        if !self.fleet.leads() {
+            self.fleet.view().reload()?;
+        }
         self.commit(name, false, |s, fl, c, now| applied(s, f(s, fl, c, now)))
     }
 
@@ -469,7 +474,8 @@ impl Engine {
         let upgrade_type = state.upgrade_type();
         let attempt = ms.attempts;
         let stored_work = work;
-        tokio::spawn(async move {
+        let key2 = key.clone();
+        let started = self.fleet.spawn_work(async move {
             let outcome = engine.upgrade_member(&run, &member, upgrade_type, &target, attempt, stored_work).await;
             match &outcome {
                 Ok(()) => tracing::info!(run = %run, member = %member, "member upgrade done"),
@@ -485,6 +491,25 @@ impl Engine {
             // The result was planned with; a pass resumes a member started again while this task still ran.
             engine.nudge();
         });
+        if !started {
+            // This replica does not lead: the leader's next pass finds the member Running without a task.
+            self.executing.lock().unwrap_or_else(|e| e.into_inner()).remove(&key2);
+        }
+    }
+
+    /// Forgets every task this process had under way (a replica that becomes the leader: its earlier tasks were
+    /// stopped with its previous term), so that the next pass resumes unfinished members from the store.
+    pub fn forget_tasks(&self) {
+        lock(&self.executing).clear();
+        lock(&self.runs).clear();
+        lock(&self.settled).clear();
+        lock(&self.completions).clear();
+        self.replan.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Asks for a pass that plans the runs whose stored version moved (another replica wrote them).
+    pub fn check_stored(&self) {
+        self.nudge();
     }
 
     /// Recording a member's result failed for a reason other than the member no longer being Running: the member

@@ -375,7 +375,8 @@ impl Executor {
                     let (tx, rx) = watch::channel(None);
                     running.insert(spec.id.clone(), rx.clone());
                     let me = self.clone();
-                    tokio::spawn(async move {
+                    let id = spec.id.clone();
+                    let started = self.fleet.spawn_work(async move {
                         let id = spec.id.clone();
                         let end = me.drive(spec).await;
                         match end {
@@ -386,6 +387,12 @@ impl Executor {
                         }
                         lock(&me.running).remove(&id);
                     });
+                    if !started {
+                        running.remove(&id);
+                        return Err(StoreError::Fenced(format!(
+                            "node work {id}: this hub replica is not the leader; the leader carries out node work"
+                        )));
+                    }
                     rx
                 }
             }
@@ -401,6 +408,12 @@ impl Executor {
                 });
             }
         }
+    }
+
+    /// Forgets the jobs this process had under way (a replica that becomes the leader: they were stopped with its
+    /// previous term; the store holds their progress).
+    pub fn forget_tasks(&self) {
+        lock(&self.running).clear();
     }
 
     /// Whether a job with this id is under way in this process.

@@ -47,6 +47,9 @@ pub enum CommandError {
     /// No result within the deadline.
     #[error("no result within {0:?}")]
     TimedOut(std::time::Duration),
+    /// Not sent: the leader term of the sending work is over (`store::fence`).
+    #[error("not sent: {0}")]
+    Fenced(String),
 }
 
 /// How long a node may stay disconnected during a step that reboots it (reimage, reboot, security patch,
@@ -113,8 +116,11 @@ pub struct Fleet {
     /// When each node was last heard from since this hub started (never drained, unlike `seen`), and when that
     /// was last queued for the store.
     heard: Mutex<HashMap<String, Heard>>,
-    /// This hub start's epoch (from the store): the high bits of every command generation.
-    epoch: u64,
+    /// This hub start's epoch (from the store; a replica takes a new one whenever it becomes the leader): the
+    /// high bits of every command generation.
+    epoch: AtomicU64,
+    /// Where the leader's work (member upgrades, node work) is started (`spawn_work`).
+    work: Mutex<WorkPlace>,
     /// Commands sent since this hub started: the low bits of every command generation.
     sent: AtomicU64,
     /// Heartbeats read from agents since the hub started.
@@ -129,6 +135,16 @@ pub struct Fleet {
     counters: crate::counters::Counters,
     /// Some webhook exists: node events are worth working out (`crate::webhooks`).
     webhooks_active: std::sync::atomic::AtomicBool,
+}
+
+/// Where leader work is started (`Fleet::spawn_work`).
+enum WorkPlace {
+    /// A single hub: the caller's runtime.
+    Here,
+    /// A replica that leads: its leader runtime.
+    Leader(tokio::runtime::Handle),
+    /// A replica that does not lead: not started.
+    Nowhere,
 }
 
 /// The current time in Unix milliseconds (the shells read the clock; core never does).
@@ -172,7 +188,8 @@ impl Fleet {
             webhooks_active,
             view,
             revocations,
-            epoch,
+            epoch: AtomicU64::new(epoch),
+            work: Mutex::new(WorkPlace::Here),
             sent: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
             heard: Mutex::new(HashMap::new()),
@@ -192,12 +209,54 @@ impl Fleet {
     /// A fresh command generation, newer than every one this hub (or an earlier start of it) sent.
     pub fn next_generation(&self) -> u64 {
         let n = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
-        (self.epoch << GENERATION_EPOCH_SHIFT) | (n & ((1 << GENERATION_EPOCH_SHIFT) - 1))
+        (self.epoch.load(Ordering::SeqCst) << GENERATION_EPOCH_SHIFT) | (n & ((1 << GENERATION_EPOCH_SHIFT) - 1))
+    }
+
+    /// Takes a new epoch from the store (a replica that becomes the leader): every command it sends from now on
+    /// is newer than every command an earlier leader sent.
+    pub fn renew_epoch(&self) -> Result<u64, StoreError> {
+        let epoch = self.store.next_epoch()?;
+        self.epoch.store(epoch, Ordering::SeqCst);
+        self.sent.store(0, Ordering::SeqCst);
+        Ok(epoch)
+    }
+
+    /// Starts a task of the leader's work (a member upgrade, a piece of node work): on the caller's runtime for a
+    /// single hub, on the leader runtime of a replica that leads (its writes carry its term), nowhere on a replica
+    /// that does not lead (false: the caller undoes what it noted; the leader picks the work up from the store).
+    pub fn spawn_work<F>(&self, work: F) -> bool
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &*self.work.lock().unwrap_or_else(|e| e.into_inner()) {
+            WorkPlace::Here => {
+                tokio::spawn(work);
+                true
+            }
+            WorkPlace::Leader(h) => {
+                h.spawn(work);
+                true
+            }
+            WorkPlace::Nowhere => false,
+        }
+    }
+
+    /// Where the leader's work runs from now on: the leader runtime's handle, or None (this replica does not lead).
+    pub fn lead_on(&self, runtime: Option<tokio::runtime::Handle>) {
+        *self.work.lock().unwrap_or_else(|e| e.into_inner()) = match runtime {
+            Some(h) => WorkPlace::Leader(h),
+            None => WorkPlace::Nowhere,
+        };
+    }
+
+    /// Whether this process may start leader work now.
+    pub fn leads(&self) -> bool {
+        !matches!(*self.work.lock().unwrap_or_else(|e| e.into_inner()), WorkPlace::Nowhere)
     }
 
     /// This hub start's epoch.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// The store (every write of nodes, member settings and the catalog also updates [`Self::view`]).
@@ -447,6 +506,13 @@ impl Fleet {
             if let Some((id, tx)) = session
                 && sent_on != Some(id)
             {
+                // Leader work sends only while its term is the database's current one (a replica paused past
+                // its lease and resumed sends nothing more).
+                if crate::store::fence::current().is_some()
+                    && let Err(e) = self.store.check_fence()
+                {
+                    break Err(CommandError::Fenced(e.to_string()));
+                }
                 // Every send carries a fresh generation: a repeat of the same operation id is answered from the
                 // agent's journal before the generation is looked at, a new one must be the newest.
                 command.generation = generation.unwrap_or_else(|| self.next_generation());

@@ -3,13 +3,15 @@
 //! Code map: `config` (hub.toml), `pki` (fleet CA and certificates), `store` (trait Store, SQLite default),
 //! `fleet` (live sessions + inventory), `engine` (update runs), `maintenance` (channel rollouts, reboots),
 //! `executor` (the one node-work executor every disruption goes through), `ledger` (the one table of nodes out
-//! of service), `grpc` (thin adapters, one error -> Status map), `server` (the mTLS shell), `cli` (upkeepctl).
+//! of service), `cluster` (hub replicas: one leader, fenced), `grpc` (thin adapters, one error -> Status map),
+//! `server` (the mTLS shell), `cli` (upkeepctl).
 //! Decisions live in upkeep-core; this crate persists, then acts.
 
 pub mod artifacts;
 pub mod certstatus;
 pub mod cli;
 pub mod client_verifier;
+pub mod cluster;
 pub mod config;
 pub mod counters;
 pub mod door;

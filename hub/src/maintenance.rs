@@ -139,6 +139,10 @@ pub enum LeaseError {
     Denied(String),
 }
 
+/// Why a hub replica that does not lead refuses to start node work (`crate::cluster`): the leader does it.
+const NOT_LEADER: &str = "this hub replica is not the leader, which carries out node work; send it to the replica \
+                          that leads (its log says `became the leader`)";
+
 /// Why a node is not being changed now although its channel wants it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeWhy {
@@ -211,6 +215,12 @@ impl Maintenance {
         self.wake.notify_one();
         self.changed.notify_one();
         self.ledger().poke();
+    }
+
+    /// Forgets the rollouts this process had under way (a replica that becomes the leader: they were stopped with
+    /// its previous term; their state is in the store).
+    pub fn forget_tasks(&self) {
+        lock(&self.executing).clear();
     }
 
     /// Runs the loop until the task is dropped.
@@ -288,6 +298,9 @@ impl Maintenance {
                 JobStatus::Failed => answer(format!("the hub's reboot of this node failed: {}", job.summary()), 300),
             });
         }
+        if !self.fleet.leads() {
+            return Ok(answer(NOT_LEADER.to_string(), 10));
+        }
         let purpose = if req.reason.is_empty() { "reboot".to_string() } else { req.reason.clone() };
         let holder = format!("reboot/{node}");
         let ask = LeaseAsk { lease_id: &id, holder: &holder, purpose: &purpose, outside_window: false, forced: false };
@@ -352,6 +365,9 @@ impl Maintenance {
         if !self.fleet.is_connected(node) {
             return Err(LeaseError::NotConnected(node.to_string()));
         }
+        if !self.fleet.leads() {
+            return Err(LeaseError::Denied(NOT_LEADER.to_string()));
+        }
         let id = format!("operator-reboot/{node}/{}", now_ms());
         let purpose = format!("reboot ordered by {operator}");
         let holder = format!("operator/{operator}");
@@ -375,6 +391,9 @@ impl Maintenance {
         let rec = self.store().get_node(node)?.ok_or_else(|| LeaseError::NoSuchNode(node.to_string()))?;
         if !self.fleet.is_connected(node) {
             return Err(LeaseError::NotConnected(node.to_string()));
+        }
+        if !self.fleet.leads() {
+            return Err(LeaseError::Denied(NOT_LEADER.to_string()));
         }
         let settings = self.store().member_settings(&rec.facts.member)?;
         let id = format!("operator-uncordon/{node}/{}", now_ms());

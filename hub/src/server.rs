@@ -123,13 +123,38 @@ pub async fn serve_fleet_with_local_agents(
     let ledger = Ledger::new(fleet.clone(), config.auto_upgrade.lease_ttl);
     let executor = Executor::new(fleet.clone(), ledger, StepLimits::default());
     let engine = Engine::new(fleet.clone(), executor.clone());
-    let engine_task = tokio::spawn(engine.clone().run());
-    let maintenance = Maintenance::new(fleet.clone(), config.auto_upgrade, executor);
-    let maintenance_task = tokio::spawn(maintenance.clone().run());
+    let maintenance = Maintenance::new(fleet.clone(), config.auto_upgrade, executor.clone());
+    // A single hub runs the leader's loops itself; a replica of several (`[cluster]`) runs them only while it
+    // leads (`crate::cluster`).
+    let mut leader_tasks = Vec::new();
+    let leadership = match &config.cluster {
+        None => {
+            leader_tasks.push(tokio::spawn(engine.clone().run()));
+            leader_tasks.push(tokio::spawn(maintenance.clone().run()));
+            if !config.webhooks.upcoming_notice.is_zero() {
+                leader_tasks.push(tokio::spawn(crate::schedule::notices(
+                    engine.clone(),
+                    maintenance.clone(),
+                    config.webhooks.upcoming_notice,
+                )));
+            }
+            None
+        }
+        Some(settings) => Some(
+            crate::cluster::Leadership::start(
+                settings.clone(),
+                crate::cluster::LeaderParts {
+                    fleet: fleet.clone(),
+                    engine: engine.clone(),
+                    maintenance: maintenance.clone(),
+                    executor: executor.clone(),
+                    upcoming_notice: config.webhooks.upcoming_notice,
+                },
+            )
+            .context("starting the leadership thread")?,
+        ),
+    };
     let webhooks_task = tokio::spawn(crate::webhooks::run(fleet.clone(), config.webhooks.clone()));
-    let notices_task = (!config.webhooks.upcoming_notice.is_zero()).then(|| {
-        tokio::spawn(crate::schedule::notices(engine.clone(), maintenance.clone(), config.webhooks.upcoming_notice))
-    });
     let flusher = {
         let fleet = fleet.clone();
         tokio::spawn(async move {
@@ -234,12 +259,14 @@ pub async fn serve_fleet_with_local_agents(
     if let Some(m) = metrics {
         m.abort();
     }
-    engine_task.abort();
-    maintenance_task.abort();
-    webhooks_task.abort();
-    if let Some(t) = notices_task {
+    for t in leader_tasks {
         t.abort();
     }
+    if let Some(l) = leadership {
+        // Joining the leadership thread waits for its current database call: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || l.stop()).await;
+    }
+    webhooks_task.abort();
     if let Err(e) = fleet.flush_seen() {
         tracing::error!(error = %e, "flushing last-seen times at shutdown");
     }

@@ -143,6 +143,48 @@ pub fn write_hub_config_silent(pki: &TestPki, state_dir: &Path, silent_after: u3
     path
 }
 
+/// Writes `<dir>/hub.toml` for one replica of several on the PostgreSQL database `store_url`: `[cluster] replica`
+/// named `replica` with a `lease_seconds` lease, its state directory `<dir>/state` whose `artifacts` is a link to
+/// `shared_artifacts` (every replica serves every image), heartbeat 1 s, `extra` TOML appended.
+pub fn write_replica_config(
+    pki: &TestPki,
+    dir: &Path,
+    shared_artifacts: &Path,
+    store_url: &str,
+    replica: &str,
+    lease_seconds: u64,
+    extra: &str,
+) -> PathBuf {
+    let path = dir.join("hub.toml");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    std::fs::create_dir_all(shared_artifacts).expect("mkdir");
+    if !state.join("artifacts").exists() {
+        std::os::unix::fs::symlink(shared_artifacts, state.join("artifacts")).expect("link the shared artifacts");
+    }
+    let text = format!(
+        "state_dir = {state:?}
+[store]
+url = {store_url:?}
+[cluster]
+replica = {replica:?}
+lease_seconds = {lease_seconds}
+[tls]
+ca = {:?}
+cert = {:?}
+key = {:?}
+[agents]
+heartbeat_interval_seconds = 1
+silent_after_heartbeats = 10
+{extra}",
+        pki.file(pki::files::CA_CERT),
+        pki.file(pki::files::HUB_CERT),
+        pki.file(pki::files::HUB_KEY),
+    );
+    std::fs::write(&path, text).expect("write hub.toml");
+    path
+}
+
 /// The variable that runs the scenario tests against PostgreSQL: `UPKEEP_TEST_STORE=postgres`.
 pub const TEST_STORE_ENV: &str = "UPKEEP_TEST_STORE";
 
@@ -287,6 +329,12 @@ impl HubProcess {
         Self::start_config(pki, config, Some(state_dir.join("hub.log"))).await
     }
 
+    /// Starts `upkeep-hub` with the hub.toml at `config` (e.g. from [`write_replica_config`]), its output appended
+    /// to `log`.
+    pub async fn start_config_logged(pki: &TestPki, config: PathBuf, log: PathBuf) -> HubProcess {
+        Self::start_config(pki, config, Some(log)).await
+    }
+
     async fn start_config(pki: &TestPki, config: PathBuf, log: Option<PathBuf>) -> HubProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -337,6 +385,17 @@ impl HubProcess {
     /// The URL.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// Sends `signal` to the hub process (SIGSTOP/SIGCONT to pause and resume it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.pid().expect("the hub runs");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal upkeep-hub");
+    }
+
+    /// Its whole output so far (empty when not logged).
+    pub fn log_text(&self) -> String {
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
     }
 
     /// The hub's process id, while it runs.

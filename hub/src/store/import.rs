@@ -59,8 +59,14 @@ pub const SQLITE_ONLY: &[(&str, &str)] =
     &[("sqlite_sequence", "SQLite's AUTOINCREMENT high-water marks: they move the PostgreSQL sequences instead")];
 
 /// PostgreSQL tables not copied, and why.
-pub const POSTGRES_ONLY: &[(&str, &str)] =
-    &[("schema_migrations", "the PostgreSQL schema's own version record, written by the migration")];
+pub const POSTGRES_ONLY: &[(&str, &str)] = &[
+    ("schema_migrations", "the PostgreSQL schema's own version record, written by the migration"),
+    ("leadership", "the leader lease of hub replicas (`crate::cluster`): a moved fleet starts with no leader, term 0"),
+];
+
+/// PostgreSQL columns with no SQLite column: they keep their default (a moved fleet had no replicas).
+const POSTGRES_ONLY_COLUMNS: &[(&str, &str)] =
+    &[("runs", "term"), ("jobs", "term"), ("leases", "term"), ("rollouts", "term")];
 
 /// SQLite columns with no PostgreSQL column, and the one value they may hold (anything else is refused).
 const DROPPED_COLUMNS: &[(&str, &str, &str)] =
@@ -552,11 +558,14 @@ fn copy_all(src: &Connection, c: &mut Client, database: &str) -> anyhow::Result<
 
 /// Copies one table's rows with binary COPY; returns how many.
 fn copy_table(src: &Connection, tx: &mut Transaction<'_>, table: &str, cols: &[Column]) -> anyhow::Result<u64> {
+    // The leader's term of replicas: not in SQLite; the column's default (0) is right for a moved fleet.
+    let cols: Vec<&Column> =
+        cols.iter().filter(|c| !POSTGRES_ONLY_COLUMNS.iter().any(|(t, n)| *t == table && *n == c.name)).collect();
     let sqlite_cols: BTreeSet<String> = {
         let mut stmt = src.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
         stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?
     };
-    for c in cols {
+    for c in &cols {
         if !sqlite_cols.contains(&c.name) {
             bail!("the SQLite table has no column {}; the schemas disagree (use matching hub versions)", c.name);
         }
@@ -817,7 +826,8 @@ mod tests {
                     )
                     .expect("columns")
                     .iter()
-                    .map(|r| r.get(0))
+                    .map(|r| r.get::<_, String>(0))
+                    .filter(|c| !POSTGRES_ONLY_COLUMNS.iter().any(|(tt, n)| tt == t && n == c))
                     .collect();
                 // Booleans as SQLite stores them (0/1), everything else as text.
                 let select = cols

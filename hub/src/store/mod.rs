@@ -5,6 +5,7 @@
 
 #[cfg(test)]
 mod contract;
+pub mod fence;
 pub mod import;
 pub mod postgres;
 pub mod runparts;
@@ -57,6 +58,10 @@ pub enum StoreError {
     /// The request conflicts with what is stored (a name taken, a version republished with other bytes).
     #[error("{0}")]
     Conflict(String),
+    /// A write of a leader whose term is no longer current was refused (`store::fence`): another replica leads
+    /// now. The replica that got it steps down and acts no further.
+    #[error("{0}")]
+    Fenced(String),
     /// The named thing does not exist.
     #[error("{kind} {name:?} not found; {hint}")]
     NotFound {
@@ -501,8 +506,34 @@ pub trait Store: Send + Sync {
     fn set_member_disruption(&self, member: &str, max_unavailable: &str) -> Result<MemberSettings, StoreError>;
     /// Sets a member's drain policy (JSON of `DrainPolicy`).
     fn set_member_drain(&self, member: &str, policy_json: &str) -> Result<MemberSettings, StoreError>;
-    /// Advances and returns the hub epoch (once per hub start): the high part of every command generation.
+    /// Advances and returns the hub epoch (once per hub start, and whenever a replica becomes the leader): the high
+    /// part of every command generation.
     fn next_epoch(&self) -> Result<u64, StoreError>;
+
+    // Leadership (`crate::cluster`). Only a store several hubs can share elects: a single hub (SQLite, or
+    // PostgreSQL without `[cluster]`) is always the leader and never calls these. Fenced writes (`store::fence`):
+    // `commit_run`, `put_job`, `put_lease`, `release_leases`, `expire_leases`, `put_rollout` made from a thread
+    // carrying a term are refused with `StoreError::Fenced` unless that term is the current one.
+    /// Takes or renews the leader lease for `replica` for `lease_ms` (measured by the database's clock): renewed
+    /// (same term) when `replica` holds it at `held`; taken with the next term when it lapsed, or when `replica`
+    /// holds it at another term than `held` (it stepped down meanwhile); else None (another replica leads).
+    /// The default, for a store only one hub uses: always the leader, at term 1.
+    fn lead(&self, replica: &str, lease_ms: i64, held: Option<u64>) -> Result<Option<u64>, StoreError> {
+        let _ = (replica, lease_ms);
+        Ok(Some(held.unwrap_or(1)))
+    }
+    /// Checks that this thread's leader term (`store::fence`) is still the current one, as a fenced write does
+    /// (`StoreError::Fenced` if not; always Ok for a thread without a term, and for a store only one hub uses).
+    /// The leader's work calls it before every command it sends to a node.
+    fn check_fence(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Lets the lease lapse now if `replica` holds it at `term` (a clean shutdown: another replica takes over at
+    /// its next attempt).
+    fn resign(&self, replica: &str, term: u64) -> Result<(), StoreError> {
+        let _ = (replica, term);
+        Ok(())
+    }
     /// Records (inserts or replaces) a piece of node work.
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
     /// One piece of node work.

@@ -202,6 +202,20 @@ const MIGRATIONS: &[(&str, &str)] = &[
         at_ms BIGINT NOT NULL
     );"#,
     ),
+    (
+        "the leader lease of hub replicas, and the term of the leader that last wrote runs, work, leases and rollouts",
+        r#"CREATE TABLE leadership (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        term BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );
+    INSERT INTO leadership (id, holder, term, expires_ms) VALUES (1, '', 0, 0);
+    ALTER TABLE runs ADD COLUMN term BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN term BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE leases ADD COLUMN term BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN term BIGINT NOT NULL DEFAULT 0;"#,
+    ),
 ];
 
 /// The schema version this hub's migrations lead to; a hub serves only a database at exactly this version.
@@ -687,6 +701,31 @@ fn same_artifact(old: &ImageRecord, new: &ImageRecord) -> Result<(), StoreError>
 }
 
 /// Takes a transaction-level advisory lock on `key` in namespace `space`.
+/// The database's clock in Unix ms (leases of the leadership are measured by it, not by each replica's).
+const DB_NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// The fence of a write made with `term` (`store::fence`): inside the write's transaction, the leadership row is
+/// share-locked (a change of leader waits for the write to end) and its term must be `term`; else the write is
+/// refused. No term: unfenced. Returns the term to record with the write (0 when unfenced).
+fn check_term(c: &mut impl GenericClient, term: Option<u64>, ctx: &str) -> Result<i64, StoreError> {
+    let Some(term) = term else { return Ok(0) };
+    // A leader paused inside this transaction must not hold the leadership row past its lease: the database ends
+    // the transaction (and this write) when it idles, so that another replica can be elected.
+    c.batch_execute("SET LOCAL idle_in_transaction_session_timeout = 1000").map_err(db(ctx))?;
+    let row = c.query_opt("SELECT term, holder FROM leadership WHERE id = 1 FOR SHARE", &[]).map_err(db(ctx))?;
+    let (current, holder): (i64, String) = match &row {
+        Some(r) => (r.try_get(0).map_err(db(ctx))?, r.try_get(1).map_err(db(ctx))?),
+        None => (0, String::new()),
+    };
+    if current != term as i64 {
+        super::fence::note_refused();
+        return Err(StoreError::Fenced(format!(
+            "{ctx}: refused, this replica's leader term {term} is over (replica {holder:?} leads at term {current})"
+        )));
+    }
+    Ok(current)
+}
+
 fn lock(c: &mut impl GenericClient, space: i32, key: &str, ctx: &str) -> Result<(), StoreError> {
     c.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&space, &key]).map(drop).map_err(db(ctx))
 }
@@ -924,6 +963,56 @@ impl PostgresStore {
         })
     }
 
+    /// The leader lease as stored: holder, term, and how many ms it has left by the database's clock (negative:
+    /// lapsed). For operators' tools and tests; the hub itself only calls `Store::lead`.
+    pub fn leadership(&self) -> Result<(String, u64, i64), StoreError> {
+        let ctx = "reading the leader lease";
+        self.run(ctx, move |c| {
+            let r = c
+                .query_one(&format!("SELECT holder, term, expires_ms - {DB_NOW_MS} FROM leadership WHERE id = 1"), &[])
+                .map_err(db(ctx))?;
+            let term: i64 = r.try_get(1).map_err(db(ctx))?;
+            Ok((r.try_get(0).map_err(db(ctx))?, term as u64, r.try_get(2).map_err(db(ctx))?))
+        })
+    }
+
+    /// Every row a leader wrote with its term (`store::fence`): (what, its key and content, term), for tests that
+    /// check that a deposed leader wrote nothing more.
+    pub fn written_terms(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let ctx = "reading the terms of written rows";
+        self.run(ctx, move |c| {
+            let sql = "SELECT 'run', name || ' v' || version || ' ' || status, term FROM runs WHERE term > 0
+                 UNION ALL SELECT 'job', id || ' ' || status || ' ' || md5(state), term FROM jobs WHERE term > 0
+                 UNION ALL SELECT 'lease', node || ' ' || lease_id || ' ' || expires_ms, term FROM leases WHERE term > 0
+                 UNION ALL SELECT 'rollout', member || ' ' || md5(state), term FROM rollouts WHERE term > 0";
+            c.query(sql, &[])
+                .map_err(db(ctx))?
+                .iter()
+                .map(|r| {
+                    let term: i64 = r.try_get(2).map_err(db(ctx))?;
+                    Ok((r.try_get(0).map_err(db(ctx))?, r.try_get(1).map_err(db(ctx))?, term as u64))
+                })
+                .collect()
+        })
+    }
+
+    /// Runs `f` in a transaction fenced with this thread's term (`store::fence`, [`check_term`]); `f` gets the
+    /// term to record (0 when unfenced).
+    fn fenced<R: Send + 'static>(
+        &self,
+        ctx: String,
+        f: impl FnOnce(&mut ::postgres::Transaction<'_>, i64, &str) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let fence = super::fence::current();
+        self.run(ctx.clone(), move |c| {
+            let mut tx = c.transaction().map_err(db(ctx.clone()))?;
+            let term = check_term(&mut tx, fence, &ctx)?;
+            let out = f(&mut tx, term, &ctx)?;
+            tx.commit().map_err(db(ctx))?;
+            Ok(out)
+        })
+    }
+
     /// Runs one statement and returns the rows it touched.
     fn exec(
         &self,
@@ -1117,15 +1206,76 @@ impl Store for PostgresStore {
         })
     }
 
-    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+    fn lead(&self, replica: &str, lease_ms: i64, held: Option<u64>) -> Result<Option<u64>, StoreError> {
+        let ctx = "taking or renewing the leader lease";
+        let replica = replica.to_string();
+        self.run(ctx, move |c| {
+            let mut tx = c.transaction().map_err(db(ctx))?;
+            // A write in flight holds the row (its fence): wait for it, but not past the next attempt.
+            tx.batch_execute("SET LOCAL lock_timeout = 1000").map_err(db(ctx))?;
+            let row = tx
+                .query_one(
+                    &format!("SELECT holder, term, expires_ms, {DB_NOW_MS} FROM leadership WHERE id = 1 FOR UPDATE"),
+                    &[],
+                )
+                .map_err(db(ctx))?;
+            let holder: String = row.try_get(0).map_err(db(ctx))?;
+            let term: i64 = row.try_get(1).map_err(db(ctx))?;
+            let expires: i64 = row.try_get(2).map_err(db(ctx))?;
+            let now: i64 = row.try_get(3).map_err(db(ctx))?;
+            let mine = holder == replica;
+            let out = if mine && held == Some(term as u64) && expires > now {
+                tx.execute("UPDATE leadership SET expires_ms = $1 WHERE id = 1", &[&(now + lease_ms)])
+                    .map_err(db(ctx))?;
+                Some(term as u64)
+            } else if expires <= now || mine {
+                let next = term + 1;
+                tx.execute(
+                    "UPDATE leadership SET holder = $1, term = $2, expires_ms = $3 WHERE id = 1",
+                    &[&replica, &next, &(now + lease_ms)],
+                )
+                .map_err(db(ctx))?;
+                Some(next as u64)
+            } else {
+                None
+            };
+            tx.commit().map_err(db(ctx))?;
+            Ok(out)
+        })
+    }
+
+    fn check_fence(&self) -> Result<(), StoreError> {
+        let Some(term) = super::fence::current() else { return Ok(()) };
+        let ctx = "checking the leader term";
+        self.run(ctx, move |c| {
+            let mut tx = c.transaction().map_err(db(ctx))?;
+            check_term(&mut tx, Some(term), ctx)?;
+            tx.commit().map_err(db(ctx))
+        })
+    }
+
+    fn resign(&self, replica: &str, term: u64) -> Result<(), StoreError> {
         self.exec(
-            format!("recording work {}", job.id),
-            "INSERT INTO jobs (id, member, status, state, updated_ms) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (id) DO UPDATE SET member = excluded.member, status = excluded.status,
-                 state = excluded.state, updated_ms = excluded.updated_ms",
-            params![job.id.clone(), job.member.clone(), job.status.clone(), job.state.clone(), job.updated_ms],
+            "giving up the leader lease".to_string(),
+            "UPDATE leadership SET expires_ms = 0 WHERE id = 1 AND holder = $1 AND term = $2",
+            params![replica.to_string(), term as i64],
         )
         .map(drop)
+    }
+
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let ctx = format!("recording work {}", job.id);
+        let job = job.clone();
+        self.fenced(ctx, move |tx, term, ctx| {
+            tx.execute(
+                "INSERT INTO jobs (id, member, status, state, updated_ms, term) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (id) DO UPDATE SET member = excluded.member, status = excluded.status,
+                     state = excluded.state, updated_ms = excluded.updated_ms, term = excluded.term",
+                &[&job.id, &job.member, &job.status, &job.state, &job.updated_ms, &term],
+            )
+            .map_err(db(ctx))
+            .map(drop)
+        })
     }
 
     fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
@@ -1385,14 +1535,16 @@ impl Store for PostgresStore {
     ) -> Result<Vec<EventRecord>, StoreError> {
         let ctx = format!("committing run {name}");
         let (name, status, write, events) = (name.to_string(), status.to_string(), write.clone(), events.to_vec());
+        let fence = super::fence::current();
         self.run(ctx.clone(), move |c| {
             let mut tx = c.transaction().map_err(db(ctx.clone()))?;
+            let term = check_term(&mut tx, fence, &ctx)?;
             // The compare-and-swap: a concurrent commit of the same run holds the row until it ends, and this
             // one then finds the version moved and changes nothing.
             let n = tx
                 .execute(
-                    "UPDATE runs SET version = version + 1, status = $3 WHERE name = $1 AND version = $2",
-                    &[&name, &(expected as i64), &status],
+                    "UPDATE runs SET version = version + 1, status = $3, term = $4 WHERE name = $1 AND version = $2",
+                    &[&name, &(expected as i64), &status, &term],
                 )
                 .map_err(db(ctx.clone()))?;
             if n == 0 {
@@ -1531,23 +1683,28 @@ impl Store for PostgresStore {
     }
 
     fn put_lease(&self, l: &LeaseRecord) -> Result<(), StoreError> {
-        self.exec(
-            format!("granting lease {} to node {}", l.lease_id, l.node),
-            "INSERT INTO leases (node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (node, lease_id) DO UPDATE SET expires_ms = excluded.expires_ms",
-            params![
-                l.node.clone(),
-                l.lease_id.clone(),
-                l.member.clone(),
-                l.holder.clone(),
-                l.purpose.clone(),
-                l.granted_ms,
-                l.expires_ms,
-                l.forced
-            ],
-        )
-        .map(drop)
+        let ctx = format!("granting lease {} to node {}", l.lease_id, l.node);
+        let l = l.clone();
+        self.fenced(ctx, move |tx, term, ctx| {
+            tx.execute(
+                "INSERT INTO leases (node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced, term)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (node, lease_id) DO UPDATE SET expires_ms = excluded.expires_ms, term = excluded.term",
+                &[
+                    &l.node,
+                    &l.lease_id,
+                    &l.member,
+                    &l.holder,
+                    &l.purpose,
+                    &l.granted_ms,
+                    &l.expires_ms,
+                    &l.forced,
+                    &term,
+                ],
+            )
+            .map_err(db(ctx))
+            .map(drop)
+        })
     }
 
     fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
@@ -1562,7 +1719,8 @@ impl Store for PostgresStore {
     fn release_leases(&self, node: &str, ids: &[String], all_except: bool) -> Result<Vec<LeaseRecord>, StoreError> {
         let ctx = format!("releasing leases of node {node}");
         let (node, ids) = (node.to_string(), ids.to_vec());
-        self.run(ctx.clone(), move |c| {
+        self.fenced(ctx, move |c, _, ctx| {
+            let ctx = ctx.to_string();
             // One statement: what it deletes is what it returns, even beside a concurrent release.
             let mut released: Vec<LeaseRecord> = c
                 .query(
@@ -1590,8 +1748,7 @@ impl Store for PostgresStore {
     }
 
     fn expire_leases(&self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError> {
-        let ctx = "expiring leases";
-        self.run(ctx, move |c| {
+        self.fenced("expiring leases".to_string(), move |c, _, ctx| {
             let mut expired: Vec<LeaseRecord> = c
                 .query(&format!("DELETE FROM leases WHERE expires_ms <= $1 RETURNING {LEASE_COLUMNS}"), &[&now_ms])
                 .map_err(db(ctx))?
@@ -1604,12 +1761,17 @@ impl Store for PostgresStore {
     }
 
     fn put_rollout(&self, member: &str, state_json: &str) -> Result<(), StoreError> {
-        self.exec(
-            format!("recording the channel rollout of member {member}"),
-            "INSERT INTO rollouts (member, state) VALUES ($1, $2) ON CONFLICT (member) DO UPDATE SET state = excluded.state",
-            params![member.to_string(), state_json.to_string()],
-        )
-        .map(drop)
+        let ctx = format!("recording the channel rollout of member {member}");
+        let (member, state) = (member.to_string(), state_json.to_string());
+        self.fenced(ctx, move |tx, term, ctx| {
+            tx.execute(
+                "INSERT INTO rollouts (member, state, term) VALUES ($1, $2, $3)
+                 ON CONFLICT (member) DO UPDATE SET state = excluded.state, term = excluded.term",
+                &[&member, &state, &term],
+            )
+            .map_err(db(ctx))
+            .map(drop)
+        })
     }
 
     fn list_rollouts(&self) -> Result<Vec<(String, String)>, StoreError> {

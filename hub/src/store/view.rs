@@ -162,6 +162,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Viewed {
     /// Wraps `inner` and loads the view from it.
     pub fn open(inner: Arc<dyn Store>) -> Result<Viewed, StoreError> {
+        let view = Self::load(inner.as_ref())?;
+        Ok(Viewed { inner, writes: Mutex::new(()), view: Mutex::new(view) })
+    }
+
+    /// Reads the whole view again from the store: what other hub replicas wrote to the same database (their
+    /// agents' reports, operators' catalog and settings changes) reaches this one's planner. Returns whether the
+    /// planner's inputs changed.
+    pub fn reload(&self) -> Result<bool, StoreError> {
+        let _w = lock(&self.writes);
+        let mut fresh = Self::load(self.inner.as_ref())?;
+        let mut v = lock(&self.view);
+        let changed = v.fleet() != fresh.fleet() || v.catalog != fresh.catalog;
+        *v = fresh;
+        Ok(changed)
+    }
+
+    fn load(inner: &dyn Store) -> Result<View, StoreError> {
         let mut view = View::default();
         for s in inner.all_member_settings()? {
             view.settings.insert(s.member.clone(), s);
@@ -175,8 +192,8 @@ impl Viewed {
         for m in members {
             view.refresh(&m);
         }
-        view.catalog = Arc::new(load_catalog(inner.as_ref())?);
-        Ok(Viewed { inner, writes: Mutex::new(()), view: Mutex::new(view) })
+        view.catalog = Arc::new(load_catalog(inner)?);
+        Ok(view)
     }
 
     /// The planner's inputs as of the last write: every member with nodes, and the catalog.
@@ -346,6 +363,15 @@ impl Store for Viewed {
     }
     fn next_epoch(&self) -> Result<u64, StoreError> {
         self.inner.next_epoch()
+    }
+    fn lead(&self, replica: &str, lease_ms: i64, held: Option<u64>) -> Result<Option<u64>, StoreError> {
+        self.inner.lead(replica, lease_ms, held)
+    }
+    fn resign(&self, replica: &str, term: u64) -> Result<(), StoreError> {
+        self.inner.resign(replica, term)
+    }
+    fn check_fence(&self) -> Result<(), StoreError> {
+        self.inner.check_fence()
     }
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.inner.put_job(job)

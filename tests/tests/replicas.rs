@@ -1,0 +1,397 @@
+//! Several hub replicas on one PostgreSQL database (issue 16 item 2): exactly one leader, elected through the
+//! database; a leader killed is replaced and its run carries on; a deposed leader's writes are refused (fencing).
+//!
+//! These tests always use PostgreSQL (the test cluster: `UPKEEP_TEST_PG`, or one `scripts/pg-cluster` starts),
+//! whatever `UPKEEP_TEST_STORE` says: replicas need a database they can share.
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use upkeep_hub::store::postgres::{PostgresSettings, PostgresStore, testing};
+use upkeep_hub::store::{JobRecord, LeaseRecord, Store, StoreError, fence};
+use upkeep_tests::*;
+
+const WAIT: Duration = Duration::from_secs(90);
+/// The leader lease of the replicas in these tests (the default).
+const LEASE_SECONDS: u64 = 3;
+const NO_CHANNELS: &str = "[auto_upgrade]\nenabled = false\n";
+
+/// A database of its own on the test cluster, migrated.
+fn database() -> (String, PostgresSettings) {
+    testing::fresh_database().unwrap_or_else(|e| panic!("replicas need PostgreSQL: {e}"))
+}
+
+fn job(id: &str, status: &str) -> JobRecord {
+    JobRecord { id: id.into(), member: "m1".into(), status: status.into(), state: "{}".into(), updated_ms: 1 }
+}
+
+/// Polls `f` every 50 ms until it gives Some (within 10 s).
+fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_deposed_leaders_writes_are_refused_by_the_database_and_the_new_leaders_go_through() {
+    let (_, settings) = database();
+    let a = PostgresStore::open(&settings).expect("replica a's store");
+    let b = PostgresStore::open(&settings).expect("replica b's store");
+    let lease_ms = 400;
+    let t1 = a.lead("a", lease_ms, None).expect("lead").expect("the first replica to ask leads");
+    assert_eq!(b.lead("b", lease_ms, None).expect("lead"), None, "b waits while a's lease runs");
+    assert_eq!(a.lead("a", lease_ms, Some(t1)).expect("renew"), Some(t1), "a renewal keeps the term");
+    // a writes as the leader at its term.
+    fence::set_for_this_thread(Some(t1));
+    a.put_job(&job("j1", "Running")).expect("the leader writes");
+    fence::set_for_this_thread(None);
+    // a stops renewing; its lease lapses and b takes over at the next term.
+    let t2 = poll("b to take the lapsed lease", || b.lead("b", 60_000, None).expect("lead"));
+    assert_eq!(t2, t1 + 1, "the term grows with the change of holder");
+    assert_eq!(a.lead("a", lease_ms, Some(t1)).expect("lead"), None, "a cannot renew a lease b holds");
+    let lease = LeaseRecord {
+        node: "n1".into(),
+        lease_id: "run/r1/m1".into(),
+        member: "m1".into(),
+        holder: "run/r1/m1".into(),
+        purpose: "test".into(),
+        granted_ms: 1,
+        expires_ms: i64::MAX / 2,
+        forced: false,
+    };
+    // a, late, still believes it leads at t1: every fenced write is refused and changes nothing.
+    fence::set_for_this_thread(Some(t1));
+    let _ = fence::take_refused();
+    let refused = a.put_job(&job("j1", "Completed")).expect_err("a deposed leader's write");
+    assert!(matches!(refused, StoreError::Fenced(_)), "{refused}");
+    assert!(refused.to_string().contains("\"b\"") && refused.to_string().contains(&t2.to_string()), "{refused}");
+    assert!(fence::take_refused(), "the refusal is noted for the leadership loop");
+    assert!(matches!(a.put_lease(&lease), Err(StoreError::Fenced(_))));
+    assert!(matches!(a.put_rollout("m1", "{}"), Err(StoreError::Fenced(_))));
+    assert!(matches!(a.expire_leases(i64::MAX), Err(StoreError::Fenced(_))));
+    assert!(matches!(a.release_leases("n1", &[], true), Err(StoreError::Fenced(_))));
+    assert!(matches!(a.check_fence(), Err(StoreError::Fenced(_))), "nor may it send a command");
+    fence::set_for_this_thread(None);
+    assert_eq!(a.get_job("j1").expect("read").expect("j1").status, "Running", "the refused write changed nothing");
+    assert!(a.list_leases().expect("leases").is_empty() && a.list_rollouts().expect("rollouts").is_empty());
+    // The new leader's writes go through, recorded with its term.
+    fence::set_for_this_thread(Some(t2));
+    b.put_job(&job("j1", "Completed")).expect("the leader writes");
+    b.put_lease(&lease).expect("the leader grants");
+    b.check_fence().expect("the leader may send commands");
+    fence::set_for_this_thread(None);
+    let terms = b.written_terms().expect("terms");
+    assert!(
+        terms.iter().any(|(what, key, t)| what == "job" && key.starts_with("j1 Completed") && *t == t2),
+        "{terms:?}"
+    );
+    assert!(terms.iter().all(|(_, _, t)| *t == t2), "nothing carries t1 any more: {terms:?}");
+    // Writes without a term (agent and operator sessions on any replica) are not fenced.
+    a.release_leases("n1", &[], true).expect("a node gives its leases back through any replica");
+    // b resigns (a clean shutdown): a takes over at once, at the next term.
+    b.resign("b", t2).expect("resign");
+    assert_eq!(a.lead("a", lease_ms, None).expect("lead"), Some(t2 + 1));
+    let (holder, term, left) = a.leadership().expect("leadership");
+    assert_eq!((holder.as_str(), term), ("a", t2 + 1));
+    assert!(left > 0 && left <= lease_ms, "{left}");
+}
+
+/// One replica process.
+struct Replica {
+    name: String,
+    hub: HubProcess,
+}
+
+/// Starts replica `name` of the database `url`, its state, log and hub.toml under `work/<name>`, image files in
+/// `work/artifacts` (shared).
+async fn replica(pki: &TestPki, work: &Path, url: &str, name: &str) -> Replica {
+    let dir = work.join(name);
+    let config = write_replica_config(pki, &dir, &work.join("artifacts"), url, name, LEASE_SECONDS, NO_CHANNELS);
+    let hub = HubProcess::start_config_logged(pki, config, dir.join("hub.log")).await;
+    Replica { name: name.to_string(), hub }
+}
+
+/// The replica holding an unexpired lease, and its term.
+async fn leader(store: &PostgresStore) -> Option<(String, u64)> {
+    let (holder, term, left) = store.leadership().ok()?;
+    (!holder.is_empty() && left > 0).then_some((holder, term))
+}
+
+/// How often replica's log says it became the leader at `term`.
+fn elected_in_log(log: &str, term: u64) -> usize {
+    log.lines().filter(|l| l.contains("became the leader") && l.contains(&format!("term={term}"))).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_elect_exactly_one_leader_and_another_when_it_is_killed() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (url, settings) = database();
+    let store = PostgresStore::open(&settings).expect("store");
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        replicas.push(replica(&pki, work.path(), &url, name).await);
+    }
+    let (first, t1) = wait_for("a leader", WAIT, || leader(&store)).await;
+    // Exactly one of the three says it leads at that term; it keeps the lease while it lives (renewals).
+    let logs: Vec<String> = replicas.iter().map(|r| r.hub.log_text()).collect();
+    let elected: Vec<&str> =
+        replicas.iter().zip(&logs).filter(|(_, l)| elected_in_log(l, t1) > 0).map(|(r, _)| r.name.as_str()).collect();
+    assert_eq!(elected, [first.as_str()], "one leader at term {t1}");
+    wait_for("two lease renewals", WAIT, || async {
+        let (holder, term, left) = store.leadership().ok()?;
+        (holder == first && term == t1 && left > 0).then_some(())
+    })
+    .await;
+
+    // SIGKILL the leader: another replica takes over once the lease lapses, at the next term.
+    let killed = Instant::now();
+    let i = replicas.iter().position(|r| r.name == first).expect("leader is a replica");
+    replicas[i].hub.kill().await;
+    let (second, t2) =
+        wait_for("a new leader", WAIT, || async { leader(&store).await.filter(|(h, _)| *h != first) }).await;
+    let elected_after = killed.elapsed();
+    assert_eq!(t2, t1 + 1, "the term grows with the change of holder");
+    let j = replicas.iter().position(|r| r.name == second).expect("a replica");
+    wait_for("the new leader's log", WAIT, || async {
+        (elected_in_log(&replicas[j].hub.log_text(), t2) == 1).then_some(())
+    })
+    .await;
+    for r in &replicas {
+        if r.name != second {
+            assert_eq!(elected_in_log(&r.hub.log_text(), t2), 0, "{} did not also lead at term {t2}", r.name);
+        }
+    }
+    // The lease lapses at most LEASE_SECONDS after the leader's last renewal; the others look twice a second.
+    assert!(elected_after < Duration::from_secs(LEASE_SECONDS + 3), "took {elected_after:?}");
+    println!("replicas: leader {first:?} killed -> {second:?} elected at term {t2} in {elected_after:?}");
+    for mut r in replicas {
+        r.hub.kill().await;
+    }
+}
+
+/// Rewrites a node's agent.toml to list every replica in `hubs` (in order).
+fn agent_hubs(config: &Path, first: &str, hubs: &[String]) {
+    let text = std::fs::read_to_string(config).expect("agent.toml");
+    let list = hubs.iter().map(|h| format!("{h:?}")).collect::<Vec<_>>().join(", ");
+    let text = text.replacen(&format!("hub = {first:?}"), &format!("hub = [{list}]"), 1);
+    assert!(text.contains(&list), "{text}");
+    std::fs::write(config, text).expect("agent.toml");
+}
+
+/// Reimage operations the node's agent journalled (one per operation id).
+fn reimages_journalled(work: &Path, node: &str) -> usize {
+    std::fs::read_dir(work.join(node).join("state/journal"))
+        .map(|rd| {
+            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+                .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+                .filter(|v| v["operation_id"].as_str().is_some_and(|id| id.ends_with("/reimage")))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Builds, signs and publishes Debian-12 `version` through `hub`, trusted by `nodes`.
+async fn publish_trusted(pki: &TestPki, hub: &str, work: &Path, nodes: &[&str], version: &str) {
+    let keys = work.join("keys");
+    upkeepctl_ok(pki, hub, &["image", "keygen", "--dir", &keys.to_string_lossy()]).await;
+    for n in nodes {
+        let dir = work.join(n).join("root/etc/upkeep/trusted-keys");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::copy(keys.join("upkeep-image.pub"), dir.join("upkeep-image.pub")).expect("trust key");
+    }
+    let img = work.join(format!("debian-{version}.tar")).to_string_lossy().into_owned();
+    upkeepctl_ok(pki, hub, &["image", "build", "--out", &img, "--family", "Debian-12", "--version", version]).await;
+    upkeepctl_ok(pki, hub, &["image", "sign", "--key", &keys.join("upkeep-image.key").to_string_lossy(), &img]).await;
+    let publish =
+        ["image", "publish", "--family", "Debian-12", "--version", version, "--regions", "eu", "--file", &img];
+    upkeepctl_ok(pki, hub, &publish).await;
+}
+
+/// Two replicas (a starts first and leads), `names` agents on a (the leader; with `both`, listing b after it), a
+/// staged run of one member per node published, created and started through b. Returns the replicas and agents.
+async fn run_on_two_replicas(
+    pki: &TestPki,
+    work: &Path,
+    url: &str,
+    store: &PostgresStore,
+    names: &[&str],
+    both: bool,
+) -> (Replica, Replica, Vec<TestAgent>) {
+    let a = replica(pki, work, url, "a").await;
+    wait_for("a leads", WAIT, || async { leader(store).await.filter(|(h, _)| h == "a") }).await;
+    let b = replica(pki, work, url, "b").await;
+    let hubs = [a.hub.url(), b.hub.url()];
+    let mut agents = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let node = make_node(pki, work, &hubs[0], n, &format!("m{}", i + 1), "pool1", "eu", "Debian-12-202311.07.0");
+        if both {
+            agent_hubs(&node.config, &hubs[0], &hubs);
+        }
+        agents.push(TestAgent::start(&node));
+    }
+    let want = names.len();
+    wait_for("every node Ready on the leader", WAIT, || async {
+        let l = upkeepctl_json(pki, &hubs[0], &["node", "list"]).await.ok()?;
+        (l["nodes"].as_array()?.iter().filter(|n| n["status"] == "Ready" && n["connected"] == true).count() == want)
+            .then_some(())
+    })
+    .await;
+    // Every operator request goes to b, which does not lead: they reach the leader through the database.
+    publish_trusted(pki, &hubs[1], work, names, "202312.01.0").await;
+    // Two stages: m1 first, then the others one by one.
+    let rest: Vec<String> = (2..=names.len()).map(|i| format!("\"m{i}\"")).collect();
+    let order = work.join("order.json");
+    std::fs::write(
+        &order,
+        format!(
+            r#"{{"stages":[{{"name":"canary","groups":[{{"name":"first","members":["m1"]}}]}},
+                {{"name":"prod","groups":[{{"name":"rest","members":[{}]}}]}}]}}"#,
+            rest.join(",")
+        ),
+    )
+    .expect("order.json");
+    let order = order.to_string_lossy().into_owned();
+    upkeepctl_ok(pki, &hubs[1], &["strategy", "create", "staged", "-f", &order]).await;
+    upkeepctl_ok(pki, &hubs[1], &["run", "create", "r1", "--strategy", "staged", "--upgrade-type", "NodeImageOnly"])
+        .await;
+    upkeepctl_ok(pki, &hubs[1], &["run", "start", "r1"]).await;
+    (a, b, agents)
+}
+
+async fn member_status(pki: &TestPki, hub: &str, member: &str) -> Option<String> {
+    let v = upkeepctl_json(pki, hub, &["run", "show", "r1"]).await.ok()?;
+    run_member(&v, member)["status"].as_str().map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_completes_when_its_leader_is_killed_and_no_node_is_upgraded_twice() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (url, settings) = database();
+    let store = PostgresStore::open(&settings).expect("store");
+    let names = ["n1", "n2", "n3"];
+    let (mut a, b, agents) = run_on_two_replicas(&pki, work.path(), &url, &store, &names, true).await;
+    let b_url = b.hub.url();
+    // The run is read through the follower too (one database).
+    wait_for("m1 Running", WAIT, || async {
+        (member_status(&pki, &b_url, "m1").await.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let (_, t1) = leader(&store).await.expect("a leads");
+    // The leader's work writes at its term (operator requests commit unfenced, on any replica).
+    wait_for("m1's node work written at a's term", WAIT, || async {
+        store
+            .written_terms()
+            .ok()?
+            .iter()
+            .any(|(w, k, t)| w == "job" && k.starts_with("run/r1/m1/") && *t == t1)
+            .then_some(())
+    })
+    .await;
+
+    // SIGKILL the leader mid-run. Its agents move to b; b is elected and carries the run on.
+    let killed = Instant::now();
+    a.hub.kill().await;
+    let (_, t2) = wait_for("b leads", WAIT, || async { leader(&store).await.filter(|(h, _)| h == "b") }).await;
+    let elected = killed.elapsed();
+    // The new leader's first action: its first write (run commit, node work, lease) at its term.
+    let first_write = wait_for("b's first write", WAIT, || async {
+        store.written_terms().ok()?.iter().any(|(_, _, t)| *t == t2).then(|| killed.elapsed())
+    })
+    .await;
+    println!("replicas: leader killed -> new leader elected {elected:?}, its first write {first_write:?}");
+    let run = wait_for("r1 to end", WAIT, || async {
+        let v = upkeepctl_json(&pki, &b_url, &["run", "show", "r1"]).await.ok()?;
+        matches!(v["status"].as_str()?, "Completed" | "Failed").then_some(v)
+    })
+    .await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(run_member(&run, &format!("m{}", i + 1))["status"], "Completed", "{run}");
+        assert_eq!(reimages_journalled(work.path(), n), 1, "{n} was reimaged exactly once (its journal)");
+    }
+    assert_eq!(run["stages"][0]["status"], "Completed", "{run}");
+    let list = upkeepctl_json(&pki, &b_url, &["node", "list"]).await.expect("node list");
+    for n in list["nodes"].as_array().expect("nodes") {
+        assert_eq!(n["node_image_version"], "Debian-12-202312.01.0", "{n}");
+    }
+    let leases = upkeepctl_json(&pki, &b_url, &["lease", "list"]).await.expect("lease list");
+    assert_eq!(leases.as_array().map(Vec::len), Some(0), "no lease leaked: {leases}");
+    for g in agents {
+        g.stop().await;
+    }
+    let mut b = b;
+    b.hub.kill().await;
+}
+
+/// The rows written at `term`.
+fn rows_at(store: &PostgresStore, term: u64) -> BTreeSet<(String, String)> {
+    store.written_terms().expect("terms").into_iter().filter(|(_, _, t)| *t == term).map(|(w, k, _)| (w, k)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_fenced_and_steps_down_without_acting() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (url, settings) = database();
+    let store = PostgresStore::open(&settings).expect("store");
+    let names = ["n1", "n2"];
+    let (mut a, mut b, agents) = run_on_two_replicas(&pki, work.path(), &url, &store, &names, false).await;
+    let a_url = a.hub.url();
+    wait_for("m1 Running", WAIT, || async {
+        (member_status(&pki, &a_url, "m1").await.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let (_, t1) = leader(&store).await.expect("a leads");
+    wait_for("m1's node work written at a's term", WAIT, || async {
+        store
+            .written_terms()
+            .ok()?
+            .iter()
+            .any(|(w, k, t)| w == "job" && k.starts_with("run/r1/m1/") && *t == t1)
+            .then_some(())
+    })
+    .await;
+    // Pause the leader past its lease: b is elected.
+    a.hub.signal(nix::sys::signal::Signal::SIGSTOP);
+    let paused = Instant::now();
+    let (_, t2) = wait_for("b leads", WAIT, || async { leader(&store).await.filter(|(h, _)| h == "b") }).await;
+    assert_eq!(t2, t1 + 1);
+    println!("replicas: leader paused -> b elected in {:?}", paused.elapsed());
+    // What a wrote at its term, as it stands now (a is frozen: only b can still change it).
+    let before = rows_at(&store, t1);
+    assert!(!before.is_empty(), "a wrote at its term before the pause");
+    let log_before = a.hub.log_text().len();
+    a.hub.signal(nix::sys::signal::Signal::SIGCONT);
+    let said = wait_for("a says it stepped down", WAIT, || async {
+        let log = a.hub.log_text();
+        let new = log.get(log_before..)?.to_string();
+        new.lines().any(|l| l.contains("stepped down")).then_some(new)
+    })
+    .await;
+    assert!(said.contains(&format!("term={t1}")), "a names the term it gave up: {said}");
+    assert!(
+        said.contains("could not be renewed in time") || said.contains("a write was refused"),
+        "a says why it stepped down: {said}"
+    );
+    // a acted no further: nothing was written at its term since the pause, and it did not lead again while b's
+    // lease runs.
+    let after = rows_at(&store, t1);
+    assert!(after.is_subset(&before), "a wrote at term {t1} after b took over: {:?}", after.difference(&before));
+    let (holder, term, _) = store.leadership().expect("leadership");
+    assert_eq!((holder.as_str(), term), ("b", t2), "b still leads");
+    let writes_refused = said.lines().filter(|l| l.contains("refused")).count();
+    println!("replicas: the resumed leader stepped down; {writes_refused} of its writes were refused");
+    for g in agents {
+        g.stop().await;
+    }
+    a.hub.kill().await;
+    b.hub.kill().await;
+}
