@@ -513,6 +513,23 @@ pub async fn mtls_channel(pki: &TestPki, hub: &str, cert: &Path, key: &Path) -> 
         .expect("connect to the hub")
 }
 
+/// Builds, signs and publishes a `Debian-12` image at `version` (region `eu`) through the hub at `url`, with a
+/// signing key made under `work/keys`, trusted by the nodes whose roots are `roots`.
+pub async fn publish_trusted_debian(pki: &TestPki, url: &str, work: &Path, roots: &[PathBuf], version: &str) {
+    let keys = work.join("keys");
+    upkeepctl_ok(pki, url, &["image", "keygen", "--dir", &keys.to_string_lossy()]).await;
+    for root in roots {
+        let dir = root.join("etc/upkeep/trusted-keys");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::copy(keys.join("upkeep-image.pub"), dir.join("upkeep-image.pub")).expect("trust key");
+    }
+    let img = work.join(format!("debian-{version}.tar")).to_string_lossy().into_owned();
+    upkeepctl_ok(pki, url, &["image", "build", "--out", &img, "--family", "Debian-12", "--version", version]).await;
+    upkeepctl_ok(pki, url, &["image", "sign", "--key", &keys.join("upkeep-image.key").to_string_lossy(), &img]).await;
+    let publish = ["image", "publish", "--family", "Debian-12", "--version", version, "--regions", "eu", "--file"];
+    upkeepctl_ok(pki, url, &[&publish[..], &[img.as_str()]].concat()).await;
+}
+
 /// Path of a workspace binary (built by `cargo build --workspace --bins` or by the test run).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

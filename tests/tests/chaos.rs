@@ -157,22 +157,6 @@ async fn all_ready(pki: &TestPki, url: &str, want: usize) {
     .await;
 }
 
-/// Signs and publishes image `IMAGE_TO` of Debian-12, trusted by every node of `nodes`.
-async fn publish_trusted(pki: &TestPki, url: &str, work: &Path, nodes: &[TestNode]) {
-    let keys = work.join("keys");
-    upkeepctl_ok(pki, url, &["image", "keygen", "--dir", &keys.to_string_lossy()]).await;
-    for n in nodes {
-        let dir = n.root.join("etc/upkeep/trusted-keys");
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::copy(keys.join("upkeep-image.pub"), dir.join("upkeep-image.pub")).expect("trust key");
-    }
-    let img = work.join(format!("debian-{IMAGE_TO}.tar")).to_string_lossy().into_owned();
-    upkeepctl_ok(pki, url, &["image", "build", "--out", &img, "--family", "Debian-12", "--version", IMAGE_TO]).await;
-    upkeepctl_ok(pki, url, &["image", "sign", "--key", &keys.join("upkeep-image.key").to_string_lossy(), &img]).await;
-    let publish = ["image", "publish", "--family", "Debian-12", "--version", IMAGE_TO, "--regions", "eu", "--file"];
-    upkeepctl_ok(pki, url, &[&publish[..], &[img.as_str()]].concat()).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_sigkilled_at_random_moments_during_a_multistage_run_upgrades_every_node_once_and_leaves_nothing_behind() {
     let seed = chaos_seed();
@@ -200,7 +184,8 @@ async fn hub_sigkilled_at_random_moments_during_a_multistage_run_upgrades_every_
         }
     }
     all_ready(&pki, &url, nodes.len()).await;
-    publish_trusted(&pki, &url, work.path(), &nodes).await;
+    let roots: Vec<_> = nodes.iter().map(|n| n.root.clone()).collect();
+    publish_trusted_debian(&pki, &url, work.path(), &roots, IMAGE_TO).await;
     let order = work.path().join("order.json");
     std::fs::write(
         &order,

@@ -110,26 +110,6 @@ async fn views(pki: &TestPki, url: &str) -> Vec<Value> {
     out
 }
 
-/// Signs and publishes Debian-12 `version` through the CLI, trusted by the nodes under `work`.
-async fn publish_trusted(pki: &TestPki, url: &str, work: &Path, nodes: &[&str], version: &str) {
-    let keys = work.join("keys");
-    upkeepctl_ok(pki, url, &["image", "keygen", "--dir", &keys.to_string_lossy()]).await;
-    for n in nodes {
-        let dir = work.join(n).join("root/etc/upkeep/trusted-keys");
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::copy(keys.join("upkeep-image.pub"), dir.join("upkeep-image.pub")).expect("trust key");
-    }
-    let img = work.join(format!("debian-{version}.tar")).to_string_lossy().into_owned();
-    upkeepctl_ok(pki, url, &["image", "build", "--out", &img, "--family", "Debian-12", "--version", version]).await;
-    upkeepctl_ok(pki, url, &["image", "sign", "--key", &keys.join("upkeep-image.key").to_string_lossy(), &img]).await;
-    upkeepctl_ok(
-        pki,
-        url,
-        &["image", "publish", "--family", "Debian-12", "--version", version, "--regions", "eu", "--file", &img],
-    )
-    .await;
-}
-
 /// Creates a strategy of one member and a NodeImageOnly run on it, starts it and waits until it Completed.
 async fn run_on(pki: &TestPki, url: &str, work: &Path, run: &str, member: &str) -> Value {
     let spec = work.join(format!("{run}.json"));
@@ -177,7 +157,8 @@ async fn a_sqlite_hub_moved_into_postgres_shows_the_same_fleet_and_serves_its_im
         (list["nodes"].as_array()?.iter().filter(|n| n["status"] == "Ready").count() == 2).then_some(())
     })
     .await;
-    publish_trusted(&pki, &url, work.path(), &["n1", "n2"], "202312.01.0").await;
+    let roots: Vec<_> = ["n1", "n2"].iter().map(|n| work.path().join(n).join("root")).collect();
+    publish_trusted_debian(&pki, &url, work.path(), &roots, "202312.01.0").await;
     let r1 = run_on(&pki, &url, work.path(), "r1", "m1").await;
     assert_eq!(run_member(&r1, "m1")["status"], "Completed", "{r1}");
     upkeepctl_ok(&pki, &url, &["pki", "token", "create", "--member", "m3", "--pool", "web"]).await;

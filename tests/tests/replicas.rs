@@ -197,23 +197,6 @@ fn reimages_journalled(work: &Path, node: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Builds, signs and publishes Debian-12 `version` through `hub`, trusted by `nodes`.
-async fn publish_trusted(pki: &TestPki, hub: &str, work: &Path, nodes: &[&str], version: &str) {
-    let keys = work.join("keys");
-    upkeepctl_ok(pki, hub, &["image", "keygen", "--dir", &keys.to_string_lossy()]).await;
-    for n in nodes {
-        let dir = work.join(n).join("root/etc/upkeep/trusted-keys");
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::copy(keys.join("upkeep-image.pub"), dir.join("upkeep-image.pub")).expect("trust key");
-    }
-    let img = work.join(format!("debian-{version}.tar")).to_string_lossy().into_owned();
-    upkeepctl_ok(pki, hub, &["image", "build", "--out", &img, "--family", "Debian-12", "--version", version]).await;
-    upkeepctl_ok(pki, hub, &["image", "sign", "--key", &keys.join("upkeep-image.key").to_string_lossy(), &img]).await;
-    let publish =
-        ["image", "publish", "--family", "Debian-12", "--version", version, "--regions", "eu", "--file", &img];
-    upkeepctl_ok(pki, hub, &publish).await;
-}
-
 /// Two replicas (a starts first and leads), `names` agents on a (the leader; with `both`, listing b after it), a
 /// staged run of one member per node published, created and started through b. Returns the replicas and agents.
 async fn run_on_two_replicas(
@@ -244,7 +227,8 @@ async fn run_on_two_replicas(
     })
     .await;
     // Every operator request goes to b, which does not lead: they reach the leader through the database.
-    publish_trusted(pki, &hubs[1], work, names, "202312.01.0").await;
+    let roots: Vec<_> = names.iter().map(|n| work.join(n).join("root")).collect();
+    publish_trusted_debian(pki, &hubs[1], work, &roots, "202312.01.0").await;
     // Two stages: m1 first, then the others one by one.
     let rest: Vec<String> = (2..=names.len()).map(|i| format!("\"m{i}\"")).collect();
     let order = work.join("order.json");

@@ -87,22 +87,6 @@ async fn receiver(refuse: usize) -> (u16, Arc<Mutex<Vec<Got>>>) {
     (port, got)
 }
 
-/// Signs and publishes image `version` of Debian-12, trusted by every node of `nodes`.
-async fn publish_trusted(pki: &TestPki, url: &str, work: &std::path::Path, nodes: &[TestNode], version: &str) {
-    let keys = work.join("keys");
-    upkeepctl_ok(pki, url, &["image", "keygen", "--dir", &keys.to_string_lossy()]).await;
-    for n in nodes {
-        let dir = n.root.join("etc/upkeep/trusted-keys");
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::copy(keys.join("upkeep-image.pub"), dir.join("upkeep-image.pub")).expect("trust key");
-    }
-    let img = work.join(format!("debian-{version}.tar")).to_string_lossy().into_owned();
-    upkeepctl_ok(pki, url, &["image", "build", "--out", &img, "--family", "Debian-12", "--version", version]).await;
-    upkeepctl_ok(pki, url, &["image", "sign", "--key", &keys.join("upkeep-image.key").to_string_lossy(), &img]).await;
-    let publish = ["image", "publish", "--family", "Debian-12", "--version", version, "--regions", "eu", "--file"];
-    upkeepctl_ok(pki, url, &[&publish[..], &[img.as_str()]].concat()).await;
-}
-
 fn accepted_events(got: &[Got]) -> Vec<Value> {
     got.iter().filter(|g| g.accepted).filter_map(|g| serde_json::from_str(&g.body).ok()).collect()
 }
@@ -151,7 +135,8 @@ async fn every_run_event_arrives_in_order_per_subject_signed_with_stable_ids_acr
         (l["nodes"].as_array()?.iter().filter(|n| n["status"] == "Ready").count() == 3).then_some(())
     })
     .await;
-    publish_trusted(&pki, &url, work.path(), &nodes, "202312.01.0").await;
+    let roots: Vec<_> = nodes.iter().map(|n| n.root.clone()).collect();
+    publish_trusted_debian(&pki, &url, work.path(), &roots, "202312.01.0").await;
     upkeepctl_ok(&pki, &url, &["run", "create", "r1", "--upgrade-type", "NodeImageOnly"]).await;
     upkeepctl_ok(&pki, &url, &["run", "start", "r1"]).await;
     // SIGKILL while the second member is being upgraded (deliveries still owed and being retried).
@@ -410,7 +395,8 @@ async fn advance_notices_announce_each_node_once_with_the_schedules_time_and_sur
     .expect("window");
     upkeepctl_ok(&pki, &url, &["member", "set-window", "m1", "--kind", "node-os", "-f", &window.to_string_lossy()])
         .await;
-    publish_trusted(&pki, &url, work.path(), &nodes, "202312.01.0").await;
+    let roots: Vec<_> = nodes.iter().map(|n| n.root.clone()).collect();
+    publish_trusted_debian(&pki, &url, work.path(), &roots, "202312.01.0").await;
 
     // A notice per node arrives before anything happens, with the time `schedule` predicts.
     let notices = |got: &[Got]| -> Vec<Value> {
