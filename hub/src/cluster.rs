@@ -27,9 +27,6 @@ use std::time::{Duration, Instant};
 /// The leader lease when `cluster.lease_seconds` is not set.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(3);
 
-/// How often a leader reads the planner's view again from the database (what other replicas wrote).
-const VIEW_RELOAD: Duration = Duration::from_secs(2);
-
 /// How often a replica that does not lead looks at the lease, and a leader at its fence.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -195,26 +192,14 @@ fn become_leader(parts: &LeaderParts, term: u64) -> anyhow::Result<tokio::runtim
     if !parts.upcoming_notice.is_zero() {
         runtime.spawn(crate::schedule::notices(parts.engine.clone(), parts.maintenance.clone(), parts.upcoming_notice));
     }
-    // Other replicas write to the same database: operator requests change runs (looked at every second), and
-    // their agents' reports and operators' catalog and settings changes change the planner's view (read again
-    // every VIEW_RELOAD; the engine and the maintenance loop plan again when it changed).
-    let (engine, maintenance, fleet) = (parts.engine.clone(), parts.maintenance.clone(), parts.fleet.clone());
+    // Other replicas write to the same database. Their agents' reports and their operators' catalog and settings
+    // changes reach this view through the relay, one change at a time (`crate::relay`); operator requests change
+    // runs, looked at every second.
+    let engine = parts.engine.clone();
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut last_reload = Instant::now();
         loop {
             tick.tick().await;
-            if last_reload.elapsed() >= VIEW_RELOAD {
-                last_reload = Instant::now();
-                match fleet.view().reload() {
-                    Ok(true) => {
-                        engine.poke();
-                        maintenance.poke();
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "reading the fleet view again"),
-                }
-            }
             engine.check_stored();
         }
     });

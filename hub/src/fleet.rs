@@ -135,6 +135,26 @@ pub struct Fleet {
     counters: crate::counters::Counters,
     /// Some webhook exists: node events are worth working out (`crate::webhooks`).
     webhooks_active: std::sync::atomic::AtomicBool,
+    /// Hub replicas: the relay to the others (`crate::relay`); unset for a single hub.
+    relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
+}
+
+/// Where a command for a node goes now.
+enum Route {
+    /// A session on this hub: its id and sending half.
+    Here(u64, SessionTx),
+    /// A session on another replica.
+    Elsewhere(crate::relay::RemoteSession),
+}
+
+impl Route {
+    /// Identifies the session (a new one gets the command again).
+    fn key(&self) -> (String, u64, u64) {
+        match self {
+            Route::Here(id, _) => (String::new(), 0, *id),
+            Route::Elsewhere(r) => (r.replica.clone(), r.instance, r.session),
+        }
+    }
 }
 
 /// Where leader work is started (`Fleet::spawn_work`).
@@ -203,7 +223,55 @@ impl Fleet {
             report_tick: tokio::sync::watch::channel(0).0,
             timing,
             counters: crate::counters::Counters::default(),
+            relay: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Joins this hub to its replicas through `relay`: sessions, results, lease requests and view changes travel
+    /// between them from now on. Set once.
+    pub fn set_relay(&self, relay: Arc<crate::relay::Relay>) {
+        let sink = relay.clone();
+        if self.relay.set(relay).is_ok() {
+            self.view.on_change(Box::new(move |change| sink.view_changed(change)));
+        }
+    }
+
+    /// The relay to the other replicas, if this hub is one of several.
+    pub fn relay(&self) -> Option<Arc<crate::relay::Relay>> {
+        self.relay.get().cloned()
+    }
+
+    /// Sends `msg` on `node`'s session `session` on this hub, if that session is still open (for the relay: a
+    /// command or lease answer from the leader).
+    pub fn send_on_session(&self, runtime: &tokio::runtime::Handle, node: &str, session: u64, msg: v1::HubMessage) {
+        let tx = self.sessions().get(node).filter(|s| s.id == session).map(|s| s.tx.clone());
+        match tx {
+            Some(tx) => {
+                runtime.spawn(async move {
+                    let _ = tx.send(Ok(Box::new(msg))).await;
+                });
+            }
+            None => tracing::debug!(node, session, "relayed message for a session that ended; dropped"),
+        }
+    }
+
+    /// A node reported on another replica (its row and this hub's view hold the report already).
+    pub fn reported_elsewhere(&self, node: &str) {
+        *self.reports.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_string()).or_default() += 1;
+        self.report_tick.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Tells the other replicas which nodes went silent on their open session here, or were heard again.
+    pub fn announce_silences(&self) {
+        let Some(relay) = self.relay.get() else { return };
+        let now = now_ms();
+        let deadline_ms = self.silence_deadline_ms();
+        let open: Vec<(String, u64)> = self.sessions().iter().map(|(n, s)| (n.clone(), s.id)).collect();
+        for (node, id) in open {
+            let heard = self.heard().get(&node).map(|h| h.at);
+            let silent = heard.filter(|h| now - h > deadline_ms);
+            relay.session_silence(&node, id, silent);
+        }
     }
 
     /// A fresh command generation, newer than every one this hub (or an earlier start of it) sent.
@@ -264,6 +332,11 @@ impl Fleet {
         self.store.as_ref()
     }
 
+    /// The store, shared (with the view kept beside it).
+    pub fn shared_store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
     /// The planner's in-memory view of the fleet, current with the store's last write.
     pub fn view(&self) -> &Viewed {
         &self.view
@@ -281,9 +354,28 @@ impl Fleet {
         self.heard.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// When `node` was last heard from by this hub process, if it was.
+    /// When `node` was last heard from by this hub process, if it was; for a node on another replica, now (or
+    /// when it fell silent there).
     fn heard_at(&self, node: &str) -> Option<i64> {
-        self.heard().get(node).map(|h| h.at)
+        let here = self.heard().get(node).map(|h| h.at);
+        let elsewhere = self.remote(node).map(|r| r.silent_since_ms.unwrap_or_else(now_ms));
+        here.max(elsewhere)
+    }
+
+    /// Where `node`'s session is on another replica, when it has none here.
+    fn remote(&self, node: &str) -> Option<crate::relay::RemoteSession> {
+        let relay = self.relay.get()?;
+        if self.sessions().contains_key(node) {
+            return None;
+        }
+        relay.remote(node)
+    }
+
+    fn route(&self, node: &str) -> Option<Route> {
+        if let Some(s) = self.sessions().get(node) {
+            return Some(Route::Here(s.id, s.tx.clone()));
+        }
+        self.remote(node).map(Route::Elsewhere)
     }
 
     /// Records a report and returns the member's configuration.
@@ -348,6 +440,9 @@ impl Fleet {
     pub fn open_session(&self, node: &str, member: &str, tx: SessionTx) -> u64 {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let old = self.sessions().insert(node.to_string(), Session { id, member: member.to_string(), tx });
+        if let Some(relay) = self.relay.get() {
+            relay.session_opened(node, id);
+        }
         if let Some(old) = old {
             tracing::info!(node, old_session = old.id, "newer session replaces an older one");
             let _ = old.tx.try_send(Err(Status::aborted("replaced by a newer session of the same node")));
@@ -365,10 +460,14 @@ impl Fleet {
     /// Closes a session if it is still the node's current one.
     pub fn close_session(&self, node: &str, id: u64) {
         let mut sessions = self.sessions();
-        if sessions.get(node).is_some_and(|s| s.id == id) {
+        let ended = sessions.get(node).is_some_and(|s| s.id == id);
+        if ended {
             sessions.remove(node);
         }
         drop(sessions);
+        if ended && let Some(relay) = self.relay.get() {
+            relay.session_closed(node, id);
+        }
         self.touch(node);
     }
 
@@ -376,6 +475,9 @@ impl Fleet {
     pub fn end_session(&self, node: &str, why: &str) {
         let ended = self.sessions().remove(node);
         if let Some(s) = ended {
+            if let Some(relay) = self.relay.get() {
+                relay.session_closed(node, s.id);
+            }
             let _ = s.tx.try_send(Err(Status::permission_denied(why.to_string())));
             self.touch(node);
         }
@@ -397,6 +499,9 @@ impl Fleet {
         self.closing.send_replace(true);
         let drained: Vec<(String, Session)> = self.sessions().drain().collect();
         for (node, s) in drained {
+            if let Some(relay) = self.relay.get() {
+                relay.session_closed(&node, s.id);
+            }
             let _ = s.tx.try_send(Err(Status::unavailable("hub shutting down; reconnect")));
             self.touch(&node);
         }
@@ -477,20 +582,22 @@ impl Fleet {
             .insert(operation_id.to_string(), (node.to_string(), done_tx));
         let mut command = v1::Command { operation_id: operation_id.to_string(), generation: 0, kind: Some(kind) };
         let deadline = tokio::time::Instant::now() + within;
-        let mut sent_on: Option<u64> = None;
+        let mut sent_on: Option<(String, u64, u64)> = None;
         // When the node's silence began (None: heard within its deadline), and whether `on_silence` was told.
         let mut silent_since: Option<i64> = None;
         let mut told = false;
         let deadline_ms = self.silence_deadline_ms();
         let outcome = loop {
-            let session = self.sessions().get(node).map(|s| (s.id, s.tx.clone()));
+            let route = self.route(node);
             let now = now_ms();
             let heard = self.heard_at(node);
-            silent_since = match &session {
+            silent_since = match &route {
                 // Gone: silent since it was last heard (or since we noticed, after a hub restart).
                 None => Some(silent_since.unwrap_or_else(|| heard.unwrap_or(now))),
                 // Connected but saying nothing (a frozen agent): silent since it was last heard.
-                Some(_) => heard.filter(|h| now - h > deadline_ms),
+                Some(Route::Here(..)) => heard.filter(|h| now - h > deadline_ms),
+                // On another replica, which says when it falls silent there.
+                Some(Route::Elsewhere(r)) => r.silent_since_ms,
             };
             // Said only once the node is past its deadline (Unknown): a reconnect after a hub restart is not news.
             let silent_now = silent_since.filter(|s| now - s > deadline_ms);
@@ -503,8 +610,8 @@ impl Fleet {
             {
                 break Err(CommandError::Silent { node: node.to_string(), for_ms: now - since });
             }
-            if let Some((id, tx)) = session
-                && sent_on != Some(id)
+            if let Some(route) = route
+                && sent_on.as_ref() != Some(&route.key())
             {
                 // Leader work sends only while its term is the database's current one (a replica paused past
                 // its lease and resumed sends nothing more).
@@ -516,9 +623,21 @@ impl Fleet {
                 // Every send carries a fresh generation: a repeat of the same operation id is answered from the
                 // agent's journal before the generation is looked at, a new one must be the newest.
                 command.generation = generation.unwrap_or_else(|| self.next_generation());
-                let msg = v1::HubMessage { body: Some(v1::hub_message::Body::Command(command.clone())) };
-                if tx.send(Ok(Box::new(msg))).await.is_ok() {
-                    sent_on = Some(id);
+                match &route {
+                    Route::Here(_, tx) => {
+                        let msg = v1::HubMessage { body: Some(v1::hub_message::Body::Command(command.clone())) };
+                        if tx.send(Ok(Box::new(msg))).await.is_ok() {
+                            sent_on = Some(route.key());
+                        }
+                    }
+                    Route::Elsewhere(at) => {
+                        // Through the database to the replica holding the session; the result comes back the
+                        // same way (`deliver_result` there posts it, the relay here delivers it).
+                        if let Some(relay) = self.relay.get() {
+                            relay.command(at, node, &command);
+                            sent_on = Some(route.key());
+                        }
+                    }
                 }
             }
             tokio::select! {
@@ -558,7 +677,15 @@ impl Fleet {
                 });
             }
             Some(_) => {}
-            None => return Ok(false),
+            None => {
+                drop(waiting);
+                // Replicas: the leader waits for it; a replica that does not lead passes it on.
+                if let Some(relay) = self.relay.get().filter(|_| !self.leads()) {
+                    relay.result(node, &result);
+                    return Ok(true);
+                }
+                return Ok(false);
+            }
         }
         let Some((_, w)) = waiting.remove(&result.operation_id) else { return Ok(false) };
         drop(waiting);
@@ -585,9 +712,9 @@ impl Fleet {
         }
     }
 
-    /// Whether a node has an open session.
+    /// Whether a node has an open session (on this hub, or on another live replica).
     pub fn is_connected(&self, node: &str) -> bool {
-        self.sessions().contains_key(node)
+        self.sessions().contains_key(node) || self.relay.get().is_some_and(|r| r.remote(node).is_some())
     }
 
     /// Number of open sessions.
@@ -595,8 +722,16 @@ impl Fleet {
         self.sessions().len()
     }
 
-    /// Pushes a member's configuration to every connected node of that member.
+    /// Pushes a member's configuration to every connected node of that member, on every replica.
     pub fn push_member_config(&self, member: &MemberRecord) {
+        self.push_member_config_here(member);
+        if let Some(relay) = self.relay.get() {
+            relay.member_config(&member.name);
+        }
+    }
+
+    /// Pushes a member's configuration to the nodes of that member connected to this hub.
+    pub fn push_member_config_here(&self, member: &MemberRecord) {
         let msg = desired_config(member);
         let targets: Vec<(String, SessionTx)> = self
             .sessions()

@@ -301,6 +301,11 @@ impl Ledger {
         Ok(())
     }
 
+    /// Nodes holding a lease this hub granted or read at start.
+    pub fn holders(&self) -> Vec<String> {
+        lock(&self.holders).keys().cloned().collect()
+    }
+
     /// The node was heard from: its leases stay alive (extended at most every ttl/10).
     pub fn alive(&self, node: &str) {
         let now = now_ms();

@@ -26,6 +26,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod outbox;
 pub mod pki;
+pub mod relay;
 pub mod revocation;
 pub mod schedule;
 pub mod server;

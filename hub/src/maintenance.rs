@@ -186,6 +186,17 @@ fn schedule_of(json: &Option<String>) -> Option<MaintenanceSchedule> {
     json.as_deref().and_then(|s| serde_json::from_str(s).ok())
 }
 
+/// A refusal that asks the node to ask again soon (the hub could not decide now).
+pub fn lease_retry(req: &v1::LeaseRequest, why: &str) -> v1::LeaseAnswer {
+    v1::LeaseAnswer {
+        lease_id: req.lease_id.clone(),
+        granted: false,
+        reason: why.to_string(),
+        retry_after_seconds: 10,
+        ..Default::default()
+    }
+}
+
 impl Maintenance {
     /// Over `fleet`, handing work to `executor`.
     pub fn new(fleet: Arc<Fleet>, settings: AutoUpgradeSettings, executor: Arc<Executor>) -> Arc<Maintenance> {
@@ -267,6 +278,27 @@ impl Maintenance {
             }
             me.poke();
         });
+    }
+
+    /// The answer to a node's lease request: a refusal the node can act on (with its retry time) when the request
+    /// is refused, `Err` only when the store failed.
+    pub fn lease_answer(self: &Arc<Self>, node: &str, req: &v1::LeaseRequest) -> Result<v1::LeaseAnswer, StoreError> {
+        match self.request_lease(node, req) {
+            Ok(a) => Ok(a),
+            Err(LeaseError::Store(e)) => Err(e),
+            Err(e) => Ok(v1::LeaseAnswer {
+                lease_id: req.lease_id.clone(),
+                granted: false,
+                reason: e.to_string(),
+                retry_after_seconds: 60,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Nodes that hold a lease this hub granted (their leases stay alive while they are heard from).
+    pub fn lease_holders(&self) -> Vec<String> {
+        self.ledger().holders()
     }
 
     // ---- reboots and uncordons ----

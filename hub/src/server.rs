@@ -140,7 +140,21 @@ pub async fn serve_fleet_with_local_agents(
             }
             None
         }
-        Some(settings) => Some(
+        Some(settings) => Some({
+            // Commands, results, sessions and view changes between the replicas (`crate::relay`).
+            let relay = crate::relay::Relay::new(&settings.replica, fleet.epoch(), fleet.shared_store())
+                .context("joining the other hub replicas")?;
+            fleet.set_relay(relay.clone());
+            relay
+                .start(
+                    crate::relay::Hands {
+                        fleet: fleet.clone(),
+                        maintenance: maintenance.clone(),
+                        engine: engine.clone(),
+                    },
+                    tokio::runtime::Handle::current(),
+                )
+                .context("starting the relay between hub replicas")?;
             crate::cluster::Leadership::start(
                 settings.clone(),
                 crate::cluster::LeaderParts {
@@ -151,8 +165,8 @@ pub async fn serve_fleet_with_local_agents(
                     upcoming_notice: config.webhooks.upcoming_notice,
                 },
             )
-            .context("starting the leadership thread")?,
-        ),
+            .context("starting the leadership thread")?
+        }),
     };
     let webhooks_task = tokio::spawn(crate::webhooks::run(fleet.clone(), config.webhooks.clone()));
     let flusher = {
@@ -165,6 +179,7 @@ pub async fn serve_fleet_with_local_agents(
                 if let Err(e) = fleet.flush_seen() {
                     tracing::error!(error = %e, "flushing last-seen times");
                 }
+                fleet.announce_silences();
             }
         })
     };
@@ -265,6 +280,10 @@ pub async fn serve_fleet_with_local_agents(
     if let Some(l) = leadership {
         // Joining the leadership thread waits for its current database call: off the async threads.
         let _ = tokio::task::spawn_blocking(move || l.stop()).await;
+    }
+    if let Some(relay) = fleet.relay() {
+        // What the sessions' ends queued is posted before the relay stops.
+        let _ = tokio::task::spawn_blocking(move || relay.stop()).await;
     }
     webhooks_task.abort();
     if let Err(e) = fleet.flush_seen() {

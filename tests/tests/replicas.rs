@@ -379,3 +379,154 @@ async fn a_paused_leader_is_fenced_and_steps_down_without_acting() {
     a.hub.kill().await;
     b.hub.kill().await;
 }
+
+/// The replica (of `replicas`) that leads now, by the lease row.
+async fn leading(store: &PostgresStore, replicas: &[Replica]) -> Option<(usize, u64)> {
+    let (holder, term) = leader(store).await?;
+    replicas.iter().position(|r| r.name == holder).map(|i| (i, term))
+}
+
+/// The stage whose first member runs or ran: the highest index with a member that started.
+fn stage_started(run: &Value) -> Option<usize> {
+    run["stages"].as_array()?.iter().rposition(|s| {
+        s["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["members"].as_array().into_iter().flatten())
+            .any(|m| m["status"] != "NotStarted")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_agents_over_three_replicas_finish_a_staged_run_through_two_leader_kills_each_node_upgraded_once() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (url, settings) = database();
+    let store = PostgresStore::open(&settings).expect("store");
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        replicas.push(replica(&pki, work.path(), &url, name).await);
+    }
+    wait_for("a leader", WAIT, || leading(&store, &replicas)).await;
+    let urls: Vec<String> = replicas.iter().map(|r| r.hub.url()).collect();
+    // 30 nodes, 3 per member, each agent starting at a different replica (all three listed, rotated): every
+    // replica holds sessions, and the leader reaches most nodes only through the database.
+    let mut agents = Vec::new();
+    let mut member_of = std::collections::BTreeMap::new();
+    for i in 0..30 {
+        let (node, member) = (format!("n{i:02}"), format!("m{}", i / 3 + 1));
+        let first = &urls[i % 3];
+        let made = make_node(&pki, work.path(), first, &node, &member, "pool1", "eu", "Debian-12-202311.07.0");
+        let rotated: Vec<String> = (0..3).map(|k| urls[(i + k) % 3].clone()).collect();
+        agent_hubs(&made.config, first, &rotated);
+        agents.push(TestAgent::start(&made));
+        member_of.insert(node, member);
+    }
+    wait_for("30 nodes Ready, seen alike on every replica", WAIT, || async {
+        for u in &urls {
+            let l = upkeepctl_json(&pki, u, &["node", "list"]).await.ok()?;
+            let ready = l["nodes"].as_array()?.iter().filter(|n| n["status"] == "Ready" && n["connected"] == true);
+            if ready.count() != 30 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // Sessions really are spread: every replica's log registered some agents.
+    for r in &replicas {
+        assert!(r.hub.log_text().contains("agent registered"), "replica {} holds sessions", r.name);
+    }
+    let roots: Vec<_> = member_of.keys().map(|n| work.path().join(n).join("root")).collect();
+    publish_trusted_debian(&pki, &urls[1], work.path(), &roots, "202312.01.0").await;
+    let stages = [(1..=2), (3..=6), (7..=10)];
+    let stage_json: Vec<String> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, ms)| {
+            let members: Vec<String> = ms.clone().map(|m| format!("\"m{m}\"")).collect();
+            format!(r#"{{"name":"s{i}","groups":[{{"name":"g{i}","members":[{}]}}]}}"#, members.join(","))
+        })
+        .collect();
+    let order = work.path().join("order.json");
+    std::fs::write(&order, format!(r#"{{"stages":[{}]}}"#, stage_json.join(","))).expect("order.json");
+    let order = order.to_string_lossy().into_owned();
+    upkeepctl_ok(&pki, &urls[2], &["strategy", "create", "staged", "-f", &order]).await;
+    upkeepctl_ok(&pki, &urls[2], &["run", "create", "r1", "--strategy", "staged", "--upgrade-type", "NodeImageOnly"])
+        .await;
+    upkeepctl_ok(&pki, &urls[2], &["run", "start", "r1"]).await;
+
+    // SIGKILL the leader when stage s1 starts, then (the killed replica back, as a follower) the new leader when
+    // s2 starts. Read through a replica that lives.
+    let mut terms = Vec::new();
+    for stage in [1, 2] {
+        let (i, term) = wait_for("a leader", WAIT, || leading(&store, &replicas)).await;
+        let reader = urls[(i + 1) % 3].clone();
+        wait_for(&format!("stage s{stage} started"), WAIT, || async {
+            let v = upkeepctl_json(&pki, &reader, &["run", "show", "r1"]).await.ok()?;
+            (stage_started(&v)? >= stage).then_some(())
+        })
+        .await;
+        let killed = Instant::now();
+        replicas[i].hub.kill().await;
+        let (j, next) =
+            wait_for("a new leader", WAIT, || async { leading(&store, &replicas).await.filter(|(j, _)| *j != i) })
+                .await;
+        println!(
+            "replicas: stage s{stage}: leader {} killed -> {} at term {next} in {:?}",
+            replicas[i].name,
+            replicas[j].name,
+            killed.elapsed()
+        );
+        terms.push((term, next));
+        if stage == 1 {
+            let mut back = replica(&pki, work.path(), &url, &replicas[i].name).await;
+            std::mem::swap(&mut replicas[i], &mut back);
+            drop(back);
+        }
+    }
+    let (live, _) = wait_for("a leader", WAIT, || leading(&store, &replicas)).await;
+    let reader = urls[live].clone();
+    let run = wait_for("r1 to end", Duration::from_secs(240), || async {
+        let v = upkeepctl_json(&pki, &reader, &["run", "show", "r1"]).await.ok()?;
+        matches!(v["status"].as_str()?, "Completed" | "Failed" | "Stopped").then_some(v)
+    })
+    .await;
+    assert_eq!(run["status"], "Completed", "{run}");
+    // Stage order kept: each stage started after the one before ended.
+    let stage_list = run["stages"].as_array().expect("stages");
+    for w in stage_list.windows(2) {
+        let (ended, started) =
+            (w[0]["ended_at"].as_str().expect("ended"), w[1]["started_at"].as_str().expect("started"));
+        assert!(ended <= started, "stage order: {ended} then {started}: {run}");
+    }
+    // Every node upgraded exactly once, by its agent's own evidence: one journalled reimage of this run, and one
+    // boot into the other slot, committed.
+    for (node, member) in &member_of {
+        let ops = reimages_journalled(work.path(), node);
+        assert_eq!(ops, 1, "{node} reimaged exactly once (its journal)");
+        let boot: Value = serde_json::from_slice(
+            &std::fs::read(work.path().join(node).join("root/var/lib/upkeep/slots/boot.json")).expect("boot.json"),
+        )
+        .expect("boot.json");
+        assert_eq!(boot["boot_seq"], 1, "{node}: booted once: {boot}");
+        assert_eq!((&boot["booted"], &boot["committed"]), (&Value::from("b"), &Value::from("b")), "{node}: {boot}");
+        assert_eq!(run_member(&run, member)["status"], "Completed", "{run}");
+    }
+    let list = upkeepctl_json(&pki, &reader, &["node", "list"]).await.expect("node list");
+    for n in list["nodes"].as_array().expect("nodes") {
+        assert_eq!(n["node_image_version"], "Debian-12-202312.01.0", "{n}");
+    }
+    let leases = upkeepctl_json(&pki, &reader, &["lease", "list"]).await.expect("lease list");
+    assert_eq!(leases.as_array().map(Vec::len), Some(0), "no lease leaked: {leases}");
+    for (before, after) in terms {
+        assert!(after > before, "a new term at each kill");
+    }
+    for g in agents {
+        g.stop().await;
+    }
+    for mut r in replicas {
+        r.hub.kill().await;
+    }
+}

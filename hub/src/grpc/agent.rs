@@ -6,7 +6,7 @@
 use super::{ApiError, principal_of, require};
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::fleet::{Fleet, SessionTx, desired_config};
-use crate::maintenance::{LeaseError, Maintenance};
+use crate::maintenance::Maintenance;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use std::collections::HashMap;
@@ -305,17 +305,13 @@ async fn pump(
             }
             Some(Body::LeaseRequest(req)) => {
                 fleet.touch(node);
-                let answer = match maintenance.request_lease(node, &req) {
-                    Ok(a) => a,
-                    Err(LeaseError::Store(e)) => return Err(ApiError::from(e).into()),
-                    Err(e) => v1::LeaseAnswer {
-                        lease_id: req.lease_id.clone(),
-                        granted: false,
-                        reason: e.to_string(),
-                        retry_after_seconds: 60,
-                        ..Default::default()
-                    },
-                };
+                // The lease desk runs on the leader: a replica that does not lead passes the request on, and the
+                // answer comes back on this session.
+                if let Some(relay) = fleet.relay().filter(|_| !fleet.leads()) {
+                    relay.lease_request(node, session, &req);
+                    continue;
+                }
+                let answer = maintenance.lease_answer(node, &req).map_err(ApiError::from)?;
                 let answer = Box::new(v1::HubMessage { body: Some(v1::hub_message::Body::Lease(answer)) });
                 if tx.send(Ok(answer)).await.is_err() {
                     return Ok(());
@@ -323,6 +319,10 @@ async fn pump(
             }
             Some(Body::LeaseRelease(rel)) => {
                 fleet.touch(node);
+                if let Some(relay) = fleet.relay().filter(|_| !fleet.leads()) {
+                    relay.lease_release(node, &rel);
+                    continue;
+                }
                 maintenance.release(node, &rel).map_err(ApiError::from)?;
             }
             None => return Err(ApiError::InvalidArgument("empty agent message (no body set)".into()).into()),

@@ -8,6 +8,7 @@ use super::sqlite::SqliteStore;
 use super::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Keeps what a store lives on (a temporary directory, a test database) until the test ends.
 enum Home {
@@ -656,4 +657,74 @@ fn postgres_schema_is_migrated_by_the_migrate_command_only() {
     assert!(super::postgres::migrate(&bare).expect("again").is_empty());
     PostgresStore::open(&bare).expect("opens once migrated");
     drop((home, bare_home));
+}
+
+#[test]
+fn postgres_relays_notes_in_order_wakes_listeners_and_keeps_session_places() {
+    let (s, home) = postgres();
+    let Home::Database(settings) = &home else { unreachable!("postgres() gives a database") };
+    let head = s.relay_head().expect("head");
+    let mut listener = s.relay_listener().expect("listen");
+    // Posts from two writers at once: every note is read once, each writer's in its order, none skipped.
+    let writers: Vec<_> = (0..2u8)
+        .map(|w| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u8 {
+                    s.relay_post(&[vec![w, i]], &[]).expect("post");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    assert!(listener.wait(Duration::from_secs(5)).expect("wait"), "a post wakes a listener");
+    let read = s.relay_since(head, 1000).expect("read");
+    assert_eq!(read.len(), 100);
+    assert!(read.windows(2).all(|p| p[0].0 < p[1].0), "in sequence order");
+    for w in 0..2u8 {
+        let mine: Vec<u8> = read.iter().filter(|(_, b)| b[0] == w).map(|(_, b)| b[1]).collect();
+        assert_eq!(mine, (0..50).collect::<Vec<u8>>(), "writer {w} in its order");
+    }
+    assert_eq!(s.relay_since(read[49].0, 10).expect("rest").len(), 10, "reading on from a note");
+    assert_eq!(s.relay_head().expect("head"), read[99].0);
+    // Nothing more posted: the wait times out.
+    assert!(!listener.wait(Duration::from_millis(200)).expect("wait"));
+
+    // Session places: a newer session elsewhere is not removed by the end of an older one.
+    let place = |replica: &str, session| SessionPlace {
+        node: "n1".into(),
+        replica: replica.into(),
+        instance: 7,
+        session,
+        silent_since_ms: None,
+    };
+    s.relay_post(&[], &[SessionChange::Here(place("a", 1))]).expect("here");
+    s.relay_post(&[], &[SessionChange::Here(place("b", 4))]).expect("moved");
+    let gone = SessionChange::Gone { node: "n1".into(), replica: "a".into(), instance: 7, session: 1 };
+    s.relay_post(&[], &[gone]).expect("old one ends");
+    assert_eq!(s.session_places().expect("places"), vec![place("b", 4)]);
+    s.drop_session_places("b").expect("b starts again");
+    assert!(s.session_places().expect("places").is_empty());
+
+    // Replicas alive: itself at once; one not heard from within the window is not.
+    assert_eq!(s.replica_alive("a", 1, 5_000).expect("alive"), vec![("a".to_string(), 1)]);
+    let mut both = s.replica_alive("b", 2, 5_000).expect("alive");
+    both.sort();
+    assert_eq!(both, vec![("a".to_string(), 1), ("b".to_string(), 2)]);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(s.replica_alive("b", 2, 20).expect("alive"), vec![("b".to_string(), 2)], "a is too old");
+    // Pruning by age: nothing is 10 minutes old; everything is older than 0 ms after a moment.
+    assert_eq!(s.relay_prune(600_000).expect("prune"), 0);
+    assert_eq!(s.relay_prune(0).expect("prune"), 100);
+    // A listener whose connection ends says so, and a new one works.
+    let _ = testing::terminate_sessions(settings).expect("terminate");
+    assert!(listener.wait(Duration::from_millis(500)).is_err(), "a broken listener is an error");
+    let mut again = s.relay_listener().expect("listen again");
+    // The pooled connection that finds its session ended fails that one call (the relay's writer posts again).
+    if s.relay_post(&[vec![9]], &[]).is_err() {
+        s.relay_post(&[vec![9]], &[]).expect("post");
+    }
+    assert!(again.wait(Duration::from_secs(5)).expect("wait"));
 }

@@ -62,6 +62,9 @@ pub const SQLITE_ONLY: &[(&str, &str)] =
 pub const POSTGRES_ONLY: &[(&str, &str)] = &[
     ("schema_migrations", "the PostgreSQL schema's own version record, written by the migration"),
     ("leadership", "the leader lease of hub replicas (`crate::cluster`): a moved fleet starts with no leader, term 0"),
+    ("relay", "notes between hub replicas (`crate::relay`), short-lived: a moved fleet starts with none"),
+    ("session_places", "where agent sessions are on hub replicas: a moved fleet's agents connect again"),
+    ("replicas", "hub replicas heard from recently: a moved fleet has none yet"),
 ];
 
 /// PostgreSQL columns with no SQLite column: they keep their default (a moved fleet had no replicas).

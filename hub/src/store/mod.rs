@@ -74,6 +74,53 @@ pub enum StoreError {
     },
 }
 
+/// Where a node's agent session is: which replica (and which start of it) holds it, its id there, and since when
+/// the node has been silent on it (a frozen agent), as that replica announced (`crate::relay`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionPlace {
+    /// The node.
+    pub node: String,
+    /// The replica holding the session.
+    pub replica: String,
+    /// That replica's start (a restarted replica holds none of its earlier sessions).
+    pub instance: u64,
+    /// The session's id on that replica.
+    pub session: u64,
+    /// Silent on its open session since (Unix ms), if it is.
+    pub silent_since_ms: Option<i64>,
+}
+
+/// A change of the session places (`Store::relay_post`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionChange {
+    /// The node's session is now (or is still, with a new silence) this one.
+    Here(SessionPlace),
+    /// This session of the node ended (a newer one elsewhere is left alone).
+    Gone {
+        /// The node.
+        node: String,
+        /// The replica that held it.
+        replica: String,
+        /// That replica's start.
+        instance: u64,
+        /// The session's id there.
+        session: u64,
+    },
+}
+
+/// Waits for the relay's wake-ups on a connection of its own (`Store::relay_listener`).
+pub trait RelayWait: Send {
+    /// Waits at most `timeout` for a wake-up; true when one came. A broken connection is an error (the caller
+    /// opens another one and reads what it missed).
+    fn wait(&mut self, timeout: std::time::Duration) -> Result<bool, StoreError>;
+}
+
+fn no_relay() -> StoreError {
+    StoreError::Conflict(
+        "hub replicas need a shared PostgreSQL store: set [store] url in hub.toml, or remove [cluster]".into(),
+    )
+}
+
 /// Everything a node last reported about itself (mirrors the wire NodeReport, minus the node name).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeFacts {
@@ -533,6 +580,49 @@ pub trait Store: Send + Sync {
     fn resign(&self, replica: &str, term: u64) -> Result<(), StoreError> {
         let _ = (replica, term);
         Ok(())
+    }
+
+    // The relay between replicas (`crate::relay`): notes written to a table in the order they commit, a NOTIFY
+    // waking the readers, and where each node's agent session is. Only a store several hubs share has one.
+    /// Appends `notes` (in order) and applies `sessions` to the table of session places, in one transaction, and
+    /// wakes every replica's listener.
+    fn relay_post(&self, notes: &[Vec<u8>], sessions: &[SessionChange]) -> Result<(), StoreError> {
+        let _ = (notes, sessions);
+        Err(no_relay())
+    }
+    /// Notes after sequence number `after`, oldest first, at most `limit`. A reader that went on from the last
+    /// one it read never skips a note committed later with a lower number (posting is serialised).
+    fn relay_since(&self, after: i64, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let _ = (after, limit);
+        Err(no_relay())
+    }
+    /// The newest note's sequence number (0 when none): where a replica that starts begins to read.
+    fn relay_head(&self) -> Result<i64, StoreError> {
+        Err(no_relay())
+    }
+    /// Drops notes older than `keep_ms` by the database's clock; returns how many.
+    fn relay_prune(&self, keep_ms: i64) -> Result<u64, StoreError> {
+        let _ = keep_ms;
+        Err(no_relay())
+    }
+    /// Records that `replica` (this start of it: `instance`) is alive now (the database's clock) and returns every
+    /// replica heard from within `alive_ms`, itself included.
+    fn replica_alive(&self, replica: &str, instance: u64, alive_ms: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        let _ = (replica, instance, alive_ms);
+        Err(no_relay())
+    }
+    /// Where every node's agent session is, as the replicas holding them announced.
+    fn session_places(&self) -> Result<Vec<SessionPlace>, StoreError> {
+        Err(no_relay())
+    }
+    /// Forgets every session place of `replica` (it starts again: its earlier sessions are gone).
+    fn drop_session_places(&self, replica: &str) -> Result<(), StoreError> {
+        let _ = replica;
+        Err(no_relay())
+    }
+    /// A connection of its own that waits for the relay's wake-ups.
+    fn relay_listener(&self) -> Result<Box<dyn RelayWait>, StoreError> {
+        Err(no_relay())
     }
     /// Records (inserts or replaces) a piece of node work.
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;

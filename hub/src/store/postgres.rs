@@ -20,8 +20,8 @@
 use super::runparts::RunWrite;
 use super::{
     Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
-    NewEvent, NodeFacts, NodeRecord, OutboxEvent, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError,
-    TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
+    NewEvent, NodeFacts, NodeRecord, OutboxEvent, RelayWait, RevokedCert, RunRecord, SecurityPatchRecord,
+    SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
 };
 use ::postgres::types::ToSql;
 use ::postgres::{Client, GenericClient, NoTls, Row};
@@ -216,6 +216,28 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ALTER TABLE leases ADD COLUMN term BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE rollouts ADD COLUMN term BIGINT NOT NULL DEFAULT 0;"#,
     ),
+    (
+        "the relay between hub replicas: notes in commit order, where each agent session is, which replicas live",
+        r#"CREATE TABLE relay (
+        seq BIGSERIAL PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        body BYTEA NOT NULL
+    );
+    CREATE INDEX relay_by_time ON relay(at_ms);
+    CREATE TABLE session_places (
+        node TEXT COLLATE "C" PRIMARY KEY,
+        replica TEXT NOT NULL,
+        instance BIGINT NOT NULL,
+        session BIGINT NOT NULL,
+        silent_since_ms BIGINT
+    );
+    CREATE INDEX session_places_by_replica ON session_places(replica);
+    CREATE TABLE replicas (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        instance BIGINT NOT NULL,
+        seen_ms BIGINT NOT NULL
+    );"#,
+    ),
 ];
 
 /// The schema version this hub's migrations lead to; a hub serves only a database at exactly this version.
@@ -233,6 +255,9 @@ const LOCK_CATALOG: i32 = 0x7570_0002;
 const LOCK_MIGRATE: i32 = 0x7570_0003;
 const LOCK_OUTBOX: i32 = 0x7570_0004;
 const LOCK_NOTICE: i32 = 0x7570_0005;
+const LOCK_RELAY: i32 = 0x7570_0006;
+/// The channel the relay's posts NOTIFY.
+const RELAY_CHANNEL: &str = "upkeep_relay";
 
 /// Where the PostgreSQL store is, as `[store]` in hub.toml gives it (password already applied, never printed).
 #[derive(Clone)]
@@ -470,6 +495,8 @@ pub struct PostgresStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     database: String,
+    /// For connections of their own (the relay's listener).
+    settings: PostgresSettings,
 }
 
 impl PostgresStore {
@@ -511,7 +538,7 @@ impl PostgresStore {
                 })?;
             threads.push(t);
         }
-        Ok(PostgresStore { jobs: Mutex::new(Some(tx)), threads, database })
+        Ok(PostgresStore { jobs: Mutex::new(Some(tx)), threads, database, settings: settings.clone() })
     }
 
     /// Runs `f` on a pooled connection and waits for its answer.
@@ -556,6 +583,36 @@ impl Drop for PostgresStore {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// A connection of its own, LISTENing on the relay's channel.
+struct RelayListener {
+    client: Client,
+}
+
+impl RelayWait for RelayListener {
+    fn wait(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+        use ::postgres::fallible_iterator::FallibleIterator;
+        let ctx = "waiting for the relay";
+        let mut woken = false;
+        {
+            let mut notifications = self.client.notifications();
+            let mut it = notifications.timeout_iter(timeout);
+            if it.next().map_err(db(ctx))?.is_some() {
+                woken = true;
+            }
+        }
+        // Several posts may have woken it: one read takes them all.
+        {
+            let mut notifications = self.client.notifications();
+            let mut pending = notifications.iter();
+            while pending.next().map_err(db(ctx))?.is_some() {}
+        }
+        if self.client.is_closed() {
+            return Err(StoreError::Corrupt { context: ctx.into(), reason: "the connection closed".into() });
+        }
+        Ok(woken)
     }
 }
 
@@ -1261,6 +1318,127 @@ impl Store for PostgresStore {
             params![replica.to_string(), term as i64],
         )
         .map(drop)
+    }
+
+    fn relay_post(&self, notes: &[Vec<u8>], sessions: &[SessionChange]) -> Result<(), StoreError> {
+        let ctx = "posting to the relay between replicas";
+        let notes = notes.to_vec();
+        let sessions = sessions.to_vec();
+        self.run(ctx, move |c| {
+            let mut tx = c.transaction().map_err(db(ctx))?;
+            // One poster at a time: sequence numbers commit in order, so a reader never skips one.
+            tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&LOCK_RELAY]).map_err(db(ctx))?;
+            for change in &sessions {
+                match change {
+                    SessionChange::Here(p) => tx.execute(
+                        "INSERT INTO session_places (node, replica, instance, session, silent_since_ms)
+                         VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (node) DO UPDATE SET replica = excluded.replica, instance = excluded.instance,
+                             session = excluded.session, silent_since_ms = excluded.silent_since_ms",
+                        &[&p.node, &p.replica, &(p.instance as i64), &(p.session as i64), &p.silent_since_ms],
+                    ),
+                    SessionChange::Gone { node, replica, instance, session } => tx.execute(
+                        "DELETE FROM session_places WHERE node = $1 AND replica = $2 AND instance = $3
+                             AND session = $4",
+                        &[node, replica, &(*instance as i64), &(*session as i64)],
+                    ),
+                }
+                .map_err(db(ctx))?;
+            }
+            if !notes.is_empty() {
+                let statement = tx
+                    .prepare(&format!("INSERT INTO relay (at_ms, body) VALUES ({DB_NOW_MS}, $1)"))
+                    .map_err(db(ctx))?;
+                for body in &notes {
+                    tx.execute(&statement, &[body]).map_err(db(ctx))?;
+                }
+                tx.batch_execute(&format!("NOTIFY {RELAY_CHANNEL}")).map_err(db(ctx))?;
+            }
+            tx.commit().map_err(db(ctx))
+        })
+    }
+
+    fn relay_since(&self, after: i64, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let ctx = "reading the relay between replicas";
+        let limit = limit as i64;
+        self.run(ctx, move |c| {
+            c.query("SELECT seq, body FROM relay WHERE seq > $1 ORDER BY seq LIMIT $2", &[&after, &limit])
+                .map_err(db(ctx))?
+                .iter()
+                .map(|r| Ok((r.try_get(0).map_err(db(ctx))?, r.try_get(1).map_err(db(ctx))?)))
+                .collect()
+        })
+    }
+
+    fn relay_head(&self) -> Result<i64, StoreError> {
+        let ctx = "reading the relay's newest note";
+        self.run(ctx, move |c| {
+            let head: Option<i64> =
+                c.query_one("SELECT max(seq) FROM relay", &[]).and_then(|r| r.try_get(0)).map_err(db(ctx))?;
+            Ok(head.unwrap_or(0))
+        })
+    }
+
+    fn relay_prune(&self, keep_ms: i64) -> Result<u64, StoreError> {
+        let ctx = "pruning the relay";
+        self.run(ctx, move |c| {
+            c.execute(&format!("DELETE FROM relay WHERE at_ms < {DB_NOW_MS} - $1"), &[&keep_ms]).map_err(db(ctx))
+        })
+    }
+
+    fn replica_alive(&self, replica: &str, instance: u64, alive_ms: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        let ctx = "recording this replica as alive";
+        let replica = replica.to_string();
+        self.run(ctx, move |c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO replicas (name, instance, seen_ms) VALUES ($1, $2, {DB_NOW_MS})
+                     ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, seen_ms = excluded.seen_ms"
+                ),
+                &[&replica, &(instance as i64)],
+            )
+            .map_err(db(ctx))?;
+            c.query(&format!("SELECT name, instance FROM replicas WHERE seen_ms >= {DB_NOW_MS} - $1"), &[&alive_ms])
+                .map_err(db(ctx))?
+                .iter()
+                .map(|r| Ok((r.try_get(0).map_err(db(ctx))?, r.try_get::<_, i64>(1).map_err(db(ctx))? as u64)))
+                .collect()
+        })
+    }
+
+    fn session_places(&self) -> Result<Vec<SessionPlace>, StoreError> {
+        let ctx = "reading where agent sessions are";
+        self.run(ctx, move |c| {
+            c.query("SELECT node, replica, instance, session, silent_since_ms FROM session_places", &[])
+                .map_err(db(ctx))?
+                .iter()
+                .map(|r| {
+                    Ok(SessionPlace {
+                        node: r.try_get(0).map_err(db(ctx))?,
+                        replica: r.try_get(1).map_err(db(ctx))?,
+                        instance: r.try_get::<_, i64>(2).map_err(db(ctx))? as u64,
+                        session: r.try_get::<_, i64>(3).map_err(db(ctx))? as u64,
+                        silent_since_ms: r.try_get(4).map_err(db(ctx))?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn drop_session_places(&self, replica: &str) -> Result<(), StoreError> {
+        self.exec(
+            format!("forgetting the agent sessions replica {replica} held"),
+            "DELETE FROM session_places WHERE replica = $1",
+            params![replica.to_string()],
+        )
+        .map(drop)
+    }
+
+    fn relay_listener(&self) -> Result<Box<dyn RelayWait>, StoreError> {
+        let ctx = format!("listening for the relay on {}", self.database);
+        let mut client = self.settings.connect().map_err(db(ctx.clone()))?;
+        client.batch_execute(&format!("LISTEN {RELAY_CHANNEL}")).map_err(db(ctx))?;
+        Ok(Box::new(RelayListener { client }))
     }
 
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {

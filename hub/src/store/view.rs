@@ -13,8 +13,8 @@
 use super::runparts::RunWrite;
 use super::{
     Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
-    NewEvent, NodeFacts, NodeRecord, OutboxEvent, Regions, RevokedCert, RunRecord, SecurityPatchRecord, Store,
-    StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
+    NewEvent, NodeFacts, NodeRecord, OutboxEvent, Regions, RelayWait, RevokedCert, RunRecord, SecurityPatchRecord,
+    SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
 };
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -111,10 +111,11 @@ impl View {
         self.fleet.clone()
     }
 
-    fn put_node(&mut self, name: &str, facts: &NodeFacts) {
+    /// Returns whether the planner's view of the node changed.
+    fn put_node(&mut self, name: &str, facts: &NodeFacts) -> bool {
         let next = ViewNode::of(name, facts);
         if self.nodes.get(name) == Some(&next) {
-            return;
+            return false;
         }
         let before = self.nodes.insert(name.to_string(), next.clone());
         if let Some(old) = &before
@@ -127,6 +128,7 @@ impl View {
         }
         self.members.entry(next.member.clone()).or_default().insert(name.to_string());
         self.refresh(&next.member);
+        true
     }
 
     fn forget_node(&mut self, name: &str) {
@@ -147,12 +149,31 @@ impl View {
     }
 }
 
+/// A write through one hub that changed the planner's view (`Viewed::on_change`): other hub replicas on the same
+/// database apply it to theirs (`Viewed::apply`) instead of reading the whole view again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ViewChange {
+    /// The node reported (its row holds the report).
+    Reported(String),
+    /// The node was forgotten.
+    Forgotten(String),
+    /// The member's settings (windows, budget, drain policy) changed.
+    Settings(String),
+    /// The image or Kubernetes catalog changed.
+    Catalog,
+}
+
+/// Hears every change of the view written through this hub.
+type ChangeSink = Box<dyn Fn(ViewChange) + Send + Sync>;
+
 /// The hub's store with the planner's view kept beside it.
 pub struct Viewed {
     inner: Arc<dyn Store>,
     /// Held across a write and its view update, so the view follows the store's write order.
     writes: Mutex<()>,
     view: Mutex<View>,
+    /// Told of every change written through this hub (hub replicas: `crate::relay`).
+    on_change: std::sync::OnceLock<ChangeSink>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,7 +184,45 @@ impl Viewed {
     /// Wraps `inner` and loads the view from it.
     pub fn open(inner: Arc<dyn Store>) -> Result<Viewed, StoreError> {
         let view = Self::load(inner.as_ref())?;
-        Ok(Viewed { inner, writes: Mutex::new(()), view: Mutex::new(view) })
+        Ok(Viewed { inner, writes: Mutex::new(()), view: Mutex::new(view), on_change: std::sync::OnceLock::new() })
+    }
+
+    /// From now on, `sink` hears every change of the view written through this hub, in write order (it is called
+    /// with the write lock held). Set once; later calls change nothing.
+    pub fn on_change(&self, sink: ChangeSink) {
+        let _ = self.on_change.set(sink);
+    }
+
+    fn changed(&self, change: ViewChange) {
+        if let Some(sink) = self.on_change.get() {
+            sink(change);
+        }
+    }
+
+    /// Applies a change another hub replica wrote to the shared database (read from the store here). Returns
+    /// whether the planner's inputs changed.
+    pub fn apply(&self, change: &ViewChange) -> Result<bool, StoreError> {
+        let _w = lock(&self.writes);
+        match change {
+            ViewChange::Reported(name) | ViewChange::Forgotten(name) => match self.inner.get_node(name)? {
+                Some(n) => Ok(lock(&self.view).put_node(name, &n.facts)),
+                None => {
+                    let mut v = lock(&self.view);
+                    let known = v.nodes.contains_key(name);
+                    v.forget_node(name);
+                    Ok(known)
+                }
+            },
+            ViewChange::Settings(member) => {
+                let settings = self.inner.member_settings(member)?;
+                lock(&self.view).put_settings(settings);
+                Ok(true)
+            }
+            ViewChange::Catalog => {
+                self.catalog_changed()?;
+                Ok(true)
+            }
+        }
     }
 
     /// Reads the whole view again from the store: what other hub replicas wrote to the same database (their
@@ -216,6 +275,13 @@ impl Viewed {
     fn catalog_changed(&self) -> Result<(), StoreError> {
         let catalog = load_catalog(self.inner.as_ref())?;
         lock(&self.view).catalog = Arc::new(catalog);
+        Ok(())
+    }
+
+    /// The catalog was written through this hub.
+    fn catalog_written(&self) -> Result<(), StoreError> {
+        self.catalog_changed()?;
+        self.changed(ViewChange::Catalog);
         Ok(())
     }
 }
@@ -300,6 +366,7 @@ impl Store for Viewed {
         let _w = lock(&self.writes);
         let out = self.inner.record_report(name, facts, now_ms)?;
         lock(&self.view).put_node(name, facts);
+        self.changed(ViewChange::Reported(name.to_string()));
         Ok(out)
     }
     fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError> {
@@ -315,6 +382,7 @@ impl Store for Viewed {
         let _w = lock(&self.writes);
         let existed = self.inner.forget_node(name)?;
         lock(&self.view).forget_node(name);
+        self.changed(ViewChange::Forgotten(name.to_string()));
         Ok(existed)
     }
     fn list_members(&self) -> Result<Vec<MemberRecord>, StoreError> {
@@ -347,18 +415,21 @@ impl Store for Viewed {
         let _w = lock(&self.writes);
         let out = self.inner.set_member_window(member, kind, schedule)?;
         lock(&self.view).put_settings(out.clone());
+        self.changed(ViewChange::Settings(member.to_string()));
         Ok(out)
     }
     fn set_member_disruption(&self, member: &str, max_unavailable: &str) -> Result<MemberSettings, StoreError> {
         let _w = lock(&self.writes);
         let out = self.inner.set_member_disruption(member, max_unavailable)?;
         lock(&self.view).put_settings(out.clone());
+        self.changed(ViewChange::Settings(member.to_string()));
         Ok(out)
     }
     fn set_member_drain(&self, member: &str, policy_json: &str) -> Result<MemberSettings, StoreError> {
         let _w = lock(&self.writes);
         let out = self.inner.set_member_drain(member, policy_json)?;
         lock(&self.view).put_settings(out.clone());
+        self.changed(ViewChange::Settings(member.to_string()));
         Ok(out)
     }
     fn next_epoch(&self) -> Result<u64, StoreError> {
@@ -369,6 +440,30 @@ impl Store for Viewed {
     }
     fn resign(&self, replica: &str, term: u64) -> Result<(), StoreError> {
         self.inner.resign(replica, term)
+    }
+    fn relay_post(&self, notes: &[Vec<u8>], sessions: &[SessionChange]) -> Result<(), StoreError> {
+        self.inner.relay_post(notes, sessions)
+    }
+    fn relay_since(&self, after: i64, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        self.inner.relay_since(after, limit)
+    }
+    fn relay_head(&self) -> Result<i64, StoreError> {
+        self.inner.relay_head()
+    }
+    fn relay_prune(&self, keep_ms: i64) -> Result<u64, StoreError> {
+        self.inner.relay_prune(keep_ms)
+    }
+    fn replica_alive(&self, replica: &str, instance: u64, alive_ms: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.replica_alive(replica, instance, alive_ms)
+    }
+    fn session_places(&self) -> Result<Vec<SessionPlace>, StoreError> {
+        self.inner.session_places()
+    }
+    fn drop_session_places(&self, replica: &str) -> Result<(), StoreError> {
+        self.inner.drop_session_places(replica)
+    }
+    fn relay_listener(&self) -> Result<Box<dyn RelayWait>, StoreError> {
+        self.inner.relay_listener()
     }
     fn check_fence(&self) -> Result<(), StoreError> {
         self.inner.check_fence()
@@ -385,13 +480,13 @@ impl Store for Viewed {
     fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, StoreError> {
         let _w = lock(&self.writes);
         let out = self.inner.put_image(image)?;
-        self.catalog_changed()?;
+        self.catalog_written()?;
         Ok(out)
     }
     fn withdraw_image_region(&self, family: &str, version: &str, region: &str) -> Result<ImageRecord, StoreError> {
         let _w = lock(&self.writes);
         let out = self.inner.withdraw_image_region(family, version, region)?;
-        self.catalog_changed()?;
+        self.catalog_written()?;
         Ok(out)
     }
     fn list_images(&self, family: Option<&str>) -> Result<Vec<ImageRecord>, StoreError> {
@@ -400,7 +495,7 @@ impl Store for Viewed {
     fn put_kubernetes(&self, version: &str, regions: &BTreeMap<String, i64>) -> Result<(), StoreError> {
         let _w = lock(&self.writes);
         self.inner.put_kubernetes(version, regions)?;
-        self.catalog_changed()
+        self.catalog_written()
     }
     fn list_kubernetes(&self) -> Result<Vec<(String, Regions)>, StoreError> {
         self.inner.list_kubernetes()
