@@ -689,8 +689,15 @@ fn postgres_relays_notes_in_order_wakes_listeners_and_keeps_session_places() {
     }
     assert_eq!(s.relay_since(read[49].0, 10).expect("rest").len(), 10, "reading on from a note");
     assert_eq!(s.relay_head().expect("head"), read[99].0);
-    // Nothing more posted: the wait times out.
-    assert!(!listener.wait(Duration::from_millis(200)).expect("wait"));
+    // Wake-ups of posts already read may still arrive (each post wakes); once they are taken, the wait times out
+    // until the next post.
+    let mut leftovers = 0;
+    while listener.wait(Duration::from_millis(200)).expect("wait") {
+        leftovers += 1;
+        assert!(leftovers <= 100, "at most one wake-up per post");
+    }
+    s.relay_post(&[vec![5, 5]], &[]).expect("post");
+    assert!(listener.wait(Duration::from_secs(5)).expect("wait"), "the next post wakes it");
 
     // Session places: a newer session elsewhere is not removed by the end of an older one.
     let place = |replica: &str, session| SessionPlace {
@@ -717,7 +724,7 @@ fn postgres_relays_notes_in_order_wakes_listeners_and_keeps_session_places() {
     assert_eq!(s.replica_alive("b", 2, 20).expect("alive"), vec![("b".to_string(), 2)], "a is too old");
     // Pruning by age: nothing is 10 minutes old; everything is older than 0 ms after a moment.
     assert_eq!(s.relay_prune(600_000).expect("prune"), 0);
-    assert_eq!(s.relay_prune(0).expect("prune"), 100);
+    assert_eq!(s.relay_prune(0).expect("prune"), 101);
     // A listener whose connection ends says so, and a new one works.
     let _ = testing::terminate_sessions(settings).expect("terminate");
     assert!(listener.wait(Duration::from_millis(500)).is_err(), "a broken listener is an error");
