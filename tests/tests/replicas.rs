@@ -470,6 +470,17 @@ async fn thirty_agents_over_three_replicas_finish_a_staged_run_through_two_leade
         .await;
         let killed = Instant::now();
         replicas[i].hub.kill().await;
+        // The killed replica's agents are back, on the others, within the agents' backoff cap: every node's
+        // session, as the replicas announce them, is on a replica that lives.
+        let dead = replicas[i].name.clone();
+        wait_for("every node's session on a live replica", WAIT, || async {
+            let places = store.session_places().ok()?;
+            (places.len() == 30 && places.iter().all(|p| p.replica != dead)).then_some(())
+        })
+        .await;
+        let back = killed.elapsed();
+        println!("replicas: stage s{stage}: every agent connected again {back:?} after the kill");
+        assert!(back <= Duration::from_secs(30), "agents back within the 30 s backoff cap: {back:?}");
         let (j, next) =
             wait_for("a new leader", WAIT, || async { leading(&store, &replicas).await.filter(|(j, _)| *j != i) })
                 .await;
@@ -523,6 +534,155 @@ async fn thirty_agents_over_three_replicas_finish_a_staged_run_through_two_leade
     for (before, after) in terms {
         assert!(after > before, "a new term at each kill");
     }
+    for g in agents {
+        g.stop().await;
+    }
+    for mut r in replicas {
+        r.hub.kill().await;
+    }
+}
+
+/// A PostgreSQL cluster of the test's own (one it may restart), stopped and removed when dropped.
+struct OwnCluster {
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl OwnCluster {
+    fn start() -> OwnCluster {
+        let dir = std::env::temp_dir().join(format!("upkeep-pg-own-{}", std::process::id()));
+        let out = std::process::Command::new(system::workspace().join("scripts/pg-cluster"))
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .expect("scripts/pg-cluster");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let url = format!("{} dbname=postgres", String::from_utf8_lossy(&out.stdout).trim());
+        OwnCluster { dir, url }
+    }
+
+    /// `pg_ctl restart -m fast`: every session is ended, the server is down for a moment, then back on the same
+    /// port.
+    fn restart(&self) {
+        let bindir = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL binaries")
+            .filter_map(|e| Some(e.ok()?.path().join("bin")))
+            .find(|b| b.join("pg_ctl").exists())
+            .expect("pg_ctl");
+        // The server's output goes to its log: a pipe it inherited would stay open as long as it runs.
+        let cmd = format!(
+            "{}/pg_ctl -D {dir} -l {dir}/server.log -m fast -w -t 60 restart",
+            bindir.display(),
+            dir = self.dir.display()
+        );
+        let mut command = if nix::unistd::Uid::effective().is_root() {
+            let mut c = std::process::Command::new("su");
+            c.args(["postgres", "-s", "/bin/sh", "-c", &cmd]);
+            c
+        } else {
+            let mut c = std::process::Command::new("sh");
+            c.args(["-c", &cmd]);
+            c
+        };
+        let status = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("pg_ctl restart");
+        assert!(status.success(), "pg_ctl restart failed; see {}/server.log", self.dir.display());
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(system::workspace().join("scripts/pg-cluster"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_restarted_mid_run_the_replicas_reconnect_and_the_run_completes_with_nothing_lost() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let cluster = OwnCluster::start();
+    let settings = PostgresSettings::parse(&cluster.url).expect("url");
+    upkeep_hub::store::postgres::migrate(&settings).expect("migrate");
+    let store = PostgresStore::open(&settings).expect("store");
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        replicas.push(replica(&pki, work.path(), &cluster.url, name).await);
+    }
+    wait_for("a leader", WAIT, || leading(&store, &replicas)).await;
+    let urls: Vec<String> = replicas.iter().map(|r| r.hub.url()).collect();
+    let names: Vec<String> = (1..=6).map(|i| format!("n{i}")).collect();
+    let mut agents = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let (first, other) = (&urls[i % 2], &urls[(i + 1) % 2]);
+        let made =
+            make_node(&pki, work.path(), first, n, &format!("m{}", i + 1), "pool1", "eu", "Debian-12-202311.07.0");
+        agent_hubs(&made.config, first, &[first.clone(), other.clone()]);
+        agents.push(TestAgent::start(&made));
+    }
+    wait_for("6 nodes Ready", WAIT, || async {
+        let l = upkeepctl_json(&pki, &urls[0], &["node", "list"]).await.ok()?;
+        (l["nodes"].as_array()?.iter().filter(|n| n["status"] == "Ready").count() == 6).then_some(())
+    })
+    .await;
+    let roots: Vec<_> = names.iter().map(|n| work.path().join(n).join("root")).collect();
+    publish_trusted_debian(&pki, &urls[0], work.path(), &roots, "202312.01.0").await;
+    let order = work.path().join("order.json");
+    std::fs::write(
+        &order,
+        r#"{"stages":[{"name":"s0","groups":[{"name":"g0","members":["m1","m2"]}]},
+            {"name":"s1","groups":[{"name":"g1","members":["m3","m4","m5","m6"]}]}]}"#,
+    )
+    .expect("order.json");
+    let order = order.to_string_lossy().into_owned();
+    upkeepctl_ok(&pki, &urls[1], &["strategy", "create", "staged", "-f", &order]).await;
+    upkeepctl_ok(&pki, &urls[1], &["run", "create", "r1", "--strategy", "staged", "--upgrade-type", "NodeImageOnly"])
+        .await;
+    upkeepctl_ok(&pki, &urls[1], &["run", "start", "r1"]).await;
+    wait_for("the run under way", WAIT, || async {
+        let v = upkeepctl_json(&pki, &urls[0], &["run", "show", "r1"]).await.ok()?;
+        (v["status"] == "Running").then_some(())
+    })
+    .await;
+    let events_before = store.events_since("r1", 0).expect("events");
+    cluster.restart();
+    let restarted = Instant::now();
+    let run = wait_for("r1 to end", Duration::from_secs(120), || async {
+        let v = upkeepctl_json(&pki, &urls[0], &["run", "show", "r1"]).await.ok()?;
+        matches!(v["status"].as_str()?, "Completed" | "Failed" | "Stopped").then_some(v)
+    })
+    .await;
+    println!("replicas: database restarted -> run ended {:?} later", restarted.elapsed());
+    assert_eq!(run["status"], "Completed", "{run}");
+    // Nothing lost: every event written before the restart is still there, in place; each node reimaged once.
+    let mut events_after = Err(String::new());
+    for _ in 0..2 {
+        // The store's first call after the restart may find its connection ended.
+        events_after = store.events_since("r1", 0).map_err(|e| e.to_string());
+        if events_after.is_ok() {
+            break;
+        }
+    }
+    let events_after = events_after.expect("events after the restart");
+    assert!(events_after.len() > events_before.len());
+    for (b, a) in events_before.iter().zip(&events_after) {
+        assert_eq!(b, a, "event {} unchanged", b.seq);
+    }
+    for n in &names {
+        assert_eq!(reimages_journalled(work.path(), n), 1, "{n} reimaged exactly once");
+    }
+    let list = upkeepctl_json(&pki, &urls[1], &["node", "list"]).await.expect("node list");
+    for n in list["nodes"].as_array().expect("nodes") {
+        assert_eq!(n["node_image_version"], "Debian-12-202312.01.0", "{n}");
+    }
+    let leases = upkeepctl_json(&pki, &urls[1], &["lease", "list"]).await.expect("lease list");
+    assert_eq!(leases.as_array().map(Vec::len), Some(0), "no lease leaked: {leases}");
     for g in agents {
         g.stop().await;
     }
