@@ -181,6 +181,28 @@ impl Engine {
         self.events.subscribe()
     }
 
+    /// Publishes events just committed: to this hub's watchers, and (hub replicas) to the other replicas'.
+    fn publish(&self, run: &str, stored: Vec<EventRecord>) {
+        if let (Some(relay), Some(first)) = (self.fleet.relay(), stored.iter().map(|e| e.seq).min()) {
+            relay.run_events(run, first.saturating_sub(1));
+        }
+        for e in stored {
+            let _ = self.events.send(e);
+        }
+    }
+
+    /// Publishes to this hub's watchers the events of `run` after `after` that another replica committed.
+    pub fn publish_stored(&self, run: &str, after: u64) {
+        match self.store().events_since(run, after) {
+            Ok(events) => {
+                for e in events {
+                    let _ = self.events.send(e);
+                }
+            }
+            Err(e) => tracing::warn!(run, error = %e, "reading events another replica committed"),
+        }
+    }
+
     /// Asks for a planning pass of every active run now (something outside the runs changed).
     pub fn poke(&self) {
         self.replan.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -435,9 +457,7 @@ impl Engine {
             );
             lock(&self.statuses).insert(name.to_string(), run_status.clone());
             self.executor.ledger().note_run(name, &new_state);
-            for e in stored {
-                let _ = self.events.send(e);
-            }
+            self.publish(name, stored);
             for action in &plan.actions {
                 match action {
                     Action::StartMember { member, target, work } => {
@@ -596,11 +616,7 @@ impl Engine {
             run_status: status,
         };
         match self.store().append_events(run, &[ev]) {
-            Ok(stored) => {
-                for e in stored {
-                    let _ = self.events.send(e);
-                }
-            }
+            Ok(stored) => self.publish(run, stored),
             Err(err) => tracing::error!(run = %run, node = %e.node, error = %err, "recording node event"),
         }
     }

@@ -76,6 +76,8 @@ enum Note {
     View(ViewChange),
     /// The member's desired configuration changed: push it to its nodes.
     MemberConfig { member: String },
+    /// Events of the run after sequence number `after` were committed: publish them to this replica's watchers.
+    RunEvents { run: String, after: u64 },
 }
 
 /// A session place as a note carries it (the replica is the note's sender).
@@ -265,6 +267,11 @@ impl Relay {
     /// `member`'s desired configuration changed: every replica pushes it to its sessions.
     pub fn member_config(&self, member: &str) {
         self.post(To::All, Note::MemberConfig { member: member.to_string() }, None);
+    }
+
+    /// Events of `run` after `after` were committed here.
+    pub fn run_events(&self, run: &str, after: u64) {
+        self.post(To::All, Note::RunEvents { run: run.to_string(), after }, None);
     }
 
     /// Sends `command` to `node` on its session on another replica.
@@ -545,6 +552,7 @@ impl Relay {
                     fleet.reported_elsewhere(node);
                 }
             }
+            Note::RunEvents { run, after } => hands.engine.publish_stored(&run, after),
             Note::MemberConfig { member } => match fleet.store().get_member(&member) {
                 Ok(Some(m)) => fleet.push_member_config_here(&m),
                 Ok(None) => {}

@@ -644,6 +644,20 @@ async fn the_database_restarted_mid_run_the_replicas_reconnect_and_the_run_compl
     upkeepctl_ok(&pki, &urls[1], &["strategy", "create", "staged", "-f", &order]).await;
     upkeepctl_ok(&pki, &urls[1], &["run", "create", "r1", "--strategy", "staged", "--upgrade-type", "NodeImageOnly"])
         .await;
+    // Watched through the replica that does not lead: the leader's events reach its watchers through the relay.
+    let (leader_now, _) = leading(&store, &replicas).await.expect("a leader");
+    let follower = urls[1 - leader_now].clone();
+    let watch = tokio::process::Command::new(bin("upkeepctl"))
+        .args(["run", "watch", "r1", "-o", "json"])
+        .env("UPKEEP_HUB", &follower)
+        .env("UPKEEP_CA", pki.file(upkeep_hub::pki::files::CA_CERT))
+        .env("UPKEEP_CERT", pki.file("operator.pem"))
+        .env("UPKEEP_KEY", pki.file("operator.key"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("upkeepctl run watch");
     upkeepctl_ok(&pki, &urls[1], &["run", "start", "r1"]).await;
     wait_for("the run under way", WAIT, || async {
         let v = upkeepctl_json(&pki, &urls[0], &["run", "show", "r1"]).await.ok()?;
@@ -677,6 +691,18 @@ async fn the_database_restarted_mid_run_the_replicas_reconnect_and_the_run_compl
     for n in &names {
         assert_eq!(reimages_journalled(work.path(), n), 1, "{n} reimaged exactly once");
     }
+    let watched = tokio::time::timeout(WAIT, watch.wait_with_output())
+        .await
+        .expect("the follower's watch ends with the run")
+        .expect("upkeepctl run watch");
+    assert!(watched.status.success(), "{}", String::from_utf8_lossy(&watched.stderr));
+    let events: Vec<Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    let done = events.iter().filter(|e| e["kind"] == "member" && e["to"] == "Completed").count();
+    assert_eq!(done, 6, "the follower's watcher saw every member complete: {events:?}");
+    assert!(events.last().is_some_and(|e| e["kind"] == "run" && e["to"] == "Completed"), "{events:?}");
     let list = upkeepctl_json(&pki, &urls[1], &["node", "list"]).await.expect("node list");
     for n in list["nodes"].as_array().expect("nodes") {
         assert_eq!(n["node_image_version"], "Debian-12-202312.01.0", "{n}");
