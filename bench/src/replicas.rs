@@ -170,7 +170,19 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
     };
     let registered: Vec<ProcSample> = reps.iter().map(|r| r.hub.sample()).collect::<Result<_, _>>()?;
     eprintln!("  all welcomed in {}; settling {} s", secs(total), args.settle.as_secs());
-    tokio::time::sleep(args.settle).await;
+    // RSS of each replica every 5 s while the fleet idles (does the leader's grow with its fleet view re-reads?).
+    let mut series: Vec<Vec<u64>> = vec![Vec::new(); reps.len()];
+    let settle_end = Instant::now() + args.settle;
+    loop {
+        for (k, r) in reps.iter().enumerate() {
+            series[k].push(r.hub.sample().map(|s| s.rss_kib).unwrap_or(0));
+        }
+        let left = settle_end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(left.min(Duration::from_secs(5))).await;
+    }
     let loaded: Vec<ProcSample> = reps.iter().map(|r| r.hub.sample()).collect::<Result<_, _>>()?;
     let g2 = self_sample()?;
     let (leader_after, term_after) = leadership(&pg)?;
@@ -202,6 +214,15 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
         ));
         table.push(row(format!("{} ({role}): RSS per connected agent", r.name), format!("{per_agent:.1} KiB"), ""));
         table.push(row(
+            format!("{} ({role}): RSS while settling (every 5 s); peak", r.name),
+            format!(
+                "{}; {}",
+                series[k].iter().map(|v| format!("{:.0}", *v as f64 / 1024.0)).collect::<Vec<_>>().join(" "),
+                mib(loaded[k].hwm_kib)
+            ),
+            "MiB",
+        ));
+        table.push(row(
             format!("{} ({role}): CPU registering / steady", r.name),
             format!(
                 "{:.1} CPU-s / {:.1} %",
@@ -219,6 +240,7 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
             "rss_idle_kib": r.idle.rss_kib,
             "rss_loaded_kib": loaded[k].rss_kib,
             "rss_peak_kib": loaded[k].hwm_kib,
+            "rss_settle_every_5s_kib": series[k],
             "rss_per_agent_kib": per_agent,
             "cpu_registration_seconds": cpu_seconds(&r.idle, &registered[k], tck),
             "cpu_steady_percent": cpu_percent(&registered[k], &loaded[k], tck),
