@@ -74,7 +74,7 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
     check_descriptors(agents)?;
     let cache = CertCache::open(&ctx.cache)?;
     let certs = cache.nodes(agents)?;
-    let run_dir = fresh_run_dir(&ctx.cache, &format!("replicas-{agents}"))?;
+    let run_dir = fresh_run_dir(&ctx.cache, &format!("replicas-{n}-{agents}"))?;
     let pg_dir = std::env::temp_dir().join(format!("upkeep-bench-pg-{}", std::process::id()));
     eprintln!("replicas: starting PostgreSQL in {}", pg_dir.display());
     let pg = PgCluster::start(&pg_dir)?;
@@ -280,5 +280,5 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
         let _ = r.hub.stop().await;
     }
     drop(pg);
-    Ok(ctx.outcome(format!("replicas-{agents}"), table, figures))
+    Ok(ctx.outcome(format!("replicas-{n}-{agents}"), table, figures))
 }
