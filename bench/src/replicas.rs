@@ -213,14 +213,12 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
             "",
         ));
         table.push(row(format!("{} ({role}): RSS per connected agent", r.name), format!("{per_agent:.1} KiB"), ""));
+        let (first, last) = (series[k].first().copied().unwrap_or(0), series[k].last().copied().unwrap_or(0));
+        let top = series[k].iter().copied().max().unwrap_or(0);
         table.push(row(
-            format!("{} ({role}): RSS while settling (every 5 s); peak", r.name),
-            format!(
-                "{}; {}",
-                series[k].iter().map(|v| format!("{:.0}", *v as f64 / 1024.0)).collect::<Vec<_>>().join(" "),
-                mib(loaded[k].hwm_kib)
-            ),
-            "MiB",
+            format!("{} ({role}): RSS settling first / max / last (every 5 s); VmHWM", r.name),
+            format!("{} / {} / {}; {}", mib(first), mib(top), mib(last), mib(loaded[k].hwm_kib)),
+            "",
         ));
         table.push(row(
             format!("{} ({role}): CPU registering / steady", r.name),

@@ -15,6 +15,7 @@ use crate::measure::{self, clk_tck, percentile};
 use crate::pg::PgCluster;
 use crate::report::{Outcome, row};
 use crate::scenarios::Ctx;
+use crate::slotwrite::median;
 use anyhow::Context;
 use serde_json::json;
 use std::sync::{Arc, Barrier};
@@ -74,15 +75,6 @@ impl RoundFigures {
 
 fn run_name(threads: usize, writer: usize) -> String {
     format!("bench-t{threads}-w{writer}")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// A PostgreSQL store on a new database `name` of `pg`, migrated, with `synchronous_commit` as given, enough
@@ -279,7 +271,7 @@ pub fn store_compare(ctx: &Ctx, args: &StoreCompareArgs) -> anyhow::Result<Outco
     let mut table = Vec::new();
     let mut results = Vec::new();
     let medians: Vec<f64> =
-        contenders.iter().map(|c| median(c.rounds.iter().map(RoundFigures::per_second).collect())).collect();
+        contenders.iter().map(|c| median(&c.rounds.iter().map(RoundFigures::per_second).collect::<Vec<_>>())).collect();
     for (i, c) in contenders.iter().enumerate() {
         let b = &backends[c.backend];
         let per_round: Vec<String> = c.rounds.iter().map(|f| format!("{:.0}", f.per_second())).collect();
@@ -291,7 +283,7 @@ pub fn store_compare(ctx: &Ctx, args: &StoreCompareArgs) -> anyhow::Result<Outco
         let ratio = medians[i] / sqlite_median.max(1e-9);
         let p50 = percentile(&c.latencies_ms, 50.0).unwrap_or(0.0);
         let p99 = percentile(&c.latencies_ms, 99.0).unwrap_or(0.0);
-        let cpu = median(c.rounds.iter().map(RoundFigures::cpu_ms_per_commit).collect());
+        let cpu = median(&c.rounds.iter().map(RoundFigures::cpu_ms_per_commit).collect::<Vec<_>>());
         table.push(row(
             format!("{}, {} writer(s): commits/s median", b.label, c.threads),
             format!("{:.0}/s ({}; {ratio:.2}x SQLite)", medians[i], per_round.join(" ")),
