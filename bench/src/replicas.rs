@@ -109,6 +109,7 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
     eprintln!("  {n} replicas up; leader {leader_before} (term {term_before})");
     let tck = clk_tck();
     let g0 = self_sample()?;
+    let pg0 = pg.cpu_ticks();
     let mut reps = Vec::new();
     for (k, hub) in hubs.into_iter().enumerate() {
         let idle = hub.sample()?;
@@ -169,6 +170,7 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let registered: Vec<ProcSample> = reps.iter().map(|r| r.hub.sample()).collect::<Result<_, _>>()?;
+    let (pg1, pg_t1) = (pg.cpu_ticks(), Instant::now());
     eprintln!("  all welcomed in {}; settling {} s", secs(total), args.settle.as_secs());
     // RSS of each replica every 5 s while the fleet idles (does the leader's grow with its fleet view re-reads?).
     let mut series: Vec<Vec<u64>> = vec![Vec::new(); reps.len()];
@@ -184,6 +186,12 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
         tokio::time::sleep(left.min(Duration::from_secs(5))).await;
     }
     let loaded: Vec<ProcSample> = reps.iter().map(|r| r.hub.sample()).collect::<Result<_, _>>()?;
+    let (pg2, pg_t2) = (pg.cpu_ticks(), Instant::now());
+    // The database's CPU: while agents registered (CPU-s), and while the fleet idled (% of a core).
+    let pg_registering = pg1.saturating_sub(pg0) as f64 / tck.max(1) as f64;
+    let pg_steady = 100.0 * pg2.saturating_sub(pg1) as f64
+        / tck.max(1) as f64
+        / pg_t2.duration_since(pg_t1).as_secs_f64().max(1e-9);
     let g2 = self_sample()?;
     let (leader_after, term_after) = leadership(&pg)?;
     let connected: usize = reps.iter().map(|r| r.shared.registered()).sum();
@@ -252,6 +260,11 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
         format!("{} / {:.1} CPU-s", mib(g2.rss_kib), cpu_seconds(&g0, &g2, tck)),
         "",
     ));
+    table.push(row(
+        "PostgreSQL server CPU registering / steady",
+        format!("{pg_registering:.1} CPU-s / {pg_steady:.1} %"),
+        "",
+    ));
     table.push(row("PostgreSQL", format!("{} (fsync {})", pg.show("server_version"), pg.show("fsync")), ""));
     let figures = json!({
         "agents": agents,
@@ -267,6 +280,8 @@ pub async fn replicas(ctx: &Ctx, args: &ReplicasArgs) -> anyhow::Result<Outcome>
         "per_replica": per_replica,
         "generator_rss_kib": g2.rss_kib,
         "generator_cpu_seconds": cpu_seconds(&g0, &g2, tck),
+        "postgres_cpu_registration_seconds": pg_registering,
+        "postgres_cpu_steady_percent": pg_steady,
         "postgres": {"server_version": pg.show("server_version"), "fsync": pg.show("fsync"),
             "synchronous_commit": pg.show("synchronous_commit")},
     });
