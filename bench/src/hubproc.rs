@@ -25,6 +25,10 @@ pub struct HubSetup {
     pub heartbeat_seconds: u32,
     /// RUST_LOG for the hub.
     pub log_filter: String,
+    /// `[store] url`: a PostgreSQL database (None: SQLite under the state directory).
+    pub store_url: Option<String>,
+    /// `[cluster] replica`: this hub is one replica of several on `store_url` (needs it).
+    pub replica: Option<String>,
 }
 
 /// A running hub process.
@@ -59,8 +63,34 @@ impl HubSetup {
             p(upkeep_hub::pki::files::HUB_KEY),
             self.heartbeat_seconds,
         );
+        let mut text = text;
+        if let Some(url) = &self.store_url {
+            text.push_str(&format!("[store]\nurl = {url:?}\n"));
+        }
+        if let Some(replica) = &self.replica {
+            text.push_str(&format!("[cluster]\nreplica = {replica:?}\n"));
+        }
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
+    }
+
+    /// Runs `upkeep-hub migrate` on this configuration (a PostgreSQL store: a serving hub never migrates it).
+    pub fn migrate(&self) -> anyhow::Result<String> {
+        let config = self.write_config()?;
+        if !self.bin.exists() {
+            bail!("{} missing: run `cargo build --release -p upkeep-hub` first", self.bin.display());
+        }
+        let out = Command::new(&self.bin)
+            .arg("migrate")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} migrate", self.bin.display()))?;
+        if !out.status.success() {
+            bail!("upkeep-hub migrate failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// Starts the hub and waits until its port accepts connections.

@@ -110,6 +110,38 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         events_per_commit: usize,
     },
+    /// Store::commit_run on SQLite and PostgreSQL side by side (issue 16): alternating rounds, medians, ratio.
+    StoreCompare {
+        /// Seconds per contender (store and writer count), over all rounds.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Rounds; each runs every contender once for secs / rounds, the order rotating.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Writer thread counts (comma-separated); each writer commits its own run.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 4])]
+        threads: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        events_per_commit: usize,
+    },
+    /// Hub replicas on one PostgreSQL database with agents spread evenly over them (issue 16): RSS per agent per
+    /// replica, time until every agent is welcomed, the leader.
+    Replicas {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Seconds to hold the fleet after registration (steady-state CPU and RSS).
+        #[arg(long, default_value_t = 20)]
+        settle_secs: u64,
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u32,
+        /// Connects + registers in flight at once from the generator (all replicas together).
+        #[arg(long, default_value_t = 1000)]
+        connect_concurrency: usize,
+        #[arg(long, default_value_t = 900)]
+        timeout_secs: u64,
+    },
     /// The agent's raw slot write + verify against `dd bs=4M conv=fsync` on the same disk, alternating.
     SlotWrite {
         /// Image size, MiB.
@@ -220,6 +252,26 @@ fn run() -> anyhow::Result<()> {
             Scenario::Sizes => Ok(scenarios::sizes(&ctx)),
             Scenario::Store { secs, state_bytes, events_per_commit } => {
                 scenarios::store(&ctx, Duration::from_secs(secs), &state_bytes, events_per_commit)
+            }
+            Scenario::StoreCompare { secs, rounds, threads, events_per_commit } => {
+                let args = upkeep_bench::storecmp::StoreCompareArgs {
+                    window: Duration::from_secs(secs),
+                    rounds,
+                    threads,
+                    events_per_commit,
+                };
+                upkeep_bench::storecmp::store_compare(&ctx, &args)
+            }
+            Scenario::Replicas { agents, replicas, settle_secs, heartbeat_secs, connect_concurrency, timeout_secs } => {
+                let args = upkeep_bench::replicas::ReplicasArgs {
+                    agents,
+                    replicas,
+                    settle: Duration::from_secs(settle_secs),
+                    heartbeat_seconds: heartbeat_secs,
+                    connect_concurrency,
+                    within: Duration::from_secs(timeout_secs),
+                };
+                upkeep_bench::replicas::replicas(&ctx, &args).await
             }
             Scenario::SlotWrite { size_mib, rounds, dir, inline_hash, executor, chunk_kib, chunks } => {
                 let buffers =

@@ -65,7 +65,12 @@ impl Ctx {
         }
     }
 
-    fn hub_setup(&self, cache: &CertCache, run_dir: PathBuf, heartbeat_seconds: u32) -> anyhow::Result<HubSetup> {
+    pub(crate) fn hub_setup(
+        &self,
+        cache: &CertCache,
+        run_dir: PathBuf,
+        heartbeat_seconds: u32,
+    ) -> anyhow::Result<HubSetup> {
         Ok(HubSetup {
             bin: self.hub_bin.clone(),
             run_dir,
@@ -73,11 +78,13 @@ impl Ctx {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port()?),
             heartbeat_seconds,
             log_filter: self.hub_log.clone(),
+            store_url: None,
+            replica: None,
         })
     }
 }
 
-fn spec_for(setup: &HubSetup, cache: &CertCache) -> anyhow::Result<Arc<SimSpec>> {
+pub(crate) fn spec_for(setup: &HubSetup, cache: &CertCache) -> anyhow::Result<Arc<SimSpec>> {
     Ok(Arc::new(SimSpec {
         hub_url: format!("https://{}", setup.listen),
         domain: "127.0.0.1".into(),
@@ -175,11 +182,11 @@ async fn wait_registered(
     }
 }
 
-fn secs(d: Option<Duration>) -> String {
+pub(crate) fn secs(d: Option<Duration>) -> String {
     d.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "not reached".into())
 }
 
-fn self_sample() -> anyhow::Result<ProcSample> {
+pub(crate) fn self_sample() -> anyhow::Result<ProcSample> {
     measure::sample(std::process::id())
 }
 
