@@ -21,7 +21,7 @@
 
 use crate::engine::Engine;
 use crate::fleet::Fleet;
-use crate::maintenance::Maintenance;
+use crate::maintenance::{LeaseError, Maintenance};
 use crate::store::view::ViewChange;
 use crate::store::{SessionChange, SessionPlace, Store, StoreError};
 use prost::Message;
@@ -78,7 +78,55 @@ enum Note {
     MemberConfig { member: String },
     /// Events of the run after sequence number `after` were committed: publish them to this replica's watchers.
     RunEvents { run: String, after: u64 },
+    /// An operator's request that only the leader carries out, sent to a replica that does not lead.
+    Ask { id: u64, ask: OperatorAsk },
+    /// The leader's answer to `Ask` `id`: the work or lease id, or why not.
+    Answer { id: u64, answer: Result<String, AskRefused> },
 }
+
+/// An operator's request for node work, which only the leader carries out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorAsk {
+    /// `upkeepctl node reboot`.
+    Reboot { node: String, force: bool, operator: String },
+    /// `upkeepctl node uncordon`.
+    Uncordon { node: String, operator: String },
+}
+
+/// Why the leader refused an operator's request, as `LeaseError` says it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AskRefused {
+    /// No such node.
+    NoSuchNode(String),
+    /// The node is not connected.
+    NotConnected(String),
+    /// Refused, or failed.
+    Denied(String),
+}
+
+impl From<LeaseError> for AskRefused {
+    fn from(e: LeaseError) -> AskRefused {
+        match e {
+            LeaseError::NoSuchNode(n) => AskRefused::NoSuchNode(n),
+            LeaseError::NotConnected(n) => AskRefused::NotConnected(n),
+            LeaseError::Denied(why) => AskRefused::Denied(why),
+            LeaseError::Store(e) => AskRefused::Denied(format!("the leader's store failed: {e}")),
+        }
+    }
+}
+
+impl From<AskRefused> for LeaseError {
+    fn from(e: AskRefused) -> LeaseError {
+        match e {
+            AskRefused::NoSuchNode(n) => LeaseError::NoSuchNode(n),
+            AskRefused::NotConnected(n) => LeaseError::NotConnected(n),
+            AskRefused::Denied(why) => LeaseError::Denied(why),
+        }
+    }
+}
+
+/// How long an operator's request passed to the leader may wait for its answer.
+pub const ASK_WITHIN: Duration = Duration::from_secs(300);
 
 /// A session place as a note carries it (the replica is the note's sender).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +179,9 @@ pub struct Relay {
     silent: Mutex<HashSet<String>>,
     stop: AtomicBool,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Operator requests passed to the leader, waiting for its answer.
+    asked: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Result<String, AskRefused>>>>,
+    next_ask: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -154,6 +205,8 @@ impl Relay {
             silent: Mutex::new(HashSet::new()),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            asked: Mutex::new(HashMap::new()),
+            next_ask: std::sync::atomic::AtomicU64::new(1),
         }))
     }
 
@@ -267,6 +320,23 @@ impl Relay {
     /// `member`'s desired configuration changed: every replica pushes it to its sessions.
     pub fn member_config(&self, member: &str) {
         self.post(To::All, Note::MemberConfig { member: member.to_string() }, None);
+    }
+
+    /// Passes an operator's request for node work to the leader and waits (at most `within`) for its answer.
+    pub async fn ask_leader(&self, ask: OperatorAsk, within: Duration) -> Result<String, LeaseError> {
+        let id = self.next_ask.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.asked).insert(id, tx);
+        self.post(To::Leader, Note::Ask { id, ask }, None);
+        let out = tokio::time::timeout(within, rx).await;
+        lock(&self.asked).remove(&id);
+        match out {
+            Ok(Ok(answer)) => answer.map_err(LeaseError::from),
+            _ => Err(LeaseError::Denied(format!(
+                "no hub replica leading answered within {} s (a new leader may be taking over); ask again",
+                within.as_secs()
+            ))),
+        }
     }
 
     /// Events of `run` after `after` were committed here.
@@ -553,6 +623,29 @@ impl Relay {
                 }
             }
             Note::RunEvents { run, after } => hands.engine.publish_stored(&run, after),
+            Note::Ask { id, ask } => {
+                let (maintenance, relay) = (hands.maintenance.clone(), hands.fleet.relay());
+                let to = To::Replica { name: e.from, instance: e.instance };
+                // On the leader's runtime: the work it starts carries the leader's term.
+                fleet.spawn_work(async move {
+                    let answer = match ask {
+                        OperatorAsk::Reboot { node, force, operator } => {
+                            maintenance.operator_reboot(&node, force, &operator)
+                        }
+                        OperatorAsk::Uncordon { node, operator } => {
+                            maintenance.operator_uncordon(&node, &operator).await
+                        }
+                    };
+                    if let Some(relay) = relay {
+                        relay.post(to, Note::Answer { id, answer: answer.map_err(AskRefused::from) }, None);
+                    }
+                });
+            }
+            Note::Answer { id, answer } => {
+                if let Some(waiter) = lock(&self.asked).remove(&id) {
+                    let _ = waiter.send(answer);
+                }
+            }
             Note::MemberConfig { member } => match fleet.store().get_member(&member) {
                 Ok(Some(m)) => fleet.push_member_config_here(&m),
                 Ok(None) => {}

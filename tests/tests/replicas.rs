@@ -716,3 +716,60 @@ async fn the_database_restarted_mid_run_the_replicas_reconnect_and_the_run_compl
         r.hub.kill().await;
     }
 }
+
+/// Operations the node's agent journalled: (operation id, ok).
+fn journalled(work: &Path, node: &str) -> Vec<(String, Option<bool>)> {
+    std::fs::read_dir(work.join(node).join("state/journal"))
+        .map(|rd| {
+            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+                .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+                .filter_map(|v| Some((v["operation_id"].as_str()?.to_string(), v["result"]["ok"].as_bool())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_and_an_uncordon_ordered_through_a_follower_are_carried_out_by_the_leader() {
+    let pki = TestPki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (url, settings) = database();
+    let store = PostgresStore::open(&settings).expect("store");
+    let a = replica(&pki, work.path(), &url, "a").await;
+    wait_for("a leads", WAIT, || async { leader(&store).await.filter(|(h, _)| h == "a") }).await;
+    let b = replica(&pki, work.path(), &url, "b").await;
+    // n2's agent knows only b, the follower: the leader reaches it only through the database.
+    let node = make_node(&pki, work.path(), &b.hub.url(), "n2", "m2", "pool1", "eu", "Debian-12-202311.07.0");
+    let agent = TestAgent::start(&node);
+    let b_url = b.hub.url();
+    wait_for("n2 Ready through a", WAIT, || async {
+        let n = upkeepctl_json(&pki, &a.hub.url(), &["node", "show", "n2"]).await.ok()?;
+        (n["status"] == "Ready" && n["connected"] == true).then_some(())
+    })
+    .await;
+    let out = upkeepctl_ok(&pki, &b_url, &["node", "reboot", "n2", "--force"]).await;
+    assert!(out.contains("operator-reboot/n2/"), "the lease the leader took: {out}");
+    let ops = wait_for("n2 rebooted and uncordoned", WAIT, || async {
+        let ops = journalled(work.path(), "n2");
+        let done = |step: &str| {
+            ops.iter().any(|(id, ok)| id.starts_with("operator-reboot/n2/") && id.ends_with(step) && *ok == Some(true))
+        };
+        (done("/reboot") && done("/uncordon")).then_some(ops)
+    })
+    .await;
+    assert_eq!(ops.iter().filter(|(id, _)| id.ends_with("/reboot")).count(), 1, "rebooted once: {ops:?}");
+    let out = upkeepctl_ok(&pki, &b_url, &["node", "uncordon", "n2"]).await;
+    assert!(out.contains("operator-uncordon/n2/"), "{out}");
+    wait_for("no lease left", WAIT, || async {
+        let leases = upkeepctl_json(&pki, &b_url, &["lease", "list"]).await.ok()?;
+        leases.as_array()?.is_empty().then_some(())
+    })
+    .await;
+    // A node nobody knows is refused as on a single hub, through the follower too.
+    let err = upkeepctl_refused(&pki, &b_url, &["node", "reboot", "ghost", "--force"]).await;
+    assert!(err.contains("ghost") && err.contains("not found"), "{err}");
+    agent.stop().await;
+    for mut r in [a, b] {
+        r.hub.kill().await;
+    }
+}

@@ -6,6 +6,7 @@ use crate::artifacts::Artifacts;
 use crate::engine::Engine;
 use crate::fleet::{Fleet, member_to_wire, now_ms};
 use crate::maintenance::{LeaseError, Maintenance};
+use crate::relay::{ASK_WITHIN, OperatorAsk};
 use crate::store::EventRecord;
 use crate::store::{LeaseRecord, SecurityPatchRecord};
 use std::pin::Pin;
@@ -640,7 +641,15 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let p = principal_of(&req)?;
         require(&p, WRITERS, "reboot nodes")?;
         let r = req.get_ref();
-        let lease_id = self.maintenance.operator_reboot(&r.node, r.force, &p.name).map_err(lease_error)?;
+        let lease_id = match self.fleet.relay().filter(|_| !self.fleet.leads()) {
+            // Node work is the leader's: a replica that does not lead passes the request on and waits.
+            Some(relay) => {
+                let ask = OperatorAsk::Reboot { node: r.node.clone(), force: r.force, operator: p.name.clone() };
+                relay.ask_leader(ask, ASK_WITHIN).await
+            }
+            None => self.maintenance.operator_reboot(&r.node, r.force, &p.name),
+        }
+        .map_err(lease_error)?;
         tracing::info!(operator = %p.name, node = %r.node, force = r.force, lease = %lease_id, "reboot ordered");
         self.lease_of(&r.node, &lease_id)
     }
@@ -653,7 +662,14 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         require(&p, WRITERS, "uncordon nodes")?;
         let node = &req.get_ref().node;
         let released = self.maintenance.out_of_service(node);
-        let work = self.maintenance.operator_uncordon(node, &p.name).await.map_err(lease_error)?;
+        let work = match self.fleet.relay().filter(|_| !self.fleet.leads()) {
+            Some(relay) => {
+                let ask = OperatorAsk::Uncordon { node: node.clone(), operator: p.name.clone() };
+                relay.ask_leader(ask, ASK_WITHIN).await
+            }
+            None => self.maintenance.operator_uncordon(node, &p.name).await,
+        }
+        .map_err(lease_error)?;
         tracing::info!(operator = %p.name, node = %node, work = %work, "uncordon ordered");
         Ok(Response::new(v1::UncordonNodeResponse { work, out_of_service: released }))
     }
