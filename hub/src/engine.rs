@@ -318,8 +318,9 @@ impl Engine {
         F: Fn(&RunState, &run::Fleet, &Catalog, DateTime<Utc>) -> Result<Plan, RunOpError>,
     {
         let _guard = self.commit_lock.lock().await;
-        // A hub replica that does not lead (`crate::cluster`) plans an operator's request from what every replica
-        // wrote: its own view holds only its own writes.
+        // A hub replica that does not lead (`crate::cluster`) applies other replicas' writes as the relay delivers
+        // them; it reads the view again here so that a write another replica committed a moment ago (an image
+        // published through it just before this run request) is certainly seen.
         if !self.fleet.leads() {
             self.fleet.view().reload()?;
         }

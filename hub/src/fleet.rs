@@ -1,6 +1,7 @@
 //! The live fleet: the store plus what only exists while the hub runs (open agent sessions and last-seen
 //! times not yet flushed). Handlers call into `Fleet`; `Fleet` persists, then acts (pushes to agents).
 
+use crate::peers::{Peers, RemoteSession};
 use crate::revocation::Revocations;
 use crate::store::view::Viewed;
 use crate::store::{MemberRecord, NodeFacts, NodeRecord, OperationFact, Store, StoreError};
@@ -135,8 +136,8 @@ pub struct Fleet {
     counters: crate::counters::Counters,
     /// Some webhook exists: node events are worth working out (`crate::webhooks`).
     webhooks_active: std::sync::atomic::AtomicBool,
-    /// Hub replicas: the relay to the others (`crate::relay`); unset for a single hub.
-    relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
+    /// Hub replicas: the other replicas (`crate::relay` through the database); unset for a single hub.
+    relay: std::sync::OnceLock<Arc<dyn Peers>>,
 }
 
 /// Where a command for a node goes now.
@@ -144,7 +145,7 @@ enum Route {
     /// A session on this hub: its id and sending half.
     Here(u64, SessionTx),
     /// A session on another replica.
-    Elsewhere(crate::relay::RemoteSession),
+    Elsewhere(RemoteSession),
 }
 
 impl Route {
@@ -229,7 +230,7 @@ impl Fleet {
 
     /// Joins this hub to its replicas through `relay`: sessions, results, lease requests and view changes travel
     /// between them from now on. Set once.
-    pub fn set_relay(&self, relay: Arc<crate::relay::Relay>) {
+    pub fn set_relay(&self, relay: Arc<dyn Peers>) {
         let sink = relay.clone();
         if self.relay.set(relay).is_ok() {
             self.view.on_change(Box::new(move |change| sink.view_changed(change)));
@@ -237,7 +238,7 @@ impl Fleet {
     }
 
     /// The relay to the other replicas, if this hub is one of several.
-    pub fn relay(&self) -> Option<Arc<crate::relay::Relay>> {
+    pub fn relay(&self) -> Option<Arc<dyn Peers>> {
         self.relay.get().cloned()
     }
 
@@ -363,7 +364,7 @@ impl Fleet {
     }
 
     /// Where `node`'s session is on another replica, when it has none here.
-    fn remote(&self, node: &str) -> Option<crate::relay::RemoteSession> {
+    fn remote(&self, node: &str) -> Option<RemoteSession> {
         let relay = self.relay.get()?;
         if self.sessions().contains_key(node) {
             return None;

@@ -25,6 +25,7 @@ pub mod ledger;
 pub mod maintenance;
 pub mod metrics;
 pub mod outbox;
+pub mod peers;
 pub mod pki;
 pub mod relay;
 pub mod revocation;

@@ -139,6 +139,29 @@ pub enum LeaseError {
     Denied(String),
 }
 
+impl From<LeaseError> for crate::peers::AskRefused {
+    fn from(e: LeaseError) -> crate::peers::AskRefused {
+        use crate::peers::AskRefused;
+        match e {
+            LeaseError::NoSuchNode(n) => AskRefused::NoSuchNode(n),
+            LeaseError::NotConnected(n) => AskRefused::NotConnected(n),
+            LeaseError::Denied(why) => AskRefused::Denied(why),
+            LeaseError::Store(e) => AskRefused::Denied(format!("the leader's store failed: {e}")),
+        }
+    }
+}
+
+impl From<crate::peers::AskRefused> for LeaseError {
+    fn from(e: crate::peers::AskRefused) -> LeaseError {
+        use crate::peers::AskRefused;
+        match e {
+            AskRefused::NoSuchNode(n) => LeaseError::NoSuchNode(n),
+            AskRefused::NotConnected(n) => LeaseError::NotConnected(n),
+            AskRefused::Denied(why) => LeaseError::Denied(why),
+        }
+    }
+}
+
 /// Why a hub replica that does not lead refuses to start node work (`crate::cluster`): the leader does it.
 const NOT_LEADER: &str = "this hub replica is not the leader, which carries out node work; send it to the replica \
                           that leads (its log says `became the leader`)";

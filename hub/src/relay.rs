@@ -21,7 +21,8 @@
 
 use crate::engine::Engine;
 use crate::fleet::Fleet;
-use crate::maintenance::{LeaseError, Maintenance};
+use crate::maintenance::Maintenance;
+use crate::peers::{AskRefused, Asked, OperatorAsk, Peers, RemoteSession};
 use crate::store::view::ViewChange;
 use crate::store::{SessionChange, SessionPlace, Store, StoreError};
 use prost::Message;
@@ -84,50 +85,6 @@ enum Note {
     Answer { id: u64, answer: Result<String, AskRefused> },
 }
 
-/// An operator's request for node work, which only the leader carries out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum OperatorAsk {
-    /// `upkeepctl node reboot`.
-    Reboot { node: String, force: bool, operator: String },
-    /// `upkeepctl node uncordon`.
-    Uncordon { node: String, operator: String },
-}
-
-/// Why the leader refused an operator's request, as `LeaseError` says it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AskRefused {
-    /// No such node.
-    NoSuchNode(String),
-    /// The node is not connected.
-    NotConnected(String),
-    /// Refused, or failed.
-    Denied(String),
-}
-
-impl From<LeaseError> for AskRefused {
-    fn from(e: LeaseError) -> AskRefused {
-        match e {
-            LeaseError::NoSuchNode(n) => AskRefused::NoSuchNode(n),
-            LeaseError::NotConnected(n) => AskRefused::NotConnected(n),
-            LeaseError::Denied(why) => AskRefused::Denied(why),
-            LeaseError::Store(e) => AskRefused::Denied(format!("the leader's store failed: {e}")),
-        }
-    }
-}
-
-impl From<AskRefused> for LeaseError {
-    fn from(e: AskRefused) -> LeaseError {
-        match e {
-            AskRefused::NoSuchNode(n) => LeaseError::NoSuchNode(n),
-            AskRefused::NotConnected(n) => LeaseError::NotConnected(n),
-            AskRefused::Denied(why) => LeaseError::Denied(why),
-        }
-    }
-}
-
-/// How long an operator's request passed to the leader may wait for its answer.
-pub const ASK_WITHIN: Duration = Duration::from_secs(300);
-
 /// A session place as a note carries it (the replica is the note's sender).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Place {
@@ -148,19 +105,6 @@ struct Envelope {
 struct Post {
     body: Vec<u8>,
     session: Option<SessionChange>,
-}
-
-/// Where to send something for a node whose session is on another replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteSession {
-    /// The replica holding it.
-    pub replica: String,
-    /// That replica's start.
-    pub instance: u64,
-    /// The session's id there.
-    pub session: u64,
-    /// Silent on it since (Unix ms), if it is.
-    pub silent_since_ms: Option<i64>,
 }
 
 /// This replica's side of the relay: what it posts, and what it knows of the others' sessions.
@@ -252,15 +196,6 @@ impl Relay {
         Ok(())
     }
 
-    /// Stops both threads after what they hold (posts queued by then are written first).
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
-        for t in threads {
-            let _ = t.join();
-        }
-    }
-
     fn post(&self, to: To, note: Note, session: Option<SessionChange>) {
         let envelope = Envelope { from: self.name.clone(), instance: self.instance, to, note };
         match serde_json::to_vec(&envelope) {
@@ -269,12 +204,6 @@ impl Relay {
             }
             Err(e) => tracing::error!(error = %e, "encoding a relay note"),
         }
-    }
-
-    /// A session of `node` opened here.
-    pub fn session_opened(&self, node: &str, session: u64) {
-        lock(&self.silent).remove(node);
-        self.post_place(node, session, None);
     }
 
     fn post_place(&self, node: &str, session: u64, silent_since_ms: Option<i64>) {
@@ -287,109 +216,6 @@ impl Relay {
         };
         let note = Note::Session(Place { node: node.to_string(), session, silent_since_ms });
         self.post(To::All, note, Some(SessionChange::Here(place)));
-    }
-
-    /// A session of `node` here ended.
-    pub fn session_closed(&self, node: &str, session: u64) {
-        lock(&self.silent).remove(node);
-        let gone = SessionChange::Gone {
-            node: node.to_string(),
-            replica: self.name.clone(),
-            instance: self.instance,
-            session,
-        };
-        self.post(To::All, Note::SessionGone { node: node.to_string(), session }, Some(gone));
-    }
-
-    /// Whether `node`'s session here is silent now (`since`: since when): posted when it changes.
-    pub fn session_silence(&self, node: &str, session: u64, since: Option<i64>) {
-        let changed = {
-            let mut silent = lock(&self.silent);
-            if since.is_some() { silent.insert(node.to_string()) } else { silent.remove(node) }
-        };
-        if changed {
-            self.post_place(node, session, since);
-        }
-    }
-
-    /// The planner's view changed through this replica.
-    pub fn view_changed(&self, change: ViewChange) {
-        self.post(To::All, Note::View(change), None);
-    }
-
-    /// `member`'s desired configuration changed: every replica pushes it to its sessions.
-    pub fn member_config(&self, member: &str) {
-        self.post(To::All, Note::MemberConfig { member: member.to_string() }, None);
-    }
-
-    /// Passes an operator's request for node work to the leader and waits (at most `within`) for its answer.
-    pub async fn ask_leader(&self, ask: OperatorAsk, within: Duration) -> Result<String, LeaseError> {
-        let id = self.next_ask.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        lock(&self.asked).insert(id, tx);
-        self.post(To::Leader, Note::Ask { id, ask }, None);
-        let out = tokio::time::timeout(within, rx).await;
-        lock(&self.asked).remove(&id);
-        match out {
-            Ok(Ok(answer)) => answer.map_err(LeaseError::from),
-            _ => Err(LeaseError::Denied(format!(
-                "no hub replica leading answered within {} s (a new leader may be taking over); ask again",
-                within.as_secs()
-            ))),
-        }
-    }
-
-    /// Events of `run` after `after` were committed here.
-    pub fn run_events(&self, run: &str, after: u64) {
-        self.post(To::All, Note::RunEvents { run: run.to_string(), after }, None);
-    }
-
-    /// Sends `command` to `node` on its session on another replica.
-    pub fn command(&self, at: &RemoteSession, node: &str, command: &v1::Command) {
-        let to = To::Replica { name: at.replica.clone(), instance: at.instance };
-        self.post(
-            to,
-            Note::Command { node: node.to_string(), session: at.session, command: command.encode_to_vec() },
-            None,
-        );
-    }
-
-    /// A result read here for a command the leader sent.
-    pub fn result(&self, node: &str, result: &v1::OperationResult) {
-        self.post(To::Leader, Note::Result { node: node.to_string(), result: result.encode_to_vec() }, None);
-    }
-
-    /// A lease request read here, for the leader's lease desk.
-    pub fn lease_request(&self, node: &str, session: u64, request: &v1::LeaseRequest) {
-        let note = Note::LeaseRequest { node: node.to_string(), session, request: request.encode_to_vec() };
-        self.post(To::Leader, note, None);
-    }
-
-    /// A lease release read here, for the leader's lease desk.
-    pub fn lease_release(&self, node: &str, release: &v1::LeaseRelease) {
-        self.post(To::Leader, Note::LeaseRelease { node: node.to_string(), release: release.encode_to_vec() }, None);
-    }
-
-    /// Where `node`'s session is, when it is on another replica that is alive.
-    pub fn remote(&self, node: &str) -> Option<RemoteSession> {
-        let place = lock(&self.places).get(node).cloned()?;
-        let alive = lock(&self.live).get(&place.replica).is_some_and(|i| *i == place.instance);
-        alive.then_some(RemoteSession {
-            replica: place.replica,
-            instance: place.instance,
-            session: place.session,
-            silent_since_ms: place.silent_since_ms,
-        })
-    }
-
-    /// Nodes with a session on another live replica.
-    pub fn remote_nodes(&self) -> Vec<String> {
-        let live = lock(&self.live).clone();
-        lock(&self.places)
-            .values()
-            .filter(|p| live.get(&p.replica).is_some_and(|i| *i == p.instance))
-            .map(|p| p.node.clone())
-            .collect()
     }
 
     fn refresh_live(&self) -> Result<(), StoreError> {
@@ -457,7 +283,7 @@ impl Relay {
         }
     }
 
-    fn read_loop(&self, mut last: i64, hands: &Hands, runtime: &tokio::runtime::Handle) {
+    fn read_loop(self: &Arc<Self>, mut last: i64, hands: &Hands, runtime: &tokio::runtime::Handle) {
         let mut listener: Option<Box<dyn crate::store::RelayWait>> = None;
         let mut last_tick = Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
@@ -517,7 +343,7 @@ impl Relay {
         }
     }
 
-    fn receive(&self, e: Envelope, hands: &Hands, runtime: &tokio::runtime::Handle) {
+    fn receive(self: &Arc<Self>, e: Envelope, hands: &Hands, runtime: &tokio::runtime::Handle) {
         if e.instance == self.instance && e.from == self.name {
             return;
         }
@@ -548,7 +374,7 @@ impl Relay {
             },
             Note::LeaseRequest { node, session, request } => match v1::LeaseRequest::decode(request.as_slice()) {
                 Ok(req) => {
-                    let (maintenance, relay) = (hands.maintenance.clone(), hands.fleet.relay());
+                    let (maintenance, relay) = (hands.maintenance.clone(), self.clone());
                     let to = To::Replica { name: e.from, instance: e.instance };
                     // Decided on the leader's runtime: the lease it writes carries the leader's term.
                     fleet.spawn_work(async move {
@@ -559,10 +385,8 @@ impl Relay {
                                 crate::maintenance::lease_retry(&req, "the hub could not read its store; asking again")
                             }
                         };
-                        if let Some(relay) = relay {
-                            let note = Note::LeaseAnswer { node, session, answer: answer.encode_to_vec() };
-                            relay.post(to, note, None);
-                        }
+                        let note = Note::LeaseAnswer { node, session, answer: answer.encode_to_vec() };
+                        relay.post(to, note, None);
                     });
                 }
                 Err(err) => tracing::error!(node, error = %err, "relay: unreadable lease request"),
@@ -624,7 +448,7 @@ impl Relay {
             }
             Note::RunEvents { run, after } => hands.engine.publish_stored(&run, after),
             Note::Ask { id, ask } => {
-                let (maintenance, relay) = (hands.maintenance.clone(), hands.fleet.relay());
+                let (maintenance, relay) = (hands.maintenance.clone(), self.clone());
                 let to = To::Replica { name: e.from, instance: e.instance };
                 // On the leader's runtime: the work it starts carries the leader's term.
                 fleet.spawn_work(async move {
@@ -636,9 +460,7 @@ impl Relay {
                             maintenance.operator_uncordon(&node, &operator).await
                         }
                     };
-                    if let Some(relay) = relay {
-                        relay.post(to, Note::Answer { id, answer: answer.map_err(AskRefused::from) }, None);
-                    }
+                    relay.post(to, Note::Answer { id, answer: answer.map_err(AskRefused::from) }, None);
                 });
             }
             Note::Answer { id, answer } => {
@@ -652,6 +474,118 @@ impl Relay {
                 Err(err) => tracing::warn!(member, error = %err, "relay: reading a member's configuration"),
             },
         }
+    }
+}
+
+impl Peers for Relay {
+    /// Stops both threads after what they hold (posts queued by then are written first).
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// A session of `node` opened here.
+    fn session_opened(&self, node: &str, session: u64) {
+        lock(&self.silent).remove(node);
+        self.post_place(node, session, None);
+    }
+
+    /// A session of `node` here ended.
+    fn session_closed(&self, node: &str, session: u64) {
+        lock(&self.silent).remove(node);
+        let gone = SessionChange::Gone {
+            node: node.to_string(),
+            replica: self.name.clone(),
+            instance: self.instance,
+            session,
+        };
+        self.post(To::All, Note::SessionGone { node: node.to_string(), session }, Some(gone));
+    }
+
+    /// Whether `node`'s session here is silent now (`since`: since when): posted when it changes.
+    fn session_silence(&self, node: &str, session: u64, since: Option<i64>) {
+        let changed = {
+            let mut silent = lock(&self.silent);
+            if since.is_some() { silent.insert(node.to_string()) } else { silent.remove(node) }
+        };
+        if changed {
+            self.post_place(node, session, since);
+        }
+    }
+
+    /// The planner's view changed through this replica.
+    fn view_changed(&self, change: ViewChange) {
+        self.post(To::All, Note::View(change), None);
+    }
+
+    /// `member`'s desired configuration changed: every replica pushes it to its sessions.
+    fn member_config(&self, member: &str) {
+        self.post(To::All, Note::MemberConfig { member: member.to_string() }, None);
+    }
+
+    /// Passes an operator's request for node work to the leader and waits (at most `within`) for its answer.
+    fn ask_leader(&self, ask: OperatorAsk, within: Duration) -> Asked<'_> {
+        let id = self.next_ask.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.asked).insert(id, tx);
+        self.post(To::Leader, Note::Ask { id, ask }, None);
+        Box::pin(async move {
+            let out = tokio::time::timeout(within, rx).await;
+            lock(&self.asked).remove(&id);
+            match out {
+                Ok(Ok(answer)) => answer,
+                _ => Err(AskRefused::Denied(format!(
+                    "no hub replica leading answered within {} s (a new leader may be taking over); ask again",
+                    within.as_secs()
+                ))),
+            }
+        })
+    }
+
+    /// Events of `run` after `after` were committed here.
+    fn run_events(&self, run: &str, after: u64) {
+        self.post(To::All, Note::RunEvents { run: run.to_string(), after }, None);
+    }
+
+    /// Sends `command` to `node` on its session on another replica.
+    fn command(&self, at: &RemoteSession, node: &str, command: &v1::Command) {
+        let to = To::Replica { name: at.replica.clone(), instance: at.instance };
+        self.post(
+            to,
+            Note::Command { node: node.to_string(), session: at.session, command: command.encode_to_vec() },
+            None,
+        );
+    }
+
+    /// A result read here for a command the leader sent.
+    fn result(&self, node: &str, result: &v1::OperationResult) {
+        self.post(To::Leader, Note::Result { node: node.to_string(), result: result.encode_to_vec() }, None);
+    }
+
+    /// A lease request read here, for the leader's lease desk.
+    fn lease_request(&self, node: &str, session: u64, request: &v1::LeaseRequest) {
+        let note = Note::LeaseRequest { node: node.to_string(), session, request: request.encode_to_vec() };
+        self.post(To::Leader, note, None);
+    }
+
+    /// A lease release read here, for the leader's lease desk.
+    fn lease_release(&self, node: &str, release: &v1::LeaseRelease) {
+        self.post(To::Leader, Note::LeaseRelease { node: node.to_string(), release: release.encode_to_vec() }, None);
+    }
+
+    /// Where `node`'s session is, when it is on another replica that is alive.
+    fn remote(&self, node: &str) -> Option<RemoteSession> {
+        let place = lock(&self.places).get(node).cloned()?;
+        let alive = lock(&self.live).get(&place.replica).is_some_and(|i| *i == place.instance);
+        alive.then_some(RemoteSession {
+            replica: place.replica,
+            instance: place.instance,
+            session: place.session,
+            silent_since_ms: place.silent_since_ms,
+        })
     }
 }
 

@@ -463,9 +463,11 @@ async fn nodes_joining_a_node_image_member_later_catch_up_inside_the_window_and_
     let closed = window(chrono::Utc::now() + chrono::TimeDelta::hours(6));
     f.ok(&["member", "set-window", "m1", "--kind", "node-os", "-f", &closed.to_string_lossy()]).await;
     f.join("n2", "Debian-12-202311.01.0", "").await;
-    let n2 = wait_for("n2 shows it is behind", WAIT, || async {
+    // What it lacks is known from its report at once; what it waits for once the channel loop has looked at it.
+    let n2 = wait_for("n2 shows it is behind and waits for the window", WAIT, || async {
         let n = upkeepctl_json(&f.pki, &f.hub.url(), &["node", "show", "n2"]).await.ok()?;
-        n["behind"].as_str().is_some_and(|b| b.contains("Debian-12-202312.01.0")).then_some(n)
+        let behind = n["behind"].as_str().is_some_and(|b| b.contains("Debian-12-202312.01.0"));
+        (behind && n["waiting"].as_str().is_some_and(|w| !w.is_empty())).then_some(n)
     })
     .await;
     assert!(n2["waiting"].as_str().is_some_and(|w| w.contains("window")), "{n2}");

@@ -462,7 +462,8 @@ async fn thirty_agents_over_three_replicas_finish_a_staged_run_through_two_leade
     let mut terms = Vec::new();
     for stage in [1, 2] {
         let (i, term) = wait_for("a leader", WAIT, || leading(&store, &replicas)).await;
-        let reader = urls[(i + 1) % 3].clone();
+        // A replica started again listens on a new port: read through the replicas as they are now.
+        let reader = replicas[(i + 1) % 3].hub.url();
         wait_for(&format!("stage s{stage} started"), WAIT, || async {
             let v = upkeepctl_json(&pki, &reader, &["run", "show", "r1"]).await.ok()?;
             (stage_started(&v)? >= stage).then_some(())
@@ -498,7 +499,7 @@ async fn thirty_agents_over_three_replicas_finish_a_staged_run_through_two_leade
         }
     }
     let (live, _) = wait_for("a leader", WAIT, || leading(&store, &replicas)).await;
-    let reader = urls[live].clone();
+    let reader = replicas[live].hub.url();
     let run = wait_for("r1 to end", Duration::from_secs(240), || async {
         let v = upkeepctl_json(&pki, &reader, &["run", "show", "r1"]).await.ok()?;
         matches!(v["status"].as_str()?, "Completed" | "Failed" | "Stopped").then_some(v)

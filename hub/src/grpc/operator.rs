@@ -6,7 +6,7 @@ use crate::artifacts::Artifacts;
 use crate::engine::Engine;
 use crate::fleet::{Fleet, member_to_wire, now_ms};
 use crate::maintenance::{LeaseError, Maintenance};
-use crate::relay::{ASK_WITHIN, OperatorAsk};
+use crate::peers::{ASK_WITHIN, OperatorAsk};
 use crate::store::EventRecord;
 use crate::store::{LeaseRecord, SecurityPatchRecord};
 use std::pin::Pin;
@@ -645,7 +645,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             // Node work is the leader's: a replica that does not lead passes the request on and waits.
             Some(relay) => {
                 let ask = OperatorAsk::Reboot { node: r.node.clone(), force: r.force, operator: p.name.clone() };
-                relay.ask_leader(ask, ASK_WITHIN).await
+                relay.ask_leader(ask, ASK_WITHIN).await.map_err(LeaseError::from)
             }
             None => self.maintenance.operator_reboot(&r.node, r.force, &p.name),
         }
@@ -665,7 +665,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let work = match self.fleet.relay().filter(|_| !self.fleet.leads()) {
             Some(relay) => {
                 let ask = OperatorAsk::Uncordon { node: node.clone(), operator: p.name.clone() };
-                relay.ask_leader(ask, ASK_WITHIN).await
+                relay.ask_leader(ask, ASK_WITHIN).await.map_err(LeaseError::from)
             }
             None => self.maintenance.operator_uncordon(node, &p.name).await,
         }
