@@ -154,11 +154,6 @@ impl Relay {
         }))
     }
 
-    /// This replica's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Starts the writer and the reader threads. `runtime` is where sends on this replica's sessions run.
     pub fn start(self: &Arc<Self>, hands: Hands, runtime: tokio::runtime::Handle) -> Result<(), StoreError> {
         // Who is alive and where sessions are, before the first note is read: notes after `head` apply on top.

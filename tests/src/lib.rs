@@ -411,6 +411,26 @@ impl HubProcess {
     }
 }
 
+/// The operations a node's agent journalled under `node_dir/state/journal` (`make_node`'s layout: `work/<node>`),
+/// as (operation id, ok: None while it runs), in id order.
+pub fn agent_journal(node_dir: &Path) -> Vec<(String, Option<bool>)> {
+    let mut ops: Vec<(String, Option<bool>)> = std::fs::read_dir(node_dir.join("state/journal"))
+        .map(|rd| {
+            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+                .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .filter_map(|v| Some((v["operation_id"].as_str()?.to_string(), v["result"]["ok"].as_bool())))
+                .collect()
+        })
+        .unwrap_or_default();
+    ops.sort();
+    ops
+}
+
+/// Reimage operations a node's agent journalled (one per operation id).
+pub fn reimages_journalled(node_dir: &Path) -> usize {
+    agent_journal(node_dir).iter().filter(|(id, _)| id.ends_with("/reimage")).count()
+}
+
 /// A member's level in a run as `run show -o json` gives it (panics naming the run when it is not there).
 pub fn run_member<'a>(run: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     run["stages"]

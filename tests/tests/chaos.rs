@@ -130,21 +130,6 @@ fn replay_cordon_log(log: &[String], member_of: &BTreeMap<String, String>) -> BT
     per_node
 }
 
-/// Journalled operations of a node: (operation id, finished ok).
-fn journal(work: &Path, node: &str) -> Vec<(String, Option<bool>)> {
-    let dir = work.join(node).join("state/journal");
-    let mut ops: Vec<(String, Option<bool>)> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
-                .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-                .filter_map(|v| Some((v["operation_id"].as_str()?.to_string(), v["result"]["ok"].as_bool())))
-                .collect()
-        })
-        .unwrap_or_default();
-    ops.sort();
-    ops
-}
-
 fn node_in<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
     list["nodes"].as_array()?.iter().find(|n| n["name"] == name)
 }
@@ -245,7 +230,7 @@ async fn hub_sigkilled_at_random_moments_during_a_multistage_run_upgrades_every_
     // Every node was reimaged exactly once: one journalled reimage operation, finished ok, and one simulated boot
     // into the other slot (a second reimage would have booted back into slot a).
     for n in &nodes {
-        let ops = journal(work.path(), &n.name);
+        let ops = agent_journal(&work.path().join(&n.name));
         let reimages: Vec<&(String, Option<bool>)> = ops.iter().filter(|(id, _)| id.ends_with("/reimage")).collect();
         assert_eq!(reimages.len(), 1, "{} reimaged exactly once: {ops:?}", n.name);
         assert!(reimages[0].0.starts_with(&format!("run/r1/{}/", member_of[&n.name])), "{ops:?}");
@@ -409,7 +394,11 @@ async fn a_frozen_agent_is_unknown_the_member_says_it_waits_on_it_then_the_step_
     // A failed node stops the work: n2 was never touched.
     let lines = read_log(&log);
     assert!(!lines.iter().any(|l| l == "cordon n2"), "n2 was never cordoned: {lines:?}");
-    assert!(journal(work.path(), "n2").is_empty(), "n2 got no operation: {:?}", journal(work.path(), "n2"));
+    assert!(
+        agent_journal(&work.path().join("n2")).is_empty(),
+        "n2 got no operation: {:?}",
+        agent_journal(&work.path().join("n2"))
+    );
     // The node could not be uncordoned while frozen: it stays out of service under the run's lease.
     let leases = upkeepctl_json(&pki, &url, &["lease", "list"]).await.expect("lease list");
     let held: Vec<&Value> = leases.as_array().into_iter().flatten().collect();

@@ -4,7 +4,7 @@
 //! test can check from the order of those lines that no two nodes of a member were out of service at once.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use upkeep_tests::*;
 
@@ -214,19 +214,6 @@ async fn publish_trusted(f: &Fleet, version: &str) {
     f.ok(&["image", "publish", "--family", "Debian-12", "--version", version, "--regions", "eu", "--file", &img]).await;
 }
 
-/// Reimage operations the node's agent journalled.
-fn reimages_journalled(node: &Path) -> usize {
-    let dir = node.parent().expect("node dir").join("state/journal");
-    std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
-                .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-                .filter(|v| v["operation_id"].as_str().is_some_and(|id| id.ends_with("/reimage")))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sec2_node_image_channel_rolls_new_images_and_a_channel_switch_reimages_every_node() {
     let f = fleet(&["n1", "n2"], "[auto_upgrade]\nenabled = true\n").await;
@@ -255,7 +242,12 @@ async fn sec2_node_image_channel_rolls_new_images_and_a_channel_switch_reimages_
     let taken = one_at_a_time(&f.log());
     assert_eq!(taken.values().copied().collect::<Vec<_>>(), [2, 2], "{taken:?}");
     for n in &f.nodes {
-        assert_eq!(reimages_journalled(&n.root), 2, "{}: one image reimage and one switch reimage", n.name);
+        assert_eq!(
+            reimages_journalled(n.root.parent().expect("node dir")),
+            2,
+            "{}: one image reimage and one switch reimage",
+            n.name
+        );
     }
     // Nothing more happens: the None channel rolls nothing and the switch is settled.
     assert!(f.hub.fleet().store().list_channel_switches().expect("switches").is_empty());

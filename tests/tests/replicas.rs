@@ -185,18 +185,6 @@ fn agent_hubs(config: &Path, first: &str, hubs: &[String]) {
     std::fs::write(config, text).expect("agent.toml");
 }
 
-/// Reimage operations the node's agent journalled (one per operation id).
-fn reimages_journalled(work: &Path, node: &str) -> usize {
-    std::fs::read_dir(work.join(node).join("state/journal"))
-        .map(|rd| {
-            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
-                .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-                .filter(|v| v["operation_id"].as_str().is_some_and(|id| id.ends_with("/reimage")))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// Two replicas (a starts first and leads), `names` agents on a (the leader; with `both`, listing b after it), a
 /// staged run of one member per node published, created and started through b. Returns the replicas and agents.
 async fn run_on_two_replicas(
@@ -249,6 +237,26 @@ async fn run_on_two_replicas(
     (a, b, agents)
 }
 
+/// Waits until r1's m1 runs (read through `hub`) and the leader's node work for it is written at its term (operator
+/// requests commit unfenced, on any replica); returns that term.
+async fn m1_under_way(pki: &TestPki, hub: &str, store: &PostgresStore) -> u64 {
+    wait_for("m1 Running", WAIT, || async {
+        (member_status(pki, hub, "m1").await.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let (_, term) = leader(store).await.expect("a leads");
+    wait_for("m1's node work written at the leader's term", WAIT, || async {
+        store
+            .written_terms()
+            .ok()?
+            .iter()
+            .any(|(w, k, t)| w == "job" && k.starts_with("run/r1/m1/") && *t == term)
+            .then_some(())
+    })
+    .await;
+    term
+}
+
 async fn member_status(pki: &TestPki, hub: &str, member: &str) -> Option<String> {
     let v = upkeepctl_json(pki, hub, &["run", "show", "r1"]).await.ok()?;
     run_member(&v, member)["status"].as_str().map(str::to_string)
@@ -264,21 +272,7 @@ async fn a_run_completes_when_its_leader_is_killed_and_no_node_is_upgraded_twice
     let (mut a, b, agents) = run_on_two_replicas(&pki, work.path(), &url, &store, &names, true).await;
     let b_url = b.hub.url();
     // The run is read through the follower too (one database).
-    wait_for("m1 Running", WAIT, || async {
-        (member_status(&pki, &b_url, "m1").await.as_deref() == Some("Running")).then_some(())
-    })
-    .await;
-    let (_, t1) = leader(&store).await.expect("a leads");
-    // The leader's work writes at its term (operator requests commit unfenced, on any replica).
-    wait_for("m1's node work written at a's term", WAIT, || async {
-        store
-            .written_terms()
-            .ok()?
-            .iter()
-            .any(|(w, k, t)| w == "job" && k.starts_with("run/r1/m1/") && *t == t1)
-            .then_some(())
-    })
-    .await;
+    m1_under_way(&pki, &b_url, &store).await;
 
     // SIGKILL the leader mid-run. Its agents move to b; b is elected and carries the run on.
     let killed = Instant::now();
@@ -299,7 +293,7 @@ async fn a_run_completes_when_its_leader_is_killed_and_no_node_is_upgraded_twice
     assert_eq!(run["status"], "Completed", "{run}");
     for (i, n) in names.iter().enumerate() {
         assert_eq!(run_member(&run, &format!("m{}", i + 1))["status"], "Completed", "{run}");
-        assert_eq!(reimages_journalled(work.path(), n), 1, "{n} was reimaged exactly once (its journal)");
+        assert_eq!(reimages_journalled(&work.path().join(n)), 1, "{n} was reimaged exactly once (its journal)");
     }
     assert_eq!(run["stages"][0]["status"], "Completed", "{run}");
     let list = upkeepctl_json(&pki, &b_url, &["node", "list"]).await.expect("node list");
@@ -329,20 +323,7 @@ async fn a_paused_leader_is_fenced_and_steps_down_without_acting() {
     let names = ["n1", "n2"];
     let (mut a, mut b, agents) = run_on_two_replicas(&pki, work.path(), &url, &store, &names, false).await;
     let a_url = a.hub.url();
-    wait_for("m1 Running", WAIT, || async {
-        (member_status(&pki, &a_url, "m1").await.as_deref() == Some("Running")).then_some(())
-    })
-    .await;
-    let (_, t1) = leader(&store).await.expect("a leads");
-    wait_for("m1's node work written at a's term", WAIT, || async {
-        store
-            .written_terms()
-            .ok()?
-            .iter()
-            .any(|(w, k, t)| w == "job" && k.starts_with("run/r1/m1/") && *t == t1)
-            .then_some(())
-    })
-    .await;
+    let t1 = m1_under_way(&pki, &a_url, &store).await;
     // Pause the leader past its lease: b is elected.
     a.hub.signal(nix::sys::signal::Signal::SIGSTOP);
     let paused = Instant::now();
@@ -516,7 +497,7 @@ async fn thirty_agents_over_three_replicas_finish_a_staged_run_through_two_leade
     // Every node upgraded exactly once, by its agent's own evidence: one journalled reimage of this run, and one
     // boot into the other slot, committed.
     for (node, member) in &member_of {
-        let ops = reimages_journalled(work.path(), node);
+        let ops = reimages_journalled(&work.path().join(node));
         assert_eq!(ops, 1, "{node} reimaged exactly once (its journal)");
         let boot: Value = serde_json::from_slice(
             &std::fs::read(work.path().join(node).join("root/var/lib/upkeep/slots/boot.json")).expect("boot.json"),
@@ -690,7 +671,7 @@ async fn the_database_restarted_mid_run_the_replicas_reconnect_and_the_run_compl
         assert_eq!(b, a, "event {} unchanged", b.seq);
     }
     for n in &names {
-        assert_eq!(reimages_journalled(work.path(), n), 1, "{n} reimaged exactly once");
+        assert_eq!(reimages_journalled(&work.path().join(n)), 1, "{n} reimaged exactly once");
     }
     let watched = tokio::time::timeout(WAIT, watch.wait_with_output())
         .await
@@ -718,18 +699,6 @@ async fn the_database_restarted_mid_run_the_replicas_reconnect_and_the_run_compl
     }
 }
 
-/// Operations the node's agent journalled: (operation id, ok).
-fn journalled(work: &Path, node: &str) -> Vec<(String, Option<bool>)> {
-    std::fs::read_dir(work.join(node).join("state/journal"))
-        .map(|rd| {
-            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
-                .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-                .filter_map(|v| Some((v["operation_id"].as_str()?.to_string(), v["result"]["ok"].as_bool())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reboot_and_an_uncordon_ordered_through_a_follower_are_carried_out_by_the_leader() {
     let pki = TestPki::new();
@@ -751,7 +720,7 @@ async fn a_reboot_and_an_uncordon_ordered_through_a_follower_are_carried_out_by_
     let out = upkeepctl_ok(&pki, &b_url, &["node", "reboot", "n2", "--force"]).await;
     assert!(out.contains("operator-reboot/n2/"), "the lease the leader took: {out}");
     let ops = wait_for("n2 rebooted and uncordoned", WAIT, || async {
-        let ops = journalled(work.path(), "n2");
+        let ops = agent_journal(&work.path().join("n2"));
         let done = |step: &str| {
             ops.iter().any(|(id, ok)| id.starts_with("operator-reboot/n2/") && id.ends_with(step) && *ok == Some(true))
         };

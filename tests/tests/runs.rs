@@ -1,7 +1,6 @@
 //! Update-run scenarios through the real hub, real agents and the real upkeepctl (SPEC §5, §7).
 
 use serde_json::Value;
-use std::path::Path;
 use std::time::Duration;
 use upkeep_tests::*;
 
@@ -478,19 +477,6 @@ async fn sec5_staged_node_image_run_reimages_every_member_in_stage_order() {
     f.stop().await;
 }
 
-/// Reimage operations the node's agent journalled (one per operation id).
-fn reimages_journalled(work: &Path, node: &str) -> usize {
-    let dir = work.join(node).join("state/journal");
-    std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
-                .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-                .filter(|v| v["operation_id"].as_str().is_some_and(|id| id.ends_with("/reimage")))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sec5_hub_killed_mid_run_carries_on_without_upgrading_any_member_twice() {
     let pki = TestPki::new();
@@ -527,7 +513,7 @@ async fn sec5_hub_killed_mid_run_carries_on_without_upgrading_any_member_twice()
     for (i, n) in names.iter().enumerate() {
         let m = format!("m{}", i + 1);
         assert_eq!(run_member(&run, &m)["status"], "Completed", "none wrongly skipped: {run}");
-        assert_eq!(reimages_journalled(f.work.path(), n), 1, "{n} was reimaged exactly once");
+        assert_eq!(reimages_journalled(&f.work.path().join(n)), 1, "{n} was reimaged exactly once");
     }
     let list = f.json(&["node", "list"]).await;
     assert!(
