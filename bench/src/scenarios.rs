@@ -976,13 +976,9 @@ pub fn sizes(ctx: &Ctx) -> Outcome {
     ctx.outcome("sizes".into(), size_rows(&sizes), figures)
 }
 
-/// Scenario 5: committed run transitions per second through `Store::commit_run` on SQLite: the whole state
-/// rewritten (as before run states were stored in parts) against one member's part, side by side.
-pub fn store(ctx: &Ctx, window: Duration, state_bytes: &[usize], events_per_commit: usize) -> anyhow::Result<Outcome> {
-    let dir = fresh_run_dir(&ctx.cache, "store")?;
-    let mut table = Vec::new();
-    let mut results = Vec::new();
-    let events: Vec<NewEvent> = (0..events_per_commit)
+/// The events one bench commit appends: `n` member transitions, as the engine writes them.
+pub fn commit_events(n: usize) -> Vec<NewEvent> {
+    (0..n)
         .map(|k| NewEvent {
             at_ms: 0,
             kind: "member".into(),
@@ -993,7 +989,16 @@ pub fn store(ctx: &Ctx, window: Duration, state_bytes: &[usize], events_per_comm
             error: String::new(),
             run_status: "Running".into(),
         })
-        .collect();
+        .collect()
+}
+
+/// Scenario 5: committed run transitions per second through `Store::commit_run` on SQLite: the whole state
+/// rewritten (as before run states were stored in parts) against one member's part, side by side.
+pub fn store(ctx: &Ctx, window: Duration, state_bytes: &[usize], events_per_commit: usize) -> anyhow::Result<Outcome> {
+    let dir = fresh_run_dir(&ctx.cache, "store")?;
+    let mut table = Vec::new();
+    let mut results = Vec::new();
+    let events = commit_events(events_per_commit);
     let mut db = 0;
     for &size in state_bytes {
         for whole in [true, false] {

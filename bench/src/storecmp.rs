@@ -225,20 +225,7 @@ pub fn store_compare(ctx: &Ctx, args: &StoreCompareArgs) -> anyhow::Result<Outco
         }
         fence::set_for_this_thread(None);
     }
-    let events: Arc<Vec<NewEvent>> = Arc::new(
-        (0..args.events_per_commit)
-            .map(|k| NewEvent {
-                at_ms: 0,
-                kind: "member".into(),
-                level: format!("member \"m-{k:04}\""),
-                from: "Running".into(),
-                to: "Completed".into(),
-                message: "bench".into(),
-                error: String::new(),
-                run_status: "Running".into(),
-            })
-            .collect(),
-    );
+    let events: Arc<Vec<NewEvent>> = Arc::new(crate::scenarios::commit_events(args.events_per_commit));
     let mut contenders: Vec<Contender> = threads
         .iter()
         .flat_map(|&t| {
