@@ -37,7 +37,7 @@ pub async fn run_with_watchdog(
     let os: Arc<dyn os::NodeOs> = match &cfg.executor {
         Some(x) => {
             tracing::info!(socket = %x.socket.display(), "node operations go through the executor");
-            let remote = os::remote::RemoteOs::new(&x.socket);
+            let remote = os::remote::RemoteOs::new(&x.socket).follow_facts();
             // The Kubernetes API is network: this half talks to it, not the root executor.
             Arc::new(match cfg.kubernetes.as_ref().and_then(|k| k.api.clone()) {
                 Some(api) => remote.with_kube(Arc::new(os::kube::KubeNode::new(api, &cfg.state_dir))),

@@ -21,6 +21,19 @@ fn tail(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[start..]).trim().replace('\n', " | ")
 }
 
+/// Where `program` (an argv's first word) is: itself when it names a path, else the first executable of that
+/// name in `$PATH`, as `Command` would find it. None when it is not found.
+pub fn program_path(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
 /// Runs `argv` with extra environment `env`; kills it after `timeout` if given. Returns its stdout.
 pub fn run(argv: &[String], env: &[(&str, &str)], timeout: Option<Duration>) -> Result<String, OsError> {
     let (code, stdout, stderr) = run_status(argv, env, timeout)?;

@@ -19,6 +19,7 @@
 //! `MAX_CONNECTIONS` at a time. On SIGTERM it stops accepting and lets the operations under way finish (a
 //! package transaction is never cut short by a restart of the agent).
 
+use super::facts_feed::FactsFeed;
 use super::host::HostOs;
 use super::image::{parse_trusted_keys, staged_path};
 use super::remote::{MAX_REQUEST_BYTES, Pin, Request, WireError, encode_reply, read_document};
@@ -55,6 +56,10 @@ pub struct Executor {
     /// `[kubernetes] api_server` is set: cordon, drain and labels are the network half's (it talks to the API
     /// server); the executor refuses them and holds no API client.
     kube_api: bool,
+    /// Subscriptions to the node's facts, told after every request that may change the node.
+    feed: Arc<FactsFeed>,
+    /// Requests served (subscriptions included), for tests and benches.
+    served: std::sync::atomic::AtomicU64,
 }
 
 /// Which slot holds which image this executor wrote and verified, kept in a file only root may change
@@ -133,6 +138,7 @@ impl Executor {
     /// An executor doing its work through `os`, serving only `client_uid`.
     pub fn new(os: Arc<dyn NodeOs>, cfg: &AgentConfig, client_uid: u32) -> Executor {
         Executor {
+            feed: FactsFeed::new(os.clone()),
             os,
             root: cfg.root.clone(),
             state_dir: cfg.state_dir.clone(),
@@ -142,6 +148,7 @@ impl Executor {
             active: AtomicUsize::new(0),
             slots: VerifiedSlots::load(&cfg.root),
             kube_api: cfg.kubernetes.as_ref().is_some_and(|k| k.api.is_some()),
+            served: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -197,7 +204,14 @@ impl Executor {
                 return;
             }
         };
+        self.served.fetch_add(1, Ordering::Relaxed);
+        if req == Request::WatchFacts {
+            tracing::debug!(pid = peer.pid(), "executor: facts subscription");
+            self.feed.subscribe(conn);
+            return;
+        }
         let name = req.name();
+        let changes = !req.only_reads();
         let reply = match self.handle(req) {
             Ok(v) => {
                 tracing::debug!(op = name, pid = peer.pid(), "executor: done");
@@ -208,7 +222,22 @@ impl Executor {
                 Err(e.into())
             }
         };
+        // Before the answer: the subscription's line for this change is written before the requester learns
+        // that the request is done.
+        if changes {
+            self.feed.refresh();
+        }
         answer(conn, reply);
+    }
+
+    /// Requests served since start (subscriptions included).
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Facts subscriptions held now.
+    pub fn facts_subscribers(&self) -> usize {
+        self.feed.subscribers()
     }
 
     /// Checks `req` and does it.
@@ -228,6 +257,9 @@ impl Executor {
         }
         match req {
             Request::Facts => value(os.facts()?),
+            Request::WatchFacts => {
+                Err(OsError::Executor("watch_facts is a subscription: send it on a connection of its own".into()))
+            }
             Request::TrustedKeys => value(os.trusted_keys()?),
             Request::BootState => value(os.boot_state()?),
             Request::WriteSlot { slot, sha256, size, signature } => {

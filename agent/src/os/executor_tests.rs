@@ -289,3 +289,107 @@ fn with_the_kubernetes_api_configured_cordon_drain_and_labels_are_refused_by_the
     assert!(n.os.with(|s| s.calls.is_empty()), "{:?}", n.os.with(|s| s.calls.clone()));
     exec.handle(Request::HealthCheck).expect("the rest is served");
 }
+
+/// Polls `cond` every few milliseconds until it holds; panics with `what` after 10 s.
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// An executor over the real files of a temporary root (`HostOs`), serving on its socket; the client follows
+/// its facts.
+fn serve_host(n: &Node) -> (RemoteOs, Arc<Executor>, std::thread::JoinHandle<()>, UnixListener) {
+    std::fs::create_dir_all(n.dir.path().join("etc/upkeep")).expect("mkdir");
+    std::fs::write(n.dir.path().join("etc/os-release"), "ID=debian\nVERSION_ID=12\n").expect("os-release");
+    std::fs::write(n.dir.path().join(crate::os::NODE_IMAGE_FILE), "FAMILY=Debian-12\nVERSION=202611.01.0\n")
+        .expect("node-image");
+    let x = n.cfg.executor.clone().expect("executor settings");
+    let l = listener(&x).expect("listen");
+    let l2 = l.try_clone().expect("clone");
+    let exec = Arc::new(Executor::new(Arc::new(HostOs::new(n.dir.path())), &n.cfg, me()));
+    let e2 = exec.clone();
+    let t = std::thread::spawn(move || e2.serve(&l2));
+    let os = RemoteOs::new(&x.socket).follow_facts();
+    until("the subscription", || os.facts_followed());
+    (os, exec, t, l)
+}
+
+fn image_version(os: &RemoteOs) -> String {
+    os.facts().expect("facts").node_image.map(|v| v.version.to_string()).unwrap_or_default()
+}
+
+#[test]
+fn a_followed_executor_is_not_asked_for_facts_and_pushes_a_file_changed_on_the_node() {
+    let n = Node::new();
+    let (os, exec, t, l) = serve_host(&n);
+    assert_eq!(image_version(&os), "202611.01.0");
+    let served = exec.served();
+    for _ in 0..20 {
+        assert_eq!(image_version(&os), "202611.01.0");
+    }
+    assert_eq!(exec.served(), served, "facts came from the subscription, not from requests");
+
+    // Changed behind the agent's back (a reimage tool, an operator): the watch pushes it.
+    std::fs::write(n.dir.path().join(crate::os::NODE_IMAGE_FILE), "FAMILY=Debian-12\nVERSION=202611.30.0\n")
+        .expect("node-image");
+    until("the new image in the facts", || image_version(&os) == "202611.30.0");
+    // A directory that did not exist (run/) and then a file in it: both watched as they appear.
+    assert!(!os.facts().expect("facts").reboot_required);
+    std::fs::create_dir_all(n.dir.path().join("run")).expect("mkdir run");
+    std::fs::write(n.dir.path().join(crate::os::RUN_REBOOT_REQUIRED_FILE), "").expect("flag");
+    until("the reboot flag in the facts", || os.facts().expect("facts").reboot_required);
+    std::fs::remove_file(n.dir.path().join(crate::os::RUN_REBOOT_REQUIRED_FILE)).expect("rm flag");
+    until("the reboot flag gone", || !os.facts().expect("facts").reboot_required);
+    // A broken file is pushed as the error a direct read gives.
+    std::fs::write(n.dir.path().join(crate::os::NODE_IMAGE_FILE), "FAMILY=Debian-12\n").expect("node-image");
+    until("the error", || os.facts().is_err_and(|e| e.to_string().contains("missing VERSION=")));
+    assert_eq!(exec.served(), served, "every change came without a request");
+    assert_eq!(exec.facts_subscribers(), 1);
+    nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both).expect("shutdown");
+    t.join().expect("served");
+}
+
+#[test]
+fn a_change_made_through_the_executor_is_in_the_very_next_facts() {
+    let n = Node::new();
+    let (os, exec, t, l) = serve_host(&n);
+    for i in 1..=40 {
+        let v = format!("202611.30.{i}");
+        os.record_security_patch(&v).expect("record");
+        // No wait: the request invalidated the copy; the next read is the executor's or a line pushed after it.
+        assert_eq!(os.facts().expect("facts").security_patch_version, v, "round {i}");
+    }
+    // Once settled, reads are served from memory again.
+    until("the subscription", || os.facts_followed());
+    let _ = os.facts().expect("facts");
+    let served = exec.served();
+    for _ in 0..10 {
+        assert_eq!(os.facts().expect("facts").security_patch_version, "202611.30.40");
+    }
+    assert_eq!(exec.served(), served);
+    nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both).expect("shutdown");
+    t.join().expect("served");
+}
+
+#[test]
+fn when_the_subscription_ends_facts_are_asked_for_and_never_served_stale() {
+    let n = Node::new();
+    n.os.with(|s| s.facts.kernel = "6.1.0-a".into());
+    let x = n.cfg.executor.clone().expect("executor settings");
+    let l = listener(&x).expect("listen");
+    let l2 = l.try_clone().expect("clone");
+    let exec = Arc::new(n.executor(me()));
+    let t = std::thread::spawn(move || exec.serve(&l2));
+    let os = RemoteOs::new(&x.socket).follow_facts();
+    until("the subscription", || os.facts_followed());
+    assert_eq!(os.facts().expect("facts").kernel, "6.1.0-a");
+    // The executor goes away: its subscriptions close with it.
+    nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both).expect("shutdown");
+    t.join().expect("served");
+    until("the subscription to end", || !os.facts_followed());
+    let e = os.facts().expect_err("nobody to ask");
+    assert!(e.to_string().contains("is upkeep-agent-executor running?"), "{e}");
+}

@@ -398,6 +398,36 @@ impl NodeOs for HostOs {
             .map(drop)
     }
 
+    fn facts_sources(&self) -> Vec<PathBuf> {
+        let mut rel: Vec<&str> = vec![
+            "etc/os-release",
+            "usr/lib/os-release",
+            NODE_IMAGE_FILE,
+            SECURITY_PATCH_FILE,
+            KUBERNETES_VERSION_FILE,
+            RUN_REBOOT_REQUIRED_FILE,
+            // Packages installed or removed: dnf's reboot answer and the installed Kubernetes version.
+            "var/lib/dpkg/status",
+        ];
+        rel.extend(RPM_DBS);
+        // Followed only when it is a directory of the root's own: an absolute `/var/run -> /run` link under a
+        // root prefix leads to the host's flag, which `facts` does not read either.
+        if !self.path("var/run").is_symlink() {
+            rel.push(REBOOT_REQUIRED_FILE);
+        }
+        let mut out: Vec<PathBuf> = rel.into_iter().map(|r| self.path(r)).collect();
+        // A version command's answer changes when its program is replaced (or through the package databases
+        // above); its program file is watched too.
+        if let Some(program) = self.kubernetes.as_ref().and_then(|k| k.version_command.first()) {
+            out.extend(command::program_path(program));
+        }
+        out
+    }
+
+    fn forget_cached_facts(&self) {
+        *self.dnf_reboot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn publish_node_labels(&self, image: &str, patch: &str) -> Result<(), OsError> {
         match self.cordon.kube() {
             Some(k) => k.publish_labels(image, patch),

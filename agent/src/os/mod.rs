@@ -20,6 +20,7 @@ pub mod copy;
 pub mod cordon;
 pub mod dnf;
 pub mod executor;
+pub mod facts_feed;
 pub mod fake;
 pub mod host;
 pub mod https;
@@ -288,6 +289,14 @@ pub trait NodeOs: Send + Sync {
     /// Keeps the Node's `upkeep.io/node-image-version` and `upkeep.io/security-patch-version` labels at these
     /// values (empty: no label). Never blocks on the network; a no-op without `[kubernetes] api_server`.
     fn publish_node_labels(&self, image: &str, patch: &str) -> Result<(), OsError>;
+    /// The paths whose changes can change `facts` (files, and directories whose contents count), for a
+    /// watcher that re-reads the facts only when one of them changes (`os::facts_feed`). Empty: none known,
+    /// the facts change only through this `NodeOs`'s own operations.
+    fn facts_sources(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+    /// Forgets what `facts` caches (dnf's reboot answer): a watched source changed.
+    fn forget_cached_facts(&self) {}
 }
 
 /// `OsFacts::node_image` as its label (`<family>-<version>`) on the executor's wire.

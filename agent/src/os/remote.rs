@@ -2,10 +2,13 @@
 //! (`os::executor`) over its Unix socket, and the executor's answer comes back as the call's result.
 //!
 //! The wire is deliberately small: one connection per call; the request is one JSON document the client ends
-//! by shutting down its write side; the answer is one JSON document the executor ends by closing. Requests
+//! by shutting down its write side; the answer is one JSON document the executor ends by closing. The one
+//! exception is `Request::WatchFacts`, a subscription answered with one line per change of the node's facts
+//! (`os::facts_feed`), which `RemoteOs::facts` then answers from. Requests
 //! carry only what the executor cannot decide itself (which slot, which digest and signature, which channel,
 //! which pins); paths, package sets, os-release and hooks come from the executor's own configuration and node.
 
+use super::facts_feed::FactsCache;
 use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, SlotImage};
 use crate::channel::{ChannelPlan, OsKind, PackagePin};
 use serde::de::DeserializeOwned;
@@ -13,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use upkeep_core::channel::NodeOsChannel;
 use upkeep_core::version::KubernetesVersion;
 
@@ -27,6 +31,9 @@ pub const MAX_REPLY_BYTES: u64 = 16 * 1024 * 1024;
 pub enum Request {
     /// `NodeOs::facts`.
     Facts,
+    /// A subscription to the facts (`os::facts_feed`): the connection stays open and carries one line per
+    /// change, the first at once.
+    WatchFacts,
     /// `NodeOs::trusted_keys`.
     TrustedKeys,
     /// `NodeOs::boot_state`.
@@ -120,6 +127,7 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Facts => "facts",
+            Request::WatchFacts => "watch_facts",
             Request::TrustedKeys => "trusted_keys",
             Request::BootState => "boot_state",
             Request::WriteSlot { .. } => "write_slot",
@@ -141,6 +149,19 @@ impl Request {
             Request::UpgradeKubernetesHook { .. } => "upgrade_kubernetes_hook",
             Request::PublishNodeLabels { .. } => "publish_node_labels",
         }
+    }
+
+    /// True when the request only reads the node: it cannot change its facts.
+    pub fn only_reads(&self) -> bool {
+        matches!(
+            self,
+            Request::Facts
+                | Request::WatchFacts
+                | Request::TrustedKeys
+                | Request::BootState
+                | Request::OsRelease
+                | Request::KubernetesVersion
+        )
     }
 }
 
@@ -307,12 +328,28 @@ pub fn read_document<T: DeserializeOwned>(r: &mut impl Read, limit: u64, what: &
 pub struct RemoteOs {
     socket: PathBuf,
     kube: Option<std::sync::Arc<super::kube::KubeNode>>,
+    /// The facts the executor pushes, once `follow_facts` runs.
+    facts: Option<Arc<FactsCache>>,
 }
 
 impl RemoteOs {
     /// Talks to the executor listening on `socket` (`[executor] socket`).
     pub fn new(socket: impl Into<PathBuf>) -> RemoteOs {
-        RemoteOs { socket: socket.into(), kube: None }
+        RemoteOs { socket: socket.into(), kube: None, facts: None }
+    }
+
+    /// Subscribes to the executor's facts (`os::facts_feed`) on a thread of its own, so that `facts` answers
+    /// from memory while the subscription is open instead of asking at every heartbeat.
+    pub fn follow_facts(mut self) -> RemoteOs {
+        let cache = Arc::new(FactsCache::default());
+        super::facts_feed::follow(self.socket.clone(), cache.clone());
+        self.facts = Some(cache);
+        self
+    }
+
+    /// True while the facts come from the subscription (for tests and the status line).
+    pub fn facts_followed(&self) -> bool {
+        self.facts.as_ref().is_some_and(|c| c.subscribed())
     }
 
     /// Cordons, drains and labels the node through the Kubernetes API itself (`[kubernetes] api_server`).
@@ -324,6 +361,18 @@ impl RemoteOs {
     /// Sends `req` and waits for the answer (as long as the operation takes: a drain or a package transaction
     /// may take many minutes; the executor bounds each).
     pub fn call<T: DeserializeOwned>(&self, req: &Request) -> Result<T, OsError> {
+        let changes = !req.only_reads();
+        if changes && let Some(c) = &self.facts {
+            c.invalidate();
+        }
+        let r = self.exchange(req);
+        if changes && let Some(c) = &self.facts {
+            c.invalidate();
+        }
+        r
+    }
+
+    fn exchange<T: DeserializeOwned>(&self, req: &Request) -> Result<T, OsError> {
         let lost = |why: String| {
             OsError::Executor(format!(
                 "{} ({}): {why}; is upkeep-agent-executor running?",
@@ -347,7 +396,14 @@ fn pins(pins: &[PackagePin]) -> Vec<Pin> {
 
 impl NodeOs for RemoteOs {
     fn facts(&self) -> Result<OsFacts, OsError> {
-        self.call(&Request::Facts)
+        let Some(cache) = &self.facts else { return self.call(&Request::Facts) };
+        if let Some(f) = cache.get() {
+            return f;
+        }
+        let mark = cache.mark();
+        let f = self.call(&Request::Facts)?;
+        cache.keep(mark, &f);
+        Ok(f)
     }
 
     fn trusted_keys(&self) -> Result<Vec<(PathBuf, String)>, OsError> {
