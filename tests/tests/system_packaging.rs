@@ -209,6 +209,21 @@ fn agent_deb_installs_runs_under_systemd_upgrades_and_purges() {
         })
         .await
     });
+    // A security patch recorded behind the agent's back, then removed: the executor sees each change (inotify,
+    // under its unit's sandbox) and pushes the facts; the network half reports them without asking.
+    let patch_reported = |want: &'static str| {
+        rt.block_on(async {
+            upkeep_tests::wait_for(&format!("node-01 to report patch {want:?}"), Duration::from_secs(30), || async {
+                let n = upkeepctl_json(&pki, &hub.url(), &["node", "show", "node-01"]).await.ok()?;
+                (n["security_patch_version"] == want).then_some(())
+            })
+            .await
+        })
+    };
+    write(&c.path("/etc/upkeep/security-patch"), "202611.30.7\n", 0o644);
+    patch_reported("202611.30.7");
+    std::fs::remove_file(c.path("/etc/upkeep/security-patch")).expect("remove the patch marker");
+    patch_reported("");
 
     // What the network half can write: its state directory (so the probe below can write at all), not the
     // system, and in /etc/upkeep/pki nothing it does not own.
