@@ -401,7 +401,8 @@ fn refusal(why: &str) -> WireError {
     WireError::Executor { message: why.to_string() }
 }
 
-fn value<T: serde::Serialize>(v: T) -> Result<String, OsError> {
+/// A call's value as the JSON text of an answer.
+pub(crate) fn value<T: serde::Serialize>(v: T) -> Result<String, OsError> {
     serde_json::to_string(&v).map_err(|e| OsError::Executor(format!("encoding the answer: {e}")))
 }
 

@@ -16,10 +16,9 @@
 //! differs, a line written after that change. A line written before a change can still be read after it by a
 //! slow reader thread; the line of that change is then already behind it in the same connection.
 
-use super::remote::{Reply, Request, WireError};
+use super::remote::{Reply, Request, WireError, encode_reply};
 use super::{NodeOs, OsError, OsFacts};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -54,7 +53,7 @@ enum Watch {
 
 struct Feed {
     /// The last line sent (None: none yet, or nobody listens).
-    last: Option<String>,
+    last: Option<Vec<u8>>,
     subscribers: Vec<UnixStream>,
     watch: Watch,
 }
@@ -74,14 +73,10 @@ impl FactsFeed {
         })
     }
 
-    fn line(&self) -> String {
-        let reply = match self.os.facts() {
-            Ok(f) => Reply::Ok(f),
-            Err(e) => Reply::Err(WireError::from(e)),
-        };
-        let mut line = serde_json::to_string(&reply)
-            .unwrap_or_else(|e| format!("{{\"err\":{{\"executor\":{{\"message\":\"encoding the facts: {e}\"}}}}}}"));
-        line.push('\n');
+    fn line(&self) -> Vec<u8> {
+        let facts = self.os.facts().and_then(super::executor::value);
+        let mut line = encode_reply(facts.map_err(WireError::from));
+        line.push(b'\n');
         line
     }
 
@@ -96,7 +91,7 @@ impl FactsFeed {
             }
             let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
             let line = self.line();
-            if conn.write_all(line.as_bytes()).is_err() {
+            if conn.write_all(&line).is_err() {
                 return;
             }
             if f.last.as_ref() != Some(&line) {
@@ -162,7 +157,7 @@ impl FactsFeed {
             return Ok(());
         }
         let ino = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| format!("inotify_init: {e}"))?;
-        let mut dirs = HashMap::new();
+        let mut dirs = Vec::new();
         add_watches(&ino, &sources, &mut dirs)?;
         // What changed between the subscription's first line and the watches being in place.
         self.refresh();
@@ -187,8 +182,8 @@ impl FactsFeed {
     }
 }
 
-fn send(subscribers: &mut Vec<UnixStream>, line: &str) {
-    subscribers.retain_mut(|s| s.write_all(line.as_bytes()).is_ok());
+fn send(subscribers: &mut Vec<UnixStream>, line: &[u8]) {
+    subscribers.retain_mut(|s| s.write_all(line).is_ok());
 }
 
 fn readable(ino: &Inotify, within: Duration) -> Result<bool, String> {
@@ -201,6 +196,9 @@ fn readable(ino: &Inotify, within: Duration) -> Result<bool, String> {
         Err(e) => Err(format!("poll on inotify: {e}")),
     }
 }
+
+/// The directories watched, by watch descriptor (a handful: a list is enough).
+type Watched = Vec<(WatchDescriptor, PathBuf)>;
 
 /// What a change looks like in a watched directory.
 fn mask() -> AddWatchFlags {
@@ -216,11 +214,13 @@ fn mask() -> AddWatchFlags {
 
 /// Watches, for every source, the source itself when it is a directory and the nearest directory above it that
 /// exists (so that a file, or a directory on its way, is seen when it appears).
-fn add_watches(ino: &Inotify, sources: &[PathBuf], dirs: &mut HashMap<WatchDescriptor, PathBuf>) -> Result<(), String> {
+fn add_watches(ino: &Inotify, sources: &[PathBuf], dirs: &mut Watched) -> Result<(), String> {
     let mut add = |dir: &Path| -> Result<(), String> {
         match ino.add_watch(dir, mask()) {
             Ok(wd) => {
-                dirs.insert(wd, dir.to_path_buf());
+                if !dirs.iter().any(|(w, _)| *w == wd) {
+                    dirs.push((wd, dir.to_path_buf()));
+                }
                 Ok(())
             }
             // Gone between the look and the watch: the watch above it sees it come back.
@@ -241,12 +241,12 @@ fn add_watches(ino: &Inotify, sources: &[PathBuf], dirs: &mut HashMap<WatchDescr
 
 /// Whether `e` may change the facts: it names a source or a directory on a source's path, happens inside a
 /// source directory, or concerns a watched directory itself (removed, moved, or the queue overflowed).
-fn relevant(e: &InotifyEvent, dirs: &mut HashMap<WatchDescriptor, PathBuf>, sources: &[PathBuf]) -> bool {
+fn relevant(e: &InotifyEvent, dirs: &mut Watched, sources: &[PathBuf]) -> bool {
     if e.mask.contains(AddWatchFlags::IN_IGNORED) {
-        dirs.remove(&e.wd);
+        dirs.retain(|(w, _)| *w != e.wd);
         return true;
     }
-    let Some(dir) = dirs.get(&e.wd) else { return true };
+    let Some((_, dir)) = dirs.iter().find(|(w, _)| *w == e.wd) else { return true };
     match &e.name {
         None => true,
         Some(name) => {
@@ -365,7 +365,7 @@ fn subscribe_once(socket: &Path, cache: &FactsCache) -> Result<(), String> {
     let mut delivered = false;
     for line in BufReader::new(s).lines() {
         let line = line.map_err(|e| format!("reading the subscription: {e}"))?;
-        let facts = match serde_json::from_str::<Reply<OsFacts>>(&line) {
+        let facts = match serde_json::from_slice::<Reply<OsFacts>>(line.as_bytes()) {
             Ok(Reply::Ok(f)) => Ok(f),
             Ok(Reply::Err(e)) => Err(e),
             Err(e) => return Err(format!("a line of the subscription is not valid: {e}")),
