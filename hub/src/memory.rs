@@ -4,12 +4,15 @@
 //! a 16 KiB write buffer and an 8 KiB read buffer. A control channel that carries a few small messages a minute
 //! only ever writes the first few hundred bytes of them. Served from glibc's heap, such a buffer usually lands in
 //! memory that earlier allocations (the TLS handshakes of the registration storm) already touched, so all of it is
-//! resident; served from its own anonymous mapping, only the pages actually written are. Measured with 2,000
-//! agents (BENCHMARKS.md, "Where the bytes go"): 49.9 → 40.5 KiB of hub RSS per connected agent from this alone.
+//! resident; served from its own anonymous mapping, only the pages actually written are. Measured (BENCHMARKS.md,
+//! "Where the bytes go"): hub RSS per connected agent at 10,000 agents 43.8 → 38.4 KiB, the same release binary
+//! with glibc's default threshold and with this one.
 //!
-//! The cost: an allocation of [`MMAP_THRESHOLD`] or more is a `mmap`/`munmap` pair and its pages fault in fresh
-//! (a few microseconds per 16 KiB TLS record of an image download), and such allocations count against the
-//! kernel's `vm.max_map_count`; [`tune_allocator`] keeps a quarter of that for everything else.
+//! The cost: an allocation of [`MMAP_THRESHOLD`] or more that glibc cannot serve from free heap space is a
+//! `mmap`/`munmap` pair whose pages fault in fresh (hub CPU at 10,000 agents was the same within noise; image
+//! downloads, whose 16 KiB TLS records are such allocations, were not measured), and mapped allocations count
+//! against the kernel's `vm.max_map_count` (neighbouring ones merge: 172 mappings at 19,000 agents);
+//! [`tune_allocator`] keeps a quarter of it for everything else.
 //!
 //! An operator who sets glibc's own knobs (`MALLOC_MMAP_THRESHOLD_`, or `GLIBC_TUNABLES` naming
 //! `glibc.malloc.mmap_threshold`) keeps them: the hub then changes nothing.
