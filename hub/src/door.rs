@@ -126,6 +126,12 @@ pub fn server_config(
         .with_single_cert(chain, key)
         .map_err(|e| format!("tls.cert/tls.key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed session takes the client certificate from the stored session and skips
+    // the verifier, so a certificate revoked since its first connection would pass the revocation check at the
+    // handshake. A full handshake each time costs an agent little (it reconnects rarely), and the hub keeps no
+    // cache of sessions with their certificate chains.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -445,6 +451,66 @@ mod tests {
         drop(conn);
         assert_eq!(occupancy.open(), 0, "its slot is given back");
         talker.abort();
+    }
+
+    #[tokio::test]
+    async fn a_certificate_revoked_after_its_first_connection_is_refused_at_the_next_even_if_it_offers_to_resume() {
+        let dir = tempfile::tempdir().expect("tmp");
+        crate::pki::init(dir.path(), &[]).expect("pki");
+        let read = |f: &str| std::fs::read(dir.path().join(f)).expect(f);
+        let revocations = Arc::new(Revocations::none());
+        let server = server_config(&read("ca.pem"), &read("hub.pem"), &read("hub.key"), revocations.clone())
+            .expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = DoorLimits::within(1000, DEFAULT_HANDSHAKE_TIMEOUT);
+        let (mut conns, _door) =
+            incoming(listener, Arc::new(server), limits, Arc::new(Occupancy::default()), revocations.clone());
+
+        // An operator client whose configuration keeps sessions for resumption (rustls' default).
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&read("ca.pem")) {
+            roots.add(c.expect("ca")).expect("root");
+        }
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read("operator.pem")).collect::<Result<_, _>>().expect("chain");
+        let leaf_serial = crate::revocation::serial_of_der(chain[0].as_ref()).expect("serial");
+        let key = PrivateKeyDer::from_pem_slice(&read("operator.key")).expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client cert");
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut first = connector.connect(name.clone(), tcp).await.expect("first handshake");
+        let mut conn = conns.recv().await.expect("a connection").expect("accepted");
+        // One exchange, so that the client has read whatever the server sent after the handshake (tickets).
+        tokio::io::AsyncWriteExt::write_all(&mut conn, b"hello").await.expect("server writes");
+        let mut buf = [0u8; 5];
+        first.read_exact(&mut buf).await.expect("client reads");
+        drop((first, conn));
+
+        revocations.revoke(&leaf_serial, "test", "door test").expect("revoke");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let second = connector.connect(name, tcp).await;
+        // The server refuses at the handshake; TLS 1.3 clients learn it at their first read.
+        let refused = match second {
+            Err(_) => true,
+            Ok(mut tls) => {
+                assert_ne!(tls.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed), "resumed");
+                matches!(tls.read(&mut buf).await, Err(_) | Ok(0))
+            }
+        };
+        assert!(refused, "a revoked certificate got a connection");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), conns.recv()).await.is_err(),
+            "the door handed out a connection for a revoked certificate"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod image_tools;
 pub mod join;
 pub mod ledger;
 pub mod maintenance;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod peers;

@@ -158,11 +158,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
+    // Before anything else allocates much: per-connection buffers get their own mappings (memory.rs).
+    let tuning = upkeep_hub::memory::tune_allocator();
     // One hub per state directory; `restore` takes the same lock. Held until the process exits.
     let _lock = safety::lock_state_dir(&cfg.state_dir)?;
     // Open (and check) the database before announcing readiness: a lost or damaged one stops the hub here.
     let fleet = upkeep_hub::server::open_fleet(&cfg)?;
     service::init_logging();
+    tracing::debug!(?tuning, "allocator");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
