@@ -13,7 +13,6 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use blake2::Digest as _;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 
 /// Signature algorithm tag of the legacy, whole-message mode.
@@ -136,12 +135,13 @@ fn take<const N: usize>(b: &[u8]) -> [u8; N] {
     out
 }
 
+/// BLAKE2b with a 32-byte output (a different hash from BLAKE2b-512 cut short: the length is a parameter).
 fn blake2b_256(parts: &[&[u8]]) -> [u8; 32] {
-    let mut h = blake2::Blake2b::<blake2::digest::consts::U32>::new();
+    let mut h = blake2b_simd::Params::new().hash_length(32).to_state();
     for p in parts {
         h.update(p);
     }
-    take(&h.finalize())
+    take(h.finalize().as_bytes())
 }
 
 impl SecretKey {
@@ -346,9 +346,10 @@ impl Signature {
     }
 }
 
-/// Streaming BLAKE2b-512 for the `ED` prehash.
+/// Streaming BLAKE2b-512 for the `ED` prehash. The compression function is picked at run time: AVX2 where the
+/// CPU has it, else portable code (`blake2b_simd`).
 #[derive(Clone, Default)]
-pub struct Prehasher(blake2::Blake2b512);
+pub struct Prehasher(blake2b_simd::State);
 
 impl Prehasher {
     /// A fresh hasher.
@@ -363,7 +364,7 @@ impl Prehasher {
 
     /// The prehash.
     pub fn finish(self) -> [u8; 64] {
-        take(&self.0.finalize())
+        take(self.0.finalize().as_bytes())
     }
 }
 
@@ -421,6 +422,48 @@ mod tests {
         let e = Signature::parse(&altered).expect("parses").verify(&[pk], Signed::Message(&data)).expect_err("altered");
         assert!(e.to_string().contains("trusted comment"), "{e}");
         assert!(PublicKey::parse("untrusted comment: x\nnot base64!\n").is_err());
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Known answers, so that a change of BLAKE2b implementation that hashes differently fails here (and
+    /// every signature made before it would stop verifying). "abc" is RFC 7693's Appendix A example; the others
+    /// were computed with an independent implementation (Python's hashlib).
+    #[test]
+    fn blake2b_gives_the_known_answers() {
+        assert_eq!(
+            hex(&blake2b_512(b"abc")),
+            "ba80a53f981c4d0d6a2797b69f12f6e94c212f14685ac4b74b12bb6fdbffa2d1\
+             7d87c5392aab792dc252d5de4533cc9518d38aa8dbf1925ab92386edd4009923"
+        );
+        assert_eq!(
+            hex(&blake2b_512(b"")),
+            "786a02f742015903c6c6fd852552d272912f4740e15847618a86e217f71f5419\
+             d25e1031afee585313896444934eb04b903a685b1448b755d56f701afe9be2ce"
+        );
+        // The key checksum's hash: BLAKE2b with a 32-byte output, not BLAKE2b-512 cut short.
+        assert_eq!(
+            hex(&blake2b_256(&[b"a", b"", b"bc"])),
+            "bddd813c634239723171ef3fee98579b94964e3bb1cb3e427262c8c068d52319"
+        );
+        // 1 MiB over many blocks, fed whole and in pieces that straddle the 128-byte block edge.
+        let big: Vec<u8> = (0..1usize << 20).map(|i| ((i * 7 + 3) % 251) as u8).collect();
+        let want = "b0f1e97ec0b56389d63cba37ddb22bcb1c4145e32b4ae0e335e54fcdd09b7aae\
+                    9f77c51e6cb4b1289a3df6bfe528ced7ff551cea1cc1cff3d6f58da8152e2ab6";
+        assert_eq!(hex(&blake2b_512(&big)), want);
+        let mut h = Prehasher::new();
+        let mut rest = &big[..];
+        for n in [1, 127, 128, 129, 255, 4096, 65_537].iter().cycle() {
+            let (head, tail) = rest.split_at((*n).min(rest.len()));
+            h.update(head);
+            rest = tail;
+            if rest.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(hex(&h.finish()), want);
     }
 
     #[test]
