@@ -318,6 +318,8 @@ impl SqliteStore {
         // Checkpoints are the checkpointer's; a commit never runs one (see `Checkpointer`).
         conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db(ctx.clone()))?;
         conn.pragma_update(None, "journal_size_limit", LOG_SIZE_LIMIT_BYTES).map_err(db(ctx.clone()))?;
+        // Room for every statement the store prepares with `prepare_cached` (rusqlite keeps 16 by default).
+        conn.set_prepared_statement_cache_capacity(128);
         let conn = std::sync::Arc::new(Mutex::new(conn));
         let checkpointer = Checkpointer::start(path, conn.clone())?;
         Ok(SqliteStore { conn, _checkpointer: checkpointer })
@@ -332,11 +334,10 @@ impl SqliteStore {
 fn member_from_row(conn: &Connection, name: &str) -> Result<Option<MemberRecord>, StoreError> {
     let ctx = format!("reading member {name}");
     let row = conn
-        .query_row(
-            "SELECT node_os_channel, auto_upgrade_channel, generation FROM members WHERE name = ?1",
-            params![name],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)),
-        )
+        .prepare_cached("SELECT node_os_channel, auto_upgrade_channel, generation FROM members WHERE name = ?1")
+        .and_then(|mut s| {
+            s.query_row(params![name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+        })
         .optional()
         .map_err(db(ctx.clone()))?;
     let Some((os, auto, generation)) = row else { return Ok(None) };
@@ -386,20 +387,28 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
-        tx.execute(
+        // Prepared once per connection: a report is the store's most frequent write (one per node per result).
+        tx.prepare_cached(
             "INSERT INTO members (name, node_os_channel, auto_upgrade_channel, generation, created_ms)
              VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT(name) DO NOTHING",
-            params![facts.member, NodeOsChannel::default().as_str(), AutoUpgradeChannel::default().as_str(), now_ms],
         )
+        .and_then(|mut s| {
+            s.execute(params![
+                facts.member,
+                NodeOsChannel::default().as_str(),
+                AutoUpgradeChannel::default().as_str(),
+                now_ms
+            ])
+        })
         .map_err(db(ctx.clone()))?;
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO nodes (name, member, node_pool, region, facts, first_seen_ms, last_seen_ms, last_report_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6)
              ON CONFLICT(name) DO UPDATE SET member = excluded.member, node_pool = excluded.node_pool,
                region = excluded.region, facts = excluded.facts,
                last_seen_ms = max(nodes.last_seen_ms, excluded.last_seen_ms), last_report_ms = excluded.last_report_ms",
-            params![name, facts.member, facts.node_pool, facts.region, json, now_ms],
         )
+        .and_then(|mut s| s.execute(params![name, facts.member, facts.node_pool, facts.region, json, now_ms]))
         .map_err(db(ctx.clone()))?;
         let member = member_from_row(&tx, &facts.member)?;
         tx.commit().map_err(db(ctx.clone()))?;
