@@ -22,7 +22,7 @@
 use super::facts_feed::FactsFeed;
 use super::host::HostOs;
 use super::image::{parse_trusted_keys, staged_path};
-use super::remote::{MAX_REQUEST_BYTES, Pin, Request, WireError, encode_reply, read_document};
+use super::remote::{MAX_REQUEST_BYTES, Pin, Request, WireError, encode_reply, encode_value as value, read_document};
 use super::{NodeOs, OsError, Slot, SlotImage, apt, dnf};
 use crate::channel::{NodeKind, OsKind, PackagePin, classify, parse_package_pins, plan_channel};
 use crate::config::{AgentConfig, ExecutorSettings};
@@ -399,11 +399,6 @@ fn refuse(mut conn: UnixStream, within: Duration, why: &str) {
 
 fn refusal(why: &str) -> WireError {
     WireError::Executor { message: why.to_string() }
-}
-
-/// A call's value as the JSON text of an answer.
-pub(crate) fn value<T: serde::Serialize>(v: T) -> Result<String, OsError> {
-    serde_json::to_string(&v).map_err(|e| OsError::Executor(format!("encoding the answer: {e}")))
 }
 
 fn answer(mut conn: UnixStream, reply: Result<String, WireError>) {

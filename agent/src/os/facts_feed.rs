@@ -6,8 +6,9 @@
 //!   re-reads the facts after every request that may change the node (before it answers that request), and
 //!   when one of `NodeOs::facts_sources` changes: an inotify watch on their directories, so that an idle node
 //!   costs no wakeup at all. The feed sends a line only when the facts differ from the last line sent.
-//! - **Network half (`FactsCache`, `follow`).** A thread reads the subscription and keeps the last facts.
-//!   `RemoteOs::facts` answers from it while it is valid. Any request that may change the node invalidates it
+//! - **Network half (`os::remote::FactsCache` and `follow`, kept with `RemoteOs` so that the wire's modules form
+//!   no circle).** A thread reads the subscription and keeps the last facts. `RemoteOs::facts` answers from it
+//!   while it is valid. Any request that may change the node invalidates it
 //!   before it is sent and again when it returns; the next `facts` then asks the executor directly, unless a
 //!   pushed line (read after the request's answer, so written after the change) came first. While the
 //!   subscription is down (executor restarting, watch refused) every `facts` asks the executor, as before.
@@ -16,10 +17,10 @@
 //! differs, a line written after that change. A line written before a change can still be read after it by a
 //! slow reader thread; the line of that change is then already behind it in the same connection.
 
-use super::remote::{Reply, Request, WireError, encode_reply};
-use super::{NodeOs, OsError, OsFacts};
+use super::NodeOs;
+use super::remote::{WireError, encode_reply, encode_value};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -35,8 +36,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_millis(300);
 /// ... or, in a burst that does not end, this often.
 const SETTLE_AT_MOST: Duration = Duration::from_secs(5);
-/// Longest wait between tries to subscribe again.
-const RESUBSCRIBE_AT_MOST: Duration = Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -74,7 +73,7 @@ impl FactsFeed {
     }
 
     fn line(&self) -> Vec<u8> {
-        let facts = self.os.facts().and_then(super::executor::value);
+        let facts = self.os.facts().and_then(encode_value);
         let mut line = encode_reply(facts.map_err(WireError::from));
         line.push(b'\n');
         line
@@ -254,124 +253,4 @@ fn relevant(e: &InotifyEvent, dirs: &mut Watched, sources: &[PathBuf]) -> bool {
             sources.iter().any(|s| s.starts_with(&path) || s == dir)
         }
     }
-}
-
-/// The network half's copy of the facts the executor pushes.
-#[derive(Default)]
-pub struct FactsCache {
-    state: Mutex<CacheState>,
-}
-
-#[derive(Default)]
-struct CacheState {
-    facts: Option<Result<OsFacts, WireError>>,
-    valid: bool,
-    /// A subscription is open: every change from now on arrives as a line.
-    subscribed: bool,
-    /// Counts invalidations, so that a direct read that raced one is not kept.
-    epoch: u64,
-    /// Counts pushed lines, so that a direct read does not replace a line that came while it ran.
-    pushes: u64,
-}
-
-/// Taken before a direct read; `FactsCache::keep` keeps its answer only if nothing happened meanwhile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mark {
-    epoch: u64,
-    pushes: u64,
-}
-
-impl FactsCache {
-    /// The facts, when the cache holds them as they are now.
-    pub fn get(&self) -> Option<Result<OsFacts, OsError>> {
-        let s = lock(&self.state);
-        match (&s.facts, s.valid) {
-            (Some(Ok(f)), true) => Some(Ok(f.clone())),
-            (Some(Err(e)), true) => Some(Err(e.clone().into())),
-            _ => None,
-        }
-    }
-
-    /// The node may be changing: the next `facts` asks the executor (or takes a line pushed after this).
-    pub fn invalidate(&self) {
-        let mut s = lock(&self.state);
-        s.epoch += 1;
-        s.valid = false;
-    }
-
-    /// Where things stand before a direct read.
-    pub fn mark(&self) -> Mark {
-        let s = lock(&self.state);
-        Mark { epoch: s.epoch, pushes: s.pushes }
-    }
-
-    /// Keeps the facts of a direct read begun at `mark`, if a subscription is open (later changes will come as
-    /// lines) and nothing was invalidated or pushed since `mark`.
-    pub fn keep(&self, mark: Mark, facts: &OsFacts) {
-        let mut s = lock(&self.state);
-        if s.subscribed && s.epoch == mark.epoch && s.pushes == mark.pushes {
-            s.facts = Some(Ok(facts.clone()));
-            s.valid = true;
-        }
-    }
-
-    /// True while a subscription is open.
-    pub fn subscribed(&self) -> bool {
-        lock(&self.state).subscribed
-    }
-
-    fn pushed(&self, facts: Result<OsFacts, WireError>) {
-        let mut s = lock(&self.state);
-        s.facts = Some(facts);
-        s.valid = true;
-        s.subscribed = true;
-        s.pushes += 1;
-    }
-
-    fn lost(&self) {
-        let mut s = lock(&self.state);
-        s.valid = false;
-        s.subscribed = false;
-        s.facts = None;
-    }
-}
-
-/// Keeps a subscription to the executor at `socket` for `cache`, on a thread of its own, for the life of the
-/// process: subscribes, takes lines until the connection ends, and subscribes again (after 1 s, doubling to
-/// 30 s while it fails).
-pub fn follow(socket: PathBuf, cache: Arc<FactsCache>) {
-    let spawned = std::thread::Builder::new().name("facts-follow".into()).spawn(move || {
-        let mut wait = Duration::from_secs(1);
-        loop {
-            match subscribe_once(&socket, &cache) {
-                Ok(()) => wait = Duration::from_secs(1),
-                Err(why) => tracing::debug!(error = %why, "facts subscription to the executor"),
-            }
-            cache.lost();
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(RESUBSCRIBE_AT_MOST);
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot follow the executor's facts; every heartbeat asks for them");
-    }
-}
-
-/// One subscription: Ok when it delivered at least one line before it ended.
-fn subscribe_once(socket: &Path, cache: &FactsCache) -> Result<(), String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-    let body = serde_json::to_vec(&Request::WatchFacts).map_err(|e| e.to_string())?;
-    s.write_all(&body).and_then(|()| s.shutdown(std::net::Shutdown::Write)).map_err(|e| e.to_string())?;
-    let mut delivered = false;
-    for line in BufReader::new(s).lines() {
-        let line = line.map_err(|e| format!("reading the subscription: {e}"))?;
-        let facts = match serde_json::from_slice::<Reply<OsFacts>>(line.as_bytes()) {
-            Ok(Reply::Ok(f)) => Ok(f),
-            Ok(Reply::Err(e)) => Err(e),
-            Err(e) => return Err(format!("a line of the subscription is not valid: {e}")),
-        };
-        cache.pushed(facts);
-        delivered = true;
-    }
-    if delivered { Ok(()) } else { Err("the executor refused or ended the subscription".into()) }
 }

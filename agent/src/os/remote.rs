@@ -8,15 +8,15 @@
 //! carry only what the executor cannot decide itself (which slot, which digest and signature, which channel,
 //! which pins); paths, package sets, os-release and hooks come from the executor's own configuration and node.
 
-use super::facts_feed::FactsCache;
 use super::{BootState, NodeOs, OsError, OsFacts, Rebooted, Slot, SlotImage};
 use crate::channel::{ChannelPlan, OsKind, PackagePin};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use upkeep_core::channel::NodeOsChannel;
 use upkeep_core::version::KubernetesVersion;
 
@@ -185,6 +185,11 @@ pub enum Reply<T> {
     Err(WireError),
 }
 
+/// A call's value as the JSON text of an answer (see `encode_reply`).
+pub fn encode_value<T: Serialize>(v: T) -> Result<String, OsError> {
+    serde_json::to_string(&v).map_err(|e| OsError::Executor(format!("encoding the answer: {e}")))
+}
+
 /// Encodes an answer whose value is already JSON text (the executor encodes each call's value once, typed).
 pub fn encode_reply(r: Result<String, WireError>) -> Vec<u8> {
     match r {
@@ -342,7 +347,7 @@ impl RemoteOs {
     /// from memory while the subscription is open instead of asking at every heartbeat.
     pub fn follow_facts(mut self) -> RemoteOs {
         let cache = Arc::new(FactsCache::default());
-        super::facts_feed::follow(self.socket.clone(), cache.clone());
+        follow(self.socket.clone(), cache.clone());
         self.facts = Some(cache);
         self
     }
@@ -507,4 +512,131 @@ impl NodeOs for RemoteOs {
             None => Ok(()),
         }
     }
+}
+
+/// Longest wait between tries to subscribe to the executor's facts again.
+const RESUBSCRIBE_AT_MOST: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn lock_state(m: &std::sync::Mutex<CacheState>) -> std::sync::MutexGuard<'_, CacheState> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The network half's copy of the facts the executor pushes.
+#[derive(Default)]
+pub struct FactsCache {
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    facts: Option<Result<OsFacts, WireError>>,
+    valid: bool,
+    /// A subscription is open: every change from now on arrives as a line.
+    subscribed: bool,
+    /// Counts invalidations, so that a direct read that raced one is not kept.
+    epoch: u64,
+    /// Counts pushed lines, so that a direct read does not replace a line that came while it ran.
+    pushes: u64,
+}
+
+/// Taken before a direct read; `FactsCache::keep` keeps its answer only if nothing happened meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    epoch: u64,
+    pushes: u64,
+}
+
+impl FactsCache {
+    /// The facts, when the cache holds them as they are now.
+    pub fn get(&self) -> Option<Result<OsFacts, OsError>> {
+        let s = lock_state(&self.state);
+        match (&s.facts, s.valid) {
+            (Some(Ok(f)), true) => Some(Ok(f.clone())),
+            (Some(Err(e)), true) => Some(Err(e.clone().into())),
+            _ => None,
+        }
+    }
+
+    /// The node may be changing: the next `facts` asks the executor (or takes a line pushed after this).
+    pub fn invalidate(&self) {
+        let mut s = lock_state(&self.state);
+        s.epoch += 1;
+        s.valid = false;
+    }
+
+    /// Where things stand before a direct read.
+    pub fn mark(&self) -> Mark {
+        let s = lock_state(&self.state);
+        Mark { epoch: s.epoch, pushes: s.pushes }
+    }
+
+    /// Keeps the facts of a direct read begun at `mark`, if a subscription is open (later changes will come as
+    /// lines) and nothing was invalidated or pushed since `mark`.
+    pub fn keep(&self, mark: Mark, facts: &OsFacts) {
+        let mut s = lock_state(&self.state);
+        if s.subscribed && s.epoch == mark.epoch && s.pushes == mark.pushes {
+            s.facts = Some(Ok(facts.clone()));
+            s.valid = true;
+        }
+    }
+
+    /// True while a subscription is open.
+    pub fn subscribed(&self) -> bool {
+        lock_state(&self.state).subscribed
+    }
+
+    fn pushed(&self, facts: Result<OsFacts, WireError>) {
+        let mut s = lock_state(&self.state);
+        s.facts = Some(facts);
+        s.valid = true;
+        s.subscribed = true;
+        s.pushes += 1;
+    }
+
+    fn lost(&self) {
+        let mut s = lock_state(&self.state);
+        s.valid = false;
+        s.subscribed = false;
+        s.facts = None;
+    }
+}
+
+/// Keeps a subscription to the executor at `socket` for `cache`, on a thread of its own, for the life of the
+/// process: subscribes, takes lines until the connection ends, and subscribes again (after 1 s, doubling to
+/// 30 s while it fails).
+pub fn follow(socket: PathBuf, cache: Arc<FactsCache>) {
+    let spawned = std::thread::Builder::new().name("facts-follow".into()).spawn(move || {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match subscribe_once(&socket, &cache) {
+                Ok(()) => wait = Duration::from_secs(1),
+                Err(why) => tracing::debug!(error = %why, "facts subscription to the executor"),
+            }
+            cache.lost();
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(RESUBSCRIBE_AT_MOST);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot follow the executor's facts; every heartbeat asks for them");
+    }
+}
+
+/// One subscription: Ok when it delivered at least one line before it ended.
+fn subscribe_once(socket: &Path, cache: &FactsCache) -> Result<(), String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+    let body = serde_json::to_vec(&Request::WatchFacts).map_err(|e| e.to_string())?;
+    s.write_all(&body).and_then(|()| s.shutdown(std::net::Shutdown::Write)).map_err(|e| e.to_string())?;
+    let mut delivered = false;
+    for line in BufReader::new(s).lines() {
+        let line = line.map_err(|e| format!("reading the subscription: {e}"))?;
+        let facts = match serde_json::from_slice::<Reply<OsFacts>>(line.as_bytes()) {
+            Ok(Reply::Ok(f)) => Ok(f),
+            Ok(Reply::Err(e)) => Err(e),
+            Err(e) => return Err(format!("a line of the subscription is not valid: {e}")),
+        };
+        cache.pushed(facts);
+        delivered = true;
+    }
+    if delivered { Ok(()) } else { Err("the executor refused or ended the subscription".into()) }
 }
