@@ -108,6 +108,22 @@ struct Replica {
     hub: HubProcess,
 }
 
+/// What the tests here start from: a test CA, a work directory, a fresh database's address and a store on it.
+fn setup() -> (TestPki, tempfile::TempDir, String, PostgresStore) {
+    let (url, settings) = database();
+    let store = PostgresStore::open(&settings).expect("store");
+    (TestPki::new(), tempfile::tempdir().expect("tempdir"), url, store)
+}
+
+/// Starts the replicas `names` of the database `url`, one after the other (see `replica`).
+async fn replicas(pki: &TestPki, work: &Path, url: &str, names: &[&str]) -> Vec<Replica> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push(replica(pki, work, url, name).await);
+    }
+    out
+}
+
 /// Starts replica `name` of the database `url`, its state, log and hub.toml under `work/<name>`, image files in
 /// `work/artifacts` (shared).
 async fn replica(pki: &TestPki, work: &Path, url: &str, name: &str) -> Replica {
@@ -130,14 +146,8 @@ fn elected_in_log(log: &str, term: u64) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_elect_exactly_one_leader_and_another_when_it_is_killed() {
-    let pki = TestPki::new();
-    let work = tempfile::tempdir().expect("tempdir");
-    let (url, settings) = database();
-    let store = PostgresStore::open(&settings).expect("store");
-    let mut replicas = Vec::new();
-    for name in ["a", "b", "c"] {
-        replicas.push(replica(&pki, work.path(), &url, name).await);
-    }
+    let (pki, work, url, store) = setup();
+    let mut replicas = replicas(&pki, work.path(), &url, &["a", "b", "c"]).await;
     let (first, t1) = wait_for("a leader", WAIT, || leader(&store)).await;
     // Exactly one of the three says it leads at that term; it keeps the lease while it lives (renewals).
     let logs: Vec<String> = replicas.iter().map(|r| r.hub.log_text()).collect();
@@ -264,10 +274,7 @@ async fn member_status(pki: &TestPki, hub: &str, member: &str) -> Option<String>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_completes_when_its_leader_is_killed_and_no_node_is_upgraded_twice() {
-    let pki = TestPki::new();
-    let work = tempfile::tempdir().expect("tempdir");
-    let (url, settings) = database();
-    let store = PostgresStore::open(&settings).expect("store");
+    let (pki, work, url, store) = setup();
     let names = ["n1", "n2", "n3"];
     let (mut a, b, agents) = run_on_two_replicas(&pki, work.path(), &url, &store, &names, true).await;
     let b_url = b.hub.url();
@@ -316,10 +323,7 @@ fn rows_at(store: &PostgresStore, term: u64) -> BTreeSet<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_fenced_and_steps_down_without_acting() {
-    let pki = TestPki::new();
-    let work = tempfile::tempdir().expect("tempdir");
-    let (url, settings) = database();
-    let store = PostgresStore::open(&settings).expect("store");
+    let (pki, work, url, store) = setup();
     let names = ["n1", "n2"];
     let (mut a, mut b, agents) = run_on_two_replicas(&pki, work.path(), &url, &store, &names, false).await;
     let a_url = a.hub.url();
@@ -381,14 +385,8 @@ fn stage_started(run: &Value) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_agents_over_three_replicas_finish_a_staged_run_through_two_leader_kills_each_node_upgraded_once() {
-    let pki = TestPki::new();
-    let work = tempfile::tempdir().expect("tempdir");
-    let (url, settings) = database();
-    let store = PostgresStore::open(&settings).expect("store");
-    let mut replicas = Vec::new();
-    for name in ["a", "b", "c"] {
-        replicas.push(replica(&pki, work.path(), &url, name).await);
-    }
+    let (pki, work, url, store) = setup();
+    let mut replicas = replicas(&pki, work.path(), &url, &["a", "b", "c"]).await;
     wait_for("a leader", WAIT, || leading(&store, &replicas)).await;
     let urls: Vec<String> = replicas.iter().map(|r| r.hub.url()).collect();
     // 30 nodes, 3 per member, each agent starting at a different replica (all three listed, rotated): every
@@ -593,10 +591,7 @@ async fn the_database_restarted_mid_run_the_replicas_reconnect_and_the_run_compl
     let settings = PostgresSettings::parse(&cluster.url).expect("url");
     upkeep_hub::store::postgres::migrate(&settings).expect("migrate");
     let store = PostgresStore::open(&settings).expect("store");
-    let mut replicas = Vec::new();
-    for name in ["a", "b"] {
-        replicas.push(replica(&pki, work.path(), &cluster.url, name).await);
-    }
+    let replicas = replicas(&pki, work.path(), &cluster.url, &["a", "b"]).await;
     wait_for("a leader", WAIT, || leading(&store, &replicas)).await;
     let urls: Vec<String> = replicas.iter().map(|r| r.hub.url()).collect();
     let names: Vec<String> = (1..=6).map(|i| format!("n{i}")).collect();
@@ -701,10 +696,7 @@ async fn the_database_restarted_mid_run_the_replicas_reconnect_and_the_run_compl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reboot_and_an_uncordon_ordered_through_a_follower_are_carried_out_by_the_leader() {
-    let pki = TestPki::new();
-    let work = tempfile::tempdir().expect("tempdir");
-    let (url, settings) = database();
-    let store = PostgresStore::open(&settings).expect("store");
+    let (pki, work, url, store) = setup();
     let a = replica(&pki, work.path(), &url, "a").await;
     wait_for("a leads", WAIT, || async { leader(&store).await.filter(|(h, _)| h == "a") }).await;
     let b = replica(&pki, work.path(), &url, "b").await;
