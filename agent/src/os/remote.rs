@@ -16,7 +16,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use upkeep_core::channel::NodeOsChannel;
 use upkeep_core::version::KubernetesVersion;
 
@@ -514,10 +513,7 @@ impl NodeOs for RemoteOs {
     }
 }
 
-/// Longest wait between tries to subscribe to the executor's facts again.
-const RESUBSCRIBE_AT_MOST: std::time::Duration = std::time::Duration::from_secs(30);
-
-fn lock_state(m: &std::sync::Mutex<CacheState>) -> std::sync::MutexGuard<'_, CacheState> {
+fn lock_state(m: &Mutex<CacheState>) -> std::sync::MutexGuard<'_, CacheState> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -602,19 +598,19 @@ impl FactsCache {
 }
 
 /// Keeps a subscription to the executor at `socket` for `cache`, on a thread of its own, for the life of the
-/// process: subscribes, takes lines until the connection ends, and subscribes again (after 1 s, doubling to
-/// 30 s while it fails).
+/// process: subscribes, takes lines until the connection ends, and subscribes again after the agent's reconnect
+/// delay (`crate::backoff`, growing while it fails, from the first try again after a subscription that worked).
 pub fn follow(socket: PathBuf, cache: Arc<FactsCache>) {
     let spawned = std::thread::Builder::new().name("facts-follow".into()).spawn(move || {
-        let mut wait = Duration::from_secs(1);
+        let mut attempt = 0u32;
         loop {
             match subscribe_once(&socket, &cache) {
-                Ok(()) => wait = Duration::from_secs(1),
+                Ok(()) => attempt = 0,
                 Err(why) => tracing::debug!(error = %why, "facts subscription to the executor"),
             }
             cache.lost();
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(RESUBSCRIBE_AT_MOST);
+            std::thread::sleep(crate::backoff::delay(attempt, fastrand::f64()));
+            attempt = attempt.saturating_add(1);
         }
     });
     if let Err(e) = spawned {
