@@ -4,7 +4,7 @@
 use crate::peers::{Peers, RemoteSession};
 use crate::revocation::Revocations;
 use crate::store::view::Viewed;
-use crate::store::{MemberRecord, NodeFacts, NodeRecord, OperationFact, Store, StoreError};
+use crate::store::{MemberRecord, NodeFacts, NodeRecord, OperationFact, ReportWrite, Store, StoreError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -130,6 +130,8 @@ pub struct Fleet {
     reports: Mutex<HashMap<String, u64>>,
     /// Bumped on every report (wakes waiters).
     report_tick: tokio::sync::watch::Sender<u64>,
+    /// Writes node reports to the store in batches (`crate::reports`).
+    report_writer: crate::reports::ReportWriter,
     /// Timing settings.
     pub timing: Timing,
     /// What the metrics count as it happens (`metrics::Counters`).
@@ -205,7 +207,13 @@ impl Fleet {
         let store: Arc<dyn Store> = view.clone();
         let revocations = Arc::new(Revocations::load(store.clone())?);
         let webhooks_active = std::sync::atomic::AtomicBool::new(!store.list_webhooks()?.is_empty());
+        let writes = store.clone();
+        let report_writer =
+            crate::reports::ReportWriter::start(move |b: &[ReportWrite]| writes.record_reports(b)).map_err(|e| {
+                StoreError::Db { context: "starting the hub's report writer thread".into(), source: Box::new(e) }
+            })?;
         Ok(Fleet {
+            report_writer,
             webhooks_active,
             view,
             revocations,
@@ -379,14 +387,16 @@ impl Fleet {
         self.remote(node).map(Route::Elsewhere)
     }
 
-    /// Records a report and returns the member's configuration.
-    pub fn record_report(&self, node: &str, report: &v1::NodeReport) -> Result<MemberRecord, StoreError> {
+    /// Records a report and returns the member's configuration. The report is written with the others that
+    /// arrive at the same time, in one transaction (`crate::reports`); it is stored when this returns.
+    pub async fn record_report(&self, node: &str, report: &v1::NodeReport) -> Result<MemberRecord, StoreError> {
         let now = now_ms();
         let facts = facts_from_wire(report);
         // The node as it was, for its webhook events (only looked up when some webhook may want them).
         let old = if self.webhooks_active() { Some(self.store.get_node(node)?.map(|n| n.facts)) } else { None };
-        let member = self.store.record_report(node, &facts, now)?;
-        if let Some(old) = old {
+        let events = old.map(|old| (old, facts.clone()));
+        let member = self.report_writer.record(ReportWrite { node: node.to_string(), facts, now_ms: now }).await?;
+        if let Some((old, facts)) = events {
             crate::outbox::emit(self.store(), &crate::outbox::report_events(node, old.as_ref(), &facts, now));
         }
         // The report's row carries the time: stored now.

@@ -29,6 +29,7 @@ pub mod outbox;
 pub mod peers;
 pub mod pki;
 pub mod relay;
+pub mod reports;
 pub mod revocation;
 pub mod schedule;
 pub mod server;

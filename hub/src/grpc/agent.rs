@@ -232,7 +232,7 @@ impl AgentApi {
         };
         check_report("register", &report).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         claim_matches(&node, &report.node_name)?;
-        let member = self.fleet.record_report(&node, &report).map_err(ApiError::from)?;
+        let member = self.fleet.record_report(&node, &report).await.map_err(ApiError::from)?;
 
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let welcome = v1::HubMessage {
@@ -290,7 +290,7 @@ async fn pump(
             Some(Body::Report(r)) | Some(Body::Register(r)) => {
                 check_report("report", &r).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
                 claim_matches(node, &r.node_name)?;
-                let member = fleet.record_report(node, &r).map_err(ApiError::from)?;
+                let member = fleet.record_report(node, &r).await.map_err(ApiError::from)?;
                 fleet.session_member(node, session, &member.name);
             }
             Some(Body::Heartbeat(_)) => fleet.heartbeat(node),

@@ -50,6 +50,7 @@ macro_rules! contract {
 
 contract!(
     reports_build_the_inventory_and_members,
+    a_batch_of_reports_is_written_as_each_alone,
     member_settings_default_and_update,
     commit_run_is_a_compare_and_swap,
     events_come_in_sequence_order,
@@ -108,6 +109,42 @@ fn reports_build_the_inventory_and_members(s: Arc<dyn Store>) {
     assert!(!s.forget_node("n1").expect("forget again"));
     assert_eq!(s.get_member("m1").expect("get").expect("exists").node_count, 1);
     assert_eq!(s.get_member("zz").expect("get"), None);
+}
+
+fn a_batch_of_reports_is_written_as_each_alone(s: Arc<dyn Store>) {
+    let w = |node: &str, f: NodeFacts, now_ms: i64| ReportWrite { node: node.into(), facts: f, now_ms };
+    s.record_report("n1", &facts("m1", "p1", "eu"), 1000).expect("record");
+    s.set_node_os_channel("m1", NodeOsChannel::SecurityPatch).expect("channel");
+    // A new member, a new node of a known member, the same node twice (the later wins), a known node moving.
+    let batch = [
+        w("n2", facts("m1", "p2", "us"), 2000),
+        w("a0", facts("m0", "p1", "eu"), 2000),
+        w("n3", facts("m1", "p1", "eu"), 2000),
+        w("n3", facts("m1", "p3", "eu"), 2100),
+        w("n1", facts("m0", "p1", "eu"), 2200),
+    ];
+    let answers: Vec<MemberRecord> =
+        s.record_reports(&batch).into_iter().map(|r| r.expect("each report written")).collect();
+    let seen: Vec<(&str, u32, NodeOsChannel)> =
+        answers.iter().map(|m| (m.name.as_str(), m.node_count, m.node_os_channel)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("m1", 2, NodeOsChannel::SecurityPatch),
+            ("m0", 1, NodeOsChannel::NodeImage),
+            ("m1", 3, NodeOsChannel::SecurityPatch),
+            ("m1", 3, NodeOsChannel::SecurityPatch),
+            ("m0", 2, NodeOsChannel::NodeImage),
+        ],
+        "each answer is its member as of that report, in the batch's order"
+    );
+    let n3 = s.get_node("n3").expect("get").expect("n3");
+    assert_eq!((n3.facts.node_pool.as_str(), n3.first_seen_ms, n3.last_report_ms), ("p3", 2000, 2100));
+    let n1 = s.get_node("n1").expect("get").expect("n1");
+    assert_eq!((n1.facts.member.as_str(), n1.first_seen_ms, n1.last_report_ms), ("m0", 1000, 2200));
+    let names: Vec<String> = s.list_nodes(None).expect("list").into_iter().map(|n| n.name).collect();
+    assert_eq!(names, vec!["a0", "n1", "n2", "n3"], "by member, then name");
+    assert!(s.record_reports(&[]).is_empty());
 }
 
 fn member_settings_default_and_update(s: Arc<dyn Store>) {

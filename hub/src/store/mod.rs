@@ -516,11 +516,29 @@ pub fn run_event_outbox(e: &EventRecord) -> OutboxEvent {
     }
 }
 
+/// One node report to record (`Store::record_reports`).
+#[derive(Debug, Clone)]
+pub struct ReportWrite {
+    /// The reporting node (from its certificate).
+    pub node: String,
+    /// What it reported.
+    pub facts: NodeFacts,
+    /// When the hub read it.
+    pub now_ms: i64,
+}
+
 /// The hub's persistent state. Implementations must be safe to call from many tasks.
 pub trait Store: Send + Sync {
     /// Records a node's report (creating the node, and its member with the default channel, if new).
     /// Returns the member's configuration.
     fn record_report(&self, name: &str, facts: &NodeFacts, now_ms: i64) -> Result<MemberRecord, StoreError>;
+    /// Records several reports, each as `record_report` would, in one transaction where the store can: the
+    /// hub writes the reports that arrive together this way (`crate::reports`), so that a busy fleet's reports
+    /// cost one commit per batch instead of one each. Answers in the batch's order. When the batch as a whole
+    /// fails, each report is tried alone, so one that cannot be written fails only its own sender.
+    fn record_reports(&self, batch: &[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> {
+        batch.iter().map(|r| self.record_report(&r.node, &r.facts, r.now_ms)).collect()
+    }
     /// Moves last-seen times forward (never backward) for many nodes in one transaction.
     fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError>;
     /// All nodes, or those of one member, ordered by member then name.

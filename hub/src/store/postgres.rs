@@ -20,7 +20,7 @@
 use super::runparts::RunWrite;
 use super::{
     Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
-    NewEvent, NodeFacts, NodeRecord, OutboxEvent, RelayWait, RevokedCert, RunRecord, SecurityPatchRecord,
+    NewEvent, NodeFacts, NodeRecord, OutboxEvent, RelayWait, ReportWrite, RevokedCert, RunRecord, SecurityPatchRecord,
     SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
 };
 use ::postgres::types::ToSql;
@@ -616,6 +616,34 @@ impl RelayWait for RelayListener {
     }
 }
 
+/// Writes one node report inside the caller's transaction; returns the member's configuration as of it.
+fn write_report(
+    tx: &mut impl GenericClient,
+    name: &str,
+    facts: &NodeFacts,
+    now_ms: i64,
+) -> Result<MemberRecord, StoreError> {
+    let ctx = format!("recording report of node {name}");
+    let json = serde_json::to_string(facts).map_err(|e| corrupt(ctx.clone())(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO members (name, node_os_channel, auto_upgrade_channel, generation, created_ms)
+         VALUES ($1, $2, $3, 1, $4) ON CONFLICT (name) DO NOTHING",
+        &[&facts.member, &NodeOsChannel::default().as_str(), &AutoUpgradeChannel::default().as_str(), &now_ms],
+    )
+    .map_err(db(ctx.clone()))?;
+    tx.execute(
+        "INSERT INTO nodes (name, member, node_pool, region, facts, first_seen_ms, last_seen_ms, last_report_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $6, $6)
+         ON CONFLICT (name) DO UPDATE SET member = excluded.member, node_pool = excluded.node_pool,
+           region = excluded.region, facts = excluded.facts,
+           last_seen_ms = GREATEST(nodes.last_seen_ms, excluded.last_seen_ms),
+           last_report_ms = excluded.last_report_ms",
+        &[&name, &facts.member, &facts.node_pool, &facts.region, &json, &now_ms],
+    )
+    .map_err(db(ctx.clone()))?;
+    member_of(tx, &facts.member)?.ok_or_else(|| corrupt(ctx)("member vanished inside a transaction".into()))
+}
+
 fn member_of(c: &mut impl GenericClient, name: &str) -> Result<Option<MemberRecord>, StoreError> {
     let ctx = format!("reading member {name}");
     let Some(row) = c
@@ -1114,30 +1142,36 @@ fn text_one(r: &Row, ctx: &str) -> Result<String, StoreError> {
 impl Store for PostgresStore {
     fn record_report(&self, name: &str, facts: &NodeFacts, now_ms: i64) -> Result<MemberRecord, StoreError> {
         let ctx = format!("recording report of node {name}");
-        let json = serde_json::to_string(facts).map_err(|e| corrupt(ctx.clone())(e.to_string()))?;
         let (name, facts) = (name.to_string(), facts.clone());
         self.run(ctx.clone(), move |c| {
             let mut tx = c.transaction().map_err(db(ctx.clone()))?;
-            tx.execute(
-                "INSERT INTO members (name, node_os_channel, auto_upgrade_channel, generation, created_ms)
-                 VALUES ($1, $2, $3, 1, $4) ON CONFLICT (name) DO NOTHING",
-                &[&facts.member, &NodeOsChannel::default().as_str(), &AutoUpgradeChannel::default().as_str(), &now_ms],
-            )
-            .map_err(db(ctx.clone()))?;
-            tx.execute(
-                "INSERT INTO nodes (name, member, node_pool, region, facts, first_seen_ms, last_seen_ms, last_report_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $6, $6)
-                 ON CONFLICT (name) DO UPDATE SET member = excluded.member, node_pool = excluded.node_pool,
-                   region = excluded.region, facts = excluded.facts,
-                   last_seen_ms = GREATEST(nodes.last_seen_ms, excluded.last_seen_ms),
-                   last_report_ms = excluded.last_report_ms",
-                &[&name, &facts.member, &facts.node_pool, &facts.region, &json, &now_ms],
-            )
-            .map_err(db(ctx.clone()))?;
-            let member = member_of(&mut tx, &facts.member)?;
-            tx.commit().map_err(db(ctx.clone()))?;
-            member.ok_or_else(|| corrupt(ctx)("member vanished inside a transaction".into()))
+            let member = write_report(&mut tx, &name, &facts, now_ms)?;
+            tx.commit().map_err(db(ctx))?;
+            Ok(member)
         })
+    }
+
+    fn record_reports(&self, batch: &[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> {
+        let alone = || batch.iter().map(|r| self.record_report(&r.node, &r.facts, r.now_ms)).collect();
+        if batch.len() < 2 {
+            return alone();
+        }
+        let ctx = format!("recording {} node reports", batch.len());
+        let owned = batch.to_vec();
+        let together = self.run(ctx.clone(), move |c| {
+            let mut tx = c.transaction().map_err(db(ctx.clone()))?;
+            let members = owned
+                .iter()
+                .map(|r| write_report(&mut tx, &r.node, &r.facts, r.now_ms))
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit().map_err(db(ctx))?;
+            Ok(members)
+        });
+        match together {
+            Ok(members) => members.into_iter().map(Ok).collect(),
+            // Rolled back whole: each report again on its own, for an answer of its own.
+            Err(_) => alone(),
+        }
     }
 
     fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError> {

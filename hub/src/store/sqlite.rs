@@ -6,8 +6,8 @@
 use super::runparts::RunWrite;
 use super::{
     Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
-    NewEvent, NodeFacts, NodeRecord, OutboxEvent, RevokedCert, RunRecord, SecurityPatchRecord, Store, StoreError,
-    TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
+    NewEvent, NodeFacts, NodeRecord, OutboxEvent, ReportWrite, RevokedCert, RunRecord, SecurityPatchRecord, Store,
+    StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeSet;
@@ -378,42 +378,69 @@ fn node_from_row(row: NodeRow) -> Result<NodeRecord, StoreError> {
     Ok(NodeRecord { name, facts, first_seen_ms, last_seen_ms, last_report_ms })
 }
 
+/// Writes one node report inside the caller's transaction; returns the member's configuration as of it.
+fn write_report(tx: &Connection, name: &str, facts: &NodeFacts, now_ms: i64) -> Result<MemberRecord, StoreError> {
+    let ctx = || format!("recording report of node {name}");
+    let json =
+        serde_json::to_string(facts).map_err(|e| StoreError::Corrupt { context: ctx(), reason: e.to_string() })?;
+    // Prepared once per connection: a report is the store's most frequent write (one per node per result).
+    tx.prepare_cached(
+        "INSERT INTO members (name, node_os_channel, auto_upgrade_channel, generation, created_ms)
+         VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT(name) DO NOTHING",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            facts.member,
+            NodeOsChannel::default().as_str(),
+            AutoUpgradeChannel::default().as_str(),
+            now_ms
+        ])
+    })
+    .map_err(db(ctx()))?;
+    tx.prepare_cached(
+        "INSERT INTO nodes (name, member, node_pool, region, facts, first_seen_ms, last_seen_ms, last_report_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6)
+         ON CONFLICT(name) DO UPDATE SET member = excluded.member, node_pool = excluded.node_pool,
+           region = excluded.region, facts = excluded.facts,
+           last_seen_ms = max(nodes.last_seen_ms, excluded.last_seen_ms), last_report_ms = excluded.last_report_ms",
+    )
+    .and_then(|mut s| s.execute(params![name, facts.member, facts.node_pool, facts.region, json, now_ms]))
+    .map_err(db(ctx()))?;
+    member_from_row(tx, &facts.member)?
+        .ok_or_else(|| StoreError::Corrupt { context: ctx(), reason: "member vanished inside a transaction".into() })
+}
+
 const NODE_COLUMNS: &str = "name, facts, first_seen_ms, last_seen_ms, last_report_ms";
 
 impl Store for SqliteStore {
     fn record_report(&self, name: &str, facts: &NodeFacts, now_ms: i64) -> Result<MemberRecord, StoreError> {
         let ctx = format!("recording report of node {name}");
-        let json = serde_json::to_string(facts)
-            .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
-        // Prepared once per connection: a report is the store's most frequent write (one per node per result).
-        tx.prepare_cached(
-            "INSERT INTO members (name, node_os_channel, auto_upgrade_channel, generation, created_ms)
-             VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT(name) DO NOTHING",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                facts.member,
-                NodeOsChannel::default().as_str(),
-                AutoUpgradeChannel::default().as_str(),
-                now_ms
-            ])
-        })
-        .map_err(db(ctx.clone()))?;
-        tx.prepare_cached(
-            "INSERT INTO nodes (name, member, node_pool, region, facts, first_seen_ms, last_seen_ms, last_report_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6)
-             ON CONFLICT(name) DO UPDATE SET member = excluded.member, node_pool = excluded.node_pool,
-               region = excluded.region, facts = excluded.facts,
-               last_seen_ms = max(nodes.last_seen_ms, excluded.last_seen_ms), last_report_ms = excluded.last_report_ms",
-        )
-        .and_then(|mut s| s.execute(params![name, facts.member, facts.node_pool, facts.region, json, now_ms]))
-        .map_err(db(ctx.clone()))?;
-        let member = member_from_row(&tx, &facts.member)?;
-        tx.commit().map_err(db(ctx.clone()))?;
-        member
-            .ok_or_else(|| StoreError::Corrupt { context: ctx, reason: "member vanished inside a transaction".into() })
+        let member = write_report(&tx, name, facts, now_ms)?;
+        tx.commit().map_err(db(ctx))?;
+        Ok(member)
+    }
+
+    fn record_reports(&self, batch: &[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> {
+        let alone = || batch.iter().map(|r| self.record_report(&r.node, &r.facts, r.now_ms)).collect();
+        if batch.len() < 2 {
+            return alone();
+        }
+        let together = || -> Result<Vec<MemberRecord>, StoreError> {
+            let ctx = format!("recording {} node reports", batch.len());
+            let conn = self.conn();
+            let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
+            let members =
+                batch.iter().map(|r| write_report(&tx, &r.node, &r.facts, r.now_ms)).collect::<Result<Vec<_>, _>>()?;
+            tx.commit().map_err(db(ctx))?;
+            Ok(members)
+        };
+        match together() {
+            Ok(members) => members.into_iter().map(Ok).collect(),
+            // Rolled back whole: each report again on its own, for an answer of its own.
+            Err(_) => alone(),
+        }
     }
 
     fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError> {
@@ -1945,6 +1972,27 @@ mod tests {
         }
         assert!(largest < 512 << 20, "the log grew to {} MiB while 1 GiB was committed", largest >> 20);
         assert_eq!(s.list_strategies().expect("list").len(), 100);
+    }
+
+    #[test]
+    fn a_report_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        // The database itself refuses one node's row, as a full disk or a broken constraint would one write.
+        s.conn()
+            .execute_batch(
+                "CREATE TRIGGER refuse_bad BEFORE INSERT ON nodes WHEN NEW.name = 'bad'
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END;",
+            )
+            .expect("trigger");
+        let w = |node: &str| ReportWrite { node: node.into(), facts: facts("m1", "p", "eu"), now_ms: 1000 };
+        let out = s.record_reports(&[w("n1"), w("bad"), w("n2")]);
+        assert!(out[0].is_ok() && out[2].is_ok(), "the others are written: {out:?}");
+        let err = out[1].as_ref().expect_err("the refused report fails").to_string();
+        assert!(err.contains("recording report of node bad") && err.contains("refused by the test trigger"), "{err}");
+        let names: Vec<String> = s.list_nodes(None).expect("list").into_iter().map(|n| n.name).collect();
+        assert_eq!(names, vec!["n1", "n2"]);
+        assert_eq!(out[2].as_ref().map(|m| m.node_count).ok(), Some(2));
     }
 
     #[test]

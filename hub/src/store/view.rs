@@ -13,8 +13,9 @@
 use super::runparts::RunWrite;
 use super::{
     Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
-    NewEvent, NodeFacts, NodeRecord, OutboxEvent, Regions, RelayWait, RevokedCert, RunRecord, SecurityPatchRecord,
-    SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
+    NewEvent, NodeFacts, NodeRecord, OutboxEvent, Regions, RelayWait, ReportWrite, RevokedCert, RunRecord,
+    SecurityPatchRecord, SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus,
+    WindowKind,
 };
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -368,6 +369,23 @@ impl Store for Viewed {
         lock(&self.view).put_node(name, facts);
         self.changed(ViewChange::Reported(name.to_string()));
         Ok(out)
+    }
+    fn record_reports(&self, batch: &[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> {
+        let _w = lock(&self.writes);
+        let out = self.inner.record_reports(batch);
+        let mut view = lock(&self.view);
+        for (r, written) in batch.iter().zip(&out) {
+            if written.is_ok() {
+                view.put_node(&r.node, &r.facts);
+            }
+        }
+        drop(view);
+        for (r, written) in batch.iter().zip(&out) {
+            if written.is_ok() {
+                self.changed(ViewChange::Reported(r.node.clone()));
+            }
+        }
+        out
     }
     fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError> {
         self.inner.touch_nodes(seen)
