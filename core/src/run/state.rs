@@ -247,7 +247,9 @@ impl StageState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunState {
     /// The run's specification as created (its `strategy` is the copied one; `None` = all members one by one).
-    pub spec: UpdateRunSpec,
+    /// Shared between a state and the states made from it: a strategy of 10,000 members names each of them, and a
+    /// transition copies no name (a run's edit makes a new spec).
+    pub spec: Arc<UpdateRunSpec>,
     /// The run level.
     pub run: LevelState,
     /// The stages, in order (with no strategy: one stage with one group of every member).
@@ -415,7 +417,7 @@ impl RunState {
                 }
             })
             .collect();
-        Ok(RunState { spec: spec.clone(), run: LevelState::default(), stages, image_selection: None })
+        Ok(RunState { spec: Arc::new(spec.clone()), run: LevelState::default(), stages, image_selection: None })
     }
 
     /// The run's status.

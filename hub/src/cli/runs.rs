@@ -1111,7 +1111,7 @@ run                                NotStarted
     #[test]
     fn run_json_from_the_typed_tree_keeps_every_field() {
         let (_, mut s) = run();
-        s.spec.node_image_selection = NodeImageSelection::Custom {
+        std::sync::Arc::make_mut(&mut s.spec).node_image_selection = NodeImageSelection::Custom {
             pins: vec![upkeep_core::run::ImagePin { family: "F".into(), version: "202401.02.3".parse().expect("v") }],
         };
         let t0 = chrono::DateTime::parse_from_rfc3339("2026-11-23T18:00:00Z").expect("t").with_timezone(&Utc);

@@ -18,6 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use upkeep_core::concurrency::Limit;
 use upkeep_core::run::{GroupState, LevelState, MemberState, RunState, StageState, UpdateRunSpec};
 use upkeep_core::version::ImageVersion;
@@ -45,7 +46,7 @@ impl RunWrite {
 
 #[derive(Serialize, Deserialize)]
 struct Frame {
-    spec: UpdateRunSpec,
+    spec: Arc<UpdateRunSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     image_selection: Option<BTreeMap<String, ImageVersion>>,
     stages: Vec<FrameStage>,
@@ -128,9 +129,28 @@ pub fn split(state: &RunState) -> Vec<(String, String)> {
     out
 }
 
+/// Whether two states have the same tree: stage, group and member names, limits and waits (what `shape` stores).
+/// Compared in place: this runs at every transition, and a 10,000-member run's shape is 10,000 names.
+fn same_shape(old: &RunState, new: &RunState) -> bool {
+    old.stages.len() == new.stages.len()
+        && old.stages.iter().zip(&new.stages).all(|(os, ns)| {
+            os.name == ns.name
+                && os.max_concurrency == ns.max_concurrency
+                && os.wait_seconds == ns.wait_seconds
+                && os.groups.len() == ns.groups.len()
+                && os.groups.iter().zip(&ns.groups).all(|(og, ng)| {
+                    og.name == ng.name
+                        && og.max_concurrency == ng.max_concurrency
+                        && og.members.len() == ng.members.len()
+                        && og.members.iter().zip(&ng.members).all(|(om, nm)| Arc::ptr_eq(om, nm) || om.name == nm.name)
+                })
+        })
+}
+
 /// The write that turns `old` into `new`: only the parts that differ, or every part when the shape changed.
+/// States made from one another share their spec and unchanged members (`Arc`), which are not compared again.
 pub fn changes(old: &RunState, new: &RunState) -> RunWrite {
-    if old.spec != new.spec || shape(old) != shape(new) {
+    if !(Arc::ptr_eq(&old.spec, &new.spec) || old.spec == new.spec) || !same_shape(old, new) {
         return RunWrite::Replace(split(new));
     }
     let mut out = Vec::new();
@@ -149,7 +169,7 @@ pub fn changes(old: &RunState, new: &RunState) -> RunWrite {
                 out.push((format!("group/{si}/{gi}"), json(&ng.level)));
             }
             for (om, nm) in og.members.iter().zip(&ng.members) {
-                if om != nm {
+                if !Arc::ptr_eq(om, nm) && om != nm {
                     out.push((member_key(&nm.name), json(nm)));
                 }
             }
@@ -193,7 +213,7 @@ pub fn join(parts: &[(String, String)]) -> Result<RunState, PartError> {
                 if &m.name != name {
                     return Err(PartError { part: key, reason: format!("holds member {:?}", m.name) });
                 }
-                members.push(std::sync::Arc::new(m));
+                members.push(Arc::new(m));
             }
             groups.push(GroupState { name: fg.name, level, max_concurrency: fg.max_concurrency, members });
         }
@@ -276,6 +296,41 @@ mod tests {
         let mut edited = old.clone();
         edited.stages[0].groups[0].members.pop();
         assert!(matches!(changes(&old, &edited), RunWrite::Replace(_)));
+    }
+
+    #[test]
+    fn every_change_of_the_tree_or_the_spec_replaces_the_whole_state() {
+        let old = state();
+        let edits: Vec<(&str, Box<dyn Fn(&mut RunState)>)> = vec![
+            (
+                "member renamed",
+                Box::new(|s| std::sync::Arc::make_mut(&mut s.stages[1].groups[0].members[0]).name = "e".into()),
+            ),
+            ("members reordered", Box::new(|s| s.stages[0].groups[0].members.swap(0, 1))),
+            (
+                "member added",
+                Box::new(|s| {
+                    let m = s.stages[1].groups[0].members[0].clone();
+                    s.stages[0].groups[1].members.push(m)
+                }),
+            ),
+            ("group renamed", Box::new(|s| s.stages[0].groups[1].name = "g9".into())),
+            ("group limit", Box::new(|s| s.stages[0].groups[0].max_concurrency = Some("2".parse().expect("limit")))),
+            ("group removed", Box::new(|s| drop(s.stages[0].groups.pop()))),
+            ("stage renamed", Box::new(|s| s.stages[1].name = "s9".into())),
+            ("stage limit", Box::new(|s| s.stages[1].max_concurrency = Some("50%".parse().expect("limit")))),
+            ("stage wait", Box::new(|s| s.stages[1].wait_seconds = 61)),
+            ("stage removed", Box::new(|s| drop(s.stages.pop()))),
+            ("spec", Box::new(|s| std::sync::Arc::make_mut(&mut s.spec).name = "r2".into())),
+        ];
+        for (what, edit) in edits {
+            let mut new = old.clone();
+            edit(&mut new);
+            assert!(matches!(changes(&old, &new), RunWrite::Replace(_)), "{what}: the whole state is written");
+            assert_eq!(same_shape(&old, &new), what == "spec" || shape(&old) == shape(&new), "{what}");
+        }
+        // The same tree built apart (nothing shared) is the same shape: an update, of nothing.
+        assert_eq!(changes(&old, &state()), RunWrite::Update(Vec::new()));
     }
 
     #[test]
