@@ -209,9 +209,7 @@ impl Fleet {
         let webhooks_active = std::sync::atomic::AtomicBool::new(!store.list_webhooks()?.is_empty());
         let writes = store.clone();
         let report_writer =
-            crate::reports::ReportWriter::start(move |b: &[ReportWrite]| writes.record_reports(b)).map_err(|e| {
-                StoreError::Db { context: "starting the hub's report writer thread".into(), source: Box::new(e) }
-            })?;
+            crate::reports::ReportWriter::new(Box::new(move |b: &[ReportWrite]| writes.record_reports(b)));
         Ok(Fleet {
             report_writer,
             webhooks_active,

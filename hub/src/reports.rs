@@ -5,92 +5,141 @@
 //! held the store's connection most of the time, and a run's transitions (the engine's commit, job and lease
 //! writes) queued behind them: that wait was most of a member-to-member handoff.
 //!
-//! [`ReportWriter`] owns one thread. Sessions hand it their reports and await the answer; the thread takes every
-//! report queued at that moment (up to [`BATCH_MAX`]) and writes them with one `Store::record_reports`. Nothing
-//! waits to fill a batch: a quiet hub writes each report as it comes, a busy one writes what queued while the last
-//! batch committed. A report is durable, and in the planner's view, before its sender hears back, as before.
+//! [`ReportWriter`] is a group commit. A session that finds no batch being written writes its own report at once,
+//! with every report queued at that moment (up to [`BATCH_MAX`]), in one `Store::record_reports`. Reports that
+//! arrive meanwhile queue; when the batch is stored, the writer answers their senders and hands the next batch to
+//! the first of them that is still waiting, whose task writes it. Nothing waits to fill a batch, and no thread of
+//! its own writes: a thread had to wait for the CPU whenever the hub was busy, and the engine waits for the report
+//! that follows each reimage. A report is durable, and in the planner's view, before its sender hears back.
 
 use crate::store::{MemberRecord, ReportWrite, StoreError};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
 
-/// Most reports in one transaction: bounds how long the batch holds the store's connection (~5 ms at 100k nodes).
+/// Most reports in one transaction: bounds how long a batch holds the store's connection.
 pub const BATCH_MAX: usize = 256;
 
-type Answer = tokio::sync::oneshot::Sender<Result<MemberRecord, StoreError>>;
+/// Writes one batch, answering each report in order: the hub's is `Store::record_reports`.
+pub type WriteBatch = Box<dyn Fn(&[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> + Send + Sync>;
 
-/// Writes node reports in batches on a thread of its own (see the module's documentation).
-pub struct ReportWriter {
-    queue: Option<mpsc::Sender<(ReportWrite, Answer)>>,
-    /// Reports handed over and not yet taken into a batch.
-    queued: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<()>>,
+/// What a queued sender hears.
+enum Turn {
+    /// Its report was written (or failed).
+    Done(Result<MemberRecord, StoreError>),
+    /// Its report is not written yet, and it writes the next batch (its own report first).
+    Lead(Box<ReportWrite>),
 }
 
-/// Writes one batch, answering each report in order: the hub's is `Store::record_reports`.
-pub trait WriteBatch: FnMut(&[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> + Send + 'static {}
-impl<F: FnMut(&[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> + Send + 'static> WriteBatch for F {}
+struct Waiting {
+    write: ReportWrite,
+    turn: tokio::sync::oneshot::Sender<Turn>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Waiting>,
+    /// A batch is being written; new reports queue.
+    writing: bool,
+}
+
+/// Writes node reports in batches (see the module's documentation).
+pub struct ReportWriter {
+    queue: Mutex<Queue>,
+    write: WriteBatch,
+}
 
 impl ReportWriter {
-    /// Starts the writing thread, which writes each batch with `write`.
-    pub fn start(mut write: impl WriteBatch) -> std::io::Result<ReportWriter> {
-        let (queue, rx) = mpsc::channel::<(ReportWrite, Answer)>();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let taken = queued.clone();
-        let thread = std::thread::Builder::new().name("report-writer".into()).spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                while batch.len() < BATCH_MAX {
-                    match rx.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
-                taken.fetch_sub(batch.len(), Ordering::Relaxed);
-                let (writes, answers): (Vec<ReportWrite>, Vec<Answer>) = batch.into_iter().unzip();
-                let results = write(&writes);
-                for (answer, result) in answers.into_iter().zip(results) {
-                    // A sender that gave up waiting (its session ended) needs no answer.
-                    let _ = answer.send(result);
-                }
-            }
-        })?;
-        Ok(ReportWriter { queue: Some(queue), queued, thread: Some(thread) })
+    /// A writer that writes each batch with `write`.
+    pub fn new(write: WriteBatch) -> ReportWriter {
+        ReportWriter { queue: Mutex::new(Queue::default()), write }
     }
 
-    /// Reports handed over and not yet being written.
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reports queued behind the batch being written.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.queue().waiting.len()
     }
 
     /// Records one report with whatever others are waiting, and returns the member's configuration.
     pub async fn record(&self, write: ReportWrite) -> Result<MemberRecord, StoreError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let node = write.node.clone();
-        let stopped = || StoreError::Db {
-            context: format!("recording report of node {node}"),
-            source: "the hub's report writer has stopped (the hub is shutting down)".into(),
+        let queued = {
+            let mut q = self.queue();
+            if q.writing {
+                let (turn, rx) = tokio::sync::oneshot::channel();
+                q.waiting.push_back(Waiting { write, turn });
+                Err(rx)
+            } else {
+                q.writing = true;
+                Ok(write)
+            }
         };
-        let queue = self.queue.as_ref().ok_or_else(stopped)?;
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        if queue.send((write, tx)).is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(stopped());
+        let lead = match queued {
+            Ok(write) => write,
+            Err(rx) => match rx.await {
+                Ok(Turn::Done(result)) => return result,
+                Ok(Turn::Lead(write)) => *write,
+                // Only a panic inside a batch's write drops a sender unanswered.
+                Err(_) => {
+                    return Err(StoreError::Db {
+                        context: format!("recording report of node {node}"),
+                        source: "the batch it was written in failed unexpectedly".into(),
+                    });
+                }
+            },
+        };
+        // From here to the hand-over nothing awaits, so the lead cannot be dropped half way.
+        self.lead(lead)
+    }
+
+    /// Writes `own` and what is queued in one batch, answers the others, and hands the next batch on.
+    fn lead(&self, own: ReportWrite) -> Result<MemberRecord, StoreError> {
+        let mut writes = vec![own];
+        let mut turns = Vec::new();
+        {
+            let mut q = self.queue();
+            let n = q.waiting.len().min(BATCH_MAX - 1);
+            for w in q.waiting.drain(..n) {
+                writes.push(w.write);
+                turns.push(w.turn);
+            }
         }
-        rx.await.map_err(|_| stopped())?
+        // Should the write panic, the batch's senders hear an error (their channels drop) and the next takes over.
+        let handover = HandOver(self);
+        let mut results = (self.write)(&writes).into_iter();
+        drop(handover);
+        let own = results.next().unwrap_or_else(|| {
+            Err(StoreError::Db {
+                context: format!("recording report of node {}", writes[0].node),
+                source: "the store answered no report of the batch".into(),
+            })
+        });
+        for (turn, result) in turns.into_iter().zip(results) {
+            // A sender that gave up waiting (its session ended) needs no answer.
+            let _ = turn.send(Turn::Done(result));
+        }
+        own
     }
 }
 
-impl Drop for ReportWriter {
-    /// Ends the thread after the reports already queued are written, so that the store is no longer in use when
-    /// the hub that owns it is gone (a hub reopening the same database file right after).
+/// Passes the writing on when a batch is done (or its write panicked): to the first queued sender still
+/// waiting, else nobody (the next report writes at once).
+struct HandOver<'a>(&'a ReportWriter);
+
+impl Drop for HandOver<'_> {
     fn drop(&mut self) {
-        drop(self.queue.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let mut q = self.0.queue();
+        while let Some(next) = q.waiting.pop_front() {
+            match next.turn.send(Turn::Lead(Box::new(next.write))) {
+                Ok(()) => return,
+                // Gone: its session ended while it waited, and its report goes with it.
+                Err(_) => continue,
+            }
         }
+        q.writing = false;
     }
 }
 
@@ -99,7 +148,7 @@ mod tests {
     use super::*;
     use crate::store::sqlite::SqliteStore;
     use crate::store::{NodeFacts, Store};
-    use std::sync::Mutex;
+    use std::sync::{Arc, mpsc};
     use std::time::{Duration, Instant};
 
     fn write(node: &str, member: &str) -> ReportWrite {
@@ -122,35 +171,45 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reports_queued_while_a_batch_is_written_go_together_into_the_next_one() {
+    /// A writer over a real SQLite store whose first batch is held at the store until the test lets it go (as a
+    /// slow commit would be), and which panics on a node named "boom". Returns it, the store, the sizes of the
+    /// batches written so far, and the release.
+    #[allow(clippy::type_complexity)]
+    fn held_writer()
+    -> (Arc<ReportWriter>, Arc<SqliteStore>, Arc<Mutex<Vec<usize>>>, mpsc::Sender<()>, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(SqliteStore::open(&dir.path().join("hub.db")).expect("open"));
         let sizes = Arc::new(Mutex::new(Vec::new()));
-        // The first batch is held at the store until the test lets it go, as a slow commit would be.
         let (release, held) = mpsc::channel::<()>();
+        let held = Mutex::new(Some(held));
         let (s, seen) = (store.clone(), sizes.clone());
-        let mut held = Some(held);
-        let writer = Arc::new(
-            ReportWriter::start(move |batch: &[ReportWrite]| {
-                seen.lock().expect("sizes").push(batch.len());
-                if let Some(h) = held.take() {
-                    h.recv().expect("released");
-                }
-                s.record_reports(batch)
-            })
-            .expect("start"),
-        );
-        let first = tokio::spawn({
-            let w = writer.clone();
-            async move { w.record(write("n000", "m0")).await }
-        });
+        let writer = ReportWriter::new(Box::new(move |batch: &[ReportWrite]| {
+            seen.lock().expect("sizes").push(batch.len());
+            if let Some(h) = held.lock().expect("held").take() {
+                h.recv().expect("released");
+            }
+            assert!(batch.iter().all(|w| w.node != "boom"), "the store failed unexpectedly");
+            s.record_reports(batch)
+        }));
+        (Arc::new(writer), store, sizes, release, dir)
+    }
+
+    fn spawn(writer: &Arc<ReportWriter>, w: ReportWrite) -> tokio::task::JoinHandle<Result<MemberRecord, StoreError>> {
+        let writer = writer.clone();
+        tokio::spawn(async move { writer.record(w).await })
+    }
+
+    fn stored(store: &SqliteStore) -> Vec<String> {
+        store.list_nodes(None).expect("list").into_iter().map(|n| n.name).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_queued_while_a_batch_is_written_go_together_into_the_next_one() {
+        let (writer, store, sizes, release, _dir) = held_writer();
+        let first = spawn(&writer, write("n000", "m0"));
         until("the first batch to reach the store", || !sizes.lock().expect("sizes").is_empty());
-        let mut rest = Vec::new();
-        for i in 1..=100 {
-            let w = writer.clone();
-            rest.push(tokio::spawn(async move { w.record(write(&format!("n{i:03}"), &format!("m{}", i % 2))).await }));
-        }
+        let rest: Vec<_> =
+            (1..=100).map(|i| spawn(&writer, write(&format!("n{i:03}"), &format!("m{}", i % 2)))).collect();
         until("100 reports to queue", || writer.queued() == 100);
         release.send(()).expect("release");
         assert_eq!(first.await.expect("task").expect("written").node_count, 1);
@@ -160,19 +219,46 @@ mod tests {
         }
         assert_eq!(*sizes.lock().expect("sizes"), vec![1, 100], "one batch held, then everything queued behind it");
         assert_eq!(writer.queued(), 0);
-        assert_eq!(store.list_nodes(None).expect("list").len(), 101, "every report stored");
+        assert_eq!(stored(&store).len(), 101, "every report stored");
         assert_eq!(store.get_member("m1").expect("get").expect("m1").node_count, 50);
+        // Nothing is being written now: the next report is written at once, alone.
+        writer.record(write("n101", "m1")).await.expect("written");
+        assert_eq!(sizes.lock().expect("sizes").last(), Some(&1));
     }
 
-    #[tokio::test]
-    async fn dropping_the_writer_ends_its_thread_and_lets_go_of_the_store() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("hub.db")).expect("open"));
-        let s = store.clone();
-        let writer = ReportWriter::start(move |b: &[ReportWrite]| s.record_reports(b)).expect("start");
-        writer.record(write("n1", "m1")).await.expect("written");
-        assert_eq!(Arc::strong_count(&store), 2, "the thread holds the store");
-        drop(writer);
-        assert_eq!(Arc::strong_count(&store), 1, "joined: nothing of the writer holds the store any more");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_that_gave_up_in_the_queue_is_passed_over_and_the_next_writes() {
+        let (writer, store, sizes, release, _dir) = held_writer();
+        let first = spawn(&writer, write("n1", "m"));
+        until("the first batch to reach the store", || !sizes.lock().expect("sizes").is_empty());
+        let gave_up = spawn(&writer, write("gone", "m"));
+        until("a report to queue", || writer.queued() == 1);
+        gave_up.abort();
+        assert!(gave_up.await.expect_err("aborted").is_cancelled());
+        let next = spawn(&writer, write("n2", "m"));
+        until("another to queue", || writer.queued() == 2);
+        release.send(()).expect("release");
+        first.await.expect("task").expect("written");
+        let next =
+            tokio::time::timeout(Duration::from_secs(20), next).await.expect("the next sender is handed the writing");
+        assert_eq!(next.expect("task").expect("written").node_count, 2);
+        assert_eq!(stored(&store), vec!["n1", "n2"], "the report of a sender that left is not written");
+        assert_eq!(*sizes.lock().expect("sizes"), vec![1, 1]);
+        assert_eq!(writer.queued(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_whose_write_panics_fails_its_own_sender_and_the_queue_goes_on() {
+        let (writer, store, sizes, release, _dir) = held_writer();
+        let boom = spawn(&writer, write("boom", "m"));
+        until("the first batch to reach the store", || !sizes.lock().expect("sizes").is_empty());
+        let next = spawn(&writer, write("n1", "m"));
+        until("a report to queue", || writer.queued() == 1);
+        release.send(()).expect("release");
+        assert!(boom.await.expect_err("the panic reaches the task").is_panic());
+        let next =
+            tokio::time::timeout(Duration::from_secs(20), next).await.expect("the next sender is handed the writing");
+        assert_eq!(next.expect("task").expect("written").node_count, 1);
+        assert_eq!(stored(&store), vec!["n1"]);
     }
 }

@@ -301,7 +301,8 @@ mod tests {
     #[test]
     fn every_change_of_the_tree_or_the_spec_replaces_the_whole_state() {
         let old = state();
-        let edits: Vec<(&str, Box<dyn Fn(&mut RunState)>)> = vec![
+        type Edit = Box<dyn Fn(&mut RunState)>;
+        let edits: Vec<(&str, Edit)> = vec![
             (
                 "member renamed",
                 Box::new(|s| std::sync::Arc::make_mut(&mut s.stages[1].groups[0].members[0]).name = "e".into()),
