@@ -290,7 +290,9 @@ async fn pump(
             Some(Body::Report(r)) | Some(Body::Register(r)) => {
                 check_report("report", &r).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
                 claim_matches(node, &r.node_name)?;
-                let member = fleet.record_report(node, &r).await.map_err(ApiError::from)?;
+                // Boxed: the session's task lives as long as the session, and holding the report's write inline
+                // would make every session's task that much larger (hub memory per agent, BENCHMARKS.md).
+                let member = Box::pin(fleet.record_report(node, &r)).await.map_err(ApiError::from)?;
                 fleet.session_member(node, session, &member.name);
             }
             Some(Body::Heartbeat(_)) => fleet.heartbeat(node),
