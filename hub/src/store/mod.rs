@@ -527,6 +527,24 @@ pub struct ReportWrite {
     pub now_ms: i64,
 }
 
+/// `Store::record_reports` for a store that writes a batch in one transaction (`together`, which returns each
+/// report's member in order): a batch of one is written as `record_report` writes it, and a batch whose transaction
+/// failed (and so was rolled back whole) is written again report by report, for an answer of each its own.
+fn reports_together_or_alone<S: Store + ?Sized>(
+    store: &S,
+    batch: &[ReportWrite],
+    together: impl FnOnce() -> Result<Vec<MemberRecord>, StoreError>,
+) -> Vec<Result<MemberRecord, StoreError>> {
+    let alone = || batch.iter().map(|r| store.record_report(&r.node, &r.facts, r.now_ms)).collect();
+    if batch.len() < 2 {
+        return alone();
+    }
+    match together() {
+        Ok(members) => members.into_iter().map(Ok).collect(),
+        Err(_) => alone(),
+    }
+}
+
 /// The hub's persistent state. Implementations must be safe to call from many tasks.
 pub trait Store: Send + Sync {
     /// Records a node's report (creating the node, and its member with the default channel, if new).

@@ -1152,26 +1152,19 @@ impl Store for PostgresStore {
     }
 
     fn record_reports(&self, batch: &[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> {
-        let alone = || batch.iter().map(|r| self.record_report(&r.node, &r.facts, r.now_ms)).collect();
-        if batch.len() < 2 {
-            return alone();
-        }
-        let ctx = format!("recording {} node reports", batch.len());
-        let owned = batch.to_vec();
-        let together = self.run(ctx.clone(), move |c| {
-            let mut tx = c.transaction().map_err(db(ctx.clone()))?;
-            let members = owned
-                .iter()
-                .map(|r| write_report(&mut tx, &r.node, &r.facts, r.now_ms))
-                .collect::<Result<Vec<_>, _>>()?;
-            tx.commit().map_err(db(ctx))?;
-            Ok(members)
-        });
-        match together {
-            Ok(members) => members.into_iter().map(Ok).collect(),
-            // Rolled back whole: each report again on its own, for an answer of its own.
-            Err(_) => alone(),
-        }
+        super::reports_together_or_alone(self, batch, || {
+            let ctx = format!("recording {} node reports", batch.len());
+            let owned = batch.to_vec();
+            self.run(ctx.clone(), move |c| {
+                let mut tx = c.transaction().map_err(db(ctx.clone()))?;
+                let members = owned
+                    .iter()
+                    .map(|r| write_report(&mut tx, &r.node, &r.facts, r.now_ms))
+                    .collect::<Result<Vec<_>, _>>()?;
+                tx.commit().map_err(db(ctx))?;
+                Ok(members)
+            })
+        })
     }
 
     fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError> {

@@ -423,11 +423,7 @@ impl Store for SqliteStore {
     }
 
     fn record_reports(&self, batch: &[ReportWrite]) -> Vec<Result<MemberRecord, StoreError>> {
-        let alone = || batch.iter().map(|r| self.record_report(&r.node, &r.facts, r.now_ms)).collect();
-        if batch.len() < 2 {
-            return alone();
-        }
-        let together = || -> Result<Vec<MemberRecord>, StoreError> {
+        super::reports_together_or_alone(self, batch, || {
             let ctx = format!("recording {} node reports", batch.len());
             let conn = self.conn();
             let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
@@ -435,12 +431,7 @@ impl Store for SqliteStore {
                 batch.iter().map(|r| write_report(&tx, &r.node, &r.facts, r.now_ms)).collect::<Result<Vec<_>, _>>()?;
             tx.commit().map_err(db(ctx))?;
             Ok(members)
-        };
-        match together() {
-            Ok(members) => members.into_iter().map(Ok).collect(),
-            // Rolled back whole: each report again on its own, for an answer of its own.
-            Err(_) => alone(),
-        }
+        })
     }
 
     fn touch_nodes(&self, seen: &[(String, i64)]) -> Result<(), StoreError> {
