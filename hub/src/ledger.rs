@@ -17,7 +17,7 @@
 //! instead of being blocked by it.
 
 use crate::fleet::{Fleet, now_ms};
-use crate::store::{LeaseRecord, NodeRecord, Store, StoreError};
+use crate::store::{LeaseRecord, LeasesOf, NodeRecord, Store, StoreError};
 use chrono::Utc;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -166,30 +166,32 @@ impl Ledger {
     /// Unexpired leases of a member (every member when None).
     pub fn held(&self, member: Option<&str>) -> Result<Vec<LeaseRecord>, StoreError> {
         self.expire()?;
-        Ok(self.store().list_leases()?.into_iter().filter(|l| member.is_none_or(|m| l.member == m)).collect())
+        match member {
+            Some(m) => self.store().leases_of(LeasesOf::Member(m)),
+            None => self.store().list_leases(),
+        }
     }
 
     /// Decides and, when granted, records a lease for `node`.
     pub fn take(&self, node: &NodeRecord, ask: &LeaseAsk<'_>) -> Result<LeaseDecision, StoreError> {
         let _desk = lock(&self.desk);
-        // Expired leases are dropped first, with a write only when there are some (at 100k nodes a DELETE per
-        // grant was a write transaction per node).
-        let mut all = self.store().list_leases()?;
-        let now = now_ms();
-        if all.iter().any(|l| l.expires_ms <= now) {
-            self.expire()?;
-            all = self.store().list_leases()?;
-        }
         let member = node.facts.member.as_str();
-        let mut leases: Vec<LeaseRecord> = all.into_iter().filter(|l| l.member == member).collect();
+        // Only the member's leases weigh in the decision. Expired ones are dropped first, with a write only when
+        // there are some (at 100k nodes a DELETE per grant was a write transaction per node); other members'
+        // expired leases are dropped by the maintenance pass.
+        let mut leases = self.store().leases_of(LeasesOf::Member(member))?;
+        let now = now_ms();
+        if leases.iter().any(|l| l.expires_ms <= now) {
+            self.expire()?;
+            leases = self.store().leases_of(LeasesOf::Member(member))?;
+        }
         // Adoption: the same owner's earlier work left this node out of service; the new work takes it over.
         if let Some(prev) =
-            leases.iter_mut().find(|l| l.node == node.name && l.holder == ask.holder && l.lease_id != ask.lease_id)
+            leases.iter().find(|l| l.node == node.name && l.holder == ask.holder && l.lease_id != ask.lease_id)
         {
             self.store().release_leases(&node.name, std::slice::from_ref(&prev.lease_id), false)?;
             tracing::info!(node = %node.name, from = %prev.lease_id, to = ask.lease_id, "lease adopted by the owner's next work");
-            prev.lease_id = ask.lease_id.to_string();
-            self.record(node, member, ask)?;
+            self.record(node, member, ask, None)?;
             self.fleet.counters().lease_decision("already_held", "");
             return Ok(LeaseDecision::AlreadyHeld);
         }
@@ -222,7 +224,8 @@ impl Ledger {
             LeaseDecision::Deny { cause, .. } => self.fleet.counters().lease_decision("denied", cause.as_str()),
         }
         if matches!(decision, LeaseDecision::Grant | LeaseDecision::AlreadyHeld) {
-            let lease = self.record(node, member, ask)?;
+            let granted = leases.iter().find(|l| l.node == node.name && l.lease_id == ask.lease_id);
+            let lease = self.record(node, member, ask, granted.map(|l| l.granted_ms))?;
             if decision == LeaseDecision::Grant {
                 crate::outbox::emit(self.store(), &[crate::outbox::lease_event("granted", &lease, now_ms())]);
                 tracing::info!(node = %node.name, member, lease = ask.lease_id, holder = ask.holder, forced = ask.forced,
@@ -232,14 +235,16 @@ impl Ledger {
         Ok(decision)
     }
 
-    fn record(&self, node: &NodeRecord, member: &str, ask: &LeaseAsk<'_>) -> Result<LeaseRecord, StoreError> {
+    /// Records the lease `ask` for `node`: granted now, or at `granted_ms` when it is held already (its expiry moves).
+    fn record(
+        &self,
+        node: &NodeRecord,
+        member: &str,
+        ask: &LeaseAsk<'_>,
+        granted_ms: Option<i64>,
+    ) -> Result<LeaseRecord, StoreError> {
         let now = now_ms();
-        let granted_ms = self
-            .store()
-            .list_leases()?
-            .into_iter()
-            .find(|l| l.node == node.name && l.lease_id == ask.lease_id)
-            .map_or(now, |l| l.granted_ms);
+        let granted_ms = granted_ms.unwrap_or(now);
         let lease = LeaseRecord {
             node: node.name.clone(),
             lease_id: ask.lease_id.to_string(),
@@ -273,9 +278,9 @@ impl Ledger {
     pub fn node_release(&self, node: &str, ids: &[String], all_except: bool) -> Result<(), StoreError> {
         let own: Vec<String> = self
             .store()
-            .list_leases()?
+            .leases_of(LeasesOf::Node(node))?
             .into_iter()
-            .filter(|l| l.node == node && l.holder == "node" && (ids.contains(&l.lease_id) != all_except))
+            .filter(|l| l.holder == "node" && (ids.contains(&l.lease_id) != all_except))
             .map(|l| l.lease_id)
             .collect();
         if own.is_empty() {
@@ -292,7 +297,7 @@ impl Ledger {
         for l in released {
             tracing::info!(node, lease = %l.lease_id, holder = %l.holder, "lease released");
         }
-        if !self.store().list_leases()?.iter().any(|l| l.node == node) {
+        if self.store().leases_of(LeasesOf::Node(node))?.is_empty() {
             lock(&self.holders).remove(node);
         }
         if !released.is_empty() {

@@ -257,6 +257,33 @@ pub struct RunState {
     /// `Consistent` selection: the version chosen per family when the run started (shown in the run's status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_selection: Option<BTreeMap<String, ImageVersion>>,
+    /// Where each member sits in `stages` (not stored; see [`MemberIndex`]).
+    #[serde(skip)]
+    member_index: MemberIndex,
+}
+
+/// Where each member sits in a run's tree, by name: built on the first lookup and shared by every state cloned
+/// from that one (a transition changes levels, never the tree's shape). At 10,000 members, finding one by
+/// comparing names was a search through the whole tree on every result, start and transition.
+///
+/// A lookup checks the name at the position the index gives and searches the tree when the index is stale or
+/// does not know the name, so a tree changed in place costs a search, never a wrong answer.
+#[derive(Clone, Default)]
+struct MemberIndex(Arc<std::sync::OnceLock<std::collections::HashMap<String, (usize, usize, usize)>>>);
+
+impl PartialEq for MemberIndex {
+    /// A cache: two states are equal whatever either has looked up.
+    fn eq(&self, _: &MemberIndex) -> bool {
+        true
+    }
+}
+
+impl Eq for MemberIndex {}
+
+impl fmt::Debug for MemberIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MemberIndex({} names)", self.0.get().map_or(0, |m| m.len()))
+    }
 }
 
 /// Names one level of a run, as used in transitions and events.
@@ -417,7 +444,17 @@ impl RunState {
                 }
             })
             .collect();
-        Ok(RunState { spec: Arc::new(spec.clone()), run: LevelState::default(), stages, image_selection: None })
+        Ok(RunState::from_parts(Arc::new(spec.clone()), LevelState::default(), stages, None))
+    }
+
+    /// A state from its parts (as read back from the store).
+    pub fn from_parts(
+        spec: Arc<UpdateRunSpec>,
+        run: LevelState,
+        stages: Vec<StageState>,
+        image_selection: Option<BTreeMap<String, ImageVersion>>,
+    ) -> RunState {
+        RunState { spec, run, stages, image_selection, member_index: MemberIndex::default() }
     }
 
     /// The run's status.
@@ -459,7 +496,33 @@ impl RunState {
 
     /// A member's record.
     pub fn member(&self, name: &str) -> Option<&MemberState> {
-        self.members().find(|m| m.name == name)
+        self.member_at(name).map(|(si, gi, mi)| self.stages[si].groups[gi].members[mi].as_ref())
+    }
+
+    /// Where member `name` sits: from the index when it is right, else by searching the tree.
+    fn member_at(&self, name: &str) -> Option<(usize, usize, usize)> {
+        let at = |&(si, gi, mi): &(usize, usize, usize)| {
+            self.stages.get(si)?.groups.get(gi)?.members.get(mi).filter(|m| m.name == name).map(|_| (si, gi, mi))
+        };
+        let index = self.member_index.0.get_or_init(|| {
+            let mut index = std::collections::HashMap::new();
+            for (si, s) in self.stages.iter().enumerate() {
+                for (gi, g) in s.groups.iter().enumerate() {
+                    for (mi, m) in g.members.iter().enumerate() {
+                        index.insert(m.name.clone(), (si, gi, mi));
+                    }
+                }
+            }
+            index
+        });
+        index.get(name).and_then(at).or_else(|| {
+            self.stages.iter().enumerate().find_map(|(si, s)| {
+                s.groups
+                    .iter()
+                    .enumerate()
+                    .find_map(|(gi, g)| g.members.iter().position(|m| m.name == name).map(|mi| (si, gi, mi)))
+            })
+        })
     }
 
     /// The record of any level.
@@ -479,11 +542,7 @@ impl RunState {
                 let si = stage(s)?;
                 self.stages[si].groups.iter().position(|g| &g.name == group).map(|gi| Idx::Group(si, gi))
             }
-            LevelRef::Member { member } => self.stages.iter().enumerate().find_map(|(si, s)| {
-                s.groups.iter().enumerate().find_map(|(gi, g)| {
-                    g.members.iter().position(|m| &m.name == member).map(|mi| Idx::Member(si, gi, mi))
-                })
-            }),
+            LevelRef::Member { member } => self.member_at(member).map(|(si, gi, mi)| Idx::Member(si, gi, mi)),
         }
     }
 

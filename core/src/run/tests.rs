@@ -1386,3 +1386,37 @@ fn a_failure_among_results_that_arrive_together_starts_nothing_more() {
     );
     assert_eq!(st.run.status, Status::Failed);
 }
+
+#[test]
+fn a_member_is_found_by_name_in_a_copy_and_after_its_tree_changed_in_place() {
+    let sp = node_image_run(vec![
+        stage("s1", vec![group("g1", &["a", "b"]), group("g2", &["c"])]),
+        stage("s2", vec![group("g3", &["d", "e"])]),
+    ]);
+    let names: Vec<String> = ["a", "b", "c", "d", "e"].iter().map(|n| n.to_string()).collect();
+    let st = RunState::new(&sp, &names).expect("valid");
+    let idx = |st: &RunState, m: &str| st.find(&LevelRef::Member { member: m.into() });
+    assert_eq!(idx(&st, "e"), Some(state::Idx::Member(1, 0, 1)));
+    assert_eq!(idx(&st, "c"), Some(state::Idx::Member(0, 1, 0)));
+    assert_eq!(idx(&st, "zz"), None);
+    // A copy shares the index built above, and a member changed in the copy is found with its change.
+    let mut copy = st.clone();
+    Arc::make_mut(&mut copy.stages[1].groups[0].members[1]).attempts = 7;
+    assert_eq!(copy.member("e").map(|m| m.attempts), Some(7));
+    assert_eq!(st.member("e").map(|m| m.attempts), Some(0));
+    // The copy's tree reshaped in place: members swapped and one moved to another group. The stale index
+    // never gives a wrong place.
+    copy.stages[1].groups[0].members.swap(0, 1);
+    let moved = copy.stages[0].groups[0].members.remove(0);
+    copy.stages[0].groups[1].members.push(moved);
+    for (m, at) in [
+        ("a", state::Idx::Member(0, 1, 1)),
+        ("b", state::Idx::Member(0, 0, 0)),
+        ("d", state::Idx::Member(1, 0, 1)),
+        ("e", state::Idx::Member(1, 0, 0)),
+    ] {
+        assert_eq!(idx(&copy, m), Some(at), "{m}");
+        assert_eq!(copy.member(m).map(|r| r.name.as_str()), Some(m));
+    }
+    assert_eq!(idx(&st, "a"), Some(state::Idx::Member(0, 0, 0)), "the original is unchanged");
+}

@@ -326,6 +326,21 @@ fn leases_are_put_released_extended_and_expired(s: Arc<dyn Store>) {
     let pair = |n: &str, l: &str| (n.to_string(), l.to_string());
     assert_eq!(order, vec![pair("n1", "l3"), pair("n1", "l2f"), pair("n2", "l1"), pair("n0", "l4")]);
     assert!(s.list_leases().expect("list").iter().any(|l| l.forced), "forced kept");
+    // One member's or one node's leases: the same rows, in the same order, as the whole list filtered.
+    let ids = |ls: Vec<LeaseRecord>| ls.into_iter().map(|l| l.lease_id).collect::<Vec<_>>();
+    for of in [
+        LeasesOf::Member("m1"),
+        LeasesOf::Member("m2"),
+        LeasesOf::Member("m3"),
+        LeasesOf::Node("n1"),
+        LeasesOf::Node("n0"),
+        LeasesOf::Node("n9"),
+    ] {
+        let all: Vec<LeaseRecord> = s.list_leases().expect("list").into_iter().filter(|l| of.holds(l)).collect();
+        assert_eq!(ids(s.leases_of(of).expect("leases of")), ids(all), "{of:?}");
+    }
+    assert_eq!(ids(s.leases_of(LeasesOf::Member("m1")).expect("m1")), vec!["l3", "l2f", "l1"]);
+    assert_eq!(ids(s.leases_of(LeasesOf::Node("n1")).expect("n1")), vec!["l3", "l2f"]);
     // Put again: only the expiry moves.
     let mut again = lease("n2", "l1", "m9", 99, 150);
     again.holder = "operator".into();

@@ -444,6 +444,25 @@ pub struct LeaseRecord {
     pub forced: bool,
 }
 
+/// Whose leases to read (`Store::leases_of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeasesOf<'a> {
+    /// Every lease granted for a node of this member (as the lease recorded it).
+    Member(&'a str),
+    /// Every lease of this node.
+    Node(&'a str),
+}
+
+impl LeasesOf<'_> {
+    /// Whether `lease` is one of these.
+    pub fn holds(&self, lease: &LeaseRecord) -> bool {
+        match self {
+            LeasesOf::Member(m) => lease.member == *m,
+            LeasesOf::Node(n) => lease.node == *n,
+        }
+    }
+}
+
 /// A webhook (`upkeepctl webhook create`): where events whose type matches one of its patterns are delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookRecord {
@@ -731,6 +750,12 @@ pub trait Store: Send + Sync {
     fn put_lease(&self, lease: &LeaseRecord) -> Result<(), StoreError>;
     /// Every lease, expired or not, by member then node.
     fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError>;
+    /// The leases of one member or one node, expired or not, in `list_leases`' order. A lease decision reads
+    /// its member's leases only: at 100k nodes every grant decoding every lease in force was a tenth of the hub's
+    /// CPU.
+    fn leases_of(&self, of: LeasesOf<'_>) -> Result<Vec<LeaseRecord>, StoreError> {
+        Ok(self.list_leases()?.into_iter().filter(|l| of.holds(l)).collect())
+    }
     /// Releases the node's leases named in `ids`, or with `all_except` every other lease of the node.
     /// Returns the released leases.
     fn release_leases(&self, node: &str, ids: &[String], all_except: bool) -> Result<Vec<LeaseRecord>, StoreError>;

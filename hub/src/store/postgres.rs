@@ -19,9 +19,10 @@
 
 use super::runparts::RunWrite;
 use super::{
-    Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
-    NewEvent, NodeFacts, NodeRecord, OutboxEvent, RelayWait, ReportWrite, RevokedCert, RunRecord, SecurityPatchRecord,
-    SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
+    Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, LeasesOf, MemberRecord,
+    MemberSettings, NewEvent, NodeFacts, NodeRecord, OutboxEvent, RelayWait, ReportWrite, RevokedCert, RunRecord,
+    SecurityPatchRecord, SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus,
+    WindowKind,
 };
 use ::postgres::types::ToSql;
 use ::postgres::{Client, GenericClient, NoTls, Row};
@@ -1917,6 +1918,21 @@ impl Store for PostgresStore {
             "listing leases".into(),
             format!("SELECT {LEASE_COLUMNS} FROM leases ORDER BY member, node, granted_ms, lease_id"),
             params![],
+            lease_from_row,
+        )
+    }
+
+    fn leases_of(&self, of: LeasesOf<'_>) -> Result<Vec<LeaseRecord>, StoreError> {
+        let (column, key) = match of {
+            LeasesOf::Member(m) => ("member", m.to_string()),
+            LeasesOf::Node(n) => ("node", n.to_string()),
+        };
+        self.rows(
+            "listing leases".into(),
+            format!(
+                "SELECT {LEASE_COLUMNS} FROM leases WHERE {column} = $1 ORDER BY member, node, granted_ms, lease_id"
+            ),
+            params![key],
             lease_from_row,
         )
     }

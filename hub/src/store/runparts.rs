@@ -226,7 +226,7 @@ pub fn join(parts: &[(String, String)]) -> Result<RunState, PartError> {
             groups,
         });
     }
-    Ok(RunState { spec: frame.spec, run: parse(&by_key, "run")?, stages, image_selection: frame.image_selection })
+    Ok(RunState::from_parts(frame.spec, parse(&by_key, "run")?, stages, frame.image_selection))
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@
 
 use super::runparts::RunWrite;
 use super::{
-    Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
-    NewEvent, NodeFacts, NodeRecord, OutboxEvent, ReportWrite, RevokedCert, RunRecord, SecurityPatchRecord, Store,
-    StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
+    Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, LeasesOf, MemberRecord,
+    MemberSettings, NewEvent, NodeFacts, NodeRecord, OutboxEvent, ReportWrite, RevokedCert, RunRecord,
+    SecurityPatchRecord, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeSet;
@@ -1027,6 +1027,25 @@ impl Store for SqliteStore {
             )
             .map_err(db(ctx))?;
         stmt.query_map([], lease_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
+    }
+
+    fn leases_of(&self, of: LeasesOf<'_>) -> Result<Vec<LeaseRecord>, StoreError> {
+        let ctx = "listing leases";
+        let (sql, key) = match of {
+            LeasesOf::Member(m) => (
+                "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
+                 WHERE member = ?1 ORDER BY member, node, granted_ms",
+                m,
+            ),
+            LeasesOf::Node(n) => (
+                "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
+                 WHERE node = ?1 ORDER BY member, node, granted_ms",
+                n,
+            ),
+        };
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(sql).map_err(db(ctx))?;
+        stmt.query_map(params![key], lease_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
     }
 
     fn release_leases(&self, node: &str, ids: &[String], all_except: bool) -> Result<Vec<LeaseRecord>, StoreError> {

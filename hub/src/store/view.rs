@@ -12,10 +12,10 @@
 
 use super::runparts::RunWrite;
 use super::{
-    Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, MemberRecord, MemberSettings,
-    NewEvent, NodeFacts, NodeRecord, OutboxEvent, Regions, RelayWait, ReportWrite, RevokedCert, RunRecord,
-    SecurityPatchRecord, SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus,
-    WindowKind,
+    Delivery, EventRecord, ImageRecord, JobRecord, JoinTokenRecord, LeaseRecord, LeasesOf, MemberRecord,
+    MemberSettings, NewEvent, NodeFacts, NodeRecord, OutboxEvent, Regions, RelayWait, ReportWrite, RevokedCert,
+    RunRecord, SecurityPatchRecord, SessionChange, SessionPlace, Store, StoreError, TokenRefusal, WebhookRecord,
+    WebhookStatus, WindowKind,
 };
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -575,6 +575,9 @@ impl Store for Viewed {
     }
     fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
         self.inner.list_leases()
+    }
+    fn leases_of(&self, of: LeasesOf<'_>) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.inner.leases_of(of)
     }
     fn release_leases(&self, node: &str, ids: &[String], all_except: bool) -> Result<Vec<LeaseRecord>, StoreError> {
         self.inner.release_leases(node, ids, all_except)
