@@ -754,32 +754,18 @@ impl<'a> Planner<'a> {
     /// fewer members upgrading first), members
     /// of a group by window priority then declared order, within the group's and the stage's concurrency.
     fn schedule_stage(&mut self, si: usize) {
-        let ut = self.st.spec.upgrade_type;
         let stage = &self.st.stages[si];
         let stage_cap = stage.max_concurrency.map_or(u32::MAX, |l| l.resolve(count_u32(stage.member_count())));
         let mut stage_running = count_u32(self.running_in_stage(si).len());
         let mut caps = Vec::new();
         let mut running = Vec::new();
-        let mut queues: Vec<Vec<usize>> = Vec::new();
         for (gi, g) in stage.groups.iter().enumerate() {
             caps.push(g.max_concurrency.map_or(1, |l| l.resolve(count_u32(g.members.len()))));
             running.push(count_u32(self.running_in_group(si, gi).len()));
-            let mut cands: Vec<(crate::schedule::WindowPriority, usize)> = if g.level.status.is_final() {
-                Vec::new()
-            } else {
-                g.members
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, m)| matches!(m.level.status, Status::NotStarted | Status::Pending))
-                    .map(|(mi, m)| {
-                        let window = self.fleet.members.get(&m.name).and_then(|v| v.window_for(ut));
-                        (priority(window, self.now), mi)
-                    })
-                    .collect()
-            };
-            cands.sort();
-            queues.push(cands.into_iter().map(|(_, mi)| mi).rev().collect());
         }
+        // A group's candidates, best last, ordered when the group first has room: most passes come after one
+        // member finished, and every other group is still at its cap.
+        let mut queues: Vec<Option<Vec<usize>>> = vec![None; stage.groups.len()];
         loop {
             let mut progressed = false;
             // Each turn, groups with fewer members upgrading go first, so a stage cap is shared fairly.
@@ -792,7 +778,8 @@ impl<'a> Planner<'a> {
                 if running[gi] >= caps[gi] {
                     continue;
                 }
-                while let Some(mi) = queues[gi].pop() {
+                let queue = queues[gi].get_or_insert_with(|| self.candidates(si, gi));
+                while let Some(mi) = queue.pop() {
                     let idx = Idx::Member(si, gi, mi);
                     match self.evaluate(&self.st.stages[si].groups[gi].members[mi].name) {
                         Decision::Start(target) => {
@@ -816,6 +803,27 @@ impl<'a> Planner<'a> {
                 return;
             }
         }
+    }
+
+    /// The members of group `gi` of stage `si` that may start, by window priority then declared order, best last.
+    fn candidates(&self, si: usize, gi: usize) -> Vec<usize> {
+        let g = &self.st.stages[si].groups[gi];
+        if g.level.status.is_final() {
+            return Vec::new();
+        }
+        let ut = self.st.spec.upgrade_type;
+        let mut cands: Vec<(crate::schedule::WindowPriority, usize)> = g
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| matches!(m.level.status, Status::NotStarted | Status::Pending))
+            .map(|(mi, m)| {
+                let window = self.fleet.members.get(&m.name).and_then(|v| v.window_for(ut));
+                (priority(window, self.now), mi)
+            })
+            .collect();
+        cands.sort();
+        cands.into_iter().map(|(_, mi)| mi).rev().collect()
     }
 
     fn start_member(&mut self, idx: Idx, target: MemberTarget) {
