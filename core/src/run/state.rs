@@ -269,7 +269,10 @@ pub struct RunState {
 /// A lookup checks the name at the position the index gives and searches the tree when the index is stale or
 /// does not know the name, so a tree changed in place costs a search, never a wrong answer.
 #[derive(Clone, Default)]
-struct MemberIndex(Arc<std::sync::OnceLock<std::collections::HashMap<String, (usize, usize, usize)>>>);
+struct MemberIndex(Arc<std::sync::OnceLock<std::collections::HashMap<String, MemberAt>>>);
+
+/// A member's stage, group and place in its group.
+type MemberAt = (usize, usize, usize);
 
 impl PartialEq for MemberIndex {
     /// A cache: two states are equal whatever either has looked up.
@@ -500,8 +503,8 @@ impl RunState {
     }
 
     /// Where member `name` sits: from the index when it is right, else by searching the tree.
-    fn member_at(&self, name: &str) -> Option<(usize, usize, usize)> {
-        let at = |&(si, gi, mi): &(usize, usize, usize)| {
+    fn member_at(&self, name: &str) -> Option<MemberAt> {
+        let at = |&(si, gi, mi): &MemberAt| {
             self.stages.get(si)?.groups.get(gi)?.members.get(mi).filter(|m| m.name == name).map(|_| (si, gi, mi))
         };
         let index = self.member_index.0.get_or_init(|| {
