@@ -320,6 +320,10 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", LOG_SIZE_LIMIT_BYTES).map_err(db(ctx.clone()))?;
         // Room for every statement the store prepares with `prepare_cached` (rusqlite keeps 16 by default).
         conn.set_prepared_statement_cache_capacity(128);
+        // Plans that never depend on the values bound. Without this SQLite marks a statement that filters on a
+        // bound value and sorts (`WHERE member = ?1 ORDER BY ...`) to be planned again whenever the value
+        // changes: every lease decision and every reading of a run's events prepared its statement anew.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db(ctx.clone()))?;
         let conn = std::sync::Arc::new(Mutex::new(conn));
         let checkpointer = Checkpointer::start(path, conn.clone())?;
         Ok(SqliteStore { conn, _checkpointer: checkpointer })
@@ -476,10 +480,11 @@ impl Store for SqliteStore {
         let ctx = format!("reading node {name}");
         let conn = self.conn();
         let row = conn
-            .query_row(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"), params![name], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            .prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+                    .optional()
             })
-            .optional()
             .map_err(db(ctx))?;
         row.map(node_from_row).transpose()
     }
@@ -583,12 +588,12 @@ impl Store for SqliteStore {
 
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .prepare_cached(
                 "INSERT INTO jobs (id, member, status, state, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(id) DO UPDATE SET member = excluded.member, status = excluded.status,
                      state = excluded.state, updated_ms = excluded.updated_ms",
-                params![job.id, job.member, job.status, job.state, job.updated_ms],
             )
+            .and_then(|mut stmt| stmt.execute(params![job.id, job.member, job.status, job.state, job.updated_ms]))
             .map(drop)
             .map_err(db(format!("recording work {}", job.id)))
     }
@@ -892,10 +897,8 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
         let n = tx
-            .execute(
-                "UPDATE runs SET version = version + 1, status = ?3 WHERE name = ?1 AND version = ?2",
-                params![name, expected as i64, status],
-            )
+            .prepare_cached("UPDATE runs SET version = version + 1, status = ?3 WHERE name = ?1 AND version = ?2")
+            .and_then(|mut stmt| stmt.execute(params![name, expected as i64, status]))
             .map_err(db(ctx.clone()))?;
         if n == 0 {
             return Err(StoreError::Conflict(format!("run {name:?} changed or was deleted meanwhile; plan again")));
@@ -1007,12 +1010,23 @@ impl Store for SqliteStore {
 
     fn put_lease(&self, l: &LeaseRecord) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .prepare_cached(
                 "INSERT INTO leases (node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT(node, lease_id) DO UPDATE SET expires_ms = excluded.expires_ms",
-                params![l.node, l.lease_id, l.member, l.holder, l.purpose, l.granted_ms, l.expires_ms, l.forced],
             )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    l.node,
+                    l.lease_id,
+                    l.member,
+                    l.holder,
+                    l.purpose,
+                    l.granted_ms,
+                    l.expires_ms,
+                    l.forced
+                ])
+            })
             .map(drop)
             .map_err(db(format!("granting lease {} to node {}", l.lease_id, l.node)))
     }
@@ -1032,16 +1046,8 @@ impl Store for SqliteStore {
     fn leases_of(&self, of: LeasesOf<'_>) -> Result<Vec<LeaseRecord>, StoreError> {
         let ctx = "listing leases";
         let (sql, key) = match of {
-            LeasesOf::Member(m) => (
-                "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
-                 WHERE member = ?1 ORDER BY member, node, granted_ms",
-                m,
-            ),
-            LeasesOf::Node(n) => (
-                "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
-                 WHERE node = ?1 ORDER BY member, node, granted_ms",
-                n,
-            ),
+            LeasesOf::Member(m) => (LEASES_OF_MEMBER, m),
+            LeasesOf::Node(n) => (LEASES_OF_NODE, n),
         };
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(sql).map_err(db(ctx))?;
@@ -1066,7 +1072,8 @@ impl Store for SqliteStore {
         };
         let released: Vec<LeaseRecord> = held.into_iter().filter(|l| ids.contains(&l.lease_id) != all_except).collect();
         for l in &released {
-            tx.execute("DELETE FROM leases WHERE node = ?1 AND lease_id = ?2", params![node, l.lease_id])
+            tx.prepare_cached("DELETE FROM leases WHERE node = ?1 AND lease_id = ?2")
+                .and_then(|mut stmt| stmt.execute(params![node, l.lease_id]))
                 .map_err(db(ctx.clone()))?;
         }
         tx.commit().map_err(db(ctx))?;
@@ -1517,6 +1524,13 @@ fn checked_token(
     })
 }
 
+/// One member's leases (`Store::leases_of`), in `list_leases`' order.
+const LEASES_OF_MEMBER: &str = "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced
+     FROM leases WHERE member = ?1 ORDER BY member, node, granted_ms";
+/// One node's leases, in `list_leases`' order.
+const LEASES_OF_NODE: &str = "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced
+     FROM leases WHERE node = ?1 ORDER BY member, node, granted_ms";
+
 fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRecord> {
     Ok(LeaseRecord {
         node: r.get(0)?,
@@ -1589,28 +1603,29 @@ fn not_found_member(member: &str) -> StoreError {
 fn settings_of(conn: &Connection, member: &str) -> Result<MemberSettings, StoreError> {
     let ctx = format!("reading settings of member {member}");
     let exists: bool = conn
-        .query_row("SELECT 1 FROM members WHERE name = ?1", params![member], |_| Ok(true))
-        .optional()
+        .prepare_cached("SELECT 1 FROM members WHERE name = ?1")
+        .and_then(|mut stmt| stmt.query_row(params![member], |_| Ok(true)).optional())
         .map_err(db(ctx.clone()))?
         .unwrap_or(false);
     if !exists {
         return Err(not_found_member(member));
     }
     let row = conn
-        .query_row(
+        .prepare_cached(
             "SELECT node_os_schedule, cluster_schedule, max_unavailable, drain_policy FROM member_settings
              WHERE member = ?1",
-            params![member],
-            |r| {
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![member], |r| {
                 Ok((
                     r.get::<_, Option<String>>(0)?,
                     r.get::<_, Option<String>>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, Option<String>>(3)?,
                 ))
-            },
-        )
-        .optional()
+            })
+            .optional()
+        })
         .map_err(db(ctx))?;
     let (node_os_schedule, cluster_schedule, max_unavailable, drain_policy) =
         row.unwrap_or((None, None, "1".to_string(), None));
@@ -1823,6 +1838,37 @@ mod tests {
         assert_eq!(rec.state().expect("parts"), state);
         assert_eq!(rec.version, 2);
         assert!(matches!(s.commit_run("r", 1, "Running", &write, &[]), Err(StoreError::Conflict(_))));
+    }
+
+    #[test]
+    fn a_cached_statement_is_not_planned_again_when_its_bound_values_change() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+            let l = LeaseRecord {
+                node: format!("n{i}"),
+                lease_id: format!("l{i}"),
+                member: m.to_string(),
+                holder: "operator".into(),
+                purpose: "test".into(),
+                granted_ms: 1,
+                expires_ms: 1_000,
+                forced: false,
+            };
+            s.put_lease(&l).expect("lease");
+        }
+        for round in 0..3 {
+            for (i, m) in ["m1", "m2", "m3", "m4"].iter().enumerate() {
+                let mine = s.leases_of(LeasesOf::Member(m)).expect("member's");
+                assert_eq!(mine.len(), usize::from(i < 3), "{m}, round {round}");
+                s.leases_of(LeasesOf::Node(&format!("n{i}"))).expect("node's");
+            }
+        }
+        let conn = s.conn();
+        for sql in [LEASES_OF_MEMBER, LEASES_OF_NODE] {
+            let stmt = conn.prepare_cached(sql).expect("cached");
+            assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0, "{sql}");
+        }
     }
 
     #[test]
