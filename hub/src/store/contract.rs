@@ -644,6 +644,15 @@ fn the_outbox_keeps_matching_events_delivers_oldest_per_subject_first_and_prunes
     // Pruning forgets keys recorded before the cut: the key may be sent again after that.
     s.prune_outbox(3_500).expect("prune");
     assert!(s.enqueue_once("upcoming/a", 4_000, std::slice::from_ref(&notice)).expect("forgotten"));
+    // Every webhook gone: events are owed to nobody; a webhook created again gets the events after it.
+    assert!(s.delete_webhook("nodes").expect("delete"));
+    assert!(s.delete_webhook("notices").expect("delete"));
+    s.enqueue_events(&[ev("upkeep.node.ready", "nodes/c")]).expect("owed to nobody");
+    s.create_webhook(&hook("again", &["node.*"])).expect("create");
+    assert!(s.due_deliveries("again", 5_000, 10).expect("due").is_empty(), "nothing from before it");
+    s.enqueue_events(&[ev("upkeep.node.ready", "nodes/d")]).expect("wanted");
+    let due = s.due_deliveries("again", 5_000, 10).expect("due");
+    assert_eq!(due.iter().map(|d| d.event.subject.as_str()).collect::<Vec<_>>(), ["nodes/d"]);
 }
 
 #[test]

@@ -196,9 +196,18 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// The SQLite store.
 pub struct SqliteStore {
     conn: std::sync::Arc<Mutex<Connection>>,
+    /// Whether any webhook exists, as last read: with none, an event owed to nobody costs no transaction and no
+    /// read. Read and changed only with the connection held; a serving hub holds the state directory's lock, so
+    /// no other process writes webhooks meanwhile.
+    webhooks: std::sync::atomic::AtomicU8,
     /// Copies the write-ahead log into the database off the writers' path (see [`Checkpointer`]).
     _checkpointer: Checkpointer,
 }
+
+/// `SqliteStore::webhooks`: not read since the last change, none, some.
+const WEBHOOKS_UNKNOWN: u8 = 0;
+const WEBHOOKS_NONE: u8 = 1;
+const WEBHOOKS_SOME: u8 = 2;
 
 /// How often the checkpointer copies committed pages from the write-ahead log into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
@@ -326,7 +335,40 @@ impl SqliteStore {
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(db(ctx.clone()))?;
         let conn = std::sync::Arc::new(Mutex::new(conn));
         let checkpointer = Checkpointer::start(path, conn.clone())?;
-        Ok(SqliteStore { conn, _checkpointer: checkpointer })
+        Ok(SqliteStore {
+            conn,
+            webhooks: std::sync::atomic::AtomicU8::new(WEBHOOKS_UNKNOWN),
+            _checkpointer: checkpointer,
+        })
+    }
+
+    /// Whether any webhook exists (`conn` is the held connection).
+    fn any_webhooks(&self, conn: &Connection) -> Result<bool, StoreError> {
+        use std::sync::atomic::Ordering;
+        match self.webhooks.load(Ordering::Relaxed) {
+            WEBHOOKS_NONE => Ok(false),
+            WEBHOOKS_SOME => Ok(true),
+            _ => {
+                let some: bool = conn
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM webhooks)")
+                    .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+                    .map_err(db("reading webhooks"))?;
+                self.webhooks.store(if some { WEBHOOKS_SOME } else { WEBHOOKS_NONE }, Ordering::Relaxed);
+                Ok(some)
+            }
+        }
+    }
+
+    /// Puts `events` in the outbox for the webhooks that want them, in `tx`, unless no webhook exists.
+    fn enqueue_if_wanted(
+        &self,
+        tx: &Connection,
+        events: impl FnOnce() -> Vec<OutboxEvent>,
+    ) -> Result<usize, StoreError> {
+        if !self.any_webhooks(tx)? {
+            return Ok(0);
+        }
+        enqueue(tx, &events())
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -908,7 +950,7 @@ impl Store for SqliteStore {
         }
         write_parts(&tx, name, write.parts()).map_err(db(ctx.clone()))?;
         let out = insert_events(&tx, name, events)?;
-        enqueue(&tx, &out.iter().map(super::run_event_outbox).collect::<Vec<_>>())?;
+        self.enqueue_if_wanted(&tx, || out.iter().map(super::run_event_outbox).collect())?;
         tx.commit().map_err(db(ctx))?;
         Ok(out)
     }
@@ -917,7 +959,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db("appending events"))?;
         let out = insert_events(&tx, run, events)?;
-        enqueue(&tx, &out.iter().map(super::run_event_outbox).collect::<Vec<_>>())?;
+        self.enqueue_if_wanted(&tx, || out.iter().map(super::run_event_outbox).collect())?;
         tx.commit().map_err(db("appending events"))?;
         Ok(out)
     }
@@ -1306,14 +1348,15 @@ impl Store for SqliteStore {
         let ctx = format!("creating webhook {}", h.name);
         let events = serde_json::to_string(&h.events)
             .map_err(|e| StoreError::Corrupt { context: ctx.clone(), reason: e.to_string() })?;
-        let n = self
-            .conn()
+        let conn = self.conn();
+        let n = conn
             .execute(
                 "INSERT INTO webhooks (name, url, events, secret, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(name) DO NOTHING",
                 params![h.name, h.url, events, h.secret, h.created_ms],
             )
             .map_err(db(ctx))?;
+        self.webhooks.store(WEBHOOKS_UNKNOWN, std::sync::atomic::Ordering::Relaxed);
         if n == 0 {
             return Err(StoreError::Conflict(format!(
                 "webhook {:?} exists; pick another name, or `upkeepctl webhook delete {}` first",
@@ -1373,11 +1416,15 @@ impl Store for SqliteStore {
         tx.execute("DELETE FROM webhook_deliveries WHERE webhook = ?1", params![name]).map_err(db(ctx.clone()))?;
         let n = tx.execute("DELETE FROM webhooks WHERE name = ?1", params![name]).map_err(db(ctx.clone()))?;
         tx.commit().map_err(db(ctx))?;
+        self.webhooks.store(WEBHOOKS_UNKNOWN, std::sync::atomic::Ordering::Relaxed);
         Ok(n > 0)
     }
 
     fn enqueue_events(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
         let conn = self.conn();
+        if events.is_empty() || !self.any_webhooks(&conn)? {
+            return Ok(());
+        }
         let tx = conn.unchecked_transaction().map_err(db("enqueueing webhook events"))?;
         enqueue(&tx, events)?;
         tx.commit().map_err(db("enqueueing webhook events"))
