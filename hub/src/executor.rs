@@ -506,7 +506,8 @@ impl Executor {
     async fn wait_for_lease(&self, spec: &JobSpec, node: &str) -> Result<(), StoreError> {
         let mut logged = false;
         loop {
-            let Some(rec) = self.store().get_node(node)? else {
+            // The node's member as last reported, from the hub's view (no store read per node).
+            let Some(member) = self.fleet.view().member_of(node) else {
                 // Forgotten meanwhile: nothing to take out; the steps fail on it and say so.
                 return Ok(());
             };
@@ -517,7 +518,7 @@ impl Executor {
                 outside_window: spec.outside_window,
                 forced: spec.forced,
             };
-            match self.ledger.take(&rec, &ask)? {
+            match self.ledger.take(node, &member, &ask)? {
                 LeaseDecision::Grant | LeaseDecision::AlreadyHeld => return Ok(()),
                 LeaseDecision::Deny { reason, .. } => {
                     if !logged {

@@ -17,7 +17,7 @@
 //! instead of being blocked by it.
 
 use crate::fleet::{Fleet, now_ms};
-use crate::store::{LeaseRecord, LeasesOf, NodeRecord, Store, StoreError};
+use crate::store::{LeaseRecord, LeasesOf, Store, StoreError};
 use chrono::Utc;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -172,10 +172,9 @@ impl Ledger {
         }
     }
 
-    /// Decides and, when granted, records a lease for `node`.
-    pub fn take(&self, node: &NodeRecord, ask: &LeaseAsk<'_>) -> Result<LeaseDecision, StoreError> {
+    /// Decides and, when granted, records a lease for `node`, a node of `member`.
+    pub fn take(&self, node: &str, member: &str, ask: &LeaseAsk<'_>) -> Result<LeaseDecision, StoreError> {
         let _desk = lock(&self.desk);
-        let member = node.facts.member.as_str();
         // Only the member's leases weigh in the decision. Expired ones are dropped first, with a write only when
         // there are some (at 100k nodes a DELETE per grant was a write transaction per node); other members'
         // expired leases are dropped by the maintenance pass.
@@ -187,10 +186,10 @@ impl Ledger {
         }
         // Adoption: the same owner's earlier work left this node out of service; the new work takes it over.
         if let Some(prev) =
-            leases.iter().find(|l| l.node == node.name && l.holder == ask.holder && l.lease_id != ask.lease_id)
+            leases.iter().find(|l| l.node == node && l.holder == ask.holder && l.lease_id != ask.lease_id)
         {
-            self.store().release_leases(&node.name, std::slice::from_ref(&prev.lease_id), false)?;
-            tracing::info!(node = %node.name, from = %prev.lease_id, to = ask.lease_id, "lease adopted by the owner's next work");
+            self.store().release_leases(node, std::slice::from_ref(&prev.lease_id), false)?;
+            tracing::info!(node, from = %prev.lease_id, to = ask.lease_id, "lease adopted by the owner's next work");
             self.record(node, member, ask, None)?;
             self.fleet.counters().lease_decision("already_held", "");
             return Ok(LeaseDecision::AlreadyHeld);
@@ -217,19 +216,26 @@ impl Ledger {
             upgrading_run: run.as_deref(),
             held: &held,
         };
-        let decision = decide_lease(&budget, &node.name, ask.lease_id, ask.outside_window, Utc::now());
+        let decision = decide_lease(&budget, node, ask.lease_id, ask.outside_window, Utc::now());
         match &decision {
             LeaseDecision::Grant => self.fleet.counters().lease_decision("granted", ""),
             LeaseDecision::AlreadyHeld => self.fleet.counters().lease_decision("already_held", ""),
             LeaseDecision::Deny { cause, .. } => self.fleet.counters().lease_decision("denied", cause.as_str()),
         }
         if matches!(decision, LeaseDecision::Grant | LeaseDecision::AlreadyHeld) {
-            let granted = leases.iter().find(|l| l.node == node.name && l.lease_id == ask.lease_id);
+            let granted = leases.iter().find(|l| l.node == node && l.lease_id == ask.lease_id);
             let lease = self.record(node, member, ask, granted.map(|l| l.granted_ms))?;
             if decision == LeaseDecision::Grant {
                 crate::outbox::emit(self.store(), &[crate::outbox::lease_event("granted", &lease, now_ms())]);
-                tracing::info!(node = %node.name, member, lease = ask.lease_id, holder = ask.holder, forced = ask.forced,
-                    purpose = ask.purpose, "lease granted");
+                tracing::info!(
+                    node,
+                    member,
+                    lease = ask.lease_id,
+                    holder = ask.holder,
+                    forced = ask.forced,
+                    purpose = ask.purpose,
+                    "lease granted"
+                );
             }
         }
         Ok(decision)
@@ -238,7 +244,7 @@ impl Ledger {
     /// Records the lease `ask` for `node`: granted now, or at `granted_ms` when it is held already (its expiry moves).
     fn record(
         &self,
-        node: &NodeRecord,
+        node: &str,
         member: &str,
         ask: &LeaseAsk<'_>,
         granted_ms: Option<i64>,
@@ -246,7 +252,7 @@ impl Ledger {
         let now = now_ms();
         let granted_ms = granted_ms.unwrap_or(now);
         let lease = LeaseRecord {
-            node: node.name.clone(),
+            node: node.to_string(),
             lease_id: ask.lease_id.to_string(),
             member: member.to_string(),
             holder: ask.holder.to_string(),
@@ -256,7 +262,7 @@ impl Ledger {
             forced: ask.forced,
         };
         self.store().put_lease(&lease)?;
-        lock(&self.holders).insert(node.name.clone(), now);
+        lock(&self.holders).insert(node.to_string(), now);
         Ok(lease)
     }
 
@@ -359,7 +365,7 @@ mod tests {
     fn take(l: &Ledger, node: &str, id: &str, holder: &str) -> LeaseDecision {
         let rec = l.store().get_node(node).expect("read").expect("node");
         let ask = LeaseAsk { lease_id: id, holder, purpose: "test", outside_window: false, forced: false };
-        l.take(&rec, &ask).expect("decision")
+        l.take(&rec.name, &rec.facts.member, &ask).expect("decision")
     }
 
     #[test]

@@ -359,7 +359,7 @@ impl Maintenance {
         let purpose = if req.reason.is_empty() { "reboot".to_string() } else { req.reason.clone() };
         let holder = format!("reboot/{node}");
         let ask = LeaseAsk { lease_id: &id, holder: &holder, purpose: &purpose, outside_window: false, forced: false };
-        match self.ledger().take(&rec, &ask)? {
+        match self.ledger().take(&rec.name, &rec.facts.member, &ask)? {
             LeaseDecision::Deny { reason, retry_after_seconds, .. } => {
                 tracing::info!(node, lease = %req.lease_id, %reason, "reboot not now");
                 let why = NodeWhy {
@@ -427,7 +427,7 @@ impl Maintenance {
         let purpose = format!("reboot ordered by {operator}");
         let holder = format!("operator/{operator}");
         let ask = LeaseAsk { lease_id: &id, holder: &holder, purpose: &purpose, outside_window: force, forced: force };
-        match self.ledger().take(&rec, &ask)? {
+        match self.ledger().take(&rec.name, &rec.facts.member, &ask)? {
             LeaseDecision::Deny { reason, .. } => Err(LeaseError::Denied(format!(
                 "{reason}{}",
                 if force { "" } else { "; --force reboots outside the window (the budget still holds)" }

@@ -268,6 +268,11 @@ impl Viewed {
         v.current(member).map(|m| m.nodes.clone()).unwrap_or_default()
     }
 
+    /// The member node `node` reported last, if the hub knows the node.
+    pub fn member_of(&self, node: &str) -> Option<String> {
+        lock(&self.view).nodes.get(node).map(|n| n.member.clone())
+    }
+
     /// How many nodes `member` has.
     pub fn member_node_count(&self, member: &str) -> usize {
         lock(&self.view).members.get(member).map_or(0, BTreeSet::len)
