@@ -189,7 +189,7 @@ impl Ledger {
             leases.iter().find(|l| l.node == node && l.holder == ask.holder && l.lease_id != ask.lease_id)
         {
             self.store().release_leases(node, std::slice::from_ref(&prev.lease_id), false)?;
-            tracing::info!(node, from = %prev.lease_id, to = ask.lease_id, "lease adopted by the owner's next work");
+            tracing::info!(node = %node, from = %prev.lease_id, to = ask.lease_id, "lease adopted by the owner's next work");
             self.record(node, member, ask, None)?;
             self.fleet.counters().lease_decision("already_held", "");
             return Ok(LeaseDecision::AlreadyHeld);
@@ -228,7 +228,7 @@ impl Ledger {
             if decision == LeaseDecision::Grant {
                 crate::outbox::emit(self.store(), &[crate::outbox::lease_event("granted", &lease, now_ms())]);
                 tracing::info!(
-                    node,
+                    node = %node,
                     member,
                     lease = ask.lease_id,
                     holder = ask.holder,
