@@ -750,9 +750,8 @@ pub trait Store: Send + Sync {
     fn put_lease(&self, lease: &LeaseRecord) -> Result<(), StoreError>;
     /// Every lease, expired or not, by member then node.
     fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError>;
-    /// The leases of one member or one node, expired or not, in `list_leases`' order. A lease decision reads
-    /// its member's leases only: at 100k nodes every grant decoding every lease in force was a tenth of the hub's
-    /// CPU.
+    /// The leases of one member or one node, expired or not, in `list_leases`' order. A lease decision needs
+    /// its member's leases only, and a release its node's.
     fn leases_of(&self, of: LeasesOf<'_>) -> Result<Vec<LeaseRecord>, StoreError> {
         Ok(self.list_leases()?.into_iter().filter(|l| of.holds(l)).collect())
     }
