@@ -755,7 +755,8 @@ impl Fleet {
         }
     }
 
-    /// Whether some webhook exists (kept by `crate::webhooks::run` and the webhook RPCs).
+    /// Whether some webhook exists (kept by `crate::webhooks::run` and the webhook RPCs): a hint that spares
+    /// work before an event is made. Whether an event is stored is the store's to decide, in its transaction.
     pub fn webhooks_active(&self) -> bool {
         self.webhooks_active.load(Ordering::Relaxed)
     }

@@ -199,6 +199,28 @@ mod tests {
         tokio::spawn(async move { writer.record(w).await })
     }
 
+    /// Starts the first report and returns once its batch is held at the store.
+    fn first_held(
+        writer: &Arc<ReportWriter>,
+        sizes: &Mutex<Vec<usize>>,
+        w: ReportWrite,
+    ) -> tokio::task::JoinHandle<Result<MemberRecord, StoreError>> {
+        let task = spawn(writer, w);
+        until("the first batch to reach the store", || !sizes.lock().expect("sizes").is_empty());
+        task
+    }
+
+    /// Starts a report and returns once `n` reports are queued.
+    fn queued_as(
+        writer: &Arc<ReportWriter>,
+        w: ReportWrite,
+        n: usize,
+    ) -> tokio::task::JoinHandle<Result<MemberRecord, StoreError>> {
+        let task = spawn(writer, w);
+        until(&format!("{n} queued"), || writer.queued() == n);
+        task
+    }
+
     fn stored(store: &SqliteStore) -> Vec<String> {
         store.list_nodes(None).expect("list").into_iter().map(|n| n.name).collect()
     }
@@ -206,8 +228,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reports_queued_while_a_batch_is_written_go_together_into_the_next_one() {
         let (writer, store, sizes, release, _dir) = held_writer();
-        let first = spawn(&writer, write("n000", "m0"));
-        until("the first batch to reach the store", || !sizes.lock().expect("sizes").is_empty());
+        let first = first_held(&writer, &sizes, write("n000", "m0"));
         let rest: Vec<_> =
             (1..=100).map(|i| spawn(&writer, write(&format!("n{i:03}"), &format!("m{}", i % 2)))).collect();
         until("100 reports to queue", || writer.queued() == 100);
@@ -229,14 +250,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sender_that_gave_up_in_the_queue_is_passed_over_and_the_next_writes() {
         let (writer, store, sizes, release, _dir) = held_writer();
-        let first = spawn(&writer, write("n1", "m"));
-        until("the first batch to reach the store", || !sizes.lock().expect("sizes").is_empty());
-        let gave_up = spawn(&writer, write("gone", "m"));
-        until("a report to queue", || writer.queued() == 1);
+        let first = first_held(&writer, &sizes, write("n1", "m"));
+        let gave_up = queued_as(&writer, write("gone", "m"), 1);
         gave_up.abort();
         assert!(gave_up.await.expect_err("aborted").is_cancelled());
-        let next = spawn(&writer, write("n2", "m"));
-        until("another to queue", || writer.queued() == 2);
+        let next = queued_as(&writer, write("n2", "m"), 2);
         release.send(()).expect("release");
         first.await.expect("task").expect("written");
         let next =
@@ -250,10 +268,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_whose_write_panics_fails_its_own_sender_and_the_queue_goes_on() {
         let (writer, store, sizes, release, _dir) = held_writer();
-        let boom = spawn(&writer, write("boom", "m"));
-        until("the first batch to reach the store", || !sizes.lock().expect("sizes").is_empty());
-        let next = spawn(&writer, write("n1", "m"));
-        until("a report to queue", || writer.queued() == 1);
+        let boom = first_held(&writer, &sizes, write("boom", "m"));
+        let next = queued_as(&writer, write("n1", "m"), 1);
         release.send(()).expect("release");
         assert!(boom.await.expect_err("the panic reaches the task").is_panic());
         let next =

@@ -10,6 +10,13 @@ use super::{
     SecurityPatchRecord, Store, StoreError, TokenRefusal, WebhookRecord, WebhookStatus, WindowKind,
 };
 use rusqlite::{Connection, OptionalExtension, params};
+
+/// A query of the `leases` table: the columns `lease_from_row` reads, then `$rest` (its `WHERE` and `ORDER BY`).
+macro_rules! leases {
+    ($rest:literal) => {
+        concat!("SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases ", $rest)
+    };
+}
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -198,7 +205,8 @@ pub struct SqliteStore {
     conn: std::sync::Arc<Mutex<Connection>>,
     /// Whether any webhook exists, as last read: with none, an event owed to nobody costs no transaction and no
     /// read. Read and changed only with the connection held; a serving hub holds the state directory's lock, so
-    /// no other process writes webhooks meanwhile.
+    /// no other process writes webhooks meanwhile. Exact, unlike `Fleet::webhooks_active`, a hint polled for
+    /// every replica that only spares work before an event is made; this decides whether one is stored.
     webhooks: std::sync::atomic::AtomicU8,
     /// Copies the write-ahead log into the database off the writers' path (see [`Checkpointer`]).
     _checkpointer: Checkpointer,
@@ -1076,12 +1084,7 @@ impl Store for SqliteStore {
     fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
         let ctx = "listing leases";
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
-                 ORDER BY member, node, granted_ms",
-            )
-            .map_err(db(ctx))?;
+        let mut stmt = conn.prepare_cached(leases!("ORDER BY member, node, granted_ms")).map_err(db(ctx))?;
         stmt.query_map([], lease_from_row).map_err(db(ctx))?.collect::<Result<_, _>>().map_err(db(ctx))
     }
 
@@ -1101,12 +1104,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db(ctx.clone()))?;
         let held: Vec<LeaseRecord> = {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
-                     WHERE node = ?1",
-                )
-                .map_err(db(ctx.clone()))?;
+            let mut stmt = tx.prepare_cached(LEASES_OF_NODE).map_err(db(ctx.clone()))?;
             stmt.query_map(params![node], lease_from_row)
                 .map_err(db(ctx.clone()))?
                 .collect::<Result<_, _>>()
@@ -1134,12 +1132,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let tx = conn.unchecked_transaction().map_err(db(ctx))?;
         let expired: Vec<LeaseRecord> = {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced FROM leases
-                     WHERE expires_ms <= ?1",
-                )
-                .map_err(db(ctx))?;
+            let mut stmt = tx.prepare_cached(leases!("WHERE expires_ms <= ?1")).map_err(db(ctx))?;
             stmt.query_map(params![now_ms], lease_from_row)
                 .map_err(db(ctx))?
                 .collect::<Result<_, _>>()
@@ -1572,11 +1565,9 @@ fn checked_token(
 }
 
 /// One member's leases (`Store::leases_of`), in `list_leases`' order.
-const LEASES_OF_MEMBER: &str = "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced
-     FROM leases WHERE member = ?1 ORDER BY member, node, granted_ms";
+const LEASES_OF_MEMBER: &str = leases!("WHERE member = ?1 ORDER BY member, node, granted_ms");
 /// One node's leases, in `list_leases`' order.
-const LEASES_OF_NODE: &str = "SELECT node, lease_id, member, holder, purpose, granted_ms, expires_ms, forced
-     FROM leases WHERE node = ?1 ORDER BY member, node, granted_ms";
+const LEASES_OF_NODE: &str = leases!("WHERE node = ?1 ORDER BY member, node, granted_ms");
 
 fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRecord> {
     Ok(LeaseRecord {
